@@ -1,0 +1,1 @@
+"""Early-exit decoding: KV cache, confidence measures, generators, server."""

@@ -1,0 +1,1 @@
+"""Model definitions: layer specs, exit heads and the early-exit GPT model."""

@@ -1,0 +1,143 @@
+"""Start torch.distributed and megatron-core's parallel state, on CPU or GPU.
+
+One entry point used by training, inference and the tests: it picks gloo on CPU
+and NCCL on CUDA, validates the layout against the world size with one-line
+errors, and seeds megatron-core's RNG tracker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.early_exit.errors import EarlyExitError
+
+
+class ParallelConfigError(EarlyExitError):
+    """A parallel layout that cannot run here (wrong sizes, missing device)."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """What code below the entry point needs to know about its place in the layout."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None`/"auto" picks CUDA when present; asking for CUDA without it is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParallelConfigError(
+            f"device '{device}' was requested but CUDA is not available on this machine; "
+            "use --device cpu"
+        )
+    return dev
+
+
+def validate_layout(world_size: int, tp_size: int, pp_size: int) -> int:
+    """Return the data-parallel size, or raise naming the flag that is wrong."""
+    for flag, size in (("--tensor-model-parallel-size", tp_size), ("--pipeline-model-parallel-size", pp_size)):
+        if size < 1:
+            raise ParallelConfigError(f"{flag} must be >= 1, got {size}")
+    if world_size % (tp_size * pp_size) != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp_size}) "
+            f"x --pipeline-model-parallel-size ({pp_size}) = {tp_size * pp_size}"
+        )
+    return world_size // (tp_size * pp_size)
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    device: str | None = None,
+    timeout_minutes: int = 10,
+) -> ParallelContext:
+    """Initialise the process group (from torchrun's environment, or as a single
+    process when launched without it) and megatron-core's model-parallel groups."""
+    dev = resolve_device(device)
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+        if dev.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.distributed.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = torch.distributed.get_world_size()
+    dp_size = validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        create_gloo_process_groups=dev.type == "cpu",
+    )
+    set_seed(seed)
+    return ParallelContext(
+        device=dev,
+        rank=torch.distributed.get_rank(),
+        world_size=world_size,
+        tp_size=tensor_model_parallel_size,
+        pp_size=pipeline_model_parallel_size,
+        dp_size=dp_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed the host RNG and megatron-core's tracker (the same seed on every rank, as
+    Megatron-LM does for model-parallel state, offset per TP rank inside the tracker)."""
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # The CPU tracker seeds the default generator with the DP seed; put the
+    # user's seed back so that host-side sampling is reproducible from `seed`.
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Pipeline schedules with exit losses on any stage."""

@@ -1,0 +1,1 @@
+"""Pretraining: arguments, data, tokenizers, the training loop and checkpoints."""

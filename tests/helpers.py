@@ -1,0 +1,71 @@
+"""Small models and batches shared by the tests."""
+
+import torch
+
+from megatron.core import parallel_state
+
+
+def tiny_transformer_config(**overrides):
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(
+        num_layers=4,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    if kwargs.get("gated_linear_unit"):
+        import torch.nn.functional as F
+
+        kwargs.setdefault("activation_func", F.silu)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt(config, vocab_size=96, seq_length=16, tied=True):
+    """megatron-core's GPTModel with our CPU-capable local spec."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron.early_exit.models.layer_specs import get_block_spec
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_block_spec(config, config.num_layers),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=tied,
+    )
+
+
+def make_batch(seed=0, batch=2, seq=16, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), position_ids
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), f"different keys: {sorted(set(a) ^ set(b))}"
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def allreduce_sequence_parallel_grads(model):
+    """What finalize_model_grads does for SP-marked params when no DDP wraps the model."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            torch.distributed.all_reduce(p.grad, group=group)
