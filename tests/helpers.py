@@ -69,3 +69,28 @@ def allreduce_sequence_parallel_grads(model):
     for p in model.parameters():
         if getattr(p, "sequence_parallel", False) and p.grad is not None:
             torch.distributed.all_reduce(p.grad, group=group)
+
+
+def build_ee_gpt(config, ee_config, vocab_size=96, seq_length=16, tied=True):
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+
+    return EarlyExitGPTModel(
+        config, ee_config, vocab_size=vocab_size, max_sequence_length=seq_length,
+        share_embeddings_and_output_weights=tied,
+    )
+
+
+def ee_loss_and_grads(model, ee_config, batch, loss_mask=None, iteration=0):
+    """Combined early-exit loss and full (TP-gathered) gradients of one forward/backward."""
+    from megatron.early_exit.loss import early_exit_loss
+    from megatron.early_exit.sharding import full_state_dict
+
+    tokens, labels, pos = batch
+    if loss_mask is None:
+        loss_mask = torch.ones_like(labels, dtype=torch.float)
+    model.zero_grad()
+    out = model(tokens, pos, None, labels=labels)
+    loss, report = early_exit_loss(out, loss_mask, ee_config, iteration)
+    loss.backward()
+    allreduce_sequence_parallel_grads(model)
+    return loss.detach(), full_state_dict(model, grads=True), report

@@ -1,0 +1,207 @@
+"""EarlyExitGPTModel: megatron-core's GPTModel with exit heads and its own layer loop.
+
+Embedding, transformer layers, final norm and output layer are megatron-core's (so
+with no exits the model computes exactly what GPTModel computes). The model owns
+the loop over its layers so that it can (a) hand exit states out lazily: an exit's
+head runs only when the caller asks for its loss, just before backward; and
+(b) let inference stop at an exit.
+
+The model knows nothing of pipeline scheduling or DDP: a stage is built with
+`pre_process`/`post_process` and gets the layers megatron-core assigns to it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import make_viewless_tensor
+
+from megatron.early_exit.config import EarlyExitConfig
+from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
+from megatron.early_exit.models.layer_specs import get_block_spec, get_layer_spec, get_norm_spec
+
+
+@dataclass
+class ExitState:
+    """What an exit needs from the backbone; its head runs later, on demand."""
+
+    layer_number: int
+    hidden_states: Tensor  # [s, b, h] input (pre-exit) or output (post-exit) of the layer
+    attention_output: Optional[Tensor] = None  # [s, b, h] post-attention state, for exit MLPs
+
+
+@dataclass
+class EarlyExitOutput:
+    """One stage's forward result.
+
+    final: per-token final loss [b, s] when labels were given, else logits [b, s, v]
+           (None on a stage without the output layer).
+    hidden_states: this stage's output [s, b, h] (what a pipeline sends on).
+    exits: lazily evaluated exits of this stage, in layer order.
+    """
+
+    final: Optional[Tensor]
+    hidden_states: Tensor
+    exits: List["PendingExit"] = field(default_factory=list)
+
+
+@dataclass
+class PendingExit:
+    layer_number: int
+    compute_logits: Callable[[], Tensor]  # -> vocab-parallel logits [s, b, v/tp]
+    compute_loss: Callable[[bool], Tuple[Tensor, Optional[Tensor]]]  # -> ([b, s] loss, [b, s] confidence)
+
+
+class EarlyExitGPTModel(GPTModel):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        ee_config: EarlyExitConfig,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = True,
+        position_embedding_type: str = "rope",
+        rotary_base: int = 10000,
+        rotary_percent: float = 1.0,
+        parallel_output: bool = True,
+        use_te: Optional[bool] = None,
+    ):
+        ee_config.validate_against(config.num_layers)
+        super().__init__(
+            config=config,
+            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), use_te),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+            rotary_base=rotary_base,
+            rotary_percent=rotary_percent,
+        )
+        self.ee_config = ee_config
+        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, use_te), get_norm_spec(use_te))
+        local_layers = {layer.layer_number for layer in self.decoder.layers}
+        tied = not ee_config.untie_exit_output_weights
+        self.exits = torch.nn.ModuleDict()
+        for num, temperature in zip(ee_config.exit_layer_nums, ee_config.exit_layer_temperature):
+            if num in local_layers:
+                self.exits[str(num)] = build_module(
+                    head_spec, config=config, layer_number=num, vocab_size=vocab_size,
+                    tied=tied, temperature=temperature, parallel_output=parallel_output,
+                )
+        if tied and len(self.exits) and not self.pre_process:
+            raise ConfigError(
+                f"tied exits at layers {list(self.exits)} are on a pipeline stage without the word "
+                "embedding; use --untie-exit-output-weights or move the exits to the first stage"
+            )
+
+    # -- building blocks (also used by inference) ------------------------------
+
+    def exit_output_weight(self) -> Optional[Tensor]:
+        """The word-embedding matrix that tied exits project with."""
+        return self.embedding.word_embeddings.weight if self.pre_process else None
+
+    def layer_dropout_probs(self) -> List[float]:
+        return [self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers) for layer in self.decoder.layers]
+
+    def _rng_context(self):
+        # As TransformerBlock does: under sequence parallelism each TP rank holds other
+        # tokens, so dropout must draw from the TP-distinct tracker stream.
+        return tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+
+    def _run_layer(self, layer, hidden_states, attention_mask, rotary_pos_emb, need_attention_output):
+        if not need_attention_output:
+            hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            return hidden_states, None
+        attention_output, _ = layer._forward_attention(
+            hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
+        return layer._forward_mlp(attention_output), attention_output
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Optional[Tensor],
+        labels: Optional[Tensor] = None,
+        decoder_input: Optional[Tensor] = None,
+    ) -> EarlyExitOutput:
+        hidden_states, rotary_pos_emb = self._preprocess(
+            input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input
+        )[:2]
+        if not self.pre_process:
+            hidden_states = self.decoder.input_tensor
+        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+
+        states: List[ExitState] = []
+        pre_exit = self.ee_config.pre_exit
+        drop_probs = self.layer_dropout_probs() if self.training else None
+        with self._rng_context():
+            for i, layer in enumerate(self.decoder.layers):
+                num = layer.layer_number
+                head = self.exits[str(num)] if str(num) in self.exits else None
+                if head is not None and pre_exit:
+                    states.append(ExitState(num, hidden_states))
+                layer_input = hidden_states
+                hidden_states, attention_output = self._run_layer(
+                    layer, hidden_states, attention_mask, rotary_pos_emb, head is not None and head.has_mlp
+                )
+                if drop_probs and drop_probs[i] > 0:
+                    hidden_states = self._drop_layer(layer_input, hidden_states, drop_probs[i])
+                if head is not None and not pre_exit:
+                    states.append(ExitState(num, hidden_states, attention_output))
+
+        exits = [self._pending_exit(s, labels, attention_mask, rotary_pos_emb) for s in states]
+        if not self.post_process:
+            return EarlyExitOutput(final=None, hidden_states=hidden_states, exits=exits)
+
+        hidden_states = self.decoder.final_layernorm(hidden_states)
+        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)
+        if labels is None:
+            final = logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
+        else:
+            final = self.compute_language_model_loss(labels, logits)  # [b, s]
+        return EarlyExitOutput(final=final, hidden_states=hidden_states, exits=exits)
+
+    def _drop_layer(self, layer_input: Tensor, layer_output: Tensor, prob: float) -> Tensor:
+        """LayerSkip layer dropout: each sequence skips the layer with probability `prob`.
+        The draw uses the default generator, which is identical on all TP ranks."""
+        keep = torch.rand(layer_input.shape[1], device=layer_input.device) >= prob  # [b]
+        return torch.where(keep.view(1, -1, 1), layer_output, layer_input)
+
+    def _pending_exit(self, state: ExitState, labels, attention_mask, rotary_pos_emb) -> PendingExit:
+        head = self.exits[str(state.layer_number)]
+        layer = self.decoder.layers[state.layer_number - self.decoder.layers[0].layer_number]
+
+        def compute_logits() -> Tensor:
+            with self._rng_context():
+                hidden = head.hidden(
+                    state.hidden_states, state.attention_output, layer.pre_mlp_layernorm, attention_mask, rotary_pos_emb
+                )
+            return head.logits(hidden, self.exit_output_weight())
+
+        def compute_loss(need_confidence: bool = False):
+            logits = compute_logits()
+            confidence = vocab_parallel_max_prob(logits).transpose(0, 1) if need_confidence else None
+            return self.compute_language_model_loss(labels, logits), confidence
+
+        return PendingExit(state.layer_number, compute_logits, compute_loss)
