@@ -1,19 +1,26 @@
-"""Pretrain an early-exit GPT model (launch with torchrun).
+"""Pretrain an early-exit GPT model on megatron-core.
 
-The training entry point is not there yet: this script checks the platform and
-the parallel layout, then prints how it will be used.
+    torchrun --nproc-per-node N pretrain_early_exit_gpt.py [Megatron-LM flags] [early-exit flags]
+
+Flags follow Megatron-LM (model shape, training, parallelism, data, logging,
+checkpoints) and EE-LLM (--exit-layer-nums, --exit-layer-weight, ...); see
+`python pretrain_early_exit_gpt.py --help`.
 """
 
-USAGE = """usage: torchrun --nproc-per-node N pretrain_early_exit_gpt.py [Megatron-LM flags] [early-exit flags]
+import os
+import sys
 
-The training loop is not implemented yet; see README.md for what works today."""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def main():
+def main(argv=None):
     import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.trainer import pretrain
 
-    print(USAGE)
+    args = parse_args(argv)
+    pretrain(args)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process
     main()

@@ -142,7 +142,9 @@ class EarlyExitGPTModel(GPTModel):
         attention_mask: Optional[Tensor],
         labels: Optional[Tensor] = None,
         decoder_input: Optional[Tensor] = None,
+        run_to_final: bool = True,
     ) -> EarlyExitOutput:
+        """`run_to_final=False` stops after this stage's last exit (exit tuning needs no more)."""
         hidden_states, rotary_pos_emb = self._preprocess(
             input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input
         )[:2]
@@ -153,9 +155,12 @@ class EarlyExitGPTModel(GPTModel):
         states: List[ExitState] = []
         pre_exit = self.ee_config.pre_exit
         drop_probs = self.layer_dropout_probs() if self.training else None
+        last_exit = max((int(k) for k in self.exits), default=0)
         with self._rng_context():
             for i, layer in enumerate(self.decoder.layers):
                 num = layer.layer_number
+                if not run_to_final and num > last_exit:
+                    break
                 head = self.exits[str(num)] if str(num) in self.exits else None
                 if head is not None and pre_exit:
                     states.append(ExitState(num, hidden_states))
@@ -169,7 +174,7 @@ class EarlyExitGPTModel(GPTModel):
                     states.append(ExitState(num, hidden_states, attention_output))
 
         exits = [self._pending_exit(s, labels, attention_mask, rotary_pos_emb) for s in states]
-        if not self.post_process:
+        if not self.post_process or not run_to_final:
             return EarlyExitOutput(final=None, hidden_states=hidden_states, exits=exits)
 
         hidden_states = self.decoder.final_layernorm(hidden_states)

@@ -1,0 +1,341 @@
+"""Command-line arguments: Megatron-LM's names and meanings, plus EE-LLM's early-exit flags.
+
+`parse_args` parses and validates; every error names the flag and the value. The
+builders below turn the namespace into megatron-core configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
+from megatron.early_exit.errors import ConfigError
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+
+def _model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def _training_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2**32)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _parallel_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def _data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None, help="prefixes, or weight prefix pairs for a blend")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+
+
+def _logging_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+
+
+def _checkpoint_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+
+
+def _early_exit_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("early exit")
+    g.add_argument("--exit-layer-nums", type=int, nargs="*", default=[])
+    g.add_argument("--exit-layer-weight", type=float, nargs="*", default=None)
+    g.add_argument("--exit-layer-weight-init", type=float, nargs="*", default=None)
+    g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
+    g.add_argument("--exit-layer-weight-warmup-style", choices=WARMUP_STYLES, default="linear")
+    g.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
+    g.add_argument("--use-exit-norm", action="store_true")
+    g.add_argument("--use-exit-mlp", action="store_true")
+    g.add_argument("--use-exit-block", action="store_true")
+    g.add_argument("--untie-exit-output-weights", action="store_true")
+    g.add_argument("--pre-exit", action="store_true")
+    g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+    g.add_argument("--fill-explicit-bubbles", action="store_true")
+    g.add_argument("--num-fill-warmup-microbatches", type=int, default=None)
+    g.add_argument("--num-fill-cooldown-microbatches", type=int, default=None)
+    g.add_argument("--backward-forward-ratio", type=float, default=2.0)
+    g.add_argument("--tune-exit", action="store_true")
+    g.add_argument("--tune-exit-pipeline-parallel-size", type=int, default=1)
+    g.add_argument("--layer-dropout-max", type=float, default=0.0, help="LayerSkip layer dropout at the last layer")
+    g.add_argument("--layer-dropout-style", choices=LAYER_DROPOUT_STYLES, default="linear")
+    g.add_argument("--exit-curriculum", choices=CURRICULA, default="none")
+    g.add_argument("--exit-curriculum-rotation", type=int, default=2)
+    g.add_argument("--exit-curriculum-iters", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_early_exit_gpt.py",
+        description="Pretrain an early-exit GPT model on megatron-core (launch with torchrun).",
+        allow_abbrev=False,
+    )
+    for add in (_model_args, _training_args, _parallel_args, _data_args, _logging_args, _checkpoint_args, _early_exit_args):
+        add(p)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate. `world_size` defaults to torchrun's WORLD_SIZE."""
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
+    return args
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Fill defaults that depend on other flags, and reject inconsistent settings."""
+    from megatron.early_exit.parallel import validate_layout
+
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ConfigError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({args.num_attention_heads})")
+    if args.group_query_attention:
+        if args.num_query_groups is None:
+            raise ConfigError("--group-query-attention needs --num-query-groups")
+        if args.num_attention_heads % args.num_query_groups:
+            raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --num-query-groups ({args.num_query_groups})")
+    elif args.num_query_groups is not None:
+        raise ConfigError("--num-query-groups needs --group-query-attention")
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 cannot be combined")
+
+    args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    tp = args.tensor_model_parallel_size
+    if args.num_attention_heads % tp:
+        raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron-LM: nothing to split
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by --tensor-model-parallel-size ({tp})")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({args.pipeline_model_parallel_size})"
+        )
+
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size ({args.global_batch_size}) is not divisible by --micro-batch-size "
+            f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = {per_step}"
+        )
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds --lr-decay-iters ({args.lr_decay_iters})")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
+    if args.save_interval is not None and args.save is None:
+        raise ConfigError("--save-interval needs --save")
+
+    _validate_data_args(args)
+    _validate_pipeline_args(args)
+    args.ee_config = build_early_exit_config(args)
+    args.ee_config.validate_against(args.num_layers)
+
+
+def _positive(args, *names):
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _validate_data_args(args):
+    if args.mock_data and args.data_path:
+        raise ConfigError("--mock-data and --data-path cannot be combined")
+    if not args.mock_data and not args.data_path:
+        raise ConfigError("give --data-path (a preprocessed .bin/.idx prefix) or --mock-data")
+    if args.tokenizer_type is None:
+        if args.mock_data:
+            args.tokenizer_type = "NullTokenizer"
+            args.vocab_size = args.vocab_size or 1024
+        else:
+            raise ConfigError("--tokenizer-type is required with --data-path")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.data_path:
+        _validate_blend(args.data_path)
+
+
+def _validate_blend(data_path: List[str]) -> None:
+    """`--data-path A B` or `--data-path 0.3 A 0.7 B`; each prefix must have .bin and .idx."""
+    def is_number(s):
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    weighted = is_number(data_path[0])
+    if weighted:
+        if len(data_path) % 2 or not all(is_number(w) for w in data_path[0::2]):
+            raise ConfigError(f"--data-path with weights must be 'weight prefix' pairs, got {data_path}")
+        prefixes = data_path[1::2]
+    else:
+        prefixes = data_path
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                raise ConfigError(f"--data-path: {prefix + suffix} does not exist (run tools/preprocess_data.py first)")
+
+
+def _validate_pipeline_args(args):
+    pp = args.pipeline_model_parallel_size
+    if pp > 1:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not available yet in this "
+            "release; use tensor and data parallelism"
+        )
+    if args.fill_explicit_bubbles:
+        raise ConfigError("--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1")
+    if args.tune_exit_pipeline_parallel_size != 1 and not args.tune_exit:
+        raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
+    if args.tune_exit and not args.exit_layer_nums:
+        raise ConfigError("--tune-exit needs --exit-layer-nums")
+
+
+def build_early_exit_config(args) -> EarlyExitConfig:
+    return EarlyExitConfig(
+        exit_layer_nums=args.exit_layer_nums,
+        exit_layer_weight=args.exit_layer_weight,
+        exit_layer_weight_init=args.exit_layer_weight_init,
+        exit_layer_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
+        exit_layer_weight_warmup_style=args.exit_layer_weight_warmup_style,
+        exit_layer_temperature=args.exit_layer_temperature,
+        use_exit_norm=args.use_exit_norm,
+        use_exit_mlp=args.use_exit_mlp,
+        use_exit_block=args.use_exit_block,
+        untie_exit_output_weights=args.untie_exit_output_weights,
+        pre_exit=args.pre_exit,
+        use_dynamic_exit_layer_weight=args.use_dynamic_exit_layer_weight,
+        layer_dropout_max=args.layer_dropout_max,
+        layer_dropout_style=args.layer_dropout_style,
+        exit_curriculum=args.exit_curriculum,
+        exit_curriculum_rotation=args.exit_curriculum_rotation,
+        exit_curriculum_iters=args.exit_curriculum_iters,
+    )
+
+
+def build_transformer_config(args, device: torch.device):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    on_cpu = device.type == "cpu"
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        # Fused kernels need CUDA; on CPU use the plain PyTorch paths.
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_sync=False,
+    )
+
+
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """Megatron-LM pads the vocabulary to a multiple of divisible-by x TP for even shards."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple

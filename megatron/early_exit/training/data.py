@@ -1,0 +1,94 @@
+"""Training data: megatron-core's GPT datasets and a Megatron-style pretraining sampler.
+
+Datasets are built by megatron-core's BlendedMegatronDatasetBuilder (one path, a
+weighted blend, or mock data), split train/valid/test by `--split`. The sampler
+walks the global batch in order and gives each data-parallel rank its slice of
+every microbatch, so a run's data order depends only on the global batch, not on
+the layout: DP=2 sees the same samples per step as one process.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+
+class PretrainingSampler:
+    """Yields this DP rank's indices of each microbatch, starting after `consumed_samples`.
+
+    Microbatch k of a step covers samples [k*mbs*dp, (k+1)*mbs*dp) of the step's global
+    batch; rank r takes the r-th slice of mbs samples (as Megatron-LM's sampler does).
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self):
+        return self.total_samples
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed_samples, self.total_samples - step + 1, step):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=None if args.mock_data else get_blend_from_list(args.data_path),
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.reset_attention_mask,
+        mid_level_dataset_surplus=0.005,
+    )
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) datasets sized for the whole run; None where a split is empty."""
+    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
+    sizes = [
+        args.train_iters * args.global_batch_size,
+        eval_runs * args.eval_iters * args.global_batch_size,
+        args.eval_iters * args.global_batch_size,
+    ]
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    # Every rank builds (indices are cached on disk by the first); cheap at our sizes.
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config(args, tokenizer))
+    return builder.build()
+
+
+def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool = False) -> Optional[Iterator[dict]]:
+    if dataset is None:
+        return None
+    sampler = PretrainingSampler(
+        total_samples=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=args.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    if not cyclic:
+        return iter(loader)
+
+    def forever():
+        while True:
+            yield from loader
+
+    return forever()

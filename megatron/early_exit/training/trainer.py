@@ -1,0 +1,207 @@
+"""The pretraining loop: build, wrap, train, evaluate, save.
+
+Order of set-up (each step in one function below):
+  1. parallel state and seeds           initialize_parallel
+  2. tokenizer and datasets             build_tokenizer, build_datasets
+  3. model, layout-invariant init       build_model
+  4. freezing for exit tuning           apply_exit_tuning
+  5. DDP wrapping                       wrap_model
+  6. optimizer and LR/WD scheduler      build_optimizer
+  7. checkpoint load                    checkpointing.load
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron.early_exit.loss import early_exit_loss
+from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+from megatron.early_exit.models.init import initialize_layout_invariant
+from megatron.early_exit.parallel import ParallelContext, initialize_parallel
+from megatron.early_exit.pipeline.schedules import forward_backward_no_pipelining
+from megatron.early_exit.training import checkpointing
+from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
+from megatron.early_exit.training.data import build_data_iterator, build_datasets
+from megatron.early_exit.training.logger import MetricsLogger, average_reports
+from megatron.early_exit.training.tokenizers import build_tokenizer
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)  # one entry per iteration
+    validation: List[Dict[str, float]] = field(default_factory=list)
+
+
+def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTModel:
+    config = build_transformer_config(args, device)
+    model = EarlyExitGPTModel(
+        config,
+        args.ee_config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+    )
+    initialize_layout_invariant(model, args.seed, args.init_method_std, args.num_layers)
+    return model.to(device)
+
+
+def apply_exit_tuning(model: EarlyExitGPTModel, args) -> None:
+    """--tune-exit: only exit parameters train; the backbone is frozen."""
+    if not args.tune_exit:
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("exits.")
+
+
+def wrap_model(model, args) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16 or args.fp16,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def build_optimizer(model, args):
+    config = OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters,
+    )
+    return optimizer, scheduler
+
+
+def forward_step(data_iterator, model, args, iteration: int, device: torch.device):
+    batch = next(data_iterator)
+    tokens = batch["tokens"].to(device)
+    mask = batch.get("attention_mask")
+    with torch.no_grad() if args.tune_exit else torch.enable_grad():
+        # Exit tuning: the frozen backbone runs without a graph; exit heads (run in
+        # loss_func) still build theirs.
+        output = model(
+            tokens, batch["position_ids"].to(device), None if mask is None else mask.to(device),
+            labels=batch["labels"].to(device), run_to_final=not args.tune_exit,
+        )
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"].to(device), ee_config=args.ee_config, iteration=iteration)
+
+
+def train_step(model, optimizer, scheduler, data_iterator, args, iteration, device):
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = forward_backward_no_pipelining(
+        partial(forward_step, args=args, iteration=iteration, device=device),
+        data_iterator, model, args.num_microbatches,
+        loss_scale=lambda loss: loss * optimizer.get_loss_scale(),
+    )
+    finalize_model_grads([model])
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return average_reports(reports), grad_norm, ok
+
+
+@torch.no_grad()
+def evaluate(model, data_iterator, args, iteration, device) -> Dict[str, float]:
+    model.eval()
+    reports = []
+    for _ in range(args.eval_iters):
+        reports += forward_backward_no_pipelining(
+            partial(forward_step, args=args, iteration=iteration, device=device),
+            data_iterator, model, args.num_microbatches, forward_only=True,
+        )
+    model.train()
+    return average_reports(reports)
+
+
+def pretrain(args, ctx: Optional[ParallelContext] = None) -> TrainState:
+    if ctx is None:
+        ctx = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device=args.device)
+    is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
+    log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer)
+
+    model = build_model(args, ctx.device, vocab_size)
+    apply_exit_tuning(model, args)
+    model = wrap_model(model, args)
+    optimizer, scheduler = build_optimizer(model, args)
+    state = TrainState()
+    if args.load:
+        state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
+
+    train_iter = build_data_iterator(train_ds, args, state.consumed_samples)
+    valid_iter = build_data_iterator(valid_ds, args, cyclic=True)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    last_log = time.time()
+    model.train()
+    while state.iteration < args.train_iters:
+        metrics, grad_norm, _ = train_step(model, optimizer, scheduler, train_iter, args, state.iteration, ctx.device)
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        state.history.append({**metrics, "grad norm": float(grad_norm or 0.0)})
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            elapsed = (time.time() - last_log) / (args.log_interval if state.iteration % args.log_interval == 0 else 1)
+            last_log = time.time()
+            extra = {
+                "consumed samples": state.consumed_samples,
+                "elapsed time per iteration (ms)": elapsed * 1000,
+                "learning rate": optimizer.param_groups[0]["lr"],
+                "global batch size": args.global_batch_size,
+                "grad norm": float(grad_norm or 0.0),
+                "tokens/s": tokens_per_iter / max(elapsed, 1e-9),
+            }
+            log.training(state.iteration, args.train_iters, metrics, extra)
+        if valid_iter is not None and args.eval_iters > 0 and (
+            state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+        ):
+            state.validation.append({"iteration": state.iteration, **evaluate(model, valid_iter, args, state.iteration, ctx.device)})
+            log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
+        if args.save and (
+            (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
+        ):
+            checkpointing.save(args, model, optimizer, scheduler, state.iteration, state.consumed_samples)
+    log.close()
+    return state
