@@ -34,7 +34,7 @@ def case_names(module_name: str):
 _LAUNCHES = {}
 
 
-def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900):
+def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900, env: dict | None = None):
     """Run every case of `module_name` in one torchrun launch (cached per session)."""
     key = (module_name, nproc)
     if key not in _LAUNCHES:
@@ -43,7 +43,7 @@ def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900):
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             os.path.join(ROOT, "tests", "multiproc", "runner.py"), module_name, out,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         results = json.load(open(out)) if os.path.exists(out) else None
         _LAUNCHES[key] = (proc, results)
@@ -56,3 +56,11 @@ def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900):
 @pytest.fixture(scope="session")
 def launch_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("launches"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A preprocessed, learnable NullTokenizer corpus (prefix of its .bin/.idx)."""
+    from tests.training_fixtures import write_corpus
+
+    return write_corpus(str(tmp_path_factory.mktemp("corpus")))

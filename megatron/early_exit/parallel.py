@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
-from megatron.early_exit.errors import EarlyExitError
+from megatron.early_exit.errors import ConfigError
 
 
-class ParallelConfigError(EarlyExitError):
+class ParallelConfigError(ConfigError):
     """A parallel layout that cannot run here (wrong sizes, missing device)."""
 
 

@@ -43,6 +43,24 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.micro_batch_size))
 
 
+class _DatasetTokenizer:
+    """The tokenizer as megatron-core's datasets read it. They take `pad` when reading it
+    works and their own out-of-vocabulary pad id otherwise, so a tokenizer without a pad
+    token must raise rather than answer None."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    @property
+    def pad(self):
+        if self._tokenizer.pad is None:
+            raise AttributeError("pad")
+        return self._tokenizer.pad
+
+
 def dataset_config(args, tokenizer) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=args.seed,
@@ -50,7 +68,7 @@ def dataset_config(args, tokenizer) -> GPTDatasetConfig:
         blend=None if args.mock_data else get_blend_from_list(args.data_path),
         split=args.split,
         path_to_cache=args.data_cache_path,
-        tokenizer=tokenizer,
+        tokenizer=_DatasetTokenizer(tokenizer),
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,

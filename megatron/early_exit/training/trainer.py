@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -27,7 +27,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.init import initialize_layout_invariant
-from megatron.early_exit.parallel import ParallelContext, initialize_parallel
+from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.schedules import forward_backward_no_pipelining
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
@@ -155,9 +155,8 @@ def evaluate(model, data_iterator, args, iteration, device) -> Dict[str, float]:
     return average_reports(reports)
 
 
-def pretrain(args, ctx: Optional[ParallelContext] = None) -> TrainState:
-    if ctx is None:
-        ctx = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device=args.device)
+def pretrain(args) -> TrainState:
+    ctx = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device=args.device)
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
