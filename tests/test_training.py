@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, launch
 from tests.training_fixtures import tiny_run_flags, write_corpus
@@ -116,3 +117,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, script, *tiny_run_flags(None), "--no-such-flag"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
+
+
+def test_exit_tuning_trains_only_exits(dist1, corpus):
+    from megatron.early_exit.sharding import full_state_dict
+
+    initial = run(tiny_run_flags(corpus, iters=1, **{"--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0}))
+    before = full_state_dict(initial.model.module)
+    tuned = run(tiny_run_flags(corpus, iters=3, **{"--tune-exit": None, "--untie-exit-output-weights": None}))
+    after = full_state_dict(tuned.model.module)
+    assert "lm loss" not in tuned.history[-1]  # the final head is not even run
+    for name in before:
+        if name.startswith("exits."):
+            assert not torch.equal(before[name], after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), name

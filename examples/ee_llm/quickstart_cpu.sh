@@ -1,9 +1,48 @@
 #!/usr/bin/env bash
-# Quick start on CPU. Until the training entry point lands this is a smoke check:
-# it builds a small early-exit-ready GPT on megatron-core under torchrun (TP=2, gloo)
-# and runs forward and backward.
+# Quick start on CPU: a small early-exit GPT trained from text already on this machine.
+#   1. a jsonl corpus from the Python standard library's sources
+#   2. a SentencePiece tokenizer trained on it
+#   3. Megatron's .bin/.idx format via tools/preprocess_data.py
+#   4. pretraining with torchrun (2 processes, data parallel, gloo): 8 layers,
+#      exits after layers 2 and 4, losses of every exit logged to stdout and TensorBoard
+#   5. a summary: per-exit validation losses against the corpus's unigram entropy
+# Environment: OUT (default runs/quickstart), ITERS (250), NPROC (2), TP (1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
-  tests/multiproc/runner.py tests.multiproc.cases_foundation "$(mktemp -d)/smoke.json" case_tp2_equals_tp1
+OUT=${OUT:-runs/quickstart}
+ITERS=${ITERS:-250}
+NPROC=${NPROC:-2}
+TP=${TP:-1}
+export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+echo "== 1/5 corpus from the Python standard library"
+"$PY" tools/build_corpus_from_stdlib.py --output "$OUT/stdlib.jsonl" --text-output "$OUT/stdlib.txt" --max-mb 6
+
+echo "== 2/5 SentencePiece tokenizer"
+"$PY" tools/train_tokenizer.py --input "$OUT/stdlib.txt" --model-prefix "$OUT/tokenizer" --vocab-size 4096
+
+echo "== 3/5 preprocess to .bin/.idx"
+"$PY" tools/preprocess_data.py --input "$OUT/stdlib.jsonl" --output-prefix "$OUT/stdlib" \
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
+
+echo "== 4/5 pretraining ($ITERS iterations, $NPROC processes)"
+rm -rf "$OUT/tensorboard"
+"$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_early_exit_gpt.py \
+  --num-layers 8 --hidden-size 192 --ffn-hidden-size 512 --num-attention-heads 6 \
+  --seq-length 256 --max-position-embeddings 256 \
+  --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear \
+  --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 \
+  --exit-layer-nums 2 4 --exit-layer-weight 0.25 0.5 --use-exit-norm \
+  --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 \
+  --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
+  --tensor-model-parallel-size "$TP" \
+  --data-path "$OUT/stdlib_text_document" --split 98,2,0 --data-cache-path "$OUT/cache" \
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
+  --log-interval 10 --eval-interval 50 --eval-iters 4 \
+  --tensorboard-dir "$OUT/tensorboard" --save "$OUT/checkpoints"
+
+echo "== 5/5 summary"
+"$PY" examples/ee_llm/quickstart_summary.py --data-prefix "$OUT/stdlib_text_document" --tensorboard-dir "$OUT/tensorboard"

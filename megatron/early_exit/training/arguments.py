@@ -262,17 +262,23 @@ def _validate_blend(data_path: List[str]) -> None:
 
 def _validate_pipeline_args(args):
     pp = args.pipeline_model_parallel_size
-    if pp > 1:
-        raise ConfigError(
-            f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not available yet in this "
-            "release; use tensor and data parallelism"
-        )
-    if args.fill_explicit_bubbles:
+    if args.fill_explicit_bubbles and pp == 1:
         raise ConfigError("--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1")
     if args.tune_exit_pipeline_parallel_size != 1 and not args.tune_exit:
         raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
     if args.tune_exit and not args.exit_layer_nums:
         raise ConfigError("--tune-exit needs --exit-layer-nums")
+    if args.tune_exit_pipeline_parallel_size > pp:
+        raise ConfigError(
+            f"--tune-exit-pipeline-parallel-size ({args.tune_exit_pipeline_parallel_size}) exceeds "
+            f"--pipeline-model-parallel-size ({pp})"
+        )
+    for flag in ("num_fill_warmup_microbatches", "num_fill_cooldown_microbatches"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if args.backward_forward_ratio <= 0:
+        raise ConfigError(f"--backward-forward-ratio must be > 0, got {args.backward_forward_ratio}")
 
 
 def build_early_exit_config(args) -> EarlyExitConfig:

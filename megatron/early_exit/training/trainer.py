@@ -15,15 +15,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from megatron.core import parallel_state
+from megatron.core import num_microbatches_calculator as microbatches
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.init import initialize_layout_invariant
@@ -42,6 +44,7 @@ class TrainState:
     consumed_samples: int = 0
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per iteration
     validation: List[Dict[str, float]] = field(default_factory=list)
+    model: Optional[torch.nn.Module] = None  # the trained (DDP-wrapped) model, for callers and tests
 
 
 def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTModel:
@@ -132,7 +135,7 @@ def train_step(model, optimizer, scheduler, data_iterator, args, iteration, devi
     optimizer.zero_grad()
     reports = forward_backward_no_pipelining(
         partial(forward_step, args=args, iteration=iteration, device=device),
-        data_iterator, model, args.num_microbatches,
+        data_iterator, model, microbatches.get_num_microbatches(),
         loss_scale=lambda loss: loss * optimizer.get_loss_scale(),
     )
     finalize_model_grads([model])
@@ -149,14 +152,21 @@ def evaluate(model, data_iterator, args, iteration, device) -> Dict[str, float]:
     for _ in range(args.eval_iters):
         reports += forward_backward_no_pipelining(
             partial(forward_step, args=args, iteration=iteration, device=device),
-            data_iterator, model, args.num_microbatches, forward_only=True,
+            data_iterator, model, microbatches.get_num_microbatches(), forward_only=True,
         )
     model.train()
     return average_reports(reports)
 
 
 def pretrain(args) -> TrainState:
+    if args.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline-parallel "
+            "training is not available yet; use tensor and data parallelism"
+        )
     ctx = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device=args.device)
+    microbatches.destroy_num_microbatches_calculator()
+    microbatches.init_num_microbatches_calculator(ctx.rank, None, args.global_batch_size, args.micro_batch_size, ctx.dp_size)
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
@@ -167,7 +177,7 @@ def pretrain(args) -> TrainState:
     apply_exit_tuning(model, args)
     model = wrap_model(model, args)
     optimizer, scheduler = build_optimizer(model, args)
-    state = TrainState()
+    state = TrainState(model=model)
     if args.load:
         state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
 
