@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -76,9 +77,15 @@ def initialize_parallel(
     seed: int = 1234,
     device: str | None = None,
     timeout_minutes: int = 10,
+    tied_embedding_stages: Sequence[int] = (),
 ) -> ParallelContext:
     """Initialise the process group (from torchrun's environment, or as a single
-    process when launched without it) and megatron-core's model-parallel groups."""
+    process when launched without it) and megatron-core's model-parallel groups.
+
+    `tied_embedding_stages`: pipeline stages that hold an instance of the word
+    embedding (first stage, tied output layer, tied exits); their gradients are
+    all-reduced over a group we own (megatron-core's own group only ever pairs the
+    first and last stage)."""
     dev = resolve_device(device)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -103,7 +110,11 @@ def initialize_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         create_gloo_process_groups=dev.type == "cpu",
+        # megatron-core's embedding group is reduced to the first stage (a no-op);
+        # allreduce_tied_embedding_grads handles every stage that holds a copy.
+        get_embedding_ranks=lambda pp_ranks, *unused: pp_ranks[:1],
     )
+    _build_tied_embedding_group(tied_embedding_stages)
     set_seed(seed)
     return ParallelContext(
         device=dev,
@@ -116,6 +127,45 @@ def initialize_parallel(
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
     )
+
+
+_TIED_EMBEDDING_GROUP = None
+
+
+def _build_tied_embedding_group(stages: Sequence[int]) -> None:
+    """One group per pipeline: the ranks at `stages`. Every rank creates every group."""
+    global _TIED_EMBEDDING_GROUP
+    _TIED_EMBEDDING_GROUP = None
+    stages = sorted(set(stages))
+    if len(stages) < 2:
+        return
+    mine = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    for pipeline in sorted({tuple(r) for r in everyone}):
+        members = [pipeline[s] for s in stages]
+        group = torch.distributed.new_group(members)
+        if torch.distributed.get_rank() in members:
+            _TIED_EMBEDDING_GROUP = group
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """Sum the gradients of every stage's instance of the word embedding, so that the
+    copies (identical at start) stay identical after each optimizer step."""
+    if _TIED_EMBEDDING_GROUP is None:
+        return
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    weight = inner.tied_embedding_weight()
+    if weight is None or not weight.requires_grad:  # frozen (exit tuning): nothing to share
+        return
+    grad = getattr(weight, "main_grad", None)
+    if grad is None:
+        grad = weight.grad
+    if grad is None:
+        raise RuntimeError("a stage in the tied-embedding group has no embedding gradient")
+    torch.distributed.all_reduce(grad, group=_TIED_EMBEDDING_GROUP)
 
 
 def set_seed(seed: int) -> None:

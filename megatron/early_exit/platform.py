@@ -210,12 +210,14 @@ def _make_cpu_rng_tracker_class(base):
 
 
 # ---------------------------------------------------------------------------
-# Type-name checks: optimizer.py:671/690, distrib_optimizer.py:361/420/582 and
-# clip_grads.py:167 accept only 'torch.cuda.*Tensor'. While those functions run,
-# CPU tensors report the CUDA type name of the same dtype.
+# Tensor methods: optimizer.py:671/690, distrib_optimizer.py:361/420/582 and
+# clip_grads.py:167 accept only 'torch.cuda.*Tensor'; language_module.py:244
+# moves the tied output weight with `.cuda()`. While those functions run, CPU
+# tensors report the CUDA type name of their dtype and `.cuda()` keeps them put.
 # ---------------------------------------------------------------------------
 
 _real_tensor_type = torch.Tensor.type
+_real_tensor_cuda = torch.Tensor.cuda
 
 
 def _cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
@@ -224,13 +226,19 @@ def _cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
     return _real_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+def _stay_on_cpu(self, *args, **kwargs):
+    return self
+
+
 @contextlib.contextmanager
 def _cuda_type_names():
     torch.Tensor.type = _cuda_named_type
+    torch.Tensor.cuda = _stay_on_cpu
     try:
         yield
     finally:
         torch.Tensor.type = _real_tensor_type
+        torch.Tensor.cuda = _real_tensor_cuda
 
 
 def _with_cuda_type_names(fn):
@@ -306,6 +314,7 @@ def apply() -> bool:
     _applied = True
     patch_loaded_modules()
 
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random
 
@@ -322,6 +331,7 @@ def apply() -> bool:
     for cls, attr in (
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (LanguageModule, "setup_embeddings_and_output_layer"),
     ):
         original = cls.__dict__[attr]
         if isinstance(original, (staticmethod, classmethod)):

@@ -27,7 +27,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.early_exit.config import EarlyExitConfig
-from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
 from megatron.early_exit.models.layer_specs import get_block_spec, get_layer_spec, get_norm_spec
 
@@ -104,17 +103,42 @@ class EarlyExitGPTModel(GPTModel):
                     head_spec, config=config, layer_number=num, vocab_size=vocab_size,
                     tied=tied, temperature=temperature, parallel_output=parallel_output,
                 )
-        if tied and len(self.exits) and not self.pre_process:
-            raise ConfigError(
-                f"tied exits at layers {list(self.exits)} are on a pipeline stage without the word "
-                "embedding; use --untie-exit-output-weights or move the exits to the first stage"
+        self.exit_word_embeddings = None
+        if tied and len(self.exits) and not self.pre_process and not self._output_layer_is_embedding_copy():
+            # A later pipeline stage with tied exits keeps its own copy of the word
+            # embedding (initialised like it, gradients all-reduced with it).
+            self.exit_word_embeddings = torch.nn.Parameter(
+                torch.empty(self.embedding_shard_shape(), dtype=config.params_dtype)
             )
+            tensor_parallel.set_tensor_model_parallel_attributes(self.exit_word_embeddings, True, 0, 1)
+            self.exit_word_embeddings.shared_embedding = True
+            self.exit_word_embeddings.shared = True  # counted once in the gradient norm
 
     # -- building blocks (also used by inference) ------------------------------
 
+    def _output_layer_is_embedding_copy(self) -> bool:
+        return self.post_process and self.share_embeddings_and_output_weights
+
+    def embedding_shard_shape(self):
+        from megatron.core import parallel_state
+
+        return (self.vocab_size // parallel_state.get_tensor_model_parallel_world_size(), self.config.hidden_size)
+
     def exit_output_weight(self) -> Optional[Tensor]:
-        """The word-embedding matrix that tied exits project with."""
-        return self.embedding.word_embeddings.weight if self.pre_process else None
+        """The word-embedding matrix (or this stage's copy of it) that tied exits project with."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self._output_layer_is_embedding_copy():
+            return self.output_layer.weight
+        return self.exit_word_embeddings
+
+    def tied_embedding_weight(self) -> Optional[Tensor]:
+        """This stage's instance of the word embedding when the embedding is shared across
+        pipeline stages (tied output layer, tied exits); its gradient is all-reduced over them."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        uses_copy = self._output_layer_is_embedding_copy() or (len(self.exits) and not self.ee_config.untie_exit_output_weights)
+        return self.exit_output_weight() if uses_copy else None
 
     def layer_dropout_probs(self) -> List[float]:
         return [self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers) for layer in self.decoder.layers]

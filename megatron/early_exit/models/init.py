@@ -65,8 +65,9 @@ def initialize_layout_invariant(model: torch.nn.Module, seed: int, init_method_s
         if param.ndim < 2:
             continue
         key = canonical_name(model, name)
-        # A tied output layer on a later pipeline stage is a copy of the word embedding.
-        if key == "output_layer.weight" and getattr(param, "shared_embedding", False):
+        # Copies of the word embedding on later pipeline stages (tied output layer,
+        # tied exits) start equal to it.
+        if getattr(param, "shared_embedding", False):
             key = "embedding.word_embeddings.weight"
         std = std_out if key.endswith(_OUTPUT_PROJECTIONS) else init_method_std
         generator = torch.Generator().manual_seed(_seed_for(seed, key))

@@ -1,43 +1,104 @@
-"""Forward/backward schedules. Every schedule keeps one contract:
+"""Run a plan: the one executor behind every schedule (no pipelining, 1F1B, bubble
+filling, exit tuning, forward-only evaluation).
+
+Every schedule keeps one contract:
 
     forward_step(data_iterator, model) -> (output, loss_func)
     loss_func(output) -> (scalar loss, LossReport)
 
-`loss_func` is where exit heads run (lazily), so it is called right before the
-backward of its microbatch. A schedule returns the LossReports of its microbatches.
+`loss_func` is where exit heads run (lazily), so the executor calls it right
+before the backward of its microbatch. A stage with exits back-propagates
+`loss + <output, gradient from the next stage>` in one backward call: no extra
+communication for exit losses (EE-LLM's lightweight method).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from megatron.early_exit.loss import LossReport
+from megatron.early_exit.pipeline.p2p import StageLinks
+from megatron.early_exit.pipeline.plan import Action, Item, pipeline_plan
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def run_schedule(
+    actions: List[Action],
+    forward_step: Callable,
+    batches: Dict[Item, Any],
+    model: torch.nn.Module,
+    num_microbatches: int,
+    links: Optional[StageLinks] = None,
+    forward_only: bool = False,
+    loss_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> List[LossReport]:
+    """Execute one stage's actions. Losses are divided by the number of real
+    microbatches (fill items included), and multiplied by `loss_scale` (fp16)
+    before backward. Returns the reports of the real microbatches, in order."""
+    in_flight: Dict[Item, tuple] = {}
+    reports: Dict[int, LossReport] = {}
+    for action in actions:
+        if action.kind == "F":
+            x = links.recv_forward() if action.recv else None
+            if x is not None and not forward_only:
+                x.requires_grad_(True)
+            _unwrap(model).set_input_tensor(x)
+            with torch.set_grad_enabled(not forward_only):
+                output, loss_func = forward_step(iter([batches[action.item]]), model)
+            if action.send:
+                links.send_forward(output.hidden_states)
+            if forward_only:
+                with torch.no_grad():
+                    _, report = loss_func(output)
+                if action.item[0] == "R":
+                    reports[action.item[1]] = report
+            else:
+                in_flight[action.item] = (x, output, loss_func)
+        else:
+            grad = links.recv_backward() if action.recv else None
+            x, output, loss_func = in_flight.pop(action.item)
+            loss, report = loss_func(output)  # exit heads run here
+            if action.item[0] == "R":
+                reports[action.item[1]] = report
+            _backward(loss / num_microbatches, output.hidden_states, grad, loss_scale)
+            if action.send:
+                links.send_backward(x.grad if x.grad is not None else torch.zeros_like(x))
+    if links is not None:
+        links.flush()
+    assert not in_flight, f"plan left forwards without backward: {list(in_flight)}"
+    return [reports[j] for j in sorted(reports)]
+
+
+def _backward(loss, output, output_grad, loss_scale) -> None:
+    roots, grads = [], []
+    if loss.requires_grad:
+        roots.append(loss_scale(loss) if loss_scale is not None else loss)
+        grads.append(None)
+    if output_grad is not None:
+        roots.append(output)
+        grads.append(output_grad)
+    if roots:
+        torch.autograd.backward(roots, grads)
 
 
 def forward_backward_no_pipelining(
     forward_step: Callable,
-    data_iterator: Iterator,
+    data_iterator,
     model: torch.nn.Module,
     num_microbatches: int,
     forward_only: bool = False,
     loss_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> List[LossReport]:
-    """Run every microbatch forward then backward on one stage, accumulating gradients.
-
-    Each microbatch's loss is divided by `num_microbatches`, so the accumulated
-    gradient is that of the mean loss over the global batch (data-parallel ranks
-    are averaged by DDP). `loss_scale` multiplies the loss before backward (fp16),
-    exit terms included.
-    """
-    reports = []
-    for _ in range(num_microbatches):
-        with torch.set_grad_enabled(not forward_only):
-            output, loss_func = forward_step(data_iterator, model)
-            loss, report = loss_func(output)
-        reports.append(report)
-        if not forward_only and loss.requires_grad:
-            loss = loss / num_microbatches
-            (loss_scale(loss) if loss_scale is not None else loss).backward()
-    return reports
+    """One stage: every microbatch forward then backward, accumulating gradients."""
+    batches = {("R", j): next(data_iterator) for j in range(num_microbatches)}
+    actions = pipeline_plan(1, num_microbatches)[0]
+    if forward_only:
+        actions = [a for a in actions if a.kind == "F"]
+    return run_schedule(actions, forward_step, batches, model, num_microbatches, None, forward_only, loss_scale)

@@ -127,7 +127,8 @@ def _early_exit_args(p: argparse.ArgumentParser):
     g.add_argument("--num-fill-cooldown-microbatches", type=int, default=None)
     g.add_argument("--backward-forward-ratio", type=float, default=2.0)
     g.add_argument("--tune-exit", action="store_true")
-    g.add_argument("--tune-exit-pipeline-parallel-size", type=int, default=1)
+    g.add_argument("--tune-exit-pipeline-parallel-size", type=int, default=None,
+                   help="with --tune-exit, build and run only the first k pipeline stages (default: all)")
     g.add_argument("--layer-dropout-max", type=float, default=0.0, help="LayerSkip layer dropout at the last layer")
     g.add_argument("--layer-dropout-style", choices=LAYER_DROPOUT_STYLES, default="linear")
     g.add_argument("--exit-curriculum", choices=CURRICULA, default="none")
@@ -177,6 +178,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--num-query-groups needs --group-query-attention")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 cannot be combined")
+    _apply_exit_tuning_stages(args)
 
     args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     tp = args.tensor_model_parallel_size
@@ -260,19 +262,34 @@ def _validate_blend(data_path: List[str]) -> None:
                 raise ConfigError(f"--data-path: {prefix + suffix} does not exist (run tools/preprocess_data.py first)")
 
 
+def _apply_exit_tuning_stages(args):
+    """--tune-exit-pipeline-parallel-size k: keep only the first k of the p stages, i.e.
+    run a model of the first L*k/p layers on k stages (layer numbers unchanged)."""
+    k, p = args.tune_exit_pipeline_parallel_size, args.pipeline_model_parallel_size
+    if k is None:
+        return
+    if not args.tune_exit:
+        raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
+    if not 1 <= k <= p:
+        raise ConfigError(f"--tune-exit-pipeline-parallel-size ({k}) must be in 1..--pipeline-model-parallel-size ({p})")
+    if args.num_layers % p:
+        raise ConfigError(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({p})")
+    kept = args.num_layers // p * k
+    beyond = [n for n in args.exit_layer_nums if n > kept]
+    if beyond:
+        raise ConfigError(
+            f"--exit-layer-nums {beyond} lie beyond the first {k} of {p} stages (layers 1..{kept}) "
+            "kept by --tune-exit-pipeline-parallel-size"
+        )
+    args.num_layers, args.pipeline_model_parallel_size = kept, k
+
+
 def _validate_pipeline_args(args):
     pp = args.pipeline_model_parallel_size
     if args.fill_explicit_bubbles and pp == 1:
         raise ConfigError("--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1")
-    if args.tune_exit_pipeline_parallel_size != 1 and not args.tune_exit:
-        raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
     if args.tune_exit and not args.exit_layer_nums:
         raise ConfigError("--tune-exit needs --exit-layer-nums")
-    if args.tune_exit_pipeline_parallel_size > pp:
-        raise ConfigError(
-            f"--tune-exit-pipeline-parallel-size ({args.tune_exit_pipeline_parallel_size}) exceeds "
-            f"--pipeline-model-parallel-size ({pp})"
-        )
     for flag in ("num_fill_warmup_microbatches", "num_fill_cooldown_microbatches"):
         value = getattr(args, flag)
         if value is not None and value < 0:
@@ -327,6 +344,7 @@ def build_transformer_config(args, device: torch.device):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
         use_cpu_initialization=True,

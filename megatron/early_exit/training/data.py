@@ -18,6 +18,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron.early_exit.pipeline.plan import default_num_fill_microbatches
+
 
 class PretrainingSampler:
     """Yields this DP rank's indices of each microbatch, starting after `consumed_samples`.
@@ -77,11 +79,21 @@ def dataset_config(args, tokenizer) -> GPTDatasetConfig:
     )
 
 
+def num_fill_samples_per_iteration(args) -> int:
+    """Most samples the bubble-filling microbatches of one iteration can read."""
+    if not args.fill_explicit_bubbles:
+        return 0
+    default = default_num_fill_microbatches(args.pipeline_model_parallel_size, args.backward_forward_ratio)
+    warmup = default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches
+    cooldown = default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches
+    return (warmup + cooldown) * args.micro_batch_size * args.data_parallel_size
+
+
 def build_datasets(args, tokenizer):
     """(train, valid, test) datasets sized for the whole run; None where a split is empty."""
     eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
     sizes = [
-        args.train_iters * args.global_batch_size,
+        args.train_iters * (args.global_batch_size + num_fill_samples_per_iteration(args)),
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]

@@ -25,12 +25,20 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.init import initialize_layout_invariant
-from megatron.early_exit.parallel import initialize_parallel
-from megatron.early_exit.pipeline.schedules import forward_backward_no_pipelining
+from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
+from megatron.early_exit.pipeline.p2p import StageLinks
+from megatron.early_exit.pipeline.placement import exit_stages, tied_embedding_stages
+from megatron.early_exit.pipeline.plan import (
+    build_fill_plan,
+    check_plan,
+    default_num_fill_microbatches,
+    exit_tuning_plan,
+    pipeline_plan,
+)
+from megatron.early_exit.pipeline.schedules import run_schedule
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
@@ -130,41 +138,98 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
     return output, partial(early_exit_loss, loss_mask=batch["loss_mask"].to(device), ee_config=args.ee_config, iteration=iteration)
 
 
-def train_step(model, optimizer, scheduler, data_iterator, args, iteration, device):
+@dataclass
+class StageSchedule:
+    """This stage's plans and links, built once per run."""
+
+    train_actions: list
+    eval_actions: list
+    links: Optional[StageLinks]
+    fill_items: List[tuple]  # ("W", j) and ("C", j) items of every step, in data order
+
+
+def build_stage_schedule(args, model, device) -> StageSchedule:
+    pp, stage = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
+    m = microbatches.get_num_microbatches()
+    fill = None
+    if args.fill_explicit_bubbles:
+        default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
+        fill = build_fill_plan(
+            pp, exit_stages(args.ee_config, args.num_layers, pp),
+            default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches,
+            default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches,
+            args.backward_forward_ratio,
+        )
+    plan = pipeline_plan(pp, m, fill)
+    check_plan(plan)
+    train = exit_tuning_plan(pp, stage, m) if args.tune_exit else plan[stage]
+    links = None
+    if pp > 1:
+        seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel else 1)
+        links = StageLinks(
+            parallel_state.get_pipeline_model_parallel_group(), (seq, args.micro_batch_size, args.hidden_size),
+            model.config.params_dtype, device,
+        )
+    fill_items = [("W", j) for j in range(len(fill.warmup_reach))] + [("C", j) for j in range(len(fill.cooldown_stop))] if fill else []
+    return StageSchedule(train, [a for a in plan[stage] if a.kind == "F" and a.item[0] == "R"], links, fill_items)
+
+
+def gather_pipeline_metrics(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Each stage knows the losses of its own exits (and the last one the final loss)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(parts, metrics, group=parallel_state.get_pipeline_model_parallel_group())
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    order = lambda k: (k != "lm loss", not k.startswith("early loss"), _layer_of(k), k)  # noqa: E731
+    return {k: merged[k] for k in sorted(merged, key=order)}
+
+
+def _layer_of(key: str) -> int:
+    return int(key.split("[")[1].rstrip("]")) if "[" in key else 0
+
+
+def _run(schedule: StageSchedule, actions, model, batches, args, iteration, device, forward_only=False, loss_scale=None):
+    return run_schedule(
+        actions, partial(forward_step, args=args, iteration=iteration, device=device), batches, model,
+        microbatches.get_num_microbatches(), schedule.links, forward_only=forward_only, loss_scale=loss_scale,
+    )
+
+
+def train_step(model, optimizer, scheduler, schedule: StageSchedule, data_iterator, fill_iterator, args, iteration, device):
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = forward_backward_no_pipelining(
-        partial(forward_step, args=args, iteration=iteration, device=device),
-        data_iterator, model, microbatches.get_num_microbatches(),
-        loss_scale=lambda loss: loss * optimizer.get_loss_scale(),
-    )
+    batches = {("R", j): next(data_iterator) for j in range(microbatches.get_num_microbatches())}
+    batches.update({item: next(fill_iterator) for item in schedule.fill_items})
+    reports = _run(schedule, schedule.train_actions, model, batches, args, iteration, device,
+                   loss_scale=lambda loss: loss * optimizer.get_loss_scale())
     finalize_model_grads([model])
+    allreduce_tied_embedding_grads(model)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return average_reports(reports), grad_norm, ok
+    return gather_pipeline_metrics(average_reports(reports)), grad_norm, ok
 
 
 @torch.no_grad()
-def evaluate(model, data_iterator, args, iteration, device) -> Dict[str, float]:
+def evaluate(model, schedule: StageSchedule, data_iterator, args, iteration, device) -> Dict[str, float]:
     model.eval()
     reports = []
     for _ in range(args.eval_iters):
-        reports += forward_backward_no_pipelining(
-            partial(forward_step, args=args, iteration=iteration, device=device),
-            data_iterator, model, microbatches.get_num_microbatches(), forward_only=True,
-        )
+        batches = {("R", j): next(data_iterator) for j in range(microbatches.get_num_microbatches())}
+        reports += _run(schedule, schedule.eval_actions, model, batches, args, iteration, device, forward_only=True)
     model.train()
-    return average_reports(reports)
+    return gather_pipeline_metrics(average_reports(reports))
 
 
 def pretrain(args) -> TrainState:
-    if args.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline-parallel "
-            "training is not available yet; use tensor and data parallelism"
-        )
-    ctx = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device=args.device)
+    pp = args.pipeline_model_parallel_size
+    ctx = initialize_parallel(
+        args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
+        tied_embedding_stages=tied_embedding_stages(args.ee_config, args.num_layers, pp, not args.untie_embeddings_and_output_weights),
+    )
     microbatches.destroy_num_microbatches_calculator()
     microbatches.init_num_microbatches_calculator(ctx.rank, None, args.global_batch_size, args.micro_batch_size, ctx.dp_size)
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
@@ -181,13 +246,17 @@ def pretrain(args) -> TrainState:
     if args.load:
         state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
 
+    schedule = build_stage_schedule(args, model, ctx.device)
     train_iter = build_data_iterator(train_ds, args, state.consumed_samples)
+    # Fill microbatches read samples beyond the real ones, at a fixed place per iteration.
+    fill_per_iter = len(schedule.fill_items) * args.micro_batch_size * ctx.dp_size
+    fill_iter = build_data_iterator(train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter)
     valid_iter = build_data_iterator(valid_ds, args, cyclic=True)
     tokens_per_iter = args.global_batch_size * args.seq_length
     last_log = time.time()
     model.train()
     while state.iteration < args.train_iters:
-        metrics, grad_norm, _ = train_step(model, optimizer, scheduler, train_iter, args, state.iteration, ctx.device)
+        metrics, grad_norm, _ = train_step(model, optimizer, scheduler, schedule, train_iter, fill_iter, args, state.iteration, ctx.device)
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
         state.history.append({**metrics, "grad norm": float(grad_norm or 0.0)})
@@ -206,7 +275,7 @@ def pretrain(args) -> TrainState:
         if valid_iter is not None and args.eval_iters > 0 and (
             state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
         ):
-            state.validation.append({"iteration": state.iteration, **evaluate(model, valid_iter, args, state.iteration, ctx.device)})
+            state.validation.append({"iteration": state.iteration, **evaluate(model, schedule, valid_iter, args, state.iteration, ctx.device)})
             log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
         if args.save and (
             (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
