@@ -11,6 +11,7 @@ from tests.conftest import case_names, launch
 LAUNCHES = [
     ("tests.multiproc.cases_foundation", 2),
     ("tests.multiproc.cases_model", 2),
+    ("tests.multiproc.cases_pipeline", 4),
 ]
 
 PARAMS = [(module, nproc, case) for module, nproc in LAUNCHES for case in case_names(module)]

@@ -6,7 +6,7 @@
 #   4. pretraining with torchrun (2 processes, data parallel, gloo): 8 layers,
 #      exits after layers 2 and 4, losses of every exit logged to stdout and TensorBoard
 #   5. a summary: per-exit validation losses against the corpus's unigram entropy
-# Environment: OUT (default runs/quickstart), ITERS (250), NPROC (2), TP (1).
+# Environment: OUT (default runs/quickstart), ITERS (250), NPROC (2), TP (1), PP (1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -14,6 +14,7 @@ OUT=${OUT:-runs/quickstart}
 ITERS=${ITERS:-250}
 NPROC=${NPROC:-2}
 TP=${TP:-1}
+PP=${PP:-1}
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
@@ -38,7 +39,7 @@ rm -rf "$OUT/tensorboard"
   --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 \
   --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
-  --tensor-model-parallel-size "$TP" \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --data-path "$OUT/stdlib_text_document" --split 98,2,0 --data-cache-path "$OUT/cache" \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
   --log-interval 10 --eval-interval 50 --eval-iters 4 \

@@ -24,7 +24,8 @@ def main():
     import megatron.early_exit  # noqa: F401  (platform adapter)
     from megatron.early_exit.parallel import destroy_parallel, initialize_parallel
 
-    initialize_parallel(1, 1)
+    # A failing rank must not leave the others waiting for the default 10 minutes.
+    initialize_parallel(1, 1, timeout_minutes=3)
     module = importlib.import_module(module_name)
     names = only or [n for n in vars(module) if n.startswith("case_")]
     results = {}

@@ -1,1 +1,26 @@
-"""Early-exit decoding: KV cache, confidence measures, generators, server."""
+"""Early-exit decoding on a per-layer KV cache (PP=1, any TP).
+
+    from megatron.early_exit.inference import generate, EarlyExit, SelfSpeculative, SamplingParams
+    result = generate(model, [[1, 2, 3]], EarlyExit(threshold=0.8), max_new_tokens=32)
+    result.tokens, result.exit_layers, result.decode_tokens_per_second
+
+Files, from small parts to the whole: kv_cache (the cache), layers (the model's modules
+on cached attention), confidence, sampling, decoder (one batched step with per-row
+exits), strategies (full depth, early exit, self-speculative), result, speculative,
+generate (the entry point), calibration (threshold sweeps).
+"""
+
+from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_confidence_measure
+from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
+from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.inference.kv_cache import KVCache
+from megatron.early_exit.inference.result import GenerationResult
+from megatron.early_exit.inference.sampling import SamplingParams
+from megatron.early_exit.inference.strategies import KV_STRATEGIES, EarlyExit, FullDepth, SelfSpeculative
+
+__all__ = [
+    "CONFIDENCE_MEASURES", "Decoder", "EarlyExit", "ExitPolicy", "FullDepth", "GenerationResult",
+    "InferenceConfigError", "KVCache", "KV_STRATEGIES", "SamplingParams", "SelfSpeculative",
+    "generate", "get_confidence_measure",
+]

@@ -45,6 +45,7 @@ class Action:
     item: Item
     recv: bool  # F: input from the previous stage; B: gradient from the next stage
     send: bool  # F: output to the next stage; B: gradient to the previous stage
+    graph: bool = True  # F: a backward of this item follows on this stage (else no autograd graph)
 
     def __str__(self) -> str:
         tag = f"{self.kind}{self.item[0]}{self.item[1]}"
@@ -96,8 +97,8 @@ def one_f_one_b(num_stages: int, stage: int, num_microbatches: int, fill: Option
     fill = fill or FillPlan()
     first, last = s == 0, s == p - 1
 
-    def forward(item, through=p - 1):
-        return Action("F", item, recv=not first, send=s < through)
+    def forward(item, through=p - 1, graph=True):
+        return Action("F", item, recv=not first, send=s < through, graph=graph)
 
     def backward(item, through=p - 1, stop=0):
         return Action("B", item, recv=s < through, send=s > stop)
@@ -118,7 +119,7 @@ def one_f_one_b(num_stages: int, stage: int, num_microbatches: int, fill: Option
     late_after = min(p - 1, m - 1) if first else fill_after
     early_fwd = [a for a in fill_fwd if a.send or not first]
     late = [a for a in fill_fwd if a not in early_fwd] + fill_bwd
-    cool_fwd = [forward(("C", j)) for j in range(len(fill.cooldown_stop))]
+    cool_fwd = [forward(("C", j), graph=s >= stop) for j, stop in enumerate(fill.cooldown_stop)]
     cool_bwd = [backward(("C", j), stop=stop) for j, stop in enumerate(fill.cooldown_stop) if s >= stop]
     last_real_forward = next((i for i, a in enumerate(order) if a.kind == "F" and a.item == ("R", m - 1)), None)
     actions: List[Action] = []

@@ -47,13 +47,16 @@ def run_schedule(
     for action in actions:
         if action.kind == "F":
             x = links.recv_forward() if action.recv else None
-            if x is not None and not forward_only:
+            build_graph = action.graph and not forward_only
+            if x is not None and build_graph:
                 x.requires_grad_(True)
             _unwrap(model).set_input_tensor(x)
-            with torch.set_grad_enabled(not forward_only):
+            with torch.set_grad_enabled(build_graph):
                 output, loss_func = forward_step(iter([batches[action.item]]), model)
             if action.send:
                 links.send_forward(output.hidden_states)
+            if not action.graph:  # cool-down fill item whose backward stops before this stage
+                continue
             if forward_only:
                 with torch.no_grad():
                     _, report = loss_func(output)

@@ -133,7 +133,9 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
         # loss_func) still build theirs.
         output = model(
             tokens, batch["position_ids"].to(device), None if mask is None else mask.to(device),
-            labels=batch["labels"].to(device), run_to_final=not args.tune_exit,
+            labels=batch["labels"].to(device),
+            # Exit tuning needs nothing past the last exit; earlier stages still feed the next.
+            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()),
         )
     return output, partial(early_exit_loss, loss_mask=batch["loss_mask"].to(device), ee_config=args.ee_config, iteration=iteration)
 

@@ -1,0 +1,119 @@
+"""Threshold sweeps: decoding speed against agreement with full-depth output.
+
+Shared by benchmarks/inference_speed.py and tools/calibrate_threshold.py. Every strategy
+decodes the same prompts one at a time (batch size 1, where early exit pays most) with
+greedy sampling; its tokens are compared position by position with full-depth decoding
+(CALM's consistency with the full model: any difference counts, and a divergence counts
+at every later position). Speed is decode tokens per second, the best of `repeats`
+timings per prompt, which filters out a busy machine's noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.inference.strategies import FullDepth
+
+
+@dataclass
+class SweepPoint:
+    strategy: str
+    threshold: Optional[float]
+    tokens_per_second: float
+    speedup: float  # over full-depth decoding
+    agreement: float  # fraction of positions with the full-depth token
+    mean_exit_layer: float
+    num_layers: int
+    acceptance: Optional[float] = None  # self-speculative: accepted / drafted
+
+    @property
+    def ideal_speedup(self) -> Optional[float]:
+        """num_layers / mean layers per token: what skipping layers alone would give."""
+        if self.acceptance is not None:
+            return None
+        return self.num_layers / self.mean_exit_layer
+
+    @property
+    def efficiency(self) -> Optional[float]:
+        ideal = self.ideal_speedup
+        return self.speedup / ideal if ideal else None
+
+
+@dataclass
+class Run:
+    tokens: List[List[int]]
+    decode_seconds: float
+    num_decoded: int
+    exit_layers: List[int]
+    num_drafted: int
+    num_accepted: int
+
+
+def token_agreement(reference: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]]) -> float:
+    """Fraction of the reference's positions where `tokens` holds the same token."""
+    total = sum(len(r) for r in reference)
+    same = sum(a == b for ref, out in zip(reference, tokens) for a, b in zip(ref, out))
+    return same / total if total else 1.0
+
+
+def run_strategy(model, prompts, strategy, max_new_tokens: int, repeats: int = 1, stop_tokens=()) -> Run:
+    run = Run([], 0.0, 0, [], 0, 0)
+    generate(model, [prompts[0]], strategy, min(4, max_new_tokens))  # warm-up: first calls of each code path
+    for prompt in prompts:
+        results = [generate(model, [prompt], strategy, max_new_tokens, stop_tokens=stop_tokens) for _ in range(repeats)]
+        best = min(results, key=lambda r: r.decode_seconds)
+        run.tokens.append(best.tokens[0])
+        run.decode_seconds += best.decode_seconds
+        run.num_decoded += best.num_decoded
+        run.exit_layers += best.exit_layers[0][1:]
+        run.num_drafted += best.num_drafted
+        run.num_accepted += best.num_accepted
+    return run
+
+
+def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeats: int = 1, stop_tokens=(),
+          progress: Optional[Callable[[str], None]] = None) -> List[SweepPoint]:
+    """Full depth first (the reference), then every strategy; one SweepPoint each."""
+    num_layers = model.config.num_layers
+    points: List[SweepPoint] = []
+    reference = None
+    base_tps = None
+    for strategy in [FullDepth(), *strategies]:
+        run = run_strategy(model, prompts, strategy, max_new_tokens, repeats, stop_tokens)
+        tps = run.num_decoded / run.decode_seconds if run.decode_seconds else 0.0
+        if reference is None:
+            reference, base_tps = run.tokens, tps
+        point = SweepPoint(
+            strategy.name, getattr(strategy, "threshold", None), tps, tps / base_tps if base_tps else 0.0,
+            token_agreement(reference, run.tokens),
+            sum(run.exit_layers) / len(run.exit_layers) if run.exit_layers else float(num_layers), num_layers,
+            run.num_accepted / run.num_drafted if run.num_drafted else None,
+        )
+        points.append(point)
+        if progress:
+            progress(format_row(point))
+    return points
+
+
+def pick_fastest(points: Sequence[SweepPoint], min_agreement: float) -> Optional[SweepPoint]:
+    """The fastest point whose agreement with full depth is at least `min_agreement`."""
+    ok = [p for p in points if p.agreement >= min_agreement]
+    return max(ok, key=lambda p: p.tokens_per_second) if ok else None
+
+
+HEADER = f"{'strategy':<28}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}"
+
+
+def format_row(p: SweepPoint) -> str:
+    def opt(value, fmt):
+        return format(value, fmt) if value is not None else "-"
+
+    return (f"{p.strategy:<28}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
+            f"{p.agreement:>11.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
+            f"{opt(p.efficiency, '.2f'):>16}{opt(p.acceptance, '.2f'):>10}")
+
+
+def format_table(points: Sequence[SweepPoint]) -> str:
+    return "\n".join([HEADER, *(format_row(p) for p in points)])

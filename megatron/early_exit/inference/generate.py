@@ -1,0 +1,109 @@
+"""generate(): prompts in, a GenerationResult out, for every strategy.
+
+    prefill            every prompt at full depth in one batched pass; its first token
+    decode_one_token   one batched step: each active row feeds its newest token
+    decode_tokens      steps until every row hit its budget or a stop token
+    speculative_decode (speculative.py) draft and verify rounds instead
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterable, List, Sequence
+
+import torch
+
+from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
+from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.result import GenerationResult, Transcript
+from megatron.early_exit.inference.sampling import SamplingParams
+from megatron.early_exit.inference.speculative import speculative_decode
+from megatron.early_exit.inference.strategies import FullDepth, SelfSpeculative
+
+
+def prefill(decoder: Decoder, transcript: Transcript, prompts: List[List[int]]) -> None:
+    transcript.take(decoder.step(list(range(len(prompts))), prompts))
+
+
+def decode_one_token(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
+    rows = list(transcript.active)
+    transcript.take(decoder.step(rows, [[transcript.last_token(r)] for r in rows], policy))
+    transcript.result.num_steps += 1
+
+
+def decode_tokens(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
+    while transcript.active:
+        decode_one_token(decoder, transcript, policy)
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    strategy=FullDepth(),
+    max_new_tokens: int = 32,
+    sampling: SamplingParams = SamplingParams(),
+    stop_tokens: Iterable[int] = (),
+) -> GenerationResult:
+    """Continue each prompt (a list of token ids; lengths may differ) by up to
+    `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`."""
+    prompts = validate_prompts(model, prompts, max_new_tokens)
+    if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
+        raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
+    result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
+                              num_layers=model.config.num_layers, strategy=strategy.name)
+    with inference_context(model):
+        decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
+        transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
+                                sampling.make_generator(decoder.device), active=list(range(len(prompts))))
+        start = _now(decoder.device)
+        prefill(decoder, transcript, prompts)
+        result.prefill_seconds = _now(decoder.device) - start
+        if isinstance(strategy, SelfSpeculative):
+            speculative_decode(decoder, transcript, strategy)
+        else:
+            decode_tokens(decoder, transcript, policy)
+        result.decode_seconds = _now(decoder.device) - start - result.prefill_seconds
+    return result
+
+
+def validate_prompts(model, prompts, max_new_tokens: int) -> List[List[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts:
+        raise InferenceConfigError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise InferenceConfigError(f"empty prompt at index {[i for i, p in enumerate(prompts) if not p]}: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise InferenceConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.vocab_size
+    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
+    if bad:
+        raise InferenceConfigError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.max_sequence_length:
+        raise InferenceConfigError(
+            f"context too long: prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's maximum sequence length {model.max_sequence_length}"
+        )
+    return prompts
+
+
+@contextmanager
+def inference_context(model):
+    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

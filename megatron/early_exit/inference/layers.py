@@ -1,0 +1,144 @@
+"""The model's own modules, run on a batch of (row, position) entries against the KV cache.
+
+Everything here calls megatron-core's modules of the EarlyExitGPTModel (embedding, norms,
+`linear_qkv` through `get_query_key_value_tensors`, `linear_proj`, the bias-dropout-add,
+the MLP, exit heads, output layer) and replaces only the core attention, which reads
+keys and values from the cache. Rotary embedding uses megatron-core's unfused formula
+with cos/sin tables computed once from the model's own frequencies.
+
+A `WorkSet` says which entries one batched call processes: for each cache row, a run of
+consecutive positions [start, end]. Rows are right-aligned in a [c, b] grid, so every
+row's newest token sits at index c - 1 and shorter rows are padded at the front;
+padding entries compute garbage that is never written to the cache or returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+
+@dataclass
+class WorkSet:
+    rows: List[int]
+    starts: List[int]
+    ends: List[int]
+    rows_t: Tensor  # [b] cache rows
+    row_slice: Optional[slice]  # the same rows as a slice when they are consecutive
+    pos: Tensor  # [c, b] position of each entry (padding repeats the row's start)
+    write_pos: Tensor  # [c, b] where each entry's K/V go (padding: the cache's trash slot)
+    mask: Tensor  # [b, 1, c, L] key j is visible to entry (c, b) iff j <= pos[c, b]
+    cos: Optional[Tensor]  # [c, b, 1, rotary_dim]
+    sin: Optional[Tensor]
+
+    @property
+    def width(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def widths(self) -> List[int]:
+        return [e - s + 1 for s, e in zip(self.starts, self.ends)]
+
+
+class RotaryTables:
+    """cos/sin of the model's rotary frequencies, per position [max_seq, rotary_dim]."""
+
+    def __init__(self, model, max_seq: int, dtype: torch.dtype):
+        freqs = model.rotary_pos_emb(max_seq).view(max_seq, -1)  # [s, 1, 1, d] -> [s, d]
+        self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+        self.interleaved = model.config.rotary_interleaved
+
+
+def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_slot: int,
+                   rotary: Optional[RotaryTables], device) -> WorkSet:
+    width = max(e - s + 1 for s, e in zip(starts, ends))
+    rows_t = torch.tensor(rows, device=device)
+    starts_t = torch.tensor(starts, device=device)
+    ends_t = torch.tensor(ends, device=device)
+    pos = ends_t.view(1, -1) + torch.arange(1 - width, 1, device=device).view(-1, 1)  # [c, b]
+    padding = pos < starts_t.view(1, -1)
+    write_pos = torch.where(padding, trash_slot, pos)
+    pos = torch.where(padding, starts_t.view(1, -1), pos)
+    keys = torch.arange(max(ends) + 1, device=device)
+    mask = (keys.view(1, 1, -1) <= pos.t().unsqueeze(-1)).unsqueeze(1)  # [b, 1, c, L]
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    cos = sin = None
+    if rotary is not None:
+        cos, sin = rotary.cos[pos].unsqueeze(2), rotary.sin[pos].unsqueeze(2)
+    return WorkSet(rows, starts, ends, rows_t, slice(rows[0], rows[0] + len(rows)) if consecutive else None,
+                   pos, write_pos, mask, cos, sin)
+
+
+def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool) -> Tensor:
+    """megatron-core's `_apply_rotary_pos_emb_bshd` (mscale 1) with per-entry positions."""
+    if ws.cos is None:
+        return t
+    rot_dim = ws.cos.shape[-1]
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    t = (t * ws.cos) + (_rotate_half(t, interleaved) * ws.sin)
+    return torch.cat((t, t_pass), dim=-1)
+
+
+def embed(model, tokens: Tensor, ws: WorkSet) -> Tensor:
+    """tokens [c, b] (padding entries hold any valid id) -> hidden states [c, b, h]."""
+    return model.embedding(input_ids=tokens.t(), position_ids=ws.pos.t())
+
+
+def attention_scale(layer) -> float:
+    core = layer.self_attention.core_attention
+    scale = getattr(core, "softmax_scale", None)
+    if scale is None:
+        return layer.self_attention.hidden_size_per_attention_head ** -0.5
+    # With query-key layer scaling, megatron divides the scale by the layer number and
+    # multiplies it back inside the softmax.
+    return scale * layer.layer_number if layer.config.apply_query_key_layer_scaling else scale
+
+
+def project_qkv(layer, hidden: Tensor, ws: WorkSet) -> Tuple[Tensor, Tensor, Tensor]:
+    """input_layernorm + linear_qkv (+ rotary on q and k): [c, b, heads/tp, head_dim] each."""
+    q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
+    interleaved = layer.config.rotary_interleaved
+    return apply_rotary(q, ws, interleaved), apply_rotary(k, ws, interleaved), v
+
+
+def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """One transformer layer over the work set, writing its K/V to layer `index` of the cache.
+
+    Returns (layer output, post-attention state), both [c, b, h].
+    """
+    q, k, v = project_qkv(layer, x, ws)
+    cache.update(index, ws.rows_t, ws.write_pos, k, v)
+    keys, values = cache.keys_values(index, ws.rows_t, ws.mask.shape[-1], ws.row_slice)
+    context = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), keys.transpose(1, 2), values.transpose(1, 2),  # [b, heads, c|L, d]
+        attn_mask=ws.mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    context = context.permute(2, 0, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # [c, b, heads * d]
+    bda = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)
+    attention_output = bda(layer.self_attention.linear_proj(context), x, layer.hidden_dropout)
+    return layer._forward_mlp(attention_output), attention_output
+
+
+def gather_vocab(logits: Tensor) -> Tensor:
+    """Vocab-parallel logits [.., v/tp] -> full-vocabulary float32 logits on every TP rank."""
+    return gather_from_tensor_model_parallel_region(logits).float()
+
+
+def exit_logits(model, head, layer, hidden: Tensor, attention_output: Optional[Tensor]) -> Tensor:
+    """The exit head at `layer` on hidden [c, b, h] -> [c, b, vocab]."""
+    h = head.hidden(hidden, attention_output, layer.pre_mlp_layernorm if head.has_mlp else None)
+    return gather_vocab(head.logits(h, model.exit_output_weight()))
+
+
+def final_logits(model, hidden: Tensor) -> Tensor:
+    """Final norm and output layer on hidden [c, b, h] -> [c, b, vocab]."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(model.decoder.final_layernorm(hidden), weight=weight)
+    return gather_vocab(logits)

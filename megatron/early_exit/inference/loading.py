@@ -1,0 +1,74 @@
+"""Build a model for inference from a pretraining checkpoint (`--save DIR` of
+pretrain_early_exit_gpt.py), in any TP layout, plus its tokenizer.
+
+The checkpoint's common state holds the training flags; the model is rebuilt from them
+as training built it, then only its weights are read (dist_checkpointing reshards them
+to this TP size). Optimizer and RNG state stay on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from megatron.early_exit.inference.errors import InferenceConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_path(root: str, iteration: Optional[int] = None) -> str:
+    if iteration is None:
+        marker = os.path.join(root, TRACKER)
+        if not os.path.isfile(marker):
+            raise InferenceConfigError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or no save finished)")
+        iteration = int(open(marker).read().strip())
+    path = os.path.join(root, f"iter_{iteration:07d}")
+    if not os.path.isdir(path):
+        raise InferenceConfigError(f"--load {root}: {path} does not exist")
+    return path
+
+
+def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Namespace:
+    """The training flags saved with the checkpoint, defaults filled for newer flags,
+    re-laid out for inference (this TP size, one pipeline stage, no sequence parallelism)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.early_exit.training.arguments import build_early_exit_config, build_parser
+
+    saved = dist_checkpointing.load_common_state_dict(path)["args"]
+    args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
+    vars(args).update(saved)
+    args.tensor_model_parallel_size = tensor_model_parallel_size
+    args.pipeline_model_parallel_size = 1
+    args.sequence_parallel = False
+    args.ee_config = build_early_exit_config(args)
+    return args
+
+
+def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
+               iteration: Optional[int] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
+    """(EarlyExitGPTModel in eval mode, tokenizer, flags). Parallel state must be initialised."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+    from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
+    from megatron.early_exit.training.tokenizers import build_tokenizer
+
+    path = checkpoint_path(root, iteration)
+    args = stored_args(path, tensor_model_parallel_size)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    model = EarlyExitGPTModel(
+        build_transformer_config(args, device), args.ee_config,
+        vocab_size=padded_vocab_size(tokenizer.vocab_size, args),
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+    ).to(device)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    model.load_state_dict(loaded["model"])
+    return model.eval(), tokenizer, args

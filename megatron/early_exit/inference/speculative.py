@@ -1,0 +1,74 @@
+"""Self-speculative decoding (LayerSkip): draft with an exit, verify with the full model.
+
+A round, per active row holding committed tokens x_0..x_{n-1} (x_{n-1} not yet fed):
+  draft   feed x_{n-1}, y_1, .., y_{k-1} through the layers up to the exit: its head
+          proposes y_1..y_k greedily; those layers' K/V are kept, deeper layers owe them.
+  verify  feed y_k: one full-depth pass in which every deeper layer processes the k+1
+          owed positions together (the decoder's recomputation path), giving the full
+          model's next-token logits z_0..z_k at positions n-1..n-1+k.
+  accept  the longest prefix with y_i == z_{i-1}, then z_a; crop every layer's cache
+          to n + a positions, so rejected drafts leave nothing behind.
+Greedy output equals full-depth greedy decoding. Rows of a batch draft in lockstep and
+accept independently.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
+
+
+def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: ExitPolicy) -> Dict[int, List[int]]:
+    drafts: Dict[int, List[int]] = {r: [] for r in budgets}
+    feed = {r: transcript.last_token(r) for r in budgets}
+    for i in range(max(budgets.values(), default=0)):
+        going = [r for r, k in budgets.items() if k > i]
+        out = decoder.step(going, [[feed[r]] for r in going], policy)
+        transcript.result.num_steps += 1
+        for r, t in zip(going, out.logits.argmax(dim=-1).tolist()):
+            drafts[r].append(t)
+            feed[r] = t
+    return drafts
+
+
+def verify(decoder: Decoder, transcript, drafts: Dict[int, List[int]]) -> Dict[int, Tensor]:
+    """Full-model logits [k+1, vocab] for each row's owed positions."""
+    rows = list(drafts)
+    newest = [[drafts[r][-1] if drafts[r] else transcript.last_token(r)] for r in rows]
+    out = decoder.step(rows, newest, all_logits=True)
+    transcript.result.num_steps += 1
+    return dict(zip(rows, out.chunk_logits))
+
+
+def accepted_length(drafts: List[int], targets: List[int]) -> int:
+    a = 0
+    while a < len(drafts) and drafts[a] == targets[a]:
+        a += 1
+    return a
+
+
+def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
+    policy = strategy.draft_policy(decoder)
+    draft_depth = next(iter(policy.exits))
+    result = transcript.result
+    while transcript.active:
+        # Never draft past the budget: the last token of a row needs no draft.
+        budgets = {r: max(0, min(strategy.num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1))
+                   for r in transcript.active}
+        drafts = draft_tokens(decoder, transcript, budgets, policy)
+        logits = verify(decoder, transcript, drafts)
+        for r, row_drafts in drafts.items():
+            committed = decoder.num_fed[r] - len(row_drafts)  # n: x_{n-1} sits at position n-1
+            targets = logits[r].argmax(dim=-1).tolist()
+            a = accepted_length(row_drafts, targets)
+            logprobs = torch.log_softmax(logits[r][: a + 1], dim=-1)
+            new = row_drafts[:a] + [targets[a]]
+            transcript.append(r, new, [draft_depth] * a + [decoder.num_layers],
+                              logprobs.gather(-1, torch.tensor(new, device=logprobs.device).unsqueeze(-1)).squeeze(-1).tolist())
+            decoder.crop(r, committed + a)
+            result.num_drafted += len(row_drafts)
+            result.num_accepted += a
