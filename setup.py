@@ -26,7 +26,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "bench": ["matplotlib"],
         # Need CUDA and nvcc to build; used only when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },

@@ -98,6 +98,7 @@ def test_mock_data_needs_no_files(dist1):
         ({"--mock-data": None}, r"--mock-data and --data-path cannot be combined"),
         ({"--fill-explicit-bubbles": None}, r"--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1"),
         ({"--group-query-attention": None}, r"--group-query-attention needs --num-query-groups"),
+        ({"--lr-warmup-iters": 30}, r"--lr-warmup-iters \(30\) must be smaller than --lr-decay-iters \(30\)"),
     ],
 )
 def test_bad_flags_are_named(corpus, overrides, message):

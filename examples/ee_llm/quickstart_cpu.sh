@@ -15,6 +15,7 @@ ITERS=${ITERS:-250}
 NPROC=${NPROC:-2}
 TP=${TP:-1}
 PP=${PP:-1}
+WARMUP=$(( ITERS / 10 < 20 ? ITERS / 10 : 20 ))
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
@@ -37,7 +38,7 @@ rm -rf "$OUT/tensorboard"
   --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 \
   --exit-layer-nums 2 4 --exit-layer-weight 0.25 0.5 --use-exit-norm \
   --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
-  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters "$WARMUP" --weight-decay 0.1 \
   --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --data-path "$OUT/stdlib_text_document" --split 98,2,0 --data-cache-path "$OUT/cache" \

@@ -204,8 +204,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.num_microbatches = args.global_batch_size // per_step
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ConfigError(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds --lr-decay-iters ({args.lr_decay_iters})")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters ({args.lr_decay_iters})")
     if args.min_lr > args.lr:
         raise ConfigError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
     if args.save_interval is not None and args.save is None:

@@ -1,0 +1,189 @@
+"""Pipeline schedules: simulated bubbles, and measured cost of exits and of bubble filling.
+
+    python benchmarks/pipeline_schedule.py [--iters 6] [--png runs/pipeline_timeline.png]
+
+Part 1 (pure, from plan.py): for PP in {2, 4} and several microbatch counts, the
+simulated bubble fraction of plain 1F1B, of early-exit 1F1B (exit heads add to the
+backward of the stages that own them) and of bubble filling, plus a text timeline
+(and a PNG chart).
+
+Part 2 (measured, torchrun with 2 processes, PP=2, gloo on CPU): iteration time of
+early-exit 1F1B against plain 1F1B with the same backbone, beside the exit heads'
+share of FLOPs; and iteration time with bubble filling against without, beside the
+extra exit-training samples it adds. The script launches torchrun itself.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--png", default=os.path.join(ROOT, "runs", "pipeline_timeline.png"))
+    p.add_argument("--skip-measure", action="store_true")
+    p.add_argument("--measure-worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# -- part 1: simulation -------------------------------------------------------------
+
+
+def simulated_table(png: str):
+    from megatron.early_exit.pipeline.plan import build_fill_plan, default_num_fill_microbatches, pipeline_plan, simulate
+
+    r, exit_share = 2.0, 0.15  # backward/forward ratio; an exit head costs 15% of a stage's F+B
+
+    def exit_costs(p):  # exits on the first half of the stages (EE-LLM's placements)
+        return [exit_share * (1 + r) if s < max(1, p // 2) else 0.0 for s in range(p)]
+
+    print("simulated bubble fraction (F=1, B=2 per stage; an exit head on each of the first PP/2 stages costs 0.45)")
+    print(f"{'PP':>3} {'m':>4} {'1F1B':>8} {'EE 1F1B':>9} {'EE+fill':>9} {'fill items':>11} {'EE time':>9} {'fill time':>10}")
+    for p in (2, 4):
+        fills = default_num_fill_microbatches(p, r)
+        for m in (4, 8, 16, 32):
+            f, b = [1.0] * p, [r] * p
+            exit_cost = exit_costs(p)
+            plain = simulate(pipeline_plan(p, m), f, b)
+            early = simulate(pipeline_plan(p, m), f, b, exit_cost)
+            fill = build_fill_plan(p, list(range(max(1, p // 2))), fills, fills, r)
+            filled = simulate(pipeline_plan(p, m, fill), f, b, exit_cost)
+            items = len(fill.warmup_reach) + len(fill.cooldown_stop)
+            print(f"{p:>3} {m:>4} {plain.bubble_fraction:>8.3f} {early.bubble_fraction:>9.3f} {filled.bubble_fraction:>9.3f}"
+                  f" {items:>11} {early.makespan / plain.makespan - 1:>+9.1%} {filled.makespan / early.makespan - 1:>+10.1%}")
+    p, m = 4, 8
+    fill = build_fill_plan(p, [0, 1], 2, 2, r)
+    timeline = simulate(pipeline_plan(p, m, fill), [1.0] * p, [r] * p, exit_costs(p))
+    print(f"\ntimeline, PP={p}, m={m}, bubble filling (F forward, B backward; w/c warm-up/cool-down fill):")
+    print(timeline.render(110))
+    _save_png(timeline, png)
+
+
+def _save_png(timeline, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no PNG)")
+        return
+    colors = {"R": ("#4c72b0", "#dd8452"), "W": ("#55a868", "#55a868"), "C": ("#c44e52", "#c44e52")}
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(timeline.spans) + 1))
+    for s, spans in enumerate(timeline.spans):
+        for start, end, a in spans:
+            color = colors[a.item[0]][0 if a.kind == "F" else 1]
+            ax.barh(s, end - start, left=start, color=color, edgecolor="white", alpha=1.0 if a.kind == "F" else 0.75)
+            ax.text((start + end) / 2, s, str(a)[1:], ha="center", va="center", fontsize=6, color="white")
+    ax.set_yticks(range(len(timeline.spans)), [f"stage {s}" for s in range(len(timeline.spans))])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (forward = 1)")
+    ax.set_title(f"early-exit 1F1B with bubble filling: bubble {timeline.bubble_fraction:.1%}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"chart: {path}")
+
+
+# -- part 2: measurement ------------------------------------------------------------
+
+
+def measure_worker(args):
+    import torch
+    import torch.nn.functional as F
+
+    import megatron.early_exit  # noqa: F401
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.flops import backbone_flops, exit_heads_flops
+    from megatron.early_exit.loss import early_exit_loss
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+    from megatron.early_exit.parallel import initialize_parallel
+    from megatron.early_exit.pipeline.p2p import StageLinks
+    from megatron.early_exit.pipeline.plan import build_fill_plan, pipeline_plan
+    from megatron.early_exit.pipeline.schedules import run_schedule
+
+    layers, hidden, vocab, seq, mbs, m = 8, 256, 4096, 256, 2, args.microbatches
+    variants = {
+        "plain 1F1B": (EarlyExitConfig(), None),
+        "EE 1F1B": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), None),
+        "EE 1F1B + fill": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "fill"),
+    }
+    initialize_parallel(1, 2, seed=1)
+    times = {}
+    rank = torch.distributed.get_rank()
+    for name, (ee, fill_mode) in variants.items():
+        config = TransformerConfig(
+            num_layers=layers, hidden_size=hidden, ffn_hidden_size=704, num_attention_heads=8, normalization="RMSNorm",
+            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+            use_cpu_initialization=True, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+        )
+        model = EarlyExitGPTModel(config, ee, vocab, seq, pre_process=rank == 0, post_process=rank == 1,
+                                  share_embeddings_and_output_weights=False)
+        # Bubble filling with r=2 on PP=2 gives 0 items by EE-LLM's formula; use one of each.
+        fill = build_fill_plan(2, [0, 1], 1, 1, 1.0) if fill_mode else None
+        plan = pipeline_plan(2, m, fill)[rank]
+        links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (seq, mbs, hidden), torch.float32, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        tok = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+        batch = (tok[:, :-1], tok[:, 1:], torch.arange(seq).unsqueeze(0).expand(mbs, -1))
+        items = {a.item for a in plan}
+
+        def step(data_iterator, model, ee=ee):
+            tokens, labels, pos = next(data_iterator)
+            return model(tokens, pos, None, labels=labels), lambda o: early_exit_loss(o, torch.ones_like(labels, dtype=torch.float), ee, 0)
+
+        samples = []
+        for i in range(args.iters + 1):
+            model.zero_grad(set_to_none=True)
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            run_schedule(plan, step, {item: batch for item in items}, model, m, links)
+            torch.distributed.barrier()
+            if i:  # the first iteration warms up
+                samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples)
+        if name == "EE 1F1B":
+            tokens = mbs * seq
+            flop_share = exit_heads_flops(config, ee, tokens, seq, vocab) / backbone_flops(config, tokens, seq, vocab)
+        if fill:
+            extra = len(fill.warmup_reach) + len(fill.cooldown_stop)
+    if rank == 0:
+        print(f"\nmeasured, PP=2 on 2 CPU processes (gloo), {layers} layers, hidden {hidden}, vocab {vocab}, "
+              f"{m} microbatches of {mbs}x{seq}, median of {args.iters} iterations:")
+        for name, t in times.items():
+            print(f"  {name:<16} {t:8.3f} s/iteration")
+        ee_ratio = times["EE 1F1B"] / times["plain 1F1B"]
+        print(f"  exits: time ratio {ee_ratio:.3f} vs exit-head FLOP share {1 + flop_share:.3f} "
+              f"(overhead {ee_ratio - 1:+.1%} vs {flop_share:+.1%} of FLOPs)")
+        fill_ratio = times["EE 1F1B + fill"] / times["EE 1F1B"]
+        print(f"  bubble filling: {extra} extra microbatches (+{extra / m:.0%} exit-training samples) "
+              f"for {fill_ratio - 1:+.1%} iteration time")
+
+
+def main():
+    args = parse_args()
+    if args.measure_worker:
+        return measure_worker(args)
+    simulated_table(args.png)
+    if args.skip_measure:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__),
+           "--measure-worker", "--iters", str(args.iters), "--microbatches", str(args.microbatches)]
+    print("\nlaunching the measurement (torchrun, 2 processes) ...", flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+if __name__ == "__main__":
+    main()
