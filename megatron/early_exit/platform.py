@@ -331,6 +331,7 @@ def apply() -> bool:
     for cls, attr in (
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero"),  # :1089 .cuda()
         (LanguageModule, "setup_embeddings_and_output_layer"),
     ):
         original = cls.__dict__[attr]

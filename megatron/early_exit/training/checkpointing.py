@@ -25,6 +25,9 @@ from megatron.early_exit.errors import EarlyExitError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
+# The distributed optimizer's state in a layout-independent form, so that a checkpoint
+# reshards across TP/PP/DP like the model does.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(EarlyExitError):
@@ -69,7 +72,7 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
         "rng_state": _rng_state(),
     }
     if include_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
@@ -114,7 +117,7 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {args.load}: {path} named by {TRACKER} does not exist")
     state = _sharded_state(args, model, optimizer, scheduler, iteration, 0)
-    state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     try:
         loaded = dist_checkpointing.load(state, path)
     except Exception as err:  # name the checkpoint, keep the cause

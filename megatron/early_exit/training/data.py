@@ -113,7 +113,9 @@ def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool =
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    # Its own generator: creating an iterator must not draw from the global RNG, or a
+    # resumed run (which builds iterators after restoring the RNG) would diverge.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator())
     if not cyclic:
         return iter(loader)
 
