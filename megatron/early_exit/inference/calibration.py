@@ -2,10 +2,13 @@
 
 Shared by benchmarks/inference_speed.py and tools/calibrate_threshold.py. Every strategy
 decodes the same prompts one at a time (batch size 1, where early exit pays most) with
-greedy sampling; its tokens are compared position by position with full-depth decoding
-(CALM's consistency with the full model: any difference counts, and a divergence counts
-at every later position). Speed is decode tokens per second, the best of `repeats`
-timings per prompt, which filters out a busy machine's noise.
+greedy sampling. Two measures of faithfulness to the full model:
+  agreement    the tokens compared position by position with full-depth decoding: any
+               difference counts, and after a divergence every later position counts too
+  consistency  the fraction of generated tokens that the full model would have chosen
+               after the same prefix (CALM's per-token consistency; no cascade)
+Speed is decode tokens per second, the best of `repeats` timings per prompt, which
+filters out a busy machine's noise.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.inference.decoder import Decoder
+from megatron.early_exit.inference.generate import generate, inference_context
 from megatron.early_exit.inference.strategies import FullDepth
 
 
@@ -24,6 +28,7 @@ class SweepPoint:
     tokens_per_second: float
     speedup: float  # over full-depth decoding
     agreement: float  # fraction of positions with the full-depth token
+    consistency: float  # fraction of tokens the full model would choose after the same prefix
     mean_exit_layer: float
     num_layers: int
     acceptance: Optional[float] = None  # self-speculative: accepted / drafted
@@ -58,6 +63,22 @@ def token_agreement(reference: Sequence[Sequence[int]], tokens: Sequence[Sequenc
     return same / total if total else 1.0
 
 
+def token_consistency(model, prompts, tokens) -> float:
+    """Fraction of `tokens` equal to the full model's greedy choice after the same prefix
+    (one full-depth pass over each prompt + continuation)."""
+    same = total = 0
+    for prompt, generated in zip(prompts, tokens):
+        if not generated:
+            continue
+        sequence = list(prompt) + list(generated)
+        with inference_context(model):
+            logits = Decoder(model, 1, len(sequence)).step([0], [sequence], all_logits=True).chunk_logits[0]
+        choices = logits[len(prompt) - 1 : -1].argmax(dim=-1).tolist()
+        same += sum(a == b for a, b in zip(choices, generated))
+        total += len(generated)
+    return same / total if total else 1.0
+
+
 def run_strategy(model, prompts, strategy, max_new_tokens: int, repeats: int = 1, stop_tokens=()) -> Run:
     run = Run([], 0.0, 0, [], 0, 0)
     generate(model, [prompts[0]], strategy, min(4, max_new_tokens))  # warm-up: first calls of each code path
@@ -87,7 +108,7 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
             reference, base_tps = run.tokens, tps
         point = SweepPoint(
             strategy.name, getattr(strategy, "threshold", None), tps, tps / base_tps if base_tps else 0.0,
-            token_agreement(reference, run.tokens),
+            token_agreement(reference, run.tokens), token_consistency(model, prompts, run.tokens),
             sum(run.exit_layers) / len(run.exit_layers) if run.exit_layers else float(num_layers), num_layers,
             run.num_accepted / run.num_drafted if run.num_drafted else None,
         )
@@ -97,13 +118,14 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
     return points
 
 
-def pick_fastest(points: Sequence[SweepPoint], min_agreement: float) -> Optional[SweepPoint]:
-    """The fastest point whose agreement with full depth is at least `min_agreement`."""
-    ok = [p for p in points if p.agreement >= min_agreement]
+def pick_fastest(points: Sequence[SweepPoint], min_agreement: float, criterion: str = "agreement") -> Optional[SweepPoint]:
+    """The fastest point whose agreement (or consistency) is at least `min_agreement`."""
+    ok = [p for p in points if getattr(p, criterion) >= min_agreement]
     return max(ok, key=lambda p: p.tokens_per_second) if ok else None
 
 
-HEADER = f"{'strategy':<28}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}"
+HEADER = (f"{'strategy':<28}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'consistency':>13}"
+          f"{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}")
 
 
 def format_row(p: SweepPoint) -> str:
@@ -111,7 +133,7 @@ def format_row(p: SweepPoint) -> str:
         return format(value, fmt) if value is not None else "-"
 
     return (f"{p.strategy:<28}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
-            f"{p.agreement:>11.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
+            f"{p.agreement:>11.3f}{p.consistency:>13.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
             f"{opt(p.efficiency, '.2f'):>16}{opt(p.acceptance, '.2f'):>10}")
 
 

@@ -81,6 +81,8 @@ def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool) -> Tensor:
     if ws.cos is None:
         return t
     rot_dim = ws.cos.shape[-1]
+    if rot_dim == t.shape[-1]:  # the usual rotary_percent 1: no pass-through part to split off
+        return (t * ws.cos) + (_rotate_half(t, interleaved) * ws.sin)
     t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     t = (t * ws.cos) + (_rotate_half(t, interleaved) * ws.sin)
     return torch.cat((t, t_pass), dim=-1)

@@ -41,6 +41,7 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Name
     saved = dist_checkpointing.load_common_state_dict(path)["args"]
     args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
     vars(args).update(saved)
+    args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = 1
     args.sequence_parallel = False
@@ -61,9 +62,16 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     args = stored_args(path, tensor_model_parallel_size)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    # The vocabulary was padded for the training layout; keep that size whatever the TP now.
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, argparse.Namespace(
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=args.saved_tensor_model_parallel_size))
+    if vocab_size % tensor_model_parallel_size:
+        raise InferenceConfigError(f"the checkpoint's padded vocabulary ({vocab_size}) does not split over "
+                                   f"--tensor-model-parallel-size {tensor_model_parallel_size}")
     model = EarlyExitGPTModel(
         build_transformer_config(args, device), args.ee_config,
-        vocab_size=padded_vocab_size(tokenizer.vocab_size, args),
+        vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,

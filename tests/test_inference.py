@@ -1,0 +1,188 @@
+"""The inference decoder equals slow, cache-free references, token for token.
+
+Models are tiny (4 layers, hidden 32, GQA with 2 groups) with weights drawn wide enough
+(std 0.3) that greedy decoding does not collapse to one token and exit confidences spread
+over the thresholds used below; every early-exit test also checks that its threshold
+produced a mix of early and deeper tokens, so that it tests something.
+"""
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from tests.test_inference_reference import no_cache_greedy, reference_generate
+
+NUM_LAYERS = 4
+PROMPT = [5, 17, 3, 9, 22]
+PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
+
+VARIANTS = {  # exits, EarlyExitConfig flags
+    "tied_norm": ([1, 3], dict(use_exit_norm=True)),
+    "untied_mlp": ([1, 3], dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True)),
+    "pre_exit": ([2, 4], dict(pre_exit=True)),
+    "pre_exit_first": ([1, 3], dict(pre_exit=True)),  # an exit before the first layer
+}
+
+
+@lru_cache(maxsize=None)
+def build_model(variant: str = "tied_norm", position_embedding_type: str = "rope", num_query_groups: int = 2):
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+    from tests.helpers import tiny_transformer_config
+
+    nums, flags = VARIANTS[variant]
+    torch.manual_seed(0)
+    config = tiny_transformer_config(num_layers=NUM_LAYERS, num_query_groups=num_query_groups, init_method_std=0.3)
+    model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=nums, **flags), vocab_size=96,
+                              max_sequence_length=64, share_embeddings_and_output_weights=False,
+                              position_embedding_type=position_embedding_type)
+    return model.eval()
+
+
+def _generate(model, prompts, strategy=None, max_new_tokens=24, **kwargs):
+    from megatron.early_exit.inference import FullDepth, generate
+
+    return generate(model, prompts, strategy or FullDepth(), max_new_tokens=max_new_tokens, **kwargs)
+
+
+# -- full depth ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position_embedding_type", ["rope", "learned_absolute"])
+def test_prefill_logits_equal_model_forward(dist1, position_embedding_type):
+    from megatron.early_exit.inference import Decoder
+
+    model = build_model(position_embedding_type=position_embedding_type)
+    with torch.no_grad():
+        out = Decoder(model, len(PROMPTS), 64).step(list(range(len(PROMPTS))), PROMPTS, all_logits=True)
+        for prompt, logits in zip(PROMPTS, out.chunk_logits):
+            ref = model(torch.tensor([prompt]), torch.arange(len(prompt)).unsqueeze(0), None).final[0]
+            assert logits.shape == ref.shape
+            assert (logits - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("position_embedding_type,num_query_groups", [("rope", 2), ("rope", 4), ("learned_absolute", 2)])
+def test_kv_cached_full_depth_equals_no_cache(dist1, position_embedding_type, num_query_groups):
+    model = build_model(position_embedding_type=position_embedding_type, num_query_groups=num_query_groups)
+    result = _generate(model, [PROMPT], max_new_tokens=24)
+    ref_tokens, ref_logprobs = no_cache_greedy(model, PROMPT, 24)
+    assert result.tokens[0] == ref_tokens
+    assert len(set(ref_tokens)) > 4, "degenerate model: greedy output repeats one token"
+    assert max(abs(a - b) for a, b in zip(result.logprobs[0], ref_logprobs)) < 1e-4
+    assert result.exit_layers[0] == [NUM_LAYERS] * 24
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy", "saturation"])
+def test_threshold_above_one_is_full_depth(dist1, kv, measure):
+    from megatron.early_exit.inference import EarlyExit
+
+    model = build_model()
+    result = _generate(model, [PROMPT], EarlyExit(1.01, measure, kv), max_new_tokens=16)
+    assert result.tokens[0] == _generate(model, [PROMPT], max_new_tokens=16).tokens[0]
+    assert result.exit_layers[0] == [NUM_LAYERS] * 16
+
+
+# -- early exit against the slow references ----------------------------------------------
+
+CASES = [  # variant, measure, threshold: each gives a mix of exits on PROMPT
+    ("tied_norm", "max_prob", 0.35),
+    ("tied_norm", "margin", 0.1),
+    ("tied_norm", "entropy", 0.4),
+    ("tied_norm", "saturation", 0.8),
+    ("untied_mlp", "max_prob", 0.15),
+    ("untied_mlp", "saturation", 0.7),
+    ("pre_exit", "margin", 0.2),
+    ("pre_exit_first", "max_prob", 0.6),
+]
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+@pytest.mark.parametrize("variant,measure,threshold", CASES)
+def test_early_exit_equals_reference(dist1, variant, measure, threshold, kv):
+    from megatron.early_exit.inference import EarlyExit
+
+    model = build_model(variant)
+    result = _generate(model, [PROMPT], EarlyExit(threshold, measure, kv))
+    ref_tokens, ref_depths, ref_logprobs = reference_generate(model, PROMPT, 24, threshold, measure, propagate=kv == "propagate")
+    assert result.exit_layers[0] == ref_depths
+    assert result.tokens[0] == ref_tokens
+    assert max(abs(a - b) for a, b in zip(result.logprobs[0], ref_logprobs)) < 1e-4
+    decoded = ref_depths[1:]
+    assert len(set(decoded)) >= 2 and min(decoded) < NUM_LAYERS, f"threshold gives no mix of exits: {decoded}"
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_exit_layers_restrict_active_exits(dist1, kv):
+    from megatron.early_exit.inference import EarlyExit
+
+    model = build_model()
+    result = _generate(model, [PROMPT], EarlyExit(0.35, "max_prob", kv, exit_layers=(3,)))
+    ref = reference_generate(model, PROMPT, 24, 0.35, "max_prob", exit_layers=[3], propagate=kv == "propagate")
+    assert (result.tokens[0], result.exit_layers[0]) == ref[:2]
+    assert max(abs(a - b) for a, b in zip(result.logprobs[0], ref[2])) < 1e-4
+    assert set(ref[1][1:]) == {3, NUM_LAYERS}
+
+
+# -- batches with per-sequence exits -----------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["full", "recompute", "propagate"])
+def test_batched_equals_alone(dist1, strategy):
+    from megatron.early_exit.inference import EarlyExit, FullDepth
+
+    model = build_model()
+    chosen = FullDepth() if strategy == "full" else EarlyExit(0.35, "max_prob", strategy)
+    batched = _generate(model, PROMPTS, chosen, max_new_tokens=20)
+    for i, prompt in enumerate(PROMPTS):
+        alone = _generate(model, [prompt], chosen, max_new_tokens=20)
+        assert batched.tokens[i] == alone.tokens[0], f"row {i}"
+        assert batched.exit_layers[i] == alone.exit_layers[0], f"row {i}"
+    if strategy != "full":  # rows must have left at different layers in the same step
+        columns = list(zip(*batched.exit_layers))
+        assert any(len(set(c)) > 1 for c in columns)
+
+
+def test_batched_rows_stop_independently(dist1):
+    from megatron.early_exit.inference import EarlyExit
+
+    model = build_model()
+    free = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12)
+    stop = free.tokens[1][3]
+    stopped = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, stop_tokens=[stop])
+    for free_row, row in zip(free.tokens, stopped.tokens):
+        cut = free_row.index(stop) + 1 if stop in free_row else len(free_row)
+        assert row == free_row[:cut]
+    assert len(stopped.tokens[1]) <= 4
+
+
+# -- self-speculative decoding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exit_layer", [1, 3])
+@pytest.mark.parametrize("num_draft", [1, 3, 5])
+def test_self_speculative_equals_greedy(dist1, exit_layer, num_draft):
+    from megatron.early_exit.inference import SelfSpeculative
+
+    model = build_model()
+    prompts = PROMPTS[:2]
+    greedy = _generate(model, prompts, max_new_tokens=20)
+    spec = _generate(model, prompts, SelfSpeculative(exit_layer, num_draft), max_new_tokens=20)
+    assert spec.tokens == greedy.tokens
+    assert max(abs(a - b) for r, g in zip(spec.logprobs, greedy.logprobs) for a, b in zip(r, g)) < 1e-4
+    # Both paths ran: some drafts were accepted, some rejected and cropped away.
+    assert 0 < spec.num_accepted < spec.num_drafted
+
+
+def test_self_speculative_stops_and_keeps_budget(dist1):
+    from megatron.early_exit.inference import SelfSpeculative
+
+    model = build_model()
+    greedy = _generate(model, [PROMPT], max_new_tokens=15)
+    stop = greedy.tokens[0][6]
+    cut = greedy.tokens[0].index(stop) + 1
+    spec = _generate(model, [PROMPT], SelfSpeculative(3, 4), max_new_tokens=15, stop_tokens=[stop])
+    assert spec.tokens[0] == greedy.tokens[0][:cut]
+    for n in (1, 2, 7):
+        assert _generate(model, [PROMPT], SelfSpeculative(3, 4), max_new_tokens=n).tokens[0] == greedy.tokens[0][:n]

@@ -1,0 +1,223 @@
+"""The inference API's small parts and its errors: cache, confidence, sampling, requests,
+calibration sweeps."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from tests.test_inference import NUM_LAYERS, PROMPT, PROMPTS, _generate, build_model
+
+# -- KV cache ------------------------------------------------------------------------------
+
+
+def test_kv_cache_update_by_position_and_crop():
+    from megatron.early_exit.inference import KVCache
+
+    cache = KVCache(num_layers=2, max_batch=3, max_seq=8, num_kv_heads=2, head_dim=4)
+    rows = torch.tensor([2, 0])
+    write_pos = torch.tensor([[cache.trash_slot, 4], [6, 5]])  # [c, b]: row 2 has one entry, row 0 two
+    k = torch.arange(2 * 2 * 2 * 4, dtype=torch.float).view(2, 2, 2, 4)
+    cache.update(1, rows, write_pos, k, -k)
+    assert torch.equal(cache.k[1][2, 6], k[1, 0]) and torch.equal(cache.k[1][0, 4], k[0, 1])
+    assert torch.equal(cache.v[1][0, 5], -k[1, 1])
+    assert cache.k[1][2, :6].abs().sum() == 0 and cache.k[0].abs().sum() == 0  # nothing else written
+    keys, values = cache.keys_values(1, torch.tensor([0, 2]), 7)
+    assert keys.shape == (2, 7, 2, 4) and torch.equal(keys[1, 6], k[1, 0])
+    view_keys, _ = cache.keys_values(1, torch.tensor([1, 2]), 7, row_slice=slice(1, 3))
+    assert view_keys.data_ptr() == cache.k[1][1].data_ptr()  # consecutive rows: a view
+    cache.set_length(0, [0, 2], [7, 7])
+    cache.set_length(1, [0, 2], [5, 7])
+    cache.crop(2, 3)
+    assert [cache.lengths[0][2], cache.lengths[1][2], cache.lengths[1][0]] == [3, 3, 5]
+
+
+# -- confidence measures -----------------------------------------------------------------------
+
+
+def test_confidence_measures_order_confident_above_unsure():
+    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES
+
+    peaked = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
+    two_way = torch.tensor([[5.0, 5.0, 0.0, 0.0]])
+    uniform = torch.zeros(1, 4)
+    for name in ("max_prob", "margin", "entropy"):
+        fn = CONFIDENCE_MEASURES[name].fn
+        assert fn(peaked) > fn(two_way) >= fn(uniform), name
+    assert math.isclose(float(CONFIDENCE_MEASURES["max_prob"].fn(uniform)), 0.25, abs_tol=1e-6)
+    assert float(CONFIDENCE_MEASURES["margin"].fn(two_way)) < 1e-6
+    assert abs(float(CONFIDENCE_MEASURES["entropy"].fn(uniform))) < 1e-6
+    assert float(CONFIDENCE_MEASURES["entropy"].fn(peaked)) > 0.99
+    h = torch.tensor([[1.0, 2.0, 3.0]])
+    saturation = CONFIDENCE_MEASURES["saturation"].fn
+    assert math.isclose(float(saturation(h, 2 * h)), 1.0, abs_tol=1e-6)
+    assert math.isclose(float(saturation(h, -h)), -1.0, abs_tol=1e-6)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_and_degenerates_to_greedy(dist1):
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+
+    model = build_model()
+    greedy = _generate(model, PROMPTS, max_new_tokens=12).tokens
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6, seed=1),
+                   SamplingParams(temperature=1e-4, seed=2)):
+        assert _generate(model, PROMPTS, max_new_tokens=12, sampling=params).tokens == greedy
+    sampled = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=3)
+    first = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=sampled)
+    again = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=sampled)
+    other = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=4))
+    assert first.tokens == again.tokens and first.exit_layers == again.exit_layers
+    assert first.tokens != greedy and other.tokens != first.tokens
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    from megatron.early_exit.inference.sampling import SamplingParams, select_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
+    g = torch.Generator().manual_seed(0)
+    top2 = select_tokens(logits, SamplingParams(temperature=1.0, top_k=2), g)[0]
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = select_tokens(logits, SamplingParams(temperature=1.0, top_p=0.85), g)[0]
+    assert set(nucleus.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
+    tokens, logprobs = select_tokens(logits[:1], SamplingParams(), None)
+    assert tokens.tolist() == [0] and math.isclose(float(logprobs), math.log(0.5), rel_tol=1e-5)
+
+
+# -- bad requests ------------------------------------------------------------------------------------
+
+
+def test_bad_requests_raise_config_errors(dist1):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference import EarlyExit, FullDepth, SamplingParams, SelfSpeculative, generate
+
+    model = build_model()
+    bad = {
+        "no prompts": lambda: generate(model, [], FullDepth()),
+        "empty prompt": lambda: generate(model, [PROMPT, []], FullDepth()),
+        "token outside the vocabulary": lambda: generate(model, [[1, 96]], FullDepth()),
+        "context too long": lambda: generate(model, [PROMPT], FullDepth(), max_new_tokens=60),
+        "no new tokens": lambda: generate(model, [PROMPT], FullDepth(), max_new_tokens=0),
+        "negative threshold": lambda: EarlyExit(threshold=-0.1),
+        "NaN threshold": lambda: EarlyExit(threshold=float("nan")),
+        "unknown measure": lambda: EarlyExit(0.5, measure="perplexity"),
+        "unknown kv strategy": lambda: EarlyExit(0.5, kv="copy"),
+        "unknown exit layer": lambda: generate(model, [PROMPT], EarlyExit(0.5, exit_layers=(2,))),
+        "unknown draft exit": lambda: generate(model, [PROMPT], SelfSpeculative(exit_layer=2)),
+        "no drafts": lambda: SelfSpeculative(exit_layer=1, num_draft=0),
+        "sampled speculation": lambda: generate(model, [PROMPT], SelfSpeculative(1), sampling=SamplingParams(temperature=1.0)),
+        "negative temperature": lambda: SamplingParams(temperature=-1.0),
+        "top_p zero": lambda: SamplingParams(temperature=1.0, top_p=0.0),
+    }
+    for name, call in bad.items():
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value), name
+    with pytest.raises(ConfigError, match="not an exit of this model"):
+        generate(model, [PROMPT], EarlyExit(0.5, exit_layers=(2,)))
+    with pytest.raises(ConfigError, match="too long"):
+        generate(model, [PROMPT], FullDepth(), max_new_tokens=60)
+
+
+def test_unsupported_models_are_refused(dist1):
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference import FullDepth, generate
+    from tests.helpers import build_ee_gpt, tiny_transformer_config
+
+    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[2], use_exit_block=True), seq_length=32)
+    with pytest.raises(ConfigError, match="use-exit-block"):
+        generate(model, [PROMPT], FullDepth(), max_new_tokens=2)
+    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(), seq_length=32)
+    from megatron.early_exit.inference import EarlyExit
+
+    with pytest.raises(ConfigError, match="needs a model with exits"):
+        generate(model, [PROMPT], EarlyExit(0.5), max_new_tokens=2)
+
+
+def test_generate_restores_training_mode(dist1):
+    model = build_model()
+    model.train()
+    try:
+        _generate(model, [PROMPT], max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+
+
+# -- calibration -------------------------------------------------------------------------------------
+
+
+def test_sweep_reports_agreement_and_picks_the_fastest_agreeing_threshold(dist1):
+    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
+    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep, token_agreement
+
+    assert token_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.75
+    assert token_agreement([[1, 2]], [[1]]) == 0.5
+    model = build_model()
+    strategies = [EarlyExit(t) for t in (1.5, 0.35, 0.0)] + [SelfSpeculative(3, 2)]
+    lines = []
+    points = sweep(model, PROMPTS[:2], strategies, max_new_tokens=10, progress=lines.append)
+    full, never, some, always, spec = points
+    assert len(lines) == 5 and full.speedup == 1.0 and full.agreement == 1.0
+    assert never.agreement == 1.0 and never.mean_exit_layer == NUM_LAYERS and never.ideal_speedup == 1.0
+    assert always.mean_exit_layer == 1.0 and always.ideal_speedup == NUM_LAYERS  # threshold 0: first exit
+    assert always.agreement < some.agreement <= 1.0
+    assert full.consistency == never.consistency == spec.consistency == 1.0
+    assert always.consistency < 1.0
+    assert spec.agreement == 1.0 and spec.acceptance is not None and spec.ideal_speedup is None
+    assert pick_fastest(points, 1.01) is None
+    chosen = pick_fastest(points, some.agreement)
+    assert chosen.agreement >= some.agreement
+    assert chosen.tokens_per_second == max(p.tokens_per_second for p in points if p.agreement >= some.agreement)
+    assert pick_fastest(points, 1.0, "consistency").consistency == 1.0
+    assert "agreement" in format_table(points).splitlines()[0]
+
+
+# -- loading a pretraining checkpoint -------------------------------------------------------------
+
+
+def save_tiny_checkpoint(root: str, seed: int = 5):
+    """A checkpoint laid out as pretraining writes it: model tensors, flags in the common state."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args([
+        "--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", str(seed),
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--normalization", "RMSNorm", "--swiglu",
+        "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--init-method-std", "0.3",
+        "--exit-layer-nums", "1", "2", "--use-exit-norm",
+    ], world_size=1)
+    model = build_model(args, torch.device("cpu"), 128)
+    path = os.path.join(root, "iter_0000001")
+    os.makedirs(path, exist_ok=True)
+    flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": flags}, path)
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("1")
+    torch.distributed.barrier()
+    return model
+
+
+def test_load_model_rebuilds_a_pretraining_checkpoint(dist1, tmp_path):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference import EarlyExit, generate
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.sharding import full_state_dict
+
+    saved = save_tiny_checkpoint(str(tmp_path)).eval()
+    model, tokenizer, args = load_model(str(tmp_path))
+    assert args.exit_layer_nums == [1, 2] and tokenizer.vocab_size == 100
+    expected = full_state_dict(saved)
+    assert all(torch.equal(v, expected[k]) for k, v in full_state_dict(model).items())
+    for strategy in (EarlyExit(2.0), EarlyExit(0.3)):
+        assert generate(model, [PROMPT], strategy, 8).tokens == generate(saved, [PROMPT], strategy, 8).tokens
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        load_model(str(tmp_path / "missing"))

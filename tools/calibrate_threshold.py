@@ -1,0 +1,93 @@
+"""Pick an early-exit threshold: sweep thresholds on your prompts, report speedup against
+agreement with full-depth output, and choose the fastest threshold that keeps the
+requested agreement (or, with --criterion consistency, CALM's per-token consistency
+with the full model).
+
+    python tools/calibrate_threshold.py --load runs/quickstart/checkpoints \\
+        --prompts-jsonl prompts.jsonl --min-agreement 0.95 --kv recompute --measure max_prob
+
+Prompts come from a jsonl file (one {"text": ...} per line) and/or --prompt TEXT.
+Decoding is greedy, one prompt at a time. Prints a table, then the chosen threshold
+(exit status 1 when no threshold keeps the agreement).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
+    p.add_argument("--prompts-jsonl", default=None, help="one JSON object per line with the prompt under --json-key")
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--max-prompts", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    p.add_argument("--measure", default="max_prob", help="max_prob, margin, entropy or saturation")
+    p.add_argument("--kv", default="recompute", help="recompute or propagate")
+    p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
+    p.add_argument("--min-agreement", type=float, default=0.95)
+    p.add_argument("--criterion", choices=["agreement", "consistency"], default="agreement",
+                   help="agreement: identical to full-depth output position by position; consistency: each token "
+                        "is the full model's choice after the same prefix")
+    p.add_argument("--repeats", type=int, default=1, help="timings per prompt; the fastest counts")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--output-json", default=None, help="also write every sweep point and the choice here")
+    return p.parse_args()
+
+
+def read_prompts(args, tokenizer):
+    texts = list(args.prompt)
+    if args.prompts_jsonl:
+        with open(args.prompts_jsonl) as f:
+            texts += [json.loads(line)[args.json_key] for line in f if line.strip()]
+    texts = texts[: args.max_prompts]
+    if not texts:
+        from megatron.early_exit.inference import InferenceConfigError
+
+        raise InferenceConfigError("no prompts: give --prompts-jsonl FILE or --prompt TEXT")
+    return [tokenizer.tokenize(t) for t in texts]
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    from megatron.early_exit.errors import install_excepthook
+
+    install_excepthook()
+    from megatron.early_exit.inference import EarlyExit
+    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.parallel import initialize_parallel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    initialize_parallel(1, 1)
+    model, tokenizer, _ = load_model(args.load)
+    prompts = read_prompts(args, tokenizer)
+    exits = tuple(args.exit_layers) if args.exit_layers else None
+    strategies = [EarlyExit(t, args.measure, args.kv, exits) for t in sorted(args.thresholds, reverse=True)]
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, {args.measure} / {args.kv}", flush=True)
+    points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats,
+                   progress=lambda row: print("  " + row, flush=True))
+    print("\n" + format_table(points))
+    chosen = pick_fastest([p for p in points if p.threshold is not None], args.min_agreement, args.criterion)
+    if chosen is None:
+        print(f"\nno threshold keeps {args.criterion} >= {args.min_agreement}: raise the thresholds or lower --min-agreement")
+    else:
+        print(f"\nchosen threshold: {chosen.threshold} ({args.measure}, {args.kv}): {chosen.speedup:.2f}x at "
+              f"agreement {chosen.agreement:.3f}, consistency {chosen.consistency:.3f}, mean exit layer {chosen.mean_exit_layer:.2f}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"points": [vars(p) for p in points], "chosen": chosen.threshold if chosen else None}, f, indent=1)
+    sys.exit(0 if chosen else 1)
+
+
+if __name__ == "__main__":
+    main()
