@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MODEL_FLAGS = [
+    # A vocabulary of 2048 keeps each exit's projection near one layer's cost at this width.
     "--num-layers", "8", "--hidden-size", "192", "--ffn-hidden-size", "512", "--num-attention-heads", "6",
     "--seq-length", "256", "--max-position-embeddings", "256",
     "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
@@ -44,7 +45,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
-    p.add_argument("--train-iters", type=int, default=400)
+    p.add_argument("--train-iters", type=int, default=1000)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -53,8 +54,10 @@ def parse_args():
     p.add_argument("--kv", nargs="+", default=["recompute", "propagate"])
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
     p.add_argument("--speculative", nargs="+", default=["2:3", "4:4", "6:6"], help="EXIT:NUM_DRAFT pairs")
-    p.add_argument("--repeats", type=int, default=2, help="timings per prompt; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="timings per prompt; the fastest counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)")
     return p.parse_args()
 
 
@@ -79,7 +82,7 @@ def prepare_corpus(work_dir: str) -> dict:
     if not os.path.exists(files["tokenizer"]):
         log("training the SentencePiece tokenizer")
         _run_tool("tools/train_tokenizer.py", "--input", files["text"], "--model-prefix", files["tokenizer"][: -len(".model")],
-                  "--vocab-size", "4096")
+                  "--vocab-size", "2048")
     if not os.path.exists(files["data"] + ".bin"):
         log("preprocessing to .bin/.idx")
         _run_tool("tools/preprocess_data.py", "--input", files["jsonl"], "--output-prefix", files["data"][: -len("_text_document")],
@@ -145,7 +148,7 @@ def main():
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
     from megatron.early_exit.inference import EarlyExit, SelfSpeculative
-    from megatron.early_exit.inference.calibration import HEADER, format_table, pick_fastest, sweep
+    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -165,9 +168,8 @@ def main():
     strategies += [SelfSpeculative(int(e), int(k)) for e, k in (s.split(":") for s in args.speculative)]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
-        f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s)")
-    log(HEADER)
-    points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats, progress=log)
+        f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s), {args.clock} clock")
+    points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats, clock=args.clock, progress=log)
 
     print("\n" + format_table(points))
     early = [p for p in points if p.ideal_speedup is not None and p.threshold is not None]

@@ -221,3 +221,28 @@ def test_load_model_rebuilds_a_pretraining_checkpoint(dist1, tmp_path):
         assert generate(model, [PROMPT], strategy, 8).tokens == generate(saved, [PROMPT], strategy, 8).tokens
     with pytest.raises(ConfigError, match="not a checkpoint"):
         load_model(str(tmp_path / "missing"))
+
+
+def test_calibrate_threshold_tool_picks_a_threshold(dist1, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    save_tiny_checkpoint(str(tmp_path))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "calibrate_threshold.py")
+    spec = importlib.util.spec_from_file_location("calibrate_threshold", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the tool installs its own; restore it after
+    monkeypatch.setattr(sys, "argv", ["calibrate_threshold.py", "--load", str(tmp_path), "--prompt", "5 17 3 9 22",
+                                      "--prompt", "40 2 77", "--max-new-tokens", "6", "--thresholds", "2", "0.3", "0",
+                                      "--min-agreement", "1.0", "--output-json", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit) as done:
+        tool.main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "chosen threshold:" in out
+    import json
+
+    report = json.load(open(tmp_path / "out.json"))
+    assert report["chosen"] in (2.0, 0.3, 0.0) and len(report["points"]) == 4
+    chosen = [p for p in report["points"] if p["threshold"] == report["chosen"]][0]
+    assert chosen["agreement"] == 1.0

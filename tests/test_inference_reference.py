@@ -27,16 +27,16 @@ def _gather(logits):
 
 def layer_states(model, tokens: List[int], depths: Sequence[int], propagate: bool):
     """Hidden states after each depth (0 = embedding) and post-attention states, [s, h] each."""
-    n = len(tokens)
-    ids = torch.tensor([tokens])
-    x = model.embedding(input_ids=ids, position_ids=torch.arange(n).unsqueeze(0))
+    n, device = len(tokens), model.embedding.word_embeddings.weight.device
+    ids = torch.tensor([tokens], device=device)
+    x = model.embedding(input_ids=ids, position_ids=torch.arange(n, device=device).unsqueeze(0))
     rope = model.rotary_pos_emb(n) if model.position_embedding_type == "rope" else None
     states, attention = [x[:, 0]], [None]
     for i, layer in enumerate(model.decoder.layers):
         a, _ = layer._forward_attention(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
         y = layer._forward_mlp(a)
         if propagate:
-            went_through = torch.tensor([d >= i + 1 for d in depths]).view(-1, 1, 1)
+            went_through = torch.tensor([d >= i + 1 for d in depths], device=device).view(-1, 1, 1)
             y = torch.where(went_through, y, x)
         x = y
         states.append(x[:, 0])
@@ -99,10 +99,11 @@ def no_cache_greedy(model, prompt: List[int], max_new_tokens: int):
     """Full-depth greedy decoding that re-runs model(tokens, position_ids, None) on the
     whole prefix for every token; also the log-probability of each token."""
     model.eval()
+    device = model.embedding.word_embeddings.weight.device
     seq, tokens, logprobs = list(prompt), [], []
     for _ in range(max_new_tokens):
-        ids = torch.tensor([seq])
-        logits = _gather(model(ids, torch.arange(len(seq)).unsqueeze(0), None).final)[0, -1]
+        ids = torch.tensor([seq], device=device)
+        logits = _gather(model(ids, torch.arange(len(seq), device=device).unsqueeze(0), None).final)[0, -1]
         t = int(logits.argmax())
         tokens.append(t)
         logprobs.append(float(torch.log_softmax(logits, -1)[t]))

@@ -75,7 +75,7 @@ def main():
     strategies = [EarlyExit(t, args.measure, args.kv, exits) for t in sorted(args.thresholds, reverse=True)]
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, {args.measure} / {args.kv}", flush=True)
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats,
-                   progress=lambda row: print("  " + row, flush=True))
+                   progress=lambda line: print("  " + line, flush=True))
     print("\n" + format_table(points))
     chosen = pick_fastest([p for p in points if p.threshold is not None], args.min_agreement, args.criterion)
     if chosen is None:

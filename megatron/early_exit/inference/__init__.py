@@ -7,7 +7,8 @@
 Files, from small parts to the whole: kv_cache (the cache), layers (the model's modules
 on cached attention), confidence, sampling, decoder (one batched step with per-row
 exits), strategies (full depth, early exit, self-speculative), result, speculative,
-generate (the entry point), calibration (threshold sweeps).
+generate (the entry point), calibration (threshold sweeps), loading (a pretraining
+checkpoint as an inference model, any TP).
 """
 
 from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_confidence_measure

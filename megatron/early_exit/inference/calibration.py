@@ -7,8 +7,8 @@ greedy sampling. Two measures of faithfulness to the full model:
                difference counts, and after a divergence every later position counts too
   consistency  the fraction of generated tokens that the full model would have chosen
                after the same prefix (CALM's per-token consistency; no cascade)
-Speed is decode tokens per second, the best of `repeats` timings per prompt, which
-filters out a busy machine's noise.
+Speed is decode tokens per second, from the best of `repeats` timings of each prompt,
+which filters out a busy machine's noise.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 from megatron.early_exit.inference.decoder import Decoder
 from megatron.early_exit.inference.generate import generate, inference_context
+from megatron.early_exit.inference.result import GenerationResult
 from megatron.early_exit.inference.strategies import FullDepth
 
 
@@ -46,16 +47,6 @@ class SweepPoint:
         return self.speedup / ideal if ideal else None
 
 
-@dataclass
-class Run:
-    tokens: List[List[int]]
-    decode_seconds: float
-    num_decoded: int
-    exit_layers: List[int]
-    num_drafted: int
-    num_accepted: int
-
-
 def token_agreement(reference: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]]) -> float:
     """Fraction of the reference's positions where `tokens` holds the same token."""
     total = sum(len(r) for r in reference)
@@ -79,42 +70,49 @@ def token_consistency(model, prompts, tokens) -> float:
     return same / total if total else 1.0
 
 
-def run_strategy(model, prompts, strategy, max_new_tokens: int, repeats: int = 1, stop_tokens=()) -> Run:
-    run = Run([], 0.0, 0, [], 0, 0)
-    generate(model, [prompts[0]], strategy, min(4, max_new_tokens))  # warm-up: first calls of each code path
-    for prompt in prompts:
-        results = [generate(model, [prompt], strategy, max_new_tokens, stop_tokens=stop_tokens) for _ in range(repeats)]
-        best = min(results, key=lambda r: r.decode_seconds)
-        run.tokens.append(best.tokens[0])
-        run.decode_seconds += best.decode_seconds
-        run.num_decoded += best.num_decoded
-        run.exit_layers += best.exit_layers[0][1:]
-        run.num_drafted += best.num_drafted
-        run.num_accepted += best.num_accepted
-    return run
+def time_strategies(model, prompts, strategies: Sequence, max_new_tokens: int, repeats: int = 1, stop_tokens=(),
+                    clock: str = "wall", progress: Optional[Callable[[str], None]] = None) -> List[List[GenerationResult]]:
+    """Each strategy's fastest run of each prompt, [strategy][prompt]. The strategies take
+    turns within every repeat, so a busy spell of the machine slows all of them alike."""
+    seconds = (lambda r: r.decode_seconds) if clock == "wall" else (lambda r: r.decode_cpu_seconds)
+    best: List[List[Optional[GenerationResult]]] = [[None] * len(prompts) for _ in strategies]
+    for strategy in strategies:  # warm-up: the first calls of each code path
+        generate(model, [prompts[0]], strategy, min(4, max_new_tokens))
+    for rep in range(repeats):
+        for i, strategy in enumerate(strategies):
+            for j, prompt in enumerate(prompts):
+                result = generate(model, [prompt], strategy, max_new_tokens, stop_tokens=stop_tokens)
+                if best[i][j] is None or seconds(result) < seconds(best[i][j]):
+                    best[i][j] = result
+            if progress:
+                tps = sum(r.num_decoded for r in best[i]) / sum(seconds(r) for r in best[i])
+                progress(f"repeat {rep + 1}/{repeats}  {strategy.name:<28} {tps:8.1f} tokens/s so far")
+    return best
 
 
 def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeats: int = 1, stop_tokens=(),
-          progress: Optional[Callable[[str], None]] = None) -> List[SweepPoint]:
-    """Full depth first (the reference), then every strategy; one SweepPoint each."""
+          clock: str = "wall", progress: Optional[Callable[[str], None]] = None) -> List[SweepPoint]:
+    """Full depth (the reference) and every strategy; one SweepPoint each, full depth first.
+
+    clock "wall" times decoding as a user waits for it; "cpu" counts this process's CPU
+    time only, which a machine shared with other jobs disturbs less (use one thread)."""
+    strategies = [FullDepth(), *strategies]
+    runs = time_strategies(model, prompts, strategies, max_new_tokens, repeats, stop_tokens, clock, progress)
     num_layers = model.config.num_layers
-    points: List[SweepPoint] = []
-    reference = None
-    base_tps = None
-    for strategy in [FullDepth(), *strategies]:
-        run = run_strategy(model, prompts, strategy, max_new_tokens, repeats, stop_tokens)
-        tps = run.num_decoded / run.decode_seconds if run.decode_seconds else 0.0
-        if reference is None:
-            reference, base_tps = run.tokens, tps
-        point = SweepPoint(
-            strategy.name, getattr(strategy, "threshold", None), tps, tps / base_tps if base_tps else 0.0,
-            token_agreement(reference, run.tokens), token_consistency(model, prompts, run.tokens),
-            sum(run.exit_layers) / len(run.exit_layers) if run.exit_layers else float(num_layers), num_layers,
-            run.num_accepted / run.num_drafted if run.num_drafted else None,
-        )
-        points.append(point)
-        if progress:
-            progress(format_row(point))
+    reference = [r.tokens[0] for r in runs[0]]
+    points = []
+    for strategy, results in zip(strategies, runs):
+        seconds = sum(r.decode_seconds if clock == "wall" else r.decode_cpu_seconds for r in results)
+        tps = sum(r.num_decoded for r in results) / seconds if seconds else 0.0
+        tokens = [r.tokens[0] for r in results]
+        depths = [d for r in results for d in r.exit_layers[0][1:]]
+        drafted = sum(r.num_drafted for r in results)
+        points.append(SweepPoint(
+            strategy.name, getattr(strategy, "threshold", None), tps, tps / points[0].tokens_per_second if points else 1.0,
+            token_agreement(reference, tokens), token_consistency(model, prompts, tokens),
+            sum(depths) / len(depths) if depths else float(num_layers), num_layers,
+            sum(r.num_accepted for r in results) / drafted if drafted else None,
+        ))
     return points
 
 

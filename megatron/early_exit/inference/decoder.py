@@ -12,6 +12,9 @@ take their token there and drop out of the batch (an index_select on the batch d
 deeper layers run only for the rows still going. A row that left either owes its deeper
 K/V (recomputation) or has them filled at once from its exit hidden state through each
 deeper layer's input norm and K/V projection (CALM's state propagation).
+
+Positions and lengths live on the host, so a step issues no device sync except one per
+active exit: skipping the deeper layers for some rows needs their decision there.
 """
 
 from __future__ import annotations

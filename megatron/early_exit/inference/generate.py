@@ -60,11 +60,13 @@ def generate(
         start = _now(decoder.device)
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = _now(decoder.device) - start
+        cpu_start = time.process_time()
         if isinstance(strategy, SelfSpeculative):
             speculative_decode(decoder, transcript, strategy)
         else:
             decode_tokens(decoder, transcript, policy)
         result.decode_seconds = _now(decoder.device) - start - result.prefill_seconds
+        result.decode_cpu_seconds = time.process_time() - cpu_start
     return result
 
 

@@ -19,6 +19,7 @@ class GenerationResult:
     strategy: str = ""
     prefill_seconds: float = 0.0  # the prompts and the first token of each (always full depth)
     decode_seconds: float = 0.0  # every later token
+    decode_cpu_seconds: float = 0.0  # the same, in this process's CPU time
     num_steps: int = 0  # batched decoder passes after the prefill (drafts and verifications included)
     num_drafted: int = 0  # self-speculative: tokens drafted, and how many the full model accepted
     num_accepted: int = 0
