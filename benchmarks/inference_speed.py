@@ -49,11 +49,13 @@ def parse_args():
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     p.add_argument("--measure", default="max_prob")
     p.add_argument("--kv", nargs="+", default=["recompute", "propagate"])
-    p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
-    p.add_argument("--speculative", nargs="+", default=["2:3", "4:4", "6:6"], help="EXIT:NUM_DRAFT pairs")
+    # Each active exit costs about a layer per token when it does not fire (its vocabulary
+    # projection and softmax), so the deepest exit of the trained model is left out.
+    p.add_argument("--exit-layers", type=int, nargs="*", default=[2, 4], help="active exits (given with no value: all)")
+    p.add_argument("--speculative", nargs="*", default=["2:2", "2:3", "2:4", "4:4"], help="EXIT:NUM_DRAFT pairs")
     p.add_argument("--repeats", type=int, default=3, help="timings per prompt; the fastest counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -163,7 +165,7 @@ def main():
     model, tokenizer, train_args = load_model(ckpt)
     torch.set_num_threads(args.threads)
     prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
-    exits = tuple(args.exit_layers) if args.exit_layers else None
+    exits = tuple(args.exit_layers) if args.exit_layers else None  # --exit-layers with no value: all
     strategies = [EarlyExit(t, args.measure, kv, exits) for kv in args.kv for t in args.thresholds]
     strategies += [SelfSpeculative(int(e), int(k)) for e, k in (s.split(":") for s in args.speculative)]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
