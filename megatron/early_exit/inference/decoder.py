@@ -165,39 +165,47 @@ class Decoder:
     def _save_frontier(self, x: Tensor, ws: WorkSet) -> None:
         self.frontier[ws.rows_t.view(1, -1).expand_as(ws.write_pos), ws.write_pos] = x
 
-    def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done):
-        """Rows whose newest token is confident at `point` take their token and leave."""
-        last = x[-1:]  # [1, b, h]
-        head_input = (attention_output[-1:] if point.head.has_mlp else None)
-        logits = None
+    def _confidence_test(self, point: ExitPoint, policy: ExitPolicy, last, head_input, previous):
+        """Which rows' newest token fires at `point`, and the exit's logits when computed."""
         if policy.threshold == -math.inf:
-            fire = [True] * len(ws.rows)
-        elif policy.measure.uses_logits:
+            return [True] * last.shape[1], None
+        if policy.measure.uses_logits:
             logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
-            fire = (policy.measure.fn(logits) >= policy.threshold).tolist()
-        elif previous is None:  # saturation before the first layer: nothing to compare
-            fire = [False] * len(ws.rows)
-        else:
-            fire = (policy.measure.fn(last[0], previous) >= policy.threshold).tolist()
+            return (policy.measure.fn(logits) >= policy.threshold).tolist(), logits
+        if previous is None:  # saturation before the first layer: nothing to compare
+            return [False] * last.shape[1], None
+        return (policy.measure.fn(last[0], previous) >= policy.threshold).tolist(), None
+
+    def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done):
+        """Rows whose newest token is confident at `point` take their token and leave;
+        returns the hidden states and work set of the rows going on (None, None if none)."""
+        last = x[-1:]  # [1, b, h]
+        head_input = attention_output[-1:] if point.head.has_mlp else None
+        fire, logits = self._confidence_test(point, policy, last, head_input, previous)
         if not any(fire):
             return x, ws
         cols = [i for i, f in enumerate(fire) if f]
-        cols_t = torch.tensor(cols, device=self.device)
+        every = len(cols) == len(fire)  # all rows leave (always so when drafting): no subsets to cut
+        cols_t = None if every else torch.tensor(cols, device=self.device)
+
+        def pick(t: Tensor, dim: int) -> Tensor:
+            return t if every else t.index_select(dim, cols_t)
+
         if logits is None:
-            sub_input = head_input.index_select(1, cols_t) if head_input is not None else None
-            logits = exit_logits(self.model, point.head, point.layer, last.index_select(1, cols_t), sub_input)[0]
+            sub_input = pick(head_input, 1) if head_input is not None else None
+            logits = exit_logits(self.model, point.head, point.layer, pick(last, 1), sub_input)[0]
         else:
-            logits = logits.index_select(0, cols_t)
+            logits = pick(logits, 0)
         for i, col in enumerate(cols):
             done[ws.rows[col]] = (point.depth, logits[i])
-        left = self._select(ws, cols)
+        left = ws if every else self._select(ws, cols)
         if policy.propagate:
-            self._propagate(last[0].index_select(0, cols_t), point.depth, left)
+            self._propagate(pick(last[0], 0), point.depth, left)
         else:
-            self._save_frontier(x.index_select(1, cols_t)[-left.width:], left)
-        keep = [i for i, f in enumerate(fire) if not f]
-        if not keep:
+            self._save_frontier(pick(x, 1)[-left.width:], left)
+        if every:
             return None, None
+        keep = [i for i, f in enumerate(fire) if not f]
         going = self._select(ws, keep)
         return x[-going.width:].index_select(1, torch.tensor(keep, device=self.device)), going
 

@@ -71,7 +71,3 @@ class KVCache:
         """Forget every entry of `row` at positions >= length, in every layer."""
         for per_layer in self.lengths:
             per_layer[row] = min(per_layer[row], length)
-
-    def reset(self) -> None:
-        for per_layer in self.lengths:
-            per_layer[:] = [0] * self.max_batch
