@@ -54,9 +54,9 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     """(EarlyExitGPTModel in eval mode, tokenizer, flags). Parallel state must be initialised."""
     from megatron.core import dist_checkpointing
 
-    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
-    from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
+    from megatron.early_exit.training.arguments import padded_vocab_size
     from megatron.early_exit.training.tokenizers import build_tokenizer
+    from megatron.early_exit.training.trainer import build_model
 
     path = checkpoint_path(root, iteration)
     args = stored_args(path, tensor_model_parallel_size)
@@ -69,14 +69,7 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     if vocab_size % tensor_model_parallel_size:
         raise InferenceConfigError(f"the checkpoint's padded vocabulary ({vocab_size}) does not split over "
                                    f"--tensor-model-parallel-size {tensor_model_parallel_size}")
-    model = EarlyExitGPTModel(
-        build_transformer_config(args, device), args.ee_config,
-        vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
-    ).to(device)
+    model = build_model(args, device, vocab_size)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
     return model.eval(), tokenizer, args

@@ -140,6 +140,29 @@ class EarlyExitGPTModel(GPTModel):
         uses_copy = self._output_layer_is_embedding_copy() or (len(self.exits) and not self.ee_config.untie_exit_output_weights)
         return self.exit_output_weight() if uses_copy else None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron-core's checkpoint view, with the exits keyed by global layer number.
+
+        The heads sit in a ModuleDict, which megatron-core would save as replicated
+        tensors; each head describes its own TP split instead. A later stage's copy of the
+        word embedding is saved as a replica of the first stage's embedding."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for key in [k for k in state if k.startswith(f"{prefix}exits.") or k == f"{prefix}exit_word_embeddings"]:
+            del state[key]
+        for num, head in self.exits.items():
+            state.update(head.sharded_state_dict(f"{prefix}exits.{num}.", (), metadata))
+        if self.exit_word_embeddings is not None:
+            state[f"{prefix}exit_word_embeddings"] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=self.exit_word_embeddings,
+                key=f"{prefix}embedding.word_embeddings.weight",
+                replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True,
+            )
+        return state
+
     def layer_dropout_probs(self) -> List[float]:
         return [self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers) for layer in self.decoder.layers]
 

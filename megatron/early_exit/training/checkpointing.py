@@ -69,29 +69,40 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "checkpoint_version": CHECKPOINT_VERSION,
-        "rng_state": _rng_state(),
+        "has_optimizer": include_optimizer,
     }
     if include_optimizer:
+        state["rng_state"] = _rng_state()
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
 
 def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: int) -> str:
-    final = checkpoint_dir(args.save, iteration)
+    """Everything needed to resume training, published atomically under `args.save`."""
+    return _publish(args.save, iteration, lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples))
+
+
+def save_weights(root: str, args, model, iteration: int = 0) -> str:
+    """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. written by a
+    converter; training loads it with --finetune or --no-load-optim."""
+    return _publish(root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, include_optimizer=False))
+
+
+def _publish(root: str, iteration: int, build_state) -> str:
+    final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples)
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(build_state(), tmp)
     torch.distributed.barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        marker = os.path.join(args.save, TRACKER)
+        marker = os.path.join(root, TRACKER)
         with open(marker + ".tmp", "w") as f:
             f.write(str(iteration))
         os.replace(marker + ".tmp", marker)
