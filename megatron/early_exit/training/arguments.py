@@ -36,6 +36,10 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                   help="linear RoPE position interpolation: positions are divided by this factor")
+    g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.x RoPE frequency scaling")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="factor of --use-rope-scaling")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -178,6 +182,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--num-query-groups needs --group-query-attention")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 cannot be combined")
+    if (args.use_rope_scaling or args.rotary_seq_len_interpolation_factor) and args.position_embedding_type != "rope":
+        raise ConfigError("--use-rope-scaling and --rotary-seq-len-interpolation-factor need --position-embedding-type rope")
     _apply_exit_tuning_stages(args)
 
     args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
