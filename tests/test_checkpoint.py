@@ -3,9 +3,10 @@
 import os
 
 import pytest
+import torch
 
 from tests.conftest import launch
-from tests.training_fixtures import tiny_run_flags
+from tests.training_fixtures import VOCAB, tiny_run_flags
 
 
 def run(argv):
@@ -15,15 +16,148 @@ def run(argv):
     return pretrain(parse_args(argv, world_size=1))
 
 
-def test_resume_is_bitwise_identical_single_process(dist1, corpus, tmp_path):
-    base = {"--hidden-dropout": 0.1, "--eval-iters": 0}
-    straight = run(tiny_run_flags(corpus, iters=6, **base))
-    run(tiny_run_flags(corpus, iters=3, **base, **{"--save": str(tmp_path), "--lr-decay-iters": 6}))
-    assert open(tmp_path / "latest_checkpointed_iteration.txt").read() == "3"
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]  # no .tmp left
-    resumed = run(tiny_run_flags(corpus, iters=6, **base, **{"--load": str(tmp_path)}))
-    assert [h["lm loss"] for h in resumed.history] == [h["lm loss"] for h in straight.history[3:]]
-    assert [h["early loss [1]"] for h in resumed.history] == [h["early loss [1]"] for h in straight.history[3:]]
+BASE = {"--hidden-dropout": 0.1, "--eval-iters": 0}
+losses = lambda history: [e[k] for e in history for k in sorted(e) if "loss" in k]  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def straight_and_saved(dist1, corpus, tmp_path_factory):
+    """20 iterations straight, and the first 10 of the same run saved (with dropout)."""
+    root = str(tmp_path_factory.mktemp("saved"))
+    straight = run(tiny_run_flags(corpus, iters=20, **BASE))
+    first = run(tiny_run_flags(corpus, iters=10, **BASE, **{"--save": root, "--lr-decay-iters": 20}))
+    return straight, first, root
+
+
+def test_resume_is_bitwise_identical_single_process(straight_and_saved, corpus, tmp_path):
+    straight, first, root = straight_and_saved
+    assert open(os.path.join(root, "latest_checkpointed_iteration.txt")).read() == "10"
+    assert sorted(os.listdir(root)) == ["iter_0000010", "latest_checkpointed_iteration.txt"]  # no .tmp left
+    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
+    assert len(resumed.history) == 10
+    assert losses(first.history + resumed.history) == losses(straight.history)
+    assert any(k.startswith("early loss") for k in straight.history[0])
+
+
+def test_no_load_optim_keeps_iteration_and_weights_but_not_the_optimizer(straight_and_saved, corpus):
+    straight, _, root = straight_and_saved
+    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-optim": None}))
+    assert len(resumed.history) == 10
+    # The first loss is computed before any step: same weights, data and dropout masks.
+    assert resumed.history[0]["lm loss"] == straight.history[10]["lm loss"]
+    # A fresh Adam state (and scheduler at its start) takes different steps.
+    assert resumed.history[2]["lm loss"] != straight.history[12]["lm loss"]
+
+
+def test_no_load_rng_draws_other_dropout_masks(straight_and_saved, corpus):
+    straight, _, root = straight_and_saved
+    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-rng": None}))
+    assert len(resumed.history) == 10
+    assert resumed.history[0]["lm loss"] != straight.history[10]["lm loss"]
+
+
+def test_finetune_loads_weights_only_and_starts_at_zero(straight_and_saved, corpus):
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.sharding import full_state_dict
+
+    _, _, root = straight_and_saved
+    # lr 0: the weights after one step are the loaded ones.
+    tuned = run(tiny_run_flags(corpus, iters=1, **BASE, **{"--load": root, "--finetune": None, "--lr": 0, "--min-lr": 0,
+                                                         "--lr-warmup-iters": 0}))
+    assert len(tuned.history) == 1  # iteration counter restarted
+    saved, _, _ = load_model(root)
+    got, want = full_state_dict(tuned.model.module), full_state_dict(saved)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_use_checkpoint_args_rebuilds_the_model(straight_and_saved, corpus):
+    from megatron.early_exit.training.arguments import parse_args
+
+    _, _, root = straight_and_saved
+    argv = ["--load", root, "--use-checkpoint-args", "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--train-iters", "20", "--lr", "1e-2", "--data-path", corpus, "--split", "90,10,0", "--eval-iters", "0"]
+    args = parse_args(argv, world_size=1)
+    assert (args.num_layers, args.hidden_size, args.exit_layer_nums, args.swiglu, args.normalization) == (4, 32, [1, 2], True, "RMSNorm")
+    assert args.tokenizer_type == "NullTokenizer" and args.vocab_size == VOCAB
+    # Flags given on the command line win over the stored ones.
+    assert parse_args(argv + ["--exit-layer-nums", "1", "2", "3"], world_size=1).exit_layer_nums == [1, 2, 3]
+
+
+def test_mismatched_checkpoint_lists_every_difference(straight_and_saved, corpus):
+    from megatron.early_exit.training.checkpointing import CheckpointError
+
+    _, _, root = straight_and_saved
+    with pytest.raises(CheckpointError) as err:
+        run(tiny_run_flags(corpus, iters=12, **{"--load": root, "--hidden-size": 64, "--exit-layer-nums": "1 3",
+                                                "--use-exit-mlp": None}))
+    text = str(err.value)
+    assert "--hidden-size: checkpoint 32, now 64" in text
+    assert "exits at layers [2] that this model lacks" in text
+    assert "--use-exit-mlp: checkpoint False, now True" in text
+
+
+def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, tmp_path):
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.sharding import full_state_dict
+    from megatron.early_exit.training.checkpointing import CheckpointError
+
+    plain = {"--exit-layer-nums": False, "--exit-layer-weight": False, "--use-exit-norm": False, "--eval-iters": 0}
+    run(tiny_run_flags(corpus, iters=3, **plain, **{"--save": str(tmp_path)}))
+    with pytest.raises(CheckpointError, match=r"exits at layers \[1, 2\] are new .*add --finetune or --no-load-optim"):
+        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path), "--eval-iters": 0}))
+    flags = {"--load": str(tmp_path), "--finetune": None, "--lr": 0, "--min-lr": 0, "--lr-warmup-iters": 0, "--eval-iters": 0}
+    tuned = run(tiny_run_flags(corpus, iters=1, **flags))
+    saved, _, _ = load_model(str(tmp_path))
+    got, want = full_state_dict(tuned.model.module), full_state_dict(saved)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the backbone came from the checkpoint
+    new = [k for k in got if k.startswith("exits.")]
+    assert new and not any(k in want for k in new)  # the exits are new and initialised
+    assert any(got[k].abs().sum() > 0 for k in new)
+
+
+def test_weights_only_checkpoint_needs_finetune(dist1, corpus, tmp_path):
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import CheckpointError, save_weights
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
+    save_weights(str(tmp_path), args, build_model(args, torch.device("cpu"), VOCAB))
+    with pytest.raises(CheckpointError, match="holds weights only .*add --finetune or --no-load-optim"):
+        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
+    assert len(run(tiny_run_flags(corpus, iters=3, **{"--load": str(tmp_path), "--finetune": None, "--eval-iters": 0})).history) == 3
+    assert load_model(str(tmp_path))[2].num_layers == 4
+
+
+def test_keep_last_removes_older_checkpoints(dist1, corpus, tmp_path):
+    run(tiny_run_flags(corpus, iters=8, **{"--save": str(tmp_path), "--save-interval": 2, "--keep-last": 2, "--eval-iters": 0}))
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "common"])
+def test_damaged_checkpoint_names_the_file(straight_and_saved, corpus, tmp_path, damage):
+    import glob
+    import shutil
+
+    from megatron.early_exit.training.checkpointing import CheckpointError
+
+    root = str(tmp_path / "copy")
+    shutil.copytree(straight_and_saved[2], root)
+    shard = sorted(glob.glob(os.path.join(root, "iter_0000010", "*.distcp")))[-1]
+    if damage == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+        expected = f"checkpoint shard {shard} is truncated"
+    elif damage == "delete":
+        os.remove(shard)
+        expected = f"checkpoint shard {shard} is missing"
+    else:
+        shard = os.path.join(root, "iter_0000010", "common.pt")
+        os.remove(shard)
+        expected = f"checkpoint file {shard} is missing"
+    with pytest.raises(CheckpointError) as err:
+        run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
+    assert expected in str(err.value)
 
 
 def test_missing_checkpoint_is_named(dist1, corpus, tmp_path):

@@ -181,10 +181,9 @@ def test_sweep_reports_agreement_and_picks_the_fastest_agreeing_threshold(dist1)
 
 
 def save_tiny_checkpoint(root: str, seed: int = 5):
-    """A checkpoint laid out as pretraining writes it: model tensors, flags in the common state."""
-    from megatron.core import dist_checkpointing
-
+    """A weights-only checkpoint: model tensors, flags in the common state."""
     from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args([
@@ -195,14 +194,7 @@ def save_tiny_checkpoint(root: str, seed: int = 5):
         "--exit-layer-nums", "1", "2", "--use-exit-norm",
     ], world_size=1)
     model = build_model(args, torch.device("cpu"), 128)
-    path = os.path.join(root, "iter_0000001")
-    os.makedirs(path, exist_ok=True)
-    flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": flags}, path)
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("1")
-    torch.distributed.barrier()
+    save_weights(root, args, model, iteration=1)
     return model
 
 

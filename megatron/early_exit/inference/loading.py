@@ -16,29 +16,23 @@ import torch
 
 from megatron.early_exit.inference.errors import InferenceConfigError
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
 
 def checkpoint_path(root: str, iteration: Optional[int] = None) -> str:
-    if iteration is None:
-        marker = os.path.join(root, TRACKER)
-        if not os.path.isfile(marker):
-            raise InferenceConfigError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or no save finished)")
-        iteration = int(open(marker).read().strip())
-    path = os.path.join(root, f"iter_{iteration:07d}")
-    if not os.path.isdir(path):
-        raise InferenceConfigError(f"--load {root}: {path} does not exist")
-    return path
+    from megatron.early_exit.training.checkpointing import CheckpointError, resolve
+
+    try:
+        return resolve(root, iteration)
+    except CheckpointError as err:
+        raise InferenceConfigError(str(err)) from err
 
 
 def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Namespace:
     """The training flags saved with the checkpoint, defaults filled for newer flags,
     re-laid out for inference (this TP size, one pipeline stage, no sequence parallelism)."""
-    from megatron.core import dist_checkpointing
-
     from megatron.early_exit.training.arguments import build_early_exit_config, build_parser
+    from megatron.early_exit.training.checkpointing import read_common
 
-    saved = dist_checkpointing.load_common_state_dict(path)["args"]
+    saved = read_common(path)["args"]
     args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
     vars(args).update(saved)
     args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
@@ -52,9 +46,8 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Name
 def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
                iteration: Optional[int] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
     """(EarlyExitGPTModel in eval mode, tokenizer, flags). Parallel state must be initialised."""
-    from megatron.core import dist_checkpointing
-
     from megatron.early_exit.training.arguments import padded_vocab_size
+    from megatron.early_exit.training.checkpointing import load_weights
     from megatron.early_exit.training.tokenizers import build_tokenizer
     from megatron.early_exit.training.trainer import build_model
 
@@ -70,6 +63,5 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
         raise InferenceConfigError(f"the checkpoint's padded vocabulary ({vocab_size}) does not split over "
                                    f"--tensor-model-parallel-size {tensor_model_parallel_size}")
     model = build_model(args, device, vocab_size)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-    model.load_state_dict(loaded["model"])
+    load_weights(path, model)
     return model.eval(), tokenizer, args

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import List, Optional
 
 import torch
@@ -110,6 +111,12 @@ def _checkpoint_args(p: argparse.ArgumentParser):
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints under --save")
+    g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take model, tokenizer and exit flags from the --load checkpoint (flags given here win)")
 
 
 def _early_exit_args(p: argparse.ArgumentParser):
@@ -153,11 +160,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     """Parse and validate. `world_size` defaults to torchrun's WORLD_SIZE."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _apply_checkpoint_args(parser, argv)
+    args = parser.parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
     return args
+
+
+# Flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's list, plus exits).
+CHECKPOINT_ARG_NAMES = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings", "normalization", "norm_epsilon",
+    "swiglu", "position_embedding_type", "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+    "disable_bias_linear", "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "vocab_file",
+    "merge_file", "vocab_size", "exit_layer_nums", "exit_layer_weight", "exit_layer_temperature", "use_exit_norm",
+    "use_exit_mlp", "use_exit_block", "untie_exit_output_weights", "pre_exit",
+    "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor",
+)
+
+
+def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
+    """--use-checkpoint-args: the checkpoint's stored flags become the defaults (and
+    required flags optional); flags on the command line still win."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--use-checkpoint-args", action="store_true")
+    pre.add_argument("--load", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if not known.use_checkpoint_args:
+        return
+    if not known.load:
+        raise ConfigError("--use-checkpoint-args needs --load")
+    from megatron.early_exit.training.checkpointing import read_args
+
+    saved = read_args(known.load)
+    # The checkpoint's value, before validation filled derived defaults, is what it was trained with.
+    values = {k: saved[k] for k in CHECKPOINT_ARG_NAMES if k in saved}
+    if "--exit-layer-nums" in (argv if argv is not None else sys.argv[1:]):
+        values.pop("exit_layer_weight", None)  # per-exit lists follow the exits given now
+        values.pop("exit_layer_temperature", None)
+    parser.set_defaults(**values)
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
@@ -216,6 +262,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
+    for flag in ("finetune", "no_load_optim", "no_load_rng"):
+        if getattr(args, flag) and not args.load:
+            raise ConfigError(f"--{flag.replace('_', '-')} needs --load")
 
     _validate_data_args(args)
     _validate_pipeline_args(args)
