@@ -1,0 +1,146 @@
+"""Engine jobs: what rank 0 broadcasts and every rank runs, and how requests become jobs.
+
+A Job is one `generate` call: token ids, a strategy, sampling parameters, a budget and stop
+tokens. Rank 0 builds it from a validated request and checks it against the loaded model
+(exit layers, context length, prompt size) before anything is broadcast, so a bad request
+is answered with a 400 naming its field and the other ranks never see it. Every value a
+rank could choose differently is fixed here: an unseeded sampling request gets a seed
+drawn on rank 0, so all tensor-parallel ranks draw the same tokens.
+
+Greedy jobs with the same strategy, budget and stop tokens can share one engine call
+(`batch_key`, `merge_jobs`, `split_result`); each row decides its exits for itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from megatron.early_exit.inference import (
+    EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
+)
+from megatron.early_exit.server.schemas import DEFAULT_EARLY_EXIT_THRESHOLD, EarlyExitOptions
+
+
+class RequestError(ValueError):
+    """A request the loaded model cannot serve; `param` names the offending field."""
+
+    def __init__(self, param: Optional[str], message: str):
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Job:
+    prompts: Tuple[Tuple[int, ...], ...]
+    strategy: object  # FullDepth, EarlyExit or SelfSpeculative
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_tokens: Tuple[int, ...] = ()
+
+    @property
+    def batch_key(self):
+        """Jobs with equal keys may run as one engine call (greedy ones only: a sampled
+        job's tokens depend on its own generator)."""
+        if not self.sampling.greedy:
+            return None
+        return (self.strategy, self.max_new_tokens, self.stop_tokens)
+
+
+def run_job(model, job: Job) -> GenerationResult:
+    """The engine call, identical on every rank."""
+    return generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens, job.sampling,
+                    job.stop_tokens)
+
+
+def merge_jobs(jobs: Sequence[Job]) -> Job:
+    if len(jobs) == 1:
+        return jobs[0]
+    return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts))
+
+
+def split_result(result: GenerationResult, jobs: Sequence[Job]) -> List[GenerationResult]:
+    """One result per merged job, with its rows (timings and counters are the batch's)."""
+    if len(jobs) == 1:
+        return [result]
+    parts, start = [], 0
+    for job in jobs:
+        end = start + len(job.prompts)
+        parts.append(dataclasses.replace(result, tokens=result.tokens[start:end],
+                                         exit_layers=result.exit_layers[start:end], logprobs=result.logprobs[start:end]))
+        start = end
+    return parts
+
+
+# -- requests -> jobs (rank 0) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What rank 0 checks requests against: the loaded model and the server's limits."""
+
+    name: str
+    vocab_size: int  # the model's (padded) vocabulary
+    num_layers: int
+    exit_layer_nums: Tuple[int, ...]
+    max_sequence_length: int
+    max_batch_size: int  # prompts per request (and per merged engine call)
+    max_prompt_tokens: int
+
+
+def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool):
+    if options.speculative is not None:
+        spec = options.speculative
+        _check_exits("speculative.exit_layer", [spec.exit_layer], limits)
+        if not greedy:
+            raise RequestError("speculative", "self-speculative decoding is greedy only: set temperature 0 (or top_k 1)")
+        return _engine_call("speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft))
+    if not options.use_early_exit:
+        return FullDepth()
+    if not limits.exit_layer_nums:
+        raise RequestError("use_early_exit", "this model has no exits (it was trained without --exit-layer-nums)")
+    layers = tuple(options.exit_layers) if options.exit_layers else None
+    if layers:
+        _check_exits("exit_layers", layers, limits)
+    threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
+    return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers))
+
+
+def build_sampling(temperature: float, top_k: int, top_p: float, seed: Optional[int]) -> SamplingParams:
+    if seed is None:  # drawn here so that every rank samples with the same generator
+        seed = random.SystemRandom().randrange(2**62)
+    return _engine_call("temperature", lambda: SamplingParams(temperature, top_k, top_p, seed))
+
+
+def check_prompts(prompts: List[List[int]], max_new_tokens: int, limits: ModelLimits, prompt_field: str,
+                  budget_field: str) -> None:
+    if len(prompts) > limits.max_batch_size:
+        raise RequestError(prompt_field, f"{len(prompts)} prompts exceed the server's --max-batch-size {limits.max_batch_size}")
+    for i, p in enumerate(prompts):
+        where = f"{prompt_field}[{i}]"
+        if not p:
+            raise RequestError(where, "empty prompt: every prompt needs at least one token")
+        if len(p) > limits.max_prompt_tokens:
+            raise RequestError(where, f"prompt of {len(p)} tokens exceeds the server's limit of {limits.max_prompt_tokens} tokens")
+        bad = [t for t in p if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise RequestError(where, f"token ids {bad[:5]} outside the vocabulary [0, {limits.vocab_size})")
+        if len(p) + max_new_tokens > limits.max_sequence_length:
+            raise RequestError(budget_field, f"context too long: prompt {i} has {len(p)} tokens, + {budget_field} "
+                                             f"{max_new_tokens} exceeds the model's maximum sequence length "
+                                             f"{limits.max_sequence_length}")
+
+
+def _check_exits(field: str, layers: Sequence[int], limits: ModelLimits) -> None:
+    unknown = [n for n in layers if n not in limits.exit_layer_nums]
+    if unknown:
+        raise RequestError(field, f"{unknown} not an exit of this model (its exits: {list(limits.exit_layer_nums)})")
+
+
+def _engine_call(param: str, build):
+    try:
+        return build()
+    except InferenceConfigError as err:
+        raise RequestError(param, str(err)) from None

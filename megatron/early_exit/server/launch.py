@@ -1,0 +1,175 @@
+"""Start the server: parallel state, the checkpoint, then HTTP on rank 0 and the decode loop
+on every rank (tools/run_text_generation_server.py calls `main`).
+
+    torchrun --nproc-per-node 2 tools/run_text_generation_server.py --load CKPT \\
+        --tensor-model-parallel-size 2 --port 5000
+
+The checkpoint's stored flags rebuild the model (as with --use-checkpoint-args); model-shape
+flags that Megatron-LM launch scripts pass by habit are ignored with a warning. Tokenizer
+flags given here replace the stored tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from typing import List, Optional
+
+TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron.early_exit.training.tokenizers import TOKENIZER_TYPES
+
+    p = argparse.ArgumentParser(description="Text generation server for early-exit models (Megatron-LM's PUT /api "
+                                            "and OpenAI's /v1/completions)")
+    g = p.add_argument_group("model")
+    g.add_argument("--load", required=True, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="accepted for Megatron-LM's scripts: the checkpoint's stored flags always rebuild the model")
+    g.add_argument("--model-name", default=None, help="name in /v1/models and replies (default: the --load folder)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None, help="replace the stored tokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--seed", type=int, default=1234, help="seed of the model-parallel RNG state")
+    g = p.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
+    g.add_argument("--max-batch-size", type=int, default=16,
+                   help="prompts per request and per engine call (compatible greedy requests share one call)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's sequence length - 1")
+    g.add_argument("--max-context-length", type=int, default=None,
+                   help="prompt + generated tokens (default and maximum: the model's sequence length)")
+    g.add_argument("--max-queued-requests", type=int, default=1024, help="more waiting requests get a 503")
+    g.add_argument("--heartbeat-seconds", type=float, default=30.0,
+                   help="an idle rank 0 pings the other ranks this often, below the process group's timeout")
+    g.add_argument("--log-level", default="info", help="uvicorn's log level (info logs every request)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args, ignored = build_parser().parse_known_args(argv)
+    if ignored:
+        print(f"warning: ignored (the checkpoint's stored flags rebuild the model): {' '.join(ignored)}",
+              file=sys.stderr, flush=True)
+    from megatron.early_exit.errors import ConfigError
+
+    for flag in ("max_batch_size", "max_prompt_tokens", "max_context_length", "max_queued_requests"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def build_tokenizer(args, stored, model_vocab_size: int):
+    """The stored tokenizer, with any tokenizer flag given here replacing the stored one."""
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.training.tokenizers import build_tokenizer as build
+
+    flags = {name: getattr(args, name) if getattr(args, name) is not None else getattr(stored, name, None)
+             for name in TOKENIZER_FLAGS}
+    tokenizer = build(flags["tokenizer_type"], flags["tokenizer_model"], flags["vocab_file"], flags["merge_file"],
+                      flags["vocab_size"])
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(f"--tokenizer-type {flags['tokenizer_type']}: its {tokenizer.vocab_size} tokens exceed "
+                          f"the model's vocabulary of {model_vocab_size}")
+    return tokenizer
+
+
+def build_limits(args, model, stored):
+    import os
+
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.server.jobs import ModelLimits
+
+    max_seq = model.max_sequence_length
+    context = args.max_context_length or max_seq
+    if context > max_seq:
+        raise ConfigError(f"--max-context-length {context} exceeds the model's maximum sequence length {max_seq}")
+    return ModelLimits(
+        name=args.model_name or os.path.basename(os.path.normpath(args.load)),
+        vocab_size=model.vocab_size,
+        num_layers=stored.num_layers,
+        exit_layer_nums=tuple(int(n) for n in (stored.exit_layer_nums or [])),
+        max_sequence_length=context,
+        max_batch_size=args.max_batch_size,
+        max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
+    )
+
+
+def warm_up(model) -> None:
+    """One token through the engine on every rank: refuses, at start and on every rank alike,
+    a model or layout the engine cannot decode (e.g. one it has no pipeline method for)."""
+    from megatron.early_exit.inference import FullDepth, SamplingParams
+    from megatron.early_exit.server.jobs import Job, run_job
+
+    run_job(model, Job(((0,),), FullDepth(), SamplingParams(), 1))
+
+
+def serve(args, model, tokenizer, limits) -> None:
+    """Rank 0: HTTP in a thread, the decode loop in the main thread until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from megatron.early_exit.errors import EarlyExitError
+    from megatron.early_exit.server.app import Service, build_app
+    from megatron.early_exit.server.worker import Worker, broadcast
+
+    worker = Worker(model, args.max_batch_size, args.max_queued_requests, args.heartbeat_seconds)
+    app = build_app(Service(worker, tokenizer, limits))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            broadcast(("stop", None))
+            raise EarlyExitError(f"could not serve on {args.host}:{args.port} (--host, --port); see the log above")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, GET /v1/models, "
+          f"/health, /docs)", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from megatron.early_exit.errors import install_excepthook
+
+    install_excepthook()
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.parallel import ParallelConfigError, destroy_parallel, initialize_parallel
+    from megatron.early_exit.server.worker import follow
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ctx = initialize_parallel(tp, pp, seed=args.seed, device=args.device)
+    if ctx.dp_size != 1:
+        raise ParallelConfigError(f"the server runs one model replica: launch --tensor-model-parallel-size ({tp}) x "
+                                  f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}")
+    model, stored_tokenizer, stored = load_model(args.load, tp, ctx.device)
+    tokenizer = stored_tokenizer
+    if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
+        tokenizer = build_tokenizer(args, stored, model.vocab_size)
+    limits = build_limits(args, model, stored)
+    warm_up(model)
+    if ctx.rank == 0:
+        serve(args, model, tokenizer, limits)
+    else:
+        follow(model)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    destroy_parallel()

@@ -1,0 +1,206 @@
+"""Typed requests and replies of the server's endpoints (pydantic), validated once on arrival.
+
+    PUT  /api             ApiRequest -> ApiResponse           Megatron-LM's fields + early exit
+    POST /v1/completions  CompletionRequest -> Completion     OpenAI's completions + early exit
+    GET  /v1/models       ModelList
+    GET  /health          Health
+
+Every model is strict (a JSON string is not a number, 1 is not true) and forbids unknown
+fields, so a typo gets a 422 naming the field instead of being ignored. Limits that depend
+on the loaded model (exit layers, context length, prompt size) are checked when the request
+is turned into an engine job (requests.py), and answered with a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from megatron.early_exit.inference import CONFIDENCE_MEASURES, KV_STRATEGIES
+
+MAX_API_PROMPTS = 128  # Megatron-LM's limit on prompts per request
+DEFAULT_EARLY_EXIT_THRESHOLD = 0.8
+
+Confidence = Literal[tuple(CONFIDENCE_MEASURES)]
+KVStrategy = Literal[KV_STRATEGIES]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class SpeculativeOptions(Strict):
+    """Self-speculative decoding: draft greedily with an exit, verify with the full model."""
+
+    exit_layer: int = Field(description="the exit that drafts (an entry of the model's --exit-layer-nums)")
+    num_draft: int = Field(4, ge=1, le=64, description="tokens drafted per round")
+
+
+class EarlyExitOptions(Strict):
+    """How tokens may leave the network early; shared by /api and /v1/completions."""
+
+    use_early_exit: bool = Field(False, description="decode with early exit (false: every token at full depth)")
+    early_exit_thres: Optional[float] = Field(
+        None, ge=0.0, le=1.0,
+        description=f"confidence a token needs at an exit to leave there, in [0, 1] (default "
+                    f"{DEFAULT_EARLY_EXIT_THRESHOLD}; 0: always the first active exit); for full depth set "
+                    "use_early_exit false")
+    exit_layers: Optional[List[int]] = Field(
+        None, description="exits allowed to fire, by --exit-layer-nums entry (null or []: all of them)")
+    confidence: Confidence = Field("max_prob", description="confidence measure: " + ", ".join(CONFIDENCE_MEASURES))
+    kv_strategy: KVStrategy = Field(
+        "recompute", description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM)")
+    speculative: Optional[SpeculativeOptions] = Field(
+        None, description="self-speculative decoding instead of early exit (greedy only)")
+    print_max_prob: bool = Field(
+        False, description="reply with each token's probability under the layer that produced it (with greedy "
+                           "decoding, that layer's top-1 probability, which early exit compares with the threshold)")
+
+    @model_validator(mode="after")
+    def _one_strategy(self):
+        if self.speculative is not None and self.use_early_exit:
+            raise ValueError("speculative and use_early_exit are exclusive: choose one decoding strategy")
+        return self
+
+
+# -- PUT /api ------------------------------------------------------------------------------------------
+
+
+class ApiRequest(EarlyExitOptions):
+    """Megatron-LM's text generation request, with EE-LLM's early-exit fields (as booleans
+    and a probability, not key presence and a threshold of 40)."""
+
+    prompts: List[str] = Field(min_length=1, max_length=MAX_API_PROMPTS)
+    tokens_to_generate: int = Field(64, ge=1, description="new tokens per prompt")
+    logprobs: bool = Field(False, description="reply with the log-probability of each generated token")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0: greedy")
+    top_k: int = Field(0, ge=0, le=1000, description="sample among the k most likely tokens (0: all, 1: greedy)")
+    top_p: float = Field(0.0, ge=0.0, le=1.0, description="nucleus sampling (0: off)")
+    top_p_decay: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    top_p_bound: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    add_BOS: bool = Field(False, description="put the beginning-of-text token before each prompt")
+    stop_on_eol: bool = Field(False, description="stop a prompt at its first newline token")
+    stop_on_double_eol: bool = Field(False, description="stop a prompt at a double-newline token")
+    stop_sequences: Optional[List[str]] = Field(None, description="stop a prompt once its text holds one of these")
+    random_seed: int = Field(-1, ge=-1, description="seed of sampling (-1: a fresh one)")
+    echo_prompts: bool = Field(True, description="text and segments start with the prompt")
+    no_log: bool = Field(False, description="do not log the request on the server")
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _non_empty_stops(cls, stops):
+        if stops is not None and any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+
+class ApiResponse(BaseModel):
+    text: List[str] = Field(description="per prompt: prompt + generation (echo_prompts) or the generation")
+    segments: List[List[str]] = Field(description="per prompt: the text of each token of `text`")
+    tokens: List[List[int]] = Field(description="per prompt: the token ids of `text`")
+    logprobs: Optional[List[List[float]]] = Field(None, description="per prompt: log-probability of each generated token")
+    exit_layers: List[List[int]] = Field(description="per prompt: layers each generated token went through")
+    probs: Optional[List[List[float]]] = Field(None, description="print_max_prob: probability of each generated token")
+
+
+# -- POST /v1/completions -----------------------------------------------------------------------------
+
+PromptInput = Union[str, List[str], List[int], List[List[int]]]
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(EarlyExitOptions):
+    """OpenAI's completions request; the early-exit fields ride along as extra body fields."""
+
+    model: Optional[str] = Field(None, description="any name: the server serves one model")
+    prompt: PromptInput = Field(description="a string, a list of strings, or token ids (a list or a list of lists)")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
+    n: int = Field(1, ge=1, le=1, description="one completion per prompt")
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="log-probability of each chosen token "
+                                    "(alternatives are not returned: top_logprobs holds the chosen token only)")
+    echo: bool = False
+    stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
+    seed: Optional[int] = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    logit_bias: Optional[Dict[str, float]] = Field(None, max_length=0, description="not supported (must be empty)")
+    suffix: Optional[str] = Field(None, max_length=0, description="not supported")
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or any(s == "" for s in stops)):
+            raise ValueError("at most 4 stop sequences, none empty")
+        return stop
+
+    @property
+    def stop_list(self) -> List[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: Optional[List[Optional[Dict[str, float]]]] = None
+    text_offset: List[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    exit_layers: List[int] = Field(description="extension: layers each generated token went through")
+    probs: Optional[List[float]] = Field(None, description="extension (print_max_prob): each generated token's probability")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+# -- GET /v1/models, /health ---------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "megatron-early-exit"
+    num_layers: int
+    exit_layer_nums: List[int]
+    max_sequence_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    queued: int = Field(description="requests waiting for the decoder")
+    busy: bool = Field(description="the decoder is running a batch")
+    served: int = Field(description="engine calls finished since start")

@@ -1,0 +1,139 @@
+"""The decode loop: rank 0 takes jobs from a queue in arrival order and broadcasts each
+one; every rank runs the same engine call.
+
+    rank 0, main thread   Worker.run: wait for jobs; merge the compatible ones at the head of
+                          the queue (up to --max-batch-size prompts); broadcast; generate;
+                          hand each request its rows through a future
+    rank 0, HTTP thread   Worker.submit (from the request handlers), never blocked by decoding
+    other ranks           follow(): receive, generate, repeat until told to stop
+
+Messages are ("job", Job), ("ping", None) and ("stop", None), sent with
+torch.distributed.broadcast_object_list. An idle rank 0 pings every `heartbeat_seconds`,
+so that the other ranks, waiting in a broadcast, never reach the process group's timeout.
+A job the engine refuses (InferenceConfigError) is refused on every rank alike, before
+any collective, so the ranks stay in step; rank 0 answers it with a 400.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from typing import Deque, List, Optional, Tuple
+
+import torch
+
+from megatron.early_exit.inference import InferenceConfigError
+from megatron.early_exit.server.jobs import Job, merge_jobs, run_job, split_result
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+def broadcast(message: Optional[Tuple[str, object]] = None) -> Tuple[str, object]:
+    """Send `message` from rank 0 (or receive it on the others)."""
+    box = [message]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Worker:
+    def __init__(self, model, max_batch_size: int, max_queued: int = 1024, heartbeat_seconds: float = 30.0):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.heartbeat_seconds = heartbeat_seconds
+        self._queue: Deque[Tuple[Job, Future]] = collections.deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self.busy = False
+        self.served = 0
+
+    # -- the HTTP side --------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if len(self._queue) >= self.max_queued:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queued-requests {self.max_queued})")
+            self._queue.append((job, future))
+            self._ready.notify()
+        return future
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def stop(self) -> None:
+        self._stopping = True  # seen within a poll interval (also safe from a signal handler)
+
+    # -- the decode side (rank 0, main thread) --------------------------------------------------
+
+    def run(self) -> None:
+        last_broadcast = time.monotonic()
+        while not self._stopping:
+            batch = self._next_batch(timeout=0.2)
+            if not batch:
+                if time.monotonic() - last_broadcast > self.heartbeat_seconds:
+                    broadcast(("ping", None))
+                    last_broadcast = time.monotonic()
+                continue
+            self._run_batch(batch)
+            last_broadcast = time.monotonic()
+        broadcast(("stop", None))
+        with self._ready:
+            while self._queue:
+                self._queue.popleft()[1].set_exception(RuntimeError("the server is shutting down"))
+
+    def _next_batch(self, timeout: float) -> List[Tuple[Job, Future]]:
+        """The head of the queue and the jobs right behind it that can share its engine call."""
+        with self._ready:
+            if not self._queue:
+                self._ready.wait(timeout)
+            if not self._queue:
+                return []
+            batch = [self._queue.popleft()]
+            key, size = batch[0][0].batch_key, len(batch[0][0].prompts)
+            while (key is not None and self._queue and self._queue[0][0].batch_key == key
+                   and size + len(self._queue[0][0].prompts) <= self.max_batch_size):
+                size += len(self._queue[0][0].prompts)
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _run_batch(self, batch: List[Tuple[Job, Future]]) -> None:
+        jobs = [job for job, _ in batch]
+        merged = merge_jobs(jobs)
+        self.busy = True
+        try:
+            broadcast(("job", merged))
+            result = run_job(self.model, merged)
+        except BaseException as err:  # noqa: BLE001 -- every waiting request gets the error
+            for _, future in batch:
+                future.set_exception(err)
+            if not isinstance(err, Exception):
+                raise
+            return
+        finally:
+            self.busy = False
+            self.served += 1
+        for (_, future), part in zip(batch, split_result(result, jobs)):
+            future.set_result(part)
+
+
+def follow(model) -> None:
+    """The loop of every rank but 0: run what rank 0 broadcasts until it says stop."""
+    while True:
+        kind, job = broadcast()
+        if kind == "stop":
+            return
+        if kind == "job":
+            try:
+                run_job(model, job)
+            except InferenceConfigError:
+                pass  # refused on rank 0 too, which answers the request
+            except Exception:  # noqa: BLE001 -- rank 0 answers 500 and goes on; so does this rank
+                traceback.print_exc()

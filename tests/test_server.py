@@ -1,0 +1,457 @@
+"""The text generation server, run as a real process on a loopback port (one process, and
+torchrun with TP=2), against direct engine calls on the same checkpoint.
+
+The checkpoint is a tiny random model (4 layers, exits after layers 1 and 2, NullTokenizer:
+prompts are token ids as text); its exit confidences spread over a range where a threshold
+mixes early and full-depth tokens, which the early-exit tests check before comparing.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
+CLI = os.path.join(ROOT, "tools", "text_generation_cli.py")
+NUM_LAYERS, EXITS, MAX_SEQ, VOCAB, EOD = 4, [1, 2], 64, 100, 99
+MAX_BATCH, MAX_PROMPT = 8, 40
+PROMPTS = ["5 17 3", "40 2 77 13 8 61 9 30", "11 12 13 14 15"]
+MIXED_THRESHOLD = 0.16  # some tokens leave early, some go to full depth (checked)
+
+httpx = pytest.importorskip("httpx")
+
+
+# -- fixtures: a checkpoint, the engine on it, servers on it ---------------------------------------
+
+
+def write_checkpoint(root: str) -> None:
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import save_weights
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args([
+        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(MAX_SEQ),
+        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
+    ], world_size=1)
+    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+
+
+class Server:
+    """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
+
+    def __init__(self, root: str, log_path: str, nproc: int = 1):
+        flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
+                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny"]
+        if nproc == 1:
+            cmd = [sys.executable, SERVER, *flags]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SERVER,
+                   *flags, "--tensor-model-parallel-size", str(nproc)]
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+        env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # this process's own rendezvous stays its own
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self._url = None
+
+    @property
+    def url(self) -> str:
+        deadline = time.monotonic() + 240
+        while self._url is None:
+            found = re.search(r"serving \S+ on (http://\S+)", open(self.log_path).read())
+            if found:
+                self._url = found.group(1)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start (rc={self.proc.poll()}):\n{self.tail()}")
+            else:
+                time.sleep(0.2)
+        return self._url
+
+    def tail(self) -> str:
+        return open(self.log_path).read()[-4000:]
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dist1, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("server_ckpt"))
+    write_checkpoint(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    srv = Server(checkpoint, str(tmp_path_factory.mktemp("server_log") / "server.log"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, server):
+    """The model and tokenizer in this process (loaded while the server starts)."""
+    from megatron.early_exit.inference.loading import load_model
+
+    model, tokenizer, _ = load_model(checkpoint)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def ids(text):
+    return [int(t) for t in text.split()]
+
+
+def direct(engine, prompts, strategy=None, max_new_tokens=8, sampling=None):
+    from megatron.early_exit.inference import FullDepth, SamplingParams, generate
+
+    model, _ = engine
+    return generate(model, [ids(p) if isinstance(p, str) else p for p in prompts], strategy or FullDepth(),
+                    max_new_tokens, sampling or SamplingParams(), stop_tokens=(EOD,))
+
+
+def continuation(tokenizer, prompt, tokens):
+    """OpenAI text of `tokens` after `prompt`: the end-of-document token is not shown."""
+    tokens = tokens[:-1] if tokens and tokens[-1] == EOD else tokens
+    head = tokenizer.detokenize(ids(prompt))
+    return tokenizer.detokenize(ids(prompt) + tokens)[len(head):]
+
+
+def put_api(client, **body):
+    reply = client.put("/api", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def generated(reply, prompts):
+    return [toks[len(ids(p)):] for toks, p in zip(reply["tokens"], prompts)]
+
+
+# -- PUT /api --------------------------------------------------------------------------------------
+
+
+def test_api_greedy_and_seeded_sampling_equal_the_engine(client, engine):
+    from megatron.early_exit.inference import SamplingParams
+
+    _, tokenizer = engine
+    reply = put_api(client, prompts=PROMPTS, tokens_to_generate=10, top_k=1, logprobs=True)
+    ref = direct(engine, PROMPTS, max_new_tokens=10)
+    assert generated(reply, PROMPTS) == ref.tokens
+    assert len(set(ref.tokens[0])) > 3, "degenerate model: greedy output repeats one token"
+    assert reply["text"] == [tokenizer.detokenize(ids(p) + t) for p, t in zip(PROMPTS, ref.tokens)]
+    assert reply["segments"][0] == [tokenizer.detokenize([t]) for t in ids(PROMPTS[0]) + ref.tokens[0]]
+    assert reply["exit_layers"] == [[NUM_LAYERS] * len(t) for t in ref.tokens]
+    diff = max(abs(a - b) for r, o in zip(ref.logprobs, reply["logprobs"]) for a, b in zip(r, o))
+    assert diff < 1e-4
+
+    body = dict(prompts=PROMPTS, tokens_to_generate=10, temperature=0.9, top_k=20, top_p=0.9, random_seed=7)
+    sampled = put_api(client, **body)
+    ref = direct(engine, PROMPTS, max_new_tokens=10, sampling=SamplingParams(0.9, 20, 0.9, seed=7))
+    assert generated(sampled, PROMPTS) == ref.tokens
+    assert generated(sampled, PROMPTS) != generated(reply, PROMPTS)
+    assert put_api(client, **body)["tokens"] == sampled["tokens"]  # the same seed again
+    plain = put_api(client, prompts=PROMPTS[:1], tokens_to_generate=10, random_seed=3, echo_prompts=False)
+    ref = direct(engine, PROMPTS[:1], max_new_tokens=10, sampling=SamplingParams(1.0, seed=3))  # Megatron's defaults
+    assert plain["tokens"] == ref.tokens and plain["text"] == [continuation(tokenizer, PROMPTS[0], ref.tokens[0])]
+
+
+def test_api_early_exit_fields_move_the_exit_layers(client, engine):
+    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
+
+    n = 10
+    greedy = dict(prompts=PROMPTS, tokens_to_generate=n, top_k=1)
+    first_exit = put_api(client, **greedy, use_early_exit=True, early_exit_thres=0.0)
+    assert all(row == [NUM_LAYERS] + [EXITS[0]] * (len(row) - 1) for row in first_exit["exit_layers"])  # prefill: full
+    only_second = put_api(client, **greedy, use_early_exit=True, early_exit_thres=0.0, exit_layers=[2])
+    assert all(row == [NUM_LAYERS] + [2] * (len(row) - 1) for row in only_second["exit_layers"])
+    off = put_api(client, **greedy, use_early_exit=False, early_exit_thres=0.0, exit_layers=[1])
+    assert off["exit_layers"] == [[NUM_LAYERS] * len(t) for t in generated(off, PROMPTS)]
+    assert generated(off, PROMPTS) == direct(engine, PROMPTS, max_new_tokens=n).tokens
+    assert generated(first_exit, PROMPTS) == direct(engine, PROMPTS, EarlyExit(0.0), n).tokens
+
+    for kv, measure in (("recompute", "max_prob"), ("propagate", "max_prob"), ("recompute", "margin")):
+        threshold = MIXED_THRESHOLD if measure == "max_prob" else 0.02
+        reply = put_api(client, **greedy, use_early_exit=True, early_exit_thres=threshold, kv_strategy=kv,
+                        confidence=measure, print_max_prob=True)
+        ref = direct(engine, PROMPTS, EarlyExit(threshold, measure, kv), n)
+        assert generated(reply, PROMPTS) == ref.tokens and reply["exit_layers"] == ref.exit_layers, (kv, measure)
+        depths = [d for row in ref.exit_layers for d in row[1:]]
+        assert min(depths) < NUM_LAYERS and max(depths) == NUM_LAYERS, f"threshold {threshold} does not mix exits"
+        assert all(abs(p - torch.tensor(lp).exp().item()) < 1e-5
+                   for pr, lr in zip(reply["probs"], ref.logprobs) for p, lp in zip(pr, lr))
+
+    spec = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 3})
+    assert generated(spec, PROMPTS) == generated(off, PROMPTS)
+    assert spec["tokens"] == [ids(p) + t for p, t in zip(PROMPTS, direct(engine, PROMPTS, SelfSpeculative(1, 3), n).tokens)]
+
+
+def test_api_stop_sequences_end_at_the_token_that_completes_them(client, engine):
+    _, tokenizer = engine
+    full = generated(put_api(client, prompts=PROMPTS[:1], tokens_to_generate=10, top_k=1), PROMPTS[:1])[0]
+    for stop in (str(full[3]), f"{full[4]} {full[5]}"):
+        reply = put_api(client, prompts=PROMPTS[:1], tokens_to_generate=10, top_k=1, stop_sequences=[stop])
+        n = next(n for n in range(1, 11) if stop in continuation(tokenizer, PROMPTS[0], full[:n]))
+        assert n < 10 and generated(reply, PROMPTS[:1])[0] == full[:n]
+
+
+# -- POST /v1/completions --------------------------------------------------------------------------
+
+
+def test_completions_equal_the_engine_and_stream_the_same_text(client, engine):
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+
+    _, tokenizer = engine
+    body = dict(model="tiny", prompt=PROMPTS, max_tokens=9, temperature=0, use_early_exit=True,
+                early_exit_thres=MIXED_THRESHOLD, logprobs=1)
+    reply = client.post("/v1/completions", json=body).json()
+    ref = direct(engine, PROMPTS, EarlyExit(MIXED_THRESHOLD), 9)
+    assert [c["text"] for c in reply["choices"]] == [continuation(tokenizer, p, t) for p, t in zip(PROMPTS, ref.tokens)]
+    assert [c["exit_layers"] for c in reply["choices"]] == [e[: len(c["logprobs"]["tokens"])]
+                                                           for e, c in zip(ref.exit_layers, reply["choices"])]
+    assert reply["usage"] == {"prompt_tokens": sum(len(ids(p)) for p in PROMPTS), "completion_tokens": ref.num_generated,
+                              "total_tokens": sum(len(ids(p)) for p in PROMPTS) + ref.num_generated}
+    assert {c["finish_reason"] for c in reply["choices"]} <= {"length", "stop"}
+    first = reply["choices"][0]["logprobs"]
+    assert "".join(first["tokens"]) == reply["choices"][0]["text"] and first["text_offset"][0] == 0
+    assert abs(first["token_logprobs"][0] - ref.logprobs[0][0]) < 1e-4
+
+    seeded = dict(prompt=PROMPTS[1], max_tokens=9, temperature=0.8, top_p=0.9, seed=11)
+    sampled = client.post("/v1/completions", json=seeded).json()
+    ref = direct(engine, PROMPTS[1:2], max_new_tokens=9, sampling=SamplingParams(0.8, 0, 0.9, seed=11))
+    assert sampled["choices"][0]["text"] == continuation(tokenizer, PROMPTS[1], ref.tokens[0])
+
+    for extra in ({"logprobs": 1, "echo": True}, {"stop": [" 7"]}, {}):
+        plain = client.post("/v1/completions", json={**body, **extra}).json()
+        events = []
+        with client.stream("POST", "/v1/completions", json={**body, **extra, "stream": True,
+                                                             "stream_options": {"include_usage": True}}) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
+        for choice in plain["choices"]:
+            mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == choice["index"]]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert mine[-1]["finish_reason"] == choice["finish_reason"]
+            assert [d for c in mine for d in c["exit_layers"]] == choice["exit_layers"]
+        if extra.get("echo"):
+            assert plain["choices"][0]["text"].startswith(PROMPTS[0] + " ")
+
+
+def test_openai_client(server, engine):
+    openai = pytest.importorskip("openai")
+    from megatron.early_exit.inference import EarlyExit
+
+    _, tokenizer = engine
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+    extra = {"use_early_exit": True, "early_exit_thres": 0.0, "exit_layers": [2]}
+    reply = api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=extra)
+    ref = direct(engine, PROMPTS[:1], EarlyExit(0.0, exit_layers=(2,)), 8)
+    assert reply.choices[0].text == continuation(tokenizer, PROMPTS[0], ref.tokens[0])
+    assert reply.choices[0].model_extra["exit_layers"][1:] == [2] * (len(reply.choices[0].model_extra["exit_layers"]) - 1)
+    assert reply.usage.completion_tokens == len(ref.tokens[0])
+    stream = api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=extra,
+                                    stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == reply.choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError, match="early_exit_thres"):
+        api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, extra_body={"early_exit_thres": 40})
+    with pytest.raises(openai.BadRequestError, match="exit_layers"):
+        api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4,
+                               extra_body={"use_early_exit": True, "exit_layers": [3]})
+
+
+# -- bad requests, concurrency, the rest ------------------------------------------------------------
+
+LONG = " ".join(["7"] * (MAX_PROMPT + 1))
+BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must name)
+    ("/api", b'{"prompts": ["5 17 3"], "tokens_to_generate": ', "body"),
+    ("/api", {"prompts": "5 17 3"}, "prompts"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": "many"}, "tokens_to_generate"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": -4}, "tokens_to_generate"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 40}, "early_exit_thres"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "exit_layers": [3]}, "exit_layers"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": "yes"}, "use_early_exit"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "confidence": "perplexity"}, "confidence"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "speculative": {"exit_layer": 1}}, "speculative"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1, "speculative": {"exit_layer": 3}}, "speculative.exit_layer"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "temperature": -1}, "temperature"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "tokens": 5}, "tokens"),
+    ("/api", {"prompts": ["5 hello"], "tokens_to_generate": 4}, "prompts[0]"),
+    ("/api", {"prompts": ["5 17 3"] * (MAX_BATCH + 1), "tokens_to_generate": 4}, "prompts"),
+    ("/api", {"prompts": ["5"] * 129, "tokens_to_generate": 4}, "prompts"),
+    ("/api", {"prompts": ["5 17 3", LONG], "tokens_to_generate": 4}, "prompts[1]"),
+    ("/api", {"prompts": [" ".join(["7"] * 30)], "tokens_to_generate": 40}, "tokens_to_generate"),
+    ("/v1/completions", {"prompt": "5 17 3", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": " ".join(["7"] * 20), "max_tokens": 50, "temperature": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": [5, 500], "max_tokens": 4}, "prompt[0]"),
+    ("/v1/completions", {"prompt": "5 17 3", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "5 17 3", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ("/v1/completions", b"[1, 2]", "body"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", BAD_REQUESTS, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(client, path, body, field):
+    if isinstance(body, bytes):
+        reply = client.request("PUT" if path == "/api" else "POST", path, content=body,
+                               headers={"Content-Type": "application/json"})
+    else:
+        reply = client.request("PUT" if path == "/api" else "POST", path, json=body)
+    assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
+    error = reply.json()["error"]
+    assert error["message"].startswith(field) or f"{field}:" in error["message"], error
+    assert put_api(client, prompts=["5 17 3"], tokens_to_generate=2, top_k=1)["tokens"][0][:3] == [5, 17, 3]
+
+
+def test_engine_errors_are_400s():
+    """An error the engine raises (after rank 0's checks passed) is a 400, and the next request is served."""
+    from concurrent.futures import Future
+
+    from fastapi.testclient import TestClient
+
+    from megatron.early_exit.inference import InferenceConfigError
+    from megatron.early_exit.server.app import Service, build_app
+    from megatron.early_exit.server.jobs import ModelLimits
+    from megatron.early_exit.training.tokenizers import NullTokenizer
+
+    class RefusingWorker:
+        queued, busy, served = 0, False, 0
+
+        def submit(self, job):
+            future = Future()
+            future.set_exception(InferenceConfigError("kv must be one of ('recompute', 'propagate'), got 'copy'"))
+            return future
+
+    limits = ModelLimits("tiny", 128, NUM_LAYERS, tuple(EXITS), MAX_SEQ, MAX_BATCH, MAX_PROMPT)
+    with TestClient(build_app(Service(RefusingWorker(), NullTokenizer(VOCAB), limits))) as local:
+        reply = local.put("/api", json={"prompts": ["1 2"], "tokens_to_generate": 2})
+        assert reply.status_code == 400 and "kv must be one of" in reply.json()["error"]["message"]
+        assert local.get("/health").json()["status"] == "ok"
+
+
+def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client, engine):
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+
+    _, tokenizer = engine
+
+    def request(i):
+        prompt = f"{i % 90} {(7 * i) % 90} {(13 * i + 5) % 90}"
+        kind = i % 4
+        if kind == 0:
+            reply = client.put("/api", json=dict(prompts=[prompt], tokens_to_generate=8, top_k=1))
+            return kind, prompt, reply.status_code, reply.json()["tokens"][0][3:]
+        if kind == 1:
+            reply = client.put("/api", json=dict(prompts=[prompt], tokens_to_generate=8, top_k=1, use_early_exit=True,
+                                                 early_exit_thres=0.0))
+            return kind, prompt, reply.status_code, reply.json()["tokens"][0][3:]
+        if kind == 2:
+            reply = client.post("/v1/completions", json=dict(prompt=prompt, max_tokens=8, temperature=0))
+            return kind, prompt, reply.status_code, reply.json()["choices"][0]["text"]
+        reply = client.put("/api", json=dict(prompts=[prompt], tokens_to_generate=8, random_seed=i))
+        return kind, prompt, reply.status_code, reply.json()["tokens"][0][3:]
+
+    with ThreadPoolExecutor(50) as pool:
+        futures = [pool.submit(request, i) for i in range(50)]
+        health_seconds = []
+        while not all(f.done() for f in futures):
+            start = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            health_seconds.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        results = [f.result() for f in futures]
+    assert all(status == 200 for _, _, status, _ in results)
+    for i, (kind, prompt, _, got) in enumerate(results):
+        strategy = EarlyExit(0.0) if kind == 1 else None
+        sampling = SamplingParams(1.0, seed=i) if kind == 3 else None
+        ref = direct(engine, [prompt], strategy, 8, sampling).tokens[0]
+        assert got == (continuation(tokenizer, prompt, ref) if kind == 2 else ref), (i, kind)
+    assert max(health_seconds) < 2.0, max(health_seconds)
+
+
+def test_health_models_and_openapi(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["exit_layer_nums"] == EXITS and card["num_layers"] == NUM_LAYERS
+    schema = client.get("/openapi.json").json()
+    assert {"/api", "/v1/completions", "/v1/models", "/health"} <= set(schema["paths"])
+    assert "early_exit_thres" in schema["components"]["schemas"]["ApiRequest"]["properties"]
+    assert client.get("/api").status_code == 405
+
+
+def test_cli_reads_prompts_until_eof(server, engine):
+    from megatron.early_exit.inference import EarlyExit
+
+    _, tokenizer = engine
+    host_port = server.url[len("http://"):]
+    out = subprocess.run([sys.executable, CLI, host_port, "--top-k", "1", "--tokens-to-generate", "6", "--early-exit",
+                          "--thres", "0", "--show-exits"], input="5 17 3\n5 hello\n\n40 2\n", capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for prompt in ("5 17 3", "40 2"):
+        ref = direct(engine, [prompt], EarlyExit(0.0), 6)
+        assert tokenizer.detokenize(ids(prompt) + ref.tokens[0])[len(prompt):] in out.stdout
+    assert "error 400: prompts[0]" in out.stdout and out.stdout.count("mean exit layer") == 2
+
+
+# -- tensor parallel -------------------------------------------------------------------------------
+
+
+@pytest.mark.multiproc
+def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_path):
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+
+    _, tokenizer = engine
+    srv = Server(checkpoint, str(tmp_path / "server_tp2.log"), nproc=2)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as tp2:
+            greedy = dict(prompts=PROMPTS, tokens_to_generate=10, top_k=1)
+            reply = put_api(tp2, **greedy, use_early_exit=True, early_exit_thres=MIXED_THRESHOLD, kv_strategy="propagate")
+            ref = direct(engine, PROMPTS, EarlyExit(MIXED_THRESHOLD, kv="propagate"), 10)
+            assert generated(reply, PROMPTS) == ref.tokens and reply["exit_layers"] == ref.exit_layers
+            assert min(d for row in ref.exit_layers for d in row) < NUM_LAYERS
+            bad = tp2.put("/api", json={**greedy, "use_early_exit": True, "exit_layers": [3]})
+            assert bad.status_code == 400 and "exit_layers" in bad.json()["error"]["message"]
+            sampled = put_api(tp2, prompts=PROMPTS, tokens_to_generate=10, temperature=0.9, top_k=20, random_seed=5)
+            ref = direct(engine, PROMPTS, max_new_tokens=10, sampling=SamplingParams(0.9, 20, seed=5))
+            assert generated(sampled, PROMPTS) == ref.tokens
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(lambda p: tp2.post("/v1/completions", json=dict(prompt=p, max_tokens=8,
+                                                                                        temperature=0)).json(),
+                                        [f"{i} {i + 3}" for i in range(8)]))
+            for i, r in enumerate(replies):
+                prompt = f"{i} {i + 3}"
+                assert r["choices"][0]["text"] == continuation(tokenizer, prompt, direct(engine, [prompt]).tokens[0])
+    finally:
+        srv.stop()
+    assert srv.proc.returncode is not None
