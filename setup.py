@@ -24,9 +24,12 @@ setup(
         "tokenizers",  # Hugging Face tokenizer.json
         "tensorboard",
         "safetensors",
+        "fastapi",  # the text generation server (megatron/early_exit/server)
+        "pydantic>=2",
+        "uvicorn",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx"],
         "bench": ["matplotlib"],
         # Need CUDA and nvcc to build; used only when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
