@@ -1,0 +1,63 @@
+"""EE-Tuning, stage 1: add exit heads to a trained checkpoint (one with no exits, or other ones).
+
+    python tools/checkpoint/add_exits.py --load ckpt/llama2-7b --save ckpt/llama2-7b-ee \\
+        --exit-layer-nums 9 17 --pre-exit --use-exit-norm --untie-exit-output-weights
+
+Exits are initialised by copying (default; EE-Tuning's choice): the exit norm from the
+final norm, an untied exit output layer from the final output layer (or the word
+embedding when the model ties them), an exit MLP from its layer's MLP, an exit block from
+the last layer; or randomly with --random-init (--init-method-std, --seed). Exits that
+already exist at the same layer with the same structure keep their weights.
+
+Stage 2 trains only the exits, the backbone frozen:
+    torchrun ... pretrain_early_exit_gpt.py <model flags> <the same exit flags> \\
+        --load ckpt/llama2-7b-ee --finetune --tune-exit ...
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory (ours: convert_hf.py or --save output)")
+    p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
+    p.add_argument("--exit-layer-nums", type=int, nargs="+", required=True, help="layers (1-based) that get an exit")
+    p.add_argument("--exit-layer-weight", type=float, nargs="*", default=None, help="loss weight per exit (stored)")
+    p.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
+    p.add_argument("--use-exit-norm", action="store_true")
+    p.add_argument("--use-exit-mlp", action="store_true")
+    p.add_argument("--use-exit-block", action="store_true")
+    p.add_argument("--untie-exit-output-weights", action="store_true")
+    p.add_argument("--pre-exit", action="store_true")
+    p.add_argument("--random-init", action="store_true", help="random exits instead of copies")
+    p.add_argument("--init-method-std", type=float, default=None, help="with --random-init (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=None, help="with --random-init (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron.early_exit.errors import install_excepthook
+
+    install_excepthook()
+    from megatron.early_exit.hf.add_exits import EXIT_FLAGS, add_exits
+    from megatron.early_exit.parallel import initialize_parallel
+
+    initialize_parallel(1, 1)
+    exits = {key: getattr(args, key) for key in EXIT_FLAGS}
+    report = add_exits(args.load, args.save, exits, copy_init=not args.random_init, seed=args.seed,
+                       init_method_std=args.init_method_std, iteration=args.iteration)
+    for layer in args.exit_layer_nums:
+        how = "kept from the checkpoint" if layer in report.kept else report.initialised[layer]
+        copied = sorted({src.rsplit(".", 1)[0] for name, src in report.sources.items() if name.startswith(f"exits.{layer}.")})
+        print(f"exit {layer}: {how}" + (f" ({', '.join(copied)})" if copied else ""))
+    print(f"wrote {report.path}: train the exits with --load {report.path} --finetune --tune-exit and these exit flags")
+
+
+if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process
+    main()
