@@ -29,7 +29,7 @@ setup(
         "uvicorn",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers"],
         "bench": ["matplotlib"],
         # Need CUDA and nvcc to build; used only when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
