@@ -78,6 +78,7 @@ def add_exits(load: str, save: str, exits: Dict[str, object], copy_init: bool = 
     unknown = sorted(set(exits) - set(EXIT_FLAGS))
     if unknown:
         raise ConversionError(f"unknown exit settings {unknown} (known: {', '.join(EXIT_FLAGS)})")
+    files.require_new_output(save)
     require_single_process_layout()
     path = checkpointing.resolve(load, iteration)
     saved = checkpointing.read_common(path)["args"]

@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from megatron.early_exit.hf import files
+from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.hf.errors import ConversionError
 from megatron.early_exit.hf.llama import (
     LlamaShape,
@@ -84,7 +85,13 @@ def stored_flags(flags: List[str], tp: int, pp: int) -> argparse.Namespace:
 
     placeholders = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data"]
     layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-    return parse_args(flags + layout + placeholders, world_size=tp * pp)
+    try:
+        return parse_args(flags + layout + placeholders, world_size=tp * pp)
+    except ConversionError:
+        raise
+    except ConfigError as err:
+        raise ConversionError(f"{err} (target layout --target-tensor-parallel-size {tp} "
+                              f"--target-pipeline-parallel-size {pp})") from None
 
 
 # ----------------------------------------------------------------------------- HF -> ours
@@ -127,6 +134,7 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
     from megatron.early_exit.training import checkpointing
 
     tp, pp = target_tensor_parallel_size, target_pipeline_parallel_size
+    files.require_new_output(out)
     config_path = os.path.join(hf_dir, "config.json")
     cfg = files.read_json(config_path)
     shape = shape_from_hf_config(cfg, config_path)
@@ -209,6 +217,7 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
 
     from megatron.early_exit.inference.loading import load_model
 
+    files.require_new_output(out)
     require_single_process_layout()
     model, tokenizer, args = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration)
     shape = shape_from_args(args, model.vocab_size)

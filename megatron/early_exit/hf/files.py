@@ -162,13 +162,18 @@ def copy_tokenizer_files(source_dir: str, target_dir: str, names: Iterable[str] 
     return copied
 
 
+def require_new_output(path: str) -> None:
+    final = os.path.abspath(path)
+    if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
+        raise ConversionError(f"output {path} already exists and is not empty (choose a new directory)")
+
+
 @contextmanager
 def atomic_output_dir(path: str) -> Iterator[str]:
     """Yield a temporary directory beside `path` that becomes `path` only if the block
     finishes; on any error it is removed, so nothing half-written is left."""
     final = os.path.abspath(path)
-    if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
-        raise ConversionError(f"output {path} already exists and is not empty (choose a new directory)")
+    require_new_output(path)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
