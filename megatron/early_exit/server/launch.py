@@ -151,6 +151,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from megatron.early_exit.errors import install_excepthook
 
     install_excepthook()
+    from megatron.early_exit.inference import InferenceConfigError
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import ParallelConfigError, destroy_parallel, initialize_parallel
     from megatron.early_exit.server.worker import follow
@@ -160,12 +161,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if ctx.dp_size != 1:
         raise ParallelConfigError(f"the server runs one model replica: launch --tensor-model-parallel-size ({tp}) x "
                                   f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}")
-    model, stored_tokenizer, stored = load_model(args.load, tp, ctx.device)
-    tokenizer = stored_tokenizer
+    try:
+        model, tokenizer, stored = load_model(args.load, tp, ctx.device)
+        warm_up(model)
+    except Exception as err:
+        if pp == 1:
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InferenceConfigError(f"--pipeline-model-parallel-size {pp}: the inference engine cannot load or decode "
+                                   f"this layout yet ({first})") from err
     if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
         tokenizer = build_tokenizer(args, stored, model.vocab_size)
     limits = build_limits(args, model, stored)
-    warm_up(model)
     if ctx.rank == 0:
         serve(args, model, tokenizer, limits)
     else:
