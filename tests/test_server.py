@@ -359,6 +359,51 @@ def test_engine_errors_are_400s():
         assert local.get("/health").json()["status"] == "ok"
 
 
+def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1, monkeypatch):
+    """The queue without a model: greedy jobs with equal settings right behind each other share
+    an engine call (up to the batch size), others run alone and in order; an engine error
+    reaches every request of its call and the loop goes on; a request whose caller left is skipped."""
+    import threading
+
+    from megatron.early_exit.inference import EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams
+    from megatron.early_exit.server import worker as worker_module
+    from megatron.early_exit.server.jobs import Job
+
+    calls = []
+
+    def fake_run_job(model, job):
+        calls.append([p[0] for p in job.prompts])
+        if job.prompts[0][0] == 666:
+            raise InferenceConfigError("refused")
+        rows = len(job.prompts)
+        return GenerationResult([[p[0]] for p in job.prompts], [[4]] * rows, [[0.0]] * rows, num_layers=4)
+
+    monkeypatch.setattr(worker_module, "run_job", fake_run_job)
+    sampled = SamplingParams(temperature=1.0, seed=1)
+
+    def job(first, strategy=FullDepth(), sampling=SamplingParams(), rows=1):
+        return Job(tuple((first + r,) for r in range(rows)), strategy, sampling, 4)
+
+    worker = worker_module.Worker(model=None, max_batch_size=4)
+    jobs = [job(1), job(2, rows=2), job(10), job(11), job(20, EarlyExit(0.5)), job(30, sampling=sampled),
+            job(40, sampling=sampled), job(50), job(51), job(666, EarlyExit(0.9)), job(667, EarlyExit(0.9)), job(70)]
+    futures = [worker.submit(j) for j in jobs]
+    assert futures[-1].cancel()  # its caller went away before it ran
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        tokens = [f.result(timeout=30).tokens for f in futures[:9]]
+        for f in futures[9:11]:
+            with pytest.raises(InferenceConfigError):
+                f.result(timeout=30)
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert calls == [[1, 2, 3, 10], [11], [20], [30], [40], [50, 51], [666, 667]]
+    assert tokens == [[[1]], [[2], [3]], [[10]], [[11]], [[20]], [[30]], [[40]], [[50]], [[51]]]
+    assert worker.served == 7 and worker.queued == 0
+
+
 def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client, engine):
     from megatron.early_exit.inference import EarlyExit, SamplingParams
 

@@ -87,21 +87,29 @@ class Worker:
         broadcast(("stop", None))
         with self._ready:
             while self._queue:
-                self._queue.popleft()[1].set_exception(RuntimeError("the server is shutting down"))
+                future = self._queue.popleft()[1]
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError("the server is shutting down"))
 
     def _next_batch(self, timeout: float) -> List[Tuple[Job, Future]]:
-        """The head of the queue and the jobs right behind it that can share its engine call."""
+        """The head of the queue and the jobs right behind it that can share its engine call.
+        Requests whose caller went away (a cancelled future) are dropped here; the others
+        are marked running, so that they can no longer be cancelled under the decoder."""
         with self._ready:
             if not self._queue:
                 self._ready.wait(timeout)
+            while self._queue and not self._queue[0][1].set_running_or_notify_cancel():
+                self._queue.popleft()
             if not self._queue:
                 return []
             batch = [self._queue.popleft()]
             key, size = batch[0][0].batch_key, len(batch[0][0].prompts)
             while (key is not None and self._queue and self._queue[0][0].batch_key == key
                    and size + len(self._queue[0][0].prompts) <= self.max_batch_size):
-                size += len(self._queue[0][0].prompts)
-                batch.append(self._queue.popleft())
+                job, future = self._queue.popleft()
+                if future.set_running_or_notify_cancel():
+                    size += len(job.prompts)
+                    batch.append((job, future))
             return batch
 
     def _run_batch(self, batch: List[Tuple[Job, Future]]) -> None:
