@@ -42,3 +42,7 @@ def case_resume_pp2():
 
 def case_resume_dp2():
     return resume_matches_straight({})
+
+
+def case_resume_dp2_distributed_optimizer():
+    return resume_matches_straight({"--use-distributed-optimizer": None})

@@ -13,6 +13,7 @@ model that keeps only the first layers (exit tuning on the first pipeline stages
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -295,6 +296,7 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
     skipped = tuple(f"exits.{n}." for n in new_exits)
     state = {"model": {k: v for k, v in model_sd.items() if not k.startswith(skipped)}}
     if not weights_only:
+        _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     same_layout = tuple(common.get("layout", ())) == _layout()
     load_rng = not (args.finetune or args.no_load_rng) and "rng_state" in _stored_keys(common) and same_layout
@@ -310,7 +312,8 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
     if any(not k.startswith(skipped) for k in result.missing_keys):
         raise CheckpointError(f"--load {path}: no weights for {result.missing_keys}")
     if not weights_only:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _step_kept_out_of_state_copy(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:
         rng = loaded["rng_state"]
@@ -323,6 +326,54 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
     if args.finetune:
         return 0, 0
     return common["iteration"], common["consumed_samples"]
+
+
+def _torch_adams(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam)]
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam its state tensors and step before loading into it: the
+    distributed optimizer reads the step from every parameter's state, which torch.optim
+    only creates on the first step (Apex/TE keep it in the param groups instead)."""
+    for opt in _torch_adams(optimizer):
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for param_state in opt.optimizer.state.values():
+            param_state.setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _step_kept_out_of_state_copy(optimizer):
+    """megatron-core 0.16.1's fully reshardable load copies every state entry of a torch
+    Adam parameter, 'step' included, from tensors that never hold a step (it was already
+    set from the param groups); keep 'step' out of that copy, and unshare it afterwards."""
+    patched = []
+    for opt in _torch_adams(optimizer):
+        def copy_states(model_param, tensors, opt=opt, original=opt._set_main_param_and_optimizer_states):
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            step = state.pop("step", None)
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = copy_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+            # The load gave every parameter the same step tensor; Adam increments each
+            # parameter's step in place, so each needs its own.
+            for param_state in opt.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].clone()
 
 
 def _stored_keys(common: dict) -> set:
