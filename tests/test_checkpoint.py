@@ -179,3 +179,67 @@ def checkpoint_runs(corpus, launch_dir):
 @pytest.mark.parametrize("case", ["case_resume_tp2", "case_resume_pp2", "case_resume_dp2", "case_resume_dp2_distributed_optimizer"])
 def test_resume_under_two_processes(checkpoint_runs, case):
     assert checkpoint_runs[case]["ok"], checkpoint_runs[case]["error"]
+
+
+@pytest.fixture(scope="module")
+def reshard_runs(dist1, corpus, launch_dir, tmp_path_factory):
+    """A TP=1 checkpoint with its logits, then one 4-process launch (TP=2 x PP=2) that
+    saves its own checkpoint and reads the TP=1 one."""
+    from tests.multiproc.cases_reshard import FLAGS, TOKENS, logits_by_layer
+
+    root = str(tmp_path_factory.mktemp("reshard"))
+    state = run(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
+    torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
+    results = launch("tests.multiproc.cases_reshard", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_RESHARD_DIR": root})
+    return root, results
+
+
+@pytest.mark.multiproc
+def test_tp2_pp2_checkpoint_gives_the_same_logits_at_tp1(reshard_runs):
+    from megatron.early_exit.inference.loading import load_model
+    from tests.multiproc.cases_reshard import TOKENS, logits_by_layer
+
+    root, results = reshard_runs
+    case = results["case_tp2_pp2_saves_a_checkpoint_with_its_logits"]
+    assert case["ok"], case["error"]
+    model, _, _ = load_model(os.path.join(root, "tp2pp2"))
+    got, want = logits_by_layer(model, TOKENS), torch.load(os.path.join(root, "tp2pp2_logits.pt"))
+    assert sorted(got) == ["exit 1", "exit 3", "final"] == sorted(want)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-4
+    # Both layouts trained the same model (same seed, data, layout-invariant init).
+    assert float((got["final"] - torch.load(os.path.join(root, "tp1_logits.pt"))["final"]).abs().max()) < 1e-3
+
+
+@pytest.mark.multiproc
+def test_tp1_checkpoint_gives_the_same_logits_at_tp2_pp2(reshard_runs):
+    case = reshard_runs[1]["case_tp2_pp2_reads_a_tp1_checkpoint"]
+    assert case["ok"], case["error"]
+
+
+@pytest.mark.parametrize("moment", ["before_rename", "before_marker"])
+def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_path, moment):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, paused = str(tmp_path / "ck"), tmp_path / "paused"
+    flags = {"--save": root, "--save-interval": 2, "--eval-iters": 0}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain_early_exit_gpt.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, script] + tiny_run_flags(corpus, iters=6, **flags), env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not paused.exists():
+        assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "the save of iteration 4 never reached the pause"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and dist_checkpointing's helper process
+    proc.wait()
+    assert open(os.path.join(root, "latest_checkpointed_iteration.txt")).read() == "2"
+    assert os.path.isdir(os.path.join(root, "iter_0000004.tmp" if moment == "before_rename" else "iter_0000004"))
+
+    resumed = run(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))
+    assert len(resumed.history) == 4  # iterations 3..6, from the checkpoint of iteration 2
+    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
