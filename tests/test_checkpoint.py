@@ -243,3 +243,40 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
     resumed = run(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))
     assert len(resumed.history) == 4  # iterations 3..6, from the checkpoint of iteration 2
     assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+
+
+def _tool(name, *argv):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "checkpoint", name)
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600,
+                          env=dict(env, PYTHONWARNINGS="ignore"))
+
+
+@pytest.mark.multiproc
+def test_reshard_and_inspect_tools(straight_and_saved, tmp_path):
+    import json
+
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.sharding import full_state_dict
+
+    root = straight_and_saved[2]
+    out = str(tmp_path / "tp2")
+    done = _tool("reshard.py", "--load", root, "--save", out, "--target-tensor-parallel-size", "2", "--weights-only")
+    assert done.returncode == 0 and "every rank read its weights back identically" in done.stdout, done.stderr[-3000:]
+    want, got = full_state_dict(load_model(root)[0]), full_state_dict(load_model(out)[0])
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    info = json.loads(_tool("inspect.py", out, "--json").stdout)
+    assert (info["iteration"], info["has_optimizer"], info["exits"]) == (10, False, [1, 2])
+    assert info["saved_layout"] == {"tensor": 2, "pipeline": 1, "data": 1}
+    assert info["tensors"]["exits.1.norm.weight"]["shape"] == [32]
+    assert info["tensors"]["decoder.layers.3.mlp.linear_fc2.weight"]["shape"] == [32, 128]
+    assert info["parameters"] == sum(v.numel() for v in got.values())
+    text = _tool("inspect.py", root).stdout
+    assert "iteration         10" in text and "optimizer state   yes" in text and "exits             [1, 2]" in text
+
+    missing = _tool("inspect.py", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")

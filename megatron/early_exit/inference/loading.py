@@ -43,10 +43,24 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Name
     return args
 
 
+def stored_vocab_size(args: argparse.Namespace, tokenizer=None) -> int:
+    """The model's (padded) vocabulary: as saved, or padded as the training layout did,
+    whatever the TP size now."""
+    from megatron.early_exit.training.arguments import padded_vocab_size
+    from megatron.early_exit.training.tokenizers import build_tokenizer
+
+    if getattr(args, "padded_vocab_size", None):
+        return args.padded_vocab_size
+    if tokenizer is None:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    return padded_vocab_size(tokenizer.vocab_size, argparse.Namespace(
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=args.saved_tensor_model_parallel_size))
+
+
 def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
                iteration: Optional[int] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
     """(EarlyExitGPTModel in eval mode, tokenizer, flags). Parallel state must be initialised."""
-    from megatron.early_exit.training.arguments import padded_vocab_size
     from megatron.early_exit.training.checkpointing import load_weights
     from megatron.early_exit.training.tokenizers import build_tokenizer
     from megatron.early_exit.training.trainer import build_model
@@ -55,10 +69,7 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     args = stored_args(path, tensor_model_parallel_size)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
-    # The vocabulary was padded for the training layout; keep that size whatever the TP now.
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, argparse.Namespace(
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        tensor_model_parallel_size=args.saved_tensor_model_parallel_size))
+    vocab_size = stored_vocab_size(args, tokenizer)
     if vocab_size % tensor_model_parallel_size:
         raise InferenceConfigError(f"the checkpoint's padded vocabulary ({vocab_size}) does not split over "
                                    f"--tensor-model-parallel-size {tensor_model_parallel_size}")

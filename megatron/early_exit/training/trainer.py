@@ -248,7 +248,7 @@ def pretrain(args) -> TrainState:
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
+    vocab_size = args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     train_ds, valid_ds, _ = build_datasets(args, tokenizer)
 
     model = build_model(args, ctx.device, vocab_size)

@@ -1,0 +1,114 @@
+"""Rewrite a checkpoint from another parallel layout, offline.
+
+    python tools/checkpoint/reshard.py --load SRC --save DST \
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 [--weights-only]
+
+Our checkpoints (megatron-core torch_dist) are layout-independent: `--load` already
+reshards at start-up, so a job at a new layout can load SRC directly. This tool is for
+what that does not cover: checking on a small CPU machine that a checkpoint loads into
+the target layout (model and optimizer, every rank) before a large job is queued,
+writing it as saved from that layout, and dropping the optimizer state for release or
+serving (`--weights-only`). RNG states do not carry over between layouts.
+
+It starts target TP x PP processes itself (torchrun, gloo on CPU); run it plainly.
+After writing, every rank reads DST back and compares its weights bit for bit.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="source checkpoint directory (a --save directory)")
+    p.add_argument("--save", required=True, help="destination directory")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--weights-only", action="store_true", help="write model weights and flags only")
+    a = p.parse_args(argv)
+    from megatron.early_exit.errors import ConfigError
+
+    for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if os.path.abspath(a.load) == os.path.abspath(a.save):
+        raise ConfigError("--save must differ from --load")
+    return a
+
+
+def target_args(a):
+    """The stored training flags, re-laid out for the target (no data needed)."""
+    from megatron.early_exit.inference.loading import stored_args
+    from megatron.early_exit.training.checkpointing import resolve
+
+    args = stored_args(resolve(a.load), a.target_tensor_parallel_size)
+    args.pipeline_model_parallel_size = a.target_pipeline_parallel_size
+    args.load, args.save = a.load, a.save
+    args.finetune, args.no_load_optim, args.no_load_rng = False, a.weights_only, True
+    args.data_parallel_size = 1
+    return args
+
+
+def run_rank(a):
+    import torch
+
+    from megatron.early_exit.parallel import initialize_parallel
+    from megatron.early_exit.pipeline.placement import tied_embedding_stages
+    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
+    from megatron.early_exit.inference.loading import stored_vocab_size
+
+    args = target_args(a)
+    if args.num_layers % args.pipeline_model_parallel_size:
+        from megatron.early_exit.errors import ConfigError
+
+        raise ConfigError(f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
+                          f"the checkpoint's {args.num_layers} layers")
+    ctx = initialize_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device="cpu",
+        tied_embedding_stages=tied_embedding_stages(args.ee_config, args.num_layers, args.pipeline_model_parallel_size,
+                                                    not args.untie_embeddings_and_output_weights),
+    )
+    vocab = stored_vocab_size(args)
+    model = build_model(args, ctx.device, vocab)
+    model = wrap_model(model, args)
+    optimizer, scheduler = build_optimizer(model, args)
+    iteration, consumed = checkpointing.load(args, model, optimizer, scheduler)
+    if a.weights_only:
+        path = checkpointing.save_weights(a.save, args, model, iteration)
+    else:
+        path = checkpointing.save(args, model, optimizer, scheduler, iteration, consumed)
+    check = build_model(args, ctx.device, vocab)
+    checkpointing.load_weights(path, check)
+    for (name, want), (_, got) in zip(model.module.state_dict().items(), check.state_dict().items()):
+        if torch.is_tensor(want) and not torch.equal(want, got):
+            raise checkpointing.CheckpointError(f"{path}: {name} reads back differently on rank {ctx.rank}")
+    torch.distributed.barrier()
+    if ctx.rank == 0:
+        print(f"resharded {a.load} -> {path} for TP={args.tensor_model_parallel_size} "
+              f"PP={args.pipeline_model_parallel_size}; every rank read its weights back identically", flush=True)
+
+
+def main(argv=None):
+    import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
+    from megatron.early_exit.errors import install_excepthook
+
+    install_excepthook()
+    a = parse(argv)
+    if "WORLD_SIZE" in os.environ:
+        return run_rank(a)
+    nproc = a.target_tensor_parallel_size * a.target_pipeline_parallel_size
+    print(f"starting {nproc} processes (TP={a.target_tensor_parallel_size} x PP={a.target_pipeline_parallel_size})", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.abspath(__file__)] + (argv if argv is not None else sys.argv[1:])
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+if __name__ == "__main__":
+    main()
