@@ -53,6 +53,7 @@ def parse_args():
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of each load request")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     p.add_argument("--requests-per-client", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each server process (and the direct call)")
     return p.parse_args()
 
 
@@ -71,9 +72,9 @@ def write_random_checkpoint(root: str) -> None:
     save_weights(root, args, build_model(args, torch.device("cpu"), 2048), iteration=1)
 
 
-def start_server(load: str, tp: int, log_path: str):
+def start_server(load: str, tp: int, log_path: str, threads: int):
     flags = [os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", load, "--port", "0",
-             "--log-level", "warning", "--max-batch-size", "16"]
+             "--log-level", "warning", "--max-batch-size", "16", "--threads", str(threads)]
     if tp > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}", *flags,
                "--tensor-model-parallel-size", str(tp)]
@@ -172,7 +173,7 @@ def main():
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
-    torch.set_num_threads(1)  # this process only sends requests (and times one direct call)
+    torch.set_num_threads(args.threads)  # as many as each server process, for the direct call
     initialize_parallel(1, 1)
     work = tempfile.mkdtemp(prefix="server_latency_")
     load = args.load
@@ -180,8 +181,8 @@ def main():
         load = os.path.join(work, "ckpt")
         log("writing a random-weight checkpoint")
         write_random_checkpoint(load)
-    log(f"starting the server (TP={args.tensor_model_parallel_size})")
-    proc, url = start_server(load, args.tensor_model_parallel_size, os.path.join(work, "server.log"))
+    log(f"starting the server (TP={args.tensor_model_parallel_size}); load average {os.getloadavg()[0]:.2f}")
+    proc, url = start_server(load, args.tensor_model_parallel_size, os.path.join(work, "server.log"), args.threads)
     try:
         engine, tokenizer, _ = load_model(load) if args.tensor_model_parallel_size == 1 else (None, None, None)
         if tokenizer is None:
@@ -191,7 +192,7 @@ def main():
             vocab = stored.vocab_size or 2048
         else:
             vocab = tokenizer.vocab_size
-        log(f"serving at {url}; torch threads in the server: its default")
+        log(f"serving at {url}; {args.threads} torch thread(s) per server process")
         with httpx.Client(base_url=url, timeout=600) as client:
             log(f"latency: a {args.prompt_tokens}-token prompt, {args.short_tokens} new tokens, greedy, "
                 f"median of {args.latency_repeats}")
@@ -209,6 +210,7 @@ def main():
         proc.terminate()
         proc.wait(30)
 
+    print(f"\nload average of the machine at the end: {os.getloadavg()[0]:.2f} (other jobs slow every row alike)")
     print(f"\nreply latency ({args.prompt_tokens}-token prompt, {args.short_tokens} new tokens, greedy, one client)")
     for name, seconds in latency:
         print(f"  {name:<30}{seconds * 1000:>9.1f} ms")

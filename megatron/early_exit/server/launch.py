@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--seed", type=int, default=1234, help="seed of the model-parallel RNG state")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
@@ -156,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     from megatron.early_exit.parallel import ParallelConfigError, destroy_parallel, initialize_parallel
     from megatron.early_exit.server.worker import follow
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ctx = initialize_parallel(tp, pp, seed=args.seed, device=args.device)
     if ctx.dp_size != 1:
