@@ -152,6 +152,7 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
     flags = (model_flags(shape) + ["--make-vocab-size-divisible-by", str(_vocab_divisor(tok_vocab, shape.vocab_size, tp, config_path))]
              + tok_flags + DTYPE_FLAGS[dtype] + (exit_flags(section, config_path) if section else []))
     args = stored_flags(flags, tp, pp)
+    args.padded_vocab_size = shape.vocab_size  # as training stores it
 
     require_single_process_layout()
     with files.atomic_output_dir(out) as tmp:
