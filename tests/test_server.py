@@ -404,6 +404,23 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
     assert worker.served == 7 and worker.queued == 0
 
 
+def test_launch_flags_tokenizer_override_and_ignored_model_flags(capsys):
+    import argparse
+
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.server.launch import build_tokenizer, parse_args
+
+    args = parse_args(["--load", "ckpt", "--use-checkpoint-args", "--num-layers", "24", "--vocab-size", "50"])
+    assert "ignored" in capsys.readouterr().err and args.use_checkpoint_args and args.port == 5000
+    stored = argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_file=None, merge_file=None,
+                                vocab_size=VOCAB)
+    assert build_tokenizer(args, stored, 128).vocab_size == 50  # the flag replaces the stored vocabulary
+    with pytest.raises(ConfigError, match="exceed the model's vocabulary"):
+        build_tokenizer(parse_args(["--load", "ckpt", "--vocab-size", "200"]), stored, 128)
+    with pytest.raises(ConfigError, match="--max-batch-size"):
+        parse_args(["--load", "ckpt", "--max-batch-size", "0"])
+
+
 def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client, engine):
     from megatron.early_exit.inference import EarlyExit, SamplingParams
 
