@@ -76,10 +76,10 @@ def import_llama(hf_dir, out, tp=1, pp=1):
     return run(str(hf_dir), str(out), tp, pp, progress=False)
 
 
-def add_exits(src, out, copy_init=True, **exits):
+def add_exits(src, out, copy_init=True, exits_from=None, **exits):
     from megatron.early_exit.hf.add_exits import add_exits as run
 
-    return run(str(src), str(out), exits, copy_init=copy_init)
+    return run(str(src), str(out), exits, copy_init=copy_init, exits_from=exits_from and str(exits_from))
 
 
 def export_llama(src, out, **kwargs):
@@ -248,6 +248,38 @@ def test_add_exits_keeps_matching_exits_and_replaces_others(dist1, converted, tm
     assert not any(k.startswith("exits.1.") for k in b)
     assert torch.equal(b["exits.3.output_layer.weight"], b["output_layer.weight"])
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("exits."))
+
+
+def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, converted, tmp_path):
+    from megatron.early_exit.hf.convert import training_model
+    from megatron.early_exit.hf.errors import ConversionError
+    from megatron.early_exit.inference.loading import stored_args
+    from megatron.early_exit.training import checkpointing
+
+    add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
+    # What --tune-exit-pipeline-parallel-size 1 of 2 saves: layers 1-2 and their exits, tuned.
+    path = checkpointing.resolve(str(tmp_path / "ee"))
+    args = stored_args(path, 1)
+    args.num_layers, args.tune_exit, args.tune_exit_pipeline_parallel_size = 2, True, 1
+    model = training_model(args, VOCAB)
+    checkpointing.load_weights(path, model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("exits."):
+                param.add_(1.0)
+    checkpointing.save_weights(str(tmp_path / "tuned"), args, model)
+    with pytest.raises(ConversionError, match="holds only the first 2 layers: put its exits back on the whole model"):
+        export_llama(tmp_path / "tuned", tmp_path / "hf")
+
+    report = add_exits(tmp_path / "ee", tmp_path / "merged", exits_from=tmp_path / "tuned")
+    assert report.initialised == {1: f"from {tmp_path / 'tuned'}", 2: f"from {tmp_path / 'tuned'}"}
+    ee, tuned, merged = full_state(tmp_path / "ee"), full_state(tmp_path / "tuned"), full_state(tmp_path / "merged")
+    assert sorted(merged) == sorted(ee) and "decoder.layers.3.mlp.linear_fc2.weight" in merged
+    for key in merged:
+        assert torch.equal(merged[key], tuned[key] if key.startswith("exits.") else ee[key]), key
+    assert not torch.equal(merged["exits.1.norm.weight"], ee["exits.1.norm.weight"])
+    with pytest.raises(ConversionError, match="brings its own exits: drop --exit-layer-nums"):
+        add_exits(tmp_path / "ee", tmp_path / "bad", exits_from=tmp_path / "tuned", exit_layer_nums=[1])
 
 
 # ----------------------------------------------------------------------------- exit tuning

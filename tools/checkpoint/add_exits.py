@@ -12,6 +12,10 @@ already exist at the same layer with the same structure keep their weights.
 Stage 2 trains only the exits, the backbone frozen:
     torchrun ... pretrain_early_exit_gpt.py <model flags> <the same exit flags> \\
         --load ckpt/llama2-7b-ee --finetune --tune-exit ...
+
+A run with --tune-exit-pipeline-parallel-size saves only the first pipeline stages; put its
+tuned exits back on the whole model with
+    python tools/checkpoint/add_exits.py --load ckpt/llama2-7b-ee --exits-from ckpt/tuned --save ckpt/llama2-7b-ee-tuned
 """
 
 import argparse
@@ -26,7 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="checkpoint directory (ours: convert_hf.py or --save output)")
     p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
-    p.add_argument("--exit-layer-nums", type=int, nargs="+", required=True, help="layers (1-based) that get an exit")
+    p.add_argument("--exits-from", default=None,
+                   help="take the exits (structure and weights) from this checkpoint instead, e.g. one tuned with "
+                        "--tune-exit-pipeline-parallel-size, which holds only the first stages")
+    p.add_argument("--exit-layer-nums", type=int, nargs="+", default=None, help="layers (1-based) that get an exit")
     p.add_argument("--exit-layer-weight", type=float, nargs="*", default=None, help="loss weight per exit (stored)")
     p.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
     p.add_argument("--use-exit-norm", action="store_true")
@@ -51,12 +58,12 @@ def main(argv=None):
     initialize_parallel(1, 1)
     exits = {key: getattr(args, key) for key in EXIT_FLAGS}
     report = add_exits(args.load, args.save, exits, copy_init=not args.random_init, seed=args.seed,
-                       init_method_std=args.init_method_std, iteration=args.iteration)
-    for layer in args.exit_layer_nums:
+                       init_method_std=args.init_method_std, iteration=args.iteration, exits_from=args.exits_from)
+    for layer in sorted(set(report.kept) | set(report.initialised)):
         how = "kept from the checkpoint" if layer in report.kept else report.initialised[layer]
         copied = sorted({src.rsplit(".", 1)[0] for name, src in report.sources.items() if name.startswith(f"exits.{layer}.")})
         print(f"exit {layer}: {how}" + (f" ({', '.join(copied)})" if copied else ""))
-    print(f"wrote {report.path}: train the exits with --load {report.path} --finetune --tune-exit and these exit flags")
+    print(f"wrote {report.path}: train the exits with --load {report.path} --finetune --tune-exit and its exit flags")
 
 
 if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process

@@ -65,21 +65,22 @@ def _same_structure(old, new) -> bool:
     return all(getattr(old, key) == getattr(new, key) for key in STRUCTURE)
 
 
-def add_exits(load: str, save: str, exits: Dict[str, object], copy_init: bool = True, seed: Optional[int] = None,
-              init_method_std: Optional[float] = None, iteration: Optional[int] = None) -> AddExitsReport:
+def add_exits(load: str, save: str, exits: Optional[Dict[str, object]] = None, copy_init: bool = True,
+              seed: Optional[int] = None, init_method_std: Optional[float] = None, iteration: Optional[int] = None,
+              exits_from: Optional[str] = None) -> AddExitsReport:
     """Write checkpoint `load` with the exits described by `exits` (our flag names as
-    keys, e.g. {"exit_layer_nums": [2, 4], "use_exit_norm": True}) to `save`."""
-    from megatron.core import dist_checkpointing
+    keys, e.g. {"exit_layer_nums": [2, 4], "use_exit_norm": True}) to `save`.
 
+    `exits_from`: take the exits, structure and weights, from that checkpoint instead
+    (EE-Tuning's last step after --tune-exit-pipeline-parallel-size, whose checkpoint holds
+    only the first pipeline stages: their tuned exits go back on the whole model)."""
     from megatron.early_exit.inference.loading import stored_args
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.arguments import build_early_exit_config
 
-    unknown = sorted(set(exits) - set(EXIT_FLAGS))
-    if unknown:
-        raise ConversionError(f"unknown exit settings {unknown} (known: {', '.join(EXIT_FLAGS)})")
     files.require_new_output(save)
     require_single_process_layout()
+    exits, source = _exit_settings(exits, exits_from)
     path = checkpointing.resolve(load, iteration)
     saved = checkpointing.read_common(path)["args"]
     args = stored_args(path, 1)
@@ -96,28 +97,21 @@ def add_exits(load: str, save: str, exits: Dict[str, object], copy_init: bool = 
     args.ee_config = build_early_exit_config(args)
     args.ee_config.validate_against(args.num_layers)
     kept = [n for n in args.exit_layer_nums if n in old.exit_layer_nums and _same_structure(old, args.ee_config)]
-    vocab_size = dist_checkpointing.load_tensors_metadata(path)["embedding.word_embeddings.weight"].global_shape[0]
+    if source is not None:
+        _require_same_backbone(checkpointing.read_common(source)["args"], saved, exits_from)
+        kept = []
 
-    model = training_model(args, vocab_size)  # new exits start from the random initialisation
+    model = training_model(args, _vocab_size(path))  # new exits start from the random initialisation
     checkpointing.load_weights(path, model, skip_exits=tuple(n for n in args.exit_layer_nums if n not in kept))
-
     report = AddExitsReport(os.path.abspath(save), kept=kept)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, param in params.items():
-            match = _EXIT_PARAM.match(name)
-            if not match or int(match.group(1)) in kept:
-                continue
-            report.initialised[int(match.group(1))] = "copy" if copy_init else "random"
-            if copy_init:
-                source = copy_source(name, args.num_layers, args.untie_embeddings_and_output_weights)
-                if params[source].shape != param.shape:
-                    raise ConversionError(f"cannot copy {source} {tuple(params[source].shape)} into {name} {tuple(param.shape)}")
-                param.copy_(params[source])
-                report.sources[name] = source
-    for num in args.exit_layer_nums:  # exits without parameters (tied, no norm) are new all the same
-        if num not in kept:
-            report.initialised.setdefault(num, "copy" if copy_init else "random")
+    new_exits = [n for n in args.exit_layer_nums if n not in kept]
+    if source is not None:
+        _load_exits(model, source)
+        report.initialised = {n: f"from {exits_from}" for n in new_exits}
+    else:
+        report.initialised = {n: "copy" if copy_init else "random" for n in new_exits}
+        if copy_init:
+            report.sources = _copy_exits(model, new_exits, args.num_layers, args.untie_embeddings_and_output_weights)
 
     # The checkpoint keeps the layout it was written for.
     out_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "saved_tensor_model_parallel_size"})
@@ -130,6 +124,41 @@ def add_exits(load: str, save: str, exits: Dict[str, object], copy_init: bool = 
     return report
 
 
+def _exit_settings(exits: Optional[Dict[str, object]], exits_from: Optional[str]):
+    """(exit flags, checkpoint directory to read exit weights from or None)."""
+    from megatron.early_exit.training import checkpointing
+
+    exits = {key: value for key, value in (exits or {}).items() if value is not None and value is not False}
+    unknown = sorted(set(exits) - set(EXIT_FLAGS))
+    if unknown:
+        raise ConversionError(f"unknown exit settings {unknown} (known: {', '.join(EXIT_FLAGS)})")
+    if exits_from is None:
+        return exits, None
+    if exits:
+        given = ", ".join("--" + k.replace("_", "-") for k in sorted(exits))
+        raise ConversionError(f"--exits-from {exits_from} brings its own exits: drop {given}")
+    source = checkpointing.resolve(exits_from)
+    stored = checkpointing.read_common(source)["args"]
+    return {key: stored.get(key) for key in EXIT_FLAGS if stored.get(key) not in (None, False)}, source
+
+
+@torch.no_grad()
+def _copy_exits(model, layers: List[int], num_layers: int, untied_model: bool) -> Dict[str, str]:
+    """Copy-initialise the exits at `layers`; returns {exit parameter: its source}."""
+    params = dict(model.named_parameters())
+    sources = {}
+    for name, param in params.items():
+        match = _EXIT_PARAM.match(name)
+        if not match or int(match.group(1)) not in layers:
+            continue
+        source = copy_source(name, num_layers, untied_model)
+        if params[source].shape != param.shape:
+            raise ConversionError(f"cannot copy {source} {tuple(params[source].shape)} into {name} {tuple(param.shape)}")
+        param.copy_(params[source])
+        sources[name] = source
+    return sources
+
+
 def _carry_tokenizer(load: str, args, tmp: str, final: str) -> None:
     """A tokenizer kept inside the source checkpoint (as convert_hf.py writes it) is copied
     along, so that the new checkpoint stands on its own."""
@@ -140,3 +169,35 @@ def _carry_tokenizer(load: str, args, tmp: str, final: str) -> None:
     relative = os.path.relpath(os.path.abspath(source), root)
     shutil.copytree(source, os.path.join(tmp, relative))
     args.tokenizer_model = os.path.join(final, os.path.relpath(os.path.abspath(args.tokenizer_model), root))
+
+
+def _vocab_size(path: str) -> int:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(path)["embedding.word_embeddings.weight"].global_shape[0]
+
+
+def _require_same_backbone(source_args: dict, args: dict, exits_from: str) -> None:
+    """The exits' checkpoint must share the backbone's shape (it may hold fewer layers)."""
+    from megatron.early_exit.training.checkpointing import ARCHITECTURE_ARGS
+
+    different = [f"--{k.replace('_', '-')} {source_args.get(k)!r} (the model has {args.get(k)!r})"
+                 for k in ARCHITECTURE_ARGS if k != "num_layers" and source_args.get(k) != args.get(k)]
+    if source_args.get("num_layers", 0) > args.get("num_layers", 0):
+        different.append(f"--num-layers {source_args['num_layers']} (the model has {args['num_layers']})")
+    if different:
+        raise ConversionError(f"--exits-from {exits_from} was trained on another model: {'; '.join(different)}")
+
+
+def _load_exits(model, source: str) -> None:
+    """Read every exit tensor of `model` from checkpoint directory `source`."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.early_exit.training.checkpointing import model_sharded_state
+
+    state = {k: v for k, v in model_sharded_state(model).items() if k.startswith("exits.")}
+    try:
+        loaded = dist_checkpointing.load(state, source)
+    except Exception as err:
+        raise ConversionError(f"--exits-from {source}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    model.load_state_dict(loaded, strict=False)

@@ -221,6 +221,12 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
     files.require_new_output(out)
     require_single_process_layout()
     model, tokenizer, args = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration)
+    if args.tune_exit_pipeline_parallel_size is not None:
+        raise ConversionError(
+            f"{checkpoint} was saved by exit tuning with --tune-exit-pipeline-parallel-size and holds only the first "
+            f"{args.num_layers} layers: put its exits back on the whole model first "
+            "(tools/checkpoint/add_exits.py --load <whole model> --exits-from <this checkpoint>)"
+        )
     shape = shape_from_args(args, model.vocab_size)
     params = {name: p.detach() for name, p in model.named_parameters()}
     backbone = [n for n in params if not is_exit_name(n)]
