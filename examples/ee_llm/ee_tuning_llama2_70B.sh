@@ -6,6 +6,9 @@
 #   2. add_exits.py   -> $WORK/llama2-70b-ee (copy init)
 #   3. pretrain_early_exit_gpt.py --load $WORK/llama2-70b-ee --finetune --tune-exit --tune-exit-pipeline-parallel-size 3:
 #      both exits lie in the first 3 of 4 stages (layers 1-60), so only those are built and loaded
+#   4. afterwards, the tuned exits go back on the whole 80-layer model (the tuned checkpoint holds layers 1-60):
+#      python tools/checkpoint/add_exits.py --load $WORK/llama2-70b-ee --exits-from $WORK/llama2-70b-ee-tuned \
+#          --save $WORK/llama2-70b-ee-final
 # Steps 1-2 run once, on one machine (CPU will do; about 140 GB of RAM); step 3 runs on
 # NNODES x GPUS_PER_NODE GPUs (24 = TP 8 x PP 3). DATA_PATH is tokenized with the Llama-2 tokenizer:
 #   python tools/preprocess_data.py --input data.jsonl --output-prefix data/corpus --append-eod \
