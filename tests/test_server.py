@@ -50,14 +50,14 @@ def write_checkpoint(root: str) -> None:
 class Server:
     """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
 
-    def __init__(self, root: str, log_path: str, nproc: int = 1):
+    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size"):
         flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
                  str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny"]
         if nproc == 1:
             cmd = [sys.executable, SERVER, *flags]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SERVER,
-                   *flags, "--tensor-model-parallel-size", str(nproc)]
+                   *flags, layout_flag, str(nproc)]
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
@@ -517,3 +517,23 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
     finally:
         srv.stop()
     assert srv.proc.returncode is not None
+
+
+@pytest.mark.multiproc
+def test_pp2_server_broadcasts_to_both_stages(checkpoint, engine, tmp_path):
+    """Two pipeline stages behind one server, once the engine decodes over stages."""
+    from megatron.early_exit.inference import KV_STRATEGIES
+
+    if "pipeline" not in KV_STRATEGIES:
+        pytest.skip("the inference engine has no pipeline-based early exit")
+    srv = Server(checkpoint, str(tmp_path / "server_pp2.log"), nproc=2, layout_flag="--pipeline-model-parallel-size")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as pp2:
+            greedy = dict(prompts=PROMPTS, tokens_to_generate=10, top_k=1)
+            assert generated(put_api(pp2, **greedy), PROMPTS) == direct(engine, PROMPTS, max_new_tokens=10).tokens
+            refused = pp2.put("/api", json={**greedy, "speculative": {"exit_layer": 1}})
+            assert 400 <= refused.status_code < 500, refused.text
+            first = put_api(pp2, **greedy, use_early_exit=True, early_exit_thres=0.0, kv_strategy="pipeline")
+            assert all(row == [NUM_LAYERS] + [EXITS[0]] * (len(row) - 1) for row in first["exit_layers"])
+    finally:
+        srv.stop()

@@ -165,14 +165,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise ParallelConfigError(f"the server runs one model replica: launch --tensor-model-parallel-size ({tp}) x "
                                   f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}")
     try:
-        model, tokenizer, stored = load_model(args.load, tp, ctx.device)
+        layout = {"pipeline_model_parallel_size": pp} if pp > 1 else {}  # this rank's stage under PP
+        model, tokenizer, stored = load_model(args.load, tp, ctx.device, **layout)
         warm_up(model)
     except Exception as err:
         if pp == 1:
             raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InferenceConfigError(f"--pipeline-model-parallel-size {pp}: the inference engine cannot load or decode "
-                                   f"this layout yet ({first})") from err
+        raise InferenceConfigError(f"--pipeline-model-parallel-size {pp}: the inference engine could not load or "
+                                   f"decode this pipeline layout ({first})") from err
     if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
         tokenizer = build_tokenizer(args, stored, model.vocab_size)
     limits = build_limits(args, model, stored)
