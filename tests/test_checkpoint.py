@@ -185,11 +185,18 @@ def test_resume_under_two_processes(checkpoint_runs, case):
 def reshard_runs(dist1, corpus, launch_dir, tmp_path_factory):
     """A TP=1 checkpoint with its logits, then one 4-process launch (TP=2 x PP=2) that
     saves its own checkpoint and reads the TP=1 one."""
-    from tests.multiproc.cases_reshard import FLAGS, TOKENS, logits_by_layer
+    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+    from megatron.early_exit.inference.loading import load_model
+    from tests.multiproc.cases_reshard import FLAGS, PROMPTS, TOKENS, logits_by_layer
 
     root = str(tmp_path_factory.mktemp("reshard"))
     state = run(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
     torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
+    model = load_model(os.path.join(root, "tp1"))[0]
+    torch.save({name: (out.tokens, out.exit_layers) for name, out in (
+        ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
+        ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
+    )}, os.path.join(root, "tp1_generations.pt"))
     results = launch("tests.multiproc.cases_reshard", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_RESHARD_DIR": root})
     return root, results
 
@@ -211,9 +218,9 @@ def test_tp2_pp2_checkpoint_gives_the_same_logits_at_tp1(reshard_runs):
 
 
 @pytest.mark.multiproc
-def test_tp1_checkpoint_gives_the_same_logits_at_tp2_pp2(reshard_runs):
-    case = reshard_runs[1]["case_tp2_pp2_reads_a_tp1_checkpoint"]
-    assert case["ok"], case["error"]
+@pytest.mark.parametrize("case", ["case_tp2_pp2_reads_a_tp1_checkpoint", "case_tp2_pp2_generates_what_tp1_generates"])
+def test_tp1_checkpoint_at_tp2_pp2(reshard_runs, case):
+    assert reshard_runs[1][case]["ok"], reshard_runs[1][case]["error"]
 
 
 @pytest.mark.parametrize("moment", ["before_rename", "before_marker"])

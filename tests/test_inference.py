@@ -98,7 +98,7 @@ CASES = [  # variant, measure, threshold: each gives a mix of exits on PROMPT
 ]
 
 
-@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+@pytest.mark.parametrize("kv", ["recompute", "propagate", "pipeline"])
 @pytest.mark.parametrize("variant,measure,threshold", CASES)
 def test_early_exit_equals_reference(dist1, variant, measure, threshold, kv):
     from megatron.early_exit.inference import EarlyExit
@@ -113,7 +113,7 @@ def test_early_exit_equals_reference(dist1, variant, measure, threshold, kv):
     assert len(set(decoded)) >= 2 and min(decoded) < NUM_LAYERS, f"threshold gives no mix of exits: {decoded}"
 
 
-@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+@pytest.mark.parametrize("kv", ["recompute", "propagate", "pipeline"])
 def test_exit_layers_restrict_active_exits(dist1, kv):
     from megatron.early_exit.inference import EarlyExit
 
@@ -128,7 +128,7 @@ def test_exit_layers_restrict_active_exits(dist1, kv):
 # -- batches with per-sequence exits -----------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["full", "recompute", "propagate"])
+@pytest.mark.parametrize("strategy", ["full", "recompute", "propagate", "pipeline"])
 def test_batched_equals_alone(dist1, strategy):
     from megatron.early_exit.inference import EarlyExit, FullDepth
 

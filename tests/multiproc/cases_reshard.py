@@ -19,6 +19,7 @@ FLAGS = {"--num-layers": 4, "--exit-layer-nums": "1 3", "--untie-embeddings-and-
          "--use-exit-mlp": None, "--eval-iters": 0}
 LAYOUT = {"--tensor-model-parallel-size": 2, "--pipeline-model-parallel-size": 2, "--sequence-parallel": None}
 TOKENS = torch.arange(2 * 32).reshape(2, 32) * 7 % 60
+PROMPTS = [[3, 6, 9, 12], [10, 11, 12], [40, 42, 44, 46, 48]]
 
 
 def logits_by_layer(model, tokens: torch.Tensor) -> dict:
@@ -71,3 +72,20 @@ def case_tp2_pp2_reads_a_tp1_checkpoint():
     diffs = {k: float((got[k] - want[k]).abs().max()) for k in want}
     assert max(diffs.values()) < 1e-4, diffs
     return {"max abs diff": max(diffs.values())}
+
+
+def case_tp2_pp2_generates_what_tp1_generates():
+    """Pipeline-based early exit from the TP=1 checkpoint, served at TP=2 x PP=2."""
+    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+    from megatron.early_exit.inference.loading import load_model
+
+    from megatron.early_exit.parallel import initialize_parallel
+
+    initialize_parallel(2, 2, seed=1)
+    model, _, args = load_model(os.path.join(ROOT, "tp1"), tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert model.config.num_layers == 4 and len(model.decoder.layers) == 2, (model.config.num_layers, args.num_layers)
+    want = torch.load(os.path.join(ROOT, "tp1_generations.pt"))
+    for name, strategy in (("full", FullDepth()), ("early", EarlyExit(0.2, kv="pipeline"))):
+        out = generate(model, PROMPTS, strategy, max_new_tokens=12)
+        assert (out.tokens, out.exit_layers) == want[name], (name, out.tokens, out.exit_layers, want[name])
+    return {"early depths": sorted({d for row in want["early"][1] for d in row})}

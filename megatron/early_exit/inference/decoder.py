@@ -63,11 +63,12 @@ class StepOutput:
     chunk_logits: Optional[List[Tensor]] = None  # all_logits: per row [n, vocab] of its last-layer chunk
 
 
-def validate_model(model) -> None:
+def validate_model(model, pipeline_stages: bool = False) -> None:
     config, ee = model.config, model.ee_config
     unsupported = {
         "sequence parallelism (build the inference model without --sequence-parallel)": config.sequence_parallel,
-        "pipeline stages (pipeline-parallel inference is not available)": not (model.pre_process and model.post_process),
+        "pipeline stages (over stages use FullDepth or EarlyExit(kv='pipeline'))":
+            not pipeline_stages and not (model.pre_process and model.post_process),
         "--use-exit-block (an exit block would need its own KV cache)": ee.use_exit_block,
         "multi-latent attention": config.multi_latent_attention,
         "mixture of experts": config.num_moe_experts is not None,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Iterable, List, Sequence
@@ -50,6 +51,8 @@ def generate(
     prompts = validate_prompts(model, prompts, max_new_tokens)
     if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
         raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
+    if not (model.pre_process and model.post_process) or getattr(strategy, "kv", None) == "pipeline":
+        return _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy.name)
     with inference_context(model):
@@ -68,6 +71,25 @@ def generate(
         result.decode_seconds = _now(decoder.device) - start - result.prefill_seconds
         result.decode_cpu_seconds = time.process_time() - cpu_start
     return result
+
+
+def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens) -> GenerationResult:
+    """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
+    from megatron.early_exit.inference.strategies import EarlyExit
+
+    check_pipeline_strategy(model, strategy)
+    early = isinstance(strategy, EarlyExit) and strategy.threshold <= 1
+    if isinstance(strategy, EarlyExit) and not model.ee_config.exit_layer_nums:
+        raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
+    with inference_context(model):
+        return pipeline_generate(
+            model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name,
+            exit_layers=list(strategy.exit_layers) if early and strategy.exit_layers is not None else None,
+            threshold=float(strategy.threshold) if early else math.inf,
+            measure=get_confidence_measure(strategy.measure) if early else None,
+        )
 
 
 def validate_prompts(model, prompts, max_new_tokens: int) -> List[List[int]]:

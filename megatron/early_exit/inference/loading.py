@@ -1,9 +1,9 @@
 """Build a model for inference from a pretraining checkpoint (`--save DIR` of
-pretrain_early_exit_gpt.py), in any TP layout, plus its tokenizer.
+pretrain_early_exit_gpt.py), in any TP/PP layout, plus its tokenizer.
 
 The checkpoint's common state holds the training flags; the model is rebuilt from them
 as training built it, then only its weights are read (dist_checkpointing reshards them
-to this TP size). Optimizer and RNG state stay on disk.
+to this layout). Optimizer and RNG state stay on disk.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def checkpoint_path(root: str, iteration: Optional[int] = None) -> str:
         raise InferenceConfigError(str(err)) from err
 
 
-def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Namespace:
+def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> argparse.Namespace:
     """The training flags saved with the checkpoint, defaults filled for newer flags,
-    re-laid out for inference (this TP size, one pipeline stage, no sequence parallelism)."""
+    re-laid out for inference (these TP and PP sizes, no sequence parallelism)."""
     from megatron.early_exit.training.arguments import build_early_exit_config, build_parser
     from megatron.early_exit.training.checkpointing import read_common
 
@@ -37,7 +37,7 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1) -> argparse.Name
     vars(args).update(saved)
     args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
     args.tensor_model_parallel_size = tensor_model_parallel_size
-    args.pipeline_model_parallel_size = 1
+    args.pipeline_model_parallel_size = pipeline_model_parallel_size
     args.sequence_parallel = False
     args.ee_config = build_early_exit_config(args)
     return args
@@ -59,14 +59,25 @@ def stored_vocab_size(args: argparse.Namespace, tokenizer=None) -> int:
 
 
 def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
-               iteration: Optional[int] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
-    """(EarlyExitGPTModel in eval mode, tokenizer, flags). Parallel state must be initialised."""
+               iteration: Optional[int] = None, pipeline_model_parallel_size: int = 1,
+               ) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
+    """(EarlyExitGPTModel in eval mode: this rank's pipeline stage, tokenizer, flags).
+    Parallel state must be initialised with the same TP and PP sizes."""
     from megatron.early_exit.training.checkpointing import load_weights
     from megatron.early_exit.training.tokenizers import build_tokenizer
     from megatron.early_exit.training.trainer import build_model
 
+    from megatron.core import parallel_state
+
+    initialised = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+    if initialised != (tensor_model_parallel_size, pipeline_model_parallel_size):
+        raise InferenceConfigError(f"parallel state is TP={initialised[0]} PP={initialised[1]}, but the model was asked for "
+                                   f"TP={tensor_model_parallel_size} PP={pipeline_model_parallel_size}")
     path = checkpoint_path(root, iteration)
-    args = stored_args(path, tensor_model_parallel_size)
+    args = stored_args(path, tensor_model_parallel_size, pipeline_model_parallel_size)
+    if args.num_layers % pipeline_model_parallel_size:
+        raise InferenceConfigError(f"--pipeline-model-parallel-size {pipeline_model_parallel_size} does not divide "
+                                   f"the checkpoint's {args.num_layers} layers")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
     vocab_size = stored_vocab_size(args, tokenizer)

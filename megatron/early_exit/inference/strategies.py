@@ -4,6 +4,9 @@
     EarlyExit(threshold, measure, kv, exit_layers) leave at the first confident exit;
         kv="recompute": deeper K/V of exited tokens are computed by the next deeper pass (EE-LLM)
         kv="propagate": they are filled at once from the exit hidden state (CALM)
+        kv="pipeline": the exited token goes on through the deeper layers, on later pipeline
+                       stages while the first starts the next token (EE-LLM's pipeline-based
+                       method; the one strategy for a model split into pipeline stages)
     SelfSpeculative(exit_layer, num_draft)        draft with an exit, verify with the full model (LayerSkip)
 
 All run through `generate(model, prompts, strategy, ...)` and return a GenerationResult.
@@ -19,7 +22,7 @@ from megatron.early_exit.inference.confidence import get_confidence_measure
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPoint, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
 
-KV_STRATEGIES = ("recompute", "propagate")
+KV_STRATEGIES = ("recompute", "propagate", "pipeline")
 
 
 def _exit_point(decoder: Decoder, layer_number: int) -> ExitPoint:
@@ -47,7 +50,7 @@ class EarlyExit:
     """One of confidence.CONFIDENCE_MEASURES: max_prob, margin, entropy, saturation."""
 
     kv: str = "recompute"
-    """How tokens that left early get K/V in deeper layers: recompute or propagate."""
+    """How tokens that left early get K/V in deeper layers: recompute, propagate or pipeline."""
 
     exit_layers: Optional[Tuple[int, ...]] = None
     """Exits allowed to fire (by --exit-layer-nums entry); None: all of them."""
