@@ -521,11 +521,7 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
 
 @pytest.mark.multiproc
 def test_pp2_server_broadcasts_to_both_stages(checkpoint, engine, tmp_path):
-    """Two pipeline stages behind one server, once the engine decodes over stages."""
-    from megatron.early_exit.inference import KV_STRATEGIES
-
-    if "pipeline" not in KV_STRATEGIES:
-        pytest.skip("the inference engine has no pipeline-based early exit")
+    """Two pipeline stages behind one server (pipeline-based early exit)."""
     srv = Server(checkpoint, str(tmp_path / "server_pp2.log"), nproc=2, layout_flag="--pipeline-model-parallel-size")
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as pp2:
