@@ -14,17 +14,17 @@ DATA = os.environ.get("EE_TEST_DATA")
 
 
 def resume_matches_straight(layout):
-    """6 iterations straight vs 3 + save + resume for 3: identical losses (bitwise)."""
+    """20 iterations straight vs 10 + save + resume for 10: identical losses (bitwise)."""
     base = {"--hidden-dropout": 0.1, "--eval-iters": 0, **layout}
-    straight = pretrain(parse_args(tiny_run_flags(DATA, iters=6, **base)))
+    straight = pretrain(parse_args(tiny_run_flags(DATA, iters=20, **base)))
     root = tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None
     holder = [root]
     torch.distributed.broadcast_object_list(holder)
     root = holder[0]
-    first = pretrain(parse_args(tiny_run_flags(DATA, iters=3, **base, **{"--save": root, "--lr-decay-iters": 6})))
-    second = pretrain(parse_args(tiny_run_flags(DATA, iters=6, **base, **{"--load": root})))
+    first = pretrain(parse_args(tiny_run_flags(DATA, iters=10, **base, **{"--save": root, "--lr-decay-iters": 20})))
+    second = pretrain(parse_args(tiny_run_flags(DATA, iters=20, **base, **{"--load": root})))
     losses = lambda h: [e[k] for e in h for k in sorted(e) if "loss" in k]  # noqa: E731
-    assert len(second.history) == 3
+    assert len(second.history) == 10
     assert losses(first.history + second.history) == losses(straight.history)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
