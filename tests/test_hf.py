@@ -145,9 +145,12 @@ def test_pytorch_bin_and_sharded_safetensors_are_read(dist1, tmp_path):
 
 # ----------------------------------------------------------------------------- round trip
 
-ROUND_TRIPS = {
-    "norm-mlp-untied": dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True),
-    "block-norm-tied-pre": dict(use_exit_block=True, use_exit_norm=True, pre_exit=True),
+ROUND_TRIPS = {  # exit structure, model
+    "norm-mlp-untied": (dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True),
+                        dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "block-norm-tied-pre-tied-model": (dict(use_exit_block=True, use_exit_norm=True, pre_exit=True),
+                                       dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
+                                            rope_scaling=LLAMA3)),
 }
 
 
@@ -155,13 +158,14 @@ ROUND_TRIPS = {
 def test_export_then_import_is_bit_identical_including_exits(dist1, tmp_path, structure):
     from transformers import LlamaForCausalLM
 
-    save_random_llama(tmp_path / "hf", seed=5, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    exits, model = ROUND_TRIPS[structure]
+    save_random_llama(tmp_path / "hf", seed=5, **model)
     save_word_tokenizer(tmp_path / "hf")
     import_llama(tmp_path / "hf", tmp_path / "ours")
     assert sorted(os.listdir(tmp_path / "ours" / "tokenizer")) == ["tokenizer.json", "tokenizer_config.json"]
     # Random exits: every exit tensor differs from every backbone tensor.
     add_exits(tmp_path / "ours", tmp_path / "ee", copy_init=False, exit_layer_nums=[1, 3],
-              exit_layer_temperature=[1.5, 1.0], **ROUND_TRIPS[structure])
+              exit_layer_temperature=[1.5, 1.0], **exits)
     export_llama(tmp_path / "ee", tmp_path / "exported")
     import_llama(tmp_path / "exported", tmp_path / "back")
 
@@ -173,7 +177,7 @@ def test_export_then_import_is_bit_identical_including_exits(dist1, tmp_path, st
     exported = tmp_path / "exported"
     cfg = json.load(open(exported / "config.json"))
     assert cfg["early_exit"]["exit_layer_nums"] == [1, 3] and cfg["early_exit"]["exit_layer_temperature"] == [1.5, 1.0]
-    assert all(cfg["early_exit"][k] == v for k, v in ROUND_TRIPS[structure].items())
+    assert all(cfg["early_exit"][k] == v for k, v in exits.items())
     assert open(exported / "tokenizer.json").read() == open(tmp_path / "hf" / "tokenizer.json").read()
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (VOCAB - 2, VOCAB - 1)
     # The backbone loads in transformers, every tensor used, and computes our final logits.

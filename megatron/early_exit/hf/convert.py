@@ -113,7 +113,7 @@ def _vocab_divisor(tokenizer_vocab: int, vocab_size: int, tp: int, source: str) 
 
 
 def _tokenizer_flags(hf_dir: str, final_dir: str, vocab_size: int):
-    """(flags, tokenizer vocabulary size, files to copy) for the tokenizer beside the model."""
+    """(tokenizer flags, its vocabulary size, whether there are tokenizer files to copy)."""
     from megatron.early_exit.training.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
 
     target = os.path.join(final_dir, TOKENIZER_SUBDIR)
@@ -126,11 +126,27 @@ def _tokenizer_flags(hf_dir: str, final_dir: str, vocab_size: int):
     return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_size)], vocab_size, False
 
 
+@torch.no_grad()
+def _fill_from_hf(model, weights: files.HFWeights, shape: LlamaShape, progress: bool) -> None:
+    """Every parameter from its Hugging Face tensors; every tensor must find its place."""
+    from tqdm import tqdm
+
+    consumed = set()
+    for name, param in tqdm(list(model.named_parameters()), desc="import", unit="tensor", disable=not progress):
+        names = hf_names(name)
+        param.copy_(to_ours(name, [(n, weights.get(n)) for n in names], shape, param.shape))
+        consumed.update(names)
+    ignored = {"lm_head.weight"} if shape.tie_word_embeddings else set()  # a tied copy some checkpoints keep
+    leftover = sorted(k for k in weights.keys() if k not in consumed and k not in ignored and not _IGNORED.search(k))
+    if leftover:
+        raise ConversionError(
+            f"{weights.directory}: {len(leftover)} tensors have no place in a Llama model, e.g. {', '.join(leftover[:3])}"
+        )
+
+
 def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, target_pipeline_parallel_size: int = 1,
                  dtype: str = "auto", progress: bool = True) -> ImportResult:
     """Convert a Hugging Face Llama directory into our checkpoint at `out`."""
-    from tqdm import tqdm
-
     from megatron.early_exit.training import checkpointing
 
     tp, pp = target_tensor_parallel_size, target_pipeline_parallel_size
@@ -139,6 +155,8 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
     cfg = files.read_json(config_path)
     shape = shape_from_hf_config(cfg, config_path)
     section = cfg.get("early_exit")
+    if section is not None and not isinstance(section, dict):
+        raise ConversionError(f"{config_path}: early_exit must be an object, got {section!r}")
     weights = files.HFWeights(hf_dir, [section.get("weights_file", files.EXIT_WEIGHTS)] if section else [])
     if dtype == "auto":
         dtype = HF_DTYPE_NAMES[shape.dtype]
@@ -157,18 +175,7 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
     require_single_process_layout()
     with files.atomic_output_dir(out) as tmp:
         model = training_model(args, shape.vocab_size)
-        consumed = set()
-        with torch.no_grad():
-            for name, param in tqdm(list(model.named_parameters()), desc="import", unit="tensor", disable=not progress):
-                names = hf_names(name)
-                param.copy_(to_ours(name, [(n, weights.get(n)) for n in names], shape, param.shape))
-                consumed.update(names)
-        ignored = {"lm_head.weight"} if shape.tie_word_embeddings else set()
-        leftover = [k for k in weights.keys() if k not in consumed and k not in ignored and not _IGNORED.search(k)]
-        if leftover:
-            raise ConversionError(
-                f"{hf_dir}: {len(leftover)} tensors have no place in a Llama model, e.g. {', '.join(sorted(leftover)[:3])}"
-            )
+        _fill_from_hf(model, weights, shape, progress)
         checkpointing.save_weights(tmp, args, model, iteration=0)
         if has_tokenizer:
             files.copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_SUBDIR))
@@ -187,26 +194,33 @@ def parse_size(text) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
-def _export_tokenizer(args, target: str) -> List[str]:
+def _export_tokenizer(args, target: str) -> None:
+    """Copy the checkpoint's tokenizer files, under the names transformers looks for."""
+    import shutil
+
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        shutil.copy2(args.vocab_file, os.path.join(target, "vocab.json"))
+        shutil.copy2(args.merge_file, os.path.join(target, "merges.txt"))
+        return
     source = files.tokenizer_source_dir(args.tokenizer_type, args.tokenizer_model)
-    if source is None:
-        if args.tokenizer_type == "GPT2BPETokenizer":
-            copied = []
-            for path, name in ((args.vocab_file, "vocab.json"), (args.merge_file, "merges.txt")):
-                files.copy_tokenizer_files(os.path.dirname(path), target, [os.path.basename(path)])
-                os.replace(os.path.join(target, os.path.basename(path)), os.path.join(target, name))
-                copied.append(name)
-            return copied
-        return []
-    copied = files.copy_tokenizer_files(source, target)
-    # A tokenizer file under another name is copied under the name transformers looks for.
+    if source is None:  # NullTokenizer: ids are the text
+        return
+    files.copy_tokenizer_files(source, target)
     expected = {"HuggingFaceTokenizer": "tokenizer.json", "SentencePieceTokenizer": "tokenizer.model"}[args.tokenizer_type]
     if os.path.isfile(args.tokenizer_model) and os.path.basename(args.tokenizer_model) != expected:
-        import shutil
-
         shutil.copy2(args.tokenizer_model, os.path.join(target, expected))
-        copied.append(expected)
-    return copied
+
+
+def _write_weights(directory: str, params, shards: List[List[str]], basename: str, shape: LlamaShape, bar) -> None:
+    """Our parameters, shard by shard, as Hugging Face tensors (one shard in memory at a time)."""
+    writer = files.ShardWriter(directory, len(shards), basename)
+    for index, names in enumerate(shards):
+        tensors = {}
+        for name in names:
+            tensors.update(to_hf(name, params[name], shape))
+            bar.update()
+        writer.write(index, tensors)
+    writer.finish()
 
 
 def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
@@ -230,21 +244,14 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
     shape = shape_from_args(args, model.vocab_size)
     params = {name: p.detach() for name, p in model.named_parameters()}
     backbone = [n for n in params if not is_exit_name(n)]
-    exits = [n for n in params if is_exit_name(n)]
-    shards = files.plan_shards([(n, params[n].numel() * params[n].element_size()) for n in backbone], max_shard_bytes)
+    has_exits = bool(args.ee_config.exit_layer_nums)  # (tied exits without a norm own no tensors)
     with files.atomic_output_dir(out) as tmp:
-        bar = tqdm(total=len(params), desc="export", unit="tensor", disable=not progress)
-        has_exits = bool(args.ee_config.exit_layer_nums)  # tied exits without a norm own no tensors
-        for names, basename in ((shards, "model"), ([exits] if has_exits else [], files.EXIT_WEIGHTS[: -len(".safetensors")])):
-            writer = files.ShardWriter(tmp, len(names), basename)
-            for index, shard in enumerate(names):
-                tensors = {}
-                for name in shard:
-                    tensors.update(to_hf(name, params[name], shape))
-                    bar.update()
-                writer.write(index, tensors)
-            writer.finish()
-        bar.close()
+        with tqdm(total=len(params), desc="export", unit="tensor", disable=not progress) as bar:
+            sizes = [(n, params[n].numel() * params[n].element_size()) for n in backbone]
+            _write_weights(tmp, params, files.plan_shards(sizes, max_shard_bytes), "model", shape, bar)
+            if has_exits:
+                exits = [n for n in params if is_exit_name(n)]
+                _write_weights(tmp, params, [exits], files.EXIT_WEIGHTS[: -len(".safetensors")], shape, bar)
         section = exit_section(args, files.EXIT_WEIGHTS) if has_exits else None
         cfg = hf_config(shape, getattr(tokenizer, "bos", None), tokenizer.eod, getattr(tokenizer, "pad", None), section)
         with open(os.path.join(tmp, "config.json"), "w") as f:
