@@ -112,7 +112,7 @@ def train_model(work_dir: str, files: dict, train_iters: int) -> str:
         "--weight-decay", "0.1", "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", "1234",
         "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(work_dir, "cache"),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
-        "--log-interval", "25", "--eval-iters", "0", "--save", save,
+        "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100",
     ], world_size=1))
     return save
 

@@ -252,18 +252,25 @@ def compare_with_checkpoint(saved: dict, args) -> List[int]:
     return new_exits
 
 
-def load_weights(path: str, model, skip_exits: Tuple[int, ...] = ()) -> None:
-    """Read the model's weights (any layout) from a checkpoint directory; exits in
-    `skip_exits` are not in the checkpoint and keep their values."""
-    model = _unwrap(model)
-    state = model_sharded_state(model)
+def _model_state(model, skip_exits) -> Tuple[dict, dict, tuple]:
+    """(full sharded model state, the part to read, prefixes of exits not to read)."""
+    full = model_sharded_state(model)
     skipped = tuple(f"exits.{n}." for n in skip_exits)
-    state = {k: v for k, v in state.items() if not k.startswith(skipped)}
-    loaded = _load({"model": state}, path)["model"]
-    result = model.load_state_dict(loaded, strict=not skipped)
+    return full, {k: v for k, v in full.items() if not k.startswith(skipped)}, skipped
+
+
+def _apply_model_state(model, loaded: dict, skipped: tuple, path: str) -> None:
+    result = _unwrap(model).load_state_dict(loaded, strict=not skipped)
     unexpected_missing = [k for k in result.missing_keys if not k.startswith(skipped)]
     if unexpected_missing:
         raise CheckpointError(f"{path}: no weights for {unexpected_missing}")
+
+
+def load_weights(path: str, model, skip_exits: Tuple[int, ...] = ()) -> None:
+    """Read the model's weights (any layout) from a checkpoint directory; exits in
+    `skip_exits` are not in the checkpoint and keep their values."""
+    _, state, skipped = _model_state(model, skip_exits)
+    _apply_model_state(model, _load({"model": state}, path)["model"], skipped, path)
 
 
 def _load(state: dict, path: str) -> dict:
@@ -292,9 +299,8 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
     if new_exits and rank0:
         print(f" exits at layers {new_exits} are not in the checkpoint: they keep their initialisation", flush=True)
 
-    model_sd = model_sharded_state(model)
-    skipped = tuple(f"exits.{n}." for n in new_exits)
-    state = {"model": {k: v for k, v in model_sd.items() if not k.startswith(skipped)}}
+    model_sd, model_state, skipped = _model_state(model, new_exits)
+    state = {"model": model_state}
     if not weights_only:
         _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -308,9 +314,7 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
 
     start = time.time()
     loaded = _load(state, path)
-    result = _unwrap(model).load_state_dict(loaded["model"], strict=not skipped)
-    if any(not k.startswith(skipped) for k in result.missing_keys):
-        raise CheckpointError(f"--load {path}: no weights for {result.missing_keys}")
+    _apply_model_state(model, loaded["model"], skipped, path)
     if not weights_only:
         with _step_kept_out_of_state_copy(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
