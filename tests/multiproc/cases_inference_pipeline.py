@@ -69,8 +69,13 @@ def case_early_exit_rows_leave_on_both_stages():
 
 
 def case_sampled_with_stop_tokens():
-    return _pp2_vs_pp1(EarlyExit(0.3, kv="pipeline"), sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=11),
-                       stop_tokens=(7, 21), use_exit_norm=True)
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+    initialize_parallel(1, 1, seed=3)
+    free = generate(_build(use_exit_norm=True), PROMPTS, EarlyExit(0.3, kv="pipeline"), max_new_tokens=16, sampling=sampling)
+    stop = free.tokens[1][3]  # row 1 must stop after at most 4 tokens
+    metrics = _pp2_vs_pp1(EarlyExit(0.3, kv="pipeline"), sampling=sampling, stop_tokens=(stop,), use_exit_norm=True)
+    assert metrics["tokens"] < sum(len(t) for t in free.tokens)
+    return metrics
 
 
 def case_untied_mlp_heads_saturation():
