@@ -11,7 +11,8 @@
 #   4. tools/checkpoint/add_exits.py: exits after layers 2 and 4, their norm and output
 #      layer copied from the final ones
 #   5. exit tuning: pretrain_early_exit_gpt.py --finetune --tune-exit (backbone frozen)
-#   6. early-exit generation: tools/calibrate_threshold.py sweeps confidence thresholds
+#   6. held-out losses of the exits before and after tuning; early-exit generation:
+#      tools/calibrate_threshold.py sweeps confidence thresholds
 #   7. back to Hugging Face, exits included (transformers loads the backbone)
 # Environment: OUT (default runs/ee_tuning), PRETRAIN_ITERS (150), TUNE_ITERS (100), NPROC (2).
 set -euo pipefail
@@ -106,18 +107,41 @@ train --use-checkpoint-args --load "$OUT/llama-ee" --finetune --tune-exit "${TRA
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.0 \
   --log-interval 10 --eval-interval 50 --tensorboard-dir "$OUT/tensorboard" --save "$OUT/llama-ee-tuned"
 
-step "6/7 early-exit generation: threshold sweep"
+step "6/7 held-out losses before and after exit tuning; early-exit generation: threshold sweep"
 "$PY" - "$OUT" <<'PYTHON'
 import json, random, sys
-out = sys.argv[1]
-docs = [json.loads(line)["text"] for line in open(f"{out}/stdlib.jsonl")]
-random.Random(0).shuffle(docs)
-with open(f"{out}/prompts.jsonl", "w") as f:
-    for text in docs[:8]:
-        f.write(json.dumps({"text": text[:300]}) + "\n")
+import numpy as np
+import torch
+
+
+def main():
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.parallel import initialize_parallel
+
+    out = sys.argv[1]
+    initialize_parallel(1, 1)
+    documents = IndexedDataset(f"{out}/stdlib_text_document")
+    tokens = np.concatenate([documents[i] for i in range(len(documents) - 8, len(documents))])
+    x = torch.from_numpy(tokens[: 8 * 257].astype(np.int64)).view(8, 257)
+    inputs, labels, positions = x[:, :-1], x[:, 1:], torch.arange(256).expand(8, -1)
+    for name in ("llama-ee", "llama-ee-tuned"):
+        with torch.no_grad():
+            result = load_model(f"{out}/{name}", 1, device=torch.device("cpu"))[0](inputs, positions, None, labels=labels)
+            losses = [f"exit {e.layer_number}: {e.compute_loss(False)[0].mean().item():.3f}" for e in result.exits]
+        print(f"  {name:15s} {', '.join(losses)}, final: {result.final.mean().item():.3f}")
+    docs = [json.loads(line)["text"] for line in open(f"{out}/stdlib.jsonl")]
+    random.Random(0).shuffle(docs)
+    with open(f"{out}/prompts.jsonl", "w") as f:
+        for text in docs[:6]:
+            f.write(json.dumps({"text": text[:300]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
 PYTHON
 "$PY" tools/calibrate_threshold.py --load "$OUT/llama-ee-tuned" --prompts-jsonl "$OUT/prompts.jsonl" \
-  --max-prompts 8 --max-new-tokens 48 --thresholds 0.9 0.8 0.6 0.4 --min-agreement 0.9 --threads 2 || true
+  --max-prompts 6 --max-new-tokens 32 --thresholds 0.8 0.6 0.4 0.3 --min-agreement 0.9 --threads 2 || true
 
 step "7/7 back to Hugging Face, exits included"
 "$PY" tools/checkpoint/convert_hf.py --direction to-hf --load "$OUT/llama-ee-tuned" --save "$OUT/hf-ee" --no-progress
