@@ -77,6 +77,9 @@ class EarlyExitGPTModel(GPTModel):
         rotary_percent: float = 1.0,
         parallel_output: bool = True,
         use_te: Optional[bool] = None,
+        seq_len_interpolation_factor: Optional[float] = None,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
     ):
         ee_config.validate_against(config.num_layers)
         super().__init__(
@@ -91,6 +94,9 @@ class EarlyExitGPTModel(GPTModel):
             position_embedding_type=position_embedding_type,
             rotary_base=rotary_base,
             rotary_percent=rotary_percent,
+            seq_len_interpolation_factor=seq_len_interpolation_factor,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=rope_scaling_factor,
         )
         self.ee_config = ee_config
         head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, use_te), get_norm_spec(use_te))

@@ -68,18 +68,11 @@ def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTMode
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         rotary_percent=args.rotary_percent,
+        # Linear position interpolation and Llama 3.x frequency scaling.
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
     )
-    if args.position_embedding_type == "rope" and (args.use_rope_scaling or args.rotary_seq_len_interpolation_factor):
-        # Linear position interpolation and Llama 3.x frequency scaling are options of
-        # megatron-core's RotaryEmbedding that EarlyExitGPTModel does not forward: rebuild it.
-        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-        model.rotary_pos_emb = RotaryEmbedding(
-            kv_channels=model.config.kv_channels, rotary_percent=args.rotary_percent,
-            rotary_interleaved=model.config.rotary_interleaved,
-            seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor, rotary_base=args.rotary_base,
-            rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor, use_cpu_initialization=True,
-        )
     initialize_layout_invariant(model, args.seed, args.init_method_std, args.num_layers)
     return model.to(device)
 
