@@ -106,6 +106,7 @@ def initialize_parallel(
     dp_size = validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_subgroups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -127,6 +128,17 @@ def initialize_parallel(
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
     )
+
+
+def _destroy_subgroups() -> None:
+    """Free every process group but the default one before a re-initialisation: each
+    gloo group keeps its own threads, and megatron-core creates dozens per layout."""
+    from torch.distributed import distributed_c10d
+
+    default = distributed_c10d._get_default_group()
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not default:
+            torch.distributed.destroy_process_group(group)
 
 
 _TIED_EMBEDDING_GROUP = None
@@ -181,6 +193,7 @@ def set_seed(seed: int) -> None:
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_subgroups()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
