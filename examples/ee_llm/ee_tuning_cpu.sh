@@ -12,7 +12,8 @@
 #      layer copied from the final ones
 #   5. exit tuning: pretrain_early_exit_gpt.py --finetune --tune-exit (backbone frozen)
 #   6. held-out losses of the exits before and after tuning; early-exit generation:
-#      tools/calibrate_threshold.py sweeps confidence thresholds
+#      tools/calibrate_threshold.py sweeps confidence thresholds; the text generation server
+#      answers a PUT /api request with early exit (exit layer of every token printed)
 #   7. back to Hugging Face, exits included (transformers loads the backbone)
 # Environment: OUT (default runs/ee_tuning), PRETRAIN_ITERS (150), TUNE_ITERS (100), NPROC (2).
 set -euo pipefail
@@ -142,6 +143,20 @@ if __name__ == "__main__":
 PYTHON
 "$PY" tools/calibrate_threshold.py --load "$OUT/llama-ee-tuned" --prompts-jsonl "$OUT/prompts.jsonl" \
   --max-prompts 6 --max-new-tokens 32 --thresholds 0.8 0.6 0.4 0.3 --min-agreement 0.9 --threads 2 || true
+
+echo "-- serving the tuned model with early exit (tools/run_text_generation_server.py)"
+"$PY" tools/run_text_generation_server.py --load "$OUT/llama-ee-tuned" --port 0 > "$OUT/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 120); do grep -q "^serving" "$OUT/server.log" && break; sleep 1; done
+URL=$(sed -n 's/^serving .* on \(http:[^ ]*\).*/\1/p' "$OUT/server.log")
+if [ -n "$URL" ]; then
+  curl -s -X PUT "$URL/api" -H 'Content-Type: application/json' -d '{"prompts": ["def main():"],
+    "tokens_to_generate": 24, "top_k": 1, "use_early_exit": true, "early_exit_thres": 0.3}' \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin); print("  text:", repr(r["text"][0])); print("  exit layers:", r["exit_layers"][0])'
+else
+  echo "  the server did not start; see $OUT/server.log"
+fi
+kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true
 
 step "7/7 back to Hugging Face, exits included"
 "$PY" tools/checkpoint/convert_hf.py --direction to-hf --load "$OUT/llama-ee-tuned" --save "$OUT/hf-ee" --no-progress
