@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 
 def parse_args(argv=None):
+    from megatron.early_exit.training.arguments import add_exit_structure_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (ours: convert_hf.py or --save output)")
     p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
@@ -36,11 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--exit-layer-nums", type=int, nargs="+", default=None, help="layers (1-based) that get an exit")
     p.add_argument("--exit-layer-weight", type=float, nargs="*", default=None, help="loss weight per exit (stored)")
     p.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
-    p.add_argument("--use-exit-norm", action="store_true")
-    p.add_argument("--use-exit-mlp", action="store_true")
-    p.add_argument("--use-exit-block", action="store_true")
-    p.add_argument("--untie-exit-output-weights", action="store_true")
-    p.add_argument("--pre-exit", action="store_true")
+    add_exit_structure_args(p)
     p.add_argument("--random-init", action="store_true", help="random exits instead of copies")
     p.add_argument("--init-method-std", type=float, default=None, help="with --random-init (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="with --random-init (default: the checkpoint's)")

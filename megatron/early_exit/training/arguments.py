@@ -119,6 +119,12 @@ def _checkpoint_args(p: argparse.ArgumentParser):
                    help="take model, tokenizer and exit flags from the --load checkpoint (flags given here win)")
 
 
+def add_exit_structure_args(g) -> None:
+    """The flags that shape an exit head (also read by tools/checkpoint/add_exits.py)."""
+    for flag in ("--use-exit-norm", "--use-exit-mlp", "--use-exit-block", "--untie-exit-output-weights", "--pre-exit"):
+        g.add_argument(flag, action="store_true")
+
+
 def _early_exit_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("early exit")
     g.add_argument("--exit-layer-nums", type=int, nargs="*", default=[])
@@ -127,11 +133,7 @@ def _early_exit_args(p: argparse.ArgumentParser):
     g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
     g.add_argument("--exit-layer-weight-warmup-style", choices=WARMUP_STYLES, default="linear")
     g.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
-    g.add_argument("--use-exit-norm", action="store_true")
-    g.add_argument("--use-exit-mlp", action="store_true")
-    g.add_argument("--use-exit-block", action="store_true")
-    g.add_argument("--untie-exit-output-weights", action="store_true")
-    g.add_argument("--pre-exit", action="store_true")
+    add_exit_structure_args(g)
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
     g.add_argument("--fill-explicit-bubbles", action="store_true")
     g.add_argument("--num-fill-warmup-microbatches", type=int, default=None)
