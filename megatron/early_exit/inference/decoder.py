@@ -82,6 +82,19 @@ def validate_model(model, pipeline_stages: bool = False) -> None:
         raise InferenceConfigError(f"the inference decoder does not support {', '.join(bad)}")
 
 
+def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
+    """Which rows' newest token (last [1, b, h]) fires at `point`, and the exit's logits
+    when the measure needed them."""
+    if threshold == -math.inf:
+        return [True] * last.shape[1], None
+    if measure.uses_logits:
+        logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
+        return (measure.fn(logits) >= threshold).tolist(), logits
+    if previous is None:  # saturation before the first layer: nothing to compare
+        return [False] * last.shape[1], None
+    return (measure.fn(last[0], previous) >= threshold).tolist(), None
+
+
 class Decoder:
     """Runs an EarlyExitGPTModel (PP=1, any TP) over a KV cache of `max_batch` rows."""
 
@@ -166,23 +179,12 @@ class Decoder:
     def _save_frontier(self, x: Tensor, ws: WorkSet) -> None:
         self.frontier[ws.rows_t.view(1, -1).expand_as(ws.write_pos), ws.write_pos] = x
 
-    def _confidence_test(self, point: ExitPoint, policy: ExitPolicy, last, head_input, previous):
-        """Which rows' newest token fires at `point`, and the exit's logits when computed."""
-        if policy.threshold == -math.inf:
-            return [True] * last.shape[1], None
-        if policy.measure.uses_logits:
-            logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
-            return (policy.measure.fn(logits) >= policy.threshold).tolist(), logits
-        if previous is None:  # saturation before the first layer: nothing to compare
-            return [False] * last.shape[1], None
-        return (policy.measure.fn(last[0], previous) >= policy.threshold).tolist(), None
-
     def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done):
         """Rows whose newest token is confident at `point` take their token and leave;
         returns the hidden states and work set of the rows going on (None, None if none)."""
         last = x[-1:]  # [1, b, h]
         head_input = attention_output[-1:] if point.head.has_mlp else None
-        fire, logits = self._confidence_test(point, policy, last, head_input, previous)
+        fire, logits = confidence_test(self.model, point, policy.threshold, policy.measure, last, head_input, previous)
         if not any(fire):
             return x, ws
         cols = [i for i, f in enumerate(fire) if f]

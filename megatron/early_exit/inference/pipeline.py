@@ -19,7 +19,6 @@ without the overlap (the reference a pipeline run must reproduce).
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -27,8 +26,9 @@ from torch import Tensor
 
 from megatron.core import parallel_state
 
-from megatron.early_exit.inference.decoder import ExitPoint, validate_model
+from megatron.early_exit.inference.decoder import ExitPoint, StepOutput, confidence_test, validate_model
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.generate import _now
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.layers import (
     RotaryTables, attention_scale, build_work_set, embed, exit_logits, final_logits, run_layer,
@@ -98,16 +98,8 @@ class StageDecoder:
         cols = [i for i, o in enumerate(open_rows) if o]
         last = x[-1:, cols]
         head_input = attention_output[-1:, cols] if point.head.has_mlp and attention_output is not None else None
-        logits = None
-        if self.threshold == -math.inf:
-            fire = [True] * len(cols)
-        elif self.measure.uses_logits:
-            logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
-            fire = (self.measure.fn(logits) >= self.threshold).tolist()
-        elif previous is None:
-            fire = [False] * len(cols)
-        else:
-            fire = (self.measure.fn(last[0], previous[cols]) >= self.threshold).tolist()
+        fire, logits = confidence_test(self.model, point, self.threshold, self.measure, last, head_input,
+                                       None if previous is None else previous[cols])
         if not any(fire):
             return
         if logits is None:
@@ -180,14 +172,12 @@ class _Links:
 def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
                       exit_layers: Optional[List[int]], threshold: float, measure) -> GenerationResult:
     """Pipeline-based early exit over this rank's stage; every rank returns the result."""
-    import time
-
     stage = StageDecoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, exit_layers, threshold, measure)
     links = _Links(len(prompts), model.vocab_size)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy)
     if stage.first:
-        start = time.perf_counter()
+        start = _now(stage.device)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generator(stage.device), active=list(range(len(prompts))))
         _lead(stage, links, transcript, prompts, start)
@@ -203,8 +193,6 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
 
 def _lead(stage: StageDecoder, links: _Links, transcript: Transcript, prompts, start: float) -> None:
     """Stage 0: runs each step, collects its decisions, picks the tokens."""
-    from megatron.early_exit.inference.decoder import StepOutput
-
     fed = [0] * len(prompts)
     received = [0] * links.num_stages  # decision messages consumed per stage
     step = 0
@@ -227,11 +215,11 @@ def _lead(stage: StageDecoder, links: _Links, transcript: Transcript, prompts, s
             fed[r] = e + 1
         transcript.take(StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows])))
         if step == 0:
-            transcript.result.prefill_seconds = time_since(start)
+            transcript.result.prefill_seconds = _now(stage.device) - start
         else:
             transcript.result.num_steps += 1
         step += 1
-    transcript.result.decode_seconds = time_since(start) - transcript.result.prefill_seconds
+    transcript.result.decode_seconds = _now(stage.device) - start - transcript.result.prefill_seconds
     if links.num_stages > 1:
         links.send_step(STOP, [], [], [], [], None)
         for later in range(1, links.num_stages):  # messages of steps decided without them
@@ -255,14 +243,6 @@ def _follow(stage: StageDecoder, links: _Links) -> None:
         if not stage.last:
             links.send_step(STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden)
         step += 1
-
-
-def time_since(start: float) -> float:
-    import time
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def check_pipeline_strategy(model, strategy) -> None:
