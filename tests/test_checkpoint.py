@@ -223,6 +223,12 @@ def test_tp1_checkpoint_at_tp2_pp2(reshard_runs, case):
     assert reshard_runs[1][case]["ok"], reshard_runs[1][case]["error"]
 
 
+def _fresh_process_env() -> dict:
+    """This environment without the single-process world's rendezvous (a child starts its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return dict(env, PYTHONWARNINGS="ignore")
+
+
 @pytest.mark.parametrize("moment", ["before_rename", "before_marker"])
 def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_path, moment):
     import signal
@@ -233,8 +239,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
     root, paused = str(tmp_path / "ck"), tmp_path / "paused"
     flags = {"--save": root, "--save-interval": 2, "--eval-iters": 0}
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain_early_exit_gpt.py")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(_fresh_process_env(), EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, script] + tiny_run_flags(corpus, iters=6, **flags), env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -256,10 +261,8 @@ def _tool(name, *argv):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "checkpoint", name)
-    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600,
-                          env=dict(env, PYTHONWARNINGS="ignore"))
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600, env=_fresh_process_env())
 
 
 @pytest.mark.multiproc

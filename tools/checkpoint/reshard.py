@@ -46,11 +46,9 @@ def target_args(a):
     from megatron.early_exit.inference.loading import stored_args
     from megatron.early_exit.training.checkpointing import resolve
 
-    args = stored_args(resolve(a.load), a.target_tensor_parallel_size)
-    args.pipeline_model_parallel_size = a.target_pipeline_parallel_size
+    args = stored_args(resolve(a.load), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
     args.load, args.save = a.load, a.save
     args.finetune, args.no_load_optim, args.no_load_rng = False, a.weights_only, True
-    args.data_parallel_size = 1
     return args
 
 

@@ -305,7 +305,8 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
         _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     same_layout = tuple(common.get("layout", ())) == _layout()
-    load_rng = not (args.finetune or args.no_load_rng) and "rng_state" in _stored_keys(common) and same_layout
+    # RNG states are saved with the optimizer state (full saves only), one per rank of the layout.
+    load_rng = not (args.finetune or args.no_load_rng) and common.get("has_optimizer", True) and same_layout
     if not same_layout and not (args.finetune or args.no_load_rng) and rank0:
         print(f" checkpoint layout (TP, PP, DP) = {tuple(common.get('layout', ()))}, now {_layout()}: "
               "weights and optimizer are resharded, RNG states are not restored", flush=True)
@@ -378,8 +379,3 @@ def _step_kept_out_of_state_copy(optimizer):
             for param_state in opt.optimizer.state.values():
                 if "step" in param_state:
                     param_state["step"] = param_state["step"].clone()
-
-
-def _stored_keys(common: dict) -> set:
-    # ShardedObjects are stored apart from common.pt; has_optimizer marks full saves.
-    return {"rng_state"} if common.get("has_optimizer", True) else set()
