@@ -52,6 +52,8 @@ def _assert_same_history(got, expected, tol=1e-5):
         ("case_dp2_distributed_optimizer", {"--use-distributed-optimizer": None}),
         ("case_tp2", {}),
         ("case_tp2_sequence_parallel", {}),
+        ("case_dp2_no_gloo_groups", {}),
+        ("case_dp2_distributed_optimizer_no_gloo_groups", {"--use-distributed-optimizer": None}),
     ],
 )
 def test_two_processes_equal_one(dist1, corpus, two_process_runs, case, flags):

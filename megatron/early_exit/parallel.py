@@ -35,6 +35,9 @@ class ParallelContext:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    # Whether megatron-core's gloo twins of the data-parallel groups exist; the
+    # optimizer must be told, or it asserts on groups that are not there.
+    gloo_process_groups: bool = True
 
     @property
     def is_first_stage(self) -> bool:
@@ -77,6 +80,7 @@ def initialize_parallel(
     seed: int = 1234,
     device: str | None = None,
     timeout_minutes: int = 10,
+    gloo_process_groups: bool | None = None,
     tied_embedding_stages: Sequence[int] = (),
 ) -> ParallelContext:
     """Initialise the process group (from torchrun's environment, or as a single
@@ -85,8 +89,13 @@ def initialize_parallel(
     `tied_embedding_stages`: pipeline stages that hold an instance of the word
     embedding (first stage, tied output layer, tied exits); their gradients are
     all-reduced over a group we own (megatron-core's own group only ever pairs the
-    first and last stage)."""
+    first and last stage).
+
+    `gloo_process_groups`: also create megatron-core's gloo groups (default: on CPU
+    only, as Megatron-LM's --disable-gloo-process-groups does on GPU)."""
     dev = resolve_device(device)
+    if gloo_process_groups is None:
+        gloo_process_groups = dev.type == "cpu"
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -110,7 +119,7 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        create_gloo_process_groups=dev.type == "cpu",
+        create_gloo_process_groups=gloo_process_groups,
         # megatron-core's embedding group is reduced to the first stage (a no-op);
         # allreduce_tied_embedding_grads handles every stage that holds a copy.
         get_embedding_ranks=lambda pp_ranks, *unused: pp_ranks[:1],
@@ -127,6 +136,7 @@ def initialize_parallel(
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        gloo_process_groups=gloo_process_groups,
     )
 
 

@@ -348,3 +348,22 @@ def apply() -> bool:
 
 def is_applied() -> bool:
     return _applied
+
+
+# Apex's fused softmax kernels: megatron-core imports them unguarded inside the
+# attention forward when masked_softmax_fusion is on, so ask only for what imports.
+FUSED_SOFTMAX_MODULES = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda")
+
+
+def fused_softmax_available(device: torch.device) -> bool:
+    """Whether megatron-core's masked_softmax_fusion can run on `device`."""
+    import importlib
+
+    if device.type != "cuda":
+        return False
+    try:
+        for name in FUSED_SOFTMAX_MODULES:
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True

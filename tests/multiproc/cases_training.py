@@ -28,3 +28,13 @@ def case_tp2():
 
 def case_tp2_sequence_parallel():
     return _history(tiny_run_flags(DATA, iters=6, **{"--tensor-model-parallel-size": 2, "--sequence-parallel": None}))
+
+
+# As on GPU, where megatron-core's gloo groups are not created: the optimizer must not
+# ask for them (it asserted "Intra partial data parallel group is not initialized").
+def case_dp2_no_gloo_groups():
+    return _history(tiny_run_flags(DATA, iters=6, **{"--disable-gloo-process-groups": None}))
+
+
+def case_dp2_distributed_optimizer_no_gloo_groups():
+    return _history(tiny_run_flags(DATA, iters=6, **{"--use-distributed-optimizer": None, "--disable-gloo-process-groups": None}))

@@ -75,7 +75,7 @@ def run_rank(a):
     vocab = stored_vocab_size(args)
     model = build_model(args, ctx.device, vocab)
     model = wrap_model(model, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)
     iteration, consumed = checkpointing.load(args, model, optimizer, scheduler)
     if a.weights_only:
         path = checkpointing.save_weights(a.save, args, model, iteration)

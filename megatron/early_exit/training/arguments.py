@@ -80,6 +80,8 @@ def _parallel_args(p: argparse.ArgumentParser):
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--disable-gloo-process-groups", dest="enable_gloo_process_groups", action="store_false",
+                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU only)")
 
 
 def _data_args(p: argparse.ArgumentParser):
@@ -382,6 +384,8 @@ def build_early_exit_config(args) -> EarlyExitConfig:
 def build_transformer_config(args, device: torch.device):
     from megatron.core.transformer import TransformerConfig
 
+    from megatron.early_exit.platform import fused_softmax_available
+
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     on_cpu = device.type == "cpu"
     return TransformerConfig(
@@ -411,7 +415,7 @@ def build_transformer_config(args, device: torch.device):
         # Fused kernels need CUDA; on CPU use the plain PyTorch paths.
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=fused_softmax_available(device),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_sync=False,

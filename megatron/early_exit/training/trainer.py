@@ -94,7 +94,7 @@ def wrap_model(model, args) -> DistributedDataParallel:
     return DistributedDataParallel(model.config, ddp_config, model)
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, gloo_process_groups: bool = True):
     config = OptimizerConfig(
         optimizer=args.optimizer,
         lr=args.lr,
@@ -110,7 +110,7 @@ def build_optimizer(model, args):
         initial_loss_scale=args.initial_loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=gloo_process_groups)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if args.lr_warmup_iters else args.lr,
@@ -234,6 +234,7 @@ def pretrain(args) -> TrainState:
     pp = args.pipeline_model_parallel_size
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
+        gloo_process_groups=args.enable_gloo_process_groups,
         tied_embedding_stages=tied_embedding_stages(args.ee_config, args.num_layers, pp, not args.untie_embeddings_and_output_weights),
     )
     microbatches.destroy_num_microbatches_calculator()
@@ -247,7 +248,7 @@ def pretrain(args) -> TrainState:
     model = build_model(args, ctx.device, vocab_size)
     apply_exit_tuning(model, args)
     model = wrap_model(model, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)
     state = TrainState(model=model)
     if args.load:
         state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)

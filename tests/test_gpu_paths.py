@@ -1,0 +1,68 @@
+"""GPU conditions emulated on CPU: what the CUDA path decides, checked without a GPU.
+
+Apex's fused softmax kernels are replaced by plain-PyTorch modules with the kernels'
+semantics (the causal one ignores any mask it is given), so the decisions around
+them run here exactly as they would on a GPU host.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from tests.training_fixtures import tiny_run_flags
+
+
+def _fake_kernels():
+    """Modules named like apex's fused softmax kernels, computing what they compute."""
+
+    def upper_triang_forward(x, scale):  # [b*np, sq, sk]: causal, any mask ignored
+        sq, sk = x.shape[-2:]
+        causal = torch.ones(sq, sk, dtype=torch.bool).triu(1)
+        return torch.softmax((x.float() * scale).masked_fill(causal, -10000.0), -1).to(x.dtype)
+
+    def masked_forward(x, mask, scale):  # [b, np, sq, sk], mask True = masked out
+        return torch.softmax((x.float() * scale).masked_fill(mask, -10000.0), -1).to(x.dtype)
+
+    def softmax_forward(x, scale):
+        return torch.softmax(x.float() * scale, -1).to(x.dtype)
+
+    def get_batch_per_block(sq, sk, b, np):
+        return 1
+
+    unsupported = lambda *a: (_ for _ in ()).throw(NotImplementedError("backward"))  # noqa: E731
+    return {
+        "scaled_upper_triang_masked_softmax_cuda": types.SimpleNamespace(forward=upper_triang_forward, backward=unsupported),
+        "scaled_masked_softmax_cuda": types.SimpleNamespace(forward=masked_forward, backward=unsupported,
+                                                            get_batch_per_block=get_batch_per_block),
+        "scaled_softmax_cuda": types.SimpleNamespace(forward=softmax_forward, backward=unsupported),
+    }
+
+
+@pytest.fixture
+def fake_apex_kernels(monkeypatch):
+    for name, module in _fake_kernels().items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def _args(**overrides):
+    from megatron.early_exit.training.arguments import parse_args
+
+    return parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1)
+
+
+def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
+    """GPU without apex: megatron-core imports the kernel unguarded in the attention
+    forward, so masked_softmax_fusion must stay off (it raised ImportError)."""
+    from megatron.early_exit.training.arguments import build_transformer_config
+
+    for name in _fake_kernels():
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    args = _args(**{"--bf16": None})
+    assert not build_transformer_config(args, torch.device("cuda")).masked_softmax_fusion
+    assert not build_transformer_config(args, torch.device("cpu")).masked_softmax_fusion
+    for name, module in _fake_kernels().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert build_transformer_config(args, torch.device("cuda")).masked_softmax_fusion
+    assert not build_transformer_config(args, torch.device("cpu")).masked_softmax_fusion
