@@ -66,3 +66,29 @@ def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     assert build_transformer_config(args, torch.device("cuda")).masked_softmax_fusion
     assert not build_transformer_config(args, torch.device("cpu")).masked_softmax_fusion
+
+
+# -- host-device synchronisation per decoded token ------------------------------------
+
+
+@pytest.mark.parametrize("strategy,per_step", [
+    ("full", 1),  # the step's tokens read once
+    ("speculative", 1),  # a draft step reads its token; verification reads the whole batch once
+    ("early_exit", 3),  # one more at each of the two exits a step reaches: their decisions skip layers
+    ("early_exit_propagate", 3),
+])
+def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
+    from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
+    from tests.sync_counter import SyncCounter
+    from tests.test_inference import PROMPTS, build_model
+
+    chosen = {"full": FullDepth(), "speculative": SelfSpeculative(exit_layer=1, num_draft=3),
+              "early_exit": EarlyExit(threshold=0.5), "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate")}
+    model = build_model("untied_mlp")
+    with SyncCounter() as counter:
+        result = generate(model, PROMPTS, chosen[strategy], max_new_tokens=16)
+    steps = result.num_steps + 1  # the prefill is a step too
+    setup = counter.counts["to(device)"]  # the model's buffers, once per call
+    assert setup <= 1, counter.counts
+    assert counter.total - setup <= per_step * steps, (counter.counts, steps)
+    assert counter.counts["tensor(device=)"] == 0, counter.counts  # host data reaches the device without a wait

@@ -31,6 +31,7 @@ from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.layers import (
     RotaryTables, WorkSet, attention_scale, build_work_set, embed, exit_logits, final_logits, project_qkv, run_layer,
+    to_device,
 )
 
 
@@ -163,8 +164,9 @@ class Decoder:
 
     def _embed(self, new_tokens, ws: WorkSet) -> Tensor:
         width = ws.width
-        grid = [[0] * (width - len(t)) + list(t) for t in new_tokens]  # right-aligned, front padding
-        return embed(self.model, torch.tensor(grid, device=self.device).t(), ws)
+        flat = [t for row in new_tokens for t in [0] * (width - len(row)) + list(row)]  # right-aligned, front padding
+        grid = to_device(self.device, flat)[0].view(len(new_tokens), width)
+        return embed(self.model, grid.t(), ws)
 
     def _align(self, x: Tensor, ws: WorkSet, index: int):
         """Widen each row's chunk back to the first position layer `index` lacks, fetching
@@ -189,7 +191,7 @@ class Decoder:
             return x, ws
         cols = [i for i, f in enumerate(fire) if f]
         every = len(cols) == len(fire)  # all rows leave (always so when drafting): no subsets to cut
-        cols_t = None if every else torch.tensor(cols, device=self.device)
+        cols_t = None if every else to_device(self.device, cols)[0]
 
         def pick(t: Tensor, dim: int) -> Tensor:
             return t if every else t.index_select(dim, cols_t)
@@ -210,7 +212,7 @@ class Decoder:
             return None, None
         keep = [i for i, f in enumerate(fire) if not f]
         going = self._select(ws, keep)
-        return x[-going.width:].index_select(1, torch.tensor(keep, device=self.device)), going
+        return x[-going.width:].index_select(1, to_device(self.device, keep)[0]), going
 
     def _select(self, ws: WorkSet, cols: List[int]) -> WorkSet:
         return self._work_set([ws.rows[i] for i in cols], [ws.starts[i] for i in cols], [ws.ends[i] for i in cols])

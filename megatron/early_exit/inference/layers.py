@@ -56,12 +56,19 @@ class RotaryTables:
         self.interleaved = model.config.rotary_interleaved
 
 
+def to_device(device, *values: List[int]) -> List[Tensor]:
+    """Integer lists as int64 tensors on `device`, in one copy that does not wait for the
+    device (pinned memory, non-blocking): `torch.tensor(list, device=cuda)` would."""
+    flat = torch.tensor([v for part in values for v in part], dtype=torch.int64)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(part) for part in values]))
+
+
 def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_slot: int,
                    rotary: Optional[RotaryTables], device) -> WorkSet:
     width = max(e - s + 1 for s, e in zip(starts, ends))
-    rows_t = torch.tensor(rows, device=device)
-    starts_t = torch.tensor(starts, device=device)
-    ends_t = torch.tensor(ends, device=device)
+    rows_t, starts_t, ends_t = to_device(device, rows, starts, ends)
     pos = ends_t.view(1, -1) + torch.arange(1 - width, 1, device=device).view(-1, 1)  # [c, b]
     padding = pos < starts_t.view(1, -1)
     write_pos = torch.where(padding, trash_slot, pos)

@@ -62,8 +62,10 @@ class Transcript:
     def take(self, out) -> None:
         """Choose each row's token from a decoder step's logits and append it."""
         tokens, logprobs = select_tokens(out.logits, self.sampling, self.generator)
-        for r, t, d, lp in zip(out.rows, tokens.tolist(), out.depths, logprobs.tolist()):
-            self.append(r, [t], [d], [lp])
+        # One read of the device per step: token ids are exact in float64.
+        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        for r, t, d, lp in zip(out.rows, tokens, out.depths, logprobs):
+            self.append(r, [int(t)], [d], [lp])
 
     def append(self, row: int, tokens: Iterable[int], depths: Iterable[int], logprobs: Iterable[float]) -> int:
         """Append up to the budget or a stop token; returns how many were appended."""

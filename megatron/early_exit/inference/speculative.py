@@ -14,11 +14,9 @@ accept independently.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
-from torch import Tensor
-
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 
 
@@ -35,13 +33,21 @@ def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: 
     return drafts
 
 
-def verify(decoder: Decoder, transcript, drafts: Dict[int, List[int]]) -> Dict[int, Tensor]:
-    """Full-model logits [k+1, vocab] for each row's owed positions."""
+def verify(decoder: Decoder, transcript, drafts: Dict[int, List[int]]) -> Dict[int, List[Tuple[int, float]]]:
+    """The full model's greedy token and its log-probability at each row's k+1 owed
+    positions, read from the device once for the whole batch."""
     rows = list(drafts)
     newest = [[drafts[r][-1] if drafts[r] else transcript.last_token(r)] for r in rows]
     out = decoder.step(rows, newest, all_logits=True)
     transcript.result.num_steps += 1
-    return dict(zip(rows, out.chunk_logits))
+    logprobs = torch.log_softmax(torch.cat(out.chunk_logits).float(), dim=-1)  # [sum(k+1), vocab]
+    best, tokens = logprobs.max(dim=-1)
+    tokens, best = torch.stack([tokens.double(), best.double()]).tolist()
+    targets, offset = {}, 0
+    for r, chunk in zip(rows, out.chunk_logits):
+        targets[r] = [(int(t), lp) for t, lp in zip(tokens[offset:offset + len(chunk)], best[offset:offset + len(chunk)])]
+        offset += len(chunk)
+    return targets
 
 
 def accepted_length(drafts: List[int], targets: List[int]) -> int:
@@ -60,15 +66,15 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
         budgets = {r: max(0, min(strategy.num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1))
                    for r in transcript.active}
         drafts = draft_tokens(decoder, transcript, budgets, policy)
-        logits = verify(decoder, transcript, drafts)
+        verified = verify(decoder, transcript, drafts)
         for r, row_drafts in drafts.items():
             committed = decoder.num_fed[r] - len(row_drafts)  # n: x_{n-1} sits at position n-1
-            targets = logits[r].argmax(dim=-1).tolist()
+            targets = [t for t, _ in verified[r]]
             a = accepted_length(row_drafts, targets)
-            logprobs = torch.log_softmax(logits[r][: a + 1], dim=-1)
-            new = row_drafts[:a] + [targets[a]]
-            transcript.append(r, new, [draft_depth] * a + [decoder.num_layers],
-                              logprobs.gather(-1, torch.tensor(new, device=logprobs.device).unsqueeze(-1)).squeeze(-1).tolist())
+            # The accepted drafts equal the full model's tokens, so all a+1 new tokens and
+            # their log-probabilities are the full model's.
+            transcript.append(r, targets[: a + 1], [draft_depth] * a + [decoder.num_layers],
+                              [lp for _, lp in verified[r][: a + 1]])
             decoder.crop(r, committed + a)
             result.num_drafted += len(row_drafts)
             result.num_accepted += a
