@@ -32,6 +32,7 @@ class SyncCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.counts: Counter = Counter()
+        self.blocking_moves = []  # data_ptr of each tensor moved by a blocking .to(device)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -42,6 +43,7 @@ class SyncCounter(TorchFunctionMode):
             self.counts[f"{name}(device=)"] += 1
         elif name == "to" and not kwargs.get("non_blocking", False) and _device_of(args, kwargs) is not None:
             self.counts["to(device)"] += 1
+            self.blocking_moves.append(args[0].data_ptr())
         return func(*args, **kwargs)
 
     @property

@@ -92,3 +92,71 @@ def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
     assert setup <= 1, counter.counts
     assert counter.total - setup <= per_step * steps, (counter.counts, steps)
     assert counter.counts["tensor(device=)"] == 0, counter.counts  # host data reaches the device without a wait
+
+
+def test_training_step_copies_batches_without_waiting(dist1):
+    """Batches reach the device by non-blocking copies (from pinned memory on CUDA)."""
+    from megatron.early_exit.training.trainer import build_model, forward_step
+    from tests.sync_counter import SyncCounter
+
+    args = _args()
+    model = build_model(args, torch.device("cpu"), 64)
+    tokens = torch.randint(0, 64, (2, 32))
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 32),
+             "position_ids": torch.arange(32).expand(2, 32)}
+    with SyncCounter() as counter:
+        output, loss_func = forward_step(iter([batch]), model, args, 0, torch.device("cpu"))
+    assert not {t.data_ptr() for t in batch.values()} & set(counter.blocking_moves)
+    assert torch.isfinite(loss_func(output)[0])
+
+
+def test_attention_without_mask_where_none_is_needed(dist1, monkeypatch):
+    """A prefill from position 0 with equal lengths is plain causal and a one-token step
+    of equal lengths sees every key: no explicit mask, so CUDA's SDPA may use its flash
+    or memory-efficient kernels (an explicit boolean mask rules them out)."""
+    import torch.nn.functional as F
+
+    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference import layers
+    from tests.test_inference import build_model
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recording)
+    model = build_model()
+    same = generate(model, [[5, 17, 3], [40, 2, 77]], FullDepth(), max_new_tokens=4)
+    assert calls and all(no_mask for _, no_mask, _ in calls)
+    assert all(causal == (width > 1) for width, _, causal in calls)
+    calls.clear()
+    ragged = generate(model, [[5, 17, 3], [40, 2]], FullDepth(), max_new_tokens=4)  # rows differ: masked
+    assert calls and not any(no_mask for _, no_mask, _ in calls)
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", real)
+    for prompts, result in (([[5, 17, 3], [40, 2, 77]], same), ([[5, 17, 3], [40, 2]], ragged)):
+        alone = [generate(model, [p], FullDepth(), max_new_tokens=4).tokens[0] for p in prompts]
+        assert result.tokens == alone
+
+
+def test_decoding_never_calls_the_compiled_bias_dropout_add(dist1, monkeypatch):
+    """The fused (torch.compile'd) bias-dropout-add would recompile for every decode
+    shape; inference uses the unfused sum, and leaves the model's setting as it was."""
+    from megatron.core.fusions import fused_bias_dropout
+
+    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+    from tests.test_inference import PROMPTS, build_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fused bias-dropout-add called while decoding")
+
+    model = build_model("untied_mlp")
+    expected = generate(model, PROMPTS, EarlyExit(threshold=0.5), max_new_tokens=6).tokens
+    monkeypatch.setattr(fused_bias_dropout, "bias_dropout_add_fused_inference", refuse)
+    monkeypatch.setattr(fused_bias_dropout, "bias_dropout_add_fused_train", refuse)
+    monkeypatch.setattr(model.config, "bias_dropout_fusion", True)
+    assert generate(model, PROMPTS, EarlyExit(threshold=0.5), max_new_tokens=6).tokens == expected
+    generate(model, PROMPTS, FullDepth(), max_new_tokens=3)
+    assert model.config.bias_dropout_fusion is True

@@ -117,14 +117,20 @@ def validate_prompts(model, prompts, max_new_tokens: int) -> List[List[int]]:
 
 @contextmanager
 def inference_context(model):
-    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards."""
-    was_training = model.training
+    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards.
+
+    The fused bias-dropout-add is a torch.compile'd function that recompiles for every
+    new decode shape (batch and chunk widths change each step); at inference, with no
+    dropout, the unfused one computes the same sum."""
+    was_training, fused = model.training, model.config.bias_dropout_fusion
     model.eval()
+    model.config.bias_dropout_fusion = False
     try:
         with torch.no_grad():
             yield
     finally:
         model.train(was_training)
+        model.config.bias_dropout_fusion = fused
 
 
 def _now(device) -> float:

@@ -103,7 +103,10 @@ def build_datasets(args, tokenizer):
     return builder.build()
 
 
-def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool = False) -> Optional[Iterator[dict]]:
+def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool = False,
+                        pin_memory: bool = False) -> Optional[Iterator[dict]]:
+    """Microbatches of this data-parallel rank; `pin_memory` (for a CUDA device) lets the
+    step copy them to the device without waiting."""
     if dataset is None:
         return None
     sampler = PretrainingSampler(
@@ -115,7 +118,8 @@ def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool =
     )
     # Its own generator: creating an iterator must not draw from the global RNG, or a
     # resumed run (which builds iterators after restoring the RNG) would diverge.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator(),
+                                         pin_memory=pin_memory)
     if not cyclic:
         return iter(loader)
 

@@ -129,19 +129,19 @@ def build_optimizer(model, args, gloo_process_groups: bool = True):
 
 
 def forward_step(data_iterator, model, args, iteration: int, device: torch.device):
-    batch = next(data_iterator)
-    tokens = batch["tokens"].to(device)
+    # Pinned batches (CUDA) copy while the host goes on; the first kernel that reads them waits.
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items() if isinstance(v, torch.Tensor)}
+    tokens = batch["tokens"]
     mask = batch.get("attention_mask")
     with torch.no_grad() if args.tune_exit else torch.enable_grad():
         # Exit tuning: the frozen backbone runs without a graph; exit heads (run in
         # loss_func) still build theirs.
         output = model(
-            tokens, batch["position_ids"].to(device), None if mask is None else mask.to(device),
-            labels=batch["labels"].to(device),
+            tokens, batch["position_ids"], mask, labels=batch["labels"],
             # Exit tuning needs nothing past the last exit; earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()),
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"].to(device), ee_config=args.ee_config, iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=args.ee_config, iteration=iteration)
 
 
 @dataclass
@@ -254,11 +254,13 @@ def pretrain(args) -> TrainState:
         state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
 
     schedule = build_stage_schedule(args, model, ctx.device)
-    train_iter = build_data_iterator(train_ds, args, state.consumed_samples)
+    pin = ctx.device.type == "cuda"
+    train_iter = build_data_iterator(train_ds, args, state.consumed_samples, pin_memory=pin)
     # Fill microbatches read samples beyond the real ones, at a fixed place per iteration.
     fill_per_iter = len(schedule.fill_items) * args.micro_batch_size * ctx.dp_size
-    fill_iter = build_data_iterator(train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter)
-    valid_iter = build_data_iterator(valid_ds, args, cyclic=True)
+    fill_iter = build_data_iterator(train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter,
+                                    pin_memory=pin)
+    valid_iter = build_data_iterator(valid_ds, args, cyclic=True, pin_memory=pin)
     tokens_per_iter = args.global_batch_size * args.seq_length
     last_log = time.time()
     model.train()
