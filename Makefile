@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast test-gpu demo clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,17 @@ $(STAMP): setup.py
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
+# The CPU suite runs on CPU even on a GPU host (hidden CUDA devices: gloo, the CPU adapter).
 test: setup
-	$(PY) -m pytest -x -q tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not gpu" tests
 
 test-fast: setup
-	$(PY) -m pytest -x -q -m "not multiproc" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not multiproc and not gpu" tests
+
+# On a CUDA machine: the GPU-marked tests (Transformer Engine, bf16, NCCL, the server on
+# the device). EE_GPU_TESTS_ON_CPU=1 runs the same tests on CPU with TE's stand-in layout.
+test-gpu: setup
+	$(PY) -m pytest -x -q -m gpu -rs tests
 
 demo: setup
 	bash examples/ee_llm/quickstart_cpu.sh

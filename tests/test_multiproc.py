@@ -14,6 +14,7 @@ LAUNCHES = [
     ("tests.multiproc.cases_pipeline", 4),
     ("tests.multiproc.cases_inference", 2),
     ("tests.multiproc.cases_inference_pipeline", 2),
+    ("tests.multiproc.cases_te_layout", 2),
 ]
 
 PARAMS = [(module, nproc, case) for module, nproc in LAUNCHES for case in case_names(module)]

@@ -86,6 +86,36 @@ def test_adapter_does_nothing_with_cuda():
     assert proc.stdout.split() == ["False", "True"]
 
 
+def test_adapter_applies_for_a_cpu_target_with_cuda():
+    """On a CUDA machine, initialize_parallel(device="cpu") applies the adapter before
+    megatron-core seeds its RNG tracker; megatron-core then sees no CUDA, and the process
+    cannot turn to CUDA any more."""
+    code = (
+        "import torch; torch.cuda.is_available = lambda: True\n"
+        "import megatron.early_exit, megatron.core.utils as u\n"
+        "from megatron.early_exit import platform\n"
+        "from megatron.early_exit.parallel import ParallelConfigError, initialize_parallel, resolve_device, target_device\n"
+        "if __name__ == '__main__':\n"
+        "    before = platform.is_applied()\n"
+        "    initialize_parallel(1, 1, device='cpu')\n"
+        "    try:\n"
+        "        resolve_device('cuda'); refused = ''\n"
+        "    except ParallelConfigError as err:\n"
+        "        refused = str(err)\n"
+        "    print(before, platform.is_applied(), u.torch.cuda.is_available(), torch.cuda.is_available(), target_device(),"
+        " resolve_device(None))\n"
+        "    print(refused)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                          env=dict(env, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, refused = proc.stdout.strip().splitlines()[-2:]
+    assert first.split() == ["False", "True", "False", "True", "cpu", "cpu"]
+    assert refused == ("device 'cuda' was requested but this process already runs megatron-core on the CPU "
+                       "(the CPU platform adapter is applied); start a new process for CUDA")
+
+
 def test_rng_tracker_fork_is_reproducible_and_isolated(dist1):
     from megatron.core import tensor_parallel
 

@@ -7,6 +7,7 @@ It sits beside megatron-core's TransformerConfig, which describes the backbone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -103,8 +104,19 @@ class EarlyExitConfig:
             raise ConfigError(f"--exit-layer-nums must be in increasing order, got {nums}")
         if any(x < 1 for x in nums):
             raise ConfigError(f"--exit-layer-nums are 1-based layer numbers, got {nums}")
-        if any(t <= 0 for t in self.exit_layer_temperature):
-            raise ConfigError(f"--exit-layer-temperature must be > 0, got {self.exit_layer_temperature}")
+        self._validate_weights()
+
+    def _validate_weights(self):
+        # A negative weight is gradient ascent on that exit's loss; nan or inf poisons every gradient.
+        for flag, values in (("--exit-layer-weight", self.exit_layer_weight),
+                             ("--exit-layer-weight-init", self.exit_layer_weight_init)):
+            bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+            if bad:
+                raise ConfigError(f"{flag} must be finite and >= 0, got {bad[0]} (in {values})")
+        bad = [t for t in self.exit_layer_temperature if not (math.isfinite(t) and t > 0)]
+        if bad:
+            raise ConfigError(f"--exit-layer-temperature must be > 0 and finite, got {bad[0]} "
+                              f"(in {self.exit_layer_temperature})")
 
     def _validate_heads(self):
         if self.use_exit_mlp and self.use_exit_block:
@@ -137,6 +149,31 @@ class EarlyExitConfig:
         bad = [x for x in self.exit_layer_nums if not 1 <= x <= num_layers]
         if bad:
             raise ConfigError(f"--exit-layer-nums {bad} outside 1..--num-layers ({num_layers})")
+
+    # -- as flags -----------------------------------------------------------
+
+    # Fields that decide the exits' parameters and what they read: they must agree with
+    # a checkpoint's. The loss weights and schedules may change between runs.
+    STRUCTURE_FIELDS = ("exit_layer_nums", "use_exit_norm", "use_exit_mlp", "use_exit_block",
+                        "untie_exit_output_weights", "pre_exit")
+
+    @classmethod
+    def flag_names(cls) -> List[str]:
+        """The exit flags' names (`exit_layer_nums` is --exit-layer-nums): the fields."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_flags(cls, values) -> "EarlyExitConfig":
+        """From flag values by name (a namespace's vars or stored flags); missing ones default."""
+        return cls(**{k: values[k] for k in cls.flag_names() if k in values and values[k] is not None})
+
+    def to_flags(self) -> dict:
+        return {k: getattr(self, k) for k in self.flag_names()}
+
+    def structure_differences(self, other: "EarlyExitConfig") -> List[str]:
+        """`--flag: checkpoint X, now Y` for each structure field that differs (self: the checkpoint's)."""
+        return [f"--{k.replace('_', '-')}: checkpoint {getattr(self, k)}, now {getattr(other, k)}"
+                for k in self.STRUCTURE_FIELDS if k != "exit_layer_nums" and getattr(self, k) != getattr(other, k)]
 
     # -- schedules ----------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.early_exit import platform
 from megatron.early_exit.errors import ConfigError
 
 
@@ -48,17 +49,35 @@ class ParallelContext:
         return self.pp_rank == self.pp_size - 1
 
 
+_TARGET_DEVICE: torch.device | None = None
+
+
 def resolve_device(device: str | None) -> torch.device:
-    """`None`/"auto" picks CUDA when present; asking for CUDA without it is an error."""
+    """`None`/"auto" keeps this process's target device once there is one, else picks
+    CUDA when present (and megatron-core is not already set up for the CPU); asking for
+    CUDA without it is an error."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if _TARGET_DEVICE is not None:
+            return _TARGET_DEVICE
+        return torch.device("cuda" if torch.cuda.is_available() and not platform.is_applied() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParallelConfigError(
             f"device '{device}' was requested but CUDA is not available on this machine; "
             "use --device cpu"
         )
+    if dev.type == "cuda" and platform.is_applied():
+        raise ParallelConfigError(
+            f"device '{device}' was requested but this process already runs megatron-core on the CPU "
+            "(the CPU platform adapter is applied); start a new process for CUDA"
+        )
     return dev
+
+
+def target_device() -> torch.device:
+    """The device models of this process run on: the one `initialize_parallel` set up
+    (before that, what `--device auto` would pick). Layer specs follow it."""
+    return resolve_device(None)
 
 
 def validate_layout(world_size: int, tp_size: int, pp_size: int) -> int:
@@ -93,7 +112,12 @@ def initialize_parallel(
 
     `gloo_process_groups`: also create megatron-core's gloo groups (default: on CPU
     only, as Megatron-LM's --disable-gloo-process-groups does on GPU)."""
+    global _TARGET_DEVICE
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        # Before megatron-core's groups, RNG tracker and allocations: on a CUDA machine
+        # they would otherwise take CUDA paths for a CPU run.
+        platform.apply(dev)
     if gloo_process_groups is None:
         gloo_process_groups = dev.type == "cpu"
     if not torch.distributed.is_initialized():
@@ -125,6 +149,7 @@ def initialize_parallel(
         get_embedding_ranks=lambda pp_ranks, *unused: pp_ranks[:1],
     )
     _build_tied_embedding_group(tied_embedding_stages)
+    _TARGET_DEVICE = dev
     set_seed(seed)
     return ParallelContext(
         device=dev,
@@ -201,6 +226,8 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_parallel() -> None:
+    global _TARGET_DEVICE
+    _TARGET_DEVICE = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
         _destroy_subgroups()

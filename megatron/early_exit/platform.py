@@ -6,10 +6,13 @@ reach for CUDA in a few places: `torch.cuda.current_device()` as an allocation
 device, literal `device="cuda"` tensors, `torch.cuda.synchronize/Event/stream`,
 the CUDA RNG tracker, and `param.type() == 'torch.cuda.FloatTensor'` checks.
 
-`apply()` redirects exactly those calls to the CPU, and only when CUDA is absent
-(on a CUDA machine it does nothing). Every redirect is scoped to megatron-core's
-own modules: the `torch` name inside each `megatron.core.*` module is swapped for
-a proxy, so user code and other libraries keep seeing the real `torch`.
+`apply()` redirects exactly those calls to the CPU when megatron-core is to run on
+the CPU: at import when CUDA is absent, and from `initialize_parallel(device="cpu")`
+on a CUDA machine too (before megatron-core seeds its RNG tracker or allocates). For
+a CUDA target it does nothing. Once applied, megatron-core sees a machine without
+CUDA, for the rest of the process. Every redirect is scoped to megatron-core's own
+modules: the `torch` name inside each `megatron.core.*` module is swapped for a
+proxy, so user code and other libraries keep seeing the real `torch`.
 
 Our own code takes a `device` and never needs any of this.
 """
@@ -130,6 +133,10 @@ def _make_cuda_shim() -> types.SimpleNamespace:
         get_rng_state=lambda device="cuda": torch.get_rng_state(),
         set_rng_state=lambda state, device="cuda": torch.set_rng_state(state),
         nvtx=types.SimpleNamespace(range_push=lambda msg: None, range_pop=lambda: None),
+        # A CPU target on a CUDA machine: megatron-core must not take CUDA paths
+        # (dist_checkpointing's TE import, async_utils.py:488 set_device, timers).
+        is_available=lambda: False,
+        device_count=lambda: 0,
     )
 
     class _CudaShim:
@@ -303,12 +310,17 @@ def patch_loaded_modules() -> int:
 _PROXY: _TorchProxy | None = None
 
 
-def apply() -> bool:
-    """Install the CPU redirects when CUDA is absent. Returns True if applied."""
+def apply(target_device=None) -> bool:
+    """Install the CPU redirects when megatron-core will run on the CPU: when
+    `target_device` is a CPU device, or (`None`, as at import) when CUDA is absent.
+    Returns True if applied (now or before)."""
     global _applied, _PROXY
     check_megatron_core_version()
-    if torch.cuda.is_available() or _applied:
-        return _applied
+    if _applied:
+        return True
+    on_cpu = not torch.cuda.is_available() if target_device is None else torch.device(target_device).type == "cpu"
+    if not on_cpu:
+        return False
     _import_used_modules()
     _PROXY = _TorchProxy()
     _applied = True

@@ -191,13 +191,12 @@ def _require_same_backbone(source_args: dict, args: dict, exits_from: str) -> No
 
 def _load_exits(model, source: str) -> None:
     """Read every exit tensor of `model` from checkpoint directory `source`."""
-    from megatron.core import dist_checkpointing
-
-    from megatron.early_exit.training.checkpointing import model_sharded_state
+    from megatron.early_exit.training.checkpointing import CheckpointError, model_sharded_state, read_sharded
 
     state = {k: v for k, v in model_sharded_state(model).items() if k.startswith("exits.")}
     try:
-        loaded = dist_checkpointing.load(state, source)
-    except Exception as err:
-        raise ConversionError(f"--exits-from {source}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        # Tolerates `_extra_state` entries one module layout has and the other lacks.
+        loaded = read_sharded(state, source, flag="--exits-from")
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from err
     model.load_state_dict(loaded, strict=False)

@@ -145,8 +145,9 @@ def _fill_from_hf(model, weights: files.HFWeights, shape: LlamaShape, progress: 
 
 
 def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, target_pipeline_parallel_size: int = 1,
-                 dtype: str = "auto", progress: bool = True) -> ImportResult:
-    """Convert a Hugging Face Llama directory into our checkpoint at `out`."""
+                 dtype: str = "auto", progress: bool = True, transformer_impl: Optional[str] = None) -> ImportResult:
+    """Convert a Hugging Face Llama directory into our checkpoint at `out`. The checkpoint
+    is the same whatever `transformer_impl` builds the model in between (local on CPU)."""
     from megatron.early_exit.training import checkpointing
 
     tp, pp = target_tensor_parallel_size, target_pipeline_parallel_size
@@ -171,6 +172,7 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
              + tok_flags + DTYPE_FLAGS[dtype] + (exit_flags(section, config_path) if section else []))
     args = stored_flags(flags, tp, pp)
     args.padded_vocab_size = shape.vocab_size  # as training stores it
+    args.transformer_impl = transformer_impl
 
     require_single_process_layout()
     with files.atomic_output_dir(out) as tmp:
@@ -224,8 +226,9 @@ def _write_weights(directory: str, params, shards: List[List[str]], basename: st
 
 
 def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
-                 iteration: Optional[int] = None) -> str:
-    """Write our checkpoint as a Hugging Face Llama directory at `out`."""
+                 iteration: Optional[int] = None, transformer_impl: Optional[str] = None) -> str:
+    """Write our checkpoint as a Hugging Face Llama directory at `out` (the same files
+    whatever `transformer_impl` reads it: the key map knows both layer layouts)."""
     import json
 
     from tqdm import tqdm
@@ -234,7 +237,8 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
 
     files.require_new_output(out)
     require_single_process_layout()
-    model, tokenizer, args = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration)
+    model, tokenizer, args = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration,
+                                        transformer_impl=transformer_impl)
     if args.tune_exit_pipeline_parallel_size is not None:
         raise ConversionError(
             f"{checkpoint} was saved by exit tuning with --tune-exit-pipeline-parallel-size and holds only the first "

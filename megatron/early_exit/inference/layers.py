@@ -24,6 +24,8 @@ from torch import Tensor
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron.early_exit.models.layer_specs import pre_mlp_norm
+
 
 @dataclass
 class WorkSet:
@@ -34,7 +36,9 @@ class WorkSet:
     row_slice: Optional[slice]  # the same rows as a slice when they are consecutive
     pos: Tensor  # [c, b] position of each entry (padding repeats the row's start)
     write_pos: Tensor  # [c, b] where each entry's K/V go (padding: the cache's trash slot)
-    mask: Tensor  # [b, 1, c, L] key j is visible to entry (c, b) iff j <= pos[c, b]
+    num_keys: int  # L: keys 0..L-1 of every row are read
+    mask: Optional[Tensor]  # [b, 1, c, L] key j is visible to entry (c, b) iff j <= pos[c, b]
+    causal: bool  # no mask needed: plain causal (a prefill from 0) or every key visible (c == 1)
     cos: Optional[Tensor]  # [c, b, 1, rotary_dim]
     sin: Optional[Tensor]
 
@@ -73,14 +77,20 @@ def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_sl
     padding = pos < starts_t.view(1, -1)
     write_pos = torch.where(padding, trash_slot, pos)
     pos = torch.where(padding, starts_t.view(1, -1), pos)
-    keys = torch.arange(max(ends) + 1, device=device)
-    mask = (keys.view(1, 1, -1) <= pos.t().unsqueeze(-1)).unsqueeze(1)  # [b, 1, c, L]
+    num_keys = max(ends) + 1
+    # Without an explicit mask SDPA may pick its flash or memory-efficient kernels.
+    same_end = all(e == ends[0] for e in ends)
+    causal = same_end and (width == 1 or all(s == 0 for s in starts))
+    mask = None
+    if not causal:
+        keys = torch.arange(num_keys, device=device)
+        mask = (keys.view(1, 1, -1) <= pos.t().unsqueeze(-1)).unsqueeze(1)  # [b, 1, c, L]
     consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
     cos = sin = None
     if rotary is not None:
         cos, sin = rotary.cos[pos].unsqueeze(2), rotary.sin[pos].unsqueeze(2)
     return WorkSet(rows, starts, ends, rows_t, slice(rows[0], rows[0] + len(rows)) if consecutive else None,
-                   pos, write_pos, mask, cos, sin)
+                   pos, write_pos, num_keys, mask, causal, cos, sin)
 
 
 def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool) -> Tensor:
@@ -111,7 +121,8 @@ def attention_scale(layer) -> float:
 
 
 def project_qkv(layer, hidden: Tensor, ws: WorkSet) -> Tuple[Tensor, Tensor, Tensor]:
-    """input_layernorm + linear_qkv (+ rotary on q and k): [c, b, heads/tp, head_dim] each."""
+    """input_layernorm + linear_qkv (+ rotary on q and k): [c, b, heads/tp, head_dim] each.
+    Under TE's layout `input_layernorm` is an IdentityOp and `linear_qkv` applies the norm."""
     q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
     interleaved = layer.config.rotary_interleaved
     return apply_rotary(q, ws, interleaved), apply_rotary(k, ws, interleaved), v
@@ -124,10 +135,10 @@ def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) ->
     """
     q, k, v = project_qkv(layer, x, ws)
     cache.update(index, ws.rows_t, ws.write_pos, k, v)
-    keys, values = cache.keys_values(index, ws.rows_t, ws.mask.shape[-1], ws.row_slice)
+    keys, values = cache.keys_values(index, ws.rows_t, ws.num_keys, ws.row_slice)
     context = F.scaled_dot_product_attention(
         q.permute(1, 2, 0, 3), keys.transpose(1, 2), values.transpose(1, 2),  # [b, heads, c|L, d]
-        attn_mask=ws.mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        attn_mask=ws.mask, is_causal=ws.causal and ws.width > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     context = context.permute(2, 0, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # [c, b, heads * d]
     bda = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)
@@ -142,7 +153,7 @@ def gather_vocab(logits: Tensor) -> Tensor:
 
 def exit_logits(model, head, layer, hidden: Tensor, attention_output: Optional[Tensor]) -> Tensor:
     """The exit head at `layer` on hidden [c, b, h] -> [c, b, vocab]."""
-    h = head.hidden(hidden, attention_output, layer.pre_mlp_layernorm if head.has_mlp else None)
+    h = head.hidden(hidden, attention_output, pre_mlp_norm(layer) if head.has_mlp else None)
     return gather_vocab(head.logits(h, model.exit_output_weight()))
 
 

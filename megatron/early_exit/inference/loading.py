@@ -39,6 +39,8 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_p
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
     args.sequence_parallel = False
+    # The layer modules follow the device inference runs on; checkpoints fit any of them.
+    args.transformer_impl = None
     args.ee_config = build_early_exit_config(args)
     return args
 
@@ -60,9 +62,10 @@ def stored_vocab_size(args: argparse.Namespace, tokenizer=None) -> int:
 
 def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
                iteration: Optional[int] = None, pipeline_model_parallel_size: int = 1,
-               ) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
+               transformer_impl: Optional[str] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
     """(EarlyExitGPTModel in eval mode: this rank's pipeline stage, tokenizer, flags).
-    Parallel state must be initialised with the same TP and PP sizes."""
+    Parallel state must be initialised with the same TP and PP sizes. `device` defaults to
+    this process's target device, `transformer_impl` to the one that device gets."""
     from megatron.early_exit.training.checkpointing import load_weights
     from megatron.early_exit.training.tokenizers import build_tokenizer
     from megatron.early_exit.training.trainer import build_model
@@ -78,7 +81,10 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     if args.num_layers % pipeline_model_parallel_size:
         raise InferenceConfigError(f"--pipeline-model-parallel-size {pipeline_model_parallel_size} does not divide "
                                    f"the checkpoint's {args.num_layers} layers")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from megatron.early_exit.parallel import target_device
+
+    device = device or target_device()
+    args.transformer_impl = transformer_impl
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
     vocab_size = stored_vocab_size(args, tokenizer)
     if vocab_size % tensor_model_parallel_size:

@@ -28,7 +28,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
-from megatron.early_exit.models.layer_specs import get_block_spec, get_layer_spec, get_norm_spec
+from megatron.early_exit.models.layer_specs import choose_impl, get_block_spec, get_layer_spec, get_norm_spec, pre_mlp_norm
 
 
 @dataclass
@@ -80,11 +80,15 @@ class EarlyExitGPTModel(GPTModel):
         seq_len_interpolation_factor: Optional[float] = None,
         rope_scaling: bool = False,
         rope_scaling_factor: float = 8.0,
+        transformer_impl: Optional[str] = None,
     ):
+        """`transformer_impl` (or the older `use_te`) overrides `config.transformer_impl`
+        (see layer_specs.py: local, transformer_engine, te_standin)."""
         ee_config.validate_against(config.num_layers)
+        impl = choose_impl(config, use_te, transformer_impl)
         super().__init__(
             config=config,
-            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), use_te),
+            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), impl=impl),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -99,7 +103,8 @@ class EarlyExitGPTModel(GPTModel):
             rope_scaling_factor=rope_scaling_factor,
         )
         self.ee_config = ee_config
-        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, use_te), get_norm_spec(use_te))
+        self.transformer_impl = impl
+        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl), get_norm_spec(impl=impl))
         local_layers = {layer.layer_number for layer in self.decoder.layers}
         tied = not ee_config.untie_exit_output_weights
         self.exits = torch.nn.ModuleDict()
@@ -253,7 +258,7 @@ class EarlyExitGPTModel(GPTModel):
         def compute_logits() -> Tensor:
             with self._rng_context():
                 hidden = head.hidden(
-                    state.hidden_states, state.attention_output, layer.pre_mlp_layernorm, attention_mask, rotary_pos_emb
+                    state.hidden_states, state.attention_output, pre_mlp_norm(layer), attention_mask, rotary_pos_emb
                 )
             return head.logits(hidden, self.exit_output_weight())
 

@@ -2,7 +2,9 @@
 
 An exit is built from a spec with named slots, like megatron-core's layers:
 
-    [mlp]  own MLP branch on the layer's post-attention state (shares its attention)
+    [mlp]  own MLP branch on the layer's post-attention state (shares its attention and,
+           applied at call time, its pre-MLP norm: the head owns no norm there, in
+           either layout, see layer_specs.pre_mlp_norm)
     [block] one extra transformer layer
     [norm] own norm, of the model's normalization type
     output_layer  column-parallel projection to the vocabulary; tied exits borrow the
@@ -28,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.early_exit.config import EarlyExitConfig
+from megatron.early_exit.models.layer_specs import get_exit_mlp_spec
 
 
 @dataclass
@@ -42,7 +45,7 @@ def get_exit_head_spec(ee_config: EarlyExitConfig, layer_spec: ModuleSpec, norm_
     return ModuleSpec(
         module=ExitHead,
         submodules=ExitHeadSubmodules(
-            mlp=layer_spec.submodules.mlp if ee_config.use_exit_mlp else IdentityOp,
+            mlp=get_exit_mlp_spec(layer_spec) if ee_config.use_exit_mlp else IdentityOp,
             block=layer_spec if ee_config.use_exit_block else IdentityOp,
             norm=norm_spec if ee_config.use_exit_norm else IdentityOp,
         ),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
@@ -47,6 +48,10 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
+                   help="layer modules: transformer_engine (needs TE and a CUDA device) or local; default: TE when the "
+                        "target device is CUDA and TE imports. te_standin: TE's module layout in plain PyTorch (CPU tests). "
+                        "Checkpoints load into any of them")
 
 
 def _training_args(p: argparse.ArgumentParser):
@@ -215,6 +220,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     from megatron.early_exit.parallel import validate_layout
 
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters")
+    _validate_training_values(args)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
@@ -274,6 +280,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
 
     _validate_data_args(args)
     _validate_pipeline_args(args)
+    _validate_transformer_impl(args)
     args.ee_config = build_early_exit_config(args)
     args.ee_config.validate_against(args.num_layers)
 
@@ -282,6 +289,22 @@ def _positive(args, *names):
     for name in names:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _validate_training_values(args):
+    """Values argparse accepts but a run cannot use: `nan` parses as a float, and an interval
+    of 0 would divide by zero at the first step."""
+    import math
+
+    _positive(args, "log_interval", "eval_interval")
+    for flag in ("lr", "min_lr"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and >= 0, got {value}")
+    for flag in ("hidden_dropout", "attention_dropout"):
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
 
 
 def _validate_data_args(args):
@@ -359,6 +382,20 @@ def _validate_pipeline_args(args):
         raise ConfigError(f"--backward-forward-ratio must be > 0, got {args.backward_forward_ratio}")
 
 
+def _validate_transformer_impl(args):
+    """Refuse --transformer-impl transformer_engine where TE cannot run the model."""
+    from megatron.early_exit.models.layer_specs import resolve_transformer_impl
+    from megatron.early_exit.parallel import ParallelConfigError, resolve_device
+
+    if args.transformer_impl != TRANSFORMER_ENGINE:
+        return
+    try:
+        device = resolve_device(args.device)
+    except ParallelConfigError:
+        return  # --device's own error comes when the run starts
+    resolve_transformer_impl(args.transformer_impl, device)
+
+
 def build_early_exit_config(args) -> EarlyExitConfig:
     return EarlyExitConfig(
         exit_layer_nums=args.exit_layer_nums,
@@ -386,9 +423,13 @@ def build_transformer_config(args, device: torch.device):
 
     from megatron.early_exit.platform import fused_softmax_available
 
+    from megatron.early_exit.models.layer_specs import resolve_transformer_impl
+
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     on_cpu = device.type == "cpu"
     return TransformerConfig(
+        # The layer spec follows the device the model is built for (layer_specs.py).
+        transformer_impl=resolve_transformer_impl(getattr(args, "transformer_impl", None), device),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,

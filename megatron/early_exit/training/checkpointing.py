@@ -76,7 +76,7 @@ def _rng_state() -> ShardedObject:
     state = {
         "cpu": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if _on_cuda() else None,
     }
     tp, pp, dp = _layout()
     rank = (
@@ -85,6 +85,13 @@ def _rng_state() -> ShardedObject:
         parallel_state.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, (pp, tp, dp), rank, replica_id=0)
+
+
+def _on_cuda() -> bool:
+    """Whether this process runs on CUDA (not merely has it: a CPU run on a GPU host)."""
+    from megatron.early_exit.parallel import target_device
+
+    return target_device().type == "cuda"
 
 
 def _stored_args(args) -> dict:
@@ -259,11 +266,21 @@ def _model_state(model, skip_exits) -> Tuple[dict, dict, tuple]:
     return full, {k: v for k, v in full.items() if not k.startswith(skipped)}, skipped
 
 
+def _is_extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
 def _apply_model_state(model, loaded: dict, skipped: tuple, path: str) -> None:
-    result = _unwrap(model).load_state_dict(loaded, strict=not skipped)
-    unexpected_missing = [k for k in result.missing_keys if not k.startswith(skipped)]
-    if unexpected_missing:
-        raise CheckpointError(f"{path}: no weights for {unexpected_missing}")
+    """Strict, except for `_extra_state` (as Megatron-LM): Transformer Engine keeps it in
+    modules whose sharded state dict leaves it out (core attention), and a checkpoint
+    from another layout may lack it."""
+    result = _unwrap(model).load_state_dict(loaded, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skipped) and not _is_extra_state(k)]
+    if missing:
+        raise CheckpointError(f"{path}: no weights for {missing}")
+    unexpected = [k for k in result.unexpected_keys if not _is_extra_state(k)]
+    if unexpected:
+        raise CheckpointError(f"{path}: the model has no place for {unexpected}")
 
 
 def load_weights(path: str, model, skip_exits: Tuple[int, ...] = ()) -> None:
@@ -273,14 +290,42 @@ def load_weights(path: str, model, skip_exits: Tuple[int, ...] = ()) -> None:
     _apply_model_state(model, _load({"model": state}, path)["model"], skipped, path)
 
 
-def _load(state: dict, path: str) -> dict:
+def _load(state: dict, path: str, flag: str = "--load") -> dict:
+    """dist_checkpointing.load, every failure as one CheckpointError line naming `flag`
+    (the option that gave the checkpoint). Entries the checkpoint lacks are refused by
+    name, except `_extra_state` ones (Transformer Engine modules hold them where local
+    ones do not): those are left out of the load."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     try:
-        return dist_checkpointing.load(state, path)
+        loaded, _, absent = dist_checkpointing.load(state, path, strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointError:
         raise
-    except Exception as err:  # name the checkpoint, keep the cause
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"--load {path}: {type(err).__name__}: {first}") from err
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(f"{flag} {path}: {_one_line(err)}") from err
+    absent = sorted(k for k in absent if not _is_extra_state(k))
+    if absent:
+        raise CheckpointError(f"{flag} {path}: the checkpoint has no {', '.join(absent[:5])}"
+                              + (f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""))
+    return loaded
+
+
+read_sharded = _load  # for readers of parts of a checkpoint (hf/add_exits.py)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of an error; for torch's CheckpointException, of the first
+    rank's underlying error (its own text is a multi-rank traceback)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        err = cause[0] if isinstance(cause, tuple) else cause
+    first = str(err).splitlines()[0] if str(err) else ""
+    if len(first) > limit:
+        first = first[:limit] + " ..."
+    return f"{type(err).__name__}: {first}"
 
 
 def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
@@ -324,7 +369,7 @@ def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
+        if rng.get("cuda") is not None and _on_cuda():
             torch.cuda.set_rng_state(rng["cuda"])
     if rank0:
         print(f" loaded checkpoint {path} in {time.time() - start:.2f} s", flush=True)
