@@ -160,3 +160,41 @@ def test_decoding_never_calls_the_compiled_bias_dropout_add(dist1, monkeypatch):
     assert generate(model, PROMPTS, EarlyExit(threshold=0.5), max_new_tokens=6).tokens == expected
     generate(model, PROMPTS, FullDepth(), max_new_tokens=3)
     assert model.config.bias_dropout_fusion is True
+
+
+def _document_mask(seq: int, boundary: int) -> torch.Tensor:
+    """[1, 1, s, s], True = masked: causal within each of two documents."""
+    pos = torch.arange(seq)
+    doc = (pos >= boundary).long()
+    visible = (pos.view(-1, 1) >= pos.view(1, -1)) & (doc.view(-1, 1) == doc.view(1, -1))
+    return (~visible).view(1, 1, seq, seq)
+
+
+@pytest.mark.parametrize("impl", ["local", "te_standin"])
+def test_reset_attention_mask_survives_the_fused_softmax(dist1, fake_apex_kernels, impl):
+    """On GPU, apex's fused causal softmax (like TE's causal mask type) ignores the mask it
+    is given: with --reset-attention-mask the layers must ask for an arbitrary mask."""
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from tests.helpers import tiny_transformer_config
+
+    seq, batch = 32, 2
+    tokens = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(seq).expand(batch, seq)
+    mask = _document_mask(seq, 12).expand(batch, 1, seq, seq)
+
+    def logits(fused: bool, document_mask: bool, state=None):
+        config = tiny_transformer_config(params_dtype=torch.bfloat16, bf16=True, masked_softmax_fusion=fused,
+                                         transformer_impl=impl)
+        model = EarlyExitGPTModel(config, EarlyExitConfig(), 96, seq, document_mask=document_mask).eval()
+        if state is not None:
+            load_full_state_dict(model, state)
+        with torch.no_grad():
+            return model(tokens, pos, mask).final.float(), full_state_dict(model)
+
+    reference, state = logits(fused=False, document_mask=True)  # the CPU path honours the mask
+    fused, _ = logits(fused=True, document_mask=True, state=state)
+    assert torch.allclose(fused, reference, atol=2e-2), (fused - reference).abs().max()
+    causal_only, _ = logits(fused=True, document_mask=False, state=state)  # the defect: boundaries dropped
+    assert not torch.allclose(causal_only[:, 12:], reference[:, 12:], atol=2e-2)

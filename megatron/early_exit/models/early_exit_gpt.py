@@ -81,14 +81,17 @@ class EarlyExitGPTModel(GPTModel):
         rope_scaling: bool = False,
         rope_scaling_factor: float = 8.0,
         transformer_impl: Optional[str] = None,
+        document_mask: bool = False,
     ):
         """`transformer_impl` (or the older `use_te`) overrides `config.transformer_impl`
-        (see layer_specs.py: local, transformer_engine, te_standin)."""
+        (see layer_specs.py: local, transformer_engine, te_standin). `document_mask`: the
+        attention mask given to forward is any mask (--reset-attention-mask), not causal."""
         ee_config.validate_against(config.num_layers)
         impl = choose_impl(config, use_te, transformer_impl)
         super().__init__(
             config=config,
-            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), impl=impl),
+            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), impl=impl,
+                                                  document_mask=document_mask),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -104,7 +107,8 @@ class EarlyExitGPTModel(GPTModel):
         )
         self.ee_config = ee_config
         self.transformer_impl = impl
-        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl), get_norm_spec(impl=impl))
+        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl, document_mask=document_mask),
+                                       get_norm_spec(impl=impl))
         local_layers = {layer.layer_number for layer in self.decoder.layers}
         tied = not ee_config.untie_exit_output_weights
         self.exits = torch.nn.ModuleDict()

@@ -122,15 +122,26 @@ def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return spec
 
 
-def get_layer_spec(config: TransformerConfig, use_te: Optional[bool] = None, impl: Optional[str] = None) -> ModuleSpec:
-    """The spec of one transformer layer."""
+def get_layer_spec(config: TransformerConfig, use_te: Optional[bool] = None, impl: Optional[str] = None,
+                   document_mask: bool = False) -> ModuleSpec:
+    """The spec of one transformer layer. `document_mask` (--reset-attention-mask): attention
+    takes the batch's mask as given; the causal kernels (apex's fused softmax, TE's causal
+    mask type) would silently drop the document boundaries it holds."""
     impl = choose_impl(config, use_te, impl)
     if impl == TRANSFORMER_ENGINE:
         from megatron.core.models.gpt import gpt_layer_specs
 
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    spec = _local_layer_spec(config)
-    return te_layout_layer_spec(spec) if impl == TE_STANDIN else spec
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    else:
+        spec = _local_layer_spec(config)
+        spec = te_layout_layer_spec(spec) if impl == TE_STANDIN else spec
+    if document_mask:
+        from megatron.core.transformer.enums import AttnMaskType
+
+        spec = copy.deepcopy(spec)
+        attention = spec.submodules.self_attention
+        attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    return spec
 
 
 def get_norm_spec(use_te: Optional[bool] = None, impl: Optional[str] = None):
@@ -170,8 +181,8 @@ def pre_mlp_norm(layer):
 
 
 def get_block_spec(config: TransformerConfig, num_layers: int, use_te: Optional[bool] = None,
-                   impl: Optional[str] = None) -> TransformerBlockSubmodules:
+                   impl: Optional[str] = None, document_mask: bool = False) -> TransformerBlockSubmodules:
     """Spec of a block of `num_layers` layers (this pipeline stage's) with our final norm."""
     impl = choose_impl(config, use_te, impl)
-    layer = get_layer_spec(config, impl=impl)
+    layer = get_layer_spec(config, impl=impl, document_mask=document_mask)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=get_norm_spec(impl=impl))

@@ -72,6 +72,7 @@ def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTMode
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         rope_scaling=args.use_rope_scaling,
         rope_scaling_factor=args.rope_scaling_factor,
+        document_mask=args.reset_attention_mask,
     )
     initialize_layout_invariant(model, args.seed, args.init_method_std, args.num_layers)
     return model.to(device)
