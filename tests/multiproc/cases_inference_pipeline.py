@@ -17,13 +17,13 @@ from tests.helpers import tiny_transformer_config
 PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
 
 
-def _build(**exit_flags):
+def _build(max_sequence_length=64, **exit_flags):
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 
     torch.manual_seed(0)
     config = tiny_transformer_config(num_layers=4, num_query_groups=2, init_method_std=0.3, pipeline_dtype=torch.float32)
     return EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[1, 3], **exit_flags), vocab_size=96,
-                             max_sequence_length=64, share_embeddings_and_output_weights=False,
+                             max_sequence_length=max_sequence_length, share_embeddings_and_output_weights=False,
                              pre_process=parallel_state.is_pipeline_first_stage(),
                              post_process=parallel_state.is_pipeline_last_stage()).eval()
 
@@ -38,14 +38,14 @@ def _load_stage(model, weights):
     load_full_state_dict(model, state)
 
 
-def _pp2_vs_pp1(strategy, sampling=SamplingParams(), stop_tokens=(), max_new_tokens=16, **exit_flags):
+def _pp2_vs_pp1(strategy, sampling=SamplingParams(), stop_tokens=(), max_new_tokens=16, max_seq=64, **exit_flags):
     initialize_parallel(1, 1, seed=3)
-    one = _build(**exit_flags)
+    one = _build(max_seq, **exit_flags)
     weights = full_state_dict(one)
     ref = generate(one, PROMPTS, strategy, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens)
 
     initialize_parallel(1, 2, seed=3)
-    stage = _build(**exit_flags)
+    stage = _build(max_seq, **exit_flags)
     _load_stage(stage, weights)
     out = generate(stage, PROMPTS, strategy, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens)
 
@@ -87,3 +87,27 @@ def case_restricted_exits_and_pre_exit_on_stage_two():
     metrics = _pp2_vs_pp1(EarlyExit(0.3, kv="pipeline", exit_layers=(3,)), pre_exit=True)
     assert 1 not in metrics["depths"]
     return metrics
+
+
+def case_links_hold_a_bounded_number_of_tensors():
+    """A long generation (64 tokens) keeps what the links hold in flight bounded on both
+    stages, and stays token for token the one-stage run."""
+    from megatron.early_exit.inference import pipeline
+
+    made = []
+
+    class Recorded(pipeline._Links):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    pipeline._Links = Recorded
+    try:
+        metrics = _pp2_vs_pp1(EarlyExit(0.35, kv="pipeline"), max_new_tokens=64, max_seq=80,
+                              use_exit_norm=True)
+    finally:
+        pipeline._Links = Recorded.__bases__[0]
+    links = made[-1]
+    assert metrics["tokens"] == 64 * len(PROMPTS)
+    assert not links.pending and links.peak <= 8, links.peak  # decisions of two steps at most, one step out
+    return {**metrics, "peak_in_flight": links.peak}

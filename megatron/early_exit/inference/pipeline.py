@@ -10,15 +10,23 @@ token. One step, as a timeline:
                                                                          └─► send hidden on (KV completion)
     last       ... its final layer decides every row still open
 
-Decisions travel straight to stage 0 (one message per stage per step, consumed in
-order), which samples, applies stop tokens and budgets exactly as `generate` does, and
-tells the stages which rows take part in the next step. All sends are non-blocking, so
-no stage waits on a stage that is behind it. With one stage this is the same method
-without the overlap (the reference a pipeline run must reproduce).
+Decisions travel straight to stage 0 (per stage per step, the decided rows' indices and
+depths, then their logits when there are any), which samples, applies stop tokens and
+budgets exactly as `generate` does, and tells the stages which rows take part in the next
+step. Stage 0 waits only for the decisions it needs, so it runs ahead of the later stages.
+
+Messages keep NCCL's rendezvous rule (a send completes once its peer posts the matching
+receive; a pair's ops match in issue order, on one stream): every link carries its
+messages in the same order on both sides (`lead_order`, `follow_order`, replayed by
+tests/test_nccl_rule.py through `plan.check_rendezvous`), and each stage waits for its
+sends of steps before the previous one, so what is in flight stays bounded. With one stage
+this is the same method without the overlap (the reference a pipeline run must reproduce).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,6 +42,7 @@ from megatron.early_exit.inference.layers import (
     RotaryTables, attention_scale, build_work_set, embed, exit_logits, final_logits, run_layer,
 )
 from megatron.early_exit.inference.result import GenerationResult, Transcript
+from megatron.early_exit.pipeline.plan import Op, Post, Wait
 
 STEP, STOP = 1, 0
 # Message tags of their own, so that nothing else sent between the same ranks can be taken
@@ -49,8 +58,10 @@ class StageDecoder:
         self.model, self.layers = model, list(model.decoder.layers)
         self.first, self.last = model.pre_process, model.post_process
         attention = self.layers[0].self_attention
-        dtype = self.layers[0].input_layernorm.weight.dtype
-        self.device = self.layers[0].input_layernorm.weight.device
+        # The stage's own weights, whatever the layer layout (Transformer Engine fuses the
+        # input norm into linear_qkv, leaving input_layernorm without a weight).
+        weight = next(self.layers[0].parameters())
+        dtype, self.device = weight.dtype, weight.device
         self.cache = KVCache(len(self.layers), max_batch, max_seq, attention.num_query_groups_per_partition,
                              attention.hidden_size_per_attention_head, dtype, self.device)
         self.rotary = RotaryTables(model, max_seq, dtype) if model.position_embedding_type == "rope" else None
@@ -110,80 +121,238 @@ class StageDecoder:
                 open_rows[col] = False
 
 
-class _Links:
-    """Point-to-point messages of one pipeline (same TP rank on every stage)."""
+# ---------------------------------------------------------------------------
+# The message protocol, as pure coroutines: they yield what to post and wait for, and
+# `_drive` performs it (tests replay the same coroutines through plan.check_rendezvous).
+# Messages: ("step", t) header and ("hidden", t) go stage k -> k+1; ("decision", t) (rows
+# and depths) and, when the stage decided rows, ("logits", t) go stage k -> 0.
+# ---------------------------------------------------------------------------
 
-    def __init__(self, max_batch: int, vocab: int):
+
+@dataclass(frozen=True)
+class Compute:
+    """Run step `step` here. Stage 0 answers whether there was a step; a later stage, how
+    many rows it decided."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class Undecided:
+    """Stage 0 asks whether rows of `step` still wait for a decision."""
+
+    step: int
+
+
+def _send(op: Op):
+    # Plain isend/irecv: NCCL gives each pair of ranks its own stream, unless the process
+    # group was initialised eagerly (then one stream for all); the tests replay both.
+    yield Post((op,), lane=op.peer)
+
+
+def _recv(op: Op):
+    """Post and wait; answers what the driver read from the message."""
+    yield Post((op,), lane=op.peer)
+    return (yield Wait((op,)))
+
+
+def _take(consumed: List[int], upto: Dict[int, int]):
+    """Take stage k's decision messages up to step upto[k], for every k, by diagonal step + k:
+    stage k sends step s's decisions before it takes step s + 1, which stage k - 1 passes on
+    only after its own decisions of step s + 1, so on one stream per stage a message of a lower
+    diagonal always comes first."""
+    due = sorted((step + k, k, step) for k, last in upto.items() for step in range(consumed[k], last + 1))
+    for _, k, step in due:
+        rows = yield from _recv(Op(False, k, ("decision", step)))
+        if rows:  # logits only when the stage decided rows
+            yield from _recv(Op(False, k, ("logits", step)))
+        consumed[k] = step + 1
+
+
+def lead_order(num_stages: int):
+    """Stage 0. It waits only for the decisions it needs, earliest stage first, so it runs
+    ahead of the later stages, within bounds that keep NCCL from waiting in a circle: before
+    step t goes out, stage k's decisions up to step t - k are taken (stage k sent them before
+    it could pass on what lets stage 1 take step t); before stage j's decisions of step t,
+    those of a later stage i up to step t + j - i - 1."""
+    p, consumed, t, in_flight = num_stages, [0] * num_stages, 0, ()
+    while True:
+        more = yield Compute(t)
+        if p > 1:
+            yield from _take(consumed, {k: t - k for k in range(1, p)})
+            if in_flight:
+                yield Wait(in_flight)  # stage 1 took them before answering
+            in_flight = tuple(Op(True, 1, (kind, t)) for kind in (("step", "hidden") if more else ("step",)))
+            for op in in_flight:
+                yield from _send(op)
+        if not more:  # ("step", t) was the stop
+            break
+        for j in range(1, p):
+            if not (yield Undecided(t)):
+                break
+            yield from _take(consumed, {i: t if i <= j else t + j - i - 1 for i in range(1, p)})
+        t += 1
+    yield from _take(consumed, {k: t - 1 for k in range(1, p)})
+    if in_flight:
+        yield Wait(in_flight)
+
+
+def follow_order(stage: int, num_stages: int):
+    """A later stage: each step in, its decisions to stage 0 and the step on. What it keeps in
+    flight is bounded: before sending step t it waits for its steps before t - 1 (the next
+    stage took them) and its decisions up to step t - stage (stage 0 took them before
+    sending step t, see `lead_order`), so neither wait can close a circle."""
+    last, t = stage == num_stages - 1, 0
+    sent: Dict[Op, int] = {}  # send in flight -> the step after which it is waited for
+    while (yield from _recv(Op(False, stage - 1, ("step", t)))):  # answers False for the stop
+        yield from _recv(Op(False, stage - 1, ("hidden", t)))
+        rows = yield Compute(t)
+        old = tuple(op for op, due in sent.items() if due <= t)
+        if old:
+            yield Wait(old)
+            for op in old:
+                del sent[op]
+        ops = [Op(True, 0, ("decision", t))] + ([Op(True, 0, ("logits", t))] if rows else [])
+        for op in ops:
+            sent[op] = t + stage
+        if not last:
+            for kind in ("step", "hidden"):
+                ops.append(Op(True, stage + 1, (kind, t)))
+                sent[ops[-1]] = t + 2
+        for op in ops:
+            yield from _send(op)
+        t += 1
+    if not last:
+        stop = Op(True, stage + 1, ("step", t))
+        yield from _send(stop)
+        sent[stop] = t
+    if sent:
+        yield Wait(tuple(sent))
+
+
+def _drive(order, links: "_Links", compute, undecided=None) -> None:
+    """Perform a protocol coroutine's requests with real messages."""
+    answer = None
+    while True:
+        try:
+            request = order.send(answer)
+        except StopIteration:
+            return
+        if isinstance(request, Post):
+            answer = links.post(request.ops[0])
+        elif isinstance(request, Wait):
+            answer = links.wait(request.ops)
+        elif isinstance(request, Compute):
+            answer = compute(request.step)
+        else:
+            answer = undecided(request.step)
+
+
+class _Links:
+    """Point-to-point messages of one pipeline (same TP rank on every stage). Sends take
+    their tensor from `outbox`; waited receives leave theirs in `inbox`, by (peer, message)."""
+
+    def __init__(self, max_batch: int, vocab: int, hidden_size: int, dtype, device):
         self.stage = parallel_state.get_pipeline_model_parallel_rank()
         self.num_stages = parallel_state.get_pipeline_model_parallel_world_size()
-        self.prev = parallel_state.get_pipeline_model_parallel_prev_rank()
-        self.next = parallel_state.get_pipeline_model_parallel_next_rank()
         self.first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
         self.ranks = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-        self.max_batch, self.vocab = max_batch, vocab
-        self.pending: List = []  # (handle, buffer) of non-blocking sends
+        self.max_batch, self.vocab, self.hidden_size, self.dtype, self.device = max_batch, vocab, hidden_size, dtype, device
+        self.outbox: Dict[tuple, Tensor] = {}
+        self.inbox: Dict[tuple, object] = {}
+        self.pending: Dict[Op, Tuple[object, Tensor]] = {}  # posted, not yet waited: (handle, buffer)
+        self.peak = 0  # most tensors ever held in `pending`
 
-    def _isend(self, tensor: Tensor, dst: int, tag: int) -> None:
-        self.pending.append((torch.distributed.isend(tensor, dst, tag=tag), tensor))
+    def post(self, op: Op) -> None:
+        tag = STEP_TAG if op.message[0] in ("step", "hidden") else DECISION_TAG
+        if op.send:
+            tensor = self.outbox.pop(op.message)
+            handle = torch.distributed.isend(tensor, self.ranks[op.peer], tag=tag)
+        else:
+            tensor = self._buffer(op)
+            handle = torch.distributed.irecv(tensor, self.ranks[op.peer], tag=tag)
+        self.pending[op] = (handle, tensor)
+        self.peak = max(self.peak, len(self.pending))
 
-    def send_step(self, kind: int, rows, starts, ends, open_rows, hidden: Optional[Tensor]) -> None:
+    def _buffer(self, op: Op) -> Tensor:
+        kind, step = op.message
+        b, device = self.max_batch, self.device
+        if kind == "step":
+            return torch.empty(3 + 4 * b, dtype=torch.int64, device=device)
+        if kind == "decision":
+            return torch.empty(1 + 2 * b, dtype=torch.int64, device=device)
+        if kind == "hidden":
+            rows, width = self.inbox[(op.peer, ("step", step))][::4]
+            return torch.empty(width, len(rows), self.hidden_size, dtype=self.dtype, device=device)
+        return torch.empty(len(self.inbox[(op.peer, ("decision", step))][0]), self.vocab, dtype=torch.float32, device=device)
+
+    def wait(self, ops) -> Optional[object]:
+        """Wait for `ops`; for a header, answer what the protocol branches on."""
+        answer = None
+        for op in ops:
+            handle, tensor = self.pending.pop(op)
+            handle.wait()
+            if not op.send:
+                answer = self._read(op, tensor)
+        return answer
+
+    def _read(self, op: Op, tensor: Tensor):
+        kind, step = op.message
+        b = self.max_batch
+        if kind in ("hidden", "logits"):
+            self.inbox[(op.peer, op.message)] = tensor
+            return None
+        if kind == "decision":
+            n = int(tensor[0])
+            self.inbox[(op.peer, op.message)] = tuple(tensor[1 + j * b: 1 + j * b + n].tolist() for j in range(2))
+            return n
+        code, n, width = tensor[:3].tolist()
+        if code == STOP:
+            if self.stage < self.num_stages - 1:
+                self.outbox[("step", step)] = tensor  # forwarded as it came
+            return False
+        rows, starts, ends, open_rows = (tensor[3 + j * b: 3 + j * b + n].tolist() for j in range(4))
+        self.inbox[(op.peer, op.message)] = (rows, starts, ends, [bool(o) for o in open_rows], width)
+        return True
+
+    def put_step(self, step: int, kind: int, rows, starts, ends, open_rows, hidden: Optional[Tensor]) -> None:
         b = self.max_batch
         header = torch.full((3 + 4 * b,), -1, dtype=torch.int64)
         header[:3] = torch.tensor([kind, len(rows), 0 if hidden is None else hidden.shape[0]])
         for j, values in enumerate((rows, starts, ends, [int(o) for o in open_rows])):
             header[3 + j * b: 3 + j * b + len(values)] = torch.tensor(values, dtype=torch.int64)
-        self._isend(header.to(self._device(hidden)), self.next, STEP_TAG)
+        self.outbox[("step", step)] = header.to(self.device)
         if hidden is not None:
-            self._isend(hidden.contiguous(), self.next, STEP_TAG)
+            self.outbox[("hidden", step)] = hidden.contiguous()
 
-    def recv_step(self, hidden_size: int, dtype, device):
-        b = self.max_batch
-        header = torch.empty(3 + 4 * b, dtype=torch.int64, device=device)
-        torch.distributed.recv(header, self.prev, tag=STEP_TAG)
-        kind, n, width = header[:3].tolist()
-        if kind == STOP:
-            return STOP, None
-        rows, starts, ends, open_rows = (header[3 + j * b: 3 + j * b + n].tolist() for j in range(4))
-        hidden = torch.empty(width, n, hidden_size, dtype=dtype, device=device)
-        torch.distributed.recv(hidden, self.prev, tag=STEP_TAG)
-        return STEP, (rows, starts, ends, [bool(o) for o in open_rows], hidden)
-
-    def send_decisions(self, decided: Dict[int, Tuple[int, Tensor]], device) -> None:
-        message = torch.zeros(self.max_batch, self.vocab + 2, dtype=torch.float32, device=device)
-        for row, (depth, logits) in decided.items():
-            message[row, 0], message[row, 1], message[row, 2:] = 1.0, depth, logits[: self.vocab].float()
-        self._isend(message, self.first_rank, DECISION_TAG)
-
-    def recv_decisions(self, stage: int, device) -> Tensor:
-        message = torch.empty(self.max_batch, self.vocab + 2, dtype=torch.float32, device=device)
-        torch.distributed.recv(message, self.ranks[stage], tag=DECISION_TAG)
-        return message
-
-    def finish(self) -> None:
-        for handle, _ in self.pending:
-            handle.wait()
-        self.pending.clear()
-
-    @staticmethod
-    def _device(hidden):
-        return hidden.device if hidden is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    def put_decisions(self, step: int, decided: Dict[int, Tuple[int, Tensor]]) -> int:
+        """Only the decided rows travel: their indices and depths, then their logits."""
+        b, rows = self.max_batch, sorted(decided)
+        header = torch.zeros(1 + 2 * b, dtype=torch.int64)
+        header[0] = len(rows)
+        header[1: 1 + len(rows)] = torch.tensor(rows, dtype=torch.int64)
+        header[1 + b: 1 + b + len(rows)] = torch.tensor([decided[r][0] for r in rows], dtype=torch.int64)
+        self.outbox[("decision", step)] = header.to(self.device)
+        if rows:
+            self.outbox[("logits", step)] = torch.stack([decided[r][1][: self.vocab].float() for r in rows]).contiguous()
+        return len(rows)
 
 
 def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
                       exit_layers: Optional[List[int]], threshold: float, measure) -> GenerationResult:
     """Pipeline-based early exit over this rank's stage; every rank returns the result."""
     stage = StageDecoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, exit_layers, threshold, measure)
-    links = _Links(len(prompts), model.vocab_size)
+    links = _Links(len(prompts), model.vocab_size, stage.hidden_size, stage.dtype, stage.device)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy)
     if stage.first:
         start = _now(stage.device)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generator(stage.device), active=list(range(len(prompts))))
-        _lead(stage, links, transcript, prompts, start)
+        lead = _Lead(stage, links, transcript, prompts, start)
+        _drive(lead_order(links.num_stages), links, lead.compute, lead.undecided)
     else:
-        _follow(stage, links)
-    links.finish()
+        _drive(follow_order(links.stage, links.num_stages), links, partial(_follow_step, stage, links))
     if links.num_stages > 1:  # every rank returns the same result
         holder = [result]
         torch.distributed.broadcast_object_list(holder, links.first_rank, group=parallel_state.get_pipeline_model_parallel_group())
@@ -191,58 +360,72 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
     return result
 
 
-def _lead(stage: StageDecoder, links: _Links, transcript: Transcript, prompts, start: float) -> None:
-    """Stage 0: runs each step, collects its decisions, picks the tokens."""
-    fed = [0] * len(prompts)
-    received = [0] * links.num_stages  # decision messages consumed per stage
-    step = 0
-    while transcript.active:
-        rows = list(transcript.active)
-        new = [list(prompts[r]) if step == 0 else [transcript.last_token(r)] for r in rows]
-        starts = [fed[r] for r in rows]
+class _Lead:
+    """Stage 0's side of each step: runs it, collects its decisions, picks the tokens."""
+
+    def __init__(self, stage: StageDecoder, links: _Links, transcript: Transcript, prompts, start: float):
+        self.stage, self.links, self.transcript, self.prompts, self.start = stage, links, transcript, prompts, start
+        self.fed = [0] * len(prompts)
+        self.rows: List[int] = []
+        self.decided: Dict[int, Tuple[int, Tensor]] = {}
+        self.step = -1
+
+    def compute(self, step: int) -> bool:
+        result = self.transcript.result
+        if step > 0:
+            self._collect()
+            rows, decided = self.rows, self.decided
+            self.transcript.take(StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows])))
+            if step == 1:
+                result.prefill_seconds = _now(self.stage.device) - self.start
+            else:
+                result.num_steps += 1
+        if not self.transcript.active:
+            result.decode_seconds = _now(self.stage.device) - self.start - result.prefill_seconds
+            if self.links.num_stages > 1:
+                self.links.put_step(step, STOP, [], [], [], [], None)
+            return False
+        rows = list(self.transcript.active)
+        new = [list(self.prompts[r]) if step == 0 else [self.transcript.last_token(r)] for r in rows]
+        starts = [self.fed[r] for r in rows]
         ends = [s + len(t) - 1 for s, t in zip(starts, new)]
-        open_rows = [True] * len(rows)
-        hidden, decided = stage.run(new, rows, starts, ends, open_rows, use_exits=step > 0)  # prefill: full depth
-        if links.num_stages > 1:
-            links.send_step(STEP, rows, starts, ends, [r not in decided for r in rows], hidden)
-        for later in range(1, links.num_stages):
-            while len(decided) < len(rows) and received[later] <= step:
-                message = links.recv_decisions(later, stage.device)
-                received[later] += 1
-                for r in torch.nonzero(message[:, 0]).flatten().tolist():
-                    decided[r] = (int(message[r, 1]), message[r, 2:])
+        hidden, decided = self.stage.run(new, rows, starts, ends, [True] * len(rows), use_exits=step > 0)  # prefill: full depth
         for r, e in zip(rows, ends):
-            fed[r] = e + 1
-        transcript.take(StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows])))
-        if step == 0:
-            transcript.result.prefill_seconds = _now(stage.device) - start
-        else:
-            transcript.result.num_steps += 1
-        step += 1
-    transcript.result.decode_seconds = _now(stage.device) - start - transcript.result.prefill_seconds
-    if links.num_stages > 1:
-        links.send_step(STOP, [], [], [], [], None)
-        for later in range(1, links.num_stages):  # messages of steps decided without them
-            while received[later] < step:
-                links.recv_decisions(later, stage.device)
-                received[later] += 1
+            self.fed[r] = e + 1
+        if self.links.num_stages > 1:
+            self.links.put_step(step, STEP, rows, starts, ends, [r not in decided for r in rows], hidden)
+        self.rows, self.decided, self.step = rows, decided, step
+        return True
+
+    def undecided(self, step: int) -> bool:
+        self._collect()
+        return len(self.decided) < len(self.rows)
+
+    def _collect(self) -> None:
+        """Merge the decision messages received so far; those of earlier steps are empty (no
+        row was open on their stage by then)."""
+        inbox = self.links.inbox
+        for key in [k for k in inbox if k[1][0] == "decision"]:
+            peer, (_, step) = key
+            rows, depths = inbox[key]
+            if rows and (peer, ("logits", step)) not in inbox:
+                continue  # its logits are still to come
+            del inbox[key]
+            logits = inbox.pop((peer, ("logits", step)), None)
+            if rows and step != self.step:
+                raise RuntimeError(f"stage {peer} decided rows of step {step} after stage 0 had moved on")
+            for i, (row, depth) in enumerate(zip(rows, depths)):
+                self.decided[row] = (depth, logits[i])
 
 
-def _follow(stage: StageDecoder, links: _Links) -> None:
-    """Stages after the first: layers for every row, decisions for the rows still open."""
-    step = 0
-    while True:
-        kind, payload = links.recv_step(stage.hidden_size, stage.dtype, stage.device)
-        if kind == STOP:
-            if not stage.last:
-                links.send_step(STOP, [], [], [], [], None)
-            return
-        rows, starts, ends, open_rows, hidden = payload
-        hidden, decided = stage.run(hidden, rows, starts, ends, open_rows, use_exits=step > 0)
-        links.send_decisions(decided, stage.device)
-        if not stage.last:
-            links.send_step(STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden)
-        step += 1
+def _follow_step(stage: StageDecoder, links: _Links, step: int) -> int:
+    """A later stage's step: its layers for every row, decisions for the rows still open."""
+    rows, starts, ends, open_rows, _ = links.inbox.pop((links.stage - 1, ("step", step)))
+    hidden = links.inbox.pop((links.stage - 1, ("hidden", step)))
+    hidden, decided = stage.run(hidden, rows, starts, ends, open_rows, use_exits=step > 0)
+    if not stage.last:
+        links.put_step(step, STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden)
+    return links.put_decisions(step, decided)
 
 
 def check_pipeline_strategy(model, strategy) -> None:

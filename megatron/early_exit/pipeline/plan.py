@@ -2,7 +2,11 @@
 
 A plan is pure data, built without a model, so it can be printed, checked
 (every backward after its forward, every send matched by a receive in the same
-order) and simulated into a timeline. One executor (`executor.py`) runs any plan.
+order, no deadlock under NCCL's rendezvous rule) and simulated into a timeline.
+One executor (`schedules.run_schedule`) runs any plan, posting at each action
+boundary the batch `executor_steps` names: the send of the action just run
+together with the receive of the next one (and, where the peer sends first,
+the receives of what it sends before taking this one: `Action.replies_first`).
 
 Items are microbatches: ("R", j) the j-th real microbatch, ("W", j) the j-th
 warm-up fill microbatch, ("C", j) the j-th cool-down fill microbatch.
@@ -33,8 +37,9 @@ microbatches of forward+backward fit in the largest of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 Item = Tuple[str, int]
 
@@ -46,6 +51,18 @@ class Action:
     recv: bool  # F: input from the previous stage; B: gradient from the next stage
     send: bool  # F: output to the next stage; B: gradient to the previous stage
     graph: bool = True  # F: a backward of this item follows on this stage (else no autograd graph)
+    # A send: what its peer sends this stage before receiving it. NCCL runs a stage's ops
+    # in issue order, so the executor posts those receives together with the send.
+    replies_first: Tuple[Tuple[str, Item], ...] = ()
+
+    @property
+    def message(self) -> Tuple[str, Item]:
+        """What crosses the link: ("F", item) its activation, ("B", item) its gradient."""
+        return (self.kind, self.item)
+
+    def peer(self, stage: int, send: bool) -> int:
+        """The stage this action sends to (send) or receives from."""
+        return stage + 1 if (self.kind == "F") == send else stage - 1
 
     def __str__(self) -> str:
         tag = f"{self.kind}{self.item[0]}{self.item[1]}"
@@ -142,7 +159,35 @@ def _warmup_fill(fill: FillPlan, s: int, forward, backward):
 
 
 def pipeline_plan(num_stages: int, num_microbatches: int, fill: Optional[FillPlan] = None) -> List[List[Action]]:
-    return [one_f_one_b(num_stages, s, num_microbatches, fill) for s in range(num_stages)]
+    return _mark_replies([one_f_one_b(num_stages, s, num_microbatches, fill) for s in range(num_stages)])
+
+
+def _mark_replies(plan: List[List[Action]]) -> List[List[Action]]:
+    """Fill each send's `replies_first`. Fill items make the two sides of a link disagree on
+    how the directions interleave (stage 0 forwards C0, C1 before taking B1, stage 1 sends B1
+    before taking C0): posting the receives with the send keeps NCCL from waiting in a circle."""
+    marked = []
+    for s, actions in enumerate(plan):
+        row = []
+        for a in actions:
+            if a.send and 0 <= a.peer(s, True) < len(plan):
+                q = a.peer(s, True)
+                row.append(replace(a, replies_first=_sent_before(plan[q], q, s, a.message)))
+            else:
+                row.append(a)
+        marked.append(row)
+    return marked
+
+
+def _sent_before(actions: Sequence[Action], stage: int, to: int, message) -> Tuple[Tuple[str, Item], ...]:
+    """Messages `stage` sends to stage `to` before it receives `message` from it."""
+    sent = []
+    for a in actions:
+        if a.recv and a.peer(stage, False) == to and a.message == message:
+            break
+        if a.send and a.peer(stage, True) == to:
+            sent.append(a.message)
+    return tuple(sent)
 
 
 def exit_tuning_plan(num_stages: int, stage: int, num_microbatches: int) -> List[Action]:
@@ -161,7 +206,8 @@ def exit_tuning_plan(num_stages: int, stage: int, num_microbatches: int) -> List
 
 
 def check_plan(plan: List[List[Action]]) -> None:
-    """Raise if a backward precedes its forward or sends and receives do not pair up in order."""
+    """Raise if a backward precedes its forward, sends and receives do not pair up in
+    order, or the executor's communication would deadlock under NCCL's rendezvous rule."""
     for s, actions in enumerate(plan):
         seen = set()
         for a in actions:
@@ -178,6 +224,184 @@ def check_plan(plan: List[List[Action]]) -> None:
         received = [a.item for a in plan[s] if a.kind == "B" and a.recv]
         if sent != received:
             raise ValueError(f"backward link {s + 1}->{s}: sends {sent} but receives {received}")
+    check_rendezvous([executor_program(s, actions) for s, actions in enumerate(plan)])
+
+
+# ---------------------------------------------------------------------------
+# Communication: what the executor posts, and NCCL's rendezvous rule
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """One point-to-point operation of a stage; a send and its receive carry the same message."""
+
+    send: bool
+    peer: int  # the other stage
+    message: Tuple  # e.g. ("F", item): item's activation; ("B", item): its gradient
+
+    def __str__(self) -> str:
+        return f"{'send' if self.send else 'recv'} {self.message} {'to' if self.send else 'from'} stage {self.peer}"
+
+
+@dataclass(frozen=True)
+class Post:
+    """Ops a stage posts at once (one batch), without blocking. Batches of one lane (one
+    NCCL stream: the group's communicator for batch_isend_irecv, a pair's own for plain
+    isend/irecv) run in issue order."""
+
+    ops: Tuple[Op, ...]
+    lane: Hashable = "group"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The stage blocks until these ops, posted earlier, completed."""
+
+    ops: Tuple[Op, ...]
+
+
+Step = Union[Post, Wait]
+
+
+def executor_steps(stage: int, actions: Sequence[Action]) -> List[Tuple[Post, Tuple[Op, ...]]]:
+    """What `run_schedule` does at each action boundary (entry 0 before the first action,
+    entry i + 1 after action i): the batch it posts, then the ops it waits for. A batch holds
+    action i's send, the receives of what the send's peer sends first (`replies_first`) and
+    action i + 1's receive, the latter two unless posted before (Megatron's
+    send_forward_recv_backward and the like). The stage waits when the next action needs
+    its input, for every batch up to the one holding it; sends alone stay in flight. The
+    last entry also waits for everything still in flight (the final flush)."""
+    receives: Dict[int, List[Tuple[str, Item]]] = {}
+    for a in actions:
+        if a.recv:
+            receives.setdefault(a.peer(stage, False), []).append(a.message)
+    posted = {q: 0 for q in receives}  # receives from each peer posted so far (a prefix)
+    batches: List[Tuple[Op, ...]] = []
+    batch_of: Dict[Tuple[str, Item], int] = {}
+    waited, steps = 0, []
+    for i in range(len(actions) + 1):
+        ops, done, nxt = [], actions[i - 1] if i else None, actions[i] if i < len(actions) else None
+        wanted = []
+        if done is not None and done.send:
+            q = done.peer(stage, True)
+            ops.append(Op(True, q, done.message))
+            early = [k + 1 for k, m in enumerate(receives.get(q, [])) if m in done.replies_first]
+            wanted.append((q, max(early, default=0)))
+        if nxt is not None and nxt.recv:
+            q = nxt.peer(stage, False)
+            wanted.append((q, receives[q].index(nxt.message) + 1))
+        for q, upto in wanted:
+            for message in receives.get(q, [])[posted.get(q, 0):upto]:
+                ops.append(Op(False, q, message))
+                batch_of[message] = len(batches)
+            posted[q] = max(posted.get(q, 0), upto)
+        if ops:
+            batches.append(tuple(ops))
+        last = len(batches) if nxt is None else (batch_of[nxt.message] + 1 if nxt.recv else waited)
+        wait = tuple(op for batch in batches[waited:last] for op in batch)
+        waited = max(waited, last)
+        steps.append((Post(tuple(ops)), wait))
+    return steps
+
+
+def executor_program(stage: int, actions: Sequence[Action]) -> List[Step]:
+    """The executor's communication on one stage, in the checker's terms."""
+    program: List[Step] = []
+    for post, wait in executor_steps(stage, actions):
+        program += [post] if post.ops else []
+        program += [Wait(wait)] if wait else []
+    return program
+
+
+def check_rendezvous(programs: List[List[Step]], one_lane: bool = False) -> None:
+    """Replay every stage's communication under NCCL's rule and raise ValueError naming the
+    stages and ops that wait forever. The rule: ops between a pair of stages match in issue
+    order; an op is posted once its batch reaches the head of its lane; a send and its
+    receive complete together, once both are posted; a batch completes when all its ops
+    have; a wait blocks the stage. `one_lane` puts all of a stage's ops on one stream (stricter)."""
+    code, match, ops = _compile(programs, one_lane)
+    p = len(code)
+    pc, done, active = [0] * p, set(), set()
+    lanes: Dict[Tuple[int, Hashable], deque] = {}
+    lane_of: Dict[Tuple[int, int], Tuple[int, Hashable]] = {}
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            while pc[s] < len(code[s]):
+                kind, lane, batch = code[s][pc[s]]
+                if kind == "wait" and not all(op_id in done for op_id in batch):
+                    break
+                if kind == "post":
+                    queue = lanes.setdefault((s, lane), deque())
+                    queue.append(batch)
+                    lane_of.update((op_id, (s, lane)) for op_id in batch)
+                    if len(queue) == 1:
+                        active.update(batch)
+                pc[s] += 1
+                progressed = True
+        completed = [op_id for op_id in active if match[op_id] in active]
+        done.update(completed)
+        active.difference_update(completed)
+        for key in {lane_of[op_id] for op_id in completed}:
+            queue = lanes[key]
+            while queue and all(op_id in done for op_id in queue[0]):
+                queue.popleft()
+                if queue:
+                    active.update(queue[0])
+        progressed = progressed or bool(completed)
+    stuck = []
+    for s in range(p):
+        pending = [op_id for queue in (q for (t, _), q in lanes.items() if t == s) for batch in queue for op_id in batch]
+        pending = [op_id for op_id in pending if op_id not in done]
+        if pc[s] < len(code[s]) or pending:
+            how = "blocks on" if pc[s] < len(code[s]) else "ends with"
+            waited = code[s][pc[s]][2] if pc[s] < len(code[s]) else pending
+            names = [f"{ops[i]}{'' if i in active else ' (queued)'}" for i in waited if i not in done]
+            stuck.append(f"stage {s} {how} " + "; ".join(names))
+    if stuck:
+        raise ValueError("communication deadlocks under NCCL's rendezvous rule: " + " | ".join(stuck))
+
+
+def _compile(programs, one_lane):
+    """Every stage's steps as ("post", lane, op ids) and ("wait", None, op ids); op ids
+    (stage, n) count in issue order. Pairs every send with the receive of the same rank in
+    issue order between its two stages."""
+    code, ops = [], {}
+    sends: Dict[Tuple[int, int], list] = {}
+    recvs: Dict[Tuple[int, int], list] = {}
+    for s, program in enumerate(programs):
+        ids: Dict[Op, Tuple[int, int]] = {}
+        code.append([])
+        for step in program:
+            if isinstance(step, Wait):
+                missing = [op for op in step.ops if op not in ids]
+                if missing:
+                    raise ValueError(f"stage {s} waits on {missing[0]} before posting it")
+                code[s].append(("wait", None, tuple(ids[op] for op in step.ops)))
+                continue
+            batch = []
+            for op in step.ops:
+                if op in ids:
+                    raise ValueError(f"stage {s} posts {op} twice")
+                op_id = ids[op] = (s, len(ids))
+                ops[op_id] = op
+                pair = (s, op.peer) if op.send else (op.peer, s)
+                (sends if op.send else recvs).setdefault(pair, []).append(op_id)
+                batch.append(op_id)
+            if batch:
+                code[s].append(("post", "stage" if one_lane else step.lane, tuple(batch)))
+    match = {}
+    for pair in sorted(set(sends) | set(recvs)):
+        out, into = sends.get(pair, []), recvs.get(pair, [])
+        for a, b in zip(out, into):
+            if ops[a].message != ops[b].message:
+                raise ValueError(f"stage {pair[0]}'s {ops[a]} meets stage {pair[1]}'s {ops[b]}")
+            match[a], match[b] = b, a
+        if len(out) != len(into):
+            raise ValueError(f"stage {pair[0]} sends {len(out)} messages to stage {pair[1]}, which receives {len(into)}")
+    return code, match, ops
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from megatron.early_exit.loss import LossReport
 from megatron.early_exit.pipeline.p2p import StageLinks
-from megatron.early_exit.pipeline.plan import Action, Item, pipeline_plan
+from megatron.early_exit.pipeline.plan import Action, Item, executor_steps, pipeline_plan
 
 
 def _unwrap(model):
@@ -41,42 +41,54 @@ def run_schedule(
 ) -> List[LossReport]:
     """Execute one stage's actions. Losses are divided by the number of real
     microbatches (fill items included), and multiplied by `loss_scale` (fp16)
-    before backward. Returns the reports of the real microbatches, in order."""
+    before backward. Returns the reports of the real microbatches, in order.
+    Communication follows `executor_steps`: at each action boundary one batch (the
+    send just produced with the receives due next), then the waits the next action needs."""
+    steps = executor_steps(links.stage if links is not None else 0, actions)
     in_flight: Dict[Item, tuple] = {}
     reports: Dict[int, LossReport] = {}
-    for action in actions:
+    _communicate(links, steps[0], None)
+    for i, action in enumerate(actions):
+        incoming = links.take(action.message) if action.recv else None
         if action.kind == "F":
-            x = links.recv_forward() if action.recv else None
-            build_graph = action.graph and not forward_only
-            if x is not None and build_graph:
-                x.requires_grad_(True)
-            _unwrap(model).set_input_tensor(x)
-            with torch.set_grad_enabled(build_graph):
-                output, loss_func = forward_step(iter([batches[action.item]]), model)
-            if action.send:
-                links.send_forward(output.hidden_states)
-            if not action.graph:  # cool-down fill item whose backward stops before this stage
-                continue
-            if forward_only:
-                with torch.no_grad():
-                    _, report = loss_func(output)
-                if action.item[0] == "R":
-                    reports[action.item[1]] = report
-            else:
-                in_flight[action.item] = (x, output, loss_func)
+            outgoing = _forward(action, incoming, forward_step, batches, model, forward_only, in_flight, reports)
         else:
-            grad = links.recv_backward() if action.recv else None
             x, output, loss_func = in_flight.pop(action.item)
             loss, report = loss_func(output)  # exit heads run here
             if action.item[0] == "R":
                 reports[action.item[1]] = report
-            _backward(loss / num_microbatches, output.hidden_states, grad, loss_scale)
-            if action.send:
-                links.send_backward(x.grad if x.grad is not None else torch.zeros_like(x))
-    if links is not None:
-        links.flush()
+            _backward(loss / num_microbatches, output.hidden_states, incoming, loss_scale)
+            outgoing = (x.grad if x.grad is not None else torch.zeros_like(x)) if action.send else None
+        _communicate(links, steps[i + 1], outgoing)
     assert not in_flight, f"plan left forwards without backward: {list(in_flight)}"
     return [reports[j] for j in sorted(reports)]
+
+
+def _communicate(links: Optional[StageLinks], step, tensor: Optional[torch.Tensor]) -> None:
+    post, wait = step
+    if links is not None:
+        links.post(post, tensor)
+        if wait:
+            links.wait(wait)
+
+
+def _forward(action, x, forward_step, batches, model, forward_only, in_flight, reports) -> Optional[torch.Tensor]:
+    """Run one forward; keeps what its backward needs and returns what it sends on."""
+    build_graph = action.graph and not forward_only
+    if x is not None and build_graph:
+        x.requires_grad_(True)
+    _unwrap(model).set_input_tensor(x)
+    with torch.set_grad_enabled(build_graph):
+        output, loss_func = forward_step(iter([batches[action.item]]), model)
+    # No graph: a cool-down fill item whose backward stops before this stage.
+    if action.graph and forward_only:
+        with torch.no_grad():
+            _, report = loss_func(output)
+        if action.item[0] == "R":
+            reports[action.item[1]] = report
+    elif action.graph:
+        in_flight[action.item] = (x, output, loss_func)
+    return output.hidden_states if action.send else None
 
 
 def _backward(loss, output, output_grad, loss_scale) -> None:
