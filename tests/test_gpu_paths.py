@@ -55,7 +55,10 @@ def _args(**overrides):
 def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
     """GPU without apex: megatron-core imports the kernel unguarded in the attention
     forward, so masked_softmax_fusion must stay off (it raised ImportError)."""
-    from megatron.early_exit.training.arguments import build_transformer_config
+    from megatron.early_exit.training.trainer import model_config_of
+
+    def build_transformer_config(args, device):
+        return model_config_of(args, 64).transformer_config(device=device)
 
     for name in _fake_kernels():
         monkeypatch.delitem(sys.modules, name, raising=False)

@@ -17,7 +17,7 @@ import numpy
 import pytest
 
 from megatron.early_exit.errors import ConfigError
-from megatron.early_exit.training.tokenizers import (
+from megatron.early_exit.tokenizers import (
     GPT2_EOD_TOKEN,
     GPT2BPETokenizer,
     HuggingFaceTokenizer,

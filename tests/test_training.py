@@ -67,7 +67,7 @@ def test_two_processes_equal_one(dist1, corpus, two_process_runs, case, flags):
 def test_blend_of_two_data_paths(dist1, corpus, tmp_path):
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.data import build_datasets
-    from megatron.early_exit.training.tokenizers import build_tokenizer
+    from megatron.early_exit.tokenizers import build_tokenizer
 
     other = write_corpus(str(tmp_path), name="other", seed=1, num_docs=100)
     argv = tiny_run_flags(None, iters=4, **{"--data-path": f"0.3 {corpus} 0.7 {other}"})

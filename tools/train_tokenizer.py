@@ -17,7 +17,7 @@ def main():
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, default=4096)
     args = p.parse_args()
-    from megatron.early_exit.training.tokenizers import train_sentencepiece
+    from megatron.early_exit.tokenizers import train_sentencepiece
 
     if not os.path.isfile(args.input):
         sys.exit(f"error: --input {args.input} does not exist")

@@ -43,8 +43,7 @@ def parse(argv=None):
 
 def target_args(a):
     """The stored training flags, re-laid out for the target (no data needed)."""
-    from megatron.early_exit.inference.loading import stored_args
-    from megatron.early_exit.training.checkpointing import resolve
+    from megatron.early_exit.training.checkpointing import resolve, stored_args
 
     args = stored_args(resolve(a.load), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
     args.load, args.save = a.load, a.save
@@ -59,7 +58,8 @@ def run_rank(a):
     from megatron.early_exit.pipeline.placement import tied_embedding_stages
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
-    from megatron.early_exit.inference.loading import stored_vocab_size
+    from megatron.early_exit.checkpoint_reader import read_model_config
+    from megatron.early_exit.training.arguments import build_early_exit_config
 
     args = target_args(a)
     if args.num_layers % args.pipeline_model_parallel_size:
@@ -69,10 +69,10 @@ def run_rank(a):
                           f"the checkpoint's {args.num_layers} layers")
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device="cpu",
-        tied_embedding_stages=tied_embedding_stages(args.ee_config, args.num_layers, args.pipeline_model_parallel_size,
+        tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, args.pipeline_model_parallel_size,
                                                     not args.untie_embeddings_and_output_weights),
     )
-    vocab = stored_vocab_size(args)
+    vocab = read_model_config(checkpointing.resolve(args.load)).padded_vocab_size
     model = build_model(args, ctx.device, vocab)
     model = wrap_model(model, args)
     optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)

@@ -31,8 +31,6 @@ from megatron.early_exit.errors import ConfigError
 
 # The one table of precision names: flag, stored name and torch dtype.
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
-                   "NullTokenizer")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -48,7 +46,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
 @dataclass(frozen=True)
 class TokenizerConfig:
     type: Optional[str] = None
-    """One of TOKENIZER_TYPES (None: the model has no tokenizer of its own)."""
+    """A `--tokenizer-type` name (tokenizers.TOKENIZER_TYPES); None: no tokenizer of its own."""
 
     model: Optional[str] = None
     """SentencePiece model file, or Hugging Face tokenizer directory."""
@@ -61,6 +59,11 @@ class TokenizerConfig:
 
     vocab_size: Optional[int] = None
     """NullTokenizer's vocabulary size (token ids are the text)."""
+
+    def build(self):
+        from megatron.early_exit.tokenizers import build_tokenizer
+
+        return build_tokenizer(self.type, self.model, self.vocab_file, self.merge_file, self.vocab_size)
 
     def relative_to(self, root: str) -> "TokenizerConfig":
         """The files that lie inside `root` named relative to it, so that the directory
@@ -127,6 +130,10 @@ class ModelConfig:
     params_dtype: str = "fp32"
     """Precision of the weights: a key of DTYPES."""
 
+    first_stages_only: bool = False
+    """The weights are the first num_layers layers of a deeper model (exits tuned on its
+    first pipeline stages, --tune-exit-pipeline-parallel-size): no final layer of its own."""
+
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -156,6 +163,7 @@ class ModelConfig:
             values["max_position_embeddings"] = values.get("seq_length")
         if not values.get("group_query_attention", values.get("num_query_groups") is not None):
             values["num_query_groups"] = None
+        values.setdefault("first_stages_only", values.get("tune_exit_pipeline_parallel_size") is not None)
         backbone = {k: values[k] for k in cls.backbone_fields() if k in values}
         return cls(**backbone, early_exit=EarlyExitConfig.from_flags(values),
                    tokenizer=TokenizerConfig(values.get("tokenizer_type"), values.get("tokenizer_model"),
@@ -175,7 +183,8 @@ class ModelConfig:
 
     def to_flags(self) -> Dict[str, Any]:
         """Flag values by name: the inverse of `from_flags` (for --use-checkpoint-args)."""
-        flags = {k: getattr(self, k) for k in self.backbone_fields() if k not in ("padded_vocab_size", "params_dtype")}
+        flags = {k: getattr(self, k) for k in self.backbone_fields()
+                 if k not in ("padded_vocab_size", "params_dtype", "first_stages_only")}
         flags["group_query_attention"] = self.num_query_groups is not None
         flags.update(self.early_exit.to_flags())
         t = self.tokenizer
@@ -184,6 +193,10 @@ class ModelConfig:
         return flags
 
     # -- what it builds ------------------------------------------------------------
+
+    @property
+    def exit_layer_nums(self) -> List[int]:
+        return list(self.early_exit.exit_layer_nums)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,6 +263,6 @@ class ModelConfig:
 # Values a run may change on loaded weights: regularisation, initialisation, the padding
 # divisor (the padded size itself is compared), the precision, and RoPE's frequencies
 # (extending the context of a trained model changes them on purpose).
-_NOT_ARCHITECTURE = {"hidden_dropout", "attention_dropout", "init_method_std", "make_vocab_size_divisible_by",
+_NOT_ARCHITECTURE = {"first_stages_only", "hidden_dropout", "attention_dropout", "init_method_std", "make_vocab_size_divisible_by",
                      "params_dtype", "norm_epsilon", "rotary_base", "rotary_percent",
                      "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor"}

@@ -11,14 +11,12 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-import torch.nn.functional as F
 
 from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.tokenizers import TOKENIZER_TYPES
 from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -281,8 +279,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_data_args(args)
     _validate_pipeline_args(args)
     _validate_transformer_impl(args)
-    args.ee_config = build_early_exit_config(args)
-    args.ee_config.validate_against(args.num_layers)
+    build_early_exit_config(args).validate_against(args.num_layers)
 
 
 def _positive(args, *names):
@@ -397,73 +394,5 @@ def _validate_transformer_impl(args):
 
 
 def build_early_exit_config(args) -> EarlyExitConfig:
-    return EarlyExitConfig(
-        exit_layer_nums=args.exit_layer_nums,
-        exit_layer_weight=args.exit_layer_weight,
-        exit_layer_weight_init=args.exit_layer_weight_init,
-        exit_layer_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
-        exit_layer_weight_warmup_style=args.exit_layer_weight_warmup_style,
-        exit_layer_temperature=args.exit_layer_temperature,
-        use_exit_norm=args.use_exit_norm,
-        use_exit_mlp=args.use_exit_mlp,
-        use_exit_block=args.use_exit_block,
-        untie_exit_output_weights=args.untie_exit_output_weights,
-        pre_exit=args.pre_exit,
-        use_dynamic_exit_layer_weight=args.use_dynamic_exit_layer_weight,
-        layer_dropout_max=args.layer_dropout_max,
-        layer_dropout_style=args.layer_dropout_style,
-        exit_curriculum=args.exit_curriculum,
-        exit_curriculum_rotation=args.exit_curriculum_rotation,
-        exit_curriculum_iters=args.exit_curriculum_iters,
-    )
-
-
-def build_transformer_config(args, device: torch.device):
-    from megatron.core.transformer import TransformerConfig
-
-    from megatron.early_exit.platform import fused_softmax_available
-
-    from megatron.early_exit.models.layer_specs import resolve_transformer_impl
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    on_cpu = device.type == "cpu"
-    return TransformerConfig(
-        # The layer spec follows the device the model is built for (layer_specs.py).
-        transformer_impl=resolve_transformer_impl(getattr(args, "transformer_impl", None), device),
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=not args.disable_bias_linear,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        # Fused kernels need CUDA; on CPU use the plain PyTorch paths.
-        bias_dropout_fusion=not on_cpu,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=fused_softmax_available(device),
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        batch_p2p_sync=False,
-    )
-
-
-def padded_vocab_size(vocab_size: int, args) -> int:
-    """Megatron-LM pads the vocabulary to a multiple of divisible-by x TP for even shards."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    """The exits the flags describe (their names are EarlyExitConfig's fields)."""
+    return EarlyExitConfig.from_flags(vars(args))

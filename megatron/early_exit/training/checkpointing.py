@@ -18,19 +18,19 @@ import glob
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron.early_exit.errors import EarlyExitError
+from megatron.early_exit.checkpoint_reader import (  # noqa: F401  (the reader's names, for callers of this module)
+    MODEL_METADATA, TRACKER, CheckpointError, _apply_model_state, _load, _model_state, _unwrap, checkpoint_dir,
+    latest_iteration, load_weights, model_sharded_state, read_common, read_model_config, read_sharded, resolve, verify,
+)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 2
-# One key per layer (global number) rather than a stacked tensor of all layers.
-MODEL_METADATA = {"non_homogeneous_layers": True}
 # The distributed optimizer's state in a layout-independent form, so that a checkpoint
 # reshards across TP/PP/DP like the model does.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
@@ -47,21 +47,6 @@ EXIT_STRUCTURE_ARGS = ("use_exit_norm", "use_exit_mlp", "use_exit_block", "untie
 PAUSE_ENV = "EE_CHECKPOINT_TEST_PAUSE"
 
 
-class CheckpointError(EarlyExitError):
-    """A checkpoint that is missing, incomplete, or does not match the model."""
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-def model_sharded_state(model) -> dict:
-    """The model's sharded state dict in this module's key layout (also for readers)."""
-    return _unwrap(model).sharded_state_dict(metadata=dict(MODEL_METADATA))
 
 
 def _layout() -> Tuple[int, int, int]:
@@ -94,15 +79,48 @@ def _on_cuda() -> bool:
     return target_device().type == "cuda"
 
 
-def _stored_args(args) -> dict:
+def _stored_args(args, model) -> dict:
+    """The run's flags (--use-checkpoint-args reads them); a checkpoint written without
+    a run (converters) stores its model's as flags."""
+    if args is None:
+        return _unwrap(model).model_config.to_flags()
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples, include_optimizer=True):
+def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    """The training flags saved with the checkpoint at `path`, defaults filled for newer
+    flags, re-laid out for these TP and PP sizes (no sequence parallelism): a namespace
+    for tools that rebuild a training run (reshard)."""
+    import argparse
+
+    from megatron.early_exit.training.arguments import build_parser
+
+    saved = read_common(path)["args"]
+    args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
+    vars(args).update(saved)
+    args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
+    args.tensor_model_parallel_size = tensor_model_parallel_size
+    args.pipeline_model_parallel_size = pipeline_model_parallel_size
+    args.sequence_parallel = False
+    args.transformer_impl = None  # the layer modules follow the device the run is on
+    return args
+
+
+def stored_model_config(model, args, root: str) -> dict:
+    """The model's description as stored: tokenizer files inside `root` named relative
+    to it, so that a copied or moved checkpoint directory finds them."""
+    from megatron.early_exit.models.model_config import ModelConfig
+
+    config = getattr(_unwrap(model), "model_config", None) or ModelConfig.from_flags(vars(args), _unwrap(model).vocab_size)
+    return {**config.to_dict(), "tokenizer": vars(config.tokenizer.relative_to(root))}
+
+
+def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples, root, include_optimizer=True):
     model_sd = model_sharded_state(model)
     state = {
         "model": model_sd,
-        "args": _stored_args(args),
+        "model_config": stored_model_config(model, args, root),
+        "args": _stored_args(args, model),
         "layout": _layout(),
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -121,14 +139,16 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
 
 def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: int) -> str:
     """Everything needed to resume training, published atomically under `args.save`."""
-    return _publish(args.save, iteration, lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples),
+    return _publish(args.save, iteration, lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples,
+                                                                 args.save),
                     keep_last=getattr(args, "keep_last", None))
 
 
 def save_weights(root: str, args, model, iteration: int = 0) -> str:
     """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. written by a
     converter; training loads it with --finetune or --no-load-optim."""
-    return _publish(root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, include_optimizer=False))
+    return _publish(root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, root,
+                                                            include_optimizer=False))
 
 
 def _pause_here(moment: str, iteration: int) -> None:
@@ -171,61 +191,7 @@ def _publish(root: str, iteration: int, build_state, keep_last: Optional[int] = 
     return final
 
 
-# -- reading ----------------------------------------------------------------------
-
-
-def latest_iteration(root: str) -> int:
-    marker = os.path.join(root, TRACKER)
-    if not os.path.isfile(marker):
-        raise CheckpointError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or no save finished)")
-    text = open(marker).read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"--load {root}: {marker} is corrupt ({text!r})")
-    return int(text)
-
-
-def resolve(root: str, iteration: Optional[int] = None) -> str:
-    """The directory of the latest (or the given) checkpoint under `root`, verified complete."""
-    if iteration is None:
-        iteration = latest_iteration(root)
-    path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        path += ".old"  # a re-save of this iteration was killed between its two renames
-    if not os.path.isdir(path):
-        raise CheckpointError(f"--load {root}: {path} named by {TRACKER} does not exist")
-    verify(path)
-    return path
-
-
-def verify(path: str) -> None:
-    """Every file the checkpoint's index names exists and is long enough; errors name the file."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    for name in ("metadata.json", "common.pt", ".metadata"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise CheckpointError(f"checkpoint file {os.path.join(path, name)} is missing (incomplete or damaged checkpoint)")
-    try:
-        index = FileSystemReader(path).read_metadata()
-    except Exception as err:
-        raise CheckpointError(f"checkpoint file {os.path.join(path, '.metadata')} is corrupt ({type(err).__name__})") from err
-    needed: Dict[str, int] = {}
-    for info in index.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for rel, end in sorted(needed.items()):
-        shard = os.path.join(path, rel)
-        if not os.path.isfile(shard):
-            raise CheckpointError(f"checkpoint shard {shard} is missing")
-        size = os.path.getsize(shard)
-        if size < end:
-            raise CheckpointError(f"checkpoint shard {shard} is truncated ({size} bytes, the index needs {end})")
-
-
-def read_common(path: str) -> dict:
-    """The checkpoint's non-tensor state: args, iteration, layout, ..."""
-    try:
-        return dist_checkpointing.load_common_state_dict(path)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint file {os.path.join(path, 'common.pt')} cannot be read ({type(err).__name__})") from err
+# -- reading (the reader is checkpoint_reader.py) -----------------------------------
 
 
 def read_args(root: str) -> dict:
@@ -257,75 +223,6 @@ def compare_with_checkpoint(saved: dict, args) -> List[int]:
     if problems:
         raise CheckpointError("the checkpoint does not match this model:\n  " + "\n  ".join(problems))
     return new_exits
-
-
-def _model_state(model, skip_exits) -> Tuple[dict, dict, tuple]:
-    """(full sharded model state, the part to read, prefixes of exits not to read)."""
-    full = model_sharded_state(model)
-    skipped = tuple(f"exits.{n}." for n in skip_exits)
-    return full, {k: v for k, v in full.items() if not k.startswith(skipped)}, skipped
-
-
-def _is_extra_state(key: str) -> bool:
-    return key.endswith("_extra_state")
-
-
-def _apply_model_state(model, loaded: dict, skipped: tuple, path: str) -> None:
-    """Strict, except for `_extra_state` (as Megatron-LM): Transformer Engine keeps it in
-    modules whose sharded state dict leaves it out (core attention), and a checkpoint
-    from another layout may lack it."""
-    result = _unwrap(model).load_state_dict(loaded, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(skipped) and not _is_extra_state(k)]
-    if missing:
-        raise CheckpointError(f"{path}: no weights for {missing}")
-    unexpected = [k for k in result.unexpected_keys if not _is_extra_state(k)]
-    if unexpected:
-        raise CheckpointError(f"{path}: the model has no place for {unexpected}")
-
-
-def load_weights(path: str, model, skip_exits: Tuple[int, ...] = ()) -> None:
-    """Read the model's weights (any layout) from a checkpoint directory; exits in
-    `skip_exits` are not in the checkpoint and keep their values."""
-    _, state, skipped = _model_state(model, skip_exits)
-    _apply_model_state(model, _load({"model": state}, path)["model"], skipped, path)
-
-
-def _load(state: dict, path: str, flag: str = "--load") -> dict:
-    """dist_checkpointing.load, every failure as one CheckpointError line naming `flag`
-    (the option that gave the checkpoint). Entries the checkpoint lacks are refused by
-    name, except `_extra_state` ones (Transformer Engine modules hold them where local
-    ones do not): those are left out of the load."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    try:
-        loaded, _, absent = dist_checkpointing.load(state, path, strict=StrictHandling.RETURN_UNEXPECTED)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"{flag} {path}: {_one_line(err)}") from err
-    absent = sorted(k for k in absent if not _is_extra_state(k))
-    if absent:
-        raise CheckpointError(f"{flag} {path}: the checkpoint has no {', '.join(absent[:5])}"
-                              + (f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""))
-    return loaded
-
-
-read_sharded = _load  # for readers of parts of a checkpoint (hf/add_exits.py)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """`Type: first line` of an error; for torch's CheckpointException, of the first
-    rank's underlying error (its own text is a multi-rank traceback)."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        cause = next(iter(failures.values()))
-        err = cause[0] if isinstance(cause, tuple) else cause
-    first = str(err).splitlines()[0] if str(err) else ""
-    if len(first) > limit:
-        first = first[:limit] + " ..."
-    return f"{type(err).__name__}: {first}"
 
 
 def load(args, model, optimizer, scheduler) -> Tuple[int, int]:

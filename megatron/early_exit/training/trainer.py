@@ -27,7 +27,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
-from megatron.early_exit.models.init import initialize_layout_invariant
+from megatron.early_exit.models import builder
+from megatron.early_exit.models.model_config import ModelConfig
 from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.pipeline.placement import exit_stages, tied_embedding_stages
@@ -40,10 +41,11 @@ from megatron.early_exit.pipeline.plan import (
 )
 from megatron.early_exit.pipeline.schedules import run_schedule
 from megatron.early_exit.training import checkpointing
-from megatron.early_exit.training.arguments import build_transformer_config, padded_vocab_size
+from megatron.early_exit.models.model_config import padded_vocab_size
+from megatron.early_exit.training.arguments import build_early_exit_config
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports
-from megatron.early_exit.training.tokenizers import build_tokenizer
+from megatron.early_exit.tokenizers import build_tokenizer
 
 
 @dataclass
@@ -55,27 +57,17 @@ class TrainState:
     model: Optional[torch.nn.Module] = None  # the trained (DDP-wrapped) model, for callers and tests
 
 
+def model_config_of(args, vocab_size: int) -> ModelConfig:
+    """The description of the model the flags train."""
+    return ModelConfig.from_flags(vars(args), padded_vocab_size=vocab_size)
+
+
 def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTModel:
-    config = build_transformer_config(args, device)
-    model = EarlyExitGPTModel(
-        config,
-        args.ee_config,
-        vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent,
-        # Linear position interpolation and Llama 3.x frequency scaling.
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
-        document_mask=args.reset_attention_mask,
+    """The model of the flags on this rank (layout from the parallel state)."""
+    return builder.build_model(
+        model_config_of(args, vocab_size), device, seed=args.seed, transformer_impl=getattr(args, "transformer_impl", None),
+        sequence_parallel=args.sequence_parallel, document_mask=getattr(args, "reset_attention_mask", False),
     )
-    initialize_layout_invariant(model, args.seed, args.init_method_std, args.num_layers)
-    return model.to(device)
 
 
 def apply_exit_tuning(model: EarlyExitGPTModel, args) -> None:
@@ -142,7 +134,8 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             # Exit tuning needs nothing past the last exit; earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()),
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=args.ee_config, iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=build_early_exit_config(args),
+                           iteration=iteration)
 
 
 @dataclass
@@ -162,7 +155,7 @@ def build_stage_schedule(args, model, device) -> StageSchedule:
     if args.fill_explicit_bubbles:
         default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
         fill = build_fill_plan(
-            pp, exit_stages(args.ee_config, args.num_layers, pp),
+            pp, exit_stages(build_early_exit_config(args), args.num_layers, pp),
             default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches,
             default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches,
             args.backward_forward_ratio,
@@ -236,14 +229,15 @@ def pretrain(args) -> TrainState:
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
         gloo_process_groups=args.enable_gloo_process_groups,
-        tied_embedding_stages=tied_embedding_stages(args.ee_config, args.num_layers, pp, not args.untie_embeddings_and_output_weights),
+        tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, pp,
+                                                    not args.untie_embeddings_and_output_weights),
     )
     microbatches.destroy_num_microbatches_calculator()
     microbatches.init_num_microbatches_calculator(ctx.rank, None, args.global_batch_size, args.micro_batch_size, ctx.dp_size)
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
-    vocab_size = args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     train_ds, valid_ds, _ = build_datasets(args, tokenizer)
 
     model = build_model(args, ctx.device, vocab_size)
