@@ -94,3 +94,24 @@ def ee_loss_and_grads(model, ee_config, batch, loss_mask=None, iteration=0):
     loss.backward()
     allreduce_sequence_parallel_grads(model)
     return loss.detach(), full_state_dict(model, grads=True), report
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, state: dict, gated: bool | None = None, strict: bool = True) -> None:
+    """Copy full tensors into this rank's shards; every parameter must be present when strict."""
+    if gated is None:
+        gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
+    from megatron.early_exit.sharding import shard_full_tensor
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        key = name[len("module."):] if name.startswith("module.") else name
+        if key not in state:
+            if strict:
+                raise KeyError(f"parameter '{key}' missing from the state dict")
+            continue
+        shard = shard_full_tensor(state[key], param, name, gated, tp_rank, tp_size)
+        if shard.shape != param.shape:
+            raise ValueError(f"shape mismatch for '{key}': expected {tuple(param.shape)}, got {tuple(shard.shape)}")
+        param.copy_(shard)

@@ -22,7 +22,8 @@ def test_te_spec_early_exit_model_runs_and_matches_gpt(dist1, te_available):
     from megatron.early_exit.loss import early_exit_loss
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
     from megatron.early_exit.models.layer_specs import get_block_spec
-    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from megatron.early_exit.sharding import full_state_dict
+    from tests.helpers import load_full_state_dict
     from tests.helpers import make_batch, tiny_transformer_config
 
     config = tiny_transformer_config(use_cpu_initialization=False)

@@ -179,7 +179,8 @@ def test_reset_attention_mask_survives_the_fused_softmax(dist1, fake_apex_kernel
     is given: with --reset-attention-mask the layers must ask for an arbitrary mask."""
     from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
-    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from megatron.early_exit.sharding import full_state_dict
+    from tests.helpers import load_full_state_dict
     from tests.helpers import tiny_transformer_config
 
     seq, batch = 32, 2

@@ -21,7 +21,8 @@ HEADS = {
 
 
 def test_no_exit_model_equals_gpt_model_bitwise(dist1):
-    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from megatron.early_exit.sharding import full_state_dict
+    from tests.helpers import load_full_state_dict
 
     config = tiny_transformer_config()
     gpt = build_gpt(config)

@@ -30,23 +30,10 @@ class ParallelContext:
     device: torch.device
     rank: int
     world_size: int
-    tp_size: int
-    pp_size: int
     dp_size: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
     # Whether megatron-core's gloo twins of the data-parallel groups exist; the
     # optimizer must be told, or it asserts on groups that are not there.
     gloo_process_groups: bool = True
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
 
 
 _TARGET_DEVICE: torch.device | None = None
@@ -155,12 +142,7 @@ def initialize_parallel(
         device=dev,
         rank=torch.distributed.get_rank(),
         world_size=world_size,
-        tp_size=tensor_model_parallel_size,
-        pp_size=pipeline_model_parallel_size,
         dp_size=dp_size,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
         gloo_process_groups=gloo_process_groups,
     )
 

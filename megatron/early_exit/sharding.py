@@ -74,24 +74,5 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False, gated: bool | N
     return out
 
 
-@torch.no_grad()
-def load_full_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], gated: bool | None = None, strict: bool = True) -> None:
-    """Copy full tensors into this rank's shards; every parameter must be present when strict."""
-    if gated is None:
-        gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for name, param in _named(model):
-        key = _strip_wrapper(name)
-        if key not in state:
-            if strict:
-                raise KeyError(f"parameter '{key}' missing from the state dict")
-            continue
-        shard = shard_full_tensor(state[key], param, name, gated, tp_rank, tp_size)
-        if shard.shape != param.shape:
-            raise ValueError(f"shape mismatch for '{key}': expected {tuple(param.shape)}, got {tuple(shard.shape)}")
-        param.copy_(shard)
-
-
 def _strip_wrapper(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name

@@ -4,7 +4,8 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.early_exit.parallel import initialize_parallel, set_seed
-from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+from megatron.early_exit.sharding import full_state_dict
+from tests.helpers import load_full_state_dict
 from tests.helpers import (
     allreduce_sequence_parallel_grads,
     build_gpt,

@@ -10,7 +10,8 @@ import torch
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.inference import EarlyExit, FullDepth, SamplingParams, SelfSpeculative, generate
 from megatron.early_exit.parallel import initialize_parallel
-from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+from megatron.early_exit.sharding import full_state_dict
+from tests.helpers import load_full_state_dict
 from tests.helpers import tiny_transformer_config
 
 PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]

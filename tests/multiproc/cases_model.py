@@ -2,7 +2,8 @@
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.parallel import initialize_parallel
-from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+from megatron.early_exit.sharding import full_state_dict
+from tests.helpers import load_full_state_dict
 from tests.helpers import build_ee_gpt, ee_loss_and_grads, make_batch, max_abs_diff, tiny_transformer_config
 
 
