@@ -188,6 +188,33 @@ def test_export_then_import_is_bit_identical_including_exits(dist1, tmp_path, st
         assert (hf.eval()(input_ids=tokens).logits - load(tmp_path / "ee")(tokens, pos, None).final).abs().max() < 1e-4
 
 
+def test_converted_directory_loads_and_generates_after_a_move(dist1, tmp_path):
+    import shutil
+
+    from megatron.early_exit.checkpoint_reader import read_common, resolve
+    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference.loading import load_model
+
+    save_random_llama(tmp_path / "hf", seed=19)
+    save_word_tokenizer(tmp_path / "hf")
+    import_llama(tmp_path / "hf", tmp_path / "ours")
+    add_exits(tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[2], use_exit_norm=True)
+    prompt = [[1, 2, 3, 4]]
+    before = {name: generate(load(tmp_path / name), prompt, FullDepth(), max_new_tokens=6).tokens for name in ("ours", "ee")}
+    os.makedirs(tmp_path / "elsewhere")
+    for name in ("ours", "ee"):
+        root = shutil.move(str(tmp_path / name), str(tmp_path / "elsewhere" / name))
+        assert not os.path.exists(tmp_path / name)
+        assert read_common(resolve(root))["model_config"]["tokenizer"]["model"] == "tokenizer"  # stored relative
+        model, tokenizer, config = load_model(root, 1, device=torch.device("cpu"))
+        assert config.tokenizer.model == os.path.join(root, "tokenizer") and sorted(os.listdir(config.tokenizer.model)) == [
+            "tokenizer.json", "tokenizer_config.json"]
+        assert (tokenizer.vocab_size, tokenizer.eod) == (VOCAB, VOCAB - 1)
+        assert tokenizer.tokenize("w1 w2 w3 w4") == prompt[0]
+        tokens = generate(model, [tokenizer.tokenize("w1 w2 w3 w4")], FullDepth(), max_new_tokens=6).tokens
+        assert tokens == before[name] and len(tokens[0]) == 6
+
+
 # ----------------------------------------------------------------------------- add_exits
 
 
@@ -257,7 +284,8 @@ def test_add_exits_keeps_matching_exits_and_replaces_others(dist1, converted, tm
 def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, converted, tmp_path):
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
-    from megatron.early_exit.inference.loading import stored_args
+    from megatron.early_exit.models.model_config import ModelConfig
+    from megatron.early_exit.training.checkpointing import stored_args
     from megatron.early_exit.training import checkpointing
 
     add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
@@ -265,7 +293,7 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
     path = checkpointing.resolve(str(tmp_path / "ee"))
     args = stored_args(path, 1)
     args.num_layers, args.tune_exit, args.tune_exit_pipeline_parallel_size = 2, True, 1
-    model = training_model(args, VOCAB)
+    model = training_model(ModelConfig.from_flags(vars(args), VOCAB))
     checkpointing.load_weights(path, model)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -419,13 +447,14 @@ def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
 
 
 def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
-    from megatron.early_exit.hf.convert import stored_flags, training_model
+    from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
+    from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.training import checkpointing
 
-    args = stored_flags(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-                         "--tokenizer-type", "NullTokenizer", "--vocab-size", "64"], 1, 1)  # LayerNorm, GeLU, biases
-    checkpointing.save_weights(str(tmp_path / "gpt"), args, training_model(args, 128))
+    config = ModelConfig.from_flags(dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                                         tokenizer_type="NullTokenizer", vocab_size=64), 128)  # LayerNorm, GeLU, biases
+    checkpointing.save_weights(str(tmp_path / "gpt"), None, training_model(config))
     with pytest.raises(ConversionError, match="the checkpoint is not a Llama model: --normalization LayerNorm"):
         export_llama(tmp_path / "gpt", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)

@@ -58,7 +58,8 @@ def spread_vectors(model, seed=1):
 
 def build_pair(ee_config, tied=True, seq_length=16, **config):
     """(local model, stand-in model) with the same weights."""
-    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from megatron.early_exit.sharding import full_state_dict
+    from tests.helpers import load_full_state_dict
 
     torch.manual_seed(0)
     local = build_ee_gpt(tiny_transformer_config(transformer_impl="local", **config), ee_config, seq_length=seq_length, tied=tied)
@@ -313,6 +314,7 @@ layer_specs.transformer_engine_importable = lambda: True  # ... with Transformer
 def main():
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.hf.convert import training_model
+    from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.inference import EarlyExit, generate
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import target_device
@@ -335,7 +337,8 @@ def main():
     import reshard
     reshard.run_rank(reshard.parse(["--load", save, "--save", tempfile.mkdtemp()]))
     args = parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None, "--tokenizer-type": False}), world_size=1)
-    out["converter_impl"] = training_model(args, 64).transformer_impl
+    out["converter_impl"] = training_model(ModelConfig.from_flags(vars(args), 64),
+                                           transformer_impl=args.transformer_impl).transformer_impl
     try:
         parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None, "--transformer-impl": "transformer_engine"}), world_size=1)
     except ConfigError as err:
@@ -387,7 +390,8 @@ def test_transformer_engine_itself_matches_local(dist1):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron.early_exit.models.layer_specs import transformer_engine_available
-    from megatron.early_exit.sharding import full_state_dict, load_full_state_dict
+    from megatron.early_exit.sharding import full_state_dict
+    from tests.helpers import load_full_state_dict
     from megatron.early_exit.training.checkpointing import model_sharded_state
 
     if not transformer_engine_available(torch.device("cuda")):

@@ -50,11 +50,12 @@ def main(argv=None):
     from megatron.early_exit.errors import install_excepthook
 
     install_excepthook()
-    from megatron.early_exit.hf.add_exits import EXIT_FLAGS, add_exits
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.hf.add_exits import add_exits
     from megatron.early_exit.parallel import initialize_parallel
 
     initialize_parallel(1, 1)
-    exits = {key: getattr(args, key) for key in EXIT_FLAGS}
+    exits = {key: getattr(args, key) for key in EarlyExitConfig.flag_names() if hasattr(args, key)}
     report = add_exits(args.load, args.save, exits, copy_init=not args.random_init, seed=args.seed,
                        init_method_std=args.init_method_std, iteration=args.iteration, exits_from=args.exits_from)
     for layer in sorted(set(report.kept) | set(report.initialised)):

@@ -1,13 +1,13 @@
 """A Hugging Face Llama directory <-> our checkpoint, both ways, lossless.
 
 `import_llama(hf_dir, out, tp, pp)`:
-  1. config.json -> LlamaShape -> our flags (plus exit flags from an `early_exit`
-     section), validated for the target layout and stored with the checkpoint
-  2. the model is built once at TP=1 on CPU: the checkpoint format is layout-independent,
-     the target TP/PP are recorded in the stored flags
+  1. config.json -> LlamaShape -> our ModelConfig (exits from an `early_exit` section),
+     validated for the target layout; the layout is recorded in the stored flags
+  2. the model is built once at TP=1 on CPU: the checkpoint format is layout-independent
   3. every parameter is filled from its Hugging Face tensors (key map, shapes asserted);
      a tensor left over means a Llama variant we do not know, and stops the conversion
-  4. weights and tokenizer files go to a temporary directory, renamed when complete
+  4. weights and tokenizer files go to a temporary directory, renamed when complete; the
+     checkpoint names its tokenizer relative to itself, so the output can be moved
 
 `export_llama(checkpoint, out)`: the backbone as LlamaForCausalLM safetensors (sharded with
 an index past `max_shard_bytes`), exit heads in `early_exit_heads.safetensors`, config.json
@@ -19,6 +19,7 @@ Both need a single-process layout (TP=PP=1); the tools start one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -26,25 +27,25 @@ from typing import List, Optional
 
 import torch
 
+from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.hf import files
-from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.hf.errors import ConversionError
 from megatron.early_exit.hf.llama import (
     LlamaShape,
-    exit_flags,
+    exit_config,
     exit_section,
     hf_config,
     hf_names,
     is_exit_name,
-    model_flags,
-    shape_from_args,
+    model_config,
+    params_dtype_of,
     shape_from_hf_config,
+    shape_from_model_config,
     to_hf,
     to_ours,
 )
+from megatron.early_exit.models.model_config import DTYPES, ModelConfig, TokenizerConfig, padded_vocab_size
 
-DTYPE_FLAGS = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}
-HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 TOKENIZER_SUBDIR = "tokenizer"
 # Tensors a Llama checkpoint may carry that hold nothing to convert.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -54,7 +55,8 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 class ImportResult:
     path: str
     shape: LlamaShape
-    model_flags: List[str]  # what training needs to rebuild this model (shape, tokenizer, dtype, exits)
+    config: ModelConfig  # as stored (tokenizer files inside `path`)
+    model_flags: List[str]  # training flags that rebuild this model (shape, tokenizer, dtype, exits)
 
 
 def require_single_process_layout() -> None:
@@ -68,43 +70,84 @@ def require_single_process_layout() -> None:
         raise ConversionError("conversion runs at TP=PP=1 (the checkpoint format is layout-independent)")
 
 
-def training_model(args: argparse.Namespace, vocab_size: int):
-    """The model of `args` built on CPU at TP=PP=1, whatever layout `args` names."""
-    from megatron.early_exit.training.trainer import build_model
+def training_model(config: ModelConfig, seed: int = 1234, transformer_impl: Optional[str] = None):
+    """The model of `config` built on CPU at TP=PP=1, whatever layout it is stored for."""
+    from megatron.early_exit.models.builder import build_model
 
-    build_args = argparse.Namespace(**vars(args))
-    build_args.tensor_model_parallel_size = build_args.pipeline_model_parallel_size = 1
-    build_args.sequence_parallel = False
-    return build_model(build_args, torch.device("cpu"), vocab_size)
+    require_single_process_layout()
+    return build_model(config, torch.device("cpu"), seed=seed, transformer_impl=transformer_impl)
 
 
-def stored_flags(flags: List[str], tp: int, pp: int) -> argparse.Namespace:
-    """Parse model flags into the namespace stored with a checkpoint (validated for the
-    target layout; the training-only flags get placeholders)."""
-    from megatron.early_exit.training.arguments import parse_args
+def stored_flags(config: ModelConfig, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                 base: Optional[dict] = None) -> argparse.Namespace:
+    """The flags stored with a checkpoint written without a training run (--use-checkpoint-args
+    and tools that rebuild a run read them): `base` (the flags of the checkpoint it was made
+    from), the model's, its precision, and the layout it is meant for."""
+    flags = dict(base or {})
+    flags.update(config.to_flags())
+    flags.setdefault("seq_length", config.max_position_embeddings)
+    flags.setdefault("sequence_parallel", False)
+    flags.update(padded_vocab_size=config.padded_vocab_size, bf16=config.params_dtype == "bf16",
+                 fp16=config.params_dtype == "fp16", tensor_model_parallel_size=tensor_model_parallel_size,
+                 pipeline_model_parallel_size=pipeline_model_parallel_size)
+    return argparse.Namespace(**flags)
 
-    placeholders = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data"]
-    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-    try:
-        return parse_args(flags + layout + placeholders, world_size=tp * pp)
-    except ConversionError:
-        raise
-    except ConfigError as err:
-        raise ConversionError(f"{err} (target layout --target-tensor-parallel-size {tp} "
-                              f"--target-pipeline-parallel-size {pp})") from None
+
+def _field_defaults(cls) -> dict:
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+def command_line_flags(config: ModelConfig) -> List[str]:
+    """Training flags that rebuild this model: the values that differ from ModelConfig's
+    and EarlyExitConfig's defaults, the sequence length and the precision."""
+    defaults = {**_field_defaults(ModelConfig), **_field_defaults(EarlyExitConfig), "group_query_attention": False}
+    flags = {**config.to_flags(), "seq_length": config.max_position_embeddings}
+    out: List[str] = []
+    for name, value in flags.items():
+        if value is None or value is False or value == [] or (name in defaults and defaults[name] == value):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag] + [str(v) for v in value]
+        else:
+            out += [flag, str(value)]
+    return out + ([] if config.params_dtype == "fp32" else ["--" + config.params_dtype])
 
 
 # ----------------------------------------------------------------------------- HF -> ours
 
 
+def _check_layout(config: ModelConfig, tp: int, pp: int) -> None:
+    """What the target layout needs of the model (it is built at TP=PP=1 here)."""
+    checks = [
+        (tp >= 1 and pp >= 1, f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1"),
+        (config.num_attention_heads % tp == 0,
+         f"--num-attention-heads ({config.num_attention_heads}) is not divisible by --tensor-model-parallel-size ({tp})"),
+        ((config.num_query_groups or tp) % tp == 0,
+         f"--num-query-groups ({config.num_query_groups}) is not divisible by --tensor-model-parallel-size ({tp})"),
+        (config.num_layers % pp == 0,
+         f"--num-layers ({config.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise ConversionError(f"{problem} (target layout --target-tensor-parallel-size {tp} "
+                                  f"--target-pipeline-parallel-size {pp})")
+
+
 def _vocab_divisor(tokenizer_vocab: int, vocab_size: int, tp: int, source: str) -> int:
     """A --make-vocab-size-divisible-by that pads the tokenizer's vocabulary to exactly the
     model's (the smallest such power of two, else vocab/TP): no rows are added or dropped."""
-    from megatron.early_exit.training.arguments import padded_vocab_size
-
     candidates = [2**i for i in range(8)] + ([vocab_size // tp] if vocab_size % tp == 0 else [])
     for d in candidates:
-        if padded_vocab_size(tokenizer_vocab, argparse.Namespace(make_vocab_size_divisible_by=d, tensor_model_parallel_size=tp)) == vocab_size:
+        if padded_vocab_size(tokenizer_vocab, d, tp) == vocab_size:
             return d
     raise ConversionError(
         f"{source}: vocab_size {vocab_size} cannot be laid out at --target-tensor-parallel-size {tp} for a tokenizer "
@@ -112,18 +155,26 @@ def _vocab_divisor(tokenizer_vocab: int, vocab_size: int, tp: int, source: str) 
     )
 
 
-def _tokenizer_flags(hf_dir: str, final_dir: str, vocab_size: int):
-    """(tokenizer flags, its vocabulary size, whether there are tokenizer files to copy)."""
-    from megatron.early_exit.training.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
+def _tokenizer_config(hf_dir: str, vocab_size: int):
+    """(the tokenizer, its files named relative to the output, its vocabulary size,
+    whether there are tokenizer files to copy into TOKENIZER_SUBDIR)."""
+    from megatron.early_exit.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
 
-    target = os.path.join(final_dir, TOKENIZER_SUBDIR)
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         vocab = HuggingFaceTokenizer(hf_dir).vocab_size
-        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", target], vocab, True
+        return TokenizerConfig("HuggingFaceTokenizer", model=TOKENIZER_SUBDIR), vocab, True
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
         vocab = SentencePieceTokenizer(os.path.join(hf_dir, "tokenizer.model")).vocab_size
-        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", os.path.join(target, "tokenizer.model")], vocab, True
-    return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_size)], vocab_size, False
+        return TokenizerConfig("SentencePieceTokenizer", model=os.path.join(TOKENIZER_SUBDIR, "tokenizer.model")), vocab, True
+    return TokenizerConfig("NullTokenizer", vocab_size=vocab_size), vocab_size, False
+
+
+def _target_dtype(dtype: str, shape: LlamaShape) -> str:
+    if dtype == "auto":
+        return params_dtype_of(shape.dtype)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--target-dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return dtype
 
 
 @torch.no_grad()
@@ -159,29 +210,25 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
     if section is not None and not isinstance(section, dict):
         raise ConversionError(f"{config_path}: early_exit must be an object, got {section!r}")
     weights = files.HFWeights(hf_dir, [section.get("weights_file", files.EXIT_WEIGHTS)] if section else [])
-    if dtype == "auto":
-        dtype = HF_DTYPE_NAMES[shape.dtype]
-    if dtype not in DTYPE_FLAGS:
-        raise ConversionError(f"--target-dtype {dtype!r}: choose auto, {', '.join(DTYPE_FLAGS)}")
+    params_dtype = _target_dtype(dtype, shape)
 
     final = os.path.abspath(out)
-    tok_flags, tok_vocab, has_tokenizer = _tokenizer_flags(hf_dir, final, shape.vocab_size)
+    tokenizer, tok_vocab, has_tokenizer = _tokenizer_config(hf_dir, shape.vocab_size)
     if tok_vocab > shape.vocab_size:
         raise ConversionError(f"{hf_dir}: the tokenizer has {tok_vocab} tokens but config.json's vocab_size is {shape.vocab_size}")
-    flags = (model_flags(shape) + ["--make-vocab-size-divisible-by", str(_vocab_divisor(tok_vocab, shape.vocab_size, tp, config_path))]
-             + tok_flags + DTYPE_FLAGS[dtype] + (exit_flags(section, config_path) if section else []))
-    args = stored_flags(flags, tp, pp)
-    args.padded_vocab_size = shape.vocab_size  # as training stores it
-    args.transformer_impl = transformer_impl
+    config = model_config(shape, _vocab_divisor(tok_vocab, shape.vocab_size, tp, config_path), tokenizer.resolved(final),
+                          params_dtype, exit_config(section, config_path) if section else None)
+    _check_layout(config, tp, pp)
 
     require_single_process_layout()
     with files.atomic_output_dir(out) as tmp:
-        model = training_model(args, shape.vocab_size)
-        _fill_from_hf(model, weights, shape, progress)
-        checkpointing.save_weights(tmp, args, model, iteration=0)
         if has_tokenizer:
             files.copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_SUBDIR))
-    return ImportResult(final, shape, flags)
+        # Built with the files where they are while it is written: stored relative to the checkpoint.
+        model = training_model(dataclasses.replace(config, tokenizer=tokenizer.resolved(tmp)), transformer_impl=transformer_impl)
+        _fill_from_hf(model, weights, shape, progress)
+        checkpointing.save_weights(tmp, stored_flags(config, tp, pp), model, iteration=0)
+    return ImportResult(final, shape, config, command_line_flags(config))
 
 
 # ----------------------------------------------------------------------------- ours -> HF
@@ -196,21 +243,21 @@ def parse_size(text) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
-def _export_tokenizer(args, target: str) -> None:
+def _export_tokenizer(tokenizer: TokenizerConfig, target: str) -> None:
     """Copy the checkpoint's tokenizer files, under the names transformers looks for."""
     import shutil
 
-    if args.tokenizer_type == "GPT2BPETokenizer":
-        shutil.copy2(args.vocab_file, os.path.join(target, "vocab.json"))
-        shutil.copy2(args.merge_file, os.path.join(target, "merges.txt"))
+    if tokenizer.type == "GPT2BPETokenizer":
+        shutil.copy2(tokenizer.vocab_file, os.path.join(target, "vocab.json"))
+        shutil.copy2(tokenizer.merge_file, os.path.join(target, "merges.txt"))
         return
-    source = files.tokenizer_source_dir(args.tokenizer_type, args.tokenizer_model)
+    source = files.tokenizer_source_dir(tokenizer.type, tokenizer.model)
     if source is None:  # NullTokenizer: ids are the text
         return
     files.copy_tokenizer_files(source, target)
-    expected = {"HuggingFaceTokenizer": "tokenizer.json", "SentencePieceTokenizer": "tokenizer.model"}[args.tokenizer_type]
-    if os.path.isfile(args.tokenizer_model) and os.path.basename(args.tokenizer_model) != expected:
-        shutil.copy2(args.tokenizer_model, os.path.join(target, expected))
+    expected = {"HuggingFaceTokenizer": "tokenizer.json", "SentencePieceTokenizer": "tokenizer.model"}[tokenizer.type]
+    if os.path.isfile(tokenizer.model) and os.path.basename(tokenizer.model) != expected:
+        shutil.copy2(tokenizer.model, os.path.join(target, expected))
 
 
 def _write_weights(directory: str, params, shards: List[List[str]], basename: str, shape: LlamaShape, bar) -> None:
@@ -237,18 +284,18 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
 
     files.require_new_output(out)
     require_single_process_layout()
-    model, tokenizer, args = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration,
-                                        transformer_impl=transformer_impl)
-    if args.tune_exit_pipeline_parallel_size is not None:
+    model, tokenizer, config = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration,
+                                          transformer_impl=transformer_impl)
+    if config.first_stages_only:
         raise ConversionError(
             f"{checkpoint} was saved by exit tuning with --tune-exit-pipeline-parallel-size and holds only the first "
-            f"{args.num_layers} layers: put its exits back on the whole model first "
+            f"{config.num_layers} layers: put its exits back on the whole model first "
             "(tools/checkpoint/add_exits.py --load <whole model> --exits-from <this checkpoint>)"
         )
-    shape = shape_from_args(args, model.vocab_size)
+    shape = shape_from_model_config(config)
     params = {name: p.detach() for name, p in model.named_parameters()}
     backbone = [n for n in params if not is_exit_name(n)]
-    has_exits = bool(args.ee_config.exit_layer_nums)  # (tied exits without a norm own no tensors)
+    has_exits = bool(config.exit_layer_nums)  # (tied exits without a norm own no tensors)
     with files.atomic_output_dir(out) as tmp:
         with tqdm(total=len(params), desc="export", unit="tensor", disable=not progress) as bar:
             sizes = [(n, params[n].numel() * params[n].element_size()) for n in backbone]
@@ -256,9 +303,9 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
             if has_exits:
                 exits = [n for n in params if is_exit_name(n)]
                 _write_weights(tmp, params, [exits], files.EXIT_WEIGHTS[: -len(".safetensors")], shape, bar)
-        section = exit_section(args, files.EXIT_WEIGHTS) if has_exits else None
+        section = exit_section(config, files.EXIT_WEIGHTS) if has_exits else None
         cfg = hf_config(shape, getattr(tokenizer, "bos", None), tokenizer.eod, getattr(tokenizer, "pad", None), section)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        _export_tokenizer(args, tmp)
+        _export_tokenizer(config.tokenizer, tmp)
     return os.path.abspath(out)

@@ -2,8 +2,9 @@
 
 Config: `shape_from_hf_config` reads a config.json (transformers 4.x `rope_theta` and
 `rope_scaling`, or 5.x `rope_parameters`) into a `LlamaShape`, refusing what megatron-core
-cannot compute; `model_flags` turns a shape into our training flags. Back:
-`shape_from_args` (refusing models that are not Llama-shaped) and `hf_config`.
+cannot compute; `model_config` turns a shape into our ModelConfig. Back:
+`shape_from_model_config` (refusing models that are not Llama-shaped) and `hf_config`.
+config.json's `early_exit` section holds the EarlyExitConfig (`exit_section`, `exit_config`).
 
 Weights: `hf_names` is the declarative key map from one of our parameter names (TP=1,
 global layer numbers, as `sharding.full_state_dict` gives them) to the Hugging Face
@@ -15,19 +16,34 @@ Exit heads use Llama's names under `exits.{layer}.` (their own safetensors file)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.hf.errors import ConversionError
+from megatron.early_exit.models.model_config import DTYPES, ModelConfig, TokenizerConfig, dtype_name
 
 # megatron-core's Llama 3.x RoPE scaling has these constants built in
 # (RotaryEmbedding._apply_scaling); a config with other values cannot be represented.
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 ROPE_KINDS = ("default", "linear", "llama3")
-DTYPES = {"float32": None, "bfloat16": "--bf16", "float16": "--fp16"}
+
+
+def hf_dtype_name(params_dtype: str) -> str:
+    """config.json's name of one of our precisions ("bf16" -> "bfloat16": torch's name)."""
+    return str(DTYPES[params_dtype]).replace("torch.", "")
+
+
+def params_dtype_of(hf_name: str) -> str:
+    """Our precision of a config.json dtype name ("bfloat16" -> "bf16")."""
+    return dtype_name(getattr(torch, hf_name))
+
+
+SUPPORTED_HF_DTYPES = tuple(hf_dtype_name(name) for name in DTYPES)
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,7 @@ class LlamaShape:
     rope_kind: str = "default"  # one of ROPE_KINDS
     rope_factor: Optional[float] = None  # linear: position divisor; llama3: frequency factor
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # a key of DTYPES
+    dtype: str = "float32"  # one of SUPPORTED_HF_DTYPES
     initializer_range: float = 0.02
     attention_dropout: float = 0.0
 
@@ -78,8 +94,8 @@ def shape_from_hf_config(cfg: dict, source: str = "config.json") -> LlamaShape:
         raise ConversionError(f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({groups})")
     theta, kind, factor = _rope_from_hf(cfg, source)
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
-    if dtype not in DTYPES:
-        raise ConversionError(f"{source}: dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
+    if dtype not in SUPPORTED_HF_DTYPES:
+        raise ConversionError(f"{source}: dtype {dtype!r} is not supported ({', '.join(SUPPORTED_HF_DTYPES)})")
     return LlamaShape(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -134,72 +150,80 @@ def _rope_from_hf(cfg: dict, source: str) -> Tuple[float, str, Optional[float]]:
     return float(theta), kind, float(factor)
 
 
-def model_flags(shape: LlamaShape) -> List[str]:
-    """Our training flags for a model of this shape (tokenizer, layout and dtype excluded)."""
-    flags = [
-        "--num-layers", shape.num_layers, "--hidden-size", shape.hidden_size,
-        "--ffn-hidden-size", shape.ffn_hidden_size, "--num-attention-heads", shape.num_attention_heads,
-    ]
-    if shape.num_query_groups != shape.num_attention_heads:
-        flags += ["--group-query-attention", "--num-query-groups", shape.num_query_groups]
-    if shape.head_dim * shape.num_attention_heads != shape.hidden_size:
-        flags += ["--kv-channels", shape.head_dim]
-    flags += [
-        "--seq-length", shape.max_position_embeddings, "--max-position-embeddings", shape.max_position_embeddings,
-        "--normalization", "RMSNorm", "--norm-epsilon", repr(shape.norm_epsilon), "--swiglu", "--disable-bias-linear",
-        "--position-embedding-type", "rope", "--rotary-base", int(shape.rope_theta),
-        "--hidden-dropout", 0, "--attention-dropout", repr(shape.attention_dropout),
-        "--init-method-std", repr(shape.initializer_range),
-    ]
-    if shape.rope_kind == "linear":
-        flags += ["--rotary-seq-len-interpolation-factor", repr(shape.rope_factor)]
-    elif shape.rope_kind == "llama3":
-        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(shape.rope_factor)]
-    if not shape.tie_word_embeddings:
-        flags.append("--untie-embeddings-and-output-weights")
-    return [str(f) for f in flags]
+def model_config(shape: LlamaShape, make_vocab_size_divisible_by: int, tokenizer: TokenizerConfig,
+                 params_dtype: str, early_exit: Optional[EarlyExitConfig] = None) -> ModelConfig:
+    """Our description of a model of this shape (its vocabulary as the padded size)."""
+    heads = shape.num_attention_heads
+    return ModelConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=shape.num_query_groups if shape.num_query_groups != heads else None,
+        kv_channels=shape.head_dim if shape.head_dim * heads != shape.hidden_size else None,
+        padded_vocab_size=shape.vocab_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        normalization="RMSNorm",
+        norm_epsilon=shape.norm_epsilon,
+        swiglu=True,
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+        rotary_seq_len_interpolation_factor=shape.rope_factor if shape.rope_kind == "linear" else None,
+        use_rope_scaling=shape.rope_kind == "llama3",
+        rope_scaling_factor=shape.rope_factor if shape.rope_kind == "llama3" else ModelConfig.rope_scaling_factor,
+        untie_embeddings_and_output_weights=not shape.tie_word_embeddings,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        hidden_dropout=0.0,
+        attention_dropout=shape.attention_dropout,
+        init_method_std=shape.initializer_range,
+        params_dtype=params_dtype,
+        early_exit=early_exit or EarlyExitConfig(),
+        tokenizer=tokenizer,
+    )
 
 
 # ----------------------------------------------------------------------------- config: ours -> HF
 
 
-def shape_from_args(args, vocab_size: int) -> LlamaShape:
-    """The Llama shape of a model built from our flags; refuses what Llama cannot express."""
+def shape_from_model_config(config: ModelConfig) -> LlamaShape:
+    """The Llama shape of one of our models; refuses what Llama cannot express."""
+    c = config
     refusals = [
-        (args.normalization != "RMSNorm", f"--normalization {args.normalization} (Llama uses RMSNorm)"),
-        (not args.swiglu, "no --swiglu (Llama's MLP is SwiGLU)"),
-        (not args.disable_bias_linear, "linear biases (Llama has none: --disable-bias-linear)"),
-        (args.position_embedding_type != "rope", f"--position-embedding-type {args.position_embedding_type} (Llama uses rope)"),
-        (args.rotary_percent != 1.0, f"--rotary-percent {args.rotary_percent} (Llama rotates whole heads)"),
-        (bool(args.use_rope_scaling and args.rotary_seq_len_interpolation_factor),
+        (c.normalization != "RMSNorm", f"--normalization {c.normalization} (Llama uses RMSNorm)"),
+        (not c.swiglu, "no --swiglu (Llama's MLP is SwiGLU)"),
+        (not c.disable_bias_linear, "linear biases (Llama has none: --disable-bias-linear)"),
+        (c.position_embedding_type != "rope", f"--position-embedding-type {c.position_embedding_type} (Llama uses rope)"),
+        (c.rotary_percent != 1.0, f"--rotary-percent {c.rotary_percent} (Llama rotates whole heads)"),
+        (bool(c.use_rope_scaling and c.rotary_seq_len_interpolation_factor),
          "--use-rope-scaling together with --rotary-seq-len-interpolation-factor"),
     ]
     for refused, what in refusals:
         if refused:
             raise ConversionError(f"the checkpoint is not a Llama model: {what}")
     kind, factor = "default", None
-    if args.rotary_seq_len_interpolation_factor:
-        kind, factor = "linear", float(args.rotary_seq_len_interpolation_factor)
-    elif args.use_rope_scaling:
-        kind, factor = "llama3", float(args.rope_scaling_factor)
-    heads = args.num_attention_heads
+    if c.rotary_seq_len_interpolation_factor:
+        kind, factor = "linear", float(c.rotary_seq_len_interpolation_factor)
+    elif c.use_rope_scaling:
+        kind, factor = "llama3", float(c.rope_scaling_factor)
+    heads = c.num_attention_heads
     return LlamaShape(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.ffn_hidden_size,
         num_attention_heads=heads,
-        num_query_groups=args.num_query_groups or heads,
-        head_dim=args.kv_channels or args.hidden_size // heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=args.max_position_embeddings,
-        norm_epsilon=args.norm_epsilon,
-        rope_theta=float(args.rotary_base),
+        num_query_groups=c.num_query_groups or heads,
+        head_dim=c.kv_channels or c.hidden_size // heads,
+        vocab_size=c.padded_vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        norm_epsilon=c.norm_epsilon,
+        rope_theta=float(c.rotary_base),
         rope_kind=kind,
         rope_factor=factor,
-        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
-        dtype="bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
-        initializer_range=args.init_method_std,
-        attention_dropout=args.attention_dropout,
+        tie_word_embeddings=not c.untie_embeddings_and_output_weights,
+        dtype=hf_dtype_name(c.params_dtype),
+        initializer_range=c.init_method_std,
+        attention_dropout=c.attention_dropout,
     )
 
 
@@ -360,31 +384,32 @@ def to_hf(name: str, tensor: torch.Tensor, shape: LlamaShape) -> Dict[str, torch
 
 # ----------------------------------------------------------------------------- exits in config.json
 
-EXIT_SWITCHES = ("use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights", "pre_exit")
-EXIT_LISTS = ("exit_layer_nums", "exit_layer_weight", "exit_layer_temperature")
-EXIT_FORMAT_VERSION = 1
+# 1: the per-exit lists and structure switches only; 2: every EarlyExitConfig field.
+EXIT_FORMAT_VERSION = 2
+_SECTION_KEYS = ("format_version", "weights_file")
 
 
-def exit_section(args, weights_file: str) -> dict:
-    """config.json's `early_exit` section: where the exits are and what they are made of."""
+def exit_section(config: ModelConfig, weights_file: str) -> dict:
+    """config.json's `early_exit` section: where the exits' weights are, and the
+    EarlyExitConfig (its fields by name)."""
     section = {"format_version": EXIT_FORMAT_VERSION, "weights_file": weights_file}
-    section.update({key: list(getattr(args.ee_config, key)) for key in EXIT_LISTS})
-    section.update({key: bool(getattr(args.ee_config, key)) for key in EXIT_SWITCHES})
+    section.update(config.early_exit.to_flags())
     return section
 
 
-def exit_flags(section: dict, source: str = "config.json") -> List[str]:
-    """Our exit flags from an `early_exit` section."""
-    unknown = sorted(set(section) - set(EXIT_SWITCHES) - set(EXIT_LISTS) - {"format_version", "weights_file"})
-    if unknown or section.get("format_version", EXIT_FORMAT_VERSION) != EXIT_FORMAT_VERSION:
+def exit_config(section: dict, source: str = "config.json") -> EarlyExitConfig:
+    """The EarlyExitConfig of an `early_exit` section (fields it leaves out default)."""
+    known = EarlyExitConfig.flag_names()
+    unknown = sorted(set(section) - set(known) - set(_SECTION_KEYS))
+    version = section.get("format_version", EXIT_FORMAT_VERSION)
+    if unknown or version not in range(1, EXIT_FORMAT_VERSION + 1):
         raise ConversionError(f"{source}: early_exit section has unknown keys {unknown} or format_version "
-                              f"{section.get('format_version')!r} (this converter writes {EXIT_FORMAT_VERSION})")
-    flags: List[str] = []
-    for key in EXIT_LISTS:
-        values = section.get(key) or []
-        if not isinstance(values, list):
-            raise ConversionError(f"{source}: early_exit.{key} must be a list, got {values!r}")
-        if values:
-            flags += ["--" + key.replace("_", "-")] + [repr(v) if isinstance(v, float) else str(v) for v in values]
-    flags += ["--" + key.replace("_", "-") for key in EXIT_SWITCHES if section.get(key)]
-    return flags
+                              f"{version!r} (this converter reads 1..{EXIT_FORMAT_VERSION})")
+    lists = [f.name for f in dataclasses.fields(EarlyExitConfig) if "List[" in str(f.type)]
+    for key in lists:
+        if not isinstance(section.get(key) or [], list):
+            raise ConversionError(f"{source}: early_exit.{key} must be a list, got {section[key]!r}")
+    try:
+        return EarlyExitConfig.from_flags({k: v for k, v in section.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise ConversionError(f"{source}: early_exit section: {err}") from None
