@@ -125,3 +125,15 @@ def test_moved_checkpoint_loads_and_serves_with_no_extra_flags(dist1, tmp_path):
     prompt = tokens[:-6]
     assert tokenizer.detokenize(prompt).strip() == "the model number 7"
     assert tokens[-6:] == generate(model, [prompt], FullDepth(), 6, stop_tokens=(tokenizer.eod,)).tokens[0]
+
+
+def test_use_checkpoint_args_finds_the_tokenizer_of_a_moved_checkpoint(dist1, tmp_path):
+    from megatron.early_exit.training.arguments import parse_args
+
+    first = str(tmp_path / "written_here")
+    _sentencepiece_checkpoint(first)
+    moved = str(tmp_path / "moved")
+    shutil.move(first, moved)
+    args = parse_args(["--load", moved, "--use-checkpoint-args", "--micro-batch-size", "1", "--train-iters", "1",
+                       "--lr", "1e-3", "--mock-data", "--finetune"], world_size=1)
+    assert args.tokenizer_model == os.path.join(moved, "tokenizer", "sp.model") and os.path.isfile(args.tokenizer_model)

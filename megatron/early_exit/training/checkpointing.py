@@ -195,8 +195,14 @@ def _publish(root: str, iteration: int, build_state, keep_last: Optional[int] = 
 
 
 def read_args(root: str) -> dict:
-    """The flags stored with the latest checkpoint under `root` (for --use-checkpoint-args)."""
-    return read_common(resolve(root))["args"]
+    """The flags stored with the latest checkpoint under `root` (for --use-checkpoint-args),
+    its tokenizer files found where the checkpoint is now (it may have been moved)."""
+    path = resolve(root)
+    flags = dict(read_common(path)["args"])
+    tokenizer = read_model_config(path).tokenizer
+    flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
+                 merge_file=tokenizer.merge_file, vocab_size=tokenizer.vocab_size)
+    return flags
 
 
 def _flag(name: str) -> str:
