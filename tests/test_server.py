@@ -189,7 +189,7 @@ def test_api_early_exit_fields_move_the_exit_layers(client, engine):
     assert all(row == [NUM_LAYERS] + [EXITS[0]] * (len(row) - 1) for row in first_exit["exit_layers"])  # prefill: full
     only_second = put_api(client, **greedy, use_early_exit=True, early_exit_thres=0.0, exit_layers=[2])
     assert all(row == [NUM_LAYERS] + [2] * (len(row) - 1) for row in only_second["exit_layers"])
-    off = put_api(client, **greedy, use_early_exit=False, early_exit_thres=0.0, exit_layers=[1])
+    off = put_api(client, **greedy, use_early_exit=False, early_exit_thres=0.0)
     assert off["exit_layers"] == [[NUM_LAYERS] * len(t) for t in generated(off, PROMPTS)]
     assert generated(off, PROMPTS) == direct(engine, PROMPTS, max_new_tokens=n).tokens
     assert generated(first_exit, PROMPTS) == direct(engine, PROMPTS, EarlyExit(0.0), n).tokens
@@ -342,7 +342,7 @@ def test_engine_errors_are_400s():
     from megatron.early_exit.inference import InferenceConfigError
     from megatron.early_exit.server.app import Service, build_app
     from megatron.early_exit.server.jobs import ModelLimits
-    from megatron.early_exit.training.tokenizers import NullTokenizer
+    from megatron.early_exit.tokenizers import NullTokenizer
 
     class RefusingWorker:
         queued, busy, served = 0, False, 0
@@ -353,7 +353,7 @@ def test_engine_errors_are_400s():
             return future
 
     limits = ModelLimits("tiny", 128, NUM_LAYERS, tuple(EXITS), MAX_SEQ, MAX_BATCH, MAX_PROMPT)
-    with TestClient(build_app(Service(RefusingWorker(), NullTokenizer(VOCAB), limits))) as local:
+    with TestClient(build_app(Service(RefusingWorker(), NullTokenizer(VOCAB), limits)), base_url="http://localhost") as local:
         reply = local.put("/api", json={"prompts": ["1 2"], "tokens_to_generate": 2})
         assert reply.status_code == 400 and "kv must be one of" in reply.json()["error"]["message"]
         assert local.get("/health").json()["status"] == "ok"

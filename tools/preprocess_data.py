@@ -10,8 +10,10 @@ The flags are Megatron-LM's (tools/preprocess_data.py), so its launch scripts wo
         --append-eod --workers 2
 
 Progress and throughput go to stderr; a summary goes to stdout at the end. Outputs are written
-under temporary names and renamed only when the whole corpus succeeded, so a failed run
-(bad line, empty corpus, Ctrl-C) leaves no partial dataset that training could pick up.
+under temporary names (`{output}.tmp{PID}.bin/.idx`) and renamed only when the whole corpus
+succeeded, so a failed run (bad line, empty corpus, Ctrl-C, kill) leaves no partial dataset that
+training could pick up. A run killed outright (SIGKILL) leaves its temporary files;
+the next run on the same output prefix removes those whose process is gone.
 Blank lines and documents whose text tokenizes to nothing are skipped and counted.
 """
 
@@ -21,6 +23,8 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
+import signal
 import sys
 import time
 import warnings
@@ -39,7 +43,7 @@ import numpy  # noqa: E402
 
 import megatron.early_exit  # noqa: E402,F401  (CPU adapter for megatron-core)
 from megatron.early_exit.errors import ConfigError, EarlyExitError  # noqa: E402
-from megatron.early_exit.training.tokenizers import Tokenizer, build_tokenizer  # noqa: E402
+from megatron.early_exit.tokenizers import Tokenizer, build_tokenizer  # noqa: E402
 
 LEVEL = "document"
 CHUNK_SIZE = 64  # lines per task handed to a worker: amortizes inter-process overhead
@@ -164,9 +168,15 @@ class Encoder:
         if not isinstance(text, str):
             return None, f"{key!r} is a {type(text).__name__}, expected a string"
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800") is valid JSON but not text
+            return None, f"{key!r}: not valid Unicode ({exc.reason}: {text[exc.start]!r} at character {exc.start})"
+        try:
             ids = self.tokenizer.tokenize(text)
         except ValueError as exc:
             return None, f"{key!r}: {exc}"
+        except (RuntimeError, TypeError) as exc:  # raised from a tokenizer's native code
+            return None, f"{key!r}: the tokenizer failed ({type(exc).__name__}: {_first_line(exc)})"
         if ids and self.append_eod:
             ids.append(self.tokenizer.eod)
         return numpy.asarray(ids, dtype=self.dtype), None
@@ -175,8 +185,13 @@ class Encoder:
 _WORKER_ENCODER: Encoder | None = None
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _init_worker(args: argparse.Namespace) -> None:
     global _WORKER_ENCODER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the main process cleans up; a worker just ends
     _WORKER_ENCODER = Encoder(args)
 
 
@@ -187,6 +202,44 @@ def _encode_in_worker(item: tuple[int, bytes]) -> Encoded:
 # ----------------------------------------------------------------------------- output
 
 
+def temporary_prefix(final: str, pid: int) -> str:
+    return f"{final}.tmp{pid}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_leftovers(prefix: str, keys: list[str]) -> list[str]:
+    """Delete the temporary files of earlier runs on this output prefix that were killed
+    (their process is gone); a live run's files are left alone. Returns the removed paths."""
+    removed = []
+    for key in keys:
+        final = output_prefix(prefix, key)
+        directory, name = os.path.split(os.path.abspath(final))
+        pattern = re.compile(re.escape(name) + r"\.tmp([0-9]+)\.(bin|idx)")
+        for entry in os.listdir(directory):
+            found = pattern.fullmatch(entry)
+            if found and int(found.group(1)) != os.getpid() and not _pid_alive(int(found.group(1))):
+                os.remove(os.path.join(directory, entry))
+                removed.append(os.path.join(directory, entry))
+    return removed
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Outputs:
     """One IndexedDatasetBuilder per key, on temporary paths until `commit`."""
 
@@ -194,7 +247,7 @@ class Outputs:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.final = {key: output_prefix(prefix, key) for key in keys}
-        self.temp = {key: f"{path}.tmp{os.getpid()}" for key, path in self.final.items()}
+        self.temp = {key: temporary_prefix(path, os.getpid()) for key, path in self.final.items()}
         self.builders = {}
         try:
             for key in keys:
@@ -207,12 +260,19 @@ class Outputs:
         self.builders[key].add_document(ids, [ids.size])
 
     def commit(self) -> None:
-        """Write the indexes, then rename .bin before .idx so a visible .idx is always whole."""
+        """Write the indexes to disk, then publish each key: remove its old .idx, rename the .bin,
+        then the .idx. Training opens a prefix by its .idx, so an interruption at any point leaves
+        the old pair, no .idx (the prefix is absent), or the new pair, never a mix."""
         for key, builder in self.builders.items():
             builder.finalize(self.temp[key] + ".idx")
+            for suffix in (".bin", ".idx"):
+                _fsync(self.temp[key] + suffix)
         for key in self.builders:
+            if os.path.exists(self.final[key] + ".idx"):
+                os.remove(self.final[key] + ".idx")
             os.replace(self.temp[key] + ".bin", self.final[key] + ".bin")
             os.replace(self.temp[key] + ".idx", self.final[key] + ".idx")
+        _fsync(os.path.dirname(os.path.abspath(next(iter(self.final.values())))))
 
     def discard(self) -> None:
         for key, builder in self.builders.items():
@@ -334,6 +394,8 @@ def run(args: argparse.Namespace) -> Stats:
         kept=dict.fromkeys(args.json_keys, 0),
         empty=dict.fromkeys(args.json_keys, 0),
     )
+    for path in remove_leftovers(args.output_prefix, args.json_keys):
+        print(f"removed {path}, left by an interrupted run", file=sys.stderr, flush=True)
     outputs = Outputs(args.output_prefix, args.json_keys, dtype)
     try:
         consume(args, tokenizer, outputs, stats)
@@ -346,8 +408,13 @@ def run(args: argparse.Namespace) -> Stats:
     return stats
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so that `run` discards its temporary files on a plain `kill`
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(args)
     except EarlyExitError as exc:
@@ -356,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr, flush=True)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

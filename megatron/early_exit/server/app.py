@@ -1,10 +1,13 @@
 """The HTTP layer (FastAPI, rank 0): typed requests in, engine jobs to the worker, replies out.
 
-Errors never come back as a 200: a body that does not parse is a 400, one that does not
-validate a 422, a request the loaded model cannot serve (unknown exit, context too long,
-too many prompts) or the engine refuses a 400, a full queue a 503. Every error body is
-OpenAI's envelope, {"error": {"message", "type", "param"}}, with the message starting with
-the field it is about. The OpenAPI schema is at /openapi.json, the docs at /docs.
+Errors never come back as a 200: a foreign Host a 400, a body that is not JSON a 415 and
+one over the size limit a 413 (guard.py, before anything is parsed), a body that does not
+parse a 400, one that does not validate a 422, a request the loaded model cannot serve
+(unknown exit, context too long, too many prompts, a field its decoding would ignore) or the
+engine refuses a 400, an unknown path a 404, a wrong method a 405, a full queue a 503. Every
+error body is OpenAI's envelope, {"error": {"message", "type", "param", "code"}}, with the
+message starting with the field it is about. The OpenAPI schema is at /openapi.json, the
+docs at /docs. CORS headers are sent only for the origins the server was started with.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from megatron.early_exit.inference import GenerationResult, InferenceConfigError
+from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response
 from megatron.early_exit.server.jobs import Job, ModelLimits, RequestError
 from megatron.early_exit.server.megatron_api import api_job, api_response
 from megatron.early_exit.server.openai_api import completion, completion_job, stream_chunks
@@ -43,14 +48,6 @@ class Service:
         return await asyncio.wrap_future(self.worker.submit(job))
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                   detail=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    if detail is not None:
-        body["detail"] = detail
-    return JSONResponse(body, status_code=status)
-
-
 def _field(loc) -> str:
     parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
     return ".".join(parts) or "body"
@@ -58,13 +55,31 @@ def _field(loc) -> str:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
     if any(e["type"] == "json_invalid" for e in errors):
-        return error_response(400, "body: malformed JSON: " + "; ".join(e["msg"] for e in errors), "body", detail=detail)
+        return error_response(400, "body: malformed JSON: " + "; ".join(e["msg"] for e in errors), "body")
+    if [(e["type"], tuple(e["loc"])) for e in errors] == [("missing", ("body",))]:
+        return error_response(400, "body: empty: send a JSON object", "body")
     first = errors[0]["loc"] if errors else ()
     param = str(first[1]) if len(first) > 1 and first[0] == "body" else None
     message = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:4])
-    return error_response(422, message, param, detail=detail)
+    return error_response(422, message, param)
+
+
+ENDPOINTS = "PUT /api, POST /v1/completions, GET /v1/models, GET /health, GET /docs"
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no route, wrong method, a body it cannot decode) in our shape."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message, param = f"{where}: no such endpoint (this server has {ENDPOINTS})", None
+    elif exc.status_code == 405:
+        message, param = f"{where}: method not allowed (this server has {ENDPOINTS})", None
+    elif exc.status_code == 400:
+        message, param = f"body: not valid JSON ({exc.detail})", "body"
+    else:
+        message, param = f"{where}: {exc.detail}", None
+    return error_response(exc.status_code, message, param, headers=getattr(exc, "headers", None))
 
 
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -83,25 +98,15 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"{type(exc).__name__}: {exc}", kind="server_error")
 
 
-class JSONBodies:
-    """Read every PUT/POST body as JSON whatever its Content-Type says (`curl -d` sends a form
-    type; FastAPI would then not parse the body at all)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] in ("PUT", "POST"):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
-        await self.app(scope, receive, send)
-
-
-def build_app(service: Service) -> FastAPI:
+def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
     app = FastAPI(title="Megatron early-exit text generation",
                   description="Megatron-LM's PUT /api and OpenAI's completions, with early-exit decoding options.")
-    app.add_middleware(JSONBodies)
+    app.add_middleware(RequestGuard, policy=policy)
+    if policy.cors_origins:  # outermost, so that refusals carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(policy.cors_origins),
+                           allow_methods=["GET", "PUT", "POST"], allow_headers=["Content-Type", "Authorization"])
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(InferenceConfigError, _engine_error)
     app.add_exception_handler(QueueFull, _queue_full)

@@ -88,9 +88,17 @@ class ModelLimits:
     max_sequence_length: int
     max_batch_size: int  # prompts per request (and per merged engine call)
     max_prompt_tokens: int
+    pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
 
 
 def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool):
+    # Fields the chosen decoding would not read are refused, not silently ignored.
+    if options.exit_layers and not options.use_early_exit:
+        raise RequestError("exit_layers", "only apply with use_early_exit true (here every token goes through the "
+                                          "full depth): set use_early_exit true or drop exit_layers")
+    if options.kv_strategy == "pipeline" and limits.pipeline_stages == 1:
+        raise RequestError("kv_strategy", "'pipeline' needs a server launched with --pipeline-model-parallel-size > 1 "
+                                          "(this one runs one stage): use 'recompute' or 'propagate'")
     if options.speculative is not None:
         spec = options.speculative
         _check_exits("speculative.exit_layer", [spec.exit_layer], limits)

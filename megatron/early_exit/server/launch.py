@@ -22,7 +22,7 @@ TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron.early_exit.training.tokenizers import TOKENIZER_TYPES
+    from megatron.early_exit.tokenizers import TOKENIZER_TYPES
 
     p = argparse.ArgumentParser(description="Text generation server for early-exit models (Megatron-LM's PUT /api "
                                             "and OpenAI's /v1/completions)")
@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heartbeat-seconds", type=float, default=30.0,
                    help="an idle rank 0 pings the other ranks this often, below the process group's timeout")
     g.add_argument("--log-level", default="info", help="uvicorn's log level (info logs every request)")
+    g = p.add_argument_group("HTTP requests (docs/security.md)")
+    g.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger bodies get a 413 before they are read (default: 1 MiB, or 32 bytes per prompt token "
+                        "of --max-batch-size prompts at their longest when that is more)")
+    g.add_argument("--allowed-hosts", nargs="*", default=[], metavar="HOST",
+                   help="Host header names accepted besides --host, localhost, 127.0.0.1 and [::1] (against DNS "
+                        "rebinding); '*' accepts any")
+    g.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="origins whose web pages may call the server (CORS headers; default none); '*' any")
     return p
 
 
@@ -64,7 +73,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               file=sys.stderr, flush=True)
     from megatron.early_exit.errors import ConfigError
 
-    for flag in ("max_batch_size", "max_prompt_tokens", "max_context_length", "max_queued_requests"):
+    for flag in ("max_batch_size", "max_prompt_tokens", "max_context_length", "max_queued_requests", "max_request_bytes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -74,7 +83,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def build_tokenizer(args, stored, model_vocab_size: int):
     """The stored tokenizer, with any tokenizer flag given here replacing the stored one."""
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.training.tokenizers import build_tokenizer as build
+    from megatron.early_exit.tokenizers import build_tokenizer as build
 
     flags = {name: getattr(args, name) if getattr(args, name) is not None else getattr(stored, name, None)
              for name in TOKENIZER_FLAGS}
@@ -104,7 +113,16 @@ def build_limits(args, model, stored):
         max_sequence_length=context,
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
+        pipeline_stages=args.pipeline_model_parallel_size,
     )
+
+
+def build_policy(args, limits):
+    from megatron.early_exit.server.guard import HttpPolicy, allowed_hosts, default_max_request_bytes
+
+    size = args.max_request_bytes or default_max_request_bytes(limits.max_batch_size, limits.max_prompt_tokens)
+    return HttpPolicy(max_request_bytes=size, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+                      cors_origins=tuple(args.cors_origins))
 
 
 def warm_up(model) -> None:
@@ -125,7 +143,8 @@ def serve(args, model, tokenizer, limits) -> None:
     from megatron.early_exit.server.worker import Worker, broadcast
 
     worker = Worker(model, args.max_batch_size, args.max_queued_requests, args.heartbeat_seconds)
-    app = build_app(Service(worker, tokenizer, limits))
+    policy = build_policy(args, limits)
+    app = build_app(Service(worker, tokenizer, limits), policy)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="http", daemon=True)
@@ -138,6 +157,9 @@ def serve(args, model, tokenizer, limits) -> None:
     port = server.servers[0].sockets[0].getsockname()[1]
     print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, GET /v1/models, "
           f"/health, /docs)", flush=True)
+    hosts = "any" if policy.allowed_hosts is None else ", ".join(policy.allowed_hosts)
+    print(f"requests: JSON bodies up to {policy.max_request_bytes} bytes (--max-request-bytes); Host: {hosts} "
+          f"(--allowed-hosts); CORS origins: {', '.join(policy.cors_origins) or 'none'} (--cors-origins)", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()

@@ -8,7 +8,7 @@
 Every model is strict (a JSON string is not a number, 1 is not true) and forbids unknown
 fields, so a typo gets a 422 naming the field instead of being ignored. Limits that depend
 on the loaded model (exit layers, context length, prompt size) are checked when the request
-is turned into an engine job (requests.py), and answered with a 400 naming the field.
+is turned into an engine job (jobs.py), and answered with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from megatron.early_exit.inference import CONFIDENCE_MEASURES, KV_STRATEGIES
 
 MAX_API_PROMPTS = 128  # Megatron-LM's limit on prompts per request
 DEFAULT_EARLY_EXIT_THRESHOLD = 0.8
+# Sampling divides float32 logits by the temperature and compares float32 probabilities with
+# top_p: below these, logits overflow and top_p rounds to 0, and every token is dropped.
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = 1e-6
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 Confidence = Literal[tuple(CONFIDENCE_MEASURES)]
 KVStrategy = Literal[KV_STRATEGIES]
@@ -50,7 +55,8 @@ class EarlyExitOptions(Strict):
         None, description="exits allowed to fire, by --exit-layer-nums entry (null or []: all of them)")
     confidence: Confidence = Field("max_prob", description="confidence measure: " + ", ".join(CONFIDENCE_MEASURES))
     kv_strategy: KVStrategy = Field(
-        "recompute", description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM)")
+        "recompute", description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM); pipeline "
+                                 "(EE-LLM's pipeline-based method) on a server with pipeline stages")
     speculative: Optional[SpeculativeOptions] = Field(
         None, description="self-speculative decoding instead of early exit (greedy only)")
     print_max_prob: bool = Field(
@@ -62,6 +68,20 @@ class EarlyExitOptions(Strict):
         if self.speculative is not None and self.use_early_exit:
             raise ValueError("speculative and use_early_exit are exclusive: choose one decoding strategy")
         return self
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _usable_temperature(cls, value):
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value:g}")
+        return value
+
+    @field_validator("top_p", check_fields=False)
+    @classmethod
+    def _usable_top_p(cls, value):
+        if 0.0 < value < MIN_TOP_P:
+            raise ValueError(f"must be at least {MIN_TOP_P:g} (or 0 where it means off), got {value:g}")
+        return value
 
 
 # -- PUT /api ------------------------------------------------------------------------------------------
@@ -83,7 +103,7 @@ class ApiRequest(EarlyExitOptions):
     stop_on_eol: bool = Field(False, description="stop a prompt at its first newline token")
     stop_on_double_eol: bool = Field(False, description="stop a prompt at a double-newline token")
     stop_sequences: Optional[List[str]] = Field(None, description="stop a prompt once its text holds one of these")
-    random_seed: int = Field(-1, ge=-1, description="seed of sampling (-1: a fresh one)")
+    random_seed: int = Field(-1, ge=-1, le=SEED_RANGE[1], description="seed of sampling (-1: a fresh one)")
     echo_prompts: bool = Field(True, description="text and segments start with the prompt")
     no_log: bool = Field(False, description="do not log the request on the server")
 
@@ -130,7 +150,7 @@ class CompletionRequest(EarlyExitOptions):
                                     "(alternatives are not returned: top_logprobs holds the chosen token only)")
     echo: bool = False
     stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
     logit_bias: Optional[Dict[str, float]] = Field(None, max_length=0, description="not supported (must be empty)")

@@ -1,7 +1,9 @@
 """Training data: megatron-core's GPT datasets and a Megatron-style pretraining sampler.
 
 Datasets are built by megatron-core's BlendedMegatronDatasetBuilder (one path, a
-weighted blend, or mock data), split train/valid/test by `--split`. The sampler
+weighted blend, or mock data), split train/valid/test by `--split`. Before megatron-core
+opens a dataset, its .idx header and file sizes are checked, and every split the run reads
+must get documents: a bad file or split stops the run with one line naming it. The sampler
 walks the global batch in order and gives each data-parallel rank its slice of
 every microbatch, so a run's data order depends only on the global batch, not on
 the layout: DP=2 sees the same samples per step as one process.
@@ -9,6 +11,8 @@ the layout: DP=2 sees the same samples per step as one process.
 
 from __future__ import annotations
 
+import os
+import struct
 from typing import Iterator, List, Optional
 
 import torch
@@ -16,8 +20,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.pipeline.plan import default_num_fill_microbatches
 
 
@@ -89,18 +95,111 @@ def num_fill_samples_per_iteration(args) -> int:
     return (warmup + cooldown) * args.micro_batch_size * args.data_parallel_size
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count + 1
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def check_indexed_dataset(prefix: str) -> int:
+    """Sequences (documents) of `prefix`.bin/.idx, after checking the index header and that
+    both files are as long as the header says: megatron-core would assert, fail on a read or
+    read past the end of a truncated file. Reads a few bytes, whatever the corpus size."""
+    idx, data = prefix + ".idx", prefix + ".bin"
+    rebuild = "rebuild it with tools/preprocess_data.py"
+    try:
+        idx_size, data_size = os.path.getsize(idx), os.path.getsize(data)
+        with open(idx, "rb") as f:
+            head = f.read(_INDEX_HEADER.size)
+            if len(head) < _INDEX_HEADER.size or not head.startswith(_INDEX_MAGIC):
+                raise ConfigError(f"--data-path: {idx} is not a Megatron .idx file (bad header; {rebuild})")
+            _, version, code, sequences, documents = _INDEX_HEADER.unpack(head)
+            if version != 1 or code not in {d.value for d in DType}:
+                raise ConfigError(f"--data-path: {idx} has an unknown version {version} or token type {code} ({rebuild})")
+            needed = _INDEX_HEADER.size + sequences * 12 + documents * 8  # lengths int32, pointers and documents int64
+            if idx_size < needed:
+                raise ConfigError(f"--data-path: {idx} is truncated: {idx_size} bytes, its header needs {needed} ({rebuild})")
+            if sequences == 0:
+                raise ConfigError(f"--data-path: {idx} holds no documents")
+            f.seek(_INDEX_HEADER.size + (sequences - 1) * 4)
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_INDEX_HEADER.size + sequences * 4 + (sequences - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+    except OSError as err:
+        raise ConfigError(f"--data-path: cannot read {err.filename or idx}: {err.strerror}") from None
+    end = last_pointer + last_length * DType.size(DType.dtype_from_code(code))
+    if last_length < 0 or last_pointer < 0 or data_size < end:
+        raise ConfigError(f"--data-path: {data} is truncated or does not match {idx}: {data_size} bytes, the index "
+                          f"needs {end} ({rebuild})")
+    return sequences
+
+
+def split_documents(num_documents: int, split_matrix) -> List[int]:
+    """Documents of each split, as megatron-core's builder cuts them (by rounding)."""
+    return [0 if part is None else int(round(part[1] * num_documents)) - int(round(part[0] * num_documents))
+            for part in split_matrix]
+
+
+def _check_splits(args, config, used: List[bool]) -> bool:
+    """Refuse a used train or validation split without documents (megatron-core's GPTDataset
+    would loop forever looking for samples in it); whether every test split has documents."""
+    test_has_documents = True
+    for prefix in config.blend[0]:
+        counts = split_documents(check_indexed_dataset(prefix), config.split_matrix)
+        empty = [name for name, n, on in zip(SPLIT_NAMES[:2], counts, used) if on and n == 0]
+        if empty:
+            shown = ", ".join(f"{name} {n}" for name, n in zip(SPLIT_NAMES, counts))
+            hint = " or --eval-iters 0" if "train" not in empty else ""
+            raise ConfigError(f"--split {args.split}: the {' and '.join(empty)} split of {prefix} gets no documents "
+                              f"({shown} of {sum(counts)}); give it a larger share{hint}")
+        test_has_documents = test_has_documents and counts[2] > 0
+    return test_has_documents
+
+
 def build_datasets(args, tokenizer):
-    """(train, valid, test) datasets sized for the whole run; None where a split is empty."""
+    """(train, valid, test) datasets sized for the whole run; None for a split the run does
+    not read. Validation reads its split when --eval-iters > 0; pretraining never reads the
+    test split, which is built (at validation size) only when --eval-iters > 0 and it has
+    documents."""
     eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
     sizes = [
         args.train_iters * (args.global_batch_size + num_fill_samples_per_iteration(args)),
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
+    config = dataset_config(args, tokenizer)
+    used = [size > 0 for size in sizes]
+    if not args.mock_data:
+        used[2] = used[2] and _check_splits(args, config, used)
+    # An unread split is not built at all: asking for 0 samples of it could loop forever.
+    config.split_matrix = [part if on else None for part, on in zip(config.split_matrix, used)]
     cls = MockGPTDataset if args.mock_data else GPTDataset
     # Every rank builds (indices are cached on disk by the first); cheap at our sizes.
-    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config(args, tokenizer))
-    return builder.build()
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
+    try:
+        return builder.build()
+    except Exception as err:
+        raise _cache_error(args, config, err) or err
+
+
+def _cache_error(args, config, err: Exception) -> Optional[ConfigError]:
+    """A one-line error for an index cache megatron-core could not write (it raises the
+    OSError, or its own Exception around it on a distributed run); None for anything else."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__
+    if err is None or not err.filename:
+        return None
+    where = os.path.abspath(str(err.filename))
+    reason = f"{err.strerror}: {err.filename}"
+    if args.data_cache_path:
+        if (where + os.sep).startswith(os.path.abspath(args.data_cache_path) + os.sep):
+            return ConfigError(f"--data-cache-path {args.data_cache_path}: cannot write the dataset index cache ({reason})")
+        return None
+    # Without the flag, megatron-core caches under {prefix}/cache/.
+    prefixes = [] if config.blend is None else config.blend[0]
+    if any(where.startswith(os.path.abspath(prefix) + os.sep) for prefix in prefixes):
+        return ConfigError(f"--data-path: cannot write the dataset index cache beside the data ({reason}); "
+                           "give a writable --data-cache-path")
+    return None
 
 
 def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool = False,
