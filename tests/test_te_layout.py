@@ -29,22 +29,21 @@ _RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"), ("pre
 NORMS = {"rms": dict(normalization="RMSNorm"), "layernorm_bias": dict(normalization="LayerNorm", add_bias_linear=True)}
 
 
-def te_names(state: dict) -> dict:
+def _renamed(state: dict, to_te: bool) -> dict:
     out = {}
     for name, value in state.items():
         for local, te in _RENAMES:
-            name = name.replace(local, te)
+            name = name.replace(local, te) if to_te else name.replace(te, local)
         out[name] = value
     return out
+
+
+def te_names(state: dict) -> dict:
+    return _renamed(state, to_te=True)
 
 
 def local_names(state: dict) -> dict:
-    out = {}
-    for name, value in state.items():
-        for local, te in _RENAMES:
-            name = name.replace(te, local)
-        out[name] = value
-    return out
+    return _renamed(state, to_te=False)
 
 
 @torch.no_grad()

@@ -31,6 +31,9 @@ from megatron.early_exit.models.model_config import DTYPES, ModelConfig, Tokeniz
 # (RotaryEmbedding._apply_scaling); a config with other values cannot be represented.
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 ROPE_KINDS = ("default", "linear", "llama3")
+# Fields LlamaShape and ModelConfig share by name and meaning (the rest map one by one below).
+SAME_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings",
+               "norm_epsilon")
 
 
 def hf_dtype_name(params_dtype: str) -> str:
@@ -155,16 +158,11 @@ def model_config(shape: LlamaShape, make_vocab_size_divisible_by: int, tokenizer
     """Our description of a model of this shape (its vocabulary as the padded size)."""
     heads = shape.num_attention_heads
     return ModelConfig(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        ffn_hidden_size=shape.ffn_hidden_size,
-        num_attention_heads=heads,
+        **{k: getattr(shape, k) for k in SAME_FIELDS},
         num_query_groups=shape.num_query_groups if shape.num_query_groups != heads else None,
         kv_channels=shape.head_dim if shape.head_dim * heads != shape.hidden_size else None,
         padded_vocab_size=shape.vocab_size,
-        max_position_embeddings=shape.max_position_embeddings,
         normalization="RMSNorm",
-        norm_epsilon=shape.norm_epsilon,
         swiglu=True,
         disable_bias_linear=True,
         position_embedding_type="rope",
@@ -208,15 +206,10 @@ def shape_from_model_config(config: ModelConfig) -> LlamaShape:
         kind, factor = "llama3", float(c.rope_scaling_factor)
     heads = c.num_attention_heads
     return LlamaShape(
-        num_layers=c.num_layers,
-        hidden_size=c.hidden_size,
-        ffn_hidden_size=c.ffn_hidden_size,
-        num_attention_heads=heads,
+        **{k: getattr(c, k) for k in SAME_FIELDS},
         num_query_groups=c.num_query_groups or heads,
         head_dim=c.kv_channels or c.hidden_size // heads,
         vocab_size=c.padded_vocab_size,
-        max_position_embeddings=c.max_position_embeddings,
-        norm_epsilon=c.norm_epsilon,
         rope_theta=float(c.rotary_base),
         rope_kind=kind,
         rope_factor=factor,

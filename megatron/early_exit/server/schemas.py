@@ -69,18 +69,13 @@ class EarlyExitOptions(Strict):
             raise ValueError("speculative and use_early_exit are exclusive: choose one decoding strategy")
         return self
 
-    @field_validator("temperature", check_fields=False)
+    @field_validator("temperature", "top_p", check_fields=False)
     @classmethod
-    def _usable_temperature(cls, value):
-        if 0.0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value:g}")
-        return value
-
-    @field_validator("top_p", check_fields=False)
-    @classmethod
-    def _usable_top_p(cls, value):
-        if 0.0 < value < MIN_TOP_P:
-            raise ValueError(f"must be at least {MIN_TOP_P:g} (or 0 where it means off), got {value:g}")
+    def _usable_sampling_value(cls, value, info):
+        # Tiny positive values overflow the sampler (1 / temperature) or keep no token.
+        minimum, zero = {"temperature": (MIN_TEMPERATURE, "greedy"), "top_p": (MIN_TOP_P, "where it means off")}[info.field_name]
+        if 0.0 < value < minimum:
+            raise ValueError(f"must be 0 ({zero}) or at least {minimum:g}, got {value:g}")
         return value
 
 
