@@ -1,14 +1,17 @@
-"""Early-exit decoding on a per-layer KV cache (PP=1, any TP).
+"""Early-exit decoding on a per-layer KV cache, any TP; over pipeline stages, FullDepth
+or pipeline-based early exit (EarlyExit(kv="pipeline")).
 
     from megatron.early_exit.inference import generate, EarlyExit, SelfSpeculative, SamplingParams
     result = generate(model, [[1, 2, 3]], EarlyExit(threshold=0.8), max_new_tokens=32)
     result.tokens, result.exit_layers, result.decode_tokens_per_second
 
 Files, from small parts to the whole: kv_cache (the cache), layers (the model's modules
-on cached attention), confidence, sampling, decoder (one batched step with per-row
-exits), strategies (full depth, early exit, self-speculative), result, speculative,
-generate (the entry point), calibration (threshold sweeps), loading (a pretraining
-checkpoint as an inference model, any TP).
+on cached attention), confidence, sampling, decoder (this rank's pipeline stage, the
+whole model with PP=1: one batched step with per-row exits, or a stage's pass for the
+pipeline), strategies (full depth, early exit, self-speculative), result, speculative,
+pipeline (the message protocol of pipeline-based early exit), generate (the entry point),
+calibration (threshold sweeps), loading (a pretraining checkpoint as an inference model,
+any TP).
 """
 
 from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_confidence_measure

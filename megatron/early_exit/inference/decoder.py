@@ -1,17 +1,27 @@
-"""The decoder: one step feeds each row's new tokens layer by layer, stopping rows at exits.
+"""The decoder: this rank's pipeline stage of the model over its own KV cache.
 
-A step's work at layer i is, for every row still going, the positions from the cache's
-valid length at that layer up to the row's newest token. Usually that is just the newest
-token; after an early exit by recomputation it also holds the tokens that left at a
-shallower exit and owe this layer its K/V (EE-LLM's recomputation, batched with the
-current token). Their inputs wait in `frontier`: the hidden state of each position after
-the deepest layer it went through.
+It is built for one stage; with PP=1 that stage is the whole model. The first stage
+embeds the new tokens, the last owns the final norm and output layer, and the layers keep
+their global numbers (`layer.layer_number`), so on every stage an exit is named by its
+--exit-layer-nums entry (`exit_points`) and fires at a global depth (`ExitPolicy.exits`).
+Two passes share the cache, the work sets, the embedding and the exit test:
 
-Rows decide independently: at an exit, the rows whose confidence reaches the threshold
-take their token there and drop out of the batch (an index_select on the batch dim), so
-deeper layers run only for the rows still going. A row that left either owes its deeper
-K/V (recomputation) or has them filled at once from its exit hidden state through each
-deeper layer's input norm and K/V projection (CALM's state propagation).
+`step()` (the whole model on one stage) feeds each row's new tokens layer by layer,
+stopping rows at exits. Its work at layer i is, for every row still going, the positions
+from the cache's valid length at that layer up to the row's newest token. Usually that is
+just the newest token; after an early exit by recomputation it also holds the tokens that
+left at a shallower exit and owe this layer its K/V (EE-LLM's recomputation, batched with
+the current token). Their inputs wait in `frontier`: the hidden state of each position
+after the deepest layer it went through. Rows decide independently: at an exit, the rows
+whose confidence reaches the threshold take their token there and drop out of the batch
+(an index_select on the batch dim), so deeper layers run only for the rows still going. A
+row that left either owes its deeper K/V (recomputation) or has them filled at once from
+its exit hidden state through each deeper layer's input norm and K/V projection (CALM's
+state propagation).
+
+`run_stage()` (pipeline-based early exit, pipeline.py) runs every row through every layer
+of the stage, so the K/V of a token that left early are those full-depth decoding would
+have written; an exit only decides the rows still open.
 
 Positions and lengths live on the host, so a step issues no device sync except one per
 active exit: skipping the deeper layers for some rows needs their decision there.
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,6 +65,8 @@ class ExitPolicy:
 
 FULL_DEPTH = ExitPolicy()
 
+Decision = Tuple[int, Tensor]  # a row's newest token: (depth it left at, logits [vocab] float32)
+
 
 @dataclass
 class StepOutput:
@@ -64,12 +76,10 @@ class StepOutput:
     chunk_logits: Optional[List[Tensor]] = None  # all_logits: per row [n, vocab] of its last-layer chunk
 
 
-def validate_model(model, pipeline_stages: bool = False) -> None:
+def validate_model(model) -> None:
     config, ee = model.config, model.ee_config
     unsupported = {
         "sequence parallelism (build the inference model without --sequence-parallel)": config.sequence_parallel,
-        "pipeline stages (over stages use FullDepth or EarlyExit(kv='pipeline'))":
-            not pipeline_stages and not (model.pre_process and model.post_process),
         "--use-exit-block (an exit block would need its own KV cache)": ee.use_exit_block,
         "multi-latent attention": config.multi_latent_attention,
         "mixture of experts": config.num_moe_experts is not None,
@@ -91,51 +101,82 @@ def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Te
     if measure.uses_logits:
         logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
         return (measure.fn(logits) >= threshold).tolist(), logits
-    if previous is None:  # saturation before the first layer: nothing to compare
+    if previous is None:  # saturation before the stage's first layer: nothing to compare
         return [False] * last.shape[1], None
     return (measure.fn(last[0], previous) >= threshold).tolist(), None
 
 
 class Decoder:
-    """Runs an EarlyExitGPTModel (PP=1, any TP) over a KV cache of `max_batch` rows."""
+    """This rank's stage of an EarlyExitGPTModel (any TP) over a KV cache of `max_batch` rows."""
 
     def __init__(self, model, max_batch: int, max_seq: int):
         validate_model(model)
         self.model = model
         self.layers = list(model.decoder.layers)
-        self.num_layers = len(self.layers)
+        self.first, self.last = model.pre_process, model.post_process  # embeds; owns the output layer
+        self.offset = self.layers[0].layer_number - 1  # layers on the stages before this one
+        self.num_layers = model.config.num_layers  # the whole model's: the depth of a final decision
         attention = self.layers[0].self_attention
-        weight = model.embedding.word_embeddings.weight
-        self.cache = KVCache(self.num_layers, max_batch, max_seq, attention.num_query_groups_per_partition,
-                             attention.hidden_size_per_attention_head, weight.dtype, weight.device)
-        self.frontier = torch.zeros(max_batch, max_seq + 1, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        # The stage's own weights, whatever the layer layout (Transformer Engine fuses the
+        # input norm into linear_qkv, leaving input_layernorm without a weight).
+        weight = next(self.layers[0].parameters())
+        self.dtype, self.device = weight.dtype, weight.device
+        self.hidden_size, self.vocab_size = model.config.hidden_size, model.vocab_size
+        self.cache = KVCache(len(self.layers), max_batch, max_seq, attention.num_query_groups_per_partition,
+                             attention.hidden_size_per_attention_head, self.dtype, self.device)
+        self.frontier = None  # step() only: the inputs owed to deeper layers
+        if self.first and self.last:
+            self.frontier = torch.zeros(max_batch, max_seq + 1, self.hidden_size, dtype=self.dtype, device=self.device)
         self.num_fed = [0] * max_batch  # positions whose token has been embedded, per row
-        self.rotary = RotaryTables(model, max_seq, weight.dtype) if model.position_embedding_type == "rope" else None
+        self.rotary = RotaryTables(model, max_seq, self.dtype) if model.position_embedding_type == "rope" else None
         self.scales = [attention_scale(layer) for layer in self.layers]
-        self.device = weight.device
         pre = model.ee_config.pre_exit
+        # This stage's exits by --exit-layer-nums entry (its heads live with their layers).
         self.exit_points = {
-            int(num): ExitPoint(int(num) - pre, int(num), head, self.layers[int(num) - 1])
+            int(num): ExitPoint(int(num) - pre, int(num), head, self.layers[int(num) - 1 - self.offset])
             for num, head in model.exits.items()
         }
 
-    # -- the step ----------------------------------------------------------------
+    def stage_policy(self, exit_layers: Optional[Sequence[int]], threshold: float, measure) -> ExitPolicy:
+        """Pipeline-based early exit on this stage: its exits among `exit_layers` (None: all).
+        No confidence exceeds 1: above that, full depth and the heads never run."""
+        if threshold > 1:
+            return FULL_DEPTH
+        allowed = set(self.exit_points if exit_layers is None else exit_layers)
+        return ExitPolicy({p.depth: p for num, p in self.exit_points.items() if num in allowed}, threshold, measure)
+
+    def feed(self, rows: List[int], new_tokens: Sequence[Sequence[int]]) -> Tuple[List[int], List[int]]:
+        """The positions [start, end] of each row's new tokens, after the tokens it holds."""
+        starts = [self.num_fed[r] for r in rows]
+        ends = [s + len(t) - 1 for s, t in zip(starts, new_tokens)]
+        for r, e in zip(rows, ends):
+            self.num_fed[r] = e + 1
+        return starts, ends
+
+    def crop(self, row: int, length: int) -> None:
+        """Keep only the first `length` positions of `row` (rejected speculative tokens)."""
+        self.cache.crop(row, length)
+        self.num_fed[row] = min(self.num_fed[row], length)
+
+    # -- the step: the whole model, rows leaving at exits --------------------------
 
     @torch.no_grad()
     def step(self, rows: List[int], new_tokens: Sequence[Sequence[int]], policy: ExitPolicy = FULL_DEPTH,
              all_logits: bool = False) -> StepOutput:
         """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds."""
-        starts = [self.num_fed[r] for r in rows]
-        ends = [s + len(t) - 1 for s, t in zip(starts, new_tokens)]
+        if not (self.first and self.last):
+            raise InferenceConfigError(
+                f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
+                f"{self.offset + len(self.layers)} (over pipeline stages use FullDepth or EarlyExit(kv='pipeline'))")
+        starts, ends = self.feed(rows, new_tokens)
         ws = self._work_set(rows, starts, ends)
         x, attention_output, previous = self._embed(new_tokens, ws), None, None
-        done: Dict[int, tuple] = {}  # row -> (depth, logits)
+        done: Dict[int, Decision] = {}
         for depth in range(self.num_layers + 1):
             if depth > 0:
                 x, ws = self._align(x, ws, depth - 1)
                 previous = x[-1]
-                x, attention_output = run_layer(self.layers[depth - 1], x, ws, self.cache, depth - 1, self.scales[depth - 1])
-                self.cache.set_length(depth - 1, ws.rows, [e + 1 for e in ws.ends])
+                x, attention_output = self._run_layer(depth - 1, x, ws)
             point = policy.exits.get(depth)
             if point is not None:
                 x, ws = self._exit_rows(point, policy, x, attention_output, previous, ws, done)
@@ -148,25 +189,7 @@ class Decoder:
                 done[r] = (self.num_layers, logits[-1, i])
             if all_logits:
                 chunk_logits = [logits[-w:, i] for i, w in enumerate(ws.widths)]
-        for r, e in zip(rows, ends):
-            self.num_fed[r] = e + 1
         return StepOutput(rows, [done[r][0] for r in rows], torch.stack([done[r][1] for r in rows]), chunk_logits)
-
-    def crop(self, row: int, length: int) -> None:
-        """Keep only the first `length` positions of `row` (rejected speculative tokens)."""
-        self.cache.crop(row, length)
-        self.num_fed[row] = min(self.num_fed[row], length)
-
-    # -- pieces of the step ------------------------------------------------------
-
-    def _work_set(self, rows, starts, ends) -> WorkSet:
-        return build_work_set(rows, starts, ends, self.cache.trash_slot, self.rotary, self.device)
-
-    def _embed(self, new_tokens, ws: WorkSet) -> Tensor:
-        width = ws.width
-        flat = [t for row in new_tokens for t in [0] * (width - len(row)) + list(row)]  # right-aligned, front padding
-        grid = to_device(self.device, flat)[0].view(len(new_tokens), width)
-        return embed(self.model, grid.t(), ws)
 
     def _align(self, x: Tensor, ws: WorkSet, index: int):
         """Widen each row's chunk back to the first position layer `index` lacks, fetching
@@ -185,7 +208,7 @@ class Decoder:
         """Rows whose newest token is confident at `point` take their token and leave;
         returns the hidden states and work set of the rows going on (None, None if none)."""
         last = x[-1:]  # [1, b, h]
-        head_input = attention_output[-1:] if point.head.has_mlp else None
+        head_input = attention_output[-1:] if point.head.has_mlp and attention_output is not None else None
         fire, logits = confidence_test(self.model, point, policy.threshold, policy.measure, last, head_input, previous)
         if not any(fire):
             return x, ws
@@ -222,7 +245,70 @@ class Decoder:
         hidden state [b, h], through its own input norm, K/V projection and rotary."""
         newest = self._work_set(ws.rows, ws.ends, ws.ends)
         hidden = hidden.unsqueeze(0)
-        for index in range(depth, self.num_layers):
+        for index in range(depth, len(self.layers)):
             _, k, v = project_qkv(self.layers[index], hidden, newest)
             self.cache.update(index, newest.rows_t, newest.write_pos, k, v)
             self.cache.set_length(index, newest.rows, [e + 1 for e in newest.ends])
+
+    # -- the stage pass: every row through every layer, exits only decide ----------
+
+    @torch.no_grad()
+    def run_stage(self, x, rows: List[int], starts: List[int], ends: List[int], open_rows: List[bool],
+                  policy: ExitPolicy = FULL_DEPTH) -> Tuple[Tensor, Dict[int, Decision]]:
+        """Run positions [start, end] of each row through this stage's layers. `x` holds the
+        rows' new tokens on the first stage, the previous stage's hidden states [c, b, h] on a
+        later one. The policy's exits decide the rows still open, the last stage's output layer
+        those open after them. Returns (hidden states out, {row: decision} made here)."""
+        ws = self._work_set(rows, starts, ends)
+        if self.first:
+            x = self._embed(x, ws)
+        decided: Dict[int, Decision] = {}
+        open_rows = list(open_rows)
+        previous, attention_output = None, None
+        for depth in range(self.offset, self.offset + len(self.layers) + 1):
+            if depth > self.offset:
+                previous = x[-1]
+                x, attention_output = self._run_layer(depth - 1 - self.offset, x, ws)
+            point = policy.exits.get(depth)
+            if point is not None and any(open_rows):
+                self._decide(point, policy, x, attention_output, previous, rows, open_rows, decided)
+        if self.last and any(open_rows):
+            cols = [i for i, o in enumerate(open_rows) if o]
+            logits = final_logits(self.model, x[-1:, cols])[0]
+            for i, col in enumerate(cols):
+                decided[rows[col]] = (self.num_layers, logits[i])
+        return x, decided
+
+    def _decide(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, rows, open_rows,
+                decided) -> None:
+        """The open rows confident at `point` are decided there (and closed in `open_rows`)."""
+        cols = [i for i, o in enumerate(open_rows) if o]
+        last = x[-1:, cols]
+        head_input = attention_output[-1:, cols] if point.head.has_mlp and attention_output is not None else None
+        fire, logits = confidence_test(self.model, point, policy.threshold, policy.measure, last, head_input,
+                                       None if previous is None else previous[cols])
+        if not any(fire):
+            return
+        if logits is None:
+            logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
+        for i, col in enumerate(cols):
+            if fire[i]:
+                decided[rows[col]] = (point.depth, logits[i])
+                open_rows[col] = False
+
+    # -- shared pieces ---------------------------------------------------------------
+
+    def _work_set(self, rows, starts, ends) -> WorkSet:
+        return build_work_set(rows, starts, ends, self.cache.trash_slot, self.rotary, self.device)
+
+    def _embed(self, new_tokens, ws: WorkSet) -> Tensor:
+        width = ws.width
+        flat = [t for row in new_tokens for t in [0] * (width - len(row)) + list(row)]  # right-aligned, front padding
+        grid = to_device(self.device, flat)[0].view(len(new_tokens), width)
+        return embed(self.model, grid.t(), ws)
+
+    def _run_layer(self, index: int, x: Tensor, ws: WorkSet) -> Tuple[Tensor, Tensor]:
+        """This stage's layer `index` over the work set, its cache then valid up to the ends."""
+        x, attention_output = run_layer(self.layers[index], x, ws, self.cache, index, self.scales[index])
+        self.cache.set_length(index, ws.rows, [e + 1 for e in ws.ends])
+        return x, attention_output

@@ -4,6 +4,8 @@
     decode_one_token   one batched step: each active row feeds its newest token
     decode_tokens      steps until every row hit its budget or a stop token
     speculative_decode (speculative.py) draft and verify rounds instead
+    pipeline_generate  (pipeline.py) a model split into pipeline stages, or kv="pipeline":
+                       every stage runs its layers for every row, exits decide
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Iterable, List, Sequence
 
 import torch
 
+from megatron.early_exit.inference.confidence import get_confidence_measure
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.result import GenerationResult, Transcript
+from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
+from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.inference.speculative import speculative_decode
-from megatron.early_exit.inference.strategies import FullDepth, SelfSpeculative
+from megatron.early_exit.inference.strategies import EarlyExit, FullDepth, SelfSpeculative
 
 
 def prefill(decoder: Decoder, transcript: Transcript, prompts: List[List[int]]) -> None:
@@ -60,25 +64,21 @@ def generate(
         policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generator(decoder.device), active=list(range(len(prompts))))
-        start = _now(decoder.device)
+        start = clock(decoder.device)
         prefill(decoder, transcript, prompts)
-        result.prefill_seconds = _now(decoder.device) - start
+        result.prefill_seconds = clock(decoder.device) - start
         cpu_start = time.process_time()
         if isinstance(strategy, SelfSpeculative):
             speculative_decode(decoder, transcript, strategy)
         else:
             decode_tokens(decoder, transcript, policy)
-        result.decode_seconds = _now(decoder.device) - start - result.prefill_seconds
+        result.decode_seconds = clock(decoder.device) - start - result.prefill_seconds
         result.decode_cpu_seconds = time.process_time() - cpu_start
     return result
 
 
 def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens) -> GenerationResult:
     """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
-    from megatron.early_exit.inference.confidence import get_confidence_measure
-    from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
-    from megatron.early_exit.inference.strategies import EarlyExit
-
     check_pipeline_strategy(model, strategy)
     early = isinstance(strategy, EarlyExit) and strategy.threshold <= 1
     if isinstance(strategy, EarlyExit) and not model.ee_config.exit_layer_nums:
@@ -132,8 +132,3 @@ def inference_context(model):
         model.train(was_training)
         model.config.bias_dropout_fusion = fused
 
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -1,9 +1,9 @@
 """Pipeline-based early exit (EE-LLM) for a model split into pipeline stages.
 
-Every stage keeps the KV cache of its own layers and runs every row through them, so
-the K/V of a token that left early are those full-depth decoding would have written:
-the stages after its exit finish them while the first stage already works on the next
-token. One step, as a timeline:
+Every stage keeps the KV cache of its own layers and runs every row through them (the
+stage's `Decoder.run_stage`), so the K/V of a token that left early are those full-depth
+decoding would have written: the stages after its exit finish them while the first stage
+already works on the next token. One step, as a timeline:
 
     stage 0    embed + layers (+ its exits) ─► send hidden on ─► tokens known? next step : wait for them
     stage k    recv hidden ─► layers; an exit decides rows not yet decided ─► send decisions to stage 0
@@ -21,104 +21,33 @@ messages in the same order on both sides (`lead_order`, `follow_order`, replayed
 tests/test_nccl_rule.py through `plan.check_rendezvous`), and each stage waits for its
 sends of steps before the previous one, so what is in flight stays bounded. With one stage
 this is the same method without the overlap (the reference a pipeline run must reproduce).
+
+This file is the protocol only: the stage's computation is decoder.py's, the posting and
+waiting of messages pipeline/p2p.py's `Transport`; `_Links` frames the messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from megatron.core import parallel_state
 
-from megatron.early_exit.inference.decoder import ExitPoint, StepOutput, confidence_test, validate_model
+from megatron.early_exit.inference.decoder import FULL_DEPTH, Decision, Decoder, StepOutput
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.generate import _now
-from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.layers import (
-    RotaryTables, attention_scale, build_work_set, embed, exit_logits, final_logits, run_layer,
-)
-from megatron.early_exit.inference.result import GenerationResult, Transcript
+from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
+from megatron.early_exit.inference.strategies import EarlyExit, FullDepth
+from megatron.early_exit.pipeline.p2p import Transport
 from megatron.early_exit.pipeline.plan import Op, Post, Wait
 
 STEP, STOP = 1, 0
 # Message tags of their own, so that nothing else sent between the same ranks can be taken
 # for a step or a decision.
 STEP_TAG, DECISION_TAG = 7101, 7102
-
-
-class StageDecoder:
-    """This stage's layers over its own KV cache; rows run [start, end] positions."""
-
-    def __init__(self, model, max_batch: int, max_seq: int, exit_layers: Optional[List[int]], threshold: float, measure):
-        validate_model(model, pipeline_stages=True)
-        self.model, self.layers = model, list(model.decoder.layers)
-        self.first, self.last = model.pre_process, model.post_process
-        attention = self.layers[0].self_attention
-        # The stage's own weights, whatever the layer layout (Transformer Engine fuses the
-        # input norm into linear_qkv, leaving input_layernorm without a weight).
-        weight = next(self.layers[0].parameters())
-        dtype, self.device = weight.dtype, weight.device
-        self.cache = KVCache(len(self.layers), max_batch, max_seq, attention.num_query_groups_per_partition,
-                             attention.hidden_size_per_attention_head, dtype, self.device)
-        self.rotary = RotaryTables(model, max_seq, dtype) if model.position_embedding_type == "rope" else None
-        self.scales = [attention_scale(layer) for layer in self.layers]
-        self.num_layers, self.hidden_size, self.dtype = model.config.num_layers, model.config.hidden_size, dtype
-        self.vocab_size = model.vocab_size
-        pre = model.ee_config.pre_exit
-        allowed = set(model.ee_config.exit_layer_nums if exit_layers is None else exit_layers)
-        first_number = self.layers[0].layer_number
-        # Exits of this stage by the index of the layer they read after (-1: before the first).
-        self.exits: Dict[int, ExitPoint] = {
-            int(num) - pre - first_number: ExitPoint(int(num) - pre, int(num), head, self.layers[int(num) - first_number])
-            for num, head in model.exits.items() if int(num) in allowed
-        }
-        if threshold > 1:  # no confidence reaches it: full depth, heads never run
-            self.exits = {}
-        self.threshold, self.measure = threshold, measure
-
-    def run(self, x: Tensor, rows: List[int], starts: List[int], ends: List[int], open_rows: List[bool],
-            use_exits: bool) -> Tuple[Tensor, Dict[int, Tuple[int, Tensor]]]:
-        """Run this stage's layers; returns (hidden out, {row: (depth, logits)} decided here)."""
-        ws = build_work_set(rows, starts, ends, self.cache.trash_slot, self.rotary, self.device)
-        if self.first:
-            width = ws.width
-            x = embed(self.model, torch.tensor([[0] * (width - len(t)) + t for t in x], device=self.device).t(), ws)
-        decided: Dict[int, Tuple[int, Tensor]] = {}
-        open_rows = list(open_rows)
-        previous, attention_output = None, None
-        for index in range(-1, len(self.layers)):
-            if index >= 0:
-                previous = x[-1]
-                x, attention_output = run_layer(self.layers[index], x, ws, self.cache, index, self.scales[index])
-                self.cache.set_length(index, ws.rows, [e + 1 for e in ws.ends])
-            point = self.exits.get(index) if use_exits else None
-            if point is not None and any(open_rows):
-                self._decide(point, x, attention_output if index >= 0 else None, previous, rows, open_rows, decided)
-        if self.last and any(open_rows):
-            cols = [i for i, o in enumerate(open_rows) if o]
-            logits = final_logits(self.model, x[-1:, cols])[0]
-            for i, col in enumerate(cols):
-                decided[rows[col]] = (self.num_layers, logits[i])
-        return x, decided
-
-    def _decide(self, point, x, attention_output, previous, rows, open_rows, decided) -> None:
-        cols = [i for i, o in enumerate(open_rows) if o]
-        last = x[-1:, cols]
-        head_input = attention_output[-1:, cols] if point.head.has_mlp and attention_output is not None else None
-        fire, logits = confidence_test(self.model, point, self.threshold, self.measure, last, head_input,
-                                       None if previous is None else previous[cols])
-        if not any(fire):
-            return
-        if logits is None:
-            logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
-        for i, col in enumerate(cols):
-            if fire[i]:
-                decided[rows[col]] = (point.depth, logits[i])
-                open_rows[col] = False
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +178,9 @@ def _drive(order, links: "_Links", compute, undecided=None) -> None:
 
 
 class _Links:
-    """Point-to-point messages of one pipeline (same TP rank on every stage). Sends take
-    their tensor from `outbox`; waited receives leave theirs in `inbox`, by (peer, message)."""
+    """The framing of one pipeline's messages (same TP rank on every stage): headers and
+    buffers by message kind, over a `Transport`. Sends take their tensor from `outbox`;
+    waited receives leave what they carry in `inbox`, by (peer, message)."""
 
     def __init__(self, max_batch: int, vocab: int, hidden_size: int, dtype, device):
         self.stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -258,21 +188,25 @@ class _Links:
         self.first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
         self.ranks = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
         self.max_batch, self.vocab, self.hidden_size, self.dtype, self.device = max_batch, vocab, hidden_size, dtype, device
+        # Plain isend/irecv, one op per post, on the default group: each peer its own stream.
+        self.transport = Transport(self.ranks, batched=False)
         self.outbox: Dict[tuple, Tensor] = {}
         self.inbox: Dict[tuple, object] = {}
-        self.pending: Dict[Op, Tuple[object, Tensor]] = {}  # posted, not yet waited: (handle, buffer)
-        self.peak = 0  # most tensors ever held in `pending`
+
+    @property
+    def pending(self) -> int:
+        """Messages posted and not yet waited for."""
+        return self.transport.in_flight
+
+    @property
+    def peak(self) -> int:
+        """Most messages ever in flight at once."""
+        return self.transport.peak
 
     def post(self, op: Op) -> None:
         tag = STEP_TAG if op.message[0] in ("step", "hidden") else DECISION_TAG
-        if op.send:
-            tensor = self.outbox.pop(op.message)
-            handle = torch.distributed.isend(tensor, self.ranks[op.peer], tag=tag)
-        else:
-            tensor = self._buffer(op)
-            handle = torch.distributed.irecv(tensor, self.ranks[op.peer], tag=tag)
-        self.pending[op] = (handle, tensor)
-        self.peak = max(self.peak, len(self.pending))
+        tensor = self.outbox.pop(op.message) if op.send else self._buffer(op)
+        self.transport.post((op,), (tensor,), tag)
 
     def _buffer(self, op: Op) -> Tensor:
         kind, step = op.message
@@ -288,12 +222,10 @@ class _Links:
 
     def wait(self, ops) -> Optional[object]:
         """Wait for `ops`; for a header, answer what the protocol branches on."""
-        answer = None
+        answer, tensors = None, self.transport.wait(ops)
         for op in ops:
-            handle, tensor = self.pending.pop(op)
-            handle.wait()
             if not op.send:
-                answer = self._read(op, tensor)
+                answer = self._read(op, tensors[op])
         return answer
 
     def _read(self, op: Op, tensor: Tensor):
@@ -325,7 +257,7 @@ class _Links:
         if hidden is not None:
             self.outbox[("hidden", step)] = hidden.contiguous()
 
-    def put_decisions(self, step: int, decided: Dict[int, Tuple[int, Tensor]]) -> int:
+    def put_decisions(self, step: int, decided: Dict[int, Decision]) -> int:
         """Only the decided rows travel: their indices and depths, then their logits."""
         b, rows = self.max_batch, sorted(decided)
         header = torch.zeros(1 + 2 * b, dtype=torch.int64)
@@ -341,18 +273,19 @@ class _Links:
 def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
                       exit_layers: Optional[List[int]], threshold: float, measure) -> GenerationResult:
     """Pipeline-based early exit over this rank's stage; every rank returns the result."""
-    stage = StageDecoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, exit_layers, threshold, measure)
-    links = _Links(len(prompts), model.vocab_size, stage.hidden_size, stage.dtype, stage.device)
+    decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+    policy = decoder.stage_policy(exit_layers, threshold, measure)
+    links = _Links(len(prompts), model.vocab_size, decoder.hidden_size, decoder.dtype, decoder.device)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy)
-    if stage.first:
-        start = _now(stage.device)
+    if decoder.first:
+        start = clock(decoder.device)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generator(stage.device), active=list(range(len(prompts))))
-        lead = _Lead(stage, links, transcript, prompts, start)
+                                sampling.make_generator(decoder.device), active=list(range(len(prompts))))
+        lead = _Lead(decoder, policy, links, transcript, prompts, start)
         _drive(lead_order(links.num_stages), links, lead.compute, lead.undecided)
     else:
-        _drive(follow_order(links.stage, links.num_stages), links, partial(_follow_step, stage, links))
+        _drive(follow_order(links.stage, links.num_stages), links, partial(_follow_step, decoder, policy, links))
     if links.num_stages > 1:  # every rank returns the same result
         holder = [result]
         torch.distributed.broadcast_object_list(holder, links.first_rank, group=parallel_state.get_pipeline_model_parallel_group())
@@ -363,35 +296,33 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
 class _Lead:
     """Stage 0's side of each step: runs it, collects its decisions, picks the tokens."""
 
-    def __init__(self, stage: StageDecoder, links: _Links, transcript: Transcript, prompts, start: float):
-        self.stage, self.links, self.transcript, self.prompts, self.start = stage, links, transcript, prompts, start
-        self.fed = [0] * len(prompts)
+    def __init__(self, decoder: Decoder, policy, links: _Links, transcript: Transcript, prompts, start: float):
+        self.decoder, self.policy, self.links = decoder, policy, links
+        self.transcript, self.prompts, self.start = transcript, prompts, start
         self.rows: List[int] = []
-        self.decided: Dict[int, Tuple[int, Tensor]] = {}
+        self.decided: Dict[int, Decision] = {}
         self.step = -1
 
     def compute(self, step: int) -> bool:
-        result = self.transcript.result
+        result, device = self.transcript.result, self.decoder.device
         if step > 0:
             self._collect()
             rows, decided = self.rows, self.decided
             self.transcript.take(StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows])))
             if step == 1:
-                result.prefill_seconds = _now(self.stage.device) - self.start
+                result.prefill_seconds = clock(device) - self.start
             else:
                 result.num_steps += 1
         if not self.transcript.active:
-            result.decode_seconds = _now(self.stage.device) - self.start - result.prefill_seconds
+            result.decode_seconds = clock(device) - self.start - result.prefill_seconds
             if self.links.num_stages > 1:
                 self.links.put_step(step, STOP, [], [], [], [], None)
             return False
         rows = list(self.transcript.active)
         new = [list(self.prompts[r]) if step == 0 else [self.transcript.last_token(r)] for r in rows]
-        starts = [self.fed[r] for r in rows]
-        ends = [s + len(t) - 1 for s, t in zip(starts, new)]
-        hidden, decided = self.stage.run(new, rows, starts, ends, [True] * len(rows), use_exits=step > 0)  # prefill: full depth
-        for r, e in zip(rows, ends):
-            self.fed[r] = e + 1
+        starts, ends = self.decoder.feed(rows, new)
+        policy = self.policy if step > 0 else FULL_DEPTH  # the prefill: full depth
+        hidden, decided = self.decoder.run_stage(new, rows, starts, ends, [True] * len(rows), policy)
         if self.links.num_stages > 1:
             self.links.put_step(step, STEP, rows, starts, ends, [r not in decided for r in rows], hidden)
         self.rows, self.decided, self.step = rows, decided, step
@@ -418,19 +349,17 @@ class _Lead:
                 self.decided[row] = (depth, logits[i])
 
 
-def _follow_step(stage: StageDecoder, links: _Links, step: int) -> int:
+def _follow_step(decoder: Decoder, policy, links: _Links, step: int) -> int:
     """A later stage's step: its layers for every row, decisions for the rows still open."""
     rows, starts, ends, open_rows, _ = links.inbox.pop((links.stage - 1, ("step", step)))
     hidden = links.inbox.pop((links.stage - 1, ("hidden", step)))
-    hidden, decided = stage.run(hidden, rows, starts, ends, open_rows, use_exits=step > 0)
-    if not stage.last:
+    hidden, decided = decoder.run_stage(hidden, rows, starts, ends, open_rows, policy if step > 0 else FULL_DEPTH)
+    if not decoder.last:
         links.put_step(step, STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden)
     return links.put_decisions(step, decided)
 
 
 def check_pipeline_strategy(model, strategy) -> None:
-    from megatron.early_exit.inference.strategies import EarlyExit, FullDepth
-
     if not isinstance(strategy, (FullDepth, EarlyExit)):
         raise InferenceConfigError(f"{strategy.name} needs the whole model on one stage; pipeline stages run "
                                    "FullDepth or EarlyExit(kv='pipeline')")

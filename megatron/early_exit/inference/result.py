@@ -1,13 +1,21 @@
-"""What generation returns, and the per-row bookkeeping that fills it."""
+"""What generation returns, the per-row bookkeeping that fills it, and the clock it is timed by."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
 import torch
 
 from megatron.early_exit.inference.sampling import SamplingParams, select_tokens
+
+
+def clock(device) -> float:
+    """Seconds, once the work queued on `device` is done (so that timings include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass

@@ -6,7 +6,7 @@
         kv="propagate": they are filled at once from the exit hidden state (CALM)
         kv="pipeline": the exited token goes on through the deeper layers, on later pipeline
                        stages while the first starts the next token (EE-LLM's pipeline-based
-                       method; the one strategy for a model split into pipeline stages)
+                       method; with FullDepth, what runs on a model split into pipeline stages)
     SelfSpeculative(exit_layer, num_draft)        draft with an exit, verify with the full model (LayerSkip)
 
 All run through `generate(model, prompts, strategy, ...)` and return a GenerationResult.
