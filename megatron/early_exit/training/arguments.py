@@ -176,16 +176,21 @@ def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = Non
     return args
 
 
-# Flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's list, plus exits).
-CHECKPOINT_ARG_NAMES = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings", "normalization", "norm_epsilon",
-    "swiglu", "position_embedding_type", "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
-    "disable_bias_linear", "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "vocab_file",
-    "merge_file", "vocab_size", "exit_layer_nums", "exit_layer_weight", "exit_layer_temperature", "use_exit_norm",
-    "use_exit_mlp", "use_exit_block", "untie_exit_output_weights", "pre_exit",
-    "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor",
-)
+def checkpoint_arg_names() -> tuple:
+    """Flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's: the model's
+    description, its tokenizer and sequence length; plus the exits' structure and per-exit
+    lists), named by the descriptions' own fields."""
+    from megatron.early_exit.models.model_config import ModelConfig
+
+    backbone = [k for k in ModelConfig.backbone_fields() if k not in _NOT_FLAGS]
+    tokenizer = ["tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"]
+    exits = list(EarlyExitConfig.STRUCTURE_FIELDS) + ["exit_layer_weight", "exit_layer_temperature"]
+    return tuple(backbone + ["group_query_attention", "seq_length"] + tokenizer + exits)
+
+
+# ModelConfig fields that are no flags of their own, or that a run chooses for itself.
+_NOT_FLAGS = ("padded_vocab_size", "params_dtype", "first_stages_only", "hidden_dropout", "attention_dropout",
+              "init_method_std")
 
 
 def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
@@ -203,7 +208,7 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
 
     saved = read_args(known.load)
     # The checkpoint's value, before validation filled derived defaults, is what it was trained with.
-    values = {k: saved[k] for k in CHECKPOINT_ARG_NAMES if k in saved}
+    values = {k: saved[k] for k in checkpoint_arg_names() if k in saved}
     if "--exit-layer-nums" in (argv if argv is not None else sys.argv[1:]):
         values.pop("exit_layer_weight", None)  # per-exit lists follow the exits given now
         values.pop("exit_layer_temperature", None)
