@@ -137,3 +137,14 @@ def test_use_checkpoint_args_finds_the_tokenizer_of_a_moved_checkpoint(dist1, tm
     args = parse_args(["--load", moved, "--use-checkpoint-args", "--micro-batch-size", "1", "--train-iters", "1",
                        "--lr", "1e-3", "--mock-data", "--finetune"], world_size=1)
     assert args.tokenizer_model == os.path.join(moved, "tokenizer", "sp.model") and os.path.isfile(args.tokenizer_model)
+
+
+def test_tokenizer_paths_are_stored_relative_only_inside_the_checkpoint(tmp_path, monkeypatch):
+    from megatron.early_exit.models.model_config import TokenizerConfig
+
+    monkeypatch.chdir(tmp_path)
+    root = str(tmp_path / "run" / "checkpoints")
+    stored = TokenizerConfig("SentencePieceTokenizer", "run/tokenizer.model").relative_to(root)  # cwd-relative, outside
+    assert stored.model == str(tmp_path / "run" / "tokenizer.model")
+    inside = TokenizerConfig("SentencePieceTokenizer", "run/checkpoints/tok/sp.model").relative_to(root)
+    assert inside.model == os.path.join("tok", "sp.model") and inside.resolved("/moved").model == "/moved/tok/sp.model"

@@ -19,17 +19,17 @@ WARMUP=$(( ITERS / 10 < 20 ? ITERS / 10 : 20 ))
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
-echo "== 1/5 corpus from the Python standard library"
+echo "== 1/6 corpus from the Python standard library"
 "$PY" tools/build_corpus_from_stdlib.py --output "$OUT/stdlib.jsonl" --text-output "$OUT/stdlib.txt" --max-mb 6
 
-echo "== 2/5 SentencePiece tokenizer"
+echo "== 2/6 SentencePiece tokenizer"
 "$PY" tools/train_tokenizer.py --input "$OUT/stdlib.txt" --model-prefix "$OUT/tokenizer" --vocab-size 4096
 
-echo "== 3/5 preprocess to .bin/.idx"
+echo "== 3/6 preprocess to .bin/.idx"
 "$PY" tools/preprocess_data.py --input "$OUT/stdlib.jsonl" --output-prefix "$OUT/stdlib" \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
 
-echo "== 4/5 pretraining ($ITERS iterations, $NPROC processes)"
+echo "== 4/6 pretraining ($ITERS iterations, $NPROC processes)"
 rm -rf "$OUT/tensorboard"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_early_exit_gpt.py \
   --num-layers 8 --hidden-size 192 --ffn-hidden-size 512 --num-attention-heads 6 \
@@ -46,5 +46,8 @@ rm -rf "$OUT/tensorboard"
   --log-interval 10 --eval-interval 50 --eval-iters 4 \
   --tensorboard-dir "$OUT/tensorboard" --save "$OUT/checkpoints"
 
-echo "== 5/5 summary"
+echo "== 5/6 summary"
 "$PY" examples/ee_llm/quickstart_summary.py --data-prefix "$OUT/stdlib_text_document" --tensorboard-dir "$OUT/tensorboard"
+
+echo "== 6/6 early-exit decoding against full depth"
+"$PY" examples/ee_llm/quickstart_generate.py --load "$OUT/checkpoints"

@@ -71,9 +71,10 @@ class TokenizerConfig:
         root = os.path.abspath(root)
 
         def rel(path):
-            if path is None or not os.path.isabs(path):
+            if path is None:
                 return path
-            inside = os.path.commonpath([root, os.path.abspath(path)]) == root
+            path = os.path.abspath(path)  # a path given relative to the working directory
+            inside = os.path.commonpath([root, path]) == root
             return os.path.relpath(path, root) if inside else path
 
         return dataclasses.replace(self, model=rel(self.model), vocab_file=rel(self.vocab_file), merge_file=rel(self.merge_file))
