@@ -1,10 +1,12 @@
 """Time saving and loading a checkpoint of the quick-start model (8 layers, hidden 192,
 vocab 4096, exits at 2 and 4) with its Adam state, in one process.
 
-    python benchmarks/checkpoint_io.py [--repeats 3] [--dir /tmp/ckpt_bench]
+    python benchmarks/checkpoint_io.py [--repeats 3] [--dir /tmp/ckpt_bench] [--hidden-size 192]
 
 Prints seconds per save and per load (model + optimizer + scheduler + RNG), the size on
-disk and the throughput, and the weights-only save for comparison.
+disk and the throughput, and the weights-only save for comparison; each with and without
+the per-file checksums (CRC-32, written at save, verified at load), and their cost as a
+ratio. --hidden-size scales the model (and --ffn-hidden-size with it) for larger files.
 """
 
 import argparse
@@ -41,13 +43,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None)
+    p.add_argument("--hidden-size", type=int, default=192)
     a = p.parse_args()
     root = a.dir or tempfile.mkdtemp(prefix="ckpt_bench_")
     torch.set_num_threads(2)
     initialize_parallel(1, 1, seed=1234, device="cpu")
+    shape = ["--hidden-size", str(a.hidden_size), "--ffn-hidden-size", str(a.hidden_size * 8 // 3)]
 
     def build():
-        args = parse_args(QUICKSTART + ["--save", root, "--load", root], world_size=1)
+        args = parse_args(QUICKSTART + shape + ["--save", root, "--load", root], world_size=1)
         model = wrap_model(build_model(args, torch.device("cpu"), 4096), args)
         optimizer, scheduler = build_optimizer(model, args)
         return args, model, optimizer, scheduler
@@ -57,27 +61,40 @@ def main():
         param.main_grad.normal_()
     optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.2f} M parameters (quick-start shape), directory {root}", flush=True)
+    print(f"model: {params / 1e6:.2f} M parameters (quick-start shape, hidden {a.hidden_size}), directory {root}", flush=True)
 
-    saves, loads = [], []
+    times = {True: ([], []), False: ([], [])}  # checksums -> (saves, loads)
+    iteration = 0
     for i in range(a.repeats):
-        start = time.time()
-        checkpointing.save(args, model, optimizer, scheduler, i + 1, 0)
-        saves.append(time.time() - start)
-        fresh = build()
-        start = time.time()
-        checkpointing.load(*fresh)
-        loads.append(time.time() - start)
-        print(f"  repeat {i + 1}/{a.repeats}: save {saves[-1]:.2f} s, load {loads[-1]:.2f} s", flush=True)
-    full = size_mb(checkpointing.checkpoint_dir(root, a.repeats))
+        for checksums in ((True, False) if i % 2 else (False, True)):
+            iteration += 1
+            start = time.time()
+            checkpointing.save(args, model, optimizer, scheduler, iteration, 0, checksums=checksums)
+            times[checksums][0].append(time.time() - start)
+            fresh = build()
+            start = time.time()
+            checkpointing.load(*fresh, checksums=checksums)
+            times[checksums][1].append(time.time() - start)
+            print(f"  repeat {i + 1}/{a.repeats}, checksums {'on ' if checksums else 'off'}: save {times[checksums][0][-1]:.3f} s, "
+                  f"load {times[checksums][1][-1]:.3f} s", flush=True)
+    path = checkpointing.checkpoint_dir(root, iteration - 1)
+    full = size_mb(path)
+    start = time.time()
+    for name in os.listdir(path):
+        checkpointing.file_checksum(os.path.join(path, name))
+    crc_s = time.time() - start
     start = time.time()
     weights = checkpointing.save_weights(os.path.join(root, "weights"), args, model)
     weights_s = time.time() - start
-    best_save, best_load = min(saves), min(loads)
-    print(f"full checkpoint   {full:7.1f} MB   save {best_save:.2f} s ({full / best_save:.0f} MB/s)   "
-          f"load {best_load:.2f} s ({full / best_load:.0f} MB/s)")
-    print(f"weights only      {size_mb(weights):7.1f} MB   save {weights_s:.2f} s")
-    print(f"load / save time ratio: {best_load / best_save:.2f}")
+    (save_on, load_on), (save_off, load_off) = [(min(times[c][0]), min(times[c][1])) for c in (True, False)]
+    print(f"full checkpoint   {full:7.1f} MB   save {save_on:.3f} s ({full / save_on:.0f} MB/s)   "
+          f"load {load_on:.3f} s ({full / load_on:.0f} MB/s)   (checksums on)")
+    print(f"                                 save {save_off:.3f} s ({full / save_off:.0f} MB/s)   "
+          f"load {load_off:.3f} s ({full / load_off:.0f} MB/s)   (checksums off)")
+    print(f"checksums cost    save x{save_on / save_off:.2f}, load x{load_on / load_off:.2f} "
+          f"(CRC-32 of the files alone: {crc_s:.3f} s, {full / max(crc_s, 1e-9):.0f} MB/s, from the page cache)")
+    print(f"weights only      {size_mb(weights):7.1f} MB   save {weights_s:.3f} s")
+    print(f"load / save time ratio: {load_on / save_on:.2f}")
     if a.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -4,7 +4,9 @@ flags, and every tensor with its global shape and dtype.
     python tools/checkpoint/inspect.py CHECKPOINT_DIR [--iteration N] [--args] [--json]
 
 CHECKPOINT_DIR is a `--save` directory (its latest checkpoint is read) or one
-`iter_XXXXXXX` directory. Nothing is loaded into memory but the index and the flags.
+`iter_XXXXXXX` directory. Nothing is loaded into memory but the index and the flags, both
+read without running code (checkpoint_reader's allow-lists); the checksums of every file
+are verified first.
 """
 
 import os
@@ -38,15 +40,14 @@ else:
     )
 
     def describe(path: str) -> dict:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from megatron.early_exit.training.checkpointing import read_common, verify
+        from megatron.early_exit.checkpoint_reader import read_common, read_index, read_manifest, verify
 
         verify(path)
         common = read_common(path)
         tensors = {}
-        for name, meta in sorted(FileSystemReader(path).read_metadata().state_dict_metadata.items()):
+        for name, meta in sorted(read_index(path).state_dict_metadata.items()):
             if isinstance(meta, TensorStorageMetadata) and not name.endswith("_extra_state") and "/shard_" not in name:
                 tensors[name] = {"shape": list(meta.size), "dtype": str(meta.properties.dtype).replace("torch.", "")}
         model = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
@@ -56,6 +57,7 @@ else:
             "consumed_samples": common.get("consumed_samples"),
             "saved_layout": dict(zip(("tensor", "pipeline", "data"), common.get("layout", ()))),
             "has_optimizer": common.get("has_optimizer", True),
+            "checksums": read_manifest(path) is not None,
             "exits": common["args"].get("exit_layer_nums") or [],
             "args": common["args"],
             "tensors": model,
@@ -72,7 +74,7 @@ else:
     def main(argv=None):
         import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
         from megatron.early_exit.errors import install_excepthook
-        from megatron.early_exit.training.checkpointing import TRACKER, resolve
+        from megatron.early_exit.checkpoint_reader import TRACKER, resolve
 
         install_excepthook()
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +85,7 @@ else:
         a = p.parse_args(argv)
         root = a.checkpoint.rstrip("/")
         if os.path.isfile(os.path.join(root, TRACKER)) or a.iteration is not None:
-            path = resolve(root, a.iteration)
+            path = resolve(root, a.iteration, checksums=False)  # describe() verifies them
         else:
             path = root
         info = describe(path)
@@ -95,6 +97,7 @@ else:
         print(f"saved from        TP={info['saved_layout'].get('tensor')} PP={info['saved_layout'].get('pipeline')} "
               f"DP={info['saved_layout'].get('data')}  (loads into any layout)")
         print(f"optimizer state   {'yes' if info['has_optimizer'] else 'no (weights only)'}")
+        print(f"checksums         {'verified' if info['checksums'] else 'none (written before checksums)'}")
         print(f"exits             {info['exits'] or 'none'}")
         print(f"parameters        {info['parameters']:,}")
         print("flags")

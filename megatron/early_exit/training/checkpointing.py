@@ -2,23 +2,34 @@
 
 Layout under `--save DIR`:
     DIR/iter_0000100/                       one complete checkpoint (sharded tensors + common.pt)
+    DIR/iter_0000100/checksums.json         size and CRC-32 of each of its files, written after them
     DIR/latest_checkpointed_iteration.txt   written last, by rename
+    DIR/.lock                               held (flock) by the run that writes to DIR
 
 A save goes to `iter_XXXXXXX.tmp`, is renamed when every rank has finished, and only
 then is the marker updated; a process killed at any moment leaves the previous
-checkpoint and marker intact. Tensor keys use global layer numbers (one key per layer,
-exits keyed by their layer), so a checkpoint loads into any TP/PP/DP layout and into a
-model that keeps only the first layers (exit tuning on the first pipeline stages).
+checkpoint and marker intact. The files are written by threads of the training processes
+(no helper processes that could outlive them). Tensor keys use global layer numbers (one
+key per layer, exits keyed by their layer), so a checkpoint loads into any TP/PP/DP layout
+and into a model that keeps only the first layers (exit tuning on the first pipeline stages).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
+import json
 import os
+import queue
+import re
 import shutil
+import socket
+import threading
 import time
-from typing import List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Tuple
 
 import torch
 
@@ -26,28 +37,21 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron.early_exit.checkpoint_reader import (  # noqa: F401  (the reader's names, for callers of this module)
-    MODEL_METADATA, TRACKER, CheckpointError, _apply_model_state, _load, _model_state, _unwrap, checkpoint_dir,
-    latest_iteration, load_weights, model_sharded_state, read_common, read_model_config, read_sharded, resolve, verify,
+    MANIFEST, MODEL_METADATA, TRACKER, CheckpointError, _apply_model_state, _cause_of_kind, _load, _model_state, _unwrap,
+    checkpoint_dir, checksum_problems, compare_with_checkpoint, file_checksum, latest_iteration, load_weights,
+    model_sharded_state, read_common, read_model_config, read_sharded, resolve, verify,
 )
 
 CHECKPOINT_VERSION = 2
 # The distributed optimizer's state in a layout-independent form, so that a checkpoint
 # reshards across TP/PP/DP like the model does.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
-# Flags that decide the parameters' names and shapes; they must agree with the checkpoint.
-ARCHITECTURE_ARGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "normalization", "swiglu", "position_embedding_type",
-    "untie_embeddings_and_output_weights", "disable_bias_linear",
-)
-EXIT_STRUCTURE_ARGS = ("use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights")
 # Test hook: EE_CHECKPOINT_TEST_PAUSE="<moment>:<iteration>:<file>" makes rank 0 create <file>
-# at that moment of that iteration's save and wait there (to be killed). Moments:
-# before_rename (shards written), before_marker (renamed, marker not yet updated).
+# at that moment of that iteration's save and wait there (to be killed). Moments: writing
+# (about to write the shard files), before_rename (shards written), before_marker (renamed,
+# marker not yet updated).
 PAUSE_ENV = "EE_CHECKPOINT_TEST_PAUSE"
-
-
-
+LOCK_FILE = ".lock"
 
 def _layout() -> Tuple[int, int, int]:
     return (
@@ -137,11 +141,28 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
 # -- saving -----------------------------------------------------------------------
 
 
-def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: int) -> str:
-    """Everything needed to resume training, published atomically under `args.save`."""
+def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: int, checksums: bool = True) -> str:
+    """Everything needed to resume training, published atomically under `args.save`;
+    weights holding NaN or Inf are refused (the previous checkpoints stay)."""
+    require_finite_weights(model, iteration, args.save)
     return _publish(args.save, iteration, lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples,
                                                                  args.save),
-                    keep_last=getattr(args, "keep_last", None))
+                    keep_last=getattr(args, "keep_last", None), checksums=checksums)
+
+
+def require_finite_weights(model, iteration: int, root: str) -> None:
+    """Raise on every rank if any rank's weights hold NaN or Inf."""
+    from megatron.early_exit.parallel import target_device
+
+    named = [(n, p) for n, p in _unwrap(model).named_parameters()]
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]) if named else torch.ones(1, dtype=torch.bool)
+    everywhere = finite.all().to(device=target_device(), dtype=torch.int32).reshape(1)
+    torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+    if everywhere.item():
+        return
+    where = next((n for (n, _), ok in zip(named, finite.tolist()) if not ok), "on another rank")
+    raise CheckpointError(f"iteration {iteration}: the weights hold NaN or Inf ({where}); not saved under --save {root}, "
+                          "whose checkpoints are kept")
 
 
 def save_weights(root: str, args, model, iteration: int = 0) -> str:
@@ -149,6 +170,237 @@ def save_weights(root: str, args, model, iteration: int = 0) -> str:
     converter; training loads it with --finetune or --no-load-optim."""
     return _publish(root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, root,
                                                             include_optimizer=False))
+
+
+def _publish(root: str, iteration: int, build_state, keep_last: Optional[int] = None, checksums: bool = True) -> str:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    start = time.time()
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank0 = torch.distributed.get_rank() == 0
+    try:
+        _write_checkpoint(root, tmp, iteration, build_state, checksums)
+        if rank0:
+            _put_in_place(root, tmp, final, iteration, keep_last)
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        failure = _write_failure(err, root, tmp, iteration)
+        if failure is None:
+            raise
+        raise failure from err
+    if rank0:
+        print(f" saved checkpoint at iteration {iteration} to {final} in {time.time() - start:.2f} s", flush=True)
+    torch.distributed.barrier()
+    return final
+
+
+def _write_checkpoint(root: str, tmp: str, iteration: int, build_state, checksums: bool) -> None:
+    """Every rank's files of the checkpoint in `tmp`, and their manifest."""
+    if torch.distributed.get_rank() == 0:
+        for stale in glob.glob(os.path.join(root, "iter_*.tmp")) + glob.glob(os.path.join(root, "iter_*.old")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    with _writes_in_this_process(iteration):
+        dist_checkpointing.save(build_state(), tmp)
+    torch.distributed.barrier()
+    if checksums:
+        _write_manifest(tmp)
+
+
+def _put_in_place(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
+    _pause_here("before_rename", iteration)
+    if os.path.isdir(final):  # saving the same iteration again: keep the old one until the new is in place
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    _pause_here("before_marker", iteration)
+    marker = os.path.join(root, TRACKER)
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(iteration))
+    os.replace(marker + ".tmp", marker)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    if keep_last:  # only after a complete save: the newest checkpoints stay
+        for old in sorted(glob.glob(os.path.join(root, "iter_[0-9]*[0-9]")))[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_failure(err: BaseException, root: str, tmp: str, iteration: int) -> Optional[CheckpointError]:
+    """A failed save as one line when the file system refused it (no space left, no
+    permission, ...), the partial checkpoint removed; None for other errors."""
+    os_error = _cause_of_kind(err, OSError)
+    text = f"{err} {os_error or ''}"
+    no_space = (os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
+    if not no_space and os_error is None:
+        # torch.save reports a full disk as a RuntimeError without errno ("file write failed",
+        # "basic_ios::clear: iostream error"): tell it by the space left.
+        with contextlib.suppress(OSError):
+            no_space = shutil.disk_usage(root).free < (1 << 20)
+    if not no_space and os_error is None:
+        return None
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = "the partial checkpoint was removed, the previous checkpoints are kept"
+    if no_space:
+        return CheckpointError(f"--save {root}: no space left on the device while saving iteration {iteration}; {kept}")
+    where = f" ({os_error.filename})" if os_error.filename else ""
+    return CheckpointError(f"--save {root}: cannot write the checkpoint of iteration {iteration}: "
+                           f"{os_error.strerror or os_error}{where}; {kept}")
+
+
+def _write_manifest(tmp: str) -> None:
+    """checksums.json in `tmp`: each rank sums the shard files it wrote (`__RANK_N.distcp`),
+    rank 0 the others; rank 0 writes the manifest, last, before the rename publishes it."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    names = sorted(n for n in os.listdir(tmp) if n != MANIFEST)
+    mine = [n for n in names if _writer_of(n, world) == rank]
+    sums = {n: [os.path.getsize(os.path.join(tmp, n)), file_checksum(os.path.join(tmp, n))] for n in mine}
+    every = [None] * world
+    torch.distributed.all_gather_object(every, sums)
+    if rank == 0:
+        files = {name: entry for part in every for name, entry in part.items()}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"format": "crc32", "files": dict(sorted(files.items()))}, f, indent=0)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _writer_of(name: str, world: int) -> int:
+    shard = re.match(r"__(\d+)_\d+\.distcp$", name)
+    return int(shard.group(1)) % world if shard else 0
+
+
+@contextlib.contextmanager
+def _writes_in_this_process(iteration: int):
+    """dist_checkpointing's torch_dist writer (FileSystemWriterAsync) writes its files from
+    processes of its own: a results queue served by a multiprocessing Manager (spawned,
+    with multiprocessing's resource tracker) and one forked writer per file. A trainer
+    killed with kill -9 during a save leaves them running under PID 1. While this is
+    active the same writer writes each file from a thread of this process (the Manager's
+    queue becomes a thread queue), so nothing outlives the trainer."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    writer = fsa.FileSystemWriterAsync
+
+    def write_in_threads(transform_list, use_msc, rank, write_buckets, results_queue):
+        _pause_here("writing", iteration)
+
+        def write(index, bucket):
+            results, count = queue.Queue(), queue.Queue()
+            count.put(index)  # the writer marks its task done on it
+            writer.write_preloaded_data(transform_list, index, bucket, results, count, True)
+            return results.get()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(write_buckets)), thread_name_prefix="checkpoint-writer") as pool:
+            outputs = list(pool.map(write, range(len(write_buckets)), write_buckets))
+        failed = [result for _, result in outputs if isinstance(result, Exception)]
+        results_queue.put(failed[0] if failed else dict(outputs))
+
+    with _SAVING:
+        original = fsa._get_write_results_queue, writer.__dict__["write_preloaded_data_multiproc"]
+        fsa._get_write_results_queue, writer.write_preloaded_data_multiproc = queue.Queue, staticmethod(write_in_threads)
+        try:
+            yield
+        finally:
+            fsa._get_write_results_queue, writer.write_preloaded_data_multiproc = original
+
+
+_SAVING = threading.RLock()
+
+
+# -- one writer per --save directory -------------------------------------------------
+
+
+@contextlib.contextmanager
+def exclusive_save_dir(root: Optional[str]):
+    """For the run (every rank enters it): `--save` exists or can be made, can be written,
+    and is written by this run only. Rank 0 holds an exclusive flock on DIR/.lock; a second
+    run on the same directory stops at once naming the holder. The kernel releases a flock
+    when its process dies (kill -9 included), so the lock of a dead run blocks nothing."""
+    if not root:
+        yield
+        return
+    lock, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            lock = _SaveLock(root)
+        except CheckpointError as err:
+            error = str(err)
+    holder = [error]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise CheckpointError(holder[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _file_above(path: str) -> Optional[str]:
+    """The nearest existing ancestor of `path` that is not a directory."""
+    path = os.path.abspath(path)
+    while path != os.path.dirname(path):
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+        path = os.path.dirname(path)
+    return None
+
+
+class _SaveLock:
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK_FILE)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as err:
+            blocker = _file_above(root)
+            why = f"{blocker} is a file, not a directory" if blocker else f"cannot create it ({err.strerror})"
+            raise CheckpointError(f"--save {root}: {why}") from None
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise CheckpointError(f"--save {root} is not writable ({err.strerror})") from None
+            if not self._locked(root):
+                return
+            try:  # the holder removes the file when it ends: lock the file that is there now
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, record.encode(), 0)
+
+    def _locked(self, root: str) -> bool:
+        """Take the lock; False where the file system has no locks (the run goes on unlocked)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            holder = _holder(self.fd)
+            os.close(self.fd)
+            raise CheckpointError(f"--save {root} is in use by another run ({holder}): one run at a time writes to a "
+                                  "--save directory") from None
+        except OSError as err:
+            print(f"warning: --save {root}: cannot lock {self.path} ({err.strerror}); another run could write to "
+                  "this directory at the same time", flush=True)
+            return False
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                os.unlink(self.path)
+        os.close(self.fd)  # releases the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"PID {record['pid']} on host {record['host']}, since {record['since']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "a process that has not written its PID yet"
 
 
 def _pause_here(moment: str, iteration: int) -> None:
@@ -159,45 +411,13 @@ def _pause_here(moment: str, iteration: int) -> None:
             time.sleep(1)
 
 
-def _publish(root: str, iteration: int, build_state, keep_last: Optional[int] = None) -> str:
-    start = time.time()
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        for stale in glob.glob(os.path.join(root, "iter_*.tmp")) + glob.glob(os.path.join(root, "iter_*.old")):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    dist_checkpointing.save(build_state(), tmp)
-    torch.distributed.barrier()
-    if rank0:
-        _pause_here("before_rename", iteration)
-        if os.path.isdir(final):  # saving the same iteration again: keep the old one until the new is in place
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        _pause_here("before_marker", iteration)
-        marker = os.path.join(root, TRACKER)
-        with open(marker + ".tmp", "w") as f:
-            f.write(str(iteration))
-        os.replace(marker + ".tmp", marker)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        if keep_last:
-            for old in sorted(glob.glob(os.path.join(root, "iter_[0-9]*[0-9]")))[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        print(f" saved checkpoint at iteration {iteration} to {final} in {time.time() - start:.2f} s", flush=True)
-    torch.distributed.barrier()
-    return final
-
-
 # -- reading (the reader is checkpoint_reader.py) -----------------------------------
 
 
 def read_args(root: str) -> dict:
     """The flags stored with the latest checkpoint under `root` (for --use-checkpoint-args),
     its tokenizer files found where the checkpoint is now (it may have been moved)."""
-    path = resolve(root)
+    path = resolve(root, checksums=False)  # the load reads the checksums
     flags = dict(read_common(path)["args"])
     tokenizer = read_model_config(path).tokenizer
     flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
@@ -209,44 +429,41 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def compare_with_checkpoint(saved: dict, args) -> List[int]:
-    """Raise if the model the flags build cannot take this checkpoint's weights, listing
-    every difference. Returns the exits the model has and the checkpoint lacks (they keep
-    their fresh initialisation)."""
-    problems = [
-        f"{_flag(k)}: checkpoint {saved[k]!r}, now {getattr(args, k)!r}"
-        for k in ARCHITECTURE_ARGS if k in saved and saved[k] != getattr(args, k)
-    ]
-    saved_exits, exits = list(saved.get("exit_layer_nums") or []), list(args.exit_layer_nums)
-    missing_in_model = sorted(set(saved_exits) - set(exits))
-    new_exits = sorted(set(exits) - set(saved_exits))
-    if missing_in_model:
-        problems.append(f"--exit-layer-nums: the checkpoint has exits at layers {missing_in_model} that this model lacks "
-                        f"(checkpoint {saved_exits}, now {exits})")
-    if set(saved_exits) & set(exits):
-        problems += [f"{_flag(k)}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r} (changes the exit heads)"
-                     for k in EXIT_STRUCTURE_ARGS if bool(saved.get(k)) != bool(getattr(args, k))]
+def verify_on_all_ranks(path: str) -> None:
+    """The checksums of the checkpoint at `path`, each rank reading its share of the
+    files; every rank raises the same error."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    every = [None] * world
+    torch.distributed.all_gather_object(every, checksum_problems(path, (rank, world)))
+    problems = sorted({problem for part in every for problem in part})
     if problems:
-        raise CheckpointError("the checkpoint does not match this model:\n  " + "\n  ".join(problems))
-    return new_exits
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
 
 
-def load(args, model, optimizer, scheduler) -> Tuple[int, int]:
+def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
     """`--load`: weights, and unless told otherwise optimizer, scheduler and RNG; returns
     (iteration, consumed samples). --finetune reads weights only and starts at 0."""
-    path = resolve(args.load)
+    path = resolve(args.load, checksums=False)
+    if checksums:
+        verify_on_all_ranks(path)
     common = read_common(path)
-    new_exits = compare_with_checkpoint(common["args"], args)
+    stored = read_model_config(path)
+    new_exits = compare_with_checkpoint(stored, _unwrap(model).model_config)
     weights_only = args.finetune or args.no_load_optim
     if not common.get("has_optimizer", True) and not weights_only:
         raise CheckpointError(f"--load {path} holds weights only (no optimizer state): add --finetune or --no-load-optim")
     if new_exits and not weights_only:
         raise CheckpointError(f"--load {path}: exits at layers {new_exits} are new (the checkpoint has "
-                              f"{common['args'].get('exit_layer_nums') or 'none'}); add --finetune or --no-load-optim")
+                              f"{stored.exit_layer_nums or 'none'}); add --finetune or --no-load-optim")
     rank0 = torch.distributed.get_rank() == 0
     if new_exits and rank0:
         print(f" exits at layers {new_exits} are not in the checkpoint: they keep their initialisation", flush=True)
+    return _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only)
 
+
+def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only) -> Tuple[int, int]:
+    rank0 = torch.distributed.get_rank() == 0
     model_sd, model_state, skipped = _model_state(model, new_exits)
     state = {"model": model_state}
     if not weights_only:

@@ -8,10 +8,16 @@ Order of set-up (each step in one function below):
   5. DDP wrapping                       wrap_model
   6. optimizer and LR/WD scheduler      build_optimizer
   7. checkpoint load                    checkpointing.load
+
+Before any of 2-7, `--save` is checked (writable, no other run writing to it) and locked for
+the run. A NaN or Inf loss (final or exit) or gradient norm stops the run at once, before
+anything of that state is saved.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +31,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron.early_exit.errors import EarlyExitError
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models import builder
@@ -46,6 +53,10 @@ from megatron.early_exit.training.arguments import build_early_exit_config
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports
 from megatron.early_exit.tokenizers import build_tokenizer
+
+
+class NonFiniteError(EarlyExitError):
+    """A loss or gradient norm that is NaN or Inf: the run stops before saving that state."""
 
 
 @dataclass
@@ -224,6 +235,21 @@ def evaluate(model, schedule: StageSchedule, data_iterator, args, iteration, dev
     return gather_pipeline_metrics(average_reports(reports))
 
 
+def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> None:
+    """Stop the run (every rank sees the same reduced values) at a NaN or Inf loss or
+    gradient norm; the weights after that step are never saved."""
+    bad = [f"{k} is {v}" for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        bad.append(f"grad norm is {float(grad_norm)}")
+    if not bad:
+        return
+    kept = ""
+    marker = os.path.join(args.save, checkpointing.TRACKER) if args.save else None
+    if marker and os.path.isfile(marker):
+        kept = f"; the latest checkpoint under --save {args.save} (iteration {open(marker).read().strip()}) is kept"
+    raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
+
+
 def pretrain(args) -> TrainState:
     pp = args.pipeline_model_parallel_size
     ctx = initialize_parallel(
@@ -232,6 +258,11 @@ def pretrain(args) -> TrainState:
         tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, pp,
                                                     not args.untie_embeddings_and_output_weights),
     )
+    with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
+        return _train(args, ctx)
+
+
+def _train(args, ctx) -> TrainState:
     microbatches.destroy_num_microbatches_calculator()
     microbatches.init_num_microbatches_calculator(ctx.rank, None, args.global_batch_size, args.micro_batch_size, ctx.dp_size)
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
@@ -260,10 +291,11 @@ def pretrain(args) -> TrainState:
     last_log = time.time()
     model.train()
     while state.iteration < args.train_iters:
-        metrics, grad_norm, _ = train_step(model, optimizer, scheduler, schedule, train_iter, fill_iter, args, state.iteration, ctx.device)
+        metrics, grad_norm, ok = train_step(model, optimizer, scheduler, schedule, train_iter, fill_iter, args, state.iteration, ctx.device)
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
         state.history.append({**metrics, "grad norm": float(grad_norm or 0.0)})
+        check_finite(state.iteration, metrics, grad_norm if ok else None, args)
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             elapsed = (time.time() - last_log) / (args.log_interval if state.iteration % args.log_interval == 0 else 1)
             last_log = time.time()
