@@ -247,16 +247,25 @@ def read_index(path: str):
     from torch.distributed.checkpoint.metadata import Metadata
 
     source = os.path.join(path, ".metadata")
-    try:
+
+    def read():
         with open(source, "rb") as f:
-            index = _RestrictedUnpickler(f, source, _INDEX_TYPES).load()
+            return _RestrictedUnpickler(f, source, _INDEX_TYPES).load()
+
+    return _read_checked(source, read, Metadata, "an index", "is corrupt")
+
+
+def _read_checked(source: str, read, kind: type, what: str, failure: str):
+    """`read()`, every failure one CheckpointError naming `source`, and of type `kind`."""
+    try:
+        value = read()
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"checkpoint file {source} is corrupt ({type(err).__name__})") from err
-    if not isinstance(index, Metadata):
-        raise CheckpointError(f"checkpoint file {source} is corrupt (it holds a {type(index).__name__}, not an index)")
-    return index
+        raise CheckpointError(f"checkpoint file {source} {failure} ({type(err).__name__})") from err
+    if not isinstance(value, kind):
+        raise CheckpointError(f"checkpoint file {source} is corrupt (it holds a {type(value).__name__}, not {what})")
+    return value
 
 
 _PATCHING = threading.RLock()
@@ -333,15 +342,7 @@ class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
 def read_common(path: str) -> dict:
     """The checkpoint's non-tensor state: args, iteration, layout, ..."""
     source = os.path.join(path, "common.pt")
-    try:
-        common = torch_load(source, source)
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"checkpoint file {source} cannot be read ({type(err).__name__})") from err
-    if not isinstance(common, dict):
-        raise CheckpointError(f"checkpoint file {source} is corrupt (it holds a {type(common).__name__}, not a dict)")
-    return common
+    return _read_checked(source, lambda: torch_load(source, source), dict, "a dict", "cannot be read")
 
 
 def _model_state(model, skip_exits) -> Tuple[dict, dict, tuple]:
