@@ -108,7 +108,7 @@ def test_training_step_copies_batches_without_waiting(dist1):
     batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 32),
              "position_ids": torch.arange(32).expand(2, 32)}
     with SyncCounter() as counter:
-        output, loss_func = forward_step(iter([batch]), model, args, 0, torch.device("cpu"))
+        output, loss_func = forward_step(iter([batch]), model, args, 0, torch.device("cpu"), model.ee_config)
     assert not {t.data_ptr() for t in batch.values()} & set(counter.blocking_moves)
     assert torch.isfinite(loss_func(output)[0])
 

@@ -132,7 +132,7 @@ def build_optimizer(model, args, gloo_process_groups: bool = True):
     return optimizer, scheduler
 
 
-def forward_step(data_iterator, model, args, iteration: int, device: torch.device):
+def forward_step(data_iterator, model, args, iteration: int, device: torch.device, ee_config):
     # Pinned batches (CUDA) copy while the host goes on; the first kernel that reads them waits.
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items() if isinstance(v, torch.Tensor)}
     tokens = batch["tokens"]
@@ -145,8 +145,7 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             # Exit tuning needs nothing past the last exit; earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()),
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=build_early_exit_config(args),
-                           iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration)
 
 
 @dataclass
@@ -157,16 +156,18 @@ class StageSchedule:
     eval_actions: list
     links: Optional[StageLinks]
     fill_items: List[tuple]  # ("W", j) and ("C", j) items of every step, in data order
+    ee_config: object  # the exits the flags describe (their losses in every microbatch)
 
 
 def build_stage_schedule(args, model, device) -> StageSchedule:
     pp, stage = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
     m = microbatches.get_num_microbatches()
+    ee_config = build_early_exit_config(args)
     fill = None
     if args.fill_explicit_bubbles:
         default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
         fill = build_fill_plan(
-            pp, exit_stages(build_early_exit_config(args), args.num_layers, pp),
+            pp, exit_stages(ee_config, args.num_layers, pp),
             default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches,
             default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches,
             args.backward_forward_ratio,
@@ -182,7 +183,8 @@ def build_stage_schedule(args, model, device) -> StageSchedule:
             model.config.params_dtype, device,
         )
     fill_items = [("W", j) for j in range(len(fill.warmup_reach))] + [("C", j) for j in range(len(fill.cooldown_stop))] if fill else []
-    return StageSchedule(train, [a for a in plan[stage] if a.kind == "F" and a.item[0] == "R"], links, fill_items)
+    return StageSchedule(train, [a for a in plan[stage] if a.kind == "F" and a.item[0] == "R"], links, fill_items,
+                         ee_config)
 
 
 def gather_pipeline_metrics(metrics: Dict[str, float]) -> Dict[str, float]:
@@ -204,7 +206,8 @@ def _layer_of(key: str) -> int:
 
 def _run(schedule: StageSchedule, actions, model, batches, args, iteration, device, forward_only=False, loss_scale=None):
     return run_schedule(
-        actions, partial(forward_step, args=args, iteration=iteration, device=device), batches, model,
+        actions, partial(forward_step, args=args, iteration=iteration, device=device, ee_config=schedule.ee_config),
+        batches, model,
         microbatches.get_num_microbatches(), schedule.links, forward_only=forward_only, loss_scale=loss_scale,
     )
 
@@ -246,7 +249,7 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
     kept = ""
     marker = os.path.join(args.save, checkpointing.TRACKER) if args.save else None
     if marker and os.path.isfile(marker):
-        kept = f"; the latest checkpoint under --save {args.save} (iteration {open(marker).read().strip()}) is kept"
+        kept = f"; the latest checkpoint under --save {args.save} (iteration {checkpointing.latest_iteration(args.save)}) is kept"
     raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
 
 
