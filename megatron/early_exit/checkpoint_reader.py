@@ -26,6 +26,7 @@ import contextlib
 import filecmp
 import io
 import json
+import dataclasses
 import os
 import pickle
 import re
@@ -519,7 +520,7 @@ def read_model_config(path: str) -> ModelConfig:
         config = ModelConfig.from_dict(common["model_config"])
     else:
         config = _model_config_from_flags(common["args"])
-    return ModelConfig.from_dict({**config.to_dict(), "tokenizer": vars(config.tokenizer.resolved(root))})
+    return dataclasses.replace(config, tokenizer=config.tokenizer.resolved(root))
 
 
 def _model_config_from_flags(saved: dict) -> ModelConfig:
