@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-gpu demo clean
+.PHONY: setup test test-slow test-fast test-gpu demo clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,14 @@ $(STAMP): setup.py
 
 # The CPU suite runs on CPU even on a GPU host (hidden CUDA devices: gloo, the CPU adapter).
 test: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not gpu and not slow" tests
+
+# Long end-to-end runs (CI runs them after make test).
+test-slow: setup
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "slow and not gpu" tests
 
 test-fast: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not multiproc and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not multiproc and not gpu and not slow" tests
 
 # On a CUDA machine: the GPU-marked tests (Transformer Engine, bf16, NCCL, the server on
 # the device). EE_GPU_TESTS_ON_CPU=1 runs the same tests on CPU with TE's stand-in layout.

@@ -29,7 +29,12 @@ setup(
         "uvicorn",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers",
+                 "lm-eval==0.4.13", "wandb"],
+        # tools/evaluate.py: lm-evaluation-harness tasks over the in-process engine.
+        "eval": ["lm-eval==0.4.13", "matplotlib"],
+        # --wandb-project: Weights & Biases logging beside TensorBoard.
+        "wandb": ["wandb"],
         "bench": ["matplotlib"],
         # Need CUDA and nvcc to build; used only when importable.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
