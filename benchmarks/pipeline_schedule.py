@@ -2,15 +2,17 @@
 
     python benchmarks/pipeline_schedule.py [--iters 6] [--png runs/pipeline_timeline.png]
 
-Part 1 (pure, from plan.py): for PP in {2, 4} and several microbatch counts, the
-simulated bubble fraction of plain 1F1B, of early-exit 1F1B (exit heads add to the
-backward of the stages that own them) and of bubble filling, plus a text timeline
-(and a PNG chart).
+Part 1 (pure, from plan.py and fill.py): for PP in {2, 4, 8} and several microbatch
+counts, the simulated bubble fraction of plain 1F1B, of early-exit 1F1B (exit heads add
+to the backward of the stages that own them), of EE-LLM's fixed bubble filling and of
+filling into idle slots only (--fill-placement idle), with the time each adds and the
+items it trains on, plus a text timeline (and a PNG chart).
 
 Part 2 (measured, torchrun with 2 processes, PP=2, gloo on CPU): iteration time of
 early-exit 1F1B against plain 1F1B with the same backbone, beside the exit heads'
-share of FLOPs; and iteration time with bubble filling against without, beside the
-extra exit-training samples it adds. The script launches torchrun itself.
+share of FLOPs; and iteration time with each filling against without, beside the
+extra exit-training samples it adds and the run-to-run noise of the same schedule.
+The script launches torchrun itself.
 """
 
 import argparse
@@ -38,6 +40,7 @@ def parse_args():
 
 
 def simulated_table(png: str):
+    from megatron.early_exit.pipeline.fill import StageCosts, idle_fill_plan
     from megatron.early_exit.pipeline.plan import build_fill_plan, default_num_fill_microbatches, pipeline_plan, simulate
 
     r, exit_share = 2.0, 0.15  # backward/forward ratio; an exit head costs 15% of a stage's F+B
@@ -46,24 +49,33 @@ def simulated_table(png: str):
         return [exit_share * (1 + r) if s < max(1, p // 2) else 0.0 for s in range(p)]
 
     print("simulated bubble fraction (F=1, B=2 per stage; an exit head on each of the first PP/2 stages costs 0.45)")
-    print(f"{'PP':>3} {'m':>4} {'1F1B':>8} {'EE 1F1B':>9} {'EE+fill':>9} {'fill items':>11} {'EE time':>9} {'fill time':>10}")
-    for p in (2, 4):
+    print(f"{'PP':>3} {'m':>4} {'1F1B':>7} {'EE 1F1B':>8} {'EE time':>8} {'fixed fill':>11} {'items':>6} {'time':>7}"
+          f" {'idle fill':>10} {'items':>6} {'time':>7}")
+    for p in (2, 4, 8):
         fills = default_num_fill_microbatches(p, r)
         for m in (4, 8, 16, 32):
-            f, b = [1.0] * p, [r] * p
             exit_cost = exit_costs(p)
+            costs = StageCosts.uniform(p, r, exit_cost)
+            f, b = costs.forward, costs.backward
             plain = simulate(pipeline_plan(p, m), f, b)
             early = simulate(pipeline_plan(p, m), f, b, exit_cost)
             fill = build_fill_plan(p, list(range(max(1, p // 2))), fills, fills, r)
-            filled = simulate(pipeline_plan(p, m, fill), f, b, exit_cost)
-            items = len(fill.warmup_reach) + len(fill.cooldown_stop)
-            print(f"{p:>3} {m:>4} {plain.bubble_fraction:>8.3f} {early.bubble_fraction:>9.3f} {filled.bubble_fraction:>9.3f}"
-                  f" {items:>11} {early.makespan / plain.makespan - 1:>+9.1%} {filled.makespan / early.makespan - 1:>+10.1%}")
+            fixed = simulate(pipeline_plan(p, m, fill), f, b, exit_cost)
+            idle = idle_fill_plan(p, m, list(range(max(1, p // 2))), costs)
+            idle_t = simulate(idle.plan, f, b, exit_cost)
+            n_fixed = len(fill.warmup_reach) + len(fill.cooldown_stop)
+            n_idle = len(idle.fill.warmup_reach) + len(idle.fill.cooldown_stop)
+            print(f"{p:>3} {m:>4} {plain.bubble_fraction:>7.3f} {early.bubble_fraction:>8.3f} {early.makespan / plain.makespan - 1:>+8.1%}"
+                  f" {fixed.bubble_fraction:>11.3f} {n_fixed:>6} {fixed.makespan / early.makespan - 1:>+7.1%}"
+                  f" {idle_t.bubble_fraction:>10.3f} {n_idle:>6} {idle_t.makespan / early.makespan - 1:>+7.1%}")
     p, m = 4, 8
     fill = build_fill_plan(p, [0, 1], 2, 2, r)
     timeline = simulate(pipeline_plan(p, m, fill), [1.0] * p, [r] * p, exit_costs(p))
-    print(f"\ntimeline, PP={p}, m={m}, bubble filling (F forward, B backward; w/c warm-up/cool-down fill):")
+    print(f"\ntimeline, PP={p}, m={m}, EE-LLM's fixed bubble filling (F forward, B backward; w/c warm-up/cool-down fill):")
     print(timeline.render(110))
+    idle = idle_fill_plan(p, m, [0, 1], StageCosts.uniform(p, r, exit_costs(p))).plan
+    print(f"\ntimeline, PP={p}, m={m}, filling into idle slots only (--fill-placement idle):")
+    print(simulate(idle, [1.0] * p, [r] * p, exit_costs(p)).render(110))
     _save_png(timeline, png)
 
 
@@ -109,6 +121,7 @@ def measure_worker(args):
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.pipeline.p2p import StageLinks
+    from megatron.early_exit.pipeline.fill import idle_fill_plan, stage_costs
     from megatron.early_exit.pipeline.plan import build_fill_plan, pipeline_plan
     from megatron.early_exit.pipeline.schedules import run_schedule
 
@@ -116,10 +129,11 @@ def measure_worker(args):
     variants = {
         "plain 1F1B": (EarlyExitConfig(), None),
         "EE 1F1B": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), None),
-        "EE 1F1B + fill": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "fill"),
+        "EE 1F1B + fixed": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "fixed"),
+        "EE 1F1B + idle": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "idle"),
     }
     initialize_parallel(1, 2, seed=1)
-    times = {}
+    times, noise, extra = {}, {}, {}
     rank = torch.distributed.get_rank()
     for name, (ee, fill_mode) in variants.items():
         config = TransformerConfig(
@@ -130,9 +144,15 @@ def measure_worker(args):
         )
         model = EarlyExitGPTModel(config, ee, vocab, seq, pre_process=rank == 0, post_process=rank == 1,
                                   share_embeddings_and_output_weights=False)
-        # Bubble filling with r=2 on PP=2 gives 0 items by EE-LLM's formula; use one of each.
-        fill = build_fill_plan(2, [0, 1], 1, 1, 1.0) if fill_mode else None
-        plan = pipeline_plan(2, m, fill)[rank]
+        fill = None
+        if fill_mode == "fixed":  # r=2 on PP=2 gives 0 items by EE-LLM's formula; use one of each
+            fill = build_fill_plan(2, [0, 1], 1, 1, 1.0)
+            plan = pipeline_plan(2, m, fill)[rank]
+        elif fill_mode == "idle":  # what --fill-placement idle plans for this model
+            planned = idle_fill_plan(2, m, [0, 1], stage_costs(config, ee, 2, vocab, seq, 2.0))
+            fill, plan = planned.fill, planned.plan[rank]
+        else:
+            plan = pipeline_plan(2, m)[rank]
         links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (seq, mbs, hidden), torch.float32, torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
         tok = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
@@ -153,11 +173,13 @@ def measure_worker(args):
             if i:  # the first iteration warms up
                 samples.append(time.perf_counter() - start)
         times[name] = statistics.median(samples)
+        # Run-to-run noise of one schedule: the spread of its iteration times around the median.
+        noise[name] = (max(samples) - min(samples)) / 2 / times[name]
         if name == "EE 1F1B":
             tokens = mbs * seq
             flop_share = exit_heads_flops(config, ee, tokens, seq, vocab) / backbone_flops(config, tokens, seq, vocab)
-        if fill:
-            extra = len(fill.warmup_reach) + len(fill.cooldown_stop)
+        if fill is not None:
+            extra[name] = len(fill.warmup_reach) + len(fill.cooldown_stop)
     if rank == 0:
         print(f"\nmeasured, PP=2 on 2 CPU processes (gloo), {layers} layers, hidden {hidden}, vocab {vocab}, "
               f"{m} microbatches of {mbs}x{seq}, median of {args.iters} iterations:")
@@ -166,9 +188,10 @@ def measure_worker(args):
         ee_ratio = times["EE 1F1B"] / times["plain 1F1B"]
         print(f"  exits: time ratio {ee_ratio:.3f} vs exit-head FLOP share {1 + flop_share:.3f} "
               f"(overhead {ee_ratio - 1:+.1%} vs {flop_share:+.1%} of FLOPs)")
-        fill_ratio = times["EE 1F1B + fill"] / times["EE 1F1B"]
-        print(f"  bubble filling: {extra} extra microbatches (+{extra / m:.0%} exit-training samples) "
-              f"for {fill_ratio - 1:+.1%} iteration time")
+        for name in ("EE 1F1B + fixed", "EE 1F1B + idle"):
+            fill_ratio = times[name] / times["EE 1F1B"]
+            print(f"  {name}: {extra[name]} extra microbatches (+{extra[name] / m:.0%} exit-training samples) "
+                  f"for {fill_ratio - 1:+.1%} iteration time (run-to-run noise of EE 1F1B: +-{noise['EE 1F1B']:.1%})")
 
 
 def main():

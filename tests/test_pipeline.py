@@ -182,3 +182,71 @@ def test_loss_scale_applies_to_exit_losses(dist1):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name] * 1024.0, msg=name)
     assert grads[0]["exits.2.output_layer.weight"].abs().sum() > 0
+
+
+# Bubble filling into idle slots only (pipeline/fill.py).
+
+from megatron.early_exit.pipeline.fill import StageCosts, idle_fill_plan  # noqa: E402
+
+
+def _exit_costs(p):  # exits on the first half of the stages, as EE-LLM places them
+    return [0.45 if s < max(1, p // 2) else 0.0 for s in range(p)]
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_idle_fill_costs_no_time(p, m):
+    costs = StageCosts.uniform(p, 2.0, _exit_costs(p))
+    planned = idle_fill_plan(p, m, list(range(max(1, p // 2))), costs)
+    check_plan(planned.plan)
+    plain = simulate(pipeline_plan(p, m), costs.forward, costs.backward, costs.exit)
+    filled = simulate(planned.plan, costs.forward, costs.backward, costs.exit)
+    assert filled.makespan == pytest.approx(plain.makespan, abs=1e-9)
+    # No action of the plain schedule moves: fill items only use time it leaves idle.
+    starts = {(s, a.kind, a.item): t for s, spans in enumerate(filled.spans) for t, _, a in spans}
+    for s, spans in enumerate(plain.spans):
+        for t, _, a in spans:
+            assert starts[(s, a.kind, a.item)] == pytest.approx(t, abs=1e-9)
+    items = [a.item for actions in planned.plan for a in actions if a.item[0] != "R"]
+    assert set(items) == {("W", j) for j in range(len(planned.fill.warmup_reach))} | {
+        ("C", j) for j in range(len(planned.fill.cooldown_stop))}
+    if p >= 4:  # the early stages' warm-up bubble holds at least one item with an exit
+        assert planned.fill.warmup_reach
+    assert filled.bubble_fraction <= plain.bubble_fraction
+
+
+def test_idle_fill_items_follow_their_kind_and_caps():
+    costs = StageCosts((1.0, 1.0, 1.0, 2.0), (2.0, 2.0, 2.0, 4.0), (0.5, 0.5, 0.5, 0.5))
+    planned = idle_fill_plan(4, 4, [0, 1, 2, 3], costs)
+    assert planned.fill.warmup_reach and planned.fill.cooldown_stop
+    for s, actions in enumerate(planned.plan):
+        for a in actions:
+            if a.item[0] == "W":  # forward through 0..reach, backward back to 0
+                assert s <= planned.fill.warmup_reach[a.item[1]]
+            if a.item[0] == "C" and a.kind == "B":  # backward from the last stage to stop
+                assert s >= planned.fill.cooldown_stop[a.item[1]]
+    capped = idle_fill_plan(4, 4, [0, 1, 2, 3], costs, max_warmup=1, max_cooldown=0)
+    assert len(capped.fill.warmup_reach) == 1 and capped.fill.cooldown_stop == ()
+    # Without exits on the first stages, warm-up items would train nothing: none is added.
+    assert idle_fill_plan(4, 4, [3], costs).fill.warmup_reach == ()
+
+
+def test_run_pipeline_plan_follows_the_flags():
+    from types import SimpleNamespace
+
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.training.bubble_fill import run_pipeline_plan
+
+    ee = EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True)
+    args = SimpleNamespace(
+        fill_explicit_bubbles=True, fill_placement="idle", backward_forward_ratio=2.0, num_fill_warmup_microbatches=None,
+        num_fill_cooldown_microbatches=None, hidden_size=64, num_attention_heads=4, num_query_groups=None,
+        group_query_attention=False, kv_channels=None, ffn_hidden_size=256, swiglu=False, seq_length=64,
+    )
+    plan, fill = run_pipeline_plan(args, ee, 8, 4, 8, 512)
+    check_plan(plan)
+    assert len(plan) == 4 and fill.warmup_reach
+    fixed_plan, fixed = run_pipeline_plan(SimpleNamespace(**{**vars(args), "fill_placement": "fixed"}), ee, 8, 4, 8, 512)
+    assert fixed == build_fill_plan(4, [0, 1], 2, 2, 2.0)
+    off, none = run_pipeline_plan(SimpleNamespace(**{**vars(args), "fill_explicit_bubbles": False}), ee, 8, 4, 8, 512)
+    assert none is None and off == pipeline_plan(4, 8)

@@ -123,10 +123,10 @@ def _param_stage(name, pp):
     return pp - 1  # final norm, output layer
 
 
-def _pipeline(ee_config, tied_model, tp, pp, m, fill=FillPlan(), sequence_parallel=False):
+def _pipeline(ee_config, tied_model, tp, pp, m, fill=FillPlan(), sequence_parallel=False, plan=None):
     initialize_parallel(tp, pp, seed=SEED, tied_embedding_stages=tied_embedding_stages(ee_config, LAYERS, pp, tied_model))
     model = _build(ee_config, tied_model, sequence_parallel)
-    plan = pipeline_plan(pp, m, fill)
+    plan = plan or pipeline_plan(pp, m, fill)
     check_plan(plan)
     seq = SEQ // (tp if sequence_parallel else 1)
     links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (seq, MBS, model.config.hidden_size), torch.float32, torch.device("cpu"))
@@ -144,10 +144,10 @@ def _pipeline(ee_config, tied_model, tp, pp, m, fill=FillPlan(), sequence_parall
     return _gather_pipeline(_canonical_grads(model)), reports
 
 
-def _compare(ee_config, tied_model=True, tp=1, pp=2, m=4, fill=FillPlan(), sequence_parallel=False):
+def _compare(ee_config, tied_model=True, tp=1, pp=2, m=4, fill=FillPlan(), sequence_parallel=False, plan=None):
     dp = torch.distributed.get_world_size() // (tp * pp)
     ref, ref_reports = _reference(ee_config, tied_model, dp, m, fill, pp)
-    got, reports = _pipeline(ee_config, tied_model, tp, pp, m, fill, sequence_parallel)
+    got, reports = _pipeline(ee_config, tied_model, tp, pp, m, fill, sequence_parallel, plan)
     copies = {k: v for k, v in got.items() if k.startswith("copy:")}
     got = {k: v for k, v in got.items() if not k.startswith("copy:")}
     assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
@@ -210,4 +210,19 @@ def case_pp4_bubble_filling_trains_what_it_reaches():
     assert "output_layer.weight" in changed  # C items train the final head
     assert "exits.7.output_layer.weight" in changed  # and the exits of the last stages
     result["params_changed_by_fill"] = len(changed)
+    return result
+
+
+def case_pp4_idle_fill_equals_reference():
+    # Items placed in idle slots only (pipeline/fill.py), with a heavy last stage: warm-up
+    # items of several reaches and a cool-down item, at their own places in the schedule.
+    from megatron.early_exit.pipeline.fill import StageCosts, idle_fill_plan
+
+    costs = StageCosts((1.0, 1.0, 1.0, 2.0), (2.0, 2.0, 2.0, 4.0), (0.5, 0.5, 0.5, 0.5))
+    planned = idle_fill_plan(4, 4, [0, 1, 2, 3], costs)
+    assert planned.fill.warmup_reach and planned.fill.cooldown_stop, planned.fill
+    assert planned.makespan == planned.plain_makespan
+    ee_config = EarlyExitConfig(exit_layer_nums=[1, 3, 5, 7], untie_exit_output_weights=True, use_exit_norm=True)
+    result = _compare(ee_config, tied_model=False, pp=4, m=4, fill=planned.fill, plan=planned.plan)
+    result["fill"] = [list(planned.fill.warmup_reach), list(planned.fill.cooldown_stop)]
     return result

@@ -24,7 +24,6 @@ from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron.early_exit.errors import ConfigError
-from megatron.early_exit.pipeline.plan import default_num_fill_microbatches
 
 
 class PretrainingSampler:
@@ -85,14 +84,19 @@ def dataset_config(args, tokenizer) -> GPTDatasetConfig:
     )
 
 
-def num_fill_samples_per_iteration(args) -> int:
+def num_fill_samples_per_iteration(args, vocab_size: int) -> int:
     """Most samples the bubble-filling microbatches of one iteration can read."""
     if not args.fill_explicit_bubbles:
         return 0
-    default = default_num_fill_microbatches(args.pipeline_model_parallel_size, args.backward_forward_ratio)
-    warmup = default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches
-    cooldown = default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches
-    return (warmup + cooldown) * args.micro_batch_size * args.data_parallel_size
+    from megatron.early_exit.training.arguments import build_early_exit_config
+    from megatron.early_exit.training.bubble_fill import num_fill_items
+
+    ee_config = build_early_exit_config(args)
+    most = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    # A batch-size ramp-up runs fewer microbatches early on, which may leave room for more items.
+    counts = range(1, most + 1) if getattr(args, "rampup_batch_size", None) else (most,)
+    items = max(num_fill_items(args, ee_config, m, vocab_size) for m in counts)
+    return items * args.micro_batch_size * args.data_parallel_size
 
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -155,14 +159,14 @@ def _check_splits(args, config, used: List[bool]) -> bool:
     return test_has_documents
 
 
-def build_datasets(args, tokenizer):
+def build_datasets(args, tokenizer, vocab_size: Optional[int] = None):
     """(train, valid, test) datasets sized for the whole run; None for a split the run does
     not read. Validation reads its split when --eval-iters > 0; pretraining never reads the
     test split, which is built (at validation size) only when --eval-iters > 0 and it has
     documents."""
     eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
     sizes = [
-        args.train_iters * (args.global_batch_size + num_fill_samples_per_iteration(args)),
+        args.train_iters * (args.global_batch_size + num_fill_samples_per_iteration(args, vocab_size or tokenizer.vocab_size)),
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
