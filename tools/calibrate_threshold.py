@@ -28,7 +28,9 @@ def parse_args():
     p.add_argument("--max-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    p.add_argument("--measure", default="max_prob", help="max_prob, margin, entropy or saturation")
+    p.add_argument("--measure", default="max_prob", help="max_prob, margin, entropy, saturation or learned")
+    p.add_argument("--confidence-estimator", default=None,
+                   help="for --measure learned: a file of tools/train_confidence_estimator.py")
     p.add_argument("--kv", default="recompute", help="recompute or propagate")
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
     p.add_argument("--min-agreement", type=float, default=0.95)
@@ -69,7 +71,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     initialize_parallel(1, 1)
-    model, tokenizer, _ = load_model(args.load)
+    model, tokenizer, _ = load_model(args.load, confidence_estimator=args.confidence_estimator)
     prompts = read_prompts(args, tokenizer)
     exits = tuple(args.exit_layers) if args.exit_layers else None
     strategies = [EarlyExit(t, args.measure, args.kv, exits) for t in sorted(args.thresholds, reverse=True)]

@@ -4,7 +4,9 @@ A token leaves at the first active exit whose confidence reaches the threshold. 
 logit-based measures (EE-LLM's top-1 probability; CALM's top-1 minus top-2 margin; an
 entropy score) lie in [0, 1]; CALM's hidden-state saturation, the cosine similarity of
 the exit's hidden state and the previous layer's, lies in [-1, 1] and needs no logits,
-so an exit that does not fire never projects onto the vocabulary.
+so an exit that does not fire never projects onto the vocabulary. `learned` is CALM's
+classifier (learned_confidence.py): the probability, from the exit's hidden state and
+distribution, that its token is the final layer's; it needs an estimator attached to the model.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def hidden_saturation(hidden: Tensor, previous: Tensor) -> Tensor:
 class ConfidenceMeasure:
     name: str
     uses_logits: bool  # False: called as fn(hidden, previous_hidden)
-    fn: Callable[..., Tensor]
+    fn: Optional[Callable[..., Tensor]]
+    learned: bool = False  # called as fn(exit layer number, logits, hidden)
 
 
 CONFIDENCE_MEASURES: Dict[str, ConfidenceMeasure] = {
@@ -56,11 +59,24 @@ CONFIDENCE_MEASURES: Dict[str, ConfidenceMeasure] = {
         ConfidenceMeasure("margin", True, top1_margin),
         ConfidenceMeasure("entropy", True, entropy_confidence),
         ConfidenceMeasure("saturation", False, hidden_saturation),
+        ConfidenceMeasure("learned", True, None, learned=True),  # bound to a model's estimator
     )
 }
 
 
-def get_confidence_measure(name: str) -> ConfidenceMeasure:
+def get_confidence_measure(name: str, model=None) -> ConfidenceMeasure:
+    """The measure by name; `learned` is bound to `model`'s estimator (checked only when a
+    model is given)."""
     if name not in CONFIDENCE_MEASURES:
         raise InferenceConfigError(f"confidence measure must be one of {sorted(CONFIDENCE_MEASURES)}, got {name!r}")
-    return CONFIDENCE_MEASURES[name]
+    measure = CONFIDENCE_MEASURES[name]
+    if measure.learned and model is not None:
+        from megatron.early_exit.inference.learned_confidence import attached
+
+        estimator = attached(model)
+        if estimator is None:
+            raise InferenceConfigError(
+                "confidence measure 'learned' needs a confidence estimator: pass --confidence-estimator FILE "
+                "(written by tools/train_confidence_estimator.py)")
+        measure = ConfidenceMeasure(name, True, estimator, learned=True)
+    return measure

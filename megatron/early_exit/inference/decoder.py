@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -98,6 +98,9 @@ def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Te
     when the measure needed them."""
     if threshold == -math.inf:
         return [True] * last.shape[1], None
+    if measure.learned:  # a classifier on the exit's hidden state and distribution
+        logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
+        return (measure.fn(point.layer_number, logits, last[0]) >= threshold).tolist(), logits
     if measure.uses_logits:
         logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
         return (measure.fn(logits) >= threshold).tolist(), logits
@@ -162,8 +165,9 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, rows: List[int], new_tokens: Sequence[Sequence[int]], policy: ExitPolicy = FULL_DEPTH,
-             all_logits: bool = False) -> StepOutput:
-        """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds."""
+             all_logits: bool = False, observe: Optional[Callable] = None) -> StepOutput:
+        """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds.
+        `observe(depth, x, attention_output)` sees the hidden states after every depth."""
         if not (self.first and self.last):
             raise InferenceConfigError(
                 f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
@@ -177,6 +181,8 @@ class Decoder:
                 x, ws = self._align(x, ws, depth - 1)
                 previous = x[-1]
                 x, attention_output = self._run_layer(depth - 1, x, ws)
+            if observe is not None:
+                observe(depth, x, attention_output)
             point = policy.exits.get(depth)
             if point is not None:
                 x, ws = self._exit_rows(point, policy, x, attention_output, previous, ws, done)

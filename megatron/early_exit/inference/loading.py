@@ -26,10 +26,12 @@ def checkpoint_path(root: str, iteration: Optional[int] = None) -> str:
 
 def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[torch.device] = None,
                iteration: Optional[int] = None, pipeline_model_parallel_size: int = 1,
-               transformer_impl: Optional[str] = None) -> Tuple[torch.nn.Module, object, ModelConfig]:
+               transformer_impl: Optional[str] = None,
+               confidence_estimator: Optional[str] = None) -> Tuple[torch.nn.Module, object, ModelConfig]:
     """(EarlyExitGPTModel in eval mode: this rank's pipeline stage, tokenizer, its ModelConfig).
     Parallel state must be initialised with the same TP and PP sizes. `device` defaults to
-    this process's target device, `transformer_impl` to the one that device gets."""
+    this process's target device, `transformer_impl` to the one that device gets;
+    `confidence_estimator` a file of tools/train_confidence_estimator.py (measure "learned")."""
     from megatron.core import parallel_state
 
     from megatron.early_exit.checkpoint_reader import load_weights, read_model_config
@@ -51,4 +53,8 @@ def load_model(root: str, tensor_model_parallel_size: int = 1, device: Optional[
     tokenizer = config.tokenizer.build()
     model = build_model(config, device or target_device(), transformer_impl=transformer_impl)
     load_weights(path, model)
+    if confidence_estimator is not None:
+        from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator, attach
+
+        attach(model, ConfidenceEstimator.load(confidence_estimator))
     return model.eval(), tokenizer, config

@@ -47,7 +47,7 @@ class EarlyExit:
     """A token leaves at the first active exit whose confidence >= threshold; above 1, never."""
 
     measure: str = "max_prob"
-    """One of confidence.CONFIDENCE_MEASURES: max_prob, margin, entropy, saturation."""
+    """One of confidence.CONFIDENCE_MEASURES: max_prob, margin, entropy, saturation, learned."""
 
     kv: str = "recompute"
     """How tokens that left early get K/V in deeper layers: recompute, propagate or pipeline."""
@@ -74,7 +74,7 @@ class EarlyExit:
         if self.threshold > 1:  # no confidence measure exceeds 1: skip the exit heads entirely
             return FULL_DEPTH
         return ExitPolicy({p.depth: p for p in points}, float(self.threshold),
-                          get_confidence_measure(self.measure), self.kv == "propagate")
+                          get_confidence_measure(self.measure, decoder.model), self.kv == "propagate")
 
 
 @dataclass(frozen=True)
