@@ -28,6 +28,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
+from megatron.early_exit.models.recompute import recompute_units
 from megatron.early_exit.models.layer_specs import choose_impl, get_block_spec, get_layer_spec, get_norm_spec, pre_mlp_norm
 
 
@@ -82,15 +83,20 @@ class EarlyExitGPTModel(GPTModel):
         rope_scaling_factor: float = 8.0,
         transformer_impl: Optional[str] = None,
         document_mask: bool = False,
+        recompute_exit_heads: bool = False,
+        vp_stage: Optional[int] = None,
     ):
         """`transformer_impl` (or the older `use_te`) overrides `config.transformer_impl`
         (see layer_specs.py: local, transformer_engine, te_standin). `document_mask`: the
-        attention mask given to forward is any mask (--reset-attention-mask), not causal."""
+        attention mask given to forward is any mask (--reset-attention-mask), not causal.
+        Layers are recomputed in backward as `config.recompute_*` say (see recompute.py);
+        `recompute_exit_heads` recomputes each exit head in backward too. `vp_stage`: the
+        model chunk of an interleaved pipeline (megatron-core's layer offsets)."""
         ee_config.validate_against(config.num_layers)
         impl = choose_impl(config, use_te, transformer_impl)
         super().__init__(
             config=config,
-            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config), impl=impl,
+            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config, vp_stage), impl=impl,
                                                   document_mask=document_mask),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
@@ -104,9 +110,11 @@ class EarlyExitGPTModel(GPTModel):
             seq_len_interpolation_factor=seq_len_interpolation_factor,
             rope_scaling=rope_scaling,
             rope_scaling_factor=rope_scaling_factor,
+            vp_stage=vp_stage,
         )
         self.ee_config = ee_config
         self.transformer_impl = impl
+        self.recompute_exit_heads = recompute_exit_heads
         head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl, document_mask=document_mask),
                                        get_norm_spec(impl=impl))
         local_layers = {layer.layer_number for layer in self.decoder.layers}
@@ -215,25 +223,16 @@ class EarlyExitGPTModel(GPTModel):
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
 
         states: List[ExitState] = []
-        pre_exit = self.ee_config.pre_exit
-        drop_probs = self.layer_dropout_probs() if self.training else None
         last_exit = max((int(k) for k in self.exits), default=0)
+        num_layers = len(self.decoder.layers) if run_to_final else sum(
+            layer.layer_number <= last_exit for layer in self.decoder.layers)
+        c = self.config
         with self._rng_context():
-            for i, layer in enumerate(self.decoder.layers):
-                num = layer.layer_number
-                if not run_to_final and num > last_exit:
-                    break
-                head = self.exits[str(num)] if str(num) in self.exits else None
-                if head is not None and pre_exit:
-                    states.append(ExitState(num, hidden_states))
-                layer_input = hidden_states
-                hidden_states, attention_output = self._run_layer(
-                    layer, hidden_states, attention_mask, rotary_pos_emb, head is not None and head.has_mlp
-                )
-                if drop_probs and drop_probs[i] > 0:
-                    hidden_states = self._drop_layer(layer_input, hidden_states, drop_probs[i])
-                if head is not None and not pre_exit:
-                    states.append(ExitState(num, hidden_states, attention_output))
+            for start, end, recomputed in recompute_units(num_layers, c.recompute_granularity, c.recompute_method,
+                                                          c.recompute_num_layers):
+                run = self._recomputed_layers if recomputed and torch.is_grad_enabled() else self._run_layers
+                hidden_states, unit_states = run(start, end, hidden_states, attention_mask, rotary_pos_emb)
+                states += unit_states
 
         exits = [self._pending_exit(s, labels, attention_mask, rotary_pos_emb) for s in states]
         if not self.post_process or not run_to_final:
@@ -249,6 +248,47 @@ class EarlyExitGPTModel(GPTModel):
             final = self.compute_language_model_loss(labels, logits)  # [b, s]
         return EarlyExitOutput(final=final, hidden_states=hidden_states, exits=exits)
 
+    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+        """Local layers [start, end): their output and the states of the exits among them."""
+        states: List[ExitState] = []
+        pre_exit = self.ee_config.pre_exit
+        drop_probs = self.layer_dropout_probs() if self.training else None
+        for i in range(start, end):
+            layer = self.decoder.layers[i]
+            num = layer.layer_number
+            head = self.exits[str(num)] if str(num) in self.exits else None
+            if head is not None and pre_exit:
+                states.append(ExitState(num, hidden_states))
+            layer_input = hidden_states
+            hidden_states, attention_output = self._run_layer(
+                layer, hidden_states, attention_mask, rotary_pos_emb, head is not None and head.has_mlp
+            )
+            if drop_probs and drop_probs[i] > 0:
+                hidden_states = self._drop_layer(layer_input, hidden_states, drop_probs[i])
+            if head is not None and not pre_exit:
+                states.append(ExitState(num, hidden_states, attention_output))
+        return hidden_states, states
+
+    def _recomputed_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+        """`_run_layers` under megatron-core's activation checkpoint: only the unit's input
+        is kept, and the exit states inside it are extra outputs of the checkpoint (their
+        heads need them anyway)."""
+        layout: List[Tuple[int, bool]] = []  # (layer number, has attention output) per exit state
+
+        def unit(hidden, mask, rope):
+            out, states = self._run_layers(start, end, hidden, mask, rope)
+            layout[:] = [(s.layer_number, s.attention_output is not None) for s in states]
+            return (out,) + tuple(t for s in states for t in (s.hidden_states, s.attention_output) if t is not None)
+
+        outputs = tensor_parallel.checkpoint(unit, self.config.distribute_saved_activations, hidden_states,
+                                             attention_mask, rotary_pos_emb)
+        outputs = (outputs,) if isinstance(outputs, Tensor) else outputs
+        rest, states = list(outputs[1:]), []
+        for num, has_attention in layout:
+            hidden = rest.pop(0)
+            states.append(ExitState(num, hidden, rest.pop(0) if has_attention else None))
+        return outputs[0], states
+
     def _drop_layer(self, layer_input: Tensor, layer_output: Tensor, prob: float) -> Tensor:
         """LayerSkip layer dropout: each sequence skips the layer with probability `prob`.
         The draw uses the default generator, which is identical on all TP ranks."""
@@ -259,16 +299,33 @@ class EarlyExitGPTModel(GPTModel):
         head = self.exits[str(state.layer_number)]
         layer = self.decoder.layers[state.layer_number - self.decoder.layers[0].layer_number]
 
-        def compute_logits() -> Tensor:
+        def logits_of(hidden_states: Tensor, attention_output: Optional[Tensor]) -> Tensor:
             with self._rng_context():
-                hidden = head.hidden(
-                    state.hidden_states, state.attention_output, pre_mlp_norm(layer), attention_mask, rotary_pos_emb
-                )
+                hidden = head.hidden(hidden_states, attention_output, pre_mlp_norm(layer), attention_mask, rotary_pos_emb)
             return head.logits(hidden, self.exit_output_weight())
 
-        def compute_loss(need_confidence: bool = False):
-            logits = compute_logits()
+        def compute_logits() -> Tensor:
+            return logits_of(state.hidden_states, state.attention_output)
+
+        def loss_and_confidence(hidden_states: Tensor, attention_output: Optional[Tensor], need_confidence: bool):
+            logits = logits_of(hidden_states, attention_output)
             confidence = vocab_parallel_max_prob(logits).transpose(0, 1) if need_confidence else None
             return self.compute_language_model_loss(labels, logits), confidence
 
+        def compute_loss(need_confidence: bool = False):
+            inputs = (state.hidden_states, state.attention_output)
+            if not (self.recompute_exit_heads and torch.is_grad_enabled() and state.hidden_states.requires_grad):
+                return loss_and_confidence(*inputs, need_confidence)
+            # Only the head's inputs are kept; its logits exist again only during its backward.
+            # (A frozen backbone, as in exit tuning, gives the checkpoint no input to differentiate.)
+            outputs = tensor_parallel.checkpoint(
+                lambda *args: _drop_none(loss_and_confidence(*args, need_confidence)), False, *inputs)
+            outputs = (outputs,) if isinstance(outputs, Tensor) else outputs
+            return outputs[0], outputs[1].detach() if need_confidence else None
+
         return PendingExit(state.layer_number, compute_logits, compute_loss)
+
+
+def _drop_none(values: tuple):
+    """A checkpoint's outputs must be tensors."""
+    return tuple(v for v in values if v is not None)
