@@ -2,7 +2,8 @@
 
 Models are random Llama models made with transformers (weights drawn at std 0.3 and norms
 away from 1, so that a wrong mapping shows in the logits), converted, and compared with
-LlamaForCausalLM, with themselves after a round trip, and across layouts.
+LlamaForCausalLM, with themselves after a round trip, and across layouts. save_random_hf
+makes the other families' models the same way (test_hf_families.py).
 """
 
 import json
@@ -20,24 +21,30 @@ VOCAB, LAYERS, HIDDEN, HEADS, FFN = 64, 4, 32, 4, 128
 SEQ = 48
 
 
-def save_random_llama(path, seed=0, **overrides):
-    """A random LlamaForCausalLM saved with save_pretrained; returns it in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_random_hf(path, model_type="llama", seed=0, **overrides):
+    """A random transformers model of a Llama family (llama, mistral, qwen2, qwen3) saved
+    with save_pretrained; returns it in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=64, rms_norm_eps=1e-6,
                tie_word_embeddings=False, rope_theta=10000.0)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
     with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.ndim == 1:
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and not name.endswith(".bias"):
                 param.normal_(1.0, 0.2)  # norms
             else:
                 param.normal_(0.0, 0.3)
     model.save_pretrained(str(path))
     return model
+
+
+def save_random_llama(path, seed=0, **overrides):
+    """A random LlamaForCausalLM saved with save_pretrained; returns it in eval mode."""
+    return save_random_hf(path, "llama", seed, **overrides)
 
 
 def save_word_tokenizer(path, vocab=VOCAB):
@@ -71,7 +78,7 @@ def full_state(root):
 
 
 def import_llama(hf_dir, out, tp=1, pp=1):
-    from megatron.early_exit.hf.convert import import_llama as run
+    from megatron.early_exit.hf.convert import import_hf as run
 
     return run(str(hf_dir), str(out), tp, pp, progress=False)
 
@@ -83,7 +90,7 @@ def add_exits(src, out, copy_init=True, exits_from=None, **exits):
 
 
 def export_llama(src, out, **kwargs):
-    from megatron.early_exit.hf.convert import export_llama as run
+    from megatron.early_exit.hf.convert import export_hf as run
 
     return run(str(src), str(out), progress=False, **kwargs)
 
@@ -327,7 +334,7 @@ def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, 
     add_exits(tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
     flags = tiny_run_flags(corpus, iters=3, **{
         "--load": str(tmp_path / "ee"), "--finetune": None, "--tune-exit": None, "--untie-exit-output-weights": None,
-        "--norm-epsilon": "1e-6", "--eval-iters": 0, "--lr-warmup-iters": 0,
+        "--norm-epsilon": "1e-6", "--eval-iters": 0, "--lr-warmup-iters": 0, "--ffn-hidden-size": FFN,
     })
     state = pretrain(parse_args(flags, world_size=1))
     assert len(state.history) == 3 and all("early loss [1]" in h for h in state.history)
@@ -441,7 +448,7 @@ def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
     tensors = load_file(hf_dir / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(HIDDEN)
     save_file(tensors, src / "model.safetensors")
-    with pytest.raises(ConversionError, match="1 tensors have no place in a Llama model, e.g. model.layers.0.self_attn.q_proj.bias"):
+    with pytest.raises(ConversionError, match="1 tensors have no place in a LlamaForCausalLM model, e.g. model.layers.0.self_attn.q_proj.bias"):
         import_llama(src, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
 
@@ -482,14 +489,15 @@ def _fresh_process_env():
 
 def test_convert_tool_prints_one_line_errors(tmp_path):
     os.makedirs(tmp_path / "src")
-    json.dump({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, open(tmp_path / "src" / "config.json", "w"))
+    json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(tmp_path / "src" / "config.json", "w"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"), "--load",
                            str(tmp_path / "src"), "--save", str(tmp_path / "out")],
                           capture_output=True, text=True, env=_fresh_process_env())
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "error: " + str(tmp_path / "src" / "config.json") + ": model_type 'mistral' (MistralForCausalLM) is not supported: "
-        "the converter reads Llama-family checkpoints (model_type 'llama', LlamaForCausalLM)")
+        "error: " + str(tmp_path / "src" / "config.json") + ": model_type 'gpt2' (GPT2LMHeadModel) is not supported: "
+        "the converter reads 'llama' (LlamaForCausalLM), 'mistral' (MistralForCausalLM), 'qwen2' (Qwen2ForCausalLM), "
+        "'qwen3' (Qwen3ForCausalLM)")
 
 
 # ----------------------------------------------------------------------------- examples
@@ -504,7 +512,7 @@ LLAMA2 = {  # (layers, PP) as converted, hidden, heads, KV groups, TP, (layers, 
 
 @pytest.mark.parametrize("size", list(LLAMA2))
 def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import built_stages, parse_args
 
     prefix = str(tmp_path / "corpus_text_document")
     for suffix in (".bin", ".idx"):
@@ -515,7 +523,7 @@ def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
     args = parse_args(out[1:], world_size=int(out[0].split("=")[1]))
     converted, hidden, heads, groups, tp, tuned, exits = LLAMA2[size]
     assert (args.hidden_size, args.num_attention_heads, args.num_query_groups) == (hidden, heads, groups)
-    assert (args.num_layers, args.pipeline_model_parallel_size) == tuned and args.tensor_model_parallel_size == tp
+    assert built_stages(args) == tuned and args.tensor_model_parallel_size == tp
     assert args.tune_exit_pipeline_parallel_size in (None, tuned[1]) and converted[0] // converted[1] == tuned[0] // tuned[1]
     assert args.exit_layer_nums == exits and args.pre_exit and args.use_exit_norm and args.untie_exit_output_weights
     assert args.tune_exit and args.finetune and args.load and args.bf16

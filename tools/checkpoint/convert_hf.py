@@ -1,11 +1,13 @@
-"""Convert between Hugging Face Llama checkpoints and ours, both ways, losslessly.
+"""Convert between Hugging Face checkpoints of the Llama family (Llama 2/3, Mistral,
+Qwen2/Qwen2.5, Qwen3) and ours, both ways, losslessly.
 
     # Hugging Face -> ours (config.json + safetensors, sharded or not, or pytorch_model.bin)
     python tools/checkpoint/convert_hf.py --load /models/Llama-2-7b-hf --save ckpt/llama2-7b \\
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 4 --target-dtype bf16
 
-    # ours -> Hugging Face (LlamaForCausalLM loads the backbone; exit heads are saved
-    # alongside in early_exit_heads.safetensors and config.json's early_exit section)
+    # ours -> Hugging Face (transformers' *ForCausalLM loads the backbone; exit heads are saved
+    # alongside in early_exit_heads.safetensors and config.json's early_exit section, which
+    # megatron.early_exit.hf.modeling.EarlyExitForCausalLM runs)
     python tools/checkpoint/convert_hf.py --direction to-hf --load ckpt/llama2-7b-ee --save hf/llama2-7b-ee
 
 Our checkpoint format is layout-independent: the target TP/PP sizes are recorded with the
@@ -32,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--target-dtype", default="auto", help="from-hf: auto (config.json's dtype), fp32, bf16 or fp16")
     p.add_argument("--max-shard-size", default="5GB", help="to-hf: largest safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--iteration", type=int, default=None, help="to-hf: checkpoint iteration (default: the latest)")
+    p.add_argument("--model-type", default="auto",
+                   help="to-hf: llama, mistral, qwen2 or qwen3; auto: the family the checkpoint was imported from, "
+                        "else qwen3 for --qk-layernorm, qwen2 for --add-qkv-bias, llama otherwise")
     p.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
     return p.parse_args(argv)
 
@@ -41,25 +46,27 @@ def main(argv=None):
     from megatron.early_exit.errors import install_excepthook
 
     install_excepthook()
-    from megatron.early_exit.hf.convert import export_llama, import_llama, parse_size
+    from megatron.early_exit.hf.convert import export_hf, import_hf, parse_size
+    from megatron.early_exit.hf.families import FAMILIES
     from megatron.early_exit.parallel import initialize_parallel
 
     initialize_parallel(1, 1)
     start = time.time()
     if args.direction == "from-hf":
-        result = import_llama(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+        result = import_hf(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                               args.target_dtype, progress=not args.no_progress)
         s = result.shape
-        print(f"converted {args.load} -> {result.path} in {time.time() - start:.1f}s: {s.num_layers} layers, hidden "
+        print(f"converted {args.load} ({FAMILIES[s.model_type].architecture}) -> {result.path} in "
+              f"{time.time() - start:.1f}s: {s.num_layers} layers, hidden "
               f"{s.hidden_size}, {s.num_attention_heads} heads ({s.num_query_groups} KV groups), vocab {s.vocab_size}, "
               f"RoPE {s.rope_kind}, target TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}")
         print("model flags for pretrain_early_exit_gpt.py (with --load " + result.path + " --finetune):")
         print("  " + " ".join(result.model_flags))
     else:
-        path = export_llama(args.load, args.save, parse_size(args.max_shard_size), progress=not args.no_progress,
-                            iteration=args.iteration)
-        print(f"exported {args.load} -> {path} in {time.time() - start:.1f}s (transformers.LlamaForCausalLM.from_pretrained "
-              "loads the backbone; exit heads are in early_exit_heads.safetensors)")
+        path = export_hf(args.load, args.save, parse_size(args.max_shard_size), progress=not args.no_progress,
+                         iteration=args.iteration, model_type=args.model_type)
+        print(f"exported {args.load} -> {path} in {time.time() - start:.1f}s (transformers.AutoModelForCausalLM loads "
+              "the backbone; megatron.early_exit.hf.modeling.EarlyExitForCausalLM loads it with its exits)")
 
 
 if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process

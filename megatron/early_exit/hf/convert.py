@@ -1,17 +1,21 @@
-"""A Hugging Face Llama directory <-> our checkpoint, both ways, lossless.
+"""A Hugging Face directory of a Llama-family model (families.py) <-> our checkpoint,
+both ways, lossless.
 
-`import_llama(hf_dir, out, tp, pp)`:
-  1. config.json -> LlamaShape -> our ModelConfig (exits from an `early_exit` section),
-     validated for the target layout; the layout is recorded in the stored flags
+`import_hf(hf_dir, out, tp, pp)`:
+  1. config.json -> HFShape -> our ModelConfig (exits from an `early_exit` section),
+     validated for the target layout; the layout and the family are recorded in the
+     stored flags
   2. the model is built once at TP=1 on CPU: the checkpoint format is layout-independent
   3. every parameter is filled from its Hugging Face tensors (key map, shapes asserted);
-     a tensor left over means a Llama variant we do not know, and stops the conversion
+     a tensor left over means a variant we do not know, and stops the conversion
   4. weights and tokenizer files go to a temporary directory, renamed when complete; the
      checkpoint names its tokenizer relative to itself, so the output can be moved
 
-`export_llama(checkpoint, out)`: the backbone as LlamaForCausalLM safetensors (sharded with
-an index past `max_shard_bytes`), exit heads in `early_exit_heads.safetensors`, config.json
-with an `early_exit` section, tokenizer files. Importing the export gives back the same tensors.
+`export_hf(checkpoint, out)`: the backbone as safetensors of its family's *ForCausalLM (the
+family it was imported from, else the one its attention calls for; sharded with an index
+past `max_shard_bytes`), exit heads in `early_exit_heads.safetensors`, config.json with an
+`early_exit` section, tokenizer files. Importing the export gives back the same tensors;
+`megatron.early_exit.hf.modeling` runs the exits in transformers.
 
 Both need a single-process layout (TP=PP=1); the tools start one.
 """
@@ -30,8 +34,9 @@ import torch
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.hf import files
 from megatron.early_exit.hf.errors import ConversionError
-from megatron.early_exit.hf.llama import (
-    LlamaShape,
+from megatron.early_exit.hf.families import FAMILIES
+from megatron.early_exit.hf.mapping import (
+    HFShape,
     exit_config,
     exit_section,
     hf_config,
@@ -49,12 +54,14 @@ from megatron.early_exit.models.model_config import DTYPES, ModelConfig, Tokeniz
 TOKENIZER_SUBDIR = "tokenizer"
 # Tensors a Llama checkpoint may carry that hold nothing to convert.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# The stored flag that remembers the family a checkpoint was imported from.
+MODEL_TYPE_FLAG = "hf_model_type"
 
 
 @dataclass
 class ImportResult:
     path: str
-    shape: LlamaShape
+    shape: HFShape
     config: ModelConfig  # as stored (tokenizer files inside `path`)
     model_flags: List[str]  # training flags that rebuild this model (shape, tokenizer, dtype, exits)
 
@@ -169,7 +176,7 @@ def _tokenizer_config(hf_dir: str, vocab_size: int):
     return TokenizerConfig("NullTokenizer", vocab_size=vocab_size), vocab_size, False
 
 
-def _target_dtype(dtype: str, shape: LlamaShape) -> str:
+def _target_dtype(dtype: str, shape: HFShape) -> str:
     if dtype == "auto":
         return params_dtype_of(shape.dtype)
     if dtype not in DTYPES:
@@ -178,7 +185,7 @@ def _target_dtype(dtype: str, shape: LlamaShape) -> str:
 
 
 @torch.no_grad()
-def _fill_from_hf(model, weights: files.HFWeights, shape: LlamaShape, progress: bool) -> None:
+def _fill_from_hf(model, weights: files.HFWeights, shape: HFShape, progress: bool) -> None:
     """Every parameter from its Hugging Face tensors; every tensor must find its place."""
     from tqdm import tqdm
 
@@ -190,14 +197,13 @@ def _fill_from_hf(model, weights: files.HFWeights, shape: LlamaShape, progress: 
     ignored = {"lm_head.weight"} if shape.tie_word_embeddings else set()  # a tied copy some checkpoints keep
     leftover = sorted(k for k in weights.keys() if k not in consumed and k not in ignored and not _IGNORED.search(k))
     if leftover:
-        raise ConversionError(
-            f"{weights.directory}: {len(leftover)} tensors have no place in a Llama model, e.g. {', '.join(leftover[:3])}"
-        )
+        raise ConversionError(f"{weights.directory}: {len(leftover)} tensors have no place in a "
+                              f"{FAMILIES[shape.model_type].architecture} model, e.g. {', '.join(leftover[:3])}")
 
 
-def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, target_pipeline_parallel_size: int = 1,
-                 dtype: str = "auto", progress: bool = True, transformer_impl: Optional[str] = None) -> ImportResult:
-    """Convert a Hugging Face Llama directory into our checkpoint at `out`. The checkpoint
+def import_hf(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, target_pipeline_parallel_size: int = 1,
+              dtype: str = "auto", progress: bool = True, transformer_impl: Optional[str] = None) -> ImportResult:
+    """Convert a Hugging Face directory into our checkpoint at `out`. The checkpoint
     is the same whatever `transformer_impl` builds the model in between (local on CPU)."""
     from megatron.early_exit.training import checkpointing
 
@@ -227,11 +233,20 @@ def import_llama(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, ta
         # Built with the files where they are while it is written: stored relative to the checkpoint.
         model = training_model(dataclasses.replace(config, tokenizer=tokenizer.resolved(tmp)), transformer_impl=transformer_impl)
         _fill_from_hf(model, weights, shape, progress)
-        checkpointing.save_weights(tmp, stored_flags(config, tp, pp), model, iteration=0)
+        flags = stored_flags(config, tp, pp, base={MODEL_TYPE_FLAG: shape.model_type})
+        checkpointing.save_weights(tmp, flags, model, iteration=0)
     return ImportResult(final, shape, config, command_line_flags(config))
 
 
 # ----------------------------------------------------------------------------- ours -> HF
+
+
+def _imported_family(checkpoint: str, iteration: Optional[int]) -> Optional[str]:
+    """The family the checkpoint was imported from (add_exits.py carries the flag along)."""
+    from megatron.early_exit import checkpoint_reader as reader
+
+    args = reader.read_common(reader.resolve(checkpoint, iteration)).get("args") or {}
+    return args.get(MODEL_TYPE_FLAG) if isinstance(args, dict) else getattr(args, MODEL_TYPE_FLAG, None)
 
 
 def parse_size(text) -> int:
@@ -260,7 +275,7 @@ def _export_tokenizer(tokenizer: TokenizerConfig, target: str) -> None:
         shutil.copy2(tokenizer.model, os.path.join(target, expected))
 
 
-def _write_weights(directory: str, params, shards: List[List[str]], basename: str, shape: LlamaShape, bar) -> None:
+def _write_weights(directory: str, params, shards: List[List[str]], basename: str, shape: HFShape, bar) -> None:
     """Our parameters, shard by shard, as Hugging Face tensors (one shard in memory at a time)."""
     writer = files.ShardWriter(directory, len(shards), basename)
     for index, names in enumerate(shards):
@@ -272,10 +287,13 @@ def _write_weights(directory: str, params, shards: List[List[str]], basename: st
     writer.finish()
 
 
-def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
-                 iteration: Optional[int] = None, transformer_impl: Optional[str] = None) -> str:
-    """Write our checkpoint as a Hugging Face Llama directory at `out` (the same files
-    whatever `transformer_impl` reads it: the key map knows both layer layouts)."""
+def export_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+              iteration: Optional[int] = None, transformer_impl: Optional[str] = None,
+              model_type: Optional[str] = None) -> str:
+    """Write our checkpoint as a Hugging Face directory at `out` (the same files whatever
+    `transformer_impl` reads it: the key map knows both layer layouts). `model_type`: the
+    family to write (None/"auto": the one it was imported from, else what its attention
+    calls for: qwen3 for QK norm, qwen2 for QKV biases, else llama)."""
     import json
 
     from tqdm import tqdm
@@ -292,7 +310,9 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
             f"{config.num_layers} layers: put its exits back on the whole model first "
             "(tools/checkpoint/add_exits.py --load <whole model> --exits-from <this checkpoint>)"
         )
-    shape = shape_from_model_config(config)
+    if model_type in (None, "auto"):
+        model_type = _imported_family(checkpoint, iteration)
+    shape = shape_from_model_config(config, model_type)
     params = {name: p.detach() for name, p in model.named_parameters()}
     backbone = [n for n in params if not is_exit_name(n)]
     has_exits = bool(config.exit_layer_nums)  # (tied exits without a norm own no tensors)
@@ -309,3 +329,7 @@ def export_llama(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
             json.dump(cfg, f, indent=2)
         _export_tokenizer(config.tokenizer, tmp)
     return os.path.abspath(out)
+
+
+# The names these functions had when Llama was the only family.
+import_llama, export_llama = import_hf, export_hf

@@ -119,6 +119,9 @@ def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
+    if config.qk_layernorm:  # megatron-core's choice there is WrappedTorchNorm too
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = TorchNorm
     return spec
 
 

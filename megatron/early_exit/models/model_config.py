@@ -3,7 +3,8 @@
 One typed description, stored with every checkpoint (`model_config` in its common
 state), from which the megatron-core `TransformerConfig` and the model are built:
   backbone    layers, widths, heads and query groups, normalization, activation,
-              position embedding and RoPE scaling, biases, tied embeddings
+              position embedding and RoPE scaling, biases (QKV biases alone too),
+              query/key norms, tied embeddings
   vocabulary  the padded size the embedding has, and the divisor that padded it
   exits       the EarlyExitConfig
   tokenizer   its type and files (relative to the checkpoint when inside it)
@@ -115,6 +116,14 @@ class ModelConfig:
     """SwiGLU MLP (gated, SiLU) instead of a GeLU MLP."""
 
     disable_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections even with --disable-bias-linear
+    (Qwen2's attention)."""
+
+    qk_layernorm: bool = False
+    """A norm (of the model's normalization type) on each query and key head before RoPE
+    (Qwen3's attention)."""
+
     position_embedding_type: str = "learned_absolute"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
@@ -215,9 +224,11 @@ class ModelConfig:
 
     def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                            sequence_parallel: bool = False, device: Optional[torch.device] = None,
-                           transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None):
+                           transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
+                           recompute=None):
         """megatron-core's TransformerConfig of this model in a parallel layout, for a
-        device (kernels and layer modules follow it, not the host)."""
+        device (kernels and layer modules follow it, not the host). `recompute`: a
+        training run's RecomputeConfig (not part of the model)."""
         from megatron.core.transformer import TransformerConfig
 
         from megatron.early_exit.models.layer_specs import resolve_transformer_impl
@@ -239,6 +250,8 @@ class ModelConfig:
             gated_linear_unit=self.swiglu,
             activation_func=F.silu if self.swiglu else F.gelu,
             add_bias_linear=not self.disable_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std,
@@ -258,6 +271,7 @@ class ModelConfig:
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
             batch_p2p_sync=False,
+            **(recompute.transformer_config_kwargs() if recompute is not None else {}),
         )
 
 

@@ -1,9 +1,10 @@
-"""Hugging Face Llama <-> our model: the config mapping and the weight key map, both ways.
+"""Hugging Face Llama-family models <-> ours: the config mapping and the weight key map, both ways.
 
 Config: `shape_from_hf_config` reads a config.json (transformers 4.x `rope_theta` and
-`rope_scaling`, or 5.x `rope_parameters`) into a `LlamaShape`, refusing what megatron-core
-cannot compute; `model_config` turns a shape into our ModelConfig. Back:
-`shape_from_model_config` (refusing models that are not Llama-shaped) and `hf_config`.
+`rope_scaling`, or 5.x `rope_parameters`) into an `HFShape`, refusing what megatron-core
+cannot compute (the family's own refusals are in families.py); `model_config` turns a shape
+into our ModelConfig. Back: `shape_from_model_config` (refusing models no family expresses)
+and `hf_config`.
 config.json's `early_exit` section holds the EarlyExitConfig (`exit_section`, `exit_config`).
 
 Weights: `hf_names` is the declarative key map from one of our parameter names (TP=1,
@@ -11,7 +12,8 @@ global layer numbers, as `sharding.full_state_dict` gives them) to the Hugging F
 tensors it is made of; `to_ours` and `to_hf` apply the pair's named reshape
 (`merge_qkv`/`split_qkv`, `merge_gate_up`/`split_gate_up`, or none), asserting every shape.
 Exit heads use Llama's names under `exits.{layer}.` (their own safetensors file):
-`norm`, `mlp.{gate,up,down}_proj`, `block.<decoder layer names>`, `lm_head`.
+`norm`, `mlp.{gate,up,down}_proj`, `block.<decoder layer names>`, `lm_head`. QKV biases
+(Qwen2) and q/k norms (Qwen3) are two more entries of the same map.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import torch
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.hf.errors import ConversionError
+from megatron.early_exit.hf.families import FAMILIES, family_of_hf_config, family_of_model
 from megatron.early_exit.models.model_config import DTYPES, ModelConfig, TokenizerConfig, dtype_name
 
 # megatron-core's Llama 3.x RoPE scaling has these constants built in
 # (RotaryEmbedding._apply_scaling); a config with other values cannot be represented.
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 ROPE_KINDS = ("default", "linear", "llama3")
-# Fields LlamaShape and ModelConfig share by name and meaning (the rest map one by one below).
+# Fields HFShape and ModelConfig share by name and meaning (the rest map one by one below).
 SAME_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings",
                "norm_epsilon")
 
@@ -50,8 +53,8 @@ SUPPORTED_HF_DTYPES = tuple(hf_dtype_name(name) for name in DTYPES)
 
 
 @dataclass(frozen=True)
-class LlamaShape:
-    """Everything that fixes a Llama model's weights and its forward computation."""
+class HFShape:
+    """Everything that fixes a Llama-family model's weights and its forward computation."""
 
     num_layers: int
     hidden_size: int
@@ -69,28 +72,22 @@ class LlamaShape:
     dtype: str = "float32"  # one of SUPPORTED_HF_DTYPES
     initializer_range: float = 0.02
     attention_dropout: float = 0.0
+    model_type: str = "llama"  # a key of families.FAMILIES
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
 
 # ----------------------------------------------------------------------------- config: HF -> ours
 
 
-def shape_from_hf_config(cfg: dict, source: str = "config.json") -> LlamaShape:
-    """Validate a Hugging Face config.json (as a dict) and read its Llama shape."""
-    model_type = cfg.get("model_type")
-    architectures = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if model_type != "llama" or "LlamaForCausalLM" not in architectures:
-        raise ConversionError(
-            f"{source}: model_type {model_type!r} ({', '.join(architectures)}) is not supported: "
-            "the converter reads Llama-family checkpoints (model_type 'llama', LlamaForCausalLM)"
-        )
+def shape_from_hf_config(cfg: dict, source: str = "config.json") -> HFShape:
+    """Validate a Hugging Face config.json (as a dict) and read its shape."""
+    family = family_of_hf_config(cfg, source)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ConversionError(f"{source}: {key} must be a positive integer, got {cfg.get(key)!r}")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (Llama's SwiGLU uses 'silu')")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise ConversionError(f"{source}: {key} true is not supported (Llama has no linear biases)")
+        raise ConversionError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (the SwiGLU MLP uses 'silu')")
     heads = cfg["num_attention_heads"]
     groups = cfg.get("num_key_value_heads") or heads
     if heads % groups:
@@ -99,7 +96,7 @@ def shape_from_hf_config(cfg: dict, source: str = "config.json") -> LlamaShape:
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
     if dtype not in SUPPORTED_HF_DTYPES:
         raise ConversionError(f"{source}: dtype {dtype!r} is not supported ({', '.join(SUPPORTED_HF_DTYPES)})")
-    return LlamaShape(
+    return HFShape(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["intermediate_size"],
@@ -116,6 +113,9 @@ def shape_from_hf_config(cfg: dict, source: str = "config.json") -> LlamaShape:
         dtype=dtype,
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        model_type=family.model_type,
+        qkv_bias=family.qkv_bias,
+        qk_norm=family.qk_norm,
     )
 
 
@@ -132,7 +132,7 @@ def _rope_from_hf(cfg: dict, source: str) -> Tuple[float, str, Optional[float]]:
     if float(theta) != int(theta):
         raise ConversionError(f"{source}: rope_theta {theta} is not an integer (--rotary-base takes integers)")
     if scaling.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConversionError(f"{source}: partial_rotary_factor is not supported by Llama conversion")
+        raise ConversionError(f"{source}: partial_rotary_factor is not supported (heads are rotated whole)")
     if kind not in ROPE_KINDS:
         raise ConversionError(
             f"{source}: RoPE scaling {kind!r} cannot be represented in megatron-core's RotaryEmbedding "
@@ -153,7 +153,7 @@ def _rope_from_hf(cfg: dict, source: str) -> Tuple[float, str, Optional[float]]:
     return float(theta), kind, float(factor)
 
 
-def model_config(shape: LlamaShape, make_vocab_size_divisible_by: int, tokenizer: TokenizerConfig,
+def model_config(shape: HFShape, make_vocab_size_divisible_by: int, tokenizer: TokenizerConfig,
                  params_dtype: str, early_exit: Optional[EarlyExitConfig] = None) -> ModelConfig:
     """Our description of a model of this shape (its vocabulary as the padded size)."""
     heads = shape.num_attention_heads
@@ -165,6 +165,8 @@ def model_config(shape: LlamaShape, make_vocab_size_divisible_by: int, tokenizer
         normalization="RMSNorm",
         swiglu=True,
         disable_bias_linear=True,
+        add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm,
         position_embedding_type="rope",
         rotary_base=int(shape.rope_theta),
         rotary_seq_len_interpolation_factor=shape.rope_factor if shape.rope_kind == "linear" else None,
@@ -184,8 +186,9 @@ def model_config(shape: LlamaShape, make_vocab_size_divisible_by: int, tokenizer
 # ----------------------------------------------------------------------------- config: ours -> HF
 
 
-def shape_from_model_config(config: ModelConfig) -> LlamaShape:
-    """The Llama shape of one of our models; refuses what Llama cannot express."""
+def shape_from_model_config(config: ModelConfig, model_type: Optional[str] = None) -> HFShape:
+    """The Hugging Face shape of one of our models, in family `model_type` (None: the one
+    its attention extras call for); refuses what no Llama-family model expresses."""
     c = config
     refusals = [
         (c.normalization != "RMSNorm", f"--normalization {c.normalization} (Llama uses RMSNorm)"),
@@ -199,13 +202,14 @@ def shape_from_model_config(config: ModelConfig) -> LlamaShape:
     for refused, what in refusals:
         if refused:
             raise ConversionError(f"the checkpoint is not a Llama model: {what}")
+    family = family_of_model(c.add_qkv_bias, c.qk_layernorm, model_type)
     kind, factor = "default", None
     if c.rotary_seq_len_interpolation_factor:
         kind, factor = "linear", float(c.rotary_seq_len_interpolation_factor)
     elif c.use_rope_scaling:
         kind, factor = "llama3", float(c.rope_scaling_factor)
     heads = c.num_attention_heads
-    return LlamaShape(
+    return HFShape(
         **{k: getattr(c, k) for k in SAME_FIELDS},
         num_query_groups=c.num_query_groups or heads,
         head_dim=c.kv_channels or c.hidden_size // heads,
@@ -217,20 +221,24 @@ def shape_from_model_config(config: ModelConfig) -> LlamaShape:
         dtype=hf_dtype_name(c.params_dtype),
         initializer_range=c.init_method_std,
         attention_dropout=c.attention_dropout,
+        model_type=family.model_type,
+        qkv_bias=family.qkv_bias,
+        qk_norm=family.qk_norm,
     )
 
 
-def hf_config(shape: LlamaShape, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+def hf_config(shape: HFShape, bos_token_id=None, eos_token_id=None, pad_token_id=None,
               early_exit: Optional[dict] = None) -> dict:
-    """A config.json for LlamaForCausalLM; RoPE is written for transformers 4.x and 5.x."""
+    """A config.json for the shape's family; RoPE is written for transformers 4.x and 5.x."""
     rope = {"rope_type": shape.rope_kind, "rope_theta": shape.rope_theta}
     if shape.rope_kind != "default":
         rope["factor"] = shape.rope_factor
     if shape.rope_kind == "llama3":
         rope.update(LLAMA3_FIXED)
+    family = FAMILIES[shape.model_type]
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.ffn_hidden_size,
         "num_hidden_layers": shape.num_layers,
@@ -241,9 +249,7 @@ def hf_config(shape: LlamaShape, bos_token_id=None, eos_token_id=None, pad_token
         "max_position_embeddings": shape.max_position_embeddings,
         "rms_norm_eps": shape.norm_epsilon,
         "hidden_act": "silu",
-        "attention_bias": False,
         "attention_dropout": shape.attention_dropout,
-        "mlp_bias": False,
         "initializer_range": shape.initializer_range,
         "tie_word_embeddings": shape.tie_word_embeddings,
         "rope_parameters": rope,  # transformers 5.x
@@ -254,8 +260,8 @@ def hf_config(shape: LlamaShape, bos_token_id=None, eos_token_id=None, pad_token
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
-        "pretraining_tp": 1,
         "use_cache": True,
+        **family.config_extra,
     }
     if early_exit is not None:
         cfg["early_exit"] = early_exit
@@ -269,6 +275,9 @@ LAYER_KEYS: Dict[str, Tuple[str, ...]] = {
     "input_layernorm.weight": ("input_layernorm.weight",),
     "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),  # Transformer Engine spec
     "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qwen2
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),  # qwen3
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),  # Transformer Engine spec
@@ -304,7 +313,7 @@ def hf_names(name: str) -> Tuple[str, ...]:
             return tuple(prefix + k for k in LAYER_KEYS[f"mlp.{rest}"])
         if slot == "block" and rest in LAYER_KEYS:
             return tuple(f"{prefix}block.{k}" for k in LAYER_KEYS[rest])
-    raise ConversionError(f"parameter {name} has no Hugging Face Llama counterpart")
+    raise ConversionError(f"parameter {name} has no Hugging Face counterpart")
 
 
 def is_exit_name(name: str) -> bool:
@@ -319,21 +328,22 @@ def _check(name: str, tensor: torch.Tensor, expected: Sequence[int]) -> None:
         raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} from the config")
 
 
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: LlamaShape) -> torch.Tensor:
-    """q [heads*d, h], k and v [groups*d, h] -> megatron-core's per-group [q..q k v] rows."""
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: HFShape) -> torch.Tensor:
+    """q [heads*d, ...], k and v [groups*d, ...] -> megatron-core's per-group [q..q k v] rows
+    (weights [.., h] and biases alike)."""
     g, d = shape.num_query_groups, shape.head_dim
     per_group = shape.num_attention_heads // g
-    h = q.shape[-1]
-    merged = torch.cat([q.reshape(g, per_group * d, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1)
-    return merged.reshape(g * (per_group + 2) * d, h)
+    rest = q.shape[1:]
+    merged = torch.cat([q.reshape(g, per_group * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+    return merged.reshape(g * (per_group + 2) * d, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, shape: LlamaShape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, shape: HFShape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, d = shape.num_query_groups, shape.head_dim
     per_group = shape.num_attention_heads // g
-    h = qkv.shape[-1]
-    q, k, v = qkv.reshape(g, (per_group + 2) * d, h).split([per_group * d, d, d], dim=1)
-    return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(g, (per_group + 2) * d, *rest).split([per_group * d, d, d], dim=1)
+    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
 
 
 def merge_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -346,14 +356,15 @@ def split_gate_up(fc1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return gate.contiguous(), up.contiguous()
 
 
-def to_ours(name: str, parts: Sequence[Tuple[str, torch.Tensor]], shape: LlamaShape, expected: Sequence[int]) -> torch.Tensor:
+def to_ours(name: str, parts: Sequence[Tuple[str, torch.Tensor]], shape: HFShape, expected: Sequence[int]) -> torch.Tensor:
     """Build our parameter `name` (full shape `expected`) from its Hugging Face tensors."""
     hidden = expected[-1]
-    if name.endswith("linear_qkv.weight"):
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        rest = tuple(expected[1:])  # (h,) for the weight, () for the bias
         (qn, q), (kn, k), (vn, v) = parts
-        _check(qn, q, (shape.num_attention_heads * shape.head_dim, hidden))
-        _check(kn, k, (shape.num_query_groups * shape.head_dim, hidden))
-        _check(vn, v, (shape.num_query_groups * shape.head_dim, hidden))
+        _check(qn, q, (shape.num_attention_heads * shape.head_dim, *rest))
+        _check(kn, k, (shape.num_query_groups * shape.head_dim, *rest))
+        _check(vn, v, (shape.num_query_groups * shape.head_dim, *rest))
         return merge_qkv(q, k, v, shape)
     if name.endswith("linear_fc1.weight"):
         (gn, gate), (un, up) = parts
@@ -365,10 +376,10 @@ def to_ours(name: str, parts: Sequence[Tuple[str, torch.Tensor]], shape: LlamaSh
     return tensor
 
 
-def to_hf(name: str, tensor: torch.Tensor, shape: LlamaShape) -> Dict[str, torch.Tensor]:
+def to_hf(name: str, tensor: torch.Tensor, shape: HFShape) -> Dict[str, torch.Tensor]:
     """Our full parameter `name` as its Hugging Face tensors."""
     names = hf_names(name)
-    if name.endswith("linear_qkv.weight"):
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return dict(zip(names, split_qkv(tensor, shape)))
     if name.endswith("linear_fc1.weight"):
         return dict(zip(names, split_gate_up(tensor)))
