@@ -89,15 +89,30 @@ def latest_iteration(root: str) -> int:
 def resolve(root: str, iteration: Optional[int] = None, checksums: bool = True) -> str:
     """The directory of the latest (or the given) checkpoint under `root`, verified complete
     (and, unless `checksums` is False, undamaged)."""
-    if iteration is None:
+    chosen = iteration is not None
+    if not chosen:
         iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path += ".old"  # a re-save of this iteration was killed between its two renames
     if not os.path.isdir(path):
+        if chosen:
+            present = ", ".join(map(str, iterations_present(root))) or "none"
+            raise CheckpointError(f"--load-iteration {iteration}: no checkpoint of that iteration under --load {root} "
+                                  f"(iterations present: {present})")
         raise CheckpointError(f"--load {root}: {path} named by {TRACKER} does not exist")
     verify(path, checksums)
     return path
+
+
+def iterations_present(root: str) -> List[int]:
+    """Iterations of the finished checkpoints under `root` (not those still being written)."""
+    found = set()
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        match = re.fullmatch(r"iter_(\d{7,})(\.old)?", name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.add(int(match.group(1)))
+    return sorted(found)
 
 
 def verify(path: str, checksums: bool = True) -> None:
@@ -464,8 +479,6 @@ def compare_with_checkpoint(stored, now) -> List[int]:
         flag = line.split(":", 1)[0]
         if flag in _STRUCTURE_FLAGS and not shared:
             continue  # every exit of the model is new: their structure is free
-        if flag == "--num-layers" and now.first_stages_only and now.num_layers < stored.num_layers:
-            continue  # exit tuning on the first pipeline stages: the first layers of the checkpoint
         problems.append(line + _HINTS.get(flag, ""))
     missing_in_model = sorted(set(saved_exits) - set(exits))
     if missing_in_model:

@@ -44,10 +44,11 @@ def run_pipeline_plan(args, ee_config, num_layers: int, num_stages: int, num_mic
 
 def num_fill_items(args, ee_config, num_microbatches: int, vocab_size: int) -> int:
     """Fill microbatches per iteration (what the data path reserves samples for)."""
+    from megatron.early_exit.training.arguments import built_stages
+
     if not args.fill_explicit_bubbles:
         return 0
-    _, fill = run_pipeline_plan(args, ee_config, args.num_layers, args.pipeline_model_parallel_size,
-                                num_microbatches, vocab_size)
+    _, fill = run_pipeline_plan(args, ee_config, *built_stages(args), num_microbatches, vocab_size)
     return len(fill.warmup_reach) + len(fill.cooldown_stop)
 
 
