@@ -25,7 +25,8 @@ def still_serves(client):
 def error_of(reply, status):
     assert reply.status_code == status, (reply.status_code, reply.text)
     body = reply.json()
-    assert set(body) == {"error"}, body  # the server's shape, not FastAPI's {"detail": ...}
+    # the server's shape, not FastAPI's {"detail": ...}; the top-level message is Megatron-LM's
+    assert set(body) == {"error", "message"} and body["message"] == body["error"]["message"], body
     return body["error"]
 
 

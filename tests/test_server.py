@@ -32,13 +32,13 @@ httpx = pytest.importorskip("httpx")
 # -- fixtures: a checkpoint, the engine on it, servers on it ---------------------------------------
 
 
-def write_checkpoint(root: str) -> None:
+def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(MAX_SEQ),
+        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(seq_length),
         "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
         "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
@@ -50,9 +50,10 @@ def write_checkpoint(root: str) -> None:
 class Server:
     """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
 
-    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size"):
+    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
+                 extra=()):
         flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
-                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny"]
+                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny", *extra]
         if nproc == 1:
             cmd = [sys.executable, SERVER, *flags]
         else:
@@ -164,9 +165,14 @@ def test_api_greedy_and_seeded_sampling_equal_the_engine(client, engine):
     assert generated(reply, PROMPTS) == ref.tokens
     assert len(set(ref.tokens[0])) > 3, "degenerate model: greedy output repeats one token"
     assert reply["text"] == [tokenizer.detokenize(ids(p) + t) for p, t in zip(PROMPTS, ref.tokens)]
-    assert reply["segments"][0] == [tokenizer.detokenize([t]) for t in ids(PROMPTS[0]) + ref.tokens[0]]
+    # Segments keep the spaces that start words: they join to the text.
+    assert ["".join(seg) for seg in reply["segments"]] == reply["text"]
+    assert [s.strip() for s in reply["segments"][0]] == [tokenizer.detokenize([t]) for t in ids(PROMPTS[0]) + ref.tokens[0]]
     assert reply["exit_layers"] == [[NUM_LAYERS] * len(t) for t in ref.tokens]
-    diff = max(abs(a - b) for r, o in zip(ref.logprobs, reply["logprobs"]) for a, b in zip(r, o))
+    # Megatron-LM's alignment: one value per token after the first, the prompt's then the generation's.
+    assert [len(lp) for lp in reply["logprobs"]] == [len(t) - 1 for t in reply["tokens"]]
+    diff = max(abs(a - b) for p, r, o in zip(PROMPTS, ref.logprobs, reply["logprobs"])
+               for a, b in zip(r, o[len(ids(p)) - 1:]))
     assert diff < 1e-4
 
     body = dict(prompts=PROMPTS, tokens_to_generate=10, temperature=0.9, top_k=20, top_p=0.9, random_seed=7)
@@ -294,7 +300,7 @@ def test_openai_client(server, engine):
 LONG = " ".join(["7"] * (MAX_PROMPT + 1))
 BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must name)
     ("/api", b'{"prompts": ["5 17 3"], "tokens_to_generate": ', "body"),
-    ("/api", {"prompts": "5 17 3"}, "prompts"),
+    ("/api", {"prompts": 5}, "prompts"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": "many"}, "tokens_to_generate"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": -4}, "tokens_to_generate"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 40}, "early_exit_thres"),
@@ -371,7 +377,7 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
 
     calls = []
 
-    def fake_run_job(model, job):
+    def fake_run_job(model, job, on_tokens=None):
         calls.append([p[0] for p in job.prompts])
         if job.prompts[0][0] == 666:
             raise InferenceConfigError("refused")
@@ -502,6 +508,17 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
             ref = direct(engine, PROMPTS, EarlyExit(MIXED_THRESHOLD, kv="propagate"), 10)
             assert generated(reply, PROMPTS) == ref.tokens and reply["exit_layers"] == ref.exit_layers
             assert min(d for row in ref.exit_layers for d in row) < NUM_LAYERS
+            # Prompt scoring (a ScoreJob broadcast to both ranks), and a stream sent as it is decoded.
+            from megatron.early_exit.inference.scoring import score
+
+            scored = put_api(tp2, prompts=PROMPTS, tokens_to_generate=0, exit_layer=EXITS[1])
+            ref_scores = score(engine[0], [ids(p) for p in PROMPTS], exit_layer=EXITS[1])
+            assert max(abs(a - b) for r, o in zip(ref_scores.logprobs, scored["logprobs"]) for a, b in zip(r, o)) < 1e-4
+            body = dict(prompt=PROMPTS[1], max_tokens=10, temperature=0, echo=True, logprobs=2)
+            with tp2.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+                chunks = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+            streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            assert streamed == tp2.post("/v1/completions", json=body).json()["choices"][0]["text"]
             bad = tp2.put("/api", json={**greedy, "use_early_exit": True, "exit_layers": [3]})
             assert bad.status_code == 400 and "exit_layers" in bad.json()["error"]["message"]
             sampled = put_api(tp2, prompts=PROMPTS, tokens_to_generate=10, temperature=0.9, top_k=20, random_seed=5)
@@ -531,5 +548,11 @@ def test_pp2_server_broadcasts_to_both_stages(checkpoint, engine, tmp_path):
             assert 400 <= refused.status_code < 500, refused.text
             first = put_api(pp2, **greedy, use_early_exit=True, early_exit_thres=0.0, kv_strategy="pipeline")
             assert all(row == [NUM_LAYERS] + [EXITS[0]] * (len(row) - 1) for row in first["exit_layers"])
+            from megatron.early_exit.inference.scoring import score
+
+            for exit_layer in (None, EXITS[1]):  # the final layer's stage, and the exit's
+                scored = put_api(pp2, prompts=PROMPTS, tokens_to_generate=0, exit_layer=exit_layer)
+                ref = score(engine[0], [ids(p) for p in PROMPTS], exit_layer=exit_layer)
+                assert max(abs(a - b) for r, o in zip(ref.logprobs, scored["logprobs"]) for a, b in zip(r, o)) < 1e-4
     finally:
         srv.stop()

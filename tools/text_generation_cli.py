@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--early-exit", action="store_true", help="decode with early exit")
     p.add_argument("--thres", type=float, default=None, help="early-exit confidence threshold in [0, 1] (server default 0.8)")
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="exits allowed to fire (default: all)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="generate with this one exit's head (instead of --early-exit)")
     p.add_argument("--confidence", default="max_prob", help="max_prob, margin, entropy or saturation")
     p.add_argument("--kv-strategy", default="recompute", help="recompute or propagate")
     p.add_argument("--speculative", default=None, metavar="EXIT:K",
@@ -47,6 +49,8 @@ def build_request(args, prompt: str) -> dict:
         body["early_exit_thres"] = args.thres
     if args.exit_layers:
         body["exit_layers"] = args.exit_layers
+    if args.exit_layer is not None:
+        body["exit_layer"] = args.exit_layer
     if args.speculative:
         layer, _, k = args.speculative.partition(":")
         body["speculative"] = {"exit_layer": int(layer), **({"num_draft": int(k)} if k else {})}
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
             print(f"error: cannot reach {url}: {err}", file=sys.stderr, flush=True)
             return 1
         if status != 200:
-            print(f"error {status}: {reply.get('error', {}).get('message', reply)}", flush=True)
+            print(f"error {status}: {reply.get('message', reply)}", flush=True)
             continue
         print(reply["text"][0], flush=True)
         if args.show_exits:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
 from megatron.early_exit.inference.confidence import get_confidence_measure
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.plain_linears import plain_linears
 from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
-from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
+from megatron.early_exit.inference.result import GenerationResult, TokenCallback, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.inference.speculative import speculative_decode
 from megatron.early_exit.inference.strategies import EarlyExit, FullDepth, SelfSpeculative
@@ -49,21 +50,33 @@ def generate(
     max_new_tokens: int = 32,
     sampling: SamplingParams = SamplingParams(),
     stop_tokens: Iterable[int] = (),
+    top_n: int = 0,
+    on_tokens: Optional[TokenCallback] = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; lengths may differ) by up to
-    `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`."""
+    `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`.
+
+    top_n > 0 keeps each token's top_n likeliest alternatives (result.top_tokens and
+    top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
+    appended, while decoding goes on (on the rank that picks the tokens: the first stage)."""
     prompts = validate_prompts(model, prompts, max_new_tokens)
     if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
         raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
+    if isinstance(strategy, SelfSpeculative) and sampling.ban_after:
+        raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
+                                   "it takes no banned tokens (ban_after)")
+    if not 0 <= top_n <= model.vocab_size:
+        raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
     if not (model.pre_process and model.post_process) or getattr(strategy, "kv", None) == "pipeline":
-        return _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens)
+        return _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n, on_tokens)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy.name)
     with inference_context(model):
         decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generator(decoder.device), active=list(range(len(prompts))))
+                                sampling.make_generator(decoder.device), active=list(range(len(prompts))),
+                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = clock(decoder.device) - start
@@ -77,7 +90,8 @@ def generate(
     return result
 
 
-def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens) -> GenerationResult:
+def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n=0,
+                          on_tokens=None) -> GenerationResult:
     """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
     check_pipeline_strategy(model, strategy)
     early = isinstance(strategy, EarlyExit) and strategy.threshold <= 1
@@ -88,7 +102,8 @@ def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, st
             model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name,
             exit_layers=list(strategy.exit_layers) if early and strategy.exit_layers is not None else None,
             threshold=float(strategy.threshold) if early else math.inf,
-            measure=get_confidence_measure(strategy.measure) if early else None,
+            measure=get_confidence_measure(strategy.measure, model) if early else None,
+            top_n=top_n, on_tokens=on_tokens,
         )
 
 
@@ -121,12 +136,13 @@ def inference_context(model):
 
     The fused bias-dropout-add is a torch.compile'd function that recompiles for every
     new decode shape (batch and chunk widths change each step); at inference, with no
-    dropout, the unfused one computes the same sum."""
+    dropout, the unfused one computes the same sum. At TP=1 the tensor-parallel linears
+    run as plain F.linear calls (plain_linears.py)."""
     was_training, fused = model.training, model.config.bias_dropout_fusion
     model.eval()
     model.config.bias_dropout_fusion = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_linears(model):
             yield
     finally:
         model.train(was_training)

@@ -271,7 +271,8 @@ class _Links:
 
 
 def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
-                      exit_layers: Optional[List[int]], threshold: float, measure) -> GenerationResult:
+                      exit_layers: Optional[List[int]], threshold: float, measure, top_n: int = 0,
+                      on_tokens=None) -> GenerationResult:
     """Pipeline-based early exit over this rank's stage; every rank returns the result."""
     decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
     policy = decoder.stage_policy(exit_layers, threshold, measure)
@@ -281,7 +282,8 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
     if decoder.first:
         start = clock(decoder.device)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generator(decoder.device), active=list(range(len(prompts))))
+                                sampling.make_generator(decoder.device), active=list(range(len(prompts))),
+                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
         lead = _Lead(decoder, policy, links, transcript, prompts, start)
         _drive(lead_order(links.num_stages), links, lead.compute, lead.undecided)
     else:

@@ -31,6 +31,10 @@ class SamplingParams:
     seed: Optional[int] = None
     """Seed of the sampling generator (None: drawn from torch's default generator)."""
 
+    ban_after: Tuple[Tuple[int, int], ...] = ()
+    """(previous, banned) token pairs: `banned` is never chosen right after `previous`
+    (Megatron-LM's prevent_newline_after_colon: no newline right after a colon)."""
+
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InferenceConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
@@ -38,6 +42,17 @@ class SamplingParams:
             raise InferenceConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InferenceConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def banned(self, previous, vocab: int, device) -> Optional[Tensor]:
+        """[b, V] bool: the tokens each row may not choose after its `previous` token (None: none)."""
+        if not self.ban_after:
+            return None
+        mask = torch.zeros(len(previous), vocab, dtype=torch.bool)
+        for i, prev in enumerate(previous):
+            for after, banned in self.ban_after:
+                if prev == after and 0 <= banned < vocab:
+                    mask[i, banned] = True
+        return mask.to(device) if mask.any() else None
 
     @property
     def greedy(self) -> bool:
@@ -63,14 +78,23 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def select_tokens(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+def select_tokens(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+                  banned: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """logits [b, V] -> (tokens [b], log-probabilities [b] of those tokens under the
-    layer's own distribution, before temperature and filtering)."""
+    layer's own distribution, before temperature and filtering). `banned` [b, V] (bool)
+    marks tokens a row may not choose (their log-probabilities are still reported)."""
     logits = logits.float()
+    allowed = logits if banned is None else logits.masked_fill(banned, float("-inf"))
     if params.greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = allowed.argmax(dim=-1)
     else:
-        filtered = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        filtered = _filter_top_k_top_p(allowed / params.temperature, params.top_k, params.top_p)
         tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, logprobs
+
+
+def top_alternatives(logits: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """logits [b, V] -> the n likeliest token ids [b, n] and their log-probabilities, best first."""
+    top = torch.log_softmax(logits.float(), dim=-1).topk(min(n, logits.shape[-1]), dim=-1)
+    return top.indices, top.values

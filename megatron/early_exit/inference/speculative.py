@@ -33,19 +33,25 @@ def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: 
     return drafts
 
 
-def verify(decoder: Decoder, transcript, drafts: Dict[int, List[int]]) -> Dict[int, List[Tuple[int, float]]]:
-    """The full model's greedy token and its log-probability at each row's k+1 owed
-    positions, read from the device once for the whole batch."""
+def verify(decoder: Decoder, transcript, drafts: Dict[int, List[int]]) -> Dict[int, List[Tuple]]:
+    """The full model's greedy token, its log-probability and the transcript's top_n
+    alternatives at each row's k+1 owed positions, read from the device once for the batch."""
     rows = list(drafts)
     newest = [[drafts[r][-1] if drafts[r] else transcript.last_token(r)] for r in rows]
     out = decoder.step(rows, newest, all_logits=True)
     transcript.result.num_steps += 1
     logprobs = torch.log_softmax(torch.cat(out.chunk_logits).float(), dim=-1)  # [sum(k+1), vocab]
     best, tokens = logprobs.max(dim=-1)
-    tokens, best = torch.stack([tokens.double(), best.double()]).tolist()
+    n = transcript.top_n
+    columns = [tokens.double().unsqueeze(-1), best.double().unsqueeze(-1)]
+    if n > 0:
+        top = logprobs.topk(n, dim=-1)
+        columns += [top.indices.double(), top.values.double()]
+    columns = torch.cat(columns, dim=-1).tolist()
     targets, offset = {}, 0
     for r, chunk in zip(rows, out.chunk_logits):
-        targets[r] = [(int(t), lp) for t, lp in zip(tokens[offset:offset + len(chunk)], best[offset:offset + len(chunk)])]
+        targets[r] = [(int(c[0]), c[1], [int(t) for t in c[2:2 + n]], c[2 + n:])
+                      for c in columns[offset:offset + len(chunk)]]
         offset += len(chunk)
     return targets
 
@@ -69,12 +75,13 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
         verified = verify(decoder, transcript, drafts)
         for r, row_drafts in drafts.items():
             committed = decoder.num_fed[r] - len(row_drafts)  # n: x_{n-1} sits at position n-1
-            targets = [t for t, _ in verified[r]]
+            targets = [v[0] for v in verified[r]]
             a = accepted_length(row_drafts, targets)
             # The accepted drafts equal the full model's tokens, so all a+1 new tokens and
             # their log-probabilities are the full model's.
-            transcript.append(r, targets[: a + 1], [draft_depth] * a + [decoder.num_layers],
-                              [lp for _, lp in verified[r][: a + 1]])
+            kept = verified[r][: a + 1]
+            transcript.append(r, targets[: a + 1], [draft_depth] * a + [decoder.num_layers], [v[1] for v in kept],
+                              [v[2] for v in kept], [v[3] for v in kept])
             decoder.crop(r, committed + a)
             result.num_drafted += len(row_drafts)
             result.num_accepted += a

@@ -5,17 +5,23 @@ one over the size limit a 413 (guard.py, before anything is parsed), a body that
 parse a 400, one that does not validate a 422, a request the loaded model cannot serve
 (unknown exit, context too long, too many prompts, a field its decoding would ignore) or the
 engine refuses a 400, an unknown path a 404, a wrong method a 405, a full queue a 503. Every
-error body is OpenAI's envelope, {"error": {"message", "type", "param", "code"}}, with the
-message starting with the field it is about. The OpenAPI schema is at /openapi.json, the
-docs at /docs. CORS headers are sent only for the origins the server was started with.
+error body is OpenAI's envelope, {"error": {"message", "type", "param", "code"}}, plus the
+same message at the top level (Megatron-LM's client reads `message`), starting with the
+field it is about. The OpenAPI schema is at /openapi.json, the docs at /docs. CORS headers
+are sent only for the origins the server was started with.
+
+Streamed replies (stream: true) wait for the first decoded token before answering, so that
+a request the engine refuses still gets its 4xx; then every token is sent as it is decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,14 +30,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from megatron.early_exit.inference import GenerationResult, InferenceConfigError
+from megatron.early_exit.inference import InferenceConfigError
 from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response
-from megatron.early_exit.server.jobs import Job, ModelLimits, RequestError
-from megatron.early_exit.server.megatron_api import api_job, api_response
-from megatron.early_exit.server.openai_api import completion, completion_job, stream_chunks
+from megatron.early_exit.server.chat_api import chat_chunks, chat_completion, chat_job
+from megatron.early_exit.server.jobs import AnyJob, ModelLimits, RequestError
+from megatron.early_exit.server.megatron_api import api_jobs, api_response
+from megatron.early_exit.server.openai_api import completion, completion_jobs, empty_result, stream_chunks
 from megatron.early_exit.server.schemas import (
-    ApiRequest, ApiResponse, Completion, CompletionRequest, Health, ModelCard, ModelList,
+    ApiRequest, ApiResponse, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest,
+    DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
 )
+from megatron.early_exit.server.tokenizer_api import TokenizerFacts, detokenize, tokenize
 from megatron.early_exit.server.worker import QueueFull, Worker
 
 
@@ -42,10 +51,49 @@ class Service:
     worker: Worker
     tokenizer: object
     limits: ModelLimits
+    chat_template: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
 
-    async def generate(self, job: Job) -> GenerationResult:
-        return await asyncio.wrap_future(self.worker.submit(job))
+    def __post_init__(self):
+        self.facts = TokenizerFacts(self.tokenizer, self.chat_template)
+
+    async def generate(self, job: Optional[AnyJob]):
+        """The job's result (None for no job)."""
+        return None if job is None else await asyncio.wrap_future(self.worker.submit(job))
+
+    async def stream(self, job: AnyJob) -> AsyncIterator:
+        """The job's TokenEvents as the engine decodes them, then its result. Waits for the
+        first event, so that a refused job raises here, before any reply is sent."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        future = self.worker.submit(dataclasses.replace(
+            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
+        first = await queue.get()
+        if first is done:
+            future.result()  # the engine's error, if any
+
+        async def events():
+            item = first
+            try:
+                while item is not done:
+                    yield item
+                    item = await queue.get()
+                yield future.result()
+            finally:
+                future.cancel()  # the client left before the job ran: skip it
+
+        return events()
+
+
+def _sse(chunks) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 def _field(loc) -> str:
@@ -65,7 +113,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, message, param)
 
 
-ENDPOINTS = "PUT /api, POST /v1/completions, GET /v1/models, GET /health, GET /docs"
+ENDPOINTS = ("PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "
+             "POST /detokenize, GET /v1/models, GET /health, GET /docs")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -100,7 +149,8 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
     app = FastAPI(title="Megatron early-exit text generation",
-                  description="Megatron-LM's PUT /api and OpenAI's completions, with early-exit decoding options.")
+                  description="Megatron-LM's PUT /api, OpenAI's completions and chat completions and vLLM's "
+                              "tokenizer endpoints, with early-exit decoding options.")
     app.add_middleware(RequestGuard, policy=policy)
     if policy.cors_origins:  # outermost, so that refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(policy.cors_origins),
@@ -115,25 +165,41 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
 
     @app.put("/api", response_model=ApiResponse, response_model_exclude_none=True)
     async def api(request: ApiRequest) -> ApiResponse:
-        job, prompts = await run_in_threadpool(api_job, request, tokenizer, limits)
-        result = await service.generate(job)
-        return await run_in_threadpool(api_response, request, tokenizer, prompts, result)
+        jobs = await run_in_threadpool(api_jobs, request, tokenizer, limits)
+        result, scores = await asyncio.gather(service.generate(jobs.generate), service.generate(jobs.score))
+        return await run_in_threadpool(api_response, request, tokenizer, jobs.prompts, result, scores)
 
     @app.post("/v1/completions", response_model=Completion)
     async def completions(request: CompletionRequest):
-        job, prompts = await run_in_threadpool(completion_job, request, tokenizer, limits)
+        jobs = await run_in_threadpool(completion_jobs, request, tokenizer, limits)
+        if request.stream:
+            scores = await service.generate(jobs.score)
+            events = await service.stream(jobs.generate) if jobs.generate is not None else _nothing()
+            return _sse(stream_chunks(request, tokenizer, limits.name, jobs.prompts, scores, events))
+        result, scores = await asyncio.gather(service.generate(jobs.generate), service.generate(jobs.score))
+        result = result or empty_result(len(jobs.prompts.ids), limits.num_layers)
+        reply, _ = await run_in_threadpool(completion, request, tokenizer, limits.name, jobs.prompts, result, scores)
+        return reply
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat(request: ChatRequest):
+        job, prompts = await run_in_threadpool(chat_job, request, service.facts, limits)
+        if request.stream:
+            return _sse(chat_chunks(request, tokenizer, limits.name, prompts, await service.stream(job)))
         result = await service.generate(job)
-        reply, texts = await run_in_threadpool(completion, request, tokenizer, limits.name, prompts, result)
-        if not request.stream:
-            return reply
-        chunks = await run_in_threadpool(lambda: list(stream_chunks(request, tokenizer, reply, texts)))
+        return await run_in_threadpool(chat_completion, request, tokenizer, limits.name, prompts, result)
 
-        def events():
-            for chunk in chunks:
-                yield f"data: {json.dumps(chunk.model_dump())}\n\n"
-            yield "data: [DONE]\n\n"
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        return service.facts.info(limits)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    @app.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)
+    async def tokenize_text(request: TokenizeRequest) -> TokenizeResponse:
+        return await run_in_threadpool(tokenize, request, service.facts, limits)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize_tokens(request: DetokenizeRequest) -> DetokenizeResponse:
+        return await run_in_threadpool(detokenize, request, service.facts, limits)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -146,3 +212,8 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
         return Health(queued=service.worker.queued, busy=service.worker.busy, served=service.worker.served)
 
     return app
+
+
+async def _nothing():
+    return
+    yield  # an empty async generator: max_tokens 0 streams the echoed prompt only

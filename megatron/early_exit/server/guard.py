@@ -9,7 +9,7 @@
                     reading, then counted while reading, so an oversized body is never held
                     in memory or parsed
 
-Every refusal is in the server's error shape ({"error": {"message", "type", "param", "code"}})
+Every refusal is in the server's error shape ({"error": {"message", "type", "param", "code"}, "message"})
 with the message starting with the header or flag it is about.
 """
 
@@ -30,7 +30,8 @@ JSON_TYPE = "application/json"
 
 def error_response(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
                    headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    # OpenAI's envelope, and the top-level message that Megatron-LM's text_generation_cli.py prints.
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}, "message": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

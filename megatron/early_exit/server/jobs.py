@@ -7,20 +7,27 @@ is answered with a 400 naming its field and the other ranks never see it. Every 
 rank could choose differently is fixed here: an unseeded sampling request gets a seed
 drawn on rank 0, so all tensor-parallel ranks draw the same tokens.
 
-Greedy jobs with the same strategy, budget and stop tokens can share one engine call
-(`batch_key`, `merge_jobs`, `split_result`); each row decides its exits for itself.
+A ScoreJob scores token sequences (prompt log-probabilities) under the final layer or one
+exit, with top-N alternatives, in one forward pass.
+
+Greedy jobs with the same strategy, budget and stop tokens can share one engine call, and
+so can score jobs with the same exit (`batch_key`, `merge_jobs`, `split_result`); each row
+decides its exits for itself. A job's `listener` (rank 0 only, never broadcast) hears its
+rows' tokens as they are decoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference import (
     EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
 )
+from megatron.early_exit.inference.result import TokenEvent
+from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.server.schemas import DEFAULT_EARLY_EXIT_THRESHOLD, EarlyExitOptions
 
 
@@ -32,6 +39,9 @@ class RequestError(ValueError):
         self.param = param
 
 
+Listener = Callable[[TokenEvent], None]
+
+
 @dataclass(frozen=True)
 class Job:
     prompts: Tuple[Tuple[int, ...], ...]
@@ -39,6 +49,9 @@ class Job:
     sampling: SamplingParams
     max_new_tokens: int
     stop_tokens: Tuple[int, ...] = ()
+    top_n: int = 0  # alternatives kept per generated token
+    # Rank 0 only (dropped before the broadcast): hears this job's rows as they are decoded.
+    listener: Optional[Listener] = field(default=None, compare=False, repr=False)
 
     @property
     def batch_key(self):
@@ -46,30 +59,96 @@ class Job:
         job's tokens depend on its own generator)."""
         if not self.sampling.greedy:
             return None
-        return (self.strategy, self.max_new_tokens, self.stop_tokens)
+        return ("generate", self.strategy, self.max_new_tokens, self.stop_tokens, self.sampling.ban_after)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
 
 
-def run_job(model, job: Job) -> GenerationResult:
-    """The engine call, identical on every rank."""
+@dataclass(frozen=True)
+class ScoreJob:
+    """Log-probabilities of each sequence's tokens after the first (prompt scoring)."""
+
+    prompts: Tuple[Tuple[int, ...], ...]
+    exit_layer: Optional[int] = None  # None: the final layer
+    top_n: int = 0
+    listener: None = field(default=None, compare=False, repr=False)
+
+    @property
+    def batch_key(self):
+        return ("score", self.exit_layer)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+
+AnyJob = Union[Job, ScoreJob]
+
+
+def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None) -> Union[GenerationResult, ScoreResult]:
+    """The engine call, identical on every rank (`on_tokens` only where tokens are picked)."""
+    if isinstance(job, ScoreJob):
+        return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
     return generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens, job.sampling,
-                    job.stop_tokens)
+                    job.stop_tokens, top_n=job.top_n, on_tokens=on_tokens)
 
 
-def merge_jobs(jobs: Sequence[Job]) -> Job:
+def merge_jobs(jobs: Sequence[AnyJob]) -> AnyJob:
+    """One job for the batch (the largest top_n of its jobs), without listeners."""
     if len(jobs) == 1:
-        return jobs[0]
-    return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts))
+        return dataclasses.replace(jobs[0], listener=None)
+    return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts),
+                               top_n=max(job.top_n for job in jobs), listener=None)
 
 
-def split_result(result: GenerationResult, jobs: Sequence[Job]) -> List[GenerationResult]:
+def route_tokens(jobs: Sequence[AnyJob]) -> Optional[Listener]:
+    """The merged job's callback: each event goes to the listener of the job owning the row,
+    with the row and the alternatives renumbered and cut to that job's own."""
+    if not any(job.listener for job in jobs):
+        return None
+    owners, start = [], 0
+    for job in jobs:
+        owners += [(job, start)] * job.rows
+        start += job.rows
+
+    def route(event: TokenEvent) -> None:
+        job, first = owners[event.row]
+        if job.listener is not None:
+            try:
+                job.listener(_cut_event(event, event.row - first, job.top_n))
+            except RuntimeError:  # its reply's event loop is gone: the other rows go on
+                pass
+
+    return route
+
+
+def _cut_event(event: TokenEvent, row: int, top_n: int) -> TokenEvent:
+    top = (None, None) if not top_n or event.top_tokens is None else (
+        [t[:top_n] for t in event.top_tokens], [v[:top_n] for v in event.top_logprobs])
+    return dataclasses.replace(event, row=row, top_tokens=top[0], top_logprobs=top[1])
+
+
+def split_result(result, jobs: Sequence[AnyJob]) -> list:
     """One result per merged job, with its rows (timings and counters are the batch's)."""
     if len(jobs) == 1:
         return [result]
     parts, start = [], 0
     for job in jobs:
-        end = start + len(job.prompts)
-        parts.append(dataclasses.replace(result, tokens=result.tokens[start:end],
-                                         exit_layers=result.exit_layers[start:end], logprobs=result.logprobs[start:end]))
+        end = start + job.rows
+        if isinstance(result, ScoreResult):
+            parts.append(dataclasses.replace(
+                result, logprobs=result.logprobs[start:end], greedy=result.greedy[start:end],
+                top_tokens=[[t[:job.top_n] for t in row] for row in result.top_tokens[start:end]],
+                top_logprobs=[[v[:job.top_n] for v in row] for row in result.top_logprobs[start:end]]))
+        else:
+            top = {} if result.top_tokens is None else dict(
+                top_tokens=[[t[:job.top_n] for t in row] for row in result.top_tokens[start:end]] if job.top_n else None,
+                top_logprobs=[[v[:job.top_n] for v in row] for row in result.top_logprobs[start:end]] if job.top_n else None)
+            parts.append(dataclasses.replace(result, tokens=result.tokens[start:end],
+                                             exit_layers=result.exit_layers[start:end],
+                                             logprobs=result.logprobs[start:end], **top))
         start = end
     return parts
 
@@ -91,8 +170,24 @@ class ModelLimits:
     pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
 
 
+def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:
+    """The exit that scores and generates for `exit_layer` (None: the final layer)."""
+    layer = options.exit_layer
+    if layer is None or layer == limits.num_layers:
+        return None
+    if layer not in limits.exit_layer_nums:
+        raise RequestError("exit_layer", f"{layer} is not an exit of this model (its exits: "
+                                         f"{list(limits.exit_layer_nums)}; {limits.num_layers}: the final layer)")
+    return layer
+
+
 def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool):
     # Fields the chosen decoding would not read are refused, not silently ignored.
+    if options.exit_layer is not None and (options.speculative is not None or options.use_early_exit):
+        raise RequestError("exit_layer", "fixes the exit: it excludes use_early_exit and speculative")
+    exit_layer = scoring_exit(options, limits)
+    if exit_layer is not None:  # threshold 0 at that exit alone: every decoded token leaves there
+        return _engine_call("exit_layer", lambda: EarlyExit(0.0, kv=options.kv_strategy, exit_layers=(exit_layer,)))
     if options.exit_layers and not options.use_early_exit:
         raise RequestError("exit_layers", "only apply with use_early_exit true (here every token goes through the "
                                           "full depth): set use_early_exit true or drop exit_layers")

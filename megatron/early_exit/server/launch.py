@@ -12,6 +12,7 @@ flags given here replace the stored tokenizer.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -24,10 +25,12 @@ TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 def build_parser() -> argparse.ArgumentParser:
     from megatron.early_exit.tokenizers import TOKENIZER_TYPES
 
-    p = argparse.ArgumentParser(description="Text generation server for early-exit models (Megatron-LM's PUT /api "
-                                            "and OpenAI's /v1/completions)")
+    p = argparse.ArgumentParser(description="Text generation server for early-exit models (Megatron-LM's PUT /api, "
+                                            "OpenAI's /v1/completions and /v1/chat/completions)")
     g = p.add_argument_group("model")
     g.add_argument("--load", required=True, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
+    g.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
+                   help="serve this iteration of --load (default, or 0: the latest)")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="accepted for Megatron-LM's scripts: the checkpoint's stored flags always rebuild the model")
     g.add_argument("--model-name", default=None, help="name in /v1/models and replies (default: the --load folder)")
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template of /v1/chat/completions (default: a Hugging Face tokenizer's own)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -73,6 +78,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               file=sys.stderr, flush=True)
     from megatron.early_exit.errors import ConfigError
 
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise ConfigError(f"--chat-template {args.chat_template}: no such file")
     for flag in ("max_batch_size", "max_prompt_tokens", "max_context_length", "max_queued_requests", "max_request_bytes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -96,8 +103,6 @@ def build_tokenizer(args, stored, model_vocab_size: int):
 
 
 def build_limits(args, model, stored):
-    import os
-
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.server.jobs import ModelLimits
 
@@ -142,9 +147,11 @@ def serve(args, model, tokenizer, limits) -> None:
     from megatron.early_exit.server.app import Service, build_app
     from megatron.early_exit.server.worker import Worker, broadcast
 
+    from megatron.early_exit.server.tokenizer_api import find_chat_template
+
     worker = Worker(model, args.max_batch_size, args.max_queued_requests, args.heartbeat_seconds)
     policy = build_policy(args, limits)
-    app = build_app(Service(worker, tokenizer, limits), policy)
+    app = build_app(Service(worker, tokenizer, limits, find_chat_template(tokenizer, args.chat_template)), policy)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="http", daemon=True)
@@ -155,8 +162,8 @@ def serve(args, model, tokenizer, limits) -> None:
             raise EarlyExitError(f"could not serve on {args.host}:{args.port} (--host, --port); see the log above")
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, GET /v1/models, "
-          f"/health, /docs)", flush=True)
+    print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, "
+          f"/v1/chat/completions, /tokenize, /detokenize, GET /tokenizer_info, /v1/models, /health, /docs)", flush=True)
     hosts = "any" if policy.allowed_hosts is None else ", ".join(policy.allowed_hosts)
     print(f"requests: JSON bodies up to {policy.max_request_bytes} bytes (--max-request-bytes); Host: {hosts} "
           f"(--allowed-hosts); CORS origins: {', '.join(policy.cors_origins) or 'none'} (--cors-origins)", flush=True)
@@ -188,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                   f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}")
     try:
         layout = {"pipeline_model_parallel_size": pp} if pp > 1 else {}  # this rank's stage under PP
-        model, tokenizer, stored = load_model(args.load, tp, ctx.device, **layout)
+        model, tokenizer, stored = load_model(args.load, tp, ctx.device, iteration=args.load_iteration or None, **layout)
         warm_up(model)
     except Exception as err:
         if pp == 1:

@@ -1,15 +1,16 @@
-"""POST /v1/completions: OpenAI's completion request to an engine job, and the result to a
+"""POST /v1/completions: OpenAI's completion request to engine jobs, and their results to a
 reply or to its stream of server-sent chunks.
 
 OpenAI's conventions: a choice per prompt; the text ends before a stop sequence or the
 end-of-document token (finish_reason "stop"), else at max_tokens ("length"); echo puts the
-prompt first. An empty prompt starts from the end-of-document token. logprobs give each
-chosen token's log-probability (top_logprobs holds only the chosen token: the engine keeps
-no alternatives); prompt tokens, which the engine does not score, get null.
+prompt first. An empty prompt starts from the end-of-document token. logprobs N gives each
+token's log-probability and, in top_logprobs, its N likeliest alternatives (with the chosen
+token, as vLLM does), under the layer that produced it. With echo, the prompt is scored
+too (a ScoreJob, under the final layer or `exit_layer`): every prompt token but the first,
+which nothing predicts, gets its log-probability. max_tokens 0 with echo scores only.
 
-A stream replays the finished result token by token: the engine hands back whole
-generations, so the first chunk comes when the batch is done. The chunks' texts add up
-to the non-streamed text exactly.
+A stream sends each token's text as the engine decodes it (the job's listener); the
+chunks' texts add up to the non-streamed text exactly.
 """
 
 from __future__ import annotations
@@ -17,21 +18,33 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Dict, List, Optional
 
 from megatron.early_exit.inference import GenerationResult
-from megatron.early_exit.server.jobs import Job, ModelLimits, RequestError, build_sampling, build_strategy, check_prompts
+from megatron.early_exit.inference.scoring import ScoreResult
+from megatron.early_exit.server.jobs import (
+    Job, ModelLimits, RequestError, ScoreJob, build_sampling, build_strategy, check_prompts, scoring_exit,
+)
 from megatron.early_exit.server.schemas import (
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage,
 )
-from megatron.early_exit.server.text import Continuation, find_stop, single_token_stops, tokenize_prompts
+from megatron.early_exit.server.text import Continuation, TextStream, find_stop, single_token_stops, tokenize_prompts
 
 
 @dataclass
 class Prompts:
     ids: List[List[int]]
     texts: List[str]  # as given, or detokenized when given as token ids
+
+
+@dataclass
+class CompletionJobs:
+    """What a completion request asks of the engine: a generation, a prompt scoring, or both."""
+
+    prompts: Prompts
+    generate: Optional[Job] = None
+    score: Optional[ScoreJob] = None
 
 
 def read_prompts(request: CompletionRequest, tokenizer) -> Prompts:
@@ -48,14 +61,27 @@ def read_prompts(request: CompletionRequest, tokenizer) -> Prompts:
     return Prompts(ids, [tokenizer.detokenize(p) if p else "" for p in ids])
 
 
-def completion_job(request: CompletionRequest, tokenizer, limits: ModelLimits) -> tuple[Job, Prompts]:
+def completion_jobs(request: CompletionRequest, tokenizer, limits: ModelLimits) -> CompletionJobs:
+    if request.max_tokens == 0 and not request.echo:
+        raise RequestError("max_tokens", "0 generates nothing: set echo true to score the prompt, or max_tokens >= 1")
     sampling = build_sampling(request.temperature, request.top_k, request.top_p, request.seed)
     strategy = build_strategy(request, limits, sampling.greedy)
     prompts = read_prompts(request, tokenizer)
     check_prompts(prompts.ids, request.max_tokens, limits, "prompt", "max_tokens")
-    stops = [tokenizer.eod] + single_token_stops(tokenizer, request.stop_list)
-    job = Job(tuple(map(tuple, prompts.ids)), strategy, sampling, request.max_tokens, tuple(dict.fromkeys(stops)))
-    return job, prompts
+    jobs = CompletionJobs(prompts)
+    top_n = request.logprobs or 0
+    if request.echo and request.logprobs is not None:
+        jobs.score = ScoreJob(tuple(map(tuple, prompts.ids)), scoring_exit(request, limits), top_n)
+    if request.max_tokens > 0:
+        stops = [tokenizer.eod] + single_token_stops(tokenizer, request.stop_list)
+        jobs.generate = Job(tuple(map(tuple, prompts.ids)), strategy, sampling, request.max_tokens,
+                            tuple(dict.fromkeys(stops)), top_n)
+    return jobs
+
+
+def empty_result(rows: int, num_layers: int) -> GenerationResult:
+    """The result of generating nothing (max_tokens 0)."""
+    return GenerationResult([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], num_layers)
 
 
 @dataclass
@@ -70,48 +96,58 @@ class ChoiceText:
     logprobs: List[float]
     exit_layers: List[int]
     finish_reason: str
+    top_tokens: List[List[int]] = field(default_factory=list)  # per token, with logprobs N > 0
+    top_logprobs: List[List[float]] = field(default_factory=list)
 
     def pieces(self, tokenizer) -> List[str]:
         return Continuation(tokenizer, self.prompt_ids).pieces(self.tokens, self.text)
 
 
-def choice_texts(request: CompletionRequest, tokenizer, prompts: Prompts, result: GenerationResult) -> List[ChoiceText]:
+def choice_texts(request, tokenizer, prompts: Prompts, result: GenerationResult) -> List[ChoiceText]:
+    """Each prompt's generation, cut at the end-of-document token or a stop sequence
+    (`request` has stop_list)."""
     stop_ids = set(single_token_stops(tokenizer, request.stop_list))
     out = []
     for i, (tokens, logprobs, exits) in enumerate(zip(result.tokens, result.logprobs, result.exit_layers)):
+        top_t = result.top_tokens[i] if result.top_tokens else [[] for _ in tokens]
+        top_v = result.top_logprobs[i] if result.top_logprobs else [[] for _ in tokens]
         finish = "stop" if tokens and tokens[-1] in stop_ids else "length"
+        n = len(tokens)
         if tokens and tokens[-1] == tokenizer.eod:  # the end of document stops, unseen
-            tokens, logprobs, exits, finish = tokens[:-1], logprobs[:-1], exits[:-1], "stop"
+            n, finish = n - 1, "stop"
         continuation = Continuation(tokenizer, prompts.ids[i])
-        stop = find_stop(continuation, tokens, request.stop_list)
+        stop = find_stop(continuation, tokens[:n], request.stop_list)
         if stop is not None:
-            n = stop.num_tokens
-            tokens, logprobs, exits, finish = tokens[:n], logprobs[:n], exits[:n], "stop"
-            text = stop.text[: stop.text_end]
+            n, finish, text = stop.num_tokens, "stop", stop.text[: stop.text_end]
         else:
-            text = continuation.text(tokens)
-        out.append(ChoiceText(i, prompts.texts[i], prompts.ids[i], text, list(tokens), list(logprobs), list(exits), finish))
+            text = continuation.text(tokens[:n])
+        out.append(ChoiceText(i, prompts.texts[i], prompts.ids[i], text, list(tokens[:n]), list(logprobs[:n]),
+                              list(exits[:n]), finish, list(top_t[:n]), list(top_v[:n])))
     return out
 
 
-def completion(request: CompletionRequest, tokenizer, model_name: str, prompts: Prompts,
-               result: GenerationResult) -> tuple[Completion, List[ChoiceText]]:
+def completion(request: CompletionRequest, tokenizer, model_name: str, prompts: Prompts, result: GenerationResult,
+               scores: Optional[ScoreResult] = None) -> tuple[Completion, List[ChoiceText]]:
     texts = choice_texts(request, tokenizer, prompts, result)
-    choices = [_choice(request, tokenizer, c) for c in texts]
-    prompt_tokens = sum(len(p) for p in prompts.ids)
-    completion_tokens = result.num_generated
+    choices = [_choice(request, tokenizer, c, scores) for c in texts]
     reply = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name, choices=choices,
-                       usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                   total_tokens=prompt_tokens + completion_tokens))
+                       usage=usage(prompts, result))
     return reply, texts
 
 
-def _choice(request: CompletionRequest, tokenizer, c: ChoiceText) -> CompletionChoice:
+def usage(prompts: Prompts, result: GenerationResult) -> Usage:
+    prompt_tokens, completion_tokens = sum(len(p) for p in prompts.ids), result.num_generated
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def _choice(request: CompletionRequest, tokenizer, c: ChoiceText, scores: Optional[ScoreResult]) -> CompletionChoice:
     logprobs = None
     if request.logprobs is not None:
-        head = prompt_pieces(tokenizer, c) if request.echo else []
-        logprobs = _logprobs(head + c.pieces(tokenizer), [None] * len(head) + c.logprobs,
-                             request.logprobs > 0)
+        head = prompt_logprobs(request, tokenizer, c, scores) if request.echo else _logprobs([], [], None)
+        body = _logprobs(c.pieces(tokenizer), c.logprobs, _tops(tokenizer, c.tokens, c.logprobs, c.top_tokens,
+                                                                 c.top_logprobs) if request.logprobs else None)
+        logprobs = _join(head, body)
     return CompletionChoice(
         index=c.index, text=(c.prompt_text + c.text) if request.echo else c.text, logprobs=logprobs,
         finish_reason=c.finish_reason, exit_layers=c.exit_layers,
@@ -119,43 +155,94 @@ def _choice(request: CompletionRequest, tokenizer, c: ChoiceText) -> CompletionC
     )
 
 
-def _logprobs(pieces: List[str], values: List[Optional[float]], with_top: bool, offset: int = 0) -> CompletionLogprobs:
+def prompt_logprobs(request: CompletionRequest, tokenizer, c: ChoiceText, scores: ScoreResult) -> CompletionLogprobs:
+    """The echoed prompt's pieces, with the score of every token after the first."""
+    pieces = Continuation(tokenizer, []).pieces(c.prompt_ids, c.prompt_text)
+    values = scores.logprobs[c.index]
+    tops = None
+    if request.logprobs:
+        tops = [None] + _tops(tokenizer, c.prompt_ids[1:], values, scores.top_tokens[c.index],
+                              scores.top_logprobs[c.index])
+    return _logprobs(pieces, [None] + list(values), tops)
+
+
+def _tops(tokenizer, tokens, values, top_tokens, top_values) -> List[Dict[str, float]]:
+    """Per token, {text: log-probability} of its alternatives, best first, then the token
+    itself when it is not among them (two ids with one text keep the likelier)."""
+    out = []
+    for token, value, ids, lps in zip(tokens, values, top_tokens, top_values):
+        alternatives: Dict[str, float] = {}
+        for t, lp in zip(ids, lps):
+            alternatives.setdefault(tokenizer.detokenize([t]), lp)
+        alternatives.setdefault(tokenizer.detokenize([token]), value)
+        out.append(alternatives)
+    return out
+
+
+def _logprobs(pieces: List[str], values: List[Optional[float]], tops, offset: int = 0) -> CompletionLogprobs:
     offsets, at = [], offset
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    top = [None if v is None else {p: v} for p, v in zip(pieces, values)] if with_top else None
-    return CompletionLogprobs(tokens=pieces, token_logprobs=values, top_logprobs=top, text_offset=offsets)
+    return CompletionLogprobs(tokens=pieces, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
 
-def prompt_pieces(tokenizer, c: ChoiceText) -> List[str]:
-    """The echoed prompt as one piece per prompt token."""
-    return Continuation(tokenizer, []).pieces(c.prompt_ids, c.prompt_text)
+def _join(head: CompletionLogprobs, body: CompletionLogprobs) -> CompletionLogprobs:
+    shift = sum(len(p) for p in head.tokens)
+    tops = None if head.top_logprobs is None and body.top_logprobs is None else \
+        (head.top_logprobs or []) + (body.top_logprobs or [])
+    return CompletionLogprobs(tokens=head.tokens + body.tokens, token_logprobs=head.token_logprobs + body.token_logprobs,
+                              top_logprobs=tops, text_offset=head.text_offset + [o + shift for o in body.text_offset])
 
 
 # -- streaming -----------------------------------------------------------------------------------------
 
 
-def stream_chunks(request: CompletionRequest, tokenizer, reply: Completion, texts: List[ChoiceText]) -> Iterator[Completion]:
-    """The reply as chunks: per choice, the echoed prompt, one chunk per generated token, and
-    a last empty chunk with the finish reason; then the usage, when asked for."""
+async def stream_chunks(request: CompletionRequest, tokenizer, model_name: str, prompts: Prompts,
+                        scores: Optional[ScoreResult], events: AsyncIterator) -> AsyncIterator[Completion]:
+    """Chunks as the engine decodes: per choice the echoed prompt first; then one chunk per
+    generated token, sent when it is decoded; then per choice the rest of its text and an
+    empty chunk with the finish reason; then the usage, when asked for. `events` yields the
+    engine's TokenEvents and, last, the GenerationResult."""
+    reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(**fields) -> Completion:
-        return Completion(id=reply.id, created=reply.created, model=reply.model, choices=[CompletionChoice(**fields)])
+        return Completion(id=reply_id, created=created, model=model_name, choices=[CompletionChoice(**fields)])
 
-    with_logprobs, with_top = request.logprobs is not None, bool(request.logprobs)
-    for c in texts:
-        at = 0
-        if request.echo:
-            head = prompt_pieces(tokenizer, c)
-            lp = _logprobs(head, [None] * len(head), with_top) if with_logprobs else None
-            yield chunk(index=c.index, text=c.prompt_text, logprobs=lp, exit_layers=[])
-            at = len(c.prompt_text)
-        for i, piece in enumerate(c.pieces(tokenizer)):
-            lp = _logprobs([piece], [c.logprobs[i]], with_top, at) if with_logprobs else None
-            probs = [math.exp(c.logprobs[i])] if request.print_max_prob else None
-            yield chunk(index=c.index, text=piece, logprobs=lp, exit_layers=[c.exit_layers[i]], probs=probs)
-            at += len(piece)
+    with_logprobs = request.logprobs is not None
+    streams = [TextStream(tokenizer, p, request.stop_list, tokenizer.eod) for p in prompts.ids]
+    offsets = [0] * len(prompts.ids)
+    if request.echo:
+        for i, text in enumerate(prompts.texts):
+            c = ChoiceText(i, text, prompts.ids[i], "", [], [], [], "length")
+            lp = prompt_logprobs(request, tokenizer, c, scores) if with_logprobs and scores is not None else None
+            yield chunk(index=i, text=text, logprobs=lp, exit_layers=[])
+            offsets[i] = len(text)
+    result = None
+    async for event in events:
+        if isinstance(event, GenerationResult):
+            result = event
+            break
+        for j, token in enumerate(event.tokens):
+            stream = streams[event.row]
+            if stream.stopped:
+                break
+            piece = stream.add(token)
+            if stream.stopped and token == tokenizer.eod:
+                break
+            lp = None
+            if with_logprobs:
+                tops = _tops(tokenizer, [token], [event.logprobs[j]], [event.top_tokens[j]],
+                             [event.top_logprobs[j]]) if request.logprobs else None
+                lp = _logprobs([piece], [event.logprobs[j]], tops, offsets[event.row])
+            probs = [math.exp(event.logprobs[j])] if request.print_max_prob else None
+            yield chunk(index=event.row, text=piece, logprobs=lp, exit_layers=[event.exit_layers[j]], probs=probs)
+            offsets[event.row] += len(piece)
+    result = result or empty_result(len(prompts.ids), 0)
+    for c in choice_texts(request, tokenizer, prompts, result):
+        rest = streams[c.index].finish(c.text)
+        if rest:
+            yield chunk(index=c.index, text=rest, exit_layers=[])
         yield chunk(index=c.index, text="", exit_layers=[], finish_reason=c.finish_reason)
     if request.stream_options is not None and request.stream_options.include_usage:
-        yield Completion(id=reply.id, created=reply.created, model=reply.model, choices=[], usage=reply.usage)
+        yield Completion(id=reply_id, created=created, model=model_name, choices=[], usage=usage(prompts, result))

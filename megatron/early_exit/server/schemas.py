@@ -1,9 +1,13 @@
 """Typed requests and replies of the server's endpoints (pydantic), validated once on arrival.
 
-    PUT  /api             ApiRequest -> ApiResponse           Megatron-LM's fields + early exit
-    POST /v1/completions  CompletionRequest -> Completion     OpenAI's completions + early exit
-    GET  /v1/models       ModelList
-    GET  /health          Health
+    PUT  /api                   ApiRequest -> ApiResponse             Megatron-LM's and EE-LLM's fields + early exit
+    POST /v1/completions        CompletionRequest -> Completion       OpenAI's completions + early exit
+    POST /v1/chat/completions   ChatRequest -> ChatCompletion         OpenAI's chat completions + early exit
+    GET  /tokenizer_info        TokenizerInfo                         as vLLM's server (lm-eval's remote tokenizer)
+    POST /tokenize              TokenizeRequest -> TokenizeResponse
+    POST /detokenize            DetokenizeRequest -> DetokenizeResponse
+    GET  /v1/models             ModelList
+    GET  /health                Health
 
 Every model is strict (a JSON string is not a number, 1 is not true) and forbids unknown
 fields, so a typo gets a 422 naming the field instead of being ignored. Limits that depend
@@ -20,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from megatron.early_exit.inference import CONFIDENCE_MEASURES, KV_STRATEGIES
 
 MAX_API_PROMPTS = 128  # Megatron-LM's limit on prompts per request
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
 DEFAULT_EARLY_EXIT_THRESHOLD = 0.8
 # Sampling divides float32 logits by the temperature and compares float32 probabilities with
 # top_p: below these, logits overflow and top_p rounds to 0, and every token is dropped.
@@ -62,6 +67,9 @@ class EarlyExitOptions(Strict):
     print_max_prob: bool = Field(
         False, description="reply with each token's probability under the layer that produced it (with greedy "
                            "decoding, that layer's top-1 probability, which early exit compares with the threshold)")
+    exit_layer: Optional[int] = Field(
+        None, description="score and generate with this one exit's head (an --exit-layer-nums entry, or num_layers "
+                          "for the final layer); generation takes its first token, from the prompt pass, at full depth")
 
     @model_validator(mode="after")
     def _one_strategy(self):
@@ -86,9 +94,10 @@ class ApiRequest(EarlyExitOptions):
     """Megatron-LM's text generation request, with EE-LLM's early-exit fields (as booleans
     and a probability, not key presence and a threshold of 40)."""
 
-    prompts: List[str] = Field(min_length=1, max_length=MAX_API_PROMPTS)
-    tokens_to_generate: int = Field(64, ge=1, description="new tokens per prompt")
-    logprobs: bool = Field(False, description="reply with the log-probability of each generated token")
+    prompts: List[str] = Field(min_length=1, max_length=MAX_API_PROMPTS, description="prompts, or one prompt as a string")
+    tokens_to_generate: int = Field(64, ge=0, description="new tokens per prompt (0: score the prompts only)")
+    logprobs: bool = Field(False, description="reply with log-probabilities aligned with tokens[1:] (the prompt's "
+                                              "and the generation's; with echo_prompts false, the generation's)")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0: greedy")
     top_k: int = Field(0, ge=0, le=1000, description="sample among the k most likely tokens (0: all, 1: greedy)")
     top_p: float = Field(0.0, ge=0.0, le=1.0, description="nucleus sampling (0: off)")
@@ -98,9 +107,20 @@ class ApiRequest(EarlyExitOptions):
     stop_on_eol: bool = Field(False, description="stop a prompt at its first newline token")
     stop_on_double_eol: bool = Field(False, description="stop a prompt at a double-newline token")
     stop_sequences: Optional[List[str]] = Field(None, description="stop a prompt once its text holds one of these")
+    stop_token: Optional[int] = Field(None, ge=0, description="one more token id that ends a prompt (the "
+                                                              "end-of-document token always does)")
+    prevent_newline_after_colon: bool = Field(False, description="never generate the newline token right after ':'")
+    beam_width: Optional[int] = Field(None, ge=1, description="Megatron-LM's beam search: 1 (greedy, with `scores`); "
+                                                              "wider beams are not supported")
+    length_penalty: float = Field(1.0, description="beam_width: scores are sum(logprobs) / length ** length_penalty")
     random_seed: int = Field(-1, ge=-1, le=SEED_RANGE[1], description="seed of sampling (-1: a fresh one)")
     echo_prompts: bool = Field(True, description="text and segments start with the prompt")
     no_log: bool = Field(False, description="do not log the request on the server")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompts):
+        return [prompts] if isinstance(prompts, str) else prompts
 
     @field_validator("stop_sequences")
     @classmethod
@@ -112,16 +132,26 @@ class ApiRequest(EarlyExitOptions):
 
 class ApiResponse(BaseModel):
     text: List[str] = Field(description="per prompt: prompt + generation (echo_prompts) or the generation")
-    segments: List[List[str]] = Field(description="per prompt: the text of each token of `text`")
+    segments: List[List[str]] = Field(description="per prompt: the text each token of `tokens` adds (they join to `text`)")
     tokens: List[List[int]] = Field(description="per prompt: the token ids of `text`")
-    logprobs: Optional[List[List[float]]] = Field(None, description="per prompt: log-probability of each generated token")
+    logprobs: Optional[List[List[float]]] = Field(None, description="per prompt: log p(tokens[t+1] | tokens[:t+1]) "
+                                                                    "(echo_prompts), or of each generated token")
     exit_layers: List[List[int]] = Field(description="per prompt: layers each generated token went through")
     probs: Optional[List[List[float]]] = Field(None, description="print_max_prob: probability of each generated token")
+    scores: Optional[List[float]] = Field(None, description="beam_width: each generation's length-penalised log-probability")
 
 
 # -- POST /v1/completions -----------------------------------------------------------------------------
 
 PromptInput = Union[str, List[str], List[int], List[List[int]]]
+
+
+def check_stops(stop):
+    """OpenAI's rule for `stop`: a string or up to 4 of them, none empty."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (len(stops) > 4 or any(s == "" for s in stops)):
+        raise ValueError("at most 4 stop sequences, none empty")
+    return stop
 
 
 class StreamOptions(Strict):
@@ -133,7 +163,7 @@ class CompletionRequest(EarlyExitOptions):
 
     model: Optional[str] = Field(None, description="any name: the server serves one model")
     prompt: PromptInput = Field(description="a string, a list of strings, or token ids (a list or a list of lists)")
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0, description="0 (with echo): score the prompt only")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
@@ -141,8 +171,9 @@ class CompletionRequest(EarlyExitOptions):
     best_of: Optional[int] = Field(None, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=5, description="log-probability of each chosen token "
-                                    "(alternatives are not returned: top_logprobs holds the chosen token only)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probability of each token, and "
+                                    "top_logprobs: the N likeliest alternatives (and the chosen token); with echo, "
+                                    "the prompt's tokens too (null for the first)")
     echo: bool = False
     stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -152,13 +183,7 @@ class CompletionRequest(EarlyExitOptions):
     suffix: Optional[str] = Field(None, max_length=0, description="not supported")
     user: Optional[str] = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and (len(stops) > 4 or any(s == "" for s in stops)):
-            raise ValueError("at most 4 stop sequences, none empty")
-        return stop
+    _stops = field_validator("stop")(classmethod(lambda cls, stop: check_stops(stop)))
 
     @property
     def stop_list(self) -> List[str]:
@@ -219,3 +244,147 @@ class Health(BaseModel):
     queued: int = Field(description="requests waiting for the decoder")
     busy: bool = Field(description="the decoder is running a batch")
     served: int = Field(description="engine calls finished since start")
+
+
+# -- POST /v1/chat/completions -------------------------------------------------------------------------
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart]]
+    name: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(EarlyExitOptions):
+    """OpenAI's chat completions request: the messages go through the tokenizer's chat template."""
+
+    model: Optional[str] = Field(None, description="any name: the server serves one model")
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: up to the model's context")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="the same as max_tokens")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
+    n: int = Field(1, ge=1, le=1, description="one completion")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    logprobs: bool = Field(False, description="log-probability of each generated token")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (needs logprobs)")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    logit_bias: Optional[Dict[str, float]] = Field(None, max_length=0, description="not supported (must be empty)")
+    user: Optional[str] = None
+
+    _stops = field_validator("stop")(classmethod(lambda cls, stop: check_stops(stop)))
+
+    @property
+    def stop_list(self) -> List[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[List[TokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    exit_layers: List[int] = Field(description="extension: layers each generated token went through")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: List[ChatChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    exit_layers: List[int] = Field(default_factory=list)
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+# -- GET /tokenizer_info, POST /tokenize, POST /detokenize (vLLM's names and fields) -------------------
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    eos_token: Optional[str] = Field(description="text of the end-of-document token")
+    bos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    chat_template: Optional[str] = Field(None, description="the Jinja chat template (null: none)")
+    model_max_length: int
+    vocab_size: int
+
+
+class TokenizeRequest(Strict):
+    model: Optional[str] = None
+    prompt: Optional[str] = Field(None, description="text to tokenize (or messages)")
+    messages: Optional[List[ChatMessage]] = Field(None, description="a chat, through the chat template")
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(True, description="put the beginning-of-text token first (when the tokenizer has one)")
+    return_token_strs: bool = False
+
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: List[int]
+    token_strs: Optional[List[str]] = None
+
+
+class DetokenizeRequest(Strict):
+    model: Optional[str] = None
+    tokens: List[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

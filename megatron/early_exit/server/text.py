@@ -82,3 +82,49 @@ def find_stop(continuation: Continuation, tokens: Sequence[int], stops: Sequence
         if hits:
             return StopMatch(n, min(hits), text)
     return None
+
+
+class TextStream:
+    """A generation's text, sent as its tokens arrive: each call to `add` returns the text
+    they add, holding back what could still change (the start of a stop sequence, a
+    character whose bytes are not all in). `finish` sends the rest of the final text."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stops: Sequence[str], eod: Optional[int]):
+        self.continuation = Continuation(tokenizer, prompt_ids)
+        self.stops, self.eod = list(stops), eod
+        self.tokens: List[int] = []
+        self.sent = ""
+        self.stopped = False  # a stop sequence or the end-of-document token ended the text
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        if token == self.eod:
+            self.stopped = True
+            return ""
+        self.tokens.append(token)
+        text = self.continuation.text(self.tokens)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            self.stopped = True
+            return self._send(text[: min(hits)])
+        return self._send(text[: len(text) - self._held(text)])
+
+    def finish(self, final_text: str) -> str:
+        """The rest of `final_text` (the reply's text when not streamed)."""
+        return self._send(final_text)
+
+    def _held(self, text: str) -> int:
+        held = len(text) - len(text.rstrip("\ufffd"))
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    held = max(held, n)
+                    break
+        return held
+
+    def _send(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece

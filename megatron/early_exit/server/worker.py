@@ -7,8 +7,10 @@ one; every rank runs the same engine call.
     rank 0, HTTP thread   Worker.submit (from the request handlers), never blocked by decoding
     other ranks           follow(): receive, generate, repeat until told to stop
 
-Messages are ("job", Job), ("ping", None) and ("stop", None), sent with
-torch.distributed.broadcast_object_list. An idle rank 0 pings every `heartbeat_seconds`,
+Messages are ("job", Job or ScoreJob), ("ping", None) and ("stop", None), sent with
+torch.distributed.broadcast_object_list. A job's listener stays on rank 0: the engine calls
+it there as each step's tokens are picked, routed to the request that owns the row, so a
+streamed reply sends each token when it is decoded while its batch goes on. An idle rank 0 pings every `heartbeat_seconds`,
 so that the other ranks, waiting in a broadcast, never reach the process group's timeout.
 A job the engine refuses (InferenceConfigError) is refused on every rank alike, before
 any collective, so the ranks stay in step; rank 0 answers it with a 400.
@@ -26,7 +28,7 @@ from typing import Deque, List, Optional, Tuple
 import torch
 
 from megatron.early_exit.inference import InferenceConfigError
-from megatron.early_exit.server.jobs import Job, merge_jobs, run_job, split_result
+from megatron.early_exit.server.jobs import AnyJob, merge_jobs, route_tokens, run_job, split_result
 
 
 class QueueFull(RuntimeError):
@@ -47,7 +49,7 @@ class Worker:
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.heartbeat_seconds = heartbeat_seconds
-        self._queue: Deque[Tuple[Job, Future]] = collections.deque()
+        self._queue: Deque[Tuple[AnyJob, Future]] = collections.deque()
         self._ready = threading.Condition()
         self._stopping = False
         self.busy = False
@@ -55,7 +57,7 @@ class Worker:
 
     # -- the HTTP side --------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: AnyJob) -> Future:
         future: Future = Future()
         with self._ready:
             if len(self._queue) >= self.max_queued:
@@ -91,7 +93,7 @@ class Worker:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(RuntimeError("the server is shutting down"))
 
-    def _next_batch(self, timeout: float) -> List[Tuple[Job, Future]]:
+    def _next_batch(self, timeout: float) -> List[Tuple[AnyJob, Future]]:
         """The head of the queue and the jobs right behind it that can share its engine call.
         Requests whose caller went away (a cancelled future) are dropped here; the others
         are marked running, so that they can no longer be cancelled under the decoder."""
@@ -112,13 +114,13 @@ class Worker:
                     batch.append((job, future))
             return batch
 
-    def _run_batch(self, batch: List[Tuple[Job, Future]]) -> None:
+    def _run_batch(self, batch: List[Tuple[AnyJob, Future]]) -> None:
         jobs = [job for job, _ in batch]
         merged = merge_jobs(jobs)
         self.busy = True
         try:
             broadcast(("job", merged))
-            result = run_job(self.model, merged)
+            result = run_job(self.model, merged, on_tokens=route_tokens(jobs))
         except BaseException as err:  # noqa: BLE001 -- every waiting request gets the error
             for _, future in batch:
                 future.set_exception(err)
