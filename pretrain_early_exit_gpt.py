@@ -4,7 +4,11 @@
 
 Flags follow Megatron-LM (model shape, training, parallelism, data, logging,
 checkpoints) and EE-LLM (--exit-layer-nums, --exit-layer-weight, ...); see
-`python pretrain_early_exit_gpt.py --help`.
+`python pretrain_early_exit_gpt.py --help`. EE-LLM's launch scripts run unchanged; a later
+flag overrides an earlier one, e.g. `--no-use-flash-attn` to run such a script where flash
+attention cannot. Long runs: --exit-signal-handler (SIGTERM: save and exit 0),
+--exit-interval, --exit-duration-in-mins; --save DIR --load DIR resumes, and starts from
+scratch while DIR holds no checkpoint; --skip-train --load evaluates a checkpoint.
 """
 
 import os

@@ -9,19 +9,28 @@ cd "$(dirname "$0")/../.."
 : "${NNODES:=1}" "${GPUS_PER_NODE:=8}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}" "${MASTER_PORT:=6000}"
 BASE=$WORK/$NAME; EE=$WORK/$NAME-ee; TUNED=$WORK/$NAME-ee-tuned
 MODEL_ARGS=("${LAYER_ARGS[@]}"
-  --seq-length 4096 --max-position-embeddings 4096 --normalization RMSNorm --norm-epsilon 1e-05
+  --seq-length 2048 --max-position-embeddings 4096 --normalization RMSNorm --norm-epsilon 1e-05
   --swiglu --disable-bias-linear --position-embedding-type rope --rotary-base 10000
   --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 1
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$EE/tokenizer")
+# EE-LLM's tuning flags (examples/ee_tuning/tune/llama2_*_mlp_pt.sh) where they mean the same.
+# Ours differ: the exits' placement and structure come from each script's EXIT_ARGS (EE-LLM
+# tunes exit MLPs at every 5th layer); the tokenizer is the one the converted checkpoint
+# holds (EE-LLM passes --tokenizer-type Llama2Tokenizer, with the same ids); and
+# --make-vocab-size-divisible-by 1 keeps Llama 2's 32000 rows as EE-LLM's --padded-vocab-size 32000
+# does, for any vocabulary. Append --no-use-flash-attn on a machine without flash-attn.
+: "${WANDB_PROJECT=EE-TUNE}" "${WANDB_GROUP:=$NAME-ee}" "${RUN_NAME:=$(date "+%m%d-%H%M")}"
 ARGS=("${MODEL_ARGS[@]}" "${EXIT_ARGS[@]}" --exit-layer-weight 1.0 1.0
   --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP ${TUNE_ARGS[@]+"${TUNE_ARGS[@]}"} --sequence-parallel
-  --use-distributed-optimizer --bf16 --hidden-dropout 0 --attention-dropout 0
-  --load "$EE" --finetune --tune-exit --save "$TUNED" --save-interval 500
-  --micro-batch-size 1 --global-batch-size 128 --train-iters 2000
-  --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 100 --weight-decay 0.1
-  --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-  --data-path "$DATA_PATH" --split 990,9,1 --log-interval 10 --eval-interval 500 --eval-iters 10
-  --tensorboard-dir "$TUNED/tensorboard" "$@")
+  --query-key-layer-scaling --use-flash-attn --bf16
+  --load "$EE" --finetune --tune-exit --save "$TUNED" --save-interval 20000
+  --micro-batch-size 4 --global-batch-size 16 --train-iters 40000
+  --lr 0.0001 --min-lr 1.0e-5 --lr-warmup-fraction .01
+  --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0
+  --data-path "$DATA_PATH" --split 990,9,1
+  --log-interval 10 --log-timers-to-tracker --eval-interval 50000 --eval-iters 1
+  --wandb-project "$WANDB_PROJECT" --wandb-group "$WANDB_GROUP" --wandb-exp-name "$RUN_NAME"
+  --tensorboard-dir "$TUNED/tensorboard" --exit-signal-handler "$@")
 
 if [[ "${EE_PRINT_ARGS:-0}" == 1 ]]; then
   echo "WORLD_SIZE=$((NNODES * GPUS_PER_NODE))"

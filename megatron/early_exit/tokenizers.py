@@ -181,6 +181,23 @@ class SentencePieceTokenizer(Tokenizer):
         return {"tokenizer_model": os.path.abspath(self.model_file)}
 
 
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Llama 2's SentencePiece model with Llama's special ids, as Megatron-LM's Llama2Tokenizer:
+    every text starts with the `bos` id (`<s>`), a document ends with `eos` (`</s>`, appended
+    by the caller), and `pad` is the model's (Llama 2 has none)."""
+
+    type_name = "Llama2Tokenizer"
+
+    def __init__(self, model_file: str) -> None:
+        super().__init__(model_file)
+        if self._sp.bos_id() < 0:
+            raise TokenizerError(f"--tokenizer-model {model_file}: the model has no bos piece, which Llama2Tokenizer "
+                                 "puts before every text (use --tokenizer-type SentencePieceTokenizer)")
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._sp.bos_id()] + super().tokenize(text)
+
+
 # --------------------------------------------------------------------------- Hugging Face library
 
 
@@ -422,6 +439,7 @@ class NullTokenizer(Tokenizer):
 
 TOKENIZER_TYPES = (
     SentencePieceTokenizer.type_name,
+    Llama2Tokenizer.type_name,
     GPT2BPETokenizer.type_name,
     HuggingFaceTokenizer.type_name,
     NullTokenizer.type_name,
@@ -439,6 +457,9 @@ def build_tokenizer(
     if tokenizer_type == SentencePieceTokenizer.type_name:
         model = _require_flag(tokenizer_model, "--tokenizer-model", tokenizer_type, "a SentencePiece .model file")
         return SentencePieceTokenizer(model)
+    if tokenizer_type == Llama2Tokenizer.type_name:
+        model = _require_flag(tokenizer_model, "--tokenizer-model", tokenizer_type, "Llama 2's tokenizer.model")
+        return Llama2Tokenizer(model)
     if tokenizer_type == GPT2BPETokenizer.type_name:
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == HuggingFaceTokenizer.type_name:

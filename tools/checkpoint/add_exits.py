@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (ours: convert_hf.py or --save output)")
     p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
-    p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
+    p.add_argument("--iteration", "--load-iteration", "--ckpt-step", dest="iteration", type=int, default=None,
+                   help="iteration of --load to read (default, or 0: the latest)")
     p.add_argument("--exits-from", default=None,
                    help="take the exits (structure and weights) from this checkpoint instead, e.g. one tuned with "
                         "--tune-exit-pipeline-parallel-size, which holds only the first stages")
@@ -47,6 +48,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.iteration = args.iteration or None
     from megatron.early_exit.errors import install_excepthook
 
     install_excepthook()

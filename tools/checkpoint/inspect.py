@@ -1,7 +1,7 @@
 """Print what a checkpoint holds: iteration, layout it was saved from, model and exit
 flags, and every tensor with its global shape and dtype.
 
-    python tools/checkpoint/inspect.py CHECKPOINT_DIR [--iteration N] [--args] [--json]
+    python tools/checkpoint/inspect.py CHECKPOINT_DIR [--load-iteration N] [--args] [--json]
 
 CHECKPOINT_DIR is a `--save` directory (its latest checkpoint is read) or one
 `iter_XXXXXXX` directory. Nothing is loaded into memory but the index and the flags, both
@@ -79,11 +79,13 @@ else:
         install_excepthook()
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("checkpoint")
-        p.add_argument("--iteration", type=int, default=None)
+        p.add_argument("--iteration", "--load-iteration", "--ckpt-step", dest="iteration", type=int, default=None,
+                       help="iteration to read (default, or 0: the latest)")
         p.add_argument("--args", action="store_true", help="print every stored flag")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         a = p.parse_args(argv)
         root = a.checkpoint.rstrip("/")
+        a.iteration = a.iteration or None  # EE-LLM's 0: the latest
         if os.path.isfile(os.path.join(root, TRACKER)) or a.iteration is not None:
             path = resolve(root, a.iteration, checksums=False)  # describe() verifies them
         else:

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint directory (a --save directory)")
+    p.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
+                   help="iteration of --load to rewrite (default, or 0: the latest)")
     p.add_argument("--save", required=True, help="destination directory")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
@@ -36,6 +38,11 @@ def parse(argv=None):
     for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
         if getattr(a, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    a.load_iteration = a.load_iteration or None
+    if a.load_iteration is not None:  # a missing one is named here, before any process starts
+        from megatron.early_exit.checkpoint_reader import resolve
+
+        resolve(a.load, a.load_iteration, checksums=False)
     if os.path.abspath(a.load) == os.path.abspath(a.save):
         raise ConfigError("--save must differ from --load")
     return a
@@ -45,8 +52,8 @@ def target_args(a):
     """The stored training flags, re-laid out for the target (no data needed)."""
     from megatron.early_exit.training.checkpointing import resolve, stored_args
 
-    args = stored_args(resolve(a.load), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
-    args.load, args.save = a.load, a.save
+    args = stored_args(resolve(a.load, a.load_iteration), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
+    args.load, args.save, args.load_iteration = a.load, a.save, a.load_iteration
     args.finetune, args.no_load_optim, args.no_load_rng = False, a.weights_only, True
     return args
 
@@ -72,7 +79,7 @@ def run_rank(a):
         tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, args.pipeline_model_parallel_size,
                                                     not args.untie_embeddings_and_output_weights),
     )
-    vocab = read_model_config(checkpointing.resolve(args.load)).padded_vocab_size
+    vocab = read_model_config(checkpointing.resolve(args.load, args.load_iteration)).padded_vocab_size
     model = build_model(args, ctx.device, vocab)
     model = wrap_model(model, args)
     optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)

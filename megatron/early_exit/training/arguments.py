@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.tokenizers import TOKENIZER_TYPES
+from megatron.early_exit.training.batch_schedule import (
+    iterations_for_samples, scheduler_steps, validate_rampup, validate_run_length,
+)
 from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
 
 
@@ -23,7 +26,8 @@ def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
     g.add_argument("--hidden-size", type=int, required=True)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="default 4 x hidden size; with --swiglu 2/3 of that, a multiple of 64 (Megatron-LM's)")
     g.add_argument("--num-attention-heads", type=int, required=True)
     g.add_argument("--group-query-attention", action="store_true")
     g.add_argument("--num-query-groups", type=int, default=None)
@@ -42,10 +46,19 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="factor of --use-rope-scaling")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true", help="biases on the QKV projection even with --disable-bias-linear")
+    g.add_argument("--qk-layernorm", action="store_true", help="norm each query and key head (--normalization's type)")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--padded-vocab-size", type=int, default=None,
+                   help="rows of the embedding and output layer (overrides the padding of --make-vocab-size-divisible-by)")
+    g.add_argument("--query-key-layer-scaling", dest="apply_query_key_layer_scaling", action=argparse.BooleanOptionalAction,
+                   default=False, help="scale Q.K^T by 1/layer number (softmax in fp32; same result, for fp16 range)")
+    g.add_argument("--use-flash-attn", action=argparse.BooleanOptionalAction, default=False,
+                   help="flash attention through megatron-core's attention backend (needs a CUDA device, Transformer "
+                        "Engine and flash-attn); --no-use-flash-attn after it turns it off, e.g. to run a GPU script on CPU")
     g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
                    help="layer modules: transformer_engine (needs TE and a CUDA device) or local; default: TE when the "
                         "target device is CUDA and TE imports. te_standin: TE's module layout in plain PyTorch (CPU tests). "
@@ -56,7 +69,10 @@ def _training_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x data-parallel size")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps (or give --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None, help="samples to train on; LR flags then count samples")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="global batch size from START up by INCREMENT over SAMPLES samples (with --train-samples)")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -64,6 +80,10 @@ def _training_args(p: argparse.ArgumentParser):
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="default --train-samples")
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warm-up as a fraction of the LR decay")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -74,17 +94,49 @@ def _training_args(p: argparse.ArgumentParser):
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2**32)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None, help="save and stop after an iteration divisible by N")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and stop after this many minutes")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM finish the iteration, save, and exit with status 0")
+    g.add_argument("--skip-train", action="store_true", help="with --load: evaluate the checkpoint only")
 
 
 def _parallel_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline: layers of each model chunk (v = layers / (PP x N) chunks per stage)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved pipeline: model chunks per stage (the other way to give v)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--disable-gloo-process-groups", dest="enable_gloo_process_groups", action="store_false",
                    default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU only)")
+
+
+def _recompute_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="full: recompute whole layers (see --recompute-method); selective: core attention only")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="uniform: chunks of --recompute-num-layers layers; block: the first --recompute-num-layers "
+                        "layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-activations", action="store_true", help="the same as --recompute-granularity selective")
+    g.add_argument("--distribute-saved-activations", action="store_true",
+                   help="split recomputed layers' saved inputs across the tensor-parallel group")
+    g.add_argument("--recompute-exit-heads", action="store_true",
+                   help="recompute each exit head (its vocabulary-sized logits) in backward")
+
+
+def _distributed_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("distributed communication")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets during backward (megatron-core DDP)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer, gather updated parameters during the next forward")
 
 
 def _data_args(p: argparse.ArgumentParser):
@@ -109,12 +161,25 @@ def _logging_args(p: argparse.ArgumentParser):
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
+                   help="0: iteration time; 1: also forward-backward and optimizer; 2: also forward, exit losses, "
+                        "backward and pipeline communication per microbatch (synchronises the device)")
+    g.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
+                   help="timers over ranks: the max, min and max, or every rank's")
+    g.add_argument("--log-timers-to-tracker", "--log-timers-to-tensorboard", dest="log_timers_to_tracker",
+                   action="store_true", help="write the timers to TensorBoard and wandb")
+    g.add_argument("--wandb-project", default=None, help="log to Weights & Biases under this project (empty: off)")
+    g.add_argument("--wandb-group", default=None)
+    g.add_argument("--wandb-exp-name", default=None, help="the run's name")
+    g.add_argument("--wandb-save-dir", default="", help="where wandb writes the run (default: <--save>/wandb)")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
+                   help="load this iteration of --load (default, or 0: the latest)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints under --save")
     g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
@@ -143,6 +208,9 @@ def _early_exit_args(p: argparse.ArgumentParser):
     g.add_argument("--fill-explicit-bubbles", action="store_true")
     g.add_argument("--num-fill-warmup-microbatches", type=int, default=None)
     g.add_argument("--num-fill-cooldown-microbatches", type=int, default=None)
+    g.add_argument("--fill-placement", choices=("idle", "fixed"), default="idle",
+                   help="idle: fill items only where 1F1B idles (no slower iteration; the counts cap them); "
+                        "fixed: EE-LLM's counts at fixed points")
     g.add_argument("--backward-forward-ratio", type=float, default=2.0)
     g.add_argument("--tune-exit", action="store_true")
     g.add_argument("--tune-exit-pipeline-parallel-size", type=int, default=None,
@@ -160,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain an early-exit GPT model on megatron-core (launch with torchrun).",
         allow_abbrev=False,
     )
-    for add in (_model_args, _training_args, _parallel_args, _data_args, _logging_args, _checkpoint_args, _early_exit_args):
+    for add in (_model_args, _training_args, _parallel_args, _recompute_args, _distributed_args, _data_args,
+                _logging_args, _checkpoint_args, _early_exit_args):
         add(p)
     return p
 
@@ -199,6 +268,7 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--use-checkpoint-args", action="store_true")
     pre.add_argument("--load", default=None)
+    pre.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None)
     known, _ = pre.parse_known_args(argv)
     if not known.use_checkpoint_args:
         return
@@ -206,7 +276,7 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
         raise ConfigError("--use-checkpoint-args needs --load")
     from megatron.early_exit.training.checkpointing import read_args
 
-    saved = read_args(known.load)
+    saved = read_args(known.load, known.load_iteration or None)
     # The checkpoint's value, before validation filled derived defaults, is what it was trained with.
     values = {k: saved[k] for k in checkpoint_arg_names() if k in saved}
     if "--exit-layer-nums" in (argv if argv is not None else sys.argv[1:]):
@@ -222,10 +292,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Fill defaults that depend on other flags, and reject inconsistent settings."""
     from megatron.early_exit.parallel import validate_layout
 
-    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters")
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size")
+    validate_run_length(args)
     _validate_training_values(args)
     if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
@@ -243,9 +314,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--bf16 and --fp16 cannot be combined")
     if (args.use_rope_scaling or args.rotary_seq_len_interpolation_factor) and args.position_embedding_type != "rope":
         raise ConfigError("--use-rope-scaling and --rotary-seq-len-interpolation-factor need --position-embedding-type rope")
-    _apply_exit_tuning_stages(args)
+    _validate_exit_tuning_stages(args)
 
-    args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, built_stages(args)[1])
     tp = args.tensor_model_parallel_size
     if args.num_attention_heads % tp:
         raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --tensor-model-parallel-size ({tp})")
@@ -267,10 +338,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = {per_step}"
         )
     args.num_microbatches = args.global_batch_size // per_step
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
-        raise ConfigError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters ({args.lr_decay_iters})")
+    _apply_run_length(args)
+    _validate_run_control(args)
     if args.min_lr > args.lr:
         raise ConfigError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
     if args.save_interval is not None and args.save is None:
@@ -282,9 +351,31 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} needs --load")
 
     _validate_data_args(args)
+    _validate_recompute_args(args)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
     _validate_pipeline_args(args)
+    _validate_virtual_pipeline(args)
     _validate_transformer_impl(args)
+    if args.use_flash_attn and args.transformer_impl in ("local", "te_standin"):
+        raise ConfigError(f"--use-flash-attn needs --transformer-impl transformer_engine, not {args.transformer_impl}")
     build_early_exit_config(args).validate_against(args.num_layers)
+
+
+def _validate_recompute_args(args):
+    from megatron.early_exit.models.recompute import RecomputeConfig
+
+    layers, stages = built_stages(args)
+    RecomputeConfig.from_flags(vars(args)).validate_layout(
+        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel)
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's: 4 x hidden, or with SwiGLU (two input projections) 2/3 of that, rounded
+    down to a multiple of 64, so that the MLP keeps about the same number of parameters."""
+    if not swiglu:
+        return 4 * hidden_size
+    return max(int(4 * hidden_size * 2 / 3 / 64) * 64, 64)
 
 
 def _positive(args, *names):
@@ -348,9 +439,19 @@ def _validate_blend(data_path: List[str]) -> None:
                 raise ConfigError(f"--data-path: {prefix + suffix} does not exist (run tools/preprocess_data.py first)")
 
 
-def _apply_exit_tuning_stages(args):
-    """--tune-exit-pipeline-parallel-size k: keep only the first k of the p stages, i.e.
-    run a model of the first L*k/p layers on k stages (layer numbers unchanged)."""
+def built_stages(args) -> Tuple[int, int]:
+    """(layers, pipeline stages) of the model this run builds: the whole model, or with
+    --tune-exit-pipeline-parallel-size k its first k of --pipeline-model-parallel-size
+    stages (the first layers, numbers unchanged). The flags keep describing the whole
+    model: a checkpoint to load is compared with it."""
+    k, p = args.tune_exit_pipeline_parallel_size, args.pipeline_model_parallel_size
+    if k is None:
+        return args.num_layers, p
+    return args.num_layers // p * k, k
+
+
+def _validate_exit_tuning_stages(args):
+    """--tune-exit-pipeline-parallel-size k: the first k of the p stages must hold every exit."""
     k, p = args.tune_exit_pipeline_parallel_size, args.pipeline_model_parallel_size
     if k is None:
         return
@@ -360,14 +461,84 @@ def _apply_exit_tuning_stages(args):
         raise ConfigError(f"--tune-exit-pipeline-parallel-size ({k}) must be in 1..--pipeline-model-parallel-size ({p})")
     if args.num_layers % p:
         raise ConfigError(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({p})")
-    kept = args.num_layers // p * k
+    kept = built_stages(args)[0]
     beyond = [n for n in args.exit_layer_nums if n > kept]
     if beyond:
         raise ConfigError(
             f"--exit-layer-nums {beyond} lie beyond the first {k} of {p} stages (layers 1..{kept}) "
             "kept by --tune-exit-pipeline-parallel-size"
         )
-    args.num_layers, args.pipeline_model_parallel_size = kept, k
+
+
+def _apply_run_length(args):
+    """--train-samples becomes the iterations it takes (batch-size ramp-up included)."""
+    validate_rampup(args)
+    if args.train_samples is not None:
+        args.train_iters = iterations_for_samples(args)
+        if args.train_iters < 1:
+            raise ConfigError(f"--train-samples ({args.train_samples}) is less than one --global-batch-size "
+                              f"({args.global_batch_size})")
+    elif args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    scheduler_steps(args)  # its lengths are consistent
+
+
+def _validate_run_control(args):
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ConfigError(f"--exit-interval must be >= 1, got {args.exit_interval}")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if args.skip_train and not args.load:
+        raise ConfigError("--skip-train needs --load (the checkpoint to evaluate)")
+    if args.load_iteration is not None and args.load_iteration < 0:
+        raise ConfigError(f"--load-iteration must be >= 0, got {args.load_iteration}")
+    if args.load_iteration == 0:
+        args.load_iteration = None  # EE-LLM's 0: the latest
+    if args.load_iteration is not None and not args.load:
+        raise ConfigError("--load-iteration needs --load")
+    if not args.wandb_project:
+        args.wandb_project = None  # Megatron-LM: an empty project turns wandb off
+    p = args.padded_vocab_size
+    if p is not None and (p < 1 or p % args.tensor_model_parallel_size):
+        raise ConfigError(f"--padded-vocab-size ({p}) must be >= 1 and divisible by --tensor-model-parallel-size "
+                          f"({args.tensor_model_parallel_size})")
+
+
+def check_flash_attention(args) -> None:
+    """--use-flash-attn runs Transformer Engine's flash backend: refuse it, when the run
+    starts, where that cannot run (parsing accepts it anywhere, so that a GPU cluster's
+    script can be checked on any machine)."""
+    import importlib.util
+
+    from megatron.early_exit.models.layer_specs import transformer_engine_available
+    from megatron.early_exit.parallel import ParallelConfigError, resolve_device
+
+    if not args.use_flash_attn:
+        return
+    try:
+        device = resolve_device(args.device)
+    except ParallelConfigError:
+        device = None
+    missing = [what for what, ok in (
+        ("a CUDA device", device is not None and device.type == "cuda"),
+        ("Transformer Engine", device is not None and transformer_engine_available(device)),
+        ("flash-attn", any(importlib.util.find_spec(m) for m in ("flash_attn", "flash_attn_interface"))),
+    ) if not ok]
+    if missing:
+        raise ConfigError(f"--use-flash-attn needs {', '.join(missing)}, missing here; add --no-use-flash-attn "
+                          "after it to run with megatron-core's own attention")
+
+
+def build_transformer_overrides(args) -> dict:
+    """TransformerConfig fields the run's flags set beside the model's description."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    overrides = {}
+    if args.apply_query_key_layer_scaling:
+        overrides["apply_query_key_layer_scaling"] = True
+    if args.use_flash_attn:
+        overrides["attention_backend"] = AttnBackend.flash
+    return overrides
 
 
 def _validate_pipeline_args(args):
@@ -382,6 +553,43 @@ def _validate_pipeline_args(args):
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     if args.backward_forward_ratio <= 0:
         raise ConfigError(f"--backward-forward-ratio must be > 0, got {args.backward_forward_ratio}")
+
+
+def virtual_pipeline_chunks(args) -> int:
+    """Model chunks per pipeline stage: v of the interleaved schedule, 1 without it."""
+    from megatron.early_exit.pipeline.interleaved import VIRTUAL_FLAG, num_model_chunks
+
+    per_stage, chunks = getattr(args, "num_layers_per_virtual_pipeline_stage", None), getattr(
+        args, "num_virtual_stages_per_pipeline_rank", None)
+    if per_stage is not None and chunks is not None:
+        raise ConfigError(f"{VIRTUAL_FLAG} and --num-virtual-stages-per-pipeline-rank cannot be combined")
+    if chunks is not None:
+        if chunks < 1:
+            raise ConfigError(f"--num-virtual-stages-per-pipeline-rank must be >= 1, got {chunks}")
+        per_stage = args.num_layers // max(1, args.pipeline_model_parallel_size * chunks)
+        if chunks == 1:
+            return 1
+        if per_stage * args.pipeline_model_parallel_size * chunks != args.num_layers:
+            raise ConfigError(f"--num-virtual-stages-per-pipeline-rank {chunks}: --num-layers ({args.num_layers}) must be "
+                              f"divisible by --pipeline-model-parallel-size ({args.pipeline_model_parallel_size}) x {chunks}")
+    if per_stage is None:
+        return 1
+    return num_model_chunks(args.num_layers, args.pipeline_model_parallel_size, per_stage)
+
+
+def _validate_virtual_pipeline(args):
+    """The interleaved schedule: EE-LLM's bubble filling and exit tuning are defined for plain 1F1B."""
+    from megatron.early_exit.pipeline.interleaved import VIRTUAL_FLAG, check_num_microbatches
+
+    if virtual_pipeline_chunks(args) == 1:
+        return
+    if args.fill_explicit_bubbles:
+        raise ConfigError(f"--fill-explicit-bubbles cannot be combined with {VIRTUAL_FLAG}: EE-LLM's bubble filling is "
+                          "defined for the plain 1F1B schedule")
+    if args.tune_exit:
+        raise ConfigError(f"--tune-exit cannot be combined with {VIRTUAL_FLAG}: exit tuning runs the plain schedule")
+    if not args.rampup_batch_size:
+        check_num_microbatches(args.num_microbatches, args.pipeline_model_parallel_size)
 
 
 def _validate_transformer_impl(args):

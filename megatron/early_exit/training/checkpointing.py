@@ -17,6 +17,7 @@ and into a model that keeps only the first layers (exit tuning on the first pipe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -104,6 +105,10 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_p
     vars(args).update(saved)
     args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
     args.tensor_model_parallel_size = tensor_model_parallel_size
+    if args.tune_exit_pipeline_parallel_size is not None:  # its flags describe the whole model, its weights the first stages
+        raise CheckpointError(f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
+                              f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
+                              "the whole model with tools/checkpoint/add_exits.py --exits-from first")
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
     args.sequence_parallel = False
     args.transformer_impl = None  # the layer modules follow the device the run is on
@@ -414,10 +419,11 @@ def _pause_here(moment: str, iteration: int) -> None:
 # -- reading (the reader is checkpoint_reader.py) -----------------------------------
 
 
-def read_args(root: str) -> dict:
-    """The flags stored with the latest checkpoint under `root` (for --use-checkpoint-args),
-    its tokenizer files found where the checkpoint is now (it may have been moved)."""
-    path = resolve(root, checksums=False)  # the load reads the checksums
+def read_args(root: str, iteration: Optional[int] = None) -> dict:
+    """The flags stored with the latest (or the given) checkpoint under `root` (for
+    --use-checkpoint-args), its tokenizer files found where the checkpoint is now (it may
+    have been moved)."""
+    path = resolve(root, iteration, checksums=False)  # the load reads the checksums
     flags = dict(read_common(path)["args"])
     tokenizer = read_model_config(path).tokenizer
     flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
@@ -444,12 +450,12 @@ def verify_on_all_ranks(path: str) -> None:
 def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
     """`--load`: weights, and unless told otherwise optimizer, scheduler and RNG; returns
     (iteration, consumed samples). --finetune reads weights only and starts at 0."""
-    path = resolve(args.load, checksums=False)
+    path = resolve(args.load, getattr(args, "load_iteration", None), checksums=False)
     if checksums:
         verify_on_all_ranks(path)
     common = read_common(path)
     stored = read_model_config(path)
-    new_exits = compare_with_checkpoint(stored, _unwrap(model).model_config)
+    new_exits = compare_with_checkpoint(stored, _compared_model(stored, _unwrap(model).model_config, args.num_layers, path))
     weights_only = args.finetune or args.no_load_optim
     if not common.get("has_optimizer", True) and not weights_only:
         raise CheckpointError(f"--load {path} holds weights only (no optimizer state): add --finetune or --no-load-optim")
@@ -460,6 +466,22 @@ def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int
     if new_exits and rank0:
         print(f" exits at layers {new_exits} are not in the checkpoint: they keep their initialisation", flush=True)
     return _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only)
+
+
+def _compared_model(stored, built, num_layers: int, path: str):
+    """The description a checkpoint is compared with: the whole model the flags describe
+    (`num_layers` deep), even where the run builds only its first stages; a checkpoint
+    of first stages only (a run with --tune-exit-pipeline-parallel-size) is compared with
+    the same first stages."""
+    if stored.first_stages_only:
+        if not built.first_stages_only or built.num_layers != stored.num_layers:
+            raise CheckpointError(
+                f"--load {path} holds only the first {stored.num_layers} layers (exits tuned with "
+                f"--tune-exit-pipeline-parallel-size), this run builds {built.num_layers} of {num_layers}: load it with the "
+                "same --pipeline-model-parallel-size and --tune-exit-pipeline-parallel-size, or put its exits back on the "
+                "whole model with tools/checkpoint/add_exits.py --exits-from")
+        return built
+    return dataclasses.replace(built, num_layers=num_layers, first_stages_only=False)
 
 
 def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only) -> Tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Training metrics to stdout (Megatron-LM's line format) and TensorBoard."""
+"""Training metrics to stdout (Megatron-LM's line format) and the trackers (TensorBoard, wandb)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def average_reports(reports: List[LossReport]) -> Dict[str, float]:
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: Optional[str], enabled: bool):
+    def __init__(self, tensorboard_dir: Optional[str], enabled: bool, writer=None):
+        """`writer`: where scalars go (trackers.Trackers); default a TensorBoard writer of
+        `tensorboard_dir`, if given."""
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard_dir:
+        self.writer = writer
+        if enabled and tensorboard_dir and writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)

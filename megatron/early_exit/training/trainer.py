@@ -10,12 +10,14 @@ Order of set-up (each step in one function below):
   7. checkpoint load                    checkpointing.load
 
 Before any of 2-7, `--save` is checked (writable, no other run writing to it) and locked for
-the run. A NaN or Inf loss (final or exit) or gradient norm stops the run at once, before
+the run. The loop may stop early, saving first (run_control.py: --exit-interval,
+--exit-duration-in-mins, --exit-signal-handler); --skip-train only evaluates the checkpoint. A NaN or Inf loss (final or exit) or gradient norm stops the run at once, before
 anything of that state is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -30,26 +32,31 @@ from megatron.core import num_microbatches_calculator as microbatches
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron.early_exit.errors import EarlyExitError
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models import builder
 from megatron.early_exit.models.model_config import ModelConfig
+from megatron.early_exit.models.recompute import RecomputeConfig
 from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
+from megatron.early_exit.pipeline import interleaved
+from megatron.early_exit.pipeline.interleaved import ModelChunks, model_chunks
 from megatron.early_exit.pipeline.p2p import StageLinks
-from megatron.early_exit.pipeline.placement import exit_stages, tied_embedding_stages
-from megatron.early_exit.pipeline.plan import (
-    build_fill_plan,
-    check_plan,
-    default_num_fill_microbatches,
-    exit_tuning_plan,
-    pipeline_plan,
-)
+from megatron.early_exit.pipeline.placement import tied_embedding_stages
+from megatron.early_exit.pipeline.plan import check_plan, exit_tuning_plan
 from megatron.early_exit.pipeline.schedules import run_schedule
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.models.model_config import padded_vocab_size
-from megatron.early_exit.training.arguments import build_early_exit_config
+from megatron.early_exit.training.arguments import (
+    build_early_exit_config, build_transformer_overrides, built_stages, check_flash_attention, virtual_pipeline_chunks,
+)
+from megatron.early_exit.training.batch_schedule import scheduler_steps
+from megatron.early_exit.training import timers as phase_timers
+from megatron.early_exit.training.run_control import RunControl
+from megatron.early_exit.training.trackers import build_trackers
+from megatron.early_exit.training.bubble_fill import run_pipeline_plan
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports
 from megatron.early_exit.tokenizers import build_tokenizer
@@ -66,18 +73,32 @@ class TrainState:
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per iteration
     validation: List[Dict[str, float]] = field(default_factory=list)
     model: Optional[torch.nn.Module] = None  # the trained (DDP-wrapped) model, for callers and tests
+    skipped_iterations: int = 0  # fp16: steps the loss scaler skipped (gradients overflowed)
 
 
 def model_config_of(args, vocab_size: int) -> ModelConfig:
-    """The description of the model the flags train."""
-    return ModelConfig.from_flags(vars(args), padded_vocab_size=vocab_size)
+    """The description of the whole model the flags describe."""
+    return ModelConfig.from_flags({**vars(args), "first_stages_only": False}, padded_vocab_size=vocab_size)
 
 
-def build_model(args, device: torch.device, vocab_size: int) -> EarlyExitGPTModel:
-    """The model of the flags on this rank (layout from the parallel state)."""
+def built_model_config(args, vocab_size: int) -> ModelConfig:
+    """What this run builds: the whole model, or its first stages' layers (exit tuning
+    with --tune-exit-pipeline-parallel-size)."""
+    whole, (num_layers, _) = model_config_of(args, vocab_size), built_stages(args)
+    if num_layers == whole.num_layers:
+        return whole
+    return dataclasses.replace(whole, num_layers=num_layers, first_stages_only=True)
+
+
+def build_model(args, device: torch.device, vocab_size: int, vp_stage: Optional[int] = None) -> EarlyExitGPTModel:
+    """The model of the flags on this rank (layout from the parallel state); `vp_stage`:
+    one of its chunks (interleaved pipeline)."""
     return builder.build_model(
-        model_config_of(args, vocab_size), device, seed=args.seed, transformer_impl=getattr(args, "transformer_impl", None),
+        built_model_config(args, vocab_size), device, seed=args.seed, transformer_impl=getattr(args, "transformer_impl", None),
         sequence_parallel=args.sequence_parallel, document_mask=getattr(args, "reset_attention_mask", False),
+        recompute=RecomputeConfig.from_flags(vars(args)),
+        transformer_overrides=build_transformer_overrides(args),
+        vp_stage=vp_stage, num_model_chunks=virtual_pipeline_chunks(args),
     )
 
 
@@ -93,9 +114,32 @@ def wrap_model(model, args) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
     )
     return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def loss_scale_metrics(optimizer, ok: bool, args) -> Dict[str, float]:
+    """fp16: the loss scale after this step, and whether the step was skipped."""
+    if not args.fp16:
+        return {}
+    return {"loss scale": float(optimizer.get_loss_scale()), "skipped": float(not ok)}
+
+
+def interval_skips(state: TrainState, last_log_iteration: int, args) -> Dict[str, float]:
+    """Megatron-LM's log fields: the loss scale and the steps skipped since the last log line."""
+    if not args.fp16:
+        return {}
+    recent = state.history[-(state.iteration - last_log_iteration):]
+    return {"loss scale": recent[-1]["loss scale"], "number of skipped iterations": int(sum(h["skipped"] for h in recent))}
+
+
+def sync_params(model: DistributedDataParallel) -> None:
+    """--overlap-param-gather leaves the updated parameters to be gathered by the next
+    forward; gather them now, before anything else reads them (a checkpoint, the caller)."""
+    if model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
 
 
 def build_optimizer(model, args, gloo_process_groups: bool = True):
@@ -114,20 +158,21 @@ def build_optimizer(model, args, gloo_process_groups: bool = True):
         initial_loss_scale=args.initial_loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=gloo_process_groups)
+    optimizer = get_megatron_optimizer(config, model_chunks(model), use_gloo_process_groups=gloo_process_groups)
+    steps = scheduler_steps(args)  # in iterations, or in samples with --train-samples
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        init_lr=0.0 if steps.warmup else args.lr,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
+        lr_warmup_steps=steps.warmup,
+        lr_decay_steps=steps.decay,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        wd_incr_steps=steps.total,
         wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters,
+        wsd_decay_steps=steps.wsd_decay,
     )
     return optimizer, scheduler
 
@@ -163,16 +208,10 @@ def build_stage_schedule(args, model, device) -> StageSchedule:
     pp, stage = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
     m = microbatches.get_num_microbatches()
     ee_config = build_early_exit_config(args)
-    fill = None
-    if args.fill_explicit_bubbles:
-        default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
-        fill = build_fill_plan(
-            pp, exit_stages(ee_config, args.num_layers, pp),
-            default if args.num_fill_warmup_microbatches is None else args.num_fill_warmup_microbatches,
-            default if args.num_fill_cooldown_microbatches is None else args.num_fill_cooldown_microbatches,
-            args.backward_forward_ratio,
-        )
-    plan = pipeline_plan(pp, m, fill)
+    if virtual_pipeline_chunks(args) > 1:
+        plan, fill = interleaved.interleaved_plan(pp, m, virtual_pipeline_chunks(args)), None
+    else:
+        plan, fill = run_pipeline_plan(args, ee_config, built_stages(args)[0], pp, m, get_attr_wrapped_model(model, "vocab_size"))
     check_plan(plan)
     train = exit_tuning_plan(pp, stage, m) if args.tune_exit else plan[stage]
     links = None
@@ -204,26 +243,35 @@ def _layer_of(key: str) -> int:
     return int(key.split("[")[1].rstrip("]")) if "[" in key else 0
 
 
-def _run(schedule: StageSchedule, actions, model, batches, args, iteration, device, forward_only=False, loss_scale=None):
+def _run(schedule: StageSchedule, actions, model, batches, args, iteration, device, forward_only=False, loss_scale=None,
+         timers=None):
+    step = partial(forward_step, args=args, iteration=iteration, device=device, ee_config=schedule.ee_config)
     return run_schedule(
-        actions, partial(forward_step, args=args, iteration=iteration, device=device, ee_config=schedule.ee_config),
-        batches, model,
+        actions, phase_timers.timed_forward_step(timers, step) if timers is not None else step,
+        batches, model_chunks(model),
         microbatches.get_num_microbatches(), schedule.links, forward_only=forward_only, loss_scale=loss_scale,
     )
 
 
-def train_step(model, optimizer, scheduler, schedule: StageSchedule, data_iterator, fill_iterator, args, iteration, device):
+def train_step(model, optimizer, scheduler, schedule: StageSchedule, data_iterator, fill_iterator, args, iteration, device,
+               timers=None):
+    timers = timers or phase_timers.Timers(0, "max")
     model.zero_grad_buffer()
     optimizer.zero_grad()
     batches = {("R", j): next(data_iterator) for j in range(microbatches.get_num_microbatches())}
     batches.update({item: next(fill_iterator) for item in schedule.fill_items})
-    reports = _run(schedule, schedule.train_actions, model, batches, args, iteration, device,
-                   loss_scale=lambda loss: loss * optimizer.get_loss_scale())
-    finalize_model_grads([model])
-    allreduce_tied_embedding_grads(model)
-    ok, grad_norm, _ = optimizer.step()
+    before = phase_timers.snapshot(timers)
+    with phase_timers.timing(timers, phase_timers.FORWARD_BACKWARD):
+        reports = _run(schedule, schedule.train_actions, model, batches, args, iteration, device,
+                       loss_scale=lambda loss: loss * optimizer.get_loss_scale(), timers=timers)
+    phase_timers.add_backward_time(timers, before)
+    with phase_timers.timing(timers, phase_timers.OPTIMIZER):
+        finalize_model_grads(model_chunks(model))
+        allreduce_tied_embedding_grads(model_chunks(model))
+        ok, grad_norm, _ = optimizer.step()
     if ok:
-        scheduler.step(increment=1)
+        # --train-samples: the schedule counts samples.
+        scheduler.step(increment=microbatches.get_current_global_batch_size() if args.train_samples else 1)
     return gather_pipeline_metrics(average_reports(reports)), grad_norm, ok
 
 
@@ -254,71 +302,172 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
 
 
 def pretrain(args) -> TrainState:
-    pp = args.pipeline_model_parallel_size
+    start = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's
+    check_flash_attention(args)
+    num_layers, pp = built_stages(args)
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
         gloo_process_groups=args.enable_gloo_process_groups,
-        tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, pp,
-                                                    not args.untie_embeddings_and_output_weights),
+        tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
     )
     with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
-        return _train(args, ctx)
+        return _train(args, ctx, start)
 
 
-def _train(args, ctx) -> TrainState:
-    microbatches.destroy_num_microbatches_calculator()
-    microbatches.init_num_microbatches_calculator(ctx.rank, None, args.global_batch_size, args.micro_batch_size, ctx.dp_size)
-    is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
-    log = MetricsLogger(args.tensorboard_dir, enabled=is_logger)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    train_ds, valid_ds, _ = build_datasets(args, tokenizer)
+def _tied_embedding_stages(args, num_layers: int, pp: int):
+    tied_output, ee_config, chunks = not args.untie_embeddings_and_output_weights, build_early_exit_config(args), virtual_pipeline_chunks(args)
+    if chunks > 1:
+        return interleaved.tied_embedding_stages(ee_config, num_layers, pp, chunks, tied_output)
+    return tied_embedding_stages(ee_config, num_layers, pp, tied_output)
 
-    model = build_model(args, ctx.device, vocab_size)
+
+def _build_wrapped_model(args, device, vocab_size):
+    """The stage's model, DDP-wrapped; with the interleaved pipeline its chunks, each wrapped."""
+    chunks = virtual_pipeline_chunks(args)
+    if chunks > 1:
+        return ModelChunks([wrap_model(build_model(args, device, vocab_size, vp_stage=c), args) for c in range(chunks)])
+    model = build_model(args, device, vocab_size)
     apply_exit_tuning(model, args)
-    model = wrap_model(model, args)
+    return wrap_model(model, args)
+
+
+def _train(args, ctx, start_time: float) -> TrainState:
+    microbatches.destroy_num_microbatches_calculator()
+    microbatches.init_num_microbatches_calculator(ctx.rank, args.rampup_batch_size, args.global_batch_size,
+                                                  args.micro_batch_size, ctx.dp_size)
+    is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
+    trackers = build_trackers(args, enabled=is_logger)
+    log = MetricsLogger(args.tensorboard_dir, enabled=is_logger, writer=trackers)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    vocab_size = model_vocab_size(args, tokenizer.vocab_size)
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer, vocab_size)
+
+    model = _build_wrapped_model(args, ctx.device, vocab_size)
     optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)
     state = TrainState(model=model)
-    if args.load:
+    if args.load and not _starts_fresh(args, ctx.rank):
         state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
+    microbatches.update_num_microbatches(state.consumed_samples, consistency_check=True)
 
-    schedule = build_stage_schedule(args, model, ctx.device)
+    timers = phase_timers.build_timers(args)
+    schedules = StageSchedules(args, model, ctx.device, timers)
     pin = ctx.device.type == "cuda"
+    # Every evaluation reads the same first batches of the validation split, so that its
+    # losses compare across evaluations, resumed runs and --skip-train.
+    evaluate_now = partial(_evaluate_from_start, model, schedules, valid_ds, args, ctx.device, pin)
+    if args.skip_train:
+        return _evaluate_checkpoint(state, evaluate_now, log, valid_ds, args)
     train_iter = build_data_iterator(train_ds, args, state.consumed_samples, pin_memory=pin)
     # Fill microbatches read samples beyond the real ones, at a fixed place per iteration.
-    fill_per_iter = len(schedule.fill_items) * args.micro_batch_size * ctx.dp_size
+    fill_per_iter = len(schedules.current().fill_items) * args.micro_batch_size * ctx.dp_size
     fill_iter = build_data_iterator(train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter,
                                     pin_memory=pin)
-    valid_iter = build_data_iterator(valid_ds, args, cyclic=True, pin_memory=pin)
-    tokens_per_iter = args.global_batch_size * args.seq_length
-    last_log = time.time()
+    control = RunControl(args, ctx.device, start_time)
+    last_log, last_log_iteration = time.time(), state.iteration
     model.train()
-    while state.iteration < args.train_iters:
-        metrics, grad_norm, ok = train_step(model, optimizer, scheduler, schedule, train_iter, fill_iter, args, state.iteration, ctx.device)
-        state.iteration += 1
-        state.consumed_samples += args.global_batch_size
-        state.history.append({**metrics, "grad norm": float(grad_norm or 0.0)})
-        check_finite(state.iteration, metrics, grad_norm if ok else None, args)
-        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-            elapsed = (time.time() - last_log) / (args.log_interval if state.iteration % args.log_interval == 0 else 1)
-            last_log = time.time()
-            extra = {
-                "consumed samples": state.consumed_samples,
-                "elapsed time per iteration (ms)": elapsed * 1000,
-                "learning rate": optimizer.param_groups[0]["lr"],
-                "global batch size": args.global_batch_size,
-                "grad norm": float(grad_norm or 0.0),
-                "tokens/s": tokens_per_iter / max(elapsed, 1e-9),
-            }
-            log.training(state.iteration, args.train_iters, metrics, extra)
-        if valid_iter is not None and args.eval_iters > 0 and (
-            state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
-        ):
-            state.validation.append({"iteration": state.iteration, **evaluate(model, schedule, valid_iter, args, state.iteration, ctx.device)})
-            log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
-        if args.save and (
-            (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
-        ):
-            checkpointing.save(args, model, optimizer, scheduler, state.iteration, state.consumed_samples)
+    try:
+        while state.iteration < args.train_iters:
+            microbatches.update_num_microbatches(state.consumed_samples, consistency_check=True)
+            batch_size = microbatches.get_current_global_batch_size()
+            with phase_timers.timing(timers, phase_timers.ITERATION):
+                metrics, grad_norm, ok = train_step(model, optimizer, scheduler, schedules.current(), train_iter, fill_iter,
+                                                    args, state.iteration, ctx.device, timers)
+            state.iteration += 1
+            state.consumed_samples += batch_size
+            state.history.append({**metrics, "grad norm": float(grad_norm or 0.0), **loss_scale_metrics(optimizer, ok, args)})
+            state.skipped_iterations += not ok
+            check_finite(state.iteration, metrics, grad_norm if ok else None, args)
+            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                elapsed = (time.time() - last_log) / (state.iteration - last_log_iteration)
+                extra = {
+                    "consumed samples": state.consumed_samples,
+                    "elapsed time per iteration (ms)": elapsed * 1000,
+                    "learning rate": optimizer.param_groups[0]["lr"],
+                    "global batch size": batch_size,
+                    "grad norm": float(grad_norm or 0.0),
+                    "tokens/s": batch_size * args.seq_length / max(elapsed, 1e-9),
+                    **interval_skips(state, last_log_iteration, args),
+                }
+                log.training(state.iteration, args.train_iters, metrics, extra)
+                phase_timers.log_timers(timers, state.iteration, state.iteration - last_log_iteration, ctx.device, is_logger,
+                                        args.log_timers_to_tracker, trackers)
+                last_log, last_log_iteration = time.time(), state.iteration
+            if valid_ds is not None and args.eval_iters > 0 and (
+                state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+            ):
+                state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
+                log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
+            stop = control.stop_reason(state.iteration)
+            if args.save and (
+                (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
+                or stop
+            ):
+                sync_params(model)
+                checkpointing.save(args, model, optimizer, scheduler, state.iteration, state.consumed_samples)
+            if stop:
+                if ctx.rank == 0:
+                    saved = f"; checkpoint saved under --save {args.save}" if args.save else " (no --save: nothing saved)"
+                    print(f" exiting at iteration {state.iteration}: {stop}{saved}", flush=True)
+                break
+    finally:
+        control.close()
+    sync_params(model)
+    log.close()
+    return state
+
+
+def _starts_fresh(args, rank: int) -> bool:
+    """`--save DIR --load DIR` (Megatron-LM's way to resume after preemption) before DIR
+    holds a checkpoint: the first run starts from its initialisation."""
+    same_dir = args.save and os.path.abspath(args.save) == os.path.abspath(args.load)
+    if not same_dir or args.finetune or args.skip_train or args.load_iteration is not None:
+        return False
+    if os.path.isfile(os.path.join(args.load, checkpointing.TRACKER)):
+        return False
+    if rank == 0:
+        print(f" no checkpoint under --load {args.load} yet: training starts from scratch", flush=True)
+    return True
+
+
+def model_vocab_size(args, tokenizer_vocab_size: int) -> int:
+    """Rows of the embedding: --padded-vocab-size, or the tokenizer's vocabulary padded to a
+    multiple of --make-vocab-size-divisible-by x TP."""
+    if args.padded_vocab_size is None:
+        return padded_vocab_size(tokenizer_vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    if args.padded_vocab_size < tokenizer_vocab_size:
+        raise EarlyExitError(f"--padded-vocab-size ({args.padded_vocab_size}) is smaller than the tokenizer's "
+                             f"vocabulary ({tokenizer_vocab_size})")
+    return args.padded_vocab_size
+
+
+class StageSchedules:
+    """This stage's schedule for each number of microbatches a run meets (batch-size ramp-up
+    changes it), built once each; their links time communication when the timers ask."""
+
+    def __init__(self, args, model, device, timers):
+        self.args, self.model, self.device, self.timers = args, model, device, timers
+        self._built: Dict[int, StageSchedule] = {}
+
+    def current(self) -> StageSchedule:
+        m = microbatches.get_num_microbatches()
+        if m not in self._built:
+            schedule = build_stage_schedule(self.args, self.model, self.device)
+            if schedule.links is not None and phase_timers.is_enabled(self.timers, phase_timers.COMMUNICATION):
+                schedule = dataclasses.replace(schedule, links=phase_timers.TimedLinks(schedule.links, self.timers))
+            self._built[m] = schedule
+        return self._built[m]
+
+
+def _evaluate_from_start(model, schedules: StageSchedules, valid_ds, args, device, pin, iteration) -> Dict[str, float]:
+    valid_iter = build_data_iterator(valid_ds, args, cyclic=True, pin_memory=pin)
+    return evaluate(model, schedules.current(), valid_iter, args, iteration, device)
+
+
+def _evaluate_checkpoint(state: TrainState, evaluate_now, log: MetricsLogger, valid_ds, args) -> TrainState:
+    """--skip-train: the validation losses (final and every exit) of the loaded checkpoint."""
+    if valid_ds is None or args.eval_iters < 1:
+        raise EarlyExitError(f"--skip-train: nothing to evaluate (--eval-iters {args.eval_iters}, --split {args.split})")
+    state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
+    log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
     log.close()
     return state

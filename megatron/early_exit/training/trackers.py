@@ -1,0 +1,79 @@
+"""Experiment trackers: TensorBoard (--tensorboard-dir) and Weights & Biases
+(--wandb-project), both fed the same scalars under the same names (`train/lm loss`,
+`train/early loss [9]`, `validation/...`, timers).
+
+wandb is an optional dependency; WANDB_MODE=offline writes the run under
+--wandb-save-dir (default: <--save>/wandb) without network, for `wandb sync` later.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from megatron.early_exit.errors import ConfigError
+
+
+class WandbWriter:
+    """A wandb run behind TensorBoard's add_scalar: scalars of one step go in one record."""
+
+    def __init__(self, args):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") from None
+        save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else "wandb")
+        os.makedirs(save_dir, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+        self._run = wandb.init(project=args.wandb_project, group=args.wandb_group, name=args.wandb_exp_name,
+                               dir=save_dir, config=config)
+        self._pending: Dict[str, float] = {}
+        self._step: Optional[int] = None
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        if self._step is not None and step != self._step:
+            self.flush()
+        self._step = step
+        self._pending[name] = float(value)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._run.log(self._pending, step=self._step)
+            self._pending = {}
+
+    def close(self) -> None:
+        self.flush()
+        self._run.finish()
+
+
+class Trackers:
+    """Every tracker the flags ask for, as one writer (TensorBoard's interface)."""
+
+    def __init__(self, writers: List):
+        self.writers = writers
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        for writer in self.writers:
+            writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def build_trackers(args, enabled: bool) -> Optional[Trackers]:
+    """The trackers of this rank (the logging rank only); None when there are none."""
+    if not enabled:
+        return None
+    writers = []
+    if args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writers.append(SummaryWriter(log_dir=args.tensorboard_dir))
+    if args.wandb_project:
+        writers.append(WandbWriter(args))
+    return Trackers(writers) if writers else None
