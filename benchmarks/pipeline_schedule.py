@@ -8,6 +8,9 @@ to the backward of the stages that own them), of EE-LLM's fixed bubble filling a
 filling into idle slots only (--fill-placement idle), with the time each adds and the
 items it trains on, plus a text timeline (and a PNG chart).
 
+Part 1b (pure, pipeline/interleaved.py): the same for the interleaved schedule with v model
+chunks per stage, against plain 1F1B, with and without exit heads.
+
 Part 2 (measured, torchrun with 2 processes, PP=2, gloo on CPU): iteration time of
 early-exit 1F1B against plain 1F1B with the same backbone, beside the exit heads'
 share of FLOPs; and iteration time with each filling against without, beside the
@@ -77,6 +80,39 @@ def simulated_table(png: str):
     print(f"\ntimeline, PP={p}, m={m}, filling into idle slots only (--fill-placement idle):")
     print(simulate(idle, [1.0] * p, [r] * p, exit_costs(p)).render(110))
     _save_png(timeline, png)
+
+
+def interleaved_table():
+    """Simulated bubble of the interleaved schedule (--num-layers-per-virtual-pipeline-stage)
+    against plain 1F1B, with and without exit heads, and the messages each stage sends."""
+    from megatron.early_exit.pipeline.interleaved import chunk_costs, interleaved_plan
+    from megatron.early_exit.pipeline.plan import pipeline_plan, simulate
+
+    r, head = 2.0, 0.15 * 3.0  # backward/forward ratio; an exit head's cost, as in the table above
+
+    def exit_costs(p, v):  # the heads of part 1 (last layer of each of the first PP/2 stages), on their chunk
+        return [head if u % v == v - 1 and u // v < max(1, p // 2) else 0.0 for u in range(p * v)]
+
+    print("\ninterleaved pipeline: simulated bubble fraction (a stage's F=1, B=2 split evenly over its v chunks; "
+          "EE: exit heads as above, on the chunk holding their layer)")
+    print(f"{'PP':>3} {'m':>4} {'v':>3} {'1F1B':>7} {'interleaved':>12} {'EE 1F1B':>8} {'EE interl.':>11} {'EE time':>8}"
+          f" {'sends/stage':>12}")
+    for p in (2, 4, 8):
+        for m in (p, 2 * p, 4 * p):
+            plain = simulate(pipeline_plan(p, m), [1.0] * p, [r] * p)
+            early = simulate(pipeline_plan(p, m), [1.0] * p, [r] * p, exit_costs(p, 1))
+            for v in (2, 4):
+                plan = interleaved_plan(p, m, v)
+                f, b = chunk_costs([1.0] * p, v), chunk_costs([r] * p, v)
+                inter = simulate(plan, f, b)
+                inter_early = simulate(plan, f, b, exit_costs(p, v))
+                sends = max(sum(a.send for a in actions) for actions in plan)
+                print(f"{p:>3} {m:>4} {v:>3} {plain.bubble_fraction:>7.3f} {inter.bubble_fraction:>12.3f}"
+                      f" {early.bubble_fraction:>8.3f} {inter_early.bubble_fraction:>11.3f}"
+                      f" {inter_early.makespan / early.makespan - 1:>+8.1%} {sends:>12}")
+    p, m, v = 4, 8, 2
+    print(f"\ntimeline, PP={p}, m={m}, v={v} (interleaved; suffix .c: model chunk c):")
+    print(simulate(interleaved_plan(p, m, v), chunk_costs([1.0] * p, v), chunk_costs([r] * p, v)).render(110))
 
 
 def _save_png(timeline, path):
@@ -199,6 +235,7 @@ def main():
     if args.measure_worker:
         return measure_worker(args)
     simulated_table(args.png)
+    interleaved_table()
     if args.skip_measure:
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -180,21 +180,36 @@ def _build_tied_embedding_group(stages: Sequence[int]) -> None:
 
 def allreduce_tied_embedding_grads(model) -> None:
     """Sum the gradients of every stage's instance of the word embedding, so that the
-    copies (identical at start) stay identical after each optimizer step."""
-    if _TIED_EMBEDDING_GROUP is None:
+    copies (identical at start) stay identical after each optimizer step. `model`: the
+    stage's model or its model chunks (interleaved pipeline: a stage may hold several
+    copies, summed here first)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    if _TIED_EMBEDDING_GROUP is None and len(chunks) == 1:
         return
+    grads = [g for g in map(_tied_embedding_grad, chunks) if g is not None]
+    if not grads:
+        return
+    total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+    if _TIED_EMBEDDING_GROUP is not None:
+        torch.distributed.all_reduce(total, group=_TIED_EMBEDDING_GROUP)
+    for grad in grads:
+        if grad is not total:
+            grad.copy_(total)
+
+
+def _tied_embedding_grad(model):
     inner = model
     while hasattr(inner, "module"):
         inner = inner.module
     weight = inner.tied_embedding_weight()
     if weight is None or not weight.requires_grad:  # frozen (exit tuning): nothing to share
-        return
+        return None
     grad = getattr(weight, "main_grad", None)
     if grad is None:
         grad = weight.grad
     if grad is None:
         raise RuntimeError("a stage in the tied-embedding group has no embedding gradient")
-    torch.distributed.all_reduce(grad, group=_TIED_EMBEDDING_GROUP)
+    return grad
 
 
 def set_seed(seed: int) -> None:

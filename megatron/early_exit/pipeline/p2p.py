@@ -91,14 +91,15 @@ class StageLinks:
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self._received: Dict[tuple, torch.Tensor] = {}  # message -> buffer of a posted receive
 
-    def post(self, post: Post, tensor: Optional[torch.Tensor] = None) -> None:
-        """Post a batch; its one send (if any) carries `tensor`."""
+    def post(self, post: Post, tensor=None) -> None:
+        """Post a batch; its one send (if any) carries `tensor`; several sends take theirs
+        from `tensor` as a dict by message."""
         if not post.ops:
             return
         tensors = []
         for op in post.ops:
             if op.send:
-                buffer = tensor.detach().contiguous()
+                buffer = (tensor[op.message] if isinstance(tensor, dict) else tensor).detach().contiguous()
                 if tuple(buffer.shape) != self.shape:
                     raise RuntimeError(f"pipeline send of shape {tuple(buffer.shape)}, expected {self.shape}")
             else:

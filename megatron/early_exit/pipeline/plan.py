@@ -9,7 +9,9 @@ together with the receive of the next one (and, where the peer sends first,
 the receives of what it sends before taking this one: `Action.replies_first`).
 
 Items are microbatches: ("R", j) the j-th real microbatch, ("W", j) the j-th
-warm-up fill microbatch, ("C", j) the j-th cool-down fill microbatch.
+warm-up fill microbatch, ("C", j) the j-th cool-down fill microbatch. Interleaved plans
+(pipeline/interleaved.py) also name the model chunk of every action; plans of one chunk
+leave it at 0.
 
 1F1B on stage s of p with m microbatches reads as its timeline:
     warm-up    min(p-1-s, m) forwards
@@ -53,20 +55,43 @@ class Action:
     graph: bool = True  # F: a backward of this item follows on this stage (else no autograd graph)
     # A send: what its peer sends this stage before receiving it. NCCL runs a stage's ops
     # in issue order, so the executor posts those receives together with the send.
-    replies_first: Tuple[Tuple[str, Item], ...] = ()
+    replies_first: Tuple[Tuple, ...] = ()
+    # Interleaved schedule (pipeline/interleaved.py): the stage's model chunk that runs it, and
+    # `ring` the number of stages p. Chunk c of stage s is virtual stage c*p + s, so links wrap
+    # around from stage p-1 to stage 0. Plans of one chunk keep the defaults.
+    chunk: int = 0
+    ring: int = 0
+    # Runs as one step with the previous action: their sends and receives are posted as one
+    # batch, before the first and after the second (megatron-core's interleaved 1F1B posts one
+    # batch per forward-backward pair; posting between them can wait in a circle around the ring).
+    with_previous: bool = False
 
     @property
     def message(self) -> Tuple[str, Item]:
         """What crosses the link: ("F", item) its activation, ("B", item) its gradient."""
         return (self.kind, self.item)
 
+    def label(self, stage: int, send: bool) -> Tuple:
+        """The message on the side of `stage` that sends (send) or receives. With chunks, one
+        link carries an item once per chunk: the label adds the virtual stage downstream of the
+        link crossed, which both sides compute alike."""
+        if not self.ring:
+            return self.message
+        downstream = self.virtual_stage(stage) + (1 if (self.kind == "F") == send else 0)
+        return (self.kind, self.item, downstream)
+
+    def virtual_stage(self, stage: int) -> int:
+        return self.chunk * self.ring + stage
+
     def peer(self, stage: int, send: bool) -> int:
         """The stage this action sends to (send) or receives from."""
-        return stage + 1 if (self.kind == "F") == send else stage - 1
+        q = stage + 1 if (self.kind == "F") == send else stage - 1
+        return q % self.ring if self.ring else q
 
     def __str__(self) -> str:
         tag = f"{self.kind}{self.item[0]}{self.item[1]}"
-        return tag if self.item[0] == "R" else tag.lower()
+        tag = tag if self.item[0] == "R" else tag.lower()
+        return f"{tag}.{self.chunk}" if self.ring else tag
 
 
 @dataclass(frozen=True)
@@ -172,21 +197,22 @@ def _mark_replies(plan: List[List[Action]]) -> List[List[Action]]:
         for a in actions:
             if a.send and 0 <= a.peer(s, True) < len(plan):
                 q = a.peer(s, True)
-                row.append(replace(a, replies_first=_sent_before(plan[q], q, s, a.message)))
+                row.append(replace(a, replies_first=_sent_before(plan[q], q, s, a.label(s, True))))
             else:
                 row.append(a)
         marked.append(row)
     return marked
 
 
-def _sent_before(actions: Sequence[Action], stage: int, to: int, message) -> Tuple[Tuple[str, Item], ...]:
-    """Messages `stage` sends to stage `to` before it receives `message` from it."""
-    sent = []
-    for a in actions:
-        if a.recv and a.peer(stage, False) == to and a.message == message:
+def _sent_before(actions: Sequence[Action], stage: int, to: int, message) -> Tuple[Tuple, ...]:
+    """Messages `stage` sends to stage `to` before it receives `message` from it (actions
+    joined by `with_previous` receive before any of them sends)."""
+    sent, i = [], 0
+    while i < len(actions):
+        group, i = actions[i:_group_end(actions, i)], _group_end(actions, i)
+        if any(a.recv and a.peer(stage, False) == to and a.label(stage, False) == message for a in group):
             break
-        if a.send and a.peer(stage, True) == to:
-            sent.append(a.message)
+        sent += [a.label(stage, True) for a in group if a.send and a.peer(stage, True) == to]
     return tuple(sent)
 
 
@@ -212,19 +238,26 @@ def check_plan(plan: List[List[Action]]) -> None:
         seen = set()
         for a in actions:
             if a.kind == "F":
-                seen.add(a.item)
-            elif a.item not in seen:
-                raise ValueError(f"stage {s}: backward of {a.item} before its forward")
-    for s in range(len(plan) - 1):
-        sent = [a.item for a in plan[s] if a.kind == "F" and a.send]
-        received = [a.item for a in plan[s + 1] if a.kind == "F" and a.recv]
-        if sent != received:
-            raise ValueError(f"forward link {s}->{s + 1}: sends {sent} but receives {received}")
-        sent = [a.item for a in plan[s + 1] if a.kind == "B" and a.send]
-        received = [a.item for a in plan[s] if a.kind == "B" and a.recv]
-        if sent != received:
-            raise ValueError(f"backward link {s + 1}->{s}: sends {sent} but receives {received}")
+                seen.add((a.chunk, a.item))
+            elif (a.chunk, a.item) not in seen:
+                raise ValueError(f"stage {s}: backward of {a.item}{_chunk_name(a)} before its forward")
+    _check_links(plan)
     check_rendezvous([executor_program(s, actions) for s, actions in enumerate(plan)])
+
+
+def _chunk_name(action: Action) -> str:
+    return f" (chunk {action.chunk})" if action.ring else ""
+
+
+def _check_links(plan: List[List[Action]]) -> None:
+    """Every link (a pair of stages, one direction) sends what its peer receives, in order."""
+    for s, actions in enumerate(plan):
+        for q in range(len(plan)):
+            for kind, name in (("F", "forward"), ("B", "backward")):
+                sent = [a.label(s, True) for a in actions if a.kind == kind and a.send and a.peer(s, True) == q]
+                received = [a.label(q, False) for a in plan[q] if a.kind == kind and a.recv and a.peer(q, False) == s]
+                if sent != received:
+                    raise ValueError(f"{name} link {s}->{q}: sends {sent} but receives {received}")
 
 
 # ---------------------------------------------------------------------------
@@ -269,28 +302,33 @@ def executor_steps(stage: int, actions: Sequence[Action]) -> List[Tuple[Post, Tu
     entry i + 1 after action i): the batch it posts, then the ops it waits for. A batch holds
     action i's send, the receives of what the send's peer sends first (`replies_first`) and
     action i + 1's receive, the latter two unless posted before (Megatron's
-    send_forward_recv_backward and the like). The stage waits when the next action needs
-    its input, for every batch up to the one holding it; sends alone stay in flight. The
-    last entry also waits for everything still in flight (the final flush)."""
-    receives: Dict[int, List[Tuple[str, Item]]] = {}
+    send_forward_recv_backward and the like); actions joined by `with_previous` post as one
+    (their sends after the last of them, their receives before the first). The stage waits
+    when the next action needs its input, for every batch up to the one holding it; sends
+    alone stay in flight. The last entry also waits for everything still in flight (the
+    final flush)."""
+    receives: Dict[int, List[Tuple]] = {}
     for a in actions:
         if a.recv:
-            receives.setdefault(a.peer(stage, False), []).append(a.message)
+            receives.setdefault(a.peer(stage, False), []).append(a.label(stage, False))
     posted = {q: 0 for q in receives}  # receives from each peer posted so far (a prefix)
     batches: List[Tuple[Op, ...]] = []
-    batch_of: Dict[Tuple[str, Item], int] = {}
-    waited, steps = 0, []
+    batch_of: Dict[Tuple, int] = {}
+    waited, steps, group = 0, [], 0  # group: where the actions run since the last batch start
     for i in range(len(actions) + 1):
-        ops, done, nxt = [], actions[i - 1] if i else None, actions[i] if i < len(actions) else None
-        wanted = []
-        if done is not None and done.send:
-            q = done.peer(stage, True)
-            ops.append(Op(True, q, done.message))
-            early = [k + 1 for k, m in enumerate(receives.get(q, [])) if m in done.replies_first]
-            wanted.append((q, max(early, default=0)))
-        if nxt is not None and nxt.recv:
-            q = nxt.peer(stage, False)
-            wanted.append((q, receives[q].index(nxt.message) + 1))
+        ops, nxt, wanted = [], actions[i] if i < len(actions) else None, []
+        if nxt is None or not nxt.with_previous:
+            for done in actions[group:i]:
+                if done.send:
+                    q = done.peer(stage, True)
+                    ops.append(Op(True, q, done.label(stage, True)))
+                    early = [k + 1 for k, m in enumerate(receives.get(q, [])) if m in done.replies_first]
+                    wanted.append((q, max(early, default=0)))
+            group = i
+            for a in actions[i:_group_end(actions, i)]:
+                if a.recv:
+                    q = a.peer(stage, False)
+                    wanted.append((q, receives[q].index(a.label(stage, False)) + 1))
         for q, upto in wanted:
             for message in receives.get(q, [])[posted.get(q, 0):upto]:
                 ops.append(Op(False, q, message))
@@ -298,11 +336,19 @@ def executor_steps(stage: int, actions: Sequence[Action]) -> List[Tuple[Post, Tu
             posted[q] = max(posted.get(q, 0), upto)
         if ops:
             batches.append(tuple(ops))
-        last = len(batches) if nxt is None else (batch_of[nxt.message] + 1 if nxt.recv else waited)
+        last = len(batches) if nxt is None else (batch_of[nxt.label(stage, False)] + 1 if nxt.recv else waited)
         wait = tuple(op for batch in batches[waited:last] for op in batch)
         waited = max(waited, last)
         steps.append((Post(tuple(ops)), wait))
     return steps
+
+
+def _group_end(actions: Sequence[Action], i: int) -> int:
+    """The first action after the one starting at i and those joined to it."""
+    j = i + 1
+    while j < len(actions) and actions[j].with_previous:
+        j += 1
+    return min(j, len(actions))
 
 
 def executor_program(stage: int, actions: Sequence[Action]) -> List[Step]:
@@ -440,11 +486,17 @@ def simulate(
     exit_cost: Optional[Sequence[float]] = None,
 ) -> Timeline:
     """Earliest-start timeline: an action starts when its stage is free and its input
-    (activation or gradient) has been produced. Per-stage costs; `exit_cost` is added
-    to every backward of a stage that owns exits (its heads run just before backward)."""
+    (activation or gradient) has been produced. Per-stage costs (with chunks: per stage, or
+    per virtual stage when longer than the plan); `exit_cost` is added to every backward of
+    a stage that owns exits (its heads run just before backward)."""
     p = len(plan)
     exit_cost = exit_cost or [0.0] * p
+
+    def cost_of(costs, a, s):
+        return costs[a.virtual_stage(s)] if len(costs) > p else costs[s]
+
     done: Dict[Tuple[str, Item, int], float] = {}
+    held: List[List[Tuple[str, Item, int]]] = [[] for _ in range(p)]  # outputs sent at their step's end
     pos = [0] * p
     clock = [0.0] * p
     spans: List[List[Tuple[float, float, Action]]] = [[] for _ in range(p)]
@@ -454,19 +506,26 @@ def simulate(
         for s in range(p):
             while pos[s] < len(plan[s]):
                 a = plan[s][pos[s]]
+                u = a.virtual_stage(s)
                 if a.recv:
-                    src = ("F", a.item, s - 1) if a.kind == "F" else ("B", a.item, s + 1)
+                    src = ("F", a.item, u - 1) if a.kind == "F" else ("B", a.item, u + 1)
                     if src not in done:
                         break
                     ready = done[src]
                 else:
                     ready = 0.0
-                cost = forward_cost[s] if a.kind == "F" else backward_cost[s] + exit_cost[s]
+                if a.kind == "F":
+                    cost = cost_of(forward_cost, a, s)
+                else:
+                    cost = cost_of(backward_cost, a, s) + cost_of(exit_cost, a, s)
                 start = max(clock[s], ready)
                 clock[s] = start + cost
-                done[(a.kind, a.item, s)] = clock[s]
+                held[s].append((a.kind, a.item, u))
                 spans[s].append((start, clock[s], a))
                 pos[s] += 1
+                if pos[s] == len(plan[s]) or not plan[s][pos[s]].with_previous:
+                    done.update((key, clock[s]) for key in held[s])
+                    held[s] = []
                 progressed = True
     stuck = [s for s in range(p) if pos[s] < len(plan[s])]
     if stuck:

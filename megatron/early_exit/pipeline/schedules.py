@@ -10,11 +10,16 @@ Every schedule keeps one contract:
 before the backward of its microbatch. A stage with exits back-propagates
 `loss + <output, gradient from the next stage>` in one backward call: no extra
 communication for exit losses (EE-LLM's lightweight method).
+
+Gradient reduction: every backward but the stage's last runs under the DDP wrapper's
+`no_sync`, as megatron-core's schedules do, so that with --overlap-grad-reduce the
+buckets are reduced while the last backward runs (and finished by finalize_model_grads).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -33,7 +38,7 @@ def run_schedule(
     actions: List[Action],
     forward_step: Callable,
     batches: Dict[Item, Any],
-    model: torch.nn.Module,
+    model: Union[torch.nn.Module, List[torch.nn.Module]],
     num_microbatches: int,
     links: Optional[StageLinks] = None,
     forward_only: bool = False,
@@ -42,32 +47,60 @@ def run_schedule(
     """Execute one stage's actions. Losses are divided by the number of real
     microbatches (fill items included), and multiplied by `loss_scale` (fp16)
     before backward. Returns the reports of the real microbatches, in order.
+    `model`: the stage's model, or its model chunks (interleaved plans: each action
+    names its chunk; a microbatch's report gathers the losses of every chunk).
     Communication follows `executor_steps`: at each action boundary one batch (the
     send just produced with the receives due next), then the waits the next action needs."""
-    steps = executor_steps(links.stage if links is not None else 0, actions)
-    in_flight: Dict[Item, tuple] = {}
+    stage = links.stage if links is not None else 0
+    steps = executor_steps(stage, actions)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    in_flight: Dict[tuple, tuple] = {}  # (chunk, item) -> what its backward needs
     reports: Dict[int, LossReport] = {}
-    _communicate(links, steps[0], None)
+    outbox: Dict[tuple, torch.Tensor] = {}  # sends of actions whose batch is not posted yet
+    last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind == "B"}
+    _communicate(links, steps[0], outbox)
     for i, action in enumerate(actions):
-        incoming = links.take(action.message) if action.recv else None
+        chunk = chunks[action.chunk]
+        incoming = links.take(action.label(stage, False)) if action.recv else None
         if action.kind == "F":
-            outgoing = _forward(action, incoming, forward_step, batches, model, forward_only, in_flight, reports)
+            outgoing = _forward(action, incoming, forward_step, batches, chunk, forward_only, in_flight, reports)
         else:
-            x, output, loss_func = in_flight.pop(action.item)
+            x, output, loss_func = in_flight.pop((action.chunk, action.item))
             loss, report = loss_func(output)  # exit heads run here
             if action.item[0] == "R":
-                reports[action.item[1]] = report
-            _backward(loss / num_microbatches, output.hidden_states, incoming, loss_scale)
+                _add_report(reports, action.item[1], report)
+            with _grad_sync(chunk, i == last_backward[action.chunk]):
+                _backward(loss / num_microbatches, output.hidden_states, incoming, loss_scale)
             outgoing = (x.grad if x.grad is not None else torch.zeros_like(x)) if action.send else None
-        _communicate(links, steps[i + 1], outgoing)
+        if outgoing is not None:
+            outbox[action.label(stage, True)] = outgoing
+        _communicate(links, steps[i + 1], outbox)
     assert not in_flight, f"plan left forwards without backward: {list(in_flight)}"
     return [reports[j] for j in sorted(reports)]
 
 
-def _communicate(links: Optional[StageLinks], step, tensor: Optional[torch.Tensor]) -> None:
+def _add_report(reports: Dict[int, LossReport], j: int, report: LossReport) -> None:
+    """Chunks of one stage each report their own exits (and the last one the final loss)."""
+    if j not in reports:
+        reports[j] = report
+        return
+    merged = reports[j]
+    merged.lm_loss = merged.lm_loss if report.lm_loss is None else report.lm_loss
+    merged.exit_losses.update(report.exit_losses)
+    merged.exit_weights.update(report.exit_weights)
+
+
+def _grad_sync(model, enabled: bool):
+    """Gradient reduction waits for the last backward of the step (DDP wrappers only)."""
+    no_sync = getattr(model, "no_sync", None)
+    return nullcontext() if enabled or no_sync is None else no_sync()
+
+
+def _communicate(links: Optional[StageLinks], step, outbox: Dict[tuple, torch.Tensor]) -> None:
     post, wait = step
+    sends = {op.message: outbox.pop(op.message) for op in post.ops if op.send}
     if links is not None:
-        links.post(post, tensor)
+        links.post(post, sends)
         if wait:
             links.wait(wait)
 
@@ -85,9 +118,9 @@ def _forward(action, x, forward_step, batches, model, forward_only, in_flight, r
         with torch.no_grad():
             _, report = loss_func(output)
         if action.item[0] == "R":
-            reports[action.item[1]] = report
+            _add_report(reports, action.item[1], report)
     elif action.graph:
-        in_flight[action.item] = (x, output, loss_func)
+        in_flight[(action.chunk, action.item)] = (x, output, loss_func)
     return output.hidden_states if action.send else None
 
 
