@@ -21,6 +21,7 @@ from megatron.early_exit.inference.generate import generate
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.result import GenerationResult
 from megatron.early_exit.inference.sampling import SamplingParams
+from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.inference.strategies import KV_STRATEGIES, EarlyExit, FullDepth, SelfSpeculative
 
 __all__ = [
