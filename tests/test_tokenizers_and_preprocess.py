@@ -229,7 +229,7 @@ def _write(path, content) -> str:
     "case, pattern",
     [
         ("unknown type", r"--tokenizer-type 'BertWordPiece' is not supported; choose one of: "
-                         r"SentencePieceTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer"),
+                         r"SentencePieceTokenizer, Llama2Tokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer"),
         ("sp without model", r"--tokenizer-type SentencePieceTokenizer needs --tokenizer-model"),
         ("sp missing file", r"--tokenizer-model .*nope\.model: no such file"),
         ("sp given a directory", r"--tokenizer-model .*: not a file"),
