@@ -135,3 +135,37 @@ def test_training_tool_writes_an_estimator_the_loader_attaches(checkpoint, corpu
     assert "agreement" in printed and f"wrote {out}" in printed
     model, _, _ = load_model(checkpoint, confidence_estimator=out)
     assert attached(model) is not None and attached(model).exit_layers == EXITS
+
+
+def test_hidden_state_only_estimator_skips_the_projection_of_exits_that_do_not_fire(model, tmp_path):
+    from megatron.early_exit.inference import layers
+
+    samples = collect(model, _sequences(3, seed=4), use_logits=False)
+    assert all(s.features.shape[1] == 32 for s in samples.values())
+    est = fit(samples, 32)
+    assert not est.use_logits
+    path = str(tmp_path / "h.safetensors")
+    est.save(path)
+    assert not ConfidenceEstimator.load(path).use_logits
+    # Constant scores: exit 1 never fires, exit 3 always; exit 1's head must never run.
+    const = ConfidenceEstimator(32, EXITS, use_logits=False)
+    for n, p in {1: 0.1, 3: 0.9}.items():
+        torch.nn.init.zeros_(const.heads[str(n)].weight)
+        torch.nn.init.constant_(const.heads[str(n)].bias, float(torch.logit(torch.tensor(p))))
+    calls = []
+    original = layers.exit_logits
+
+    def counting(model_, head, layer, hidden, attention_output):
+        calls.append(layer.layer_number)
+        return original(model_, head, layer, hidden, attention_output)
+
+    import megatron.early_exit.inference.decoder as decoder_module
+    decoder_module.exit_logits = counting
+    try:
+        attach(model, const)
+        result = generate(model, _sequences(1, length=4, seed=5), EarlyExit(0.5, "learned"), max_new_tokens=5)
+    finally:
+        decoder_module.exit_logits = original
+        model.__dict__.pop("confidence_estimator", None)
+    assert all(d == 3 for d in result.exit_layers[0][1:])
+    assert calls and set(calls) == {3}, calls  # only the firing exit projected onto the vocabulary

@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--num-windows", type=int, default=64)
     p.add_argument("--validation-fraction", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=200, help="L-BFGS iterations per exit")
+    p.add_argument("--hidden-state-only", action="store_true",
+                   help="classify from the hidden state alone: an exit that does not fire costs no vocabulary projection")
     p.add_argument("--output", required=True, help="where to write the estimator (.safetensors)")
     return p.parse_args(argv)
 
@@ -54,11 +56,12 @@ def main(argv=None):
     held = int(len(windows) * args.validation_fraction)
     train, valid = windows[: len(windows) - held], windows[len(windows) - held:]
     start = time.perf_counter()
-    samples = collect(model, train, progress=lambda done: print(
+    use_logits = not args.hidden_state_only
+    samples = collect(model, train, use_logits=use_logits, progress=lambda done: print(
         f"  collected {done}/{len(train)} windows ({done * args.seq_length / (time.perf_counter() - start):.0f} tokens/s)",
         flush=True))
     estimator = fit(samples, config.hidden_size, steps=args.steps)
-    report = evaluate(estimator, collect(model, valid) if valid else samples)
+    report = evaluate(estimator, collect(model, valid, use_logits=use_logits) if valid else samples)
     split = "validation" if valid else "training"
     print(f"\n{'exit':>5} {'tokens':>8} {'agreement':>10} {'accuracy':>9} {'log loss':>9}   ({split} windows)")
     for n, r in sorted(report.items()):

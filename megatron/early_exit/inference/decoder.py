@@ -98,8 +98,8 @@ def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Te
     when the measure needed them."""
     if threshold == -math.inf:
         return [True] * last.shape[1], None
-    if measure.learned:  # a classifier on the exit's hidden state and distribution
-        logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
+    if measure.learned:  # a classifier on the exit's hidden state (and distribution)
+        logits = exit_logits(model, point.head, point.layer, last, head_input)[0] if measure.fn.use_logits else None
         return (measure.fn(point.layer_number, logits, last[0]) >= threshold).tolist(), logits
     if measure.uses_logits:
         logits = exit_logits(model, point.head, point.layer, last, head_input)[0]

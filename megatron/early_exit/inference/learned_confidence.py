@@ -4,7 +4,8 @@ exit's token equals the final layer's.
 
     features  the exit's hidden state (RMS-normalised, the layer output the decoder tests)
               and three numbers from its distribution: top-1 probability, top-1 minus
-              top-2, 1 - normalised entropy
+              top-2, 1 - normalised entropy; or, with `use_logits=False`, the hidden state
+              alone, so that an exit that does not fire never projects onto the vocabulary
     target    argmax(exit logits) == argmax(final logits), at every position of the
               training text, on the frozen model
 The score is a probability of agreement, so one threshold means the same at every exit.
@@ -30,10 +31,12 @@ NUM_LOGIT_FEATURES = 3
 _ATTRIBUTE = "confidence_estimator"
 
 
-def features(logits: Tensor, hidden: Tensor) -> Tensor:
-    """[b, V] exit logits and [b, h] exit hidden state -> [b, h + 3] float32."""
+def features(logits: Optional[Tensor], hidden: Tensor) -> Tensor:
+    """[b, V] exit logits (None: hidden state only) and [b, h] exit hidden state -> [b, h (+ 3)]."""
     h = hidden.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    if logits is None:
+        return h
     log_p = torch.log_softmax(logits.float(), dim=-1)
     top2 = log_p.topk(2, dim=-1).values.exp()
     entropy = -(log_p.exp() * log_p).sum(-1) / math.log(logits.shape[-1])
@@ -43,24 +46,25 @@ def features(logits: Tensor, hidden: Tensor) -> Tensor:
 class ConfidenceEstimator(torch.nn.Module):
     """One linear classifier per exit (by --exit-layer-nums entry)."""
 
-    def __init__(self, hidden_size: int, exit_layers: Sequence[int]):
+    def __init__(self, hidden_size: int, exit_layers: Sequence[int], use_logits: bool = True):
         super().__init__()
         self.hidden_size = hidden_size
         self.exit_layers = [int(n) for n in exit_layers]
-        self.heads = torch.nn.ModuleDict({str(n): torch.nn.Linear(hidden_size + NUM_LOGIT_FEATURES, 1)
-                                          for n in self.exit_layers})
+        self.use_logits = use_logits
+        width = hidden_size + (NUM_LOGIT_FEATURES if use_logits else 0)
+        self.heads = torch.nn.ModuleDict({str(n): torch.nn.Linear(width, 1) for n in self.exit_layers})
 
-    def forward(self, layer_number: int, logits: Tensor, hidden: Tensor) -> Tensor:
+    def forward(self, layer_number: int, logits: Optional[Tensor], hidden: Tensor) -> Tensor:
         """[b] probability that the exit's token is the final layer's."""
         head = self.heads[str(layer_number)]
-        x = features(logits, hidden).to(head.weight.device)
+        x = features(logits if self.use_logits else None, hidden).to(head.weight.device)
         return torch.sigmoid(head(x)).squeeze(-1)
 
     def save(self, path: str, metrics: Optional[Dict] = None) -> None:
         from safetensors.torch import save_file
 
         meta = {"hidden_size": str(self.hidden_size), "exit_layers": json.dumps(self.exit_layers),
-                "metrics": json.dumps(metrics or {})}
+                "use_logits": json.dumps(self.use_logits), "metrics": json.dumps(metrics or {})}
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
 
     @classmethod
@@ -73,7 +77,8 @@ class ConfidenceEstimator(torch.nn.Module):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            estimator = cls(int(meta["hidden_size"]), json.loads(meta["exit_layers"]))
+            estimator = cls(int(meta["hidden_size"]), json.loads(meta["exit_layers"]),
+                            json.loads(meta.get("use_logits", "true")))
             estimator.load_state_dict(tensors)
         except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
             raise InferenceConfigError(f"--confidence-estimator: {path} is not a confidence estimator ({e})") from None
@@ -105,7 +110,7 @@ class ExitSamples:
     agree: Tensor  # [n] 1.0 where the exit's token is the final layer's
 
 
-def collect(model, sequences: Sequence[Sequence[int]], progress=None) -> Dict[int, ExitSamples]:
+def collect(model, sequences: Sequence[Sequence[int]], progress=None, use_logits: bool = True) -> Dict[int, ExitSamples]:
     """Features and targets of every exit at every position of `sequences`, from one
     full-depth prefill each through the decoder (the states it tests when decoding)."""
     from megatron.early_exit.inference.decoder import Decoder
@@ -128,7 +133,8 @@ def collect(model, sequences: Sequence[Sequence[int]], progress=None) -> Dict[in
             step = decoder.step([0], [list(seq)], all_logits=True, observe=observe)
             final = step.chunk_logits[0].argmax(-1)
             for n, (logits, hidden) in seen.items():
-                out.setdefault(n, []).append((features(logits, hidden), (logits.argmax(-1) == final).float()))
+                out.setdefault(n, []).append((features(logits if use_logits else None, hidden),
+                                              (logits.argmax(-1) == final).float()))
             if progress is not None and ((i + 1) % 8 == 0 or i + 1 == len(sequences)):
                 progress(i + 1)
     return {n: ExitSamples(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts])) for n, parts in out.items()}
@@ -136,9 +142,11 @@ def collect(model, sequences: Sequence[Sequence[int]], progress=None) -> Dict[in
 
 def fit(samples: Dict[int, ExitSamples], hidden_size: int, steps: int = 200, weight_decay: float = 1e-3,
         seed: int = 0) -> ConfidenceEstimator:
-    """Logistic regression per exit (L-BFGS on the mean binary cross-entropy)."""
+    """Logistic regression per exit (L-BFGS on the mean binary cross-entropy); the features'
+    width says whether the samples carry the logit features."""
     torch.manual_seed(seed)
-    estimator = ConfidenceEstimator(hidden_size, sorted(samples))
+    width = next(iter(samples.values())).features.shape[1]
+    estimator = ConfidenceEstimator(hidden_size, sorted(samples), use_logits=width > hidden_size)
     for n, s in samples.items():
         head = estimator.heads[str(n)]
         torch.nn.init.zeros_(head.weight)
