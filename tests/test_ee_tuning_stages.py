@@ -2,10 +2,9 @@
 exits tuned on the first stage only (--tune-exit-pipeline-parallel-size 1) from the full
 checkpoint, merged back with tools/checkpoint/add_exits.py --exits-from, then served."""
 
+import dataclasses
 import os
 import runpy
-
-import dataclasses
 
 import pytest
 import torch
@@ -38,8 +37,7 @@ def _add_exits(*argv):
     main(list(argv))
 
 
-@pytest.mark.slow
-@pytest.mark.multiproc
+@pytest.mark.multiproc  # in make test: the EE-Tuning path users take, end to end
 def test_exits_tuned_on_the_first_stage_merge_back_and_serve(dist1, runs):
     from megatron.early_exit.inference import EarlyExit, generate
 
