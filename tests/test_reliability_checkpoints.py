@@ -440,6 +440,17 @@ def test_tokenizer_differences_are_listed(tmp_path):
     assert f"--vocab-file: checkpoint {tmp_path / 'a.json'}, now {tmp_path / 'b.json'} (other contents)" in str(err.value)
     with pytest.raises(CheckpointError, match="--tokenizer-type: checkpoint GPT2BPETokenizer, now NullTokenizer"):
         compare_with_checkpoint(base, dataclasses.replace(base, tokenizer=TokenizerConfig("NullTokenizer", vocab_size=64)))
+    # Llama 2's tokenizer gives SentencePiece's ids over the same model file (EE-LLM's scripts
+    # pass Llama2Tokenizer to checkpoints converted with SentencePieceTokenizer); other files differ.
+    for name, text in (("sp.model", "m1"), ("sp_copy.model", "m1"), ("other.model", "m2")):
+        (tmp_path / name).write_text(text)
+    sp = dataclasses.replace(base, tokenizer=TokenizerConfig("SentencePieceTokenizer", model=str(tmp_path / "sp.model")))
+    llama = lambda f: dataclasses.replace(base, tokenizer=TokenizerConfig("Llama2Tokenizer", model=str(tmp_path / f)))  # noqa: E731
+    assert compare_with_checkpoint(sp, llama("sp_copy.model")) == []
+    with pytest.raises(CheckpointError, match="--tokenizer-model: .* \\(other contents\\)"):
+        compare_with_checkpoint(sp, llama("other.model"))
+    with pytest.raises(CheckpointError, match="--tokenizer-type: checkpoint SentencePieceTokenizer, now HuggingFaceTokenizer"):
+        compare_with_checkpoint(sp, dataclasses.replace(base, tokenizer=TokenizerConfig("HuggingFaceTokenizer", model=str(tmp_path))))
 
 
 # ----------------------------------------------------------------------------- disk full

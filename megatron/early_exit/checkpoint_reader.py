@@ -490,13 +490,18 @@ def compare_with_checkpoint(stored, now) -> List[int]:
     return sorted(set(exits) - set(saved_exits))
 
 
+# Types that give the same ids over the same files (Llama 2's adds a BOS to every text):
+# a converted Llama 2 checkpoint stores SentencePieceTokenizer, EE-LLM's scripts pass Llama2Tokenizer.
+_SAME_IDS = {frozenset(("SentencePieceTokenizer", "Llama2Tokenizer"))}
+
+
 def _tokenizer_differences(stored, now) -> List[str]:
     """Another tokenizer type, NullTokenizer size, or tokenizer files of other contents."""
     from megatron.early_exit.tokenizers import NullTokenizer
 
     if stored.type is None:  # written without a tokenizer of its own
         return []
-    if stored.type != now.type:
+    if stored.type != now.type and frozenset((stored.type, now.type)) not in _SAME_IDS:
         return [f"--tokenizer-type: checkpoint {stored.type}, now {now.type}"]
     if stored.type == NullTokenizer.type_name:
         return [] if stored.vocab_size == now.vocab_size else [
