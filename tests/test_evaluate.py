@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # task files are local; never reach the Hub
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402,F401  (the test extra installs it; a missing one must fail, not skip)
 
 NUM_LAYERS, EXITS, MAX_SEQ, VOCAB = 4, [1, 2], 64, 64
 MC_TASK, GEN_TASK, ROLLING_TASK = "tiny_choice", "tiny_continue", "tiny_rolling"
