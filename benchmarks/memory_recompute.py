@@ -67,7 +67,10 @@ def measure_peak(argv, nproc: int = 1, timeout: int = 600):
         script = [os.path.abspath(__file__), "--child", out_dir, "--", *argv]
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         f"--nproc-per-node={nproc}"]
-        env = dict(os.environ, PYTHONWARNINGS="ignore", **MALLOC_ENV)
+        # A fresh rendezvous: the caller's MASTER_PORT (a test process's own group) is taken.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update(PYTHONWARNINGS="ignore", **MALLOC_ENV)
         proc = subprocess.run(launcher + script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"measured run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

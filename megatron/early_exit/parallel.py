@@ -108,8 +108,10 @@ def initialize_parallel(
     if gloo_process_groups is None:
         gloo_process_groups = dev.type == "cpu"
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Without a launcher's rendezvous, a free local port, kept out of os.environ so that
+        # child processes (tools, servers, measured runs) do not try to bind it again.
+        launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+        init_method = None if launched else f"tcp://127.0.0.1:{_free_port()}"
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
@@ -118,6 +120,7 @@ def initialize_parallel(
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.distributed.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
