@@ -6,6 +6,7 @@ a fresh process, reset just before the model is built)."""
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,3 +104,44 @@ def test_estimate_within_15_percent_of_measured_peak(name):
     assert len(measured) == len(estimated) == nproc
     for stage, (m, e) in enumerate(zip(measured, estimated)):
         assert abs(e - m) <= 0.15 * m, (name, stage, m / 1e6, e / 1e6)
+
+
+@pytest.mark.parametrize("p,v,m", [(2, 2, 4), (4, 2, 8), (4, 3, 8), (2, 4, 8), (2, 2, 2)])
+def test_interleaved_in_flight_is_megatron_cores_warmup_plus_the_steady_pair(p, v, m):
+    """Read off the interleaved plan: megatron-core's warm-up forwards 2(p-1-s) + (v-1)p
+    (all of v*m when fewer) plus the steady pair's forward."""
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+    from megatron.early_exit.memory import TrainingShape, max_in_flight
+
+    shape = TrainingShape(pipeline_model_parallel_size=p, num_microbatches=m, num_model_chunks=v)
+    got = max_in_flight(shape)
+    for s in range(p):
+        warmup = min(2 * (p - 1 - s) + (v - 1) * p, v * m)
+        # megatron-core's own count for rank s (the layout given as its communicator's group).
+        layout = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: p, rank=lambda: s),
+                                 virtual_pipeline_model_parallel_size=v)
+        assert get_pp_rank_microbatches(m, v, p, p2p_communicator=layout)[2] == warmup
+        assert got[s] == warmup + (1 if warmup < v * m else 0), (s, got)
+    assert got[0] > max_in_flight(TrainingShape(pipeline_model_parallel_size=p, num_microbatches=m))[0]
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_interleaved_parameter_counts_equal_the_chunks(untie):
+    """Each chunk with tied exits keeps its own embedding copy (as the interleaved cases in
+    cases_interleaved.py count them: 8 layers, PP=2 x 2 chunks)."""
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.memory import TrainingShape, parameter_counts
+    from megatron.early_exit.models.model_config import ModelConfig
+
+    ee = EarlyExitConfig(exit_layer_nums=[2, 4, 5, 7], exit_layer_weight=[1.0] * 4, use_exit_norm=True)
+    config = ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, padded_vocab_size=256,
+                         max_position_embeddings=32, ffn_hidden_size=96, normalization="RMSNorm", swiglu=True,
+                         disable_bias_linear=True, position_embedding_type="rope",
+                         untie_embeddings_and_output_weights=untie, early_exit=ee)
+    plain = parameter_counts(config, TrainingShape(pipeline_model_parallel_size=2))
+    chunked = parameter_counts(config, TrainingShape(pipeline_model_parallel_size=2, num_model_chunks=2))
+    vocab = 256 * 64
+    # Virtual stages u = chunk*2 + stage: exits 2 (u0), 4 (u1), 5 (u2), 7 (u3). Without chunks
+    # stage 0 (exits 2, 4) holds the embedding and stage 1 one copy (or the tied output layer);
+    # with them u1 and u2 each keep a copy besides: one more per stage.
+    assert chunked == [plain[0] + vocab, plain[1] + vocab]

@@ -1,5 +1,6 @@
 """--overlap-grad-reduce and --overlap-param-gather give the losses and weights of the
-same run without them (DP=2 and PP=2 x DP=2, distributed optimizer, tied exits)."""
+same run without them (DP=2, PP=2 x DP=2 and interleaved PP=2 x 2 chunks x DP=2,
+distributed optimizer, tied exits)."""
 
 import pytest
 
@@ -25,6 +26,16 @@ def test_overlap_dp2_equals_no_overlap(corpus, launch_dir):
 @pytest.mark.slow
 def test_overlap_pp2_dp2_equals_no_overlap(corpus, launch_dir):
     _check(launch("tests.multiproc.cases_overlap_pipeline", 4, launch_dir, env={"EE_TEST_DATA": corpus})["case_pp2_dp2"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_overlap_interleaved_pp2_v2_dp2_equals_no_overlap(corpus, launch_dir):
+    """One DDP per model chunk: each chunk's buckets reduce in its own last backward and
+    gather before its own forward."""
+    result = launch("tests.multiproc.cases_overlap_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus})["case_pp2_v2_dp2"]
+    _check(result)
+    assert result["metrics"]["chunks"] == 2
 
 
 def test_param_gather_needs_distributed_optimizer(corpus):

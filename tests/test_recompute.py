@@ -130,3 +130,28 @@ def test_parallel_gradients_equal_without_recomputation(recompute_runs, case):
     assert result["ok"], result["error"]
     assert result["metrics"]["settings"] >= 3
     assert result["metrics"]["max_grad_diff"] < 1e-6 and result["metrics"]["max_loss_diff"] < 1e-6
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_interleaved_pp2_v2_dp2_gradients_equal_without_recomputation(corpus, launch_dir):
+    """Interleaved pipeline (4 processes): each chunk recomputes its own layers (units by
+    local index, the chunk's first layer whatever its number), exits on every chunk."""
+    runs = launch("tests.multiproc.cases_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_TEST_OUT": launch_dir})
+    result = runs["case_pp2_v2_recomputation_equals_none"]
+    assert result["ok"], result["error"]
+    assert result["metrics"]["settings"] == 4
+    assert result["metrics"]["max_grad_diff"] < 1e-6 and result["metrics"]["max_loss_diff"] < 1e-6
+
+
+def test_recompute_num_layers_counts_a_model_chunk(corpus):
+    """With the interleaved pipeline a unit lies within one model chunk (2 layers here,
+    4 per stage)."""
+    from megatron.early_exit.training.arguments import parse_args
+
+    flags = {"--num-layers": 8, "--pipeline-model-parallel-size": 2, "--num-layers-per-virtual-pipeline-stage": 2,
+             "--recompute-granularity": "full", "--recompute-method": "block"}
+    with pytest.raises(ConfigError, match=r"--recompute-num-layers \(3\) exceeds the layers of a model chunk \(2\)"):
+        parse_args(tiny_run_flags(corpus, **flags, **{"--recompute-num-layers": 3}), world_size=2)
+    args = parse_args(tiny_run_flags(corpus, **flags, **{"--recompute-num-layers": 2}), world_size=2)
+    assert RecomputeConfig.from_flags(vars(args)).num_layers == 2

@@ -73,7 +73,7 @@ def shape_of(argv, world_size, tokenizer_vocab_size=32000, kernels="auto"):
     from megatron.early_exit.models.recompute import RecomputeConfig
     from megatron.early_exit.pipeline.placement import exit_stages
     from megatron.early_exit.pipeline.plan import build_fill_plan, default_num_fill_microbatches
-    from megatron.early_exit.training.arguments import build_early_exit_config, parse_args
+    from megatron.early_exit.training.arguments import build_early_exit_config, parse_args, virtual_pipeline_chunks
 
     argv = strip_file_flags(list(argv))
     if "--vocab-size" not in argv:
@@ -97,7 +97,7 @@ def shape_of(argv, world_size, tokenizer_vocab_size=32000, kernels="auto"):
         data_parallel_size=args.data_parallel_size, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
         num_microbatches=args.num_microbatches, sequence_parallel=args.sequence_parallel,
         use_distributed_optimizer=args.use_distributed_optimizer, recompute=RecomputeConfig.from_flags(vars(args)),
-        fill=fill, kernels=kernels,
+        fill=fill, kernels=kernels, num_model_chunks=virtual_pipeline_chunks(args),
     )
     return model, shape
 
@@ -121,7 +121,8 @@ def main(argv=None):
     for name, world_size, flags in runs:
         model, shape = shape_of(flags, tool.world_size or world_size, tool.tokenizer_vocab_size, tool.kernels)
         print(f"{name}: {model.num_layers} layers, hidden {model.hidden_size}, exits {model.exit_layer_nums or '-'}; "
-              f"TP {shape.tensor_model_parallel_size} PP {shape.pipeline_model_parallel_size} "
+              f"TP {shape.tensor_model_parallel_size} PP {shape.pipeline_model_parallel_size}"
+              f"{f' x {shape.num_model_chunks} chunks' if shape.num_model_chunks > 1 else ''} "
               f"DP {shape.data_parallel_size}, {shape.num_microbatches} microbatches of {shape.micro_batch_size}, "
               f"{model.params_dtype}, {shape.kernels} kernels (GB = 1e9 bytes)")
         print(format_table(estimate(model, shape), tool.gpu_memory_gb))

@@ -7,9 +7,10 @@ Terms (bytes on one rank of a stage):
                     with the distributed optimizer
   activations       what the layers keep for backward, per in-flight microbatch (the most a
                     stage holds at once in its plan: 1F1B warm-up depth p - s, fill items
-                    included), as the recomputation setting leaves it
+                    included; interleaved, in-flight forwards of one model chunk each, up to
+                    2(p-1-s) + (v-1)p + 1), as the recomputation setting leaves it
   final logits      the output layer's vocabulary-sized logits (fp32 for the loss), kept per
-                    in-flight microbatch on the last stage
+                    in-flight microbatch of the last stage's (last) chunk
   exit logits       each exit's vocabulary-sized logits: exit heads run lazily, just before
                     their microbatch's backward, so they are never held across in-flight
                     microbatches, but all of a stage's exits are alive together then (one at a
@@ -33,8 +34,9 @@ from typing import Dict, List, Optional
 
 from megatron.early_exit.models.model_config import ModelConfig
 from megatron.early_exit.models.recompute import RecomputeConfig, recompute_units
+from megatron.early_exit.pipeline.interleaved import interleaved_plan, layer_place
 from megatron.early_exit.pipeline.placement import layer_stage
-from megatron.early_exit.pipeline.plan import FillPlan, pipeline_plan
+from megatron.early_exit.pipeline.plan import Action, FillPlan, pipeline_plan
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 HEAD_TERMS = ("final logits", "exit logits", "loss buffer")
@@ -57,6 +59,8 @@ class TrainingShape:
     fill: Optional[FillPlan] = None
     kernels: str = "local"
     """"local" or "transformer_engine" (see the module docstring)."""
+    num_model_chunks: int = 1
+    """Model chunks per stage of the interleaved pipeline (v); 1 without it."""
 
 
 @dataclass
@@ -104,31 +108,49 @@ def parameter_counts(model: ModelConfig, shape: TrainingShape) -> List[int]:
     layer = attention + mlp + 2 * norm
     vocab = model.padded_vocab_size * h // tp
     ee = model.early_exit
-    counts = []
-    for s in range(pp):
-        n = layer * model.num_layers // pp
-        if s == 0:
+    pp, v = shape.pipeline_model_parallel_size, shape.num_model_chunks
+    last = pp * v - 1  # virtual stages u = chunk * pp + stage, each a model of its own
+    counts = [0] * pp
+    for u in range(pp * v):
+        n = layer * model.num_layers // (pp * v)
+        if u == 0:
             n += vocab + (model.max_position_embeddings * h if model.position_embedding_type == "learned_absolute" else 0)
-        last = s == pp - 1
-        if last:
-            n += norm + (vocab if model.untie_embeddings_and_output_weights or pp > 1 else 0)
-        exits = [e for e in ee.exit_layer_nums if layer_stage(e, model.num_layers, pp) == s]
+        if u == last:
+            n += norm + (vocab if model.untie_embeddings_and_output_weights or last > 0 else 0)
+        exits = [e for e in ee.exit_layer_nums if _virtual_stage(e, model.num_layers, pp, v) == u]
         for _ in exits:
             n += (norm if ee.use_exit_norm else 0) + (mlp if ee.use_exit_mlp else 0) + (layer if ee.use_exit_block else 0)
             n += vocab if ee.untie_exit_output_weights else 0
-        tied_copy = exits and not ee.untie_exit_output_weights and s > 0 and not (last and not model.untie_embeddings_and_output_weights)
-        counts.append(n + (vocab if tied_copy else 0))
+        # Each chunk with tied exits keeps its own copy of the word embedding (unless it
+        # holds the embedding, or the tied output layer serves as the copy).
+        tied_copy = exits and not ee.untie_exit_output_weights and u > 0 and not (u == last and not model.untie_embeddings_and_output_weights)
+        counts[u % pp] += n + (vocab if tied_copy else 0)
     return counts
 
 
-def max_in_flight(shape: TrainingShape) -> List[int]:
-    """Most microbatches whose activations a stage holds at once, read off its plan."""
-    plan = pipeline_plan(shape.pipeline_model_parallel_size, shape.num_microbatches, shape.fill)
+def _virtual_stage(layer_number: int, num_layers: int, pp: int, v: int) -> int:
+    if v == 1:
+        return layer_stage(layer_number, num_layers, pp)
+    stage, chunk = layer_place(layer_number, num_layers, pp, v)
+    return chunk * pp + stage
+
+
+def stage_plan(shape: TrainingShape) -> List[List[Action]]:
+    """The training plan of every stage: interleaved with model chunks, else 1F1B (fill items
+    included)."""
+    pp, m = shape.pipeline_model_parallel_size, shape.num_microbatches
+    return interleaved_plan(pp, m, shape.num_model_chunks) if shape.num_model_chunks > 1 else pipeline_plan(pp, m, shape.fill)
+
+
+def max_in_flight(shape: TrainingShape, chunk: Optional[int] = None) -> List[int]:
+    """Most forwards whose activations a stage holds at once (of one model chunk each), read
+    off its plan; `chunk`: only that chunk's."""
     most = []
-    for actions in plan:
+    for actions in stage_plan(shape):
         held = peak = 0
         for a in actions:
-            held += 1 if a.kind == "F" and a.graph else -1 if a.kind == "B" else 0
+            if chunk is None or a.chunk == chunk:
+                held += 1 if a.kind == "F" and a.graph else -1 if a.kind == "B" else 0
             peak = max(peak, held)
         most.append(peak)
     return most
@@ -154,16 +176,20 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
     logits = 4 * s * b * v / tp  # the loss works in fp32
     params = parameter_counts(model, shape)
     in_flight = max_in_flight(shape)
+    final_in_flight = max_in_flight(shape, chunk=shape.num_model_chunks - 1)[pp - 1]
     layers_per_stage = model.num_layers // pp
+    v = shape.num_model_chunks
     out = []
     for stage in range(pp):
-        exits = [e for e in model.early_exit.exit_layer_nums if layer_stage(e, model.num_layers, pp) == stage]
-        kept, buffer = _layer_activations(shape.recompute, layers_per_stage, layer_bytes, dtype * boundary)
+        exits = [e for e in model.early_exit.exit_layer_nums if _virtual_stage(e, model.num_layers, pp, v) % pp == stage]
+        # Per in-flight forward: one chunk's layers (recompute units count a chunk's own).
+        kept, buffer = _layer_activations(shape.recompute, layers_per_stage // v, layer_bytes, dtype * boundary)
         exit_norm = dtype * boundary * 3 if model.early_exit.use_exit_norm else 0.0
         # Without --recompute-exit-heads every exit's logits are saved together before the
         # backward; with it, one exit's logits exist at a time (its no-grad forward, then
-        # its recomputation).
-        exit_heads = min(1, len(exits)) if shape.recompute.exit_heads else len(exits)
+        # its recomputation); a chunk's heads run in its own backward, apart from the others'.
+        chunk_exits = max(sum(_virtual_stage(e, model.num_layers, pp, v) == c * pp + stage for e in exits) for c in range(v))
+        exit_heads = min(1, chunk_exits) if shape.recompute.exit_heads else chunk_exits
         has_head = stage == pp - 1 or exits
         terms = {
             "parameters": params[stage] * dtype,
@@ -171,7 +197,7 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
             "optimizer state": params[stage] * (12 if half else 8) / (dp if shape.use_distributed_optimizer else 1),
             "activations": in_flight[stage] * kept,
             # The final norm's saved tensors (as a layer's norm) and the logits.
-            "final logits": (logits + 3 * dtype * boundary) * in_flight[stage] if stage == pp - 1 else 0.0,
+            "final logits": (logits + 3 * dtype * boundary) * final_in_flight if stage == pp - 1 else 0.0,
             "exit logits": exit_heads * (logits + exit_norm),
             "loss buffer": logits if has_head else 0.0,  # the loss's shifted copy of the logits
             # A recomputed unit's activations, and the softmax gradient of unfused attention.

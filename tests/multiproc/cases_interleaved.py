@@ -14,8 +14,9 @@ from megatron.core import parallel_state
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.init import initialize_layout_invariant
+from megatron.early_exit.models.recompute import RecomputeConfig, recompute_units
 from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
-from megatron.early_exit.pipeline.interleaved import exit_places, interleaved_plan, tied_embedding_stages
+from megatron.early_exit.pipeline.interleaved import exit_places, interleaved_plan, layer_place, tied_embedding_stages
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.pipeline.plan import check_plan
 from megatron.early_exit.pipeline.schedules import run_schedule
@@ -29,15 +30,15 @@ OUT = os.environ.get("EE_TEST_OUT")
 CHUNKS = 2
 
 
-def _build_chunks(ee_config, tied_model, pp):
+def _build_chunks(ee_config, tied_model, pp, recompute=RecomputeConfig()):
     rank = parallel_state.get_pipeline_model_parallel_rank()
     config = tiny_transformer_config(num_layers=LAYERS, pipeline_dtype=torch.float32,
-                                     virtual_pipeline_model_parallel_size=CHUNKS)
+                                     virtual_pipeline_model_parallel_size=CHUNKS, **recompute.transformer_config_kwargs())
     chunks = []
     for c in range(CHUNKS):
         model = EarlyExitGPTModel(
             config, ee_config, VOCAB, SEQ, pre_process=(rank, c) == (0, 0), post_process=(rank, c) == (pp - 1, CHUNKS - 1),
-            share_embeddings_and_output_weights=tied_model, vp_stage=c,
+            share_embeddings_and_output_weights=tied_model, vp_stage=c, recompute_exit_heads=recompute.exit_heads,
         )
         initialize_layout_invariant(model, SEED, 0.02, LAYERS)
         first = LAYERS // (pp * CHUNKS) * (c * pp + rank) + 1
@@ -46,10 +47,12 @@ def _build_chunks(ee_config, tied_model, pp):
     return chunks
 
 
-def _interleaved(ee_config, tied_model, pp, m):
+def _interleaved(ee_config, tied_model, pp, m, recompute=RecomputeConfig(), on_chunks=None):
     stages = tied_embedding_stages(ee_config, LAYERS, pp, CHUNKS, tied_model)
     initialize_parallel(1, pp, seed=SEED, tied_embedding_stages=stages)
-    chunks = _build_chunks(ee_config, tied_model, pp)
+    chunks = _build_chunks(ee_config, tied_model, pp, recompute)
+    if on_chunks is not None:
+        on_chunks(chunks)
     plan = interleaved_plan(pp, m, CHUNKS)
     check_plan(plan)
     links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (SEQ, MBS, chunks[0].config.hidden_size),
@@ -115,6 +118,62 @@ def case_pp2_v2_untied_exit_mlp_untied_model():
 
 def case_pp2_v2_tied_exits_untied_model_six_microbatches():
     return _compare(EarlyExitConfig(exit_layer_nums=[1, 6, 8]), tied_model=False, m=6)
+
+
+# -- recomputation on chunks ---------------------------------------------------------
+
+RECOMPUTE_SETTINGS = [RecomputeConfig("full", "uniform", 1), RecomputeConfig("full", "uniform", 1, exit_heads=True),
+                      RecomputeConfig("full", "block", 1), RecomputeConfig(exit_heads=True)]
+
+
+def _count_calls(chunks, calls):
+    """Forward calls of each layer's core attention and each exit's output layer, keyed
+    by (chunk, local layer index) and ("exit", layer number)."""
+    def counter(key):
+        calls[key] = 0
+        return lambda *unused: calls.__setitem__(key, calls[key] + 1)
+
+    for c, chunk in enumerate(chunks):
+        for i, layer in enumerate(chunk.decoder.layers):
+            layer.self_attention.core_attention.register_forward_pre_hook(counter((c, i)))
+        for num, head in chunk.exits.items():
+            head.output_layer.register_forward_pre_hook(counter(("exit", int(num))))
+
+
+def _expected_calls(recompute, m, layers_per_chunk, exits):
+    """Calls per training step: once per microbatch, twice where recomputed. Units count
+    each chunk's own layers (local index 0 is the chunk's first layer, whatever its number)."""
+    recomputed = {start for start, end, r in recompute_units(layers_per_chunk, recompute.granularity, recompute.method,
+                                                             recompute.num_layers) if r for start in range(start, end)}
+    calls = {(c, i): m * (2 if i in recomputed else 1) for c in range(CHUNKS) for i in range(layers_per_chunk)}
+    calls.update({("exit", num): m * (2 if recompute.exit_heads else 1) for num in exits})
+    return calls
+
+
+def case_pp2_v2_recomputation_equals_none():
+    """Per-parameter gradients and every loss with each recomputation setting equal the
+    same interleaved layout without it, exits on all four chunks."""
+    ee_config, m, pp = EarlyExitConfig(**EXITS), 4, 2
+    ref, ref_reports = _interleaved(ee_config, True, pp, m)
+    rank, per_chunk = parallel_state.get_pipeline_model_parallel_rank(), LAYERS // (pp * CHUNKS)
+    grad_diff = loss_diff = 0.0
+    for recompute in RECOMPUTE_SETTINGS:
+        calls = {}
+        got, reports = _interleaved(ee_config, True, pp, m, recompute, on_chunks=lambda chunks: _count_calls(chunks, calls))
+        local_exits = [n for n in EXITS["exit_layer_nums"] if layer_place(n, LAYERS, pp, CHUNKS)[0] == rank]
+        assert calls == _expected_calls(recompute, m, per_chunk, local_exits), (recompute, calls)
+        assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
+        grad_diff = max(grad_diff, max(float((got[k] - ref[k]).abs().max()) for k in ref))
+        for report, expected in zip(reports, ref_reports, strict=True):
+            assert report.exit_losses.keys() == expected.exit_losses.keys()
+            losses = [(report.exit_losses[k], expected.exit_losses[k]) for k in expected.exit_losses]
+            if expected.lm_loss is not None:
+                losses.append((report.lm_loss, expected.lm_loss))
+            loss_diff = max([loss_diff] + [abs(float(a) - float(b)) for a, b in losses])
+    assert all(float(g.abs().sum()) > 0 for k, g in ref.items() if "decoder.layers" in k), "every layer has a gradient"
+    diffs = torch.tensor([grad_diff, loss_diff])
+    torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
+    return {"settings": len(RECOMPUTE_SETTINGS), "max_grad_diff": float(diffs[0]), "max_loss_diff": float(diffs[1])}
 
 
 # -- training, checkpoints across layouts -----------------------------------------

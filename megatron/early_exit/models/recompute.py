@@ -8,6 +8,7 @@ Megatron-LM's semantics, carried into megatron-core's TransformerConfig:
   full       whole layers are recomputed from their inputs, in units chosen by the method:
              uniform  this stage's layers in consecutive chunks of `num_layers`
              block    only the first `num_layers` layers of the stage, one by one
+             (with the interleaved pipeline: of each model chunk, by its local layer index)
 Exit heads (`exit_heads`) are recomputed from their input state in backward, so that an
 exit's vocabulary-sized logits live only while its own backward runs.
 """
@@ -62,10 +63,13 @@ class RecomputeConfig:
         return cls(granularity, values.get("recompute_method"), values.get("recompute_num_layers"),
                    bool(values.get("distribute_saved_activations")), bool(values.get("recompute_exit_heads")))
 
-    def validate_layout(self, layers_per_stage: int, tensor_model_parallel_size: int, sequence_parallel: bool) -> None:
-        if self.granularity == "full" and self.num_layers > layers_per_stage:
-            raise ConfigError(f"--recompute-num-layers ({self.num_layers}) exceeds the layers of a pipeline stage "
-                              f"({layers_per_stage})")
+    def validate_layout(self, layers_per_stage: int, tensor_model_parallel_size: int, sequence_parallel: bool,
+                        num_model_chunks: int = 1) -> None:
+        """Units count the layers of one model chunk (a stage's whole layers without the
+        interleaved pipeline), as megatron-core's TransformerBlock of each chunk does."""
+        per_chunk, where = layers_per_stage // num_model_chunks, "model chunk" if num_model_chunks > 1 else "pipeline stage"
+        if self.granularity == "full" and self.num_layers > per_chunk:
+            raise ConfigError(f"--recompute-num-layers ({self.num_layers}) exceeds the layers of a {where} ({per_chunk})")
         if self.distribute_saved_activations and (tensor_model_parallel_size == 1 or sequence_parallel):
             raise ConfigError("--distribute-saved-activations needs --tensor-model-parallel-size > 1 and no --sequence-parallel")
 

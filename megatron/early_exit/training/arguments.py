@@ -367,7 +367,7 @@ def _validate_recompute_args(args):
 
     layers, stages = built_stages(args)
     RecomputeConfig.from_flags(vars(args)).validate_layout(
-        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel)
+        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel, virtual_pipeline_chunks(args))
 
 
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
