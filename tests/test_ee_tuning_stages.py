@@ -79,7 +79,8 @@ def test_exits_tuned_on_the_first_stage_merge_back_and_serve(dist1, runs):
 
 
 def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(corpus):
-    from megatron.early_exit.training.arguments import built_stages, parse_args
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.pipeline_layout import built_stages
     from megatron.early_exit.training.trainer import built_model_config, model_config_of
 
     args = parse_args(tiny_run_flags(corpus, **{"--num-layers": 8, "--exit-layer-nums": "2 3", "--exit-layer-weight": "1 1",

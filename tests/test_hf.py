@@ -512,7 +512,8 @@ LLAMA2 = {  # (layers, PP) as converted, hidden, heads, KV groups, TP, (layers, 
 
 @pytest.mark.parametrize("size", list(LLAMA2))
 def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
-    from megatron.early_exit.training.arguments import built_stages, parse_args
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.pipeline_layout import built_stages
 
     prefix = str(tmp_path / "corpus_text_document")
     for suffix in (".bin", ".idx"):

@@ -129,7 +129,7 @@ def _args(**flags):
 
 
 def test_flags_give_the_chunks_and_refuse_what_does_not_apply():
-    from megatron.early_exit.training.arguments import virtual_pipeline_chunks
+    from megatron.early_exit.training.pipeline_layout import virtual_pipeline_chunks
 
     assert virtual_pipeline_chunks(_args(**{"--num-layers-per-virtual-pipeline-stage": 2})) == 2
     assert virtual_pipeline_chunks(_args(**{"--num-virtual-stages-per-pipeline-rank": 4})) == 4

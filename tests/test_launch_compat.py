@@ -135,7 +135,8 @@ def test_ee_llm_7b_training_flags_parse(ee_llm_files, tmp_path):
 
 
 def test_ee_llm_13b_tuning_flags_parse(ee_llm_files, tmp_path):
-    from megatron.early_exit.training.arguments import built_stages, parse_args
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.pipeline_layout import built_stages
     from megatron.early_exit.training.batch_schedule import scheduler_steps
 
     home, tokenizer = ee_llm_files

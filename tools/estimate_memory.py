@@ -73,7 +73,8 @@ def shape_of(argv, world_size, tokenizer_vocab_size=32000, kernels="auto"):
     from megatron.early_exit.models.recompute import RecomputeConfig
     from megatron.early_exit.pipeline.placement import exit_stages
     from megatron.early_exit.pipeline.plan import build_fill_plan, default_num_fill_microbatches
-    from megatron.early_exit.training.arguments import build_early_exit_config, parse_args, virtual_pipeline_chunks
+    from megatron.early_exit.training.arguments import build_early_exit_config, parse_args
+    from megatron.early_exit.training.pipeline_layout import virtual_pipeline_chunks
 
     argv = strip_file_flags(list(argv))
     if "--vocab-size" not in argv:

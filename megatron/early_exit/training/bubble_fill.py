@@ -44,7 +44,7 @@ def run_pipeline_plan(args, ee_config, num_layers: int, num_stages: int, num_mic
 
 def num_fill_items(args, ee_config, num_microbatches: int, vocab_size: int) -> int:
     """Fill microbatches per iteration (what the data path reserves samples for)."""
-    from megatron.early_exit.training.arguments import built_stages
+    from megatron.early_exit.training.pipeline_layout import built_stages
 
     if not args.fill_explicit_bubbles:
         return 0

@@ -50,13 +50,14 @@ from megatron.early_exit.pipeline.schedules import run_schedule
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.models.model_config import padded_vocab_size
 from megatron.early_exit.training.arguments import (
-    build_early_exit_config, build_transformer_overrides, built_stages, check_flash_attention, virtual_pipeline_chunks,
+    build_early_exit_config, build_transformer_overrides, check_flash_attention,
 )
 from megatron.early_exit.training.batch_schedule import scheduler_steps
 from megatron.early_exit.training import timers as phase_timers
 from megatron.early_exit.training.run_control import RunControl
 from megatron.early_exit.training.trackers import build_trackers
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
+from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports
 from megatron.early_exit.tokenizers import build_tokenizer
@@ -208,8 +209,9 @@ def build_stage_schedule(args, model, device) -> StageSchedule:
     pp, stage = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
     m = microbatches.get_num_microbatches()
     ee_config = build_early_exit_config(args)
-    if virtual_pipeline_chunks(args) > 1:
-        plan, fill = interleaved.interleaved_plan(pp, m, virtual_pipeline_chunks(args)), None
+    chunks = virtual_pipeline_chunks(args)
+    if chunks > 1:
+        plan, fill = interleaved.interleaved_plan(pp, m, chunks), None
     else:
         plan, fill = run_pipeline_plan(args, ee_config, built_stages(args)[0], pp, m, get_attr_wrapped_model(model, "vocab_size"))
     check_plan(plan)
