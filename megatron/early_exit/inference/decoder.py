@@ -61,6 +61,10 @@ class ExitPolicy:
     threshold: float = math.inf
     measure: Optional[ConfidenceMeasure] = None
     propagate: bool = False  # CALM state propagation instead of recomputation
+    per_exit: Dict[int, float] = field(default_factory=dict)  # depth -> threshold, overriding `threshold`
+
+    def threshold_at(self, depth: int) -> float:
+        return self.per_exit.get(depth, self.threshold)
 
 
 FULL_DEPTH = ExitPolicy()
@@ -215,7 +219,8 @@ class Decoder:
         returns the hidden states and work set of the rows going on (None, None if none)."""
         last = x[-1:]  # [1, b, h]
         head_input = attention_output[-1:] if point.head.has_mlp and attention_output is not None else None
-        fire, logits = confidence_test(self.model, point, policy.threshold, policy.measure, last, head_input, previous)
+        fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
+                                       previous)
         if not any(fire):
             return x, ws
         cols = [i for i, f in enumerate(fire) if f]
@@ -291,7 +296,7 @@ class Decoder:
         cols = [i for i, o in enumerate(open_rows) if o]
         last = x[-1:, cols]
         head_input = attention_output[-1:, cols] if point.head.has_mlp and attention_output is not None else None
-        fire, logits = confidence_test(self.model, point, policy.threshold, policy.measure, last, head_input,
+        fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
                                        None if previous is None else previous[cols])
         if not any(fire):
             return
