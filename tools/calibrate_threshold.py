@@ -9,6 +9,13 @@ with the full model).
 Prompts come from a jsonl file (one {"text": ...} per line) and/or --prompt TEXT.
 Decoding is greedy, one prompt at a time. Prints a table, then the chosen threshold
 (exit status 1 when no threshold keeps the agreement).
+
+With --per-exit, each exit gets its own threshold: for each --targets value, one full-depth
+pass over the prompts and their full-depth continuations sets, shallowest exit first, the
+lowest threshold at which the tokens leaving there agree with the final layer at that rate;
+each set of thresholds is then decoded and timed like a single threshold, and the fastest
+that keeps --min-agreement is chosen. --output-json holds its `exit_thresholds`, which
+`EarlyExit(exit_thresholds=...)` and the server's `exit_thresholds` request field take.
 """
 
 import argparse
@@ -39,6 +46,9 @@ def parse_args():
                         "is the full model's choice after the same prefix")
     p.add_argument("--repeats", type=int, default=1, help="timings per prompt; the fastest counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--per-exit", action="store_true", help="a threshold per exit, calibrated for each of --targets")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.995, 0.99, 0.98, 0.97, 0.95, 0.9],
+                   help="with --per-exit: agreement with the final layer of the tokens leaving at each exit")
     p.add_argument("--output-json", default=None, help="also write every sweep point and the choice here")
     return p.parse_args()
 
@@ -64,7 +74,7 @@ def main():
 
     install_excepthook()
     from megatron.early_exit.inference import EarlyExit
-    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
+    from megatron.early_exit.inference.calibration import format_table, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -74,21 +84,64 @@ def main():
     model, tokenizer, _ = load_model(args.load, confidence_estimator=args.confidence_estimator)
     prompts = read_prompts(args, tokenizer)
     exits = tuple(args.exit_layers) if args.exit_layers else None
-    strategies = [EarlyExit(t, args.measure, args.kv, exits) for t in sorted(args.thresholds, reverse=True)]
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, {args.measure} / {args.kv}", flush=True)
+    if args.per_exit:
+        per_exit = calibrate_per_exit(model, prompts, args, exits)
+        labels = [f"target {t}" for t in per_exit]
+        strategies = [EarlyExit(2.0, args.measure, args.kv, exits, thresholds) for thresholds in per_exit.values()]
+    else:
+        labels = [f"threshold {t}" for t in sorted(args.thresholds, reverse=True)]
+        strategies = [EarlyExit(t, args.measure, args.kv, exits) for t in sorted(args.thresholds, reverse=True)]
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats,
                    progress=lambda line: print("  " + line, flush=True))
     print("\n" + format_table(points))
-    chosen = pick_fastest([p for p in points if p.threshold is not None], args.min_agreement, args.criterion)
+    ok = [(p, s, label) for p, s, label in zip(points[1:], strategies, labels)
+          if getattr(p, args.criterion) >= args.min_agreement]
+    chosen = max(ok, key=lambda c: c[0].tokens_per_second) if ok else None
     if chosen is None:
-        print(f"\nno threshold keeps {args.criterion} >= {args.min_agreement}: raise the thresholds or lower --min-agreement")
+        print(f"\nno {'target' if args.per_exit else 'threshold'} keeps {args.criterion} >= {args.min_agreement}: "
+              f"raise {'--targets' if args.per_exit else '--thresholds'} or lower --min-agreement")
     else:
-        print(f"\nchosen threshold: {chosen.threshold} ({args.measure}, {args.kv}): {chosen.speedup:.2f}x at "
-              f"agreement {chosen.agreement:.3f}, consistency {chosen.consistency:.3f}, mean exit layer {chosen.mean_exit_layer:.2f}")
+        point, strategy, label = chosen
+        what = (f"exit thresholds {_finite(strategy.exit_thresholds)} ({label})" if args.per_exit
+                else f"threshold: {strategy.threshold}")
+        print(f"\nchosen {what} ({args.measure}, {args.kv}): {point.speedup:.2f}x at agreement "
+              f"{point.agreement:.3f}, consistency {point.consistency:.3f}, mean exit layer {point.mean_exit_layer:.2f}")
     if args.output_json:
+        choice = None
+        if chosen is not None:
+            choice = {"exit_thresholds": _finite(chosen[1].exit_thresholds)} if args.per_exit else chosen[1].threshold
         with open(args.output_json, "w") as f:
-            json.dump({"points": [vars(p) for p in points], "chosen": chosen.threshold if chosen else None}, f, indent=1)
+            json.dump({"points": [dict(vars(p), label=label) for p, label in zip(points, ["full depth", *labels])],
+                       "measure": args.measure, "kv": args.kv, "chosen": choice}, f, indent=1)
     sys.exit(0 if chosen else 1)
+
+
+def _finite(pairs):
+    """{exit: threshold} of the exits that may fire (an exit no threshold suits is left out)."""
+    return {int(n): round(t, 6) for n, t in pairs or () if t <= 1}
+
+
+def calibrate_per_exit(model, prompts, args, exits):
+    """{target: {exit: threshold}} from one full-depth pass over prompts and their continuations."""
+    import math
+
+    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference.calibration import exit_confidences, per_exit_thresholds
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+
+    continuations = [generate(model, [p], FullDepth(), args.max_new_tokens).tokens[0] for p in prompts]
+    confidences = exit_confidences(model, [p + c for p, c in zip(prompts, continuations)],
+                                   get_confidence_measure(args.measure, model), exits, [len(p) - 1 for p in prompts])
+    result = {}
+    print(f"{'target':>8}  per exit: threshold (agreement of its tokens, share of all tokens)")
+    for target in sorted(args.targets, reverse=True):
+        calibrated = per_exit_thresholds(confidences, target)
+        result[target] = {c.layer_number: (c.threshold if math.isfinite(c.threshold) else 2.0) for c in calibrated}
+        print(f"{target:>8}  " + "  ".join(
+            f"[{c.layer_number}] {c.threshold:.4f} ({c.precision:.3f}, {c.coverage:.3f})" if math.isfinite(c.threshold)
+            else f"[{c.layer_number}] never" for c in calibrated), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -73,6 +73,19 @@ class EarlyExitConfig:
     exit_curriculum_iters: int = 0
     """Gradual curriculum: exits switch on from the deepest to the shallowest over this many iterations."""
 
+    # Self-distillation (distillation.py; off by default).
+    exit_distill_weight: float = 0.0
+    """Share `a` of distillation in each exit's loss: (1-a) CE(labels) + a T^2 KL(final || exit), in [0, 1]."""
+
+    exit_distill_temperature: float = 1.0
+    """Temperature T of both distributions in the distillation term."""
+
+    exit_distill_warmup_iters: int = 0
+    """Iterations over which `a` rises from 0 to --exit-distill-weight."""
+
+    exit_distill_warmup_style: str = "linear"
+    """Shape of that rise (as --exit-layer-weight-warmup-style)."""
+
     def __post_init__(self):
         self.exit_layer_nums = [int(n) for n in self.exit_layer_nums]
         self.exit_layer_weight = self._per_exit("--exit-layer-weight", self.exit_layer_weight, 1.0)
@@ -143,6 +156,20 @@ class EarlyExitConfig:
             raise ConfigError(f"--exit-curriculum-rotation must be >= 1, got {self.exit_curriculum_rotation}")
         if self.exit_curriculum == "gradual" and self.exit_curriculum_iters < 1:
             raise ConfigError("--exit-curriculum gradual needs --exit-curriculum-iters >= 1")
+        self._validate_distillation()
+
+    def _validate_distillation(self):
+        if not (math.isfinite(self.exit_distill_weight) and 0.0 <= self.exit_distill_weight <= 1.0):
+            raise ConfigError(f"--exit-distill-weight must be in [0, 1], got {self.exit_distill_weight}")
+        if not (math.isfinite(self.exit_distill_temperature) and self.exit_distill_temperature > 0):
+            raise ConfigError(f"--exit-distill-temperature must be > 0 and finite, got {self.exit_distill_temperature}")
+        if self.exit_distill_warmup_iters < 0:
+            raise ConfigError(f"--exit-distill-warmup-iters must be >= 0, got {self.exit_distill_warmup_iters}")
+        if self.exit_distill_warmup_style not in WARMUP_STYLES:
+            raise ConfigError(
+                f"--exit-distill-warmup-style must be one of {WARMUP_STYLES}, got {self.exit_distill_warmup_style!r}")
+        if self.exit_distill_weight > 0 and not self.exit_layer_nums:
+            raise ConfigError("--exit-distill-weight needs --exit-layer-nums")
 
     def validate_against(self, num_layers: int) -> None:
         """Checks that need the backbone's depth."""
@@ -192,13 +219,12 @@ class EarlyExitConfig:
         return [w if on else 0.0 for w, on in zip(weights, active)]
 
     def _warmed_up(self, init: float, final: float, iteration: int) -> float:
-        if self.exit_layer_weight_warmup_iters == 0:
-            return final
-        r = min(iteration / self.exit_layer_weight_warmup_iters, 1.0)
-        d = final - init
-        if self.exit_layer_weight_warmup_style == "linear":
-            return init + r * d
-        return init + 0.5 * (math.cos(math.pi * (r + 1)) + 1) * d
+        return _warm_up(init, final, iteration, self.exit_layer_weight_warmup_iters, self.exit_layer_weight_warmup_style)
+
+    def distill_weight(self, iteration: int) -> float:
+        """Share of distillation in each exit's loss at `iteration` (0: labels only)."""
+        return _warm_up(0.0, self.exit_distill_weight, iteration, self.exit_distill_warmup_iters,
+                        self.exit_distill_warmup_style)
 
     def active_exits(self, iteration: int) -> List[bool]:
         """LayerSkip curricula: which exits contribute a loss at `iteration`."""
@@ -220,3 +246,14 @@ class EarlyExitConfig:
         else:
             scale = math.exp(depth * math.log(2)) - 1
         return self.layer_dropout_max * scale
+
+
+def _warm_up(init: float, final: float, iteration: int, iters: int, style: str) -> float:
+    """linear `init + r*d`, cosine `init + 0.5*(cos(pi*(r+1))+1)*d`, r = iteration / iters (at most 1)."""
+    if iters == 0:
+        return final
+    r = min(iteration / iters, 1.0)
+    d = final - init
+    if style == "linear":
+        return init + r * d
+    return init + 0.5 * (math.cos(math.pi * (r + 1)) + 1) * d

@@ -1,5 +1,7 @@
 """The early-exit training loss: `final + sum_i w_i(t) * exit_i`, each a masked token mean.
 
+With self-distillation (distillation.py) an exit's term is `(1-a) CE + a T^2 KL(final || exit)`.
+
 Exit heads are evaluated here, lazily: `early_exit_loss` is called right before
 the backward of its microbatch, so exit logits never outlive it.
 """
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from megatron.early_exit.config import EarlyExitConfig
+from megatron.early_exit.distillation import Distillation
 from megatron.early_exit.models.early_exit_gpt import EarlyExitOutput
 
 
@@ -24,11 +27,13 @@ def masked_token_mean(token_loss: Tensor, loss_mask: Tensor) -> Tensor:
 
 @dataclass
 class LossReport:
-    """Detached values for logging: `lm loss`, `early loss [L]`, `exit weight [L]`."""
+    """Detached values for logging: `lm loss`, `early loss [L]` (cross-entropy), `exit weight [L]`,
+    and with self-distillation `distill loss [L]` (T^2 KL from the final layer)."""
 
     lm_loss: Optional[Tensor] = None
     exit_losses: Dict[int, Tensor] = field(default_factory=dict)
     exit_weights: Dict[int, float] = field(default_factory=dict)
+    distill_losses: Dict[int, Tensor] = field(default_factory=dict)
 
 
 def early_exit_loss(
@@ -49,13 +54,21 @@ def early_exit_loss(
         total = masked_token_mean(output.final.float(), loss_mask)
         report.lm_loss = total.detach()
     weights = dict(zip(ee_config.exit_layer_nums, ee_config.exit_weights(iteration)))
+    share = ee_config.distill_weight(iteration)
+    distill = None
+    if output.teacher_logits is not None and ee_config.exit_distill_weight > 0:
+        distill = Distillation(output.teacher_logits, share, ee_config.exit_distill_temperature)
     for pending in output.exits:
         weight = weights[pending.layer_number]
         report.exit_weights[pending.layer_number] = weight
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0.0):
-            token_loss, confidence = pending.compute_loss(ee_config.use_dynamic_exit_layer_weight)
+            token_loss, confidence, kl = pending.compute_loss(ee_config.use_dynamic_exit_layer_weight, distill)
             token_loss = token_loss.float()
             report.exit_losses[pending.layer_number] = masked_token_mean(token_loss, loss_mask).detach()
+            if kl is not None:
+                kl = kl.float()
+                report.distill_losses[pending.layer_number] = masked_token_mean(kl, loss_mask).detach()
+                token_loss = (1.0 - share) * token_loss + share * kl
             if weight == 0.0:
                 continue
             if confidence is not None:

@@ -112,3 +112,10 @@ def case_links_hold_a_bounded_number_of_tensors():
     assert metrics["tokens"] == 64 * len(PROMPTS)
     assert not links.pending and links.peak <= 8, links.peak  # decisions of two steps at most, one step out
     return {**metrics, "peak_in_flight": links.peak}
+
+
+def case_per_exit_thresholds():
+    """A threshold per exit (exit 1 strict, exit 3 loose) decides the same rows on two stages."""
+    metrics = _pp2_vs_pp1(EarlyExit(0.35, kv="pipeline", exit_thresholds={1: 0.6, 3: 0.2}), use_exit_norm=True)
+    assert 3 in metrics["depths"], metrics
+    return metrics

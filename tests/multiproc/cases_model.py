@@ -25,6 +25,10 @@ def _tp2_vs_tp1(sequence_parallel, tied_model=True, **exit_kwargs):
     loss_diff = abs(loss.item() - ref_loss.item())
     exit_diff = max(abs(report.exit_losses[k].item() - ref_report.exit_losses[k].item()) for k in ref_report.exit_losses)
     grad_diff = max_abs_diff(grads, ref_grads)
+    assert set(report.distill_losses) == set(ref_report.distill_losses)
+    if ref_report.distill_losses:  # self-distillation: the vocab-parallel KL equals the full-vocabulary one
+        exit_diff = max([exit_diff] + [abs(report.distill_losses[k].item() - ref_report.distill_losses[k].item())
+                                       for k in ref_report.distill_losses])
     assert loss_diff < 1e-5 and exit_diff < 1e-5, (loss_diff, exit_diff)
     assert grad_diff < 1e-5, grad_diff
     assert any(k.startswith("exits.") for k in grads) or not exit_kwargs.get("untie_exit_output_weights")
@@ -53,3 +57,12 @@ def case_tied_exits_untied_model_block_pre_exit_sp():
 
 def case_dynamic_weight_temperature():
     return _tp2_vs_tp1(False, use_dynamic_exit_layer_weight=True, exit_layer_temperature=[2.0, 0.5], use_exit_norm=True)
+
+
+def case_self_distillation():
+    return _tp2_vs_tp1(False, untie_exit_output_weights=True, use_exit_norm=True,
+                       exit_distill_weight=0.5, exit_distill_temperature=2.0)
+
+
+def case_self_distillation_tied_sequence_parallel():
+    return _tp2_vs_tp1(True, exit_distill_weight=1.0)

@@ -13,6 +13,7 @@ which filters out a busy machine's noise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -108,7 +109,7 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
         depths = [d for r in results for d in r.exit_layers[0][1:]]
         drafted = sum(r.num_drafted for r in results)
         points.append(SweepPoint(
-            strategy.name, getattr(strategy, "threshold", None), tps, tps / points[0].tokens_per_second if points else 1.0,
+            strategy.name, None if getattr(strategy, "exit_thresholds", None) else getattr(strategy, "threshold", None), tps, tps / points[0].tokens_per_second if points else 1.0,
             token_agreement(reference, tokens), token_consistency(model, prompts, tokens),
             sum(depths) / len(depths) if depths else float(num_layers), num_layers,
             sum(r.num_accepted for r in results) / drafted if drafted else None,
@@ -137,3 +138,79 @@ def format_row(p: SweepPoint) -> str:
 
 def format_table(points: Sequence[SweepPoint]) -> str:
     return "\n".join([HEADER, *(format_row(p) for p in points)])
+
+
+# -- thresholds per exit ----------------------------------------------------------------
+
+
+@dataclass
+class ExitCalibration:
+    """One exit's threshold for a target: the lowest confidence at which the tokens that would
+    fire there (among those no shallower exit took) agree with the final layer at >= target."""
+
+    layer_number: int
+    threshold: float  # inf: no threshold reaches the target; the exit never fires
+    precision: float  # agreement with the final layer of the tokens that fire
+    coverage: float  # fraction of all tokens that leave here
+
+
+def exit_confidences(model, sequences: Sequence[Sequence[int]], measure, exit_layers=None, starts=None):
+    """(confidence [n], agrees with the final layer's token [n]) of each exit, at each position
+    of `sequences` from `starts[i]` on (the positions that predict a generated token), from one
+    full-depth pass over each sequence through the decoder."""
+    import torch
+
+    from megatron.early_exit.inference.layers import exit_logits
+
+    parts: dict = {}
+    with inference_context(model):
+        for i, seq in enumerate(sequences):
+            decoder = Decoder(model, 1, len(seq))
+            points = {p.depth: p for n, p in decoder.exit_points.items() if exit_layers is None or n in exit_layers}
+            seen, previous = {}, {}
+
+            def observe(depth, x, attention_output):
+                previous[depth] = x[:, 0]
+                point = points.get(depth)
+                if point is None:
+                    return
+                head_input = attention_output if point.head.has_mlp else None
+                logits = exit_logits(model, point.head, point.layer, x, head_input)[:, 0]
+                if measure.learned:
+                    confidence = measure.fn(point.layer_number, logits, x[:, 0])
+                elif measure.uses_logits:
+                    confidence = measure.fn(logits)
+                else:
+                    confidence = measure.fn(x[:, 0], previous.get(depth - 1, x[:, 0]))
+                seen[point.layer_number] = (confidence.float(), logits.argmax(-1))
+
+            final = decoder.step([0], [list(seq)], all_logits=True, observe=observe).chunk_logits[0].argmax(-1)
+            start = starts[i] if starts is not None else 0
+            for n, (confidence, token) in seen.items():
+                parts.setdefault(n, []).append((confidence[start:], (token == final)[start:]))
+    return {n: (torch.cat([c for c, _ in p]), torch.cat([a for _, a in p])) for n, p in sorted(parts.items())}
+
+
+def per_exit_thresholds(confidences, target: float) -> List[ExitCalibration]:
+    """Shallowest exit first: among the tokens still going, the most confident ones that agree
+    with the final layer at >= `target` fire, and the rest go on to the next exit."""
+    import torch
+
+    total = next(iter(confidences.values()))[0].numel() if confidences else 0
+    going = None
+    result = []
+    for n, (confidence, agree) in confidences.items():
+        going = torch.ones_like(agree) if going is None else going
+        conf, ok = confidence[going], agree[going].float()
+        order = torch.argsort(conf, descending=True)
+        precision = torch.cumsum(ok[order], 0) / torch.arange(1, len(order) + 1)
+        reached = (precision >= target).nonzero()
+        if len(reached) == 0:
+            result.append(ExitCalibration(n, math.inf, 0.0, 0.0))
+            continue
+        k = int(reached[-1]) + 1
+        threshold = float(conf[order[k - 1]])
+        fires = going & (confidence >= threshold)
+        result.append(ExitCalibration(n, threshold, float(agree[fires].float().mean()), float(fires.sum()) / total))
+        going = going & ~fires
+    return result

@@ -94,16 +94,18 @@ def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, st
                           on_tokens=None) -> GenerationResult:
     """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
     check_pipeline_strategy(model, strategy)
-    early = isinstance(strategy, EarlyExit) and strategy.threshold <= 1
     if isinstance(strategy, EarlyExit) and not model.ee_config.exit_layer_nums:
         raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
+    firing = strategy.firing_exits(model.ee_config.exit_layer_nums) if isinstance(strategy, EarlyExit) else []
+    early = bool(firing)
     with inference_context(model):
         return pipeline_generate(
             model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name,
-            exit_layers=list(strategy.exit_layers) if early and strategy.exit_layers is not None else None,
+            exit_layers=firing if early else None,
             threshold=float(strategy.threshold) if early else math.inf,
             measure=get_confidence_measure(strategy.measure, model) if early else None,
             top_n=top_n, on_tokens=on_tokens,
+            exit_thresholds={n: strategy.threshold_of(n) for n in firing} if early else None,
         )
 
 

@@ -272,10 +272,11 @@ class _Links:
 
 def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
                       exit_layers: Optional[List[int]], threshold: float, measure, top_n: int = 0,
-                      on_tokens=None) -> GenerationResult:
-    """Pipeline-based early exit over this rank's stage; every rank returns the result."""
+                      on_tokens=None, exit_thresholds: Optional[Dict[int, float]] = None) -> GenerationResult:
+    """Pipeline-based early exit over this rank's stage; every rank returns the result.
+    `exit_thresholds` (by --exit-layer-nums entry) override `threshold` at those exits."""
     decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-    policy = decoder.stage_policy(exit_layers, threshold, measure)
+    policy = decoder.stage_policy(exit_layers, threshold, measure, exit_thresholds)
     links = _Links(len(prompts), model.vocab_size, decoder.hidden_size, decoder.dtype, decoder.device)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy)
@@ -373,3 +374,5 @@ def check_pipeline_strategy(model, strategy) -> None:
         if unknown:
             raise InferenceConfigError(f"exit layers {unknown} are not exits of this model "
                                        f"(its exits: {sorted(model.ee_config.exit_layer_nums)})")
+    if isinstance(strategy, EarlyExit):
+        strategy.firing_exits(model.ee_config.exit_layer_nums or ())  # names an unknown exit of exit_thresholds

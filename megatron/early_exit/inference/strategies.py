@@ -1,7 +1,8 @@
 """Decoding strategies: what `generate` does after the prompt.
 
     FullDepth()                                   every token through every layer
-    EarlyExit(threshold, measure, kv, exit_layers) leave at the first confident exit;
+    EarlyExit(threshold, measure, kv, exit_layers, exit_thresholds) leave at the first confident exit
+        (exit_thresholds: a threshold per exit, e.g. {2: 0.95, 4: 0.8}, from tools/calibrate_threshold.py --per-exit);
         kv="recompute": deeper K/V of exited tokens are computed by the next deeper pass (EE-LLM)
         kv="propagate": they are filled at once from the exit hidden state (CALM)
         kv="pipeline": the exited token goes on through the deeper layers, on later pipeline
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference.confidence import get_confidence_measure
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPoint, ExitPolicy
@@ -55,26 +56,58 @@ class EarlyExit:
     exit_layers: Optional[Tuple[int, ...]] = None
     """Exits allowed to fire (by --exit-layer-nums entry); None: all of them."""
 
+    exit_thresholds: Optional[Union[Tuple[Tuple[int, float], ...], Mapping[int, float]]] = None
+    """Thresholds of single exits (by --exit-layer-nums entry), overriding `threshold` there;
+    given as a dict, kept as sorted (exit, threshold) pairs so that the strategy stays hashable."""
+
     def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):  # also rejects NaN
-            raise InferenceConfigError(f"early-exit threshold must be a number >= 0 (above 1: never exit), got {self.threshold!r}")
+        _check_threshold("early-exit threshold", self.threshold)
         get_confidence_measure(self.measure)
         if self.kv not in KV_STRATEGIES:
             raise InferenceConfigError(f"kv must be one of {KV_STRATEGIES}, got {self.kv!r}")
+        if self.exit_thresholds is not None:
+            pairs = dict(self.exit_thresholds).items()
+            for num, value in pairs:
+                if isinstance(num, bool) or not isinstance(num, int):
+                    raise InferenceConfigError(f"exit_thresholds: exit {num!r} must be an --exit-layer-nums entry (an int)")
+                _check_threshold(f"exit_thresholds[{num}]", value)
+            object.__setattr__(self, "exit_thresholds", tuple(sorted((n, float(v)) for n, v in pairs)) or None)
 
     @property
     def name(self) -> str:
-        return f"early_exit[{self.kv}]"
+        return f"early_exit[{self.kv},per-exit]" if self.exit_thresholds else f"early_exit[{self.kv}]"
+
+    def threshold_of(self, layer_number: int) -> float:
+        """The threshold at exit `layer_number` (an --exit-layer-nums entry)."""
+        return dict(self.exit_thresholds or ()).get(layer_number, float(self.threshold))
+
+    def firing_exits(self, model_exits: Sequence[int]) -> List[int]:
+        """The exits among `model_exits` (the model's --exit-layer-nums) that may fire: active
+        (`exit_layers`) and with a threshold <= 1 (no confidence measure exceeds 1)."""
+        model_exits = sorted(int(n) for n in model_exits)
+        for field_name, nums in (("exit_layers", self.exit_layers or ()),
+                                 ("exit_thresholds", [n for n, _ in self.exit_thresholds or ()])):
+            unknown = sorted(set(nums) - set(model_exits))
+            if unknown:
+                raise InferenceConfigError(f"{field_name}: exit {unknown[0]} is not an exit of this model "
+                                           f"(its exits: {model_exits})")
+        active = model_exits if self.exit_layers is None else sorted(self.exit_layers)
+        return [n for n in active if self.threshold_of(n) <= 1]
 
     def exit_policy(self, decoder: Decoder) -> ExitPolicy:
         if not decoder.exit_points:
             raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
-        layers = sorted(decoder.exit_points) if self.exit_layers is None else list(self.exit_layers)
-        points = [_exit_point(decoder, n) for n in layers]
-        if self.threshold > 1:  # no confidence measure exceeds 1: skip the exit heads entirely
+        points = [_exit_point(decoder, n) for n in self.firing_exits(decoder.exit_points)]
+        if not points:  # every threshold above 1: skip the exit heads entirely
             return FULL_DEPTH
         return ExitPolicy({p.depth: p for p in points}, float(self.threshold),
-                          get_confidence_measure(self.measure, decoder.model), self.kv == "propagate")
+                          get_confidence_measure(self.measure, decoder.model), self.kv == "propagate",
+                          {p.depth: self.threshold_of(p.layer_number) for p in points})
+
+
+def _check_threshold(what: str, value) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):  # also rejects NaN
+        raise InferenceConfigError(f"{what} must be a number >= 0 (above 1: never exit), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.early_exit.config import EarlyExitConfig
+from megatron.early_exit.distillation import Distillation, distillation_loss
+from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
 from megatron.early_exit.models.recompute import recompute_units
 from megatron.early_exit.models.layer_specs import choose_impl, get_block_spec, get_layer_spec, get_norm_spec, pre_mlp_norm
@@ -49,18 +51,22 @@ class EarlyExitOutput:
            (None on a stage without the output layer).
     hidden_states: this stage's output [s, b, h] (what a pipeline sends on).
     exits: lazily evaluated exits of this stage, in layer order.
+    teacher_logits: with labels and self-distillation (--exit-distill-weight), a detached
+           copy of the final vocab-parallel logits [s, b, v/tp] that the exits learn from.
     """
 
     final: Optional[Tensor]
     hidden_states: Tensor
     exits: List["PendingExit"] = field(default_factory=list)
+    teacher_logits: Optional[Tensor] = None
 
 
 @dataclass
 class PendingExit:
     layer_number: int
     compute_logits: Callable[[], Tensor]  # -> vocab-parallel logits [s, b, v/tp]
-    compute_loss: Callable[[bool], Tuple[Tensor, Optional[Tensor]]]  # -> ([b, s] loss, [b, s] confidence)
+    # (need_confidence, Distillation or None) -> ([b, s] CE, [b, s] confidence or None, [b, s] distillation or None)
+    compute_loss: Callable[..., Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]
 
 
 class EarlyExitGPTModel(GPTModel):
@@ -126,6 +132,9 @@ class EarlyExitGPTModel(GPTModel):
                     head_spec, config=config, layer_number=num, vocab_size=vocab_size,
                     tied=tied, temperature=temperature, parallel_output=parallel_output,
                 )
+        if ee_config.exit_distill_weight and len(self.exits) and not post_process:
+            raise ConfigError(f"--exit-distill-weight: exits {sorted(int(k) for k in self.exits)} are on a stage "
+                              "without the output layer, whose logits they would learn from")
         self.exit_word_embeddings = None
         if tied and len(self.exits) and not self.pre_process and not self._output_layer_is_embedding_copy():
             # A later pipeline stage with tied exits keeps its own copy of the word
@@ -242,11 +251,14 @@ class EarlyExitGPTModel(GPTModel):
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight)
+        teacher = None
         if labels is None:
             final = logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
         else:
+            # A copy: megatron-core's cross-entropy overwrites the logits it is given.
+            teacher = logits.detach().clone() if self.ee_config.exit_distill_weight and exits else None
             final = self.compute_language_model_loss(labels, logits)  # [b, s]
-        return EarlyExitOutput(final=final, hidden_states=hidden_states, exits=exits)
+        return EarlyExitOutput(final=final, hidden_states=hidden_states, exits=exits, teacher_logits=teacher)
 
     def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
         """Local layers [start, end): their output and the states of the exits among them."""
@@ -307,21 +319,26 @@ class EarlyExitGPTModel(GPTModel):
         def compute_logits() -> Tensor:
             return logits_of(state.hidden_states, state.attention_output)
 
-        def loss_and_confidence(hidden_states: Tensor, attention_output: Optional[Tensor], need_confidence: bool):
+        def losses(hidden_states: Tensor, attention_output: Optional[Tensor], need_confidence: bool,
+                   distill: Optional[Distillation]):
             logits = logits_of(hidden_states, attention_output)
             confidence = vocab_parallel_max_prob(logits).transpose(0, 1) if need_confidence else None
-            return self.compute_language_model_loss(labels, logits), confidence
+            kl = distillation_loss(logits, distill.teacher_logits, distill.temperature) if distill else None
+            # CE last: megatron-core's cross-entropy overwrites the logits it is given.
+            return self.compute_language_model_loss(labels, logits), confidence, kl
 
-        def compute_loss(need_confidence: bool = False):
+        def compute_loss(need_confidence: bool = False, distill: Optional[Distillation] = None):
             inputs = (state.hidden_states, state.attention_output)
             if not (self.recompute_exit_heads and torch.is_grad_enabled() and state.hidden_states.requires_grad):
-                return loss_and_confidence(*inputs, need_confidence)
+                return losses(*inputs, need_confidence, distill)
             # Only the head's inputs are kept; its logits exist again only during its backward.
             # (A frozen backbone, as in exit tuning, gives the checkpoint no input to differentiate.)
             outputs = tensor_parallel.checkpoint(
-                lambda *args: _drop_none(loss_and_confidence(*args, need_confidence)), False, *inputs)
-            outputs = (outputs,) if isinstance(outputs, Tensor) else outputs
-            return outputs[0], outputs[1].detach() if need_confidence else None
+                lambda *args: _drop_none(losses(*args, need_confidence, distill)), False, *inputs)
+            outputs = list((outputs,) if isinstance(outputs, Tensor) else outputs)
+            ce = outputs.pop(0)
+            confidence = outputs.pop(0).detach() if need_confidence else None
+            return ce, confidence, outputs.pop(0) if distill else None
 
         return PendingExit(state.layer_number, compute_logits, compute_loss)
 

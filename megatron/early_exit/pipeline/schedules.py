@@ -88,6 +88,7 @@ def _add_report(reports: Dict[int, LossReport], j: int, report: LossReport) -> N
     merged.lm_loss = merged.lm_loss if report.lm_loss is None else report.lm_loss
     merged.exit_losses.update(report.exit_losses)
     merged.exit_weights.update(report.exit_weights)
+    merged.distill_losses.update(report.distill_losses)
 
 
 def _grad_sync(model, enabled: bool):

@@ -188,6 +188,9 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     exit_layer = scoring_exit(options, limits)
     if exit_layer is not None:  # threshold 0 at that exit alone: every decoded token leaves there
         return _engine_call("exit_layer", lambda: EarlyExit(0.0, kv=options.kv_strategy, exit_layers=(exit_layer,)))
+    if options.exit_thresholds and not options.use_early_exit:
+        raise RequestError("exit_thresholds", "only apply with use_early_exit true: set use_early_exit true or drop "
+                                              "exit_thresholds")
     if options.exit_layers and not options.use_early_exit:
         raise RequestError("exit_layers", "only apply with use_early_exit true (here every token goes through the "
                                           "full depth): set use_early_exit true or drop exit_layers")
@@ -208,7 +211,10 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     if layers:
         _check_exits("exit_layers", layers, limits)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
-    return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers))
+    if options.exit_thresholds:
+        _check_exits("exit_thresholds", sorted(options.exit_thresholds), limits)
+    return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers,
+                                                               options.exit_thresholds))
 
 
 def build_sampling(temperature: float, top_k: int, top_p: float, seed: Optional[int]) -> SamplingParams:

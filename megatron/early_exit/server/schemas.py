@@ -58,6 +58,10 @@ class EarlyExitOptions(Strict):
                     "use_early_exit false")
     exit_layers: Optional[List[int]] = Field(
         None, description="exits allowed to fire, by --exit-layer-nums entry (null or []: all of them)")
+    exit_thresholds: Optional[Dict[str, float]] = Field(
+        None, description="a threshold per exit (by --exit-layer-nums entry, e.g. {\"2\": 0.95, \"4\": 0.8}, as "
+                          "tools/calibrate_threshold.py --per-exit writes them), overriding early_exit_thres there; "
+                          "above 1: that exit never fires")
     confidence: Confidence = Field("max_prob", description="confidence measure: " + ", ".join(CONFIDENCE_MEASURES))
     kv_strategy: KVStrategy = Field(
         "recompute", description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM); pipeline "
@@ -70,6 +74,16 @@ class EarlyExitOptions(Strict):
     exit_layer: Optional[int] = Field(
         None, description="score and generate with this one exit's head (an --exit-layer-nums entry, or num_layers "
                           "for the final layer); generation takes its first token, from the prompt pass, at full depth")
+
+    @field_validator("exit_thresholds")
+    @classmethod
+    def _exit_keys(cls, value):
+        if value is None:
+            return None
+        bad = [k for k in value if not k.strip().isdigit()]
+        if bad:
+            raise ValueError(f"keys are exits by --exit-layer-nums entry (like \"2\"), got {bad[0]!r}")
+        return {int(k): v for k, v in value.items()}
 
     @model_validator(mode="after")
     def _one_strategy(self):

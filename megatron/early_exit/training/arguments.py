@@ -223,6 +223,12 @@ def _early_exit_args(p: argparse.ArgumentParser):
     g.add_argument("--exit-curriculum", choices=CURRICULA, default="none")
     g.add_argument("--exit-curriculum-rotation", type=int, default=2)
     g.add_argument("--exit-curriculum-iters", type=int, default=0)
+    g.add_argument("--exit-distill-weight", type=float, default=0.0,
+                   help="self-distillation: each exit's loss is (1-a) CE + a T^2 KL(final || exit), a in [0, 1] "
+                        "(1: the exits learn the final layer only)")
+    g.add_argument("--exit-distill-temperature", type=float, default=1.0)
+    g.add_argument("--exit-distill-warmup-iters", type=int, default=0, help="a rises from 0 over this many iterations")
+    g.add_argument("--exit-distill-warmup-style", choices=WARMUP_STYLES, default="linear")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ from megatron.early_exit.loss import LossReport
 
 def average_reports(reports: List[LossReport]) -> Dict[str, float]:
     """Mean over microbatches and data-parallel ranks of `lm loss`, `early loss [L]`,
-    plus `exit weight [L]`. Keys are in Megatron-LM/EE-LLM's logging names."""
+    `distill loss [L]` (self-distillation), plus `exit weight [L]`. Keys are in
+    Megatron-LM/EE-LLM's logging names."""
     names, values, weights = [], [], {}
     if reports and reports[0].lm_loss is not None:
         names.append("lm loss")
@@ -23,6 +24,9 @@ def average_reports(reports: List[LossReport]) -> Dict[str, float]:
         names.append(f"early loss [{layer}]")
         values.append(torch.stack([r.exit_losses[layer] for r in reports]).mean())
         weights[f"exit weight [{layer}]"] = reports[0].exit_weights[layer]
+    for layer in sorted(reports[0].distill_losses) if reports else []:
+        names.append(f"distill loss [{layer}]")
+        values.append(torch.stack([r.distill_losses[layer] for r in reports if layer in r.distill_losses]).mean())
     if not values:
         return dict(weights)
     stacked = torch.stack(values).float()

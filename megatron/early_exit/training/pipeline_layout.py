@@ -51,6 +51,25 @@ def _validate_pipeline_args(args):
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     if args.backward_forward_ratio <= 0:
         raise ConfigError(f"--backward-forward-ratio must be > 0, got {args.backward_forward_ratio}")
+    _validate_distillation_stages(args)
+
+
+def _validate_distillation_stages(args):
+    """Self-distillation needs the final layer's logits beside each exit: every exit on the
+    stage that holds the output layer (and that stage built)."""
+    if not getattr(args, "exit_distill_weight", 0.0):
+        return
+    layers, stages = built_stages(args)
+    if layers != args.num_layers:
+        raise ConfigError("--exit-distill-weight needs the output layer, which --tune-exit-pipeline-parallel-size "
+                          f"{args.tune_exit_pipeline_parallel_size} leaves out")
+    if stages == 1:
+        return
+    first_of_last = layers - layers // stages + 1
+    early = [n for n in args.exit_layer_nums if n < first_of_last]
+    if early:
+        raise ConfigError(f"--exit-distill-weight: exits {early} are not on the last pipeline stage (layers "
+                          f"{first_of_last}..{layers}), where the final layer's logits are; use exits there, or PP=1")
 
 
 def virtual_pipeline_chunks(args) -> int:
@@ -86,5 +105,8 @@ def _validate_virtual_pipeline(args):
                           "defined for the plain 1F1B schedule")
     if args.tune_exit:
         raise ConfigError(f"--tune-exit cannot be combined with {VIRTUAL_FLAG}: exit tuning runs the plain schedule")
+    if getattr(args, "exit_distill_weight", 0.0):
+        raise ConfigError(f"--exit-distill-weight cannot be combined with {VIRTUAL_FLAG}: the final layer's logits "
+                          "are on the last model chunk only")
     if not args.rampup_batch_size:
         check_num_microbatches(args.num_microbatches, args.pipeline_model_parallel_size)

@@ -188,8 +188,9 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
         # loss_func) still build theirs.
         output = model(
             tokens, batch["position_ids"], mask, labels=batch["labels"],
-            # Exit tuning needs nothing past the last exit; earlier stages still feed the next.
-            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()),
+            # Exit tuning needs nothing past the last exit (unless the exits distil from the
+            # final layer); earlier stages still feed the next.
+            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()) or ee_config.exit_distill_weight > 0,
         )
     return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration)
 
