@@ -1,14 +1,18 @@
 """Decoding speed: full depth against early exit (KV recomputation, state propagation)
 across thresholds, and self-speculative decoding, on a trained early-exit model.
 
-    python benchmarks/inference_speed.py                        # trains a model first (CPU, minutes)
+    python benchmarks/inference_speed.py                        # trains a model first (CPU, about an hour)
     python benchmarks/inference_speed.py --load runs/quickstart/checkpoints
 
 Without --load, a model is trained in-process on the Python standard library's sources
 (corpus, SentencePiece tokenizer and .bin/.idx are built with the tools in tools/, or
 reused from a previous run in --work-dir) and saved there, so a second run only decodes
-(or resumes training when --train-iters asks for more iterations than were saved).
-Prompts are held out: stdlib modules that the training corpus does not contain.
+(or resumes training when --train-iters asks for more iterations than were saved). Then
+EE-Tuning with self-distillation (--distill-iters): the exits are replaced by untied
+copies of the final norm and output layer (tools/checkpoint/add_exits.py) and trained,
+the backbone frozen, towards the final layer's distribution (--exit-distill-weight 1).
+Prompts are held out: stdlib modules that the training corpus does not contain; the
+per-exit thresholds (--per-exit-targets) are calibrated on other held-out modules.
 
 Each strategy decodes every prompt alone (batch size 1, greedy). Columns: decode
 tokens/s; speedup over full depth; agreement (fraction of positions with the full-depth
@@ -45,7 +49,12 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
-    p.add_argument("--train-iters", type=int, default=1000)
+    p.add_argument("--train-iters", type=int, default=1500)
+    p.add_argument("--distill-iters", type=int, default=400,
+                   help="EE-Tuning iterations with self-distillation after pretraining (0: benchmark the pretrained exits)")
+    p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.99, 0.98, 0.97],
+                   help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
+                        "--per-exit), for each --kv")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -60,6 +69,12 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)")
+    p.add_argument("--confidence-estimator", default=None,
+                   help="a tools/train_confidence_estimator.py file; use with --measure learned")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="after the sweep, the fastest early exit at >= 0.95 agreement decodes all prompts in batches "
+                        "of this size against full depth (0: skip)")
+    p.add_argument("--plot", default=None, help="PNG of speed against agreement (default: WORK_DIR/inference_speed.png)")
     return p.parse_args()
 
 
@@ -117,6 +132,34 @@ def train_model(work_dir: str, files: dict, train_iters: int) -> str:
     return save
 
 
+def distill_exits(work_dir: str, files: dict, base: str, iters: int) -> str:
+    """EE-Tuning with self-distillation: untied exits copied from the final layer, trained
+    towards its distribution with the backbone frozen (or resumed)."""
+    from megatron.early_exit.training.arguments import parse_args as parse_train_args
+    from megatron.early_exit.training.trainer import pretrain
+
+    init, save = os.path.join(work_dir, "ee_tuning_init"), os.path.join(work_dir, "distilled")
+    if not os.path.exists(os.path.join(init, "latest_checkpointed_iteration.txt")):
+        log(f"copying the final norm and output layer into untied exits: {init}")
+        _run_tool("tools/checkpoint/add_exits.py", "--load", base, "--save", init, "--exit-layer-nums", "2", "4", "6",
+                  "--use-exit-norm", "--untie-exit-output-weights")
+    done = trained_iterations(save)
+    if done >= iters:
+        return save
+    log(f"EE-Tuning the exits with self-distillation, iterations {done} -> {iters} (saved to {save})")
+    load = ["--load", save] if done else ["--load", init, "--finetune"]
+    pretrain(parse_train_args(MODEL_FLAGS + load + [
+        "--untie-exit-output-weights", "--tune-exit", "--exit-distill-weight", "1.0",
+        "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(iters),
+        "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
+        "--weight-decay", "0.0", "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", "4321",
+        "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(work_dir, "cache"),
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
+        "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100",
+    ], world_size=1))
+    return save
+
+
 def held_out_prompts(tokenizer, corpus_jsonl: str, num_prompts: int, prompt_tokens: int, seed: int = 0):
     """Prompts from standard-library modules that the training corpus left out."""
     seen = {json.loads(line)["source"] for line in open(corpus_jsonl)}
@@ -150,7 +193,7 @@ def main():
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
     from megatron.early_exit.inference import EarlyExit, SelfSpeculative
-    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
+    from megatron.early_exit.inference.calibration import format_table, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -161,34 +204,137 @@ def main():
         ckpt = os.path.join(args.work_dir, "checkpoints")
         if trained_iterations(ckpt) < args.train_iters:
             train_model(args.work_dir, files, args.train_iters)
+        if args.distill_iters:
+            ckpt = distill_exits(args.work_dir, files, ckpt, args.distill_iters)
     initialize_parallel(1, 1)
-    model, tokenizer, train_args = load_model(ckpt)
+    model, tokenizer, train_args = load_model(ckpt, confidence_estimator=args.confidence_estimator)
     torch.set_num_threads(args.threads)
-    prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
+    held_out = held_out_prompts(tokenizer, files["jsonl"], 2 * args.num_prompts, args.prompt_tokens)
+    prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts :]
     exits = tuple(args.exit_layers) if args.exit_layers else None  # --exit-layers with no value: all
     strategies = [EarlyExit(t, args.measure, kv, exits) for kv in args.kv for t in args.thresholds]
+    labels = [f"{t:g}" for kv in args.kv for t in args.thresholds]
+    if args.per_exit_targets:
+        per_exit = calibrate(model, calibration_prompts, args, exits)
+        strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
+        labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
     strategies += [SelfSpeculative(int(e), int(k)) for e, k in (s.split(":") for s in args.speculative)]
+    labels += ["-" for _ in args.speculative]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
         f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s), {args.clock} clock")
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats, clock=args.clock, progress=log)
+    labelled = list(zip(points[1:], strategies, labels))
 
-    print("\n" + format_table(points))
-    early = [p for p in points if p.ideal_speedup is not None and p.threshold is not None]
+    print("\n" + format_table(points).replace("threshold ", "threshold*", 1))
+    print("(* per exit: thresholds calibrated per exit for that agreement of each exit's tokens)")
+    early = [(p, s, label) for p, s, label in labelled if p.acceptance is None]
     spec = [p for p in points if p.acceptance is not None]
     print("\ngoals:")
+    best = None
     for criterion in ("agreement", "consistency"):
-        best = pick_fastest(early, 0.95, criterion)
-        if best:
-            print(f"  fastest early exit with {criterion} >= 0.95: {best.strategy} threshold {best.threshold}: "
-                  f"{best.speedup:.2f}x (goal >= 1.5x), achieved/ideal {best.efficiency:.2f} (goal >= 0.8)")
+        ok = [c for c in early if getattr(c[0], criterion) >= 0.95]
+        fastest = max(ok, key=lambda c: c[0].tokens_per_second) if ok else None
+        best = best or fastest
+        if fastest:
+            p, _, label = fastest
+            print(f"  fastest early exit with {criterion} >= 0.95: {p.strategy} threshold {label}: "
+                  f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)")
         else:
             print(f"  no early-exit threshold reached {criterion} 0.95")
     if spec:
         top = max(spec, key=lambda p: p.speedup)
-        print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.2x), agreement {top.agreement:.3f} "
+        print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement {top.agreement:.3f} "
               f"(must be 1.000), accepted {top.acceptance:.2f}")
+    for kv in args.kv:
+        going = [c for c in early if c[1].kv == kv and c[0].mean_exit_layer < c[0].num_layers]
+        if going:
+            p, _, label = max(going, key=lambda c: c[0].speedup)
+            print(f"  {kv}: best achieved/ideal {max(c[0].efficiency for c in going):.2f}; fastest at threshold {label}: "
+                  f"{p.speedup:.2f}x of ideal {p.ideal_speedup:.2f}x")
+    propagated = [c[0] for c in early if c[1].kv == "propagate" and c[0].mean_exit_layer < c[0].num_layers]
+    if propagated:
+        share = kv_projection_share(train_args)
+        p = max(propagated, key=lambda p: p.speedup)
+        ceiling = propagation_ceiling(p.num_layers, p.mean_exit_layer, share)
+        print(f"  state propagation at its fastest: every skipped layer still computes its K/V projection "
+              f"({share:.0%} of a layer's matmul FLOPs), so its ceiling is {ceiling:.2f}x = "
+              f"{ceiling / p.ideal_speedup:.2f} of the ideal {p.ideal_speedup:.2f}x")
+    if best is not None and args.batch_size > 1:
+        p, strategy, label = best
+        batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)
+        print(f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
+              f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)")
+    path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
+    plot(points, path)
+    print(f"\nplot: {path}")
 
+
+def calibrate(model, prompts, args, exits) -> dict:
+    """{target: {exit: threshold}} from the full-depth continuations of `prompts`."""
+    from megatron.early_exit.inference.calibration import as_exit_thresholds, calibrate_per_exit
+
+    out = {}
+    for target, calibrated in calibrate_per_exit(model, prompts, args.measure, args.per_exit_targets,
+                                                 args.max_new_tokens, exits).items():
+        out[target] = as_exit_thresholds(calibrated)
+        log(f"per-exit thresholds for {target:g} on {len(prompts)} other held-out prompts: " + ", ".join(
+            f"[{c.layer_number}] {c.threshold:.3f} (takes {c.coverage:.0%})" for c in calibrated))
+    return out
+
+
+def kv_projection_share(config) -> float:
+    """A layer's K/V projection as a share of its matmul FLOPs per token (attention scores aside)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    head_dim = config.kv_channels or h // heads
+    kv = 2 * h * (config.num_query_groups or heads) * head_dim
+    mlp = (3 if config.swiglu else 2) * h * (config.ffn_hidden_size or 4 * h)
+    return kv / (h * heads * head_dim + kv + heads * head_dim * h + mlp)
+
+
+def propagation_ceiling(num_layers: int, mean_exit: float, kv_share: float) -> float:
+    """Speedup if each skipped layer costs only its K/V projection."""
+    return num_layers / (mean_exit + kv_share * (num_layers - mean_exit))
+
+
+def batch_speedup(model, prompts, strategy, batch_size: int, max_new_tokens: int, repeats: int, clock: str) -> float:
+    """`strategy` over full depth, all prompts decoded in batches of `batch_size`, best of `repeats`."""
+    from megatron.early_exit.inference import FullDepth, generate
+
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    seconds = {}
+    for _ in range(repeats):
+        for s in (FullDepth(), strategy):
+            results = [generate(model, b, s, max_new_tokens) for b in batches]
+            took = sum(r.decode_seconds if clock == "wall" else r.decode_cpu_seconds for r in results)
+            seconds[s.name] = min(seconds.get(s.name, took), took)
+    return seconds[FullDepth.name] / seconds[strategy.name]
+
+
+def plot(points, path: str) -> None:
+    """Speedup against agreement: a line per early-exit strategy across thresholds, a point per speculative one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}
+    for p in points[1:]:
+        lines.setdefault(p.strategy if p.acceptance is None else "self_speculative", []).append(p)
+    for name, group in lines.items():
+        group = sorted(group, key=lambda p: p.agreement)
+        ax.plot([p.agreement for p in group], [p.speedup for p in group], "o-" if name != "self_speculative" else "s",
+                label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="full depth")
+    ax.axvline(0.95, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("agreement with full depth")
+    ax.set_ylabel("decode speedup over full depth")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()

@@ -123,21 +123,16 @@ def _finite(pairs):
 
 
 def calibrate_per_exit(model, prompts, args, exits):
-    """{target: {exit: threshold}} from one full-depth pass over prompts and their continuations."""
+    """{target: {exit: threshold}}, printed as they are set."""
     import math
 
-    from megatron.early_exit.inference import FullDepth, generate
-    from megatron.early_exit.inference.calibration import exit_confidences, per_exit_thresholds
-    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference import calibration
 
-    continuations = [generate(model, [p], FullDepth(), args.max_new_tokens).tokens[0] for p in prompts]
-    confidences = exit_confidences(model, [p + c for p, c in zip(prompts, continuations)],
-                                   get_confidence_measure(args.measure, model), exits, [len(p) - 1 for p in prompts])
     result = {}
     print(f"{'target':>8}  per exit: threshold (agreement of its tokens, share of all tokens)")
-    for target in sorted(args.targets, reverse=True):
-        calibrated = per_exit_thresholds(confidences, target)
-        result[target] = {c.layer_number: (c.threshold if math.isfinite(c.threshold) else 2.0) for c in calibrated}
+    for target, calibrated in calibration.calibrate_per_exit(model, prompts, args.measure, sorted(args.targets, reverse=True),
+                                                             args.max_new_tokens, exits).items():
+        result[target] = calibration.as_exit_thresholds(calibrated)
         print(f"{target:>8}  " + "  ".join(
             f"[{c.layer_number}] {c.threshold:.4f} ({c.precision:.3f}, {c.coverage:.3f})" if math.isfinite(c.threshold)
             else f"[{c.layer_number}] never" for c in calibrated), flush=True)

@@ -214,3 +214,20 @@ def per_exit_thresholds(confidences, target: float) -> List[ExitCalibration]:
         result.append(ExitCalibration(n, threshold, float(agree[fires].float().mean()), float(fires.sum()) / total))
         going = going & ~fires
     return result
+
+
+def calibrate_per_exit(model, prompts, measure_name: str, targets: Sequence[float], max_new_tokens: int,
+                       exit_layers=None) -> dict:
+    """{target: [ExitCalibration per exit]} from the full-depth greedy continuations of `prompts`
+    (one decode and one full-depth pass per prompt, whatever the number of targets)."""
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+
+    continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
+    confidences = exit_confidences(model, [list(p) + c for p, c in zip(prompts, continuations)],
+                                   get_confidence_measure(measure_name, model), exit_layers, [len(p) - 1 for p in prompts])
+    return {target: per_exit_thresholds(confidences, target) for target in targets}
+
+
+def as_exit_thresholds(calibrated: Sequence[ExitCalibration]) -> dict:
+    """{exit: threshold} for EarlyExit(exit_thresholds=...): an exit no threshold suits gets 2 (never)."""
+    return {c.layer_number: c.threshold if math.isfinite(c.threshold) else 2.0 for c in calibrated}
