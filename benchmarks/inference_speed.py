@@ -112,32 +112,33 @@ def trained_iterations(ckpt: str) -> int:
     return int(open(marker).read()) if os.path.exists(marker) else 0
 
 
-def train_model(work_dir: str, files: dict, train_iters: int) -> str:
-    """Train (or, with a shorter run already saved there, resume) the benchmark's model."""
+def _pretrain(work_dir: str, files: dict, save: str, flags: list) -> None:
+    """pretrain_early_exit_gpt.py in this process: the model, `flags`, then data and saving."""
     from megatron.early_exit.training.arguments import parse_args as parse_train_args
     from megatron.early_exit.training.trainer import pretrain
 
-    save = os.path.join(work_dir, "checkpoints")
-    done = trained_iterations(save)
-    log(f"training an early-exit model on CPU, iterations {done} -> {train_iters} (saved to {save})")
-    resume = ["--load", save] if done else []
-    pretrain(parse_train_args(MODEL_FLAGS + resume + [
-        "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(train_iters),
-        "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
-        "--weight-decay", "0.1", "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", "1234",
+    pretrain(parse_train_args(MODEL_FLAGS + flags + [
+        "--micro-batch-size", "8", "--global-batch-size", "16", "--adam-beta2", "0.95", "--clip-grad", "1.0",
         "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(work_dir, "cache"),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
         "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100",
     ], world_size=1))
+
+
+def train_model(work_dir: str, files: dict, train_iters: int) -> str:
+    """Train (or, with a shorter run already saved there, resume) the benchmark's model."""
+    save = os.path.join(work_dir, "checkpoints")
+    done = trained_iterations(save)
+    log(f"training an early-exit model on CPU, iterations {done} -> {train_iters} (saved to {save})")
+    _pretrain(work_dir, files, save, (["--load", save] if done else []) + [
+        "--train-iters", str(train_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--seed", "1234"])
     return save
 
 
 def distill_exits(work_dir: str, files: dict, base: str, iters: int) -> str:
     """EE-Tuning with self-distillation: untied exits copied from the final layer, trained
     towards its distribution with the backbone frozen (or resumed)."""
-    from megatron.early_exit.training.arguments import parse_args as parse_train_args
-    from megatron.early_exit.training.trainer import pretrain
-
     init, save = os.path.join(work_dir, "ee_tuning_init"), os.path.join(work_dir, "distilled")
     if not os.path.exists(os.path.join(init, "latest_checkpointed_iteration.txt")):
         log(f"copying the final norm and output layer into untied exits: {init}")
@@ -147,16 +148,10 @@ def distill_exits(work_dir: str, files: dict, base: str, iters: int) -> str:
     if done >= iters:
         return save
     log(f"EE-Tuning the exits with self-distillation, iterations {done} -> {iters} (saved to {save})")
-    load = ["--load", save] if done else ["--load", init, "--finetune"]
-    pretrain(parse_train_args(MODEL_FLAGS + load + [
-        "--untie-exit-output-weights", "--tune-exit", "--exit-distill-weight", "1.0",
-        "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(iters),
+    _pretrain(work_dir, files, save, (["--load", save] if done else ["--load", init, "--finetune"]) + [
+        "--untie-exit-output-weights", "--tune-exit", "--exit-distill-weight", "1.0", "--train-iters", str(iters),
         "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
-        "--weight-decay", "0.0", "--adam-beta2", "0.95", "--clip-grad", "1.0", "--seed", "4321",
-        "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(work_dir, "cache"),
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
-        "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100",
-    ], world_size=1))
+        "--weight-decay", "0.0", "--seed", "4321"])
     return save
 
 
@@ -224,10 +219,14 @@ def main():
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
         f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s), {args.clock} clock")
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats, clock=args.clock, progress=log)
+    for p, label in zip(points[1:], labels):
+        if label.startswith("per exit"):
+            p.strategy += f" {label[len('per exit '):]}"
     labelled = list(zip(points[1:], strategies, labels))
 
-    print("\n" + format_table(points).replace("threshold ", "threshold*", 1))
-    print("(* per exit: thresholds calibrated per exit for that agreement of each exit's tokens)")
+    print("\n" + format_table(points))
+    print("(per-exit T: thresholds calibrated per exit so that the tokens leaving at each agree with the final layer "
+          "at rate T, on other held-out prompts)")
     early = [(p, s, label) for p, s, label in labelled if p.acceptance is None]
     spec = [p for p in points if p.acceptance is not None]
     print("\ngoals:")

@@ -20,11 +20,11 @@ def test_kv_cache_update_by_position_and_crop():
     write_pos = torch.tensor([[cache.trash_slot, 4], [6, 5]])  # [c, b]: row 2 has one entry, row 0 two
     k = torch.arange(2 * 2 * 2 * 4, dtype=torch.float).view(2, 2, 2, 4)
     cache.update(1, rows, write_pos, k, -k)
-    assert torch.equal(cache.k[1][2, 6], k[1, 0]) and torch.equal(cache.k[1][0, 4], k[0, 1])
-    assert torch.equal(cache.v[1][0, 5], -k[1, 1])
-    assert cache.k[1][2, :6].abs().sum() == 0 and cache.k[0].abs().sum() == 0  # nothing else written
+    assert torch.equal(cache.k[1][2, :, 6], k[1, 0]) and torch.equal(cache.k[1][0, :, 4], k[0, 1])
+    assert torch.equal(cache.v[1][0, :, 5], -k[1, 1])
+    assert cache.k[1][2, :, :6].abs().sum() == 0 and cache.k[0].abs().sum() == 0  # nothing else written
     keys, values = cache.keys_values(1, torch.tensor([0, 2]), 7)
-    assert keys.shape == (2, 7, 2, 4) and torch.equal(keys[1, 6], k[1, 0])
+    assert keys.shape == (2, 2, 7, 4) and torch.equal(keys[1, :, 6], k[1, 0])
     view_keys, _ = cache.keys_values(1, torch.tensor([1, 2]), 7, row_slice=slice(1, 3))
     assert view_keys.data_ptr() == cache.k[1][1].data_ptr()  # consecutive rows: a view
     cache.set_length(0, [0, 2], [7, 7])

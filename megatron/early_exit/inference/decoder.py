@@ -39,6 +39,7 @@ from torch import Tensor
 from megatron.early_exit.inference.confidence import ConfidenceMeasure
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
+from megatron.early_exit.inference.propagation import Propagators
 from megatron.early_exit.inference.layers import (
     RotaryTables, WorkSet, attention_scale, build_work_set, embed, exit_logits, final_logits, project_qkv, run_layer,
     to_device,
@@ -137,6 +138,7 @@ class Decoder:
         self.num_fed = [0] * max_batch  # positions whose token has been embedded, per row
         self.rotary = RotaryTables(model, max_seq, self.dtype) if model.position_embedding_type == "rope" else None
         self.scales = [attention_scale(layer) for layer in self.layers]
+        self.propagators = Propagators(self.layers)
         pre = model.ee_config.pre_exit
         # This stage's exits by --exit-layer-nums entry (its heads live with their layers).
         self.exit_points = {
@@ -258,12 +260,18 @@ class Decoder:
 
     def _propagate(self, hidden: Tensor, depth: int, ws: WorkSet) -> None:
         """CALM: every layer above `depth` gets K/V of the rows' newest token from the exit
-        hidden state [b, h], through its own input norm, K/V projection and rotary."""
+        hidden state [b, h], through its own input norm, K/V projection and rotary: in one
+        projection for all of them where the layout allows (propagation.py)."""
         newest = self._work_set(ws.rows, ws.ends, ws.ends)
         hidden = hidden.unsqueeze(0)
+        fused = self.propagators.at(depth)
+        if fused is not None:
+            k, v = fused(hidden, newest)
+            self.cache.update_layers(depth, newest.rows_t, newest.write_pos, k, v)
         for index in range(depth, len(self.layers)):
-            _, k, v = project_qkv(self.layers[index], hidden, newest)
-            self.cache.update(index, newest.rows_t, newest.write_pos, k, v)
+            if fused is None:
+                _, k, v = project_qkv(self.layers[index], hidden, newest)
+                self.cache.update(index, newest.rows_t, newest.write_pos, k, v)
             self.cache.set_length(index, newest.rows, [e + 1 for e in newest.ends])
 
     # -- the stage pass: every row through every layer, exits only decide ----------

@@ -1,6 +1,7 @@
 """A preallocated per-layer KV cache, written by position and cropped explicitly.
 
-Each layer owns K and V buffers [max_batch, max_seq + 1, kv_heads / tp, head_dim] and,
+Each layer owns K and V buffers [max_batch, kv_heads / tp, max_seq + 1, head_dim] (the
+layout attention reads: each head's keys are contiguous rows, as a fresh tensor's) and,
 per row, the length of the prefix whose entries are valid. Layers may disagree: with
 early exit by recomputation a token that left at layer d has no entries above d until a
 later pass fills them, so deeper layers lag behind shallower ones.
@@ -30,9 +31,12 @@ class KVCache:
         device: torch.device | str = "cpu",
     ):
         self.max_batch, self.max_seq = max_batch, max_seq
-        shape = (max_batch, max_seq + 1, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, max_batch, num_kv_heads, max_seq + 1, head_dim)
+        # One buffer for all layers (each layer's a view), so that state propagation writes
+        # the K/V of every layer a token skipped at once (update_layers).
+        self.all_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.all_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(self.all_k.unbind(0)), list(self.all_v.unbind(0))
         # Host-side: the decoder schedules work from these, so keeping them as ints
         # avoids a device sync per layer.
         self.lengths: List[List[int]] = [[0] * max_batch for _ in range(num_layers)]
@@ -51,17 +55,25 @@ class KVCache:
         Padding entries carry `write_pos == trash_slot`; the caller advances `lengths`.
         """
         batch_index = rows.view(1, -1).expand_as(write_pos)
-        self.k[layer][batch_index, write_pos] = k
-        self.v[layer][batch_index, write_pos] = v
+        self.k[layer][batch_index, :, write_pos] = k  # [c, b] entries, each [kv_heads, head_dim]
+        self.v[layer][batch_index, :, write_pos] = v
+
+    def update_layers(self, first: int, rows: Tensor, write_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """`update` of layers first, first + 1, ... at once: k, v [layers, c, b, kv_heads, head_dim]."""
+        batch_index = rows.view(1, -1).expand_as(write_pos)
+        last = first + k.shape[0]
+        # Indices apart from each other put their dims first: the target is [c, b, layers, heads, d].
+        self.all_k[first:last, batch_index, :, write_pos] = k.permute(1, 2, 0, 3, 4)
+        self.all_v[first:last, batch_index, :, write_pos] = v.permute(1, 2, 0, 3, 4)
 
     def keys_values(self, layer: int, rows: Tensor, length: int, row_slice: Optional[slice] = None):
-        """K and V of `rows` for positions [0, length): [b, length, kv_heads, head_dim] each.
+        """K and V of `rows` for positions [0, length): [b, kv_heads, length, head_dim] each.
 
         `row_slice` names the same rows when they are consecutive: then a view, no copy.
         """
         if row_slice is not None:
-            return self.k[layer][row_slice, :length], self.v[layer][row_slice, :length]
-        return self.k[layer][rows, :length], self.v[layer][rows, :length]
+            return self.k[layer][row_slice, :, :length], self.v[layer][row_slice, :, :length]
+        return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
 
     def set_length(self, layer: int, rows: Sequence[int], lengths: Sequence[int]) -> None:
         for r, n in zip(rows, lengths):

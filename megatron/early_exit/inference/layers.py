@@ -137,7 +137,7 @@ def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) ->
     cache.update(index, ws.rows_t, ws.write_pos, k, v)
     keys, values = cache.keys_values(index, ws.rows_t, ws.num_keys, ws.row_slice)
     context = F.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3), keys.transpose(1, 2), values.transpose(1, 2),  # [b, heads, c|L, d]
+        q.permute(1, 2, 0, 3), keys, values,  # [b, heads, c|L, d]
         attn_mask=ws.mask, is_causal=ws.causal and ws.width > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     context = context.permute(2, 0, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # [c, b, heads * d]

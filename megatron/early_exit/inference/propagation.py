@@ -1,0 +1,101 @@
+"""CALM's state propagation as one projection for all the layers a token skipped.
+
+A token that leaves at depth d still owes every deeper layer its K/V, which state
+propagation computes from the exit hidden state h: layer j's input norm, then the K and V
+rows of its `linear_qkv`, then rotary on K. Layer by layer that is about a dozen small ops
+per skipped layer, half of what running the layer costs a small model on CPU, which left
+propagation far below the speedup its skipped layers promise.
+
+Every deeper layer sees the same h, and its norm only scales the normalised h by its own
+weight (RMSNorm: h / rms(h) * w_j; LayerNorm: (h - mean) / std * w_j + b_j), so the weight
+folds into the projection: K_j = (W_kj diag(w_j)) h_hat (+ W_kj b_j + bias_kj). Stacking
+those folded rows of layers d+1..L gives one matrix: one norm, one matmul, one rotary and
+one cache write for all of them. `Propagator.build` returns None where a layout does not
+allow it (Transformer Engine's fused norm, QK norms, fewer query groups than TP ranks,
+mixed norms), and the decoder then goes layer by layer.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.transformer.identity_op import IdentityOp
+
+
+def _plain_norm(norm) -> Optional[Tuple[str, float]]:
+    if isinstance(norm, torch.nn.RMSNorm) and norm.weight is not None:
+        return "rms", norm.eps
+    if isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None:
+        return "layer", norm.eps
+    return None
+
+
+class Propagator:
+    """K/V of layers [first, n) of a stage from one hidden state."""
+
+    def __init__(self, kind: str, eps: float, weight: Tensor, bias: Optional[Tensor], groups: int, head_dim: int,
+                 num_layers: int, interleaved: bool):
+        self.kind, self.eps, self.weight, self.bias = kind, eps, weight, bias
+        self.groups, self.head_dim, self.num_layers, self.interleaved = groups, head_dim, num_layers, interleaved
+
+    @classmethod
+    def build(cls, layers: List[torch.nn.Module], first: int) -> Optional["Propagator"]:
+        deeper = layers[first:]
+        if not deeper:
+            return None
+        norms = [_plain_norm(layer.input_layernorm) for layer in deeper]
+        if None in norms or len(set(norms)) != 1:
+            return None
+        attention = deeper[0].self_attention
+        if any(not isinstance(getattr(layer.self_attention, "k_layernorm", None), (type(None), IdentityOp))
+               for layer in deeper):
+            return None
+        if attention.config.num_query_groups < attention.world_size or attention.config.attention_output_gate:
+            return None
+        groups, head_dim = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
+        per_group = attention.num_attention_heads_per_partition // groups
+        weights, biases = [], []
+        for layer in deeper:
+            linear, norm = layer.self_attention.linear_qkv, layer.input_layernorm
+            w = linear.weight.view(groups, per_group + 2, head_dim, -1)[:, per_group:]  # [g, 2 (k, v), d, h]
+            w = w.transpose(0, 1).reshape(2 * groups * head_dim, -1)  # rows: k of every group, then v
+            b = None
+            if linear.bias is not None:
+                b = linear.bias.view(groups, per_group + 2, head_dim)[:, per_group:].transpose(0, 1).reshape(-1)
+            if norms[0][0] == "layer" and norm.bias is not None:
+                b = w @ norm.bias + (0 if b is None else b)
+            weights.append(w * norm.weight)
+            biases.append(b)
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for b, w in zip(biases, weights)])
+        return cls(norms[0][0], norms[0][1], torch.cat(weights), bias, groups, head_dim, len(deeper),
+                   attention.config.rotary_interleaved)
+
+    def __call__(self, hidden: Tensor, ws) -> Tuple[Tensor, Tensor]:
+        """hidden [1, b, h] -> K, V [layers, 1, b, groups, head_dim] (rotary applied to K)."""
+        from megatron.early_exit.inference.layers import apply_rotary
+
+        shape = hidden.shape[-1:]
+        normed = F.rms_norm(hidden, shape, None, self.eps) if self.kind == "rms" else F.layer_norm(hidden, shape, None, None, self.eps)
+        kv = F.linear(normed, self.weight, self.bias)  # [1, b, layers * 2 * g * d]
+        kv = kv.view(hidden.shape[1], self.num_layers, 2, self.groups, self.head_dim)  # [b, n, 2, g, d]
+        k = apply_rotary(kv[:, :, 0].transpose(0, 1), ws, self.interleaved)  # [n, b, g, d]: positions broadcast over n
+        return k.unsqueeze(1), kv[:, :, 1].transpose(0, 1).unsqueeze(1)
+
+
+class Propagators:
+    """One Propagator per exit depth, built on first use (None where the layout needs the
+    layer-by-layer path)."""
+
+    def __init__(self, layers: List[torch.nn.Module]):
+        self.layers = layers
+        self.built: Dict[int, Optional[Propagator]] = {}
+
+    def at(self, first: int) -> Optional[Propagator]:
+        if first not in self.built:
+            self.built[first] = Propagator.build(self.layers, first)
+        return self.built[first]
