@@ -123,21 +123,24 @@ def pick_fastest(points: Sequence[SweepPoint], min_agreement: float, criterion: 
     return max(ok, key=lambda p: p.tokens_per_second) if ok else None
 
 
-HEADER = (f"{'strategy':<28}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'consistency':>13}"
-          f"{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}")
+def header(width: int = 28) -> str:
+    return (f"{'strategy':<{width}}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'consistency':>13}"
+            f"{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}")
 
 
-def format_row(p: SweepPoint) -> str:
+
+def format_row(p: SweepPoint, width: int = 28) -> str:
     def opt(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
-    return (f"{p.strategy:<28}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
+    return (f"{p.strategy:<{width}}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
             f"{p.agreement:>11.3f}{p.consistency:>13.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
             f"{opt(p.efficiency, '.2f'):>16}{opt(p.acceptance, '.2f'):>10}")
 
 
 def format_table(points: Sequence[SweepPoint]) -> str:
-    return "\n".join([HEADER, *(format_row(p) for p in points)])
+    width = max([28] + [len(p.strategy) + 1 for p in points])
+    return "\n".join([header(width), *(format_row(p, width) for p in points)])
 
 
 # -- thresholds per exit ----------------------------------------------------------------
