@@ -320,7 +320,8 @@ def plot(points, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines = {}
     for p in points[1:]:
-        lines.setdefault(p.strategy if p.acceptance is None else "self_speculative", []).append(p)
+        # One line per strategy across its thresholds (per-exit points carry their target after a space).
+        lines.setdefault(p.strategy.split(" ")[0] if p.acceptance is None else "self_speculative", []).append(p)
     for name, group in lines.items():
         group = sorted(group, key=lambda p: p.agreement)
         ax.plot([p.agreement for p in group], [p.speedup for p in group], "o-" if name != "self_speculative" else "s",
