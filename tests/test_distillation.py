@@ -99,6 +99,7 @@ def test_pipeline_stages_without_the_output_layer_are_refused():
     assert parse_args(ok, world_size=2).exit_distill_weight == 0.5
 
 
+@pytest.mark.slow
 def test_exit_tuning_with_frozen_backbone_distils(dist1, corpus):
     """EE-Tuning with distillation: the backbone stays as it was, the final layer still runs
     (it is the teacher) and the exits move towards it."""
