@@ -8,8 +8,9 @@ agrees with the final layer is what early-exit decoding needs (its confidence th
 predicts agreement, and its tokens match full depth).
 
 Logits are vocab-parallel ([s, b, v/tp] on each tensor-parallel rank); the KL is computed
-with two all-reduces per softmax and one for the sum, as megatron-core computes its
-cross-entropy, and its gradient T * (p_exit - p_final) is local to each shard.
+with two all-reduces per softmax (the teacher's once per microbatch, shared by its exits)
+and one for the sum, as megatron-core computes its cross-entropy, and its gradient
+T * (p_exit - p_final) is local to each shard.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from torch import Tensor
 
 @dataclass
 class Distillation:
-    """What an exit's loss needs to distil from the final layer at this iteration."""
+    """What an exit's loss needs to distil from the final layer: the teacher's distribution,
+    computed once per microbatch for all its exits (`teacher_log_probs`)."""
 
-    teacher_logits: Tensor  # detached vocab-parallel final logits [s, b, v/tp]
-    weight: float  # a: the share of the distillation term in the exit's loss
+    teacher_log_probs: Tensor  # log softmax(final logits / T) over the whole vocabulary, vocab-parallel [s, b, v/tp]
     temperature: float
 
 
@@ -49,14 +50,19 @@ def _log_softmax(logits: Tensor, group) -> Tensor:
     return shifted - sum_exp.log()
 
 
+def teacher_log_probs(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """The detached teacher's log softmax(logits / T), vocab-parallel fp32 [s, b, v/tp]."""
+    with torch.no_grad():
+        return _log_softmax(teacher_logits.float() / temperature, _tp())
+
+
 class _VocabParallelKL(torch.autograd.Function):
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) per token: [s, b, v/tp] -> [s, b]."""
+    """T^2 * KL(p_teacher || softmax(student/T)) per token: [s, b, v/tp] -> [s, b]."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, student: Tensor, log_teacher: Tensor, temperature: float) -> Tensor:
         group = _tp()
         log_student = _log_softmax(student.float() / temperature, group)
-        log_teacher = _log_softmax(teacher.float() / temperature, group)
         p_teacher = log_teacher.exp()
         kl = (p_teacher * (log_teacher - log_student)).sum(dim=-1)
         if group is not None:
@@ -74,6 +80,6 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad_student.to(ctx.student_dtype), None, None
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-token distillation loss [b, s] of vocab-parallel logits [s, b, v/tp]."""
-    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), float(temperature)).transpose(0, 1)
+def distillation_loss(student_logits: Tensor, distill: Distillation) -> Tensor:
+    """Per-token distillation loss [b, s] of vocab-parallel student logits [s, b, v/tp]."""
+    return _VocabParallelKL.apply(student_logits, distill.teacher_log_probs, float(distill.temperature)).transpose(0, 1)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from megatron.early_exit.config import EarlyExitConfig
-from megatron.early_exit.distillation import Distillation
+from megatron.early_exit.distillation import Distillation, teacher_log_probs
 from megatron.early_exit.models.early_exit_gpt import EarlyExitOutput
 
 
@@ -57,7 +57,8 @@ def early_exit_loss(
     share = ee_config.distill_weight(iteration)
     distill = None
     if output.teacher_logits is not None and ee_config.exit_distill_weight > 0:
-        distill = Distillation(output.teacher_logits, share, ee_config.exit_distill_temperature)
+        temperature = ee_config.exit_distill_temperature
+        distill = Distillation(teacher_log_probs(output.teacher_logits, temperature), temperature)
     for pending in output.exits:
         weight = weights[pending.layer_number]
         report.exit_weights[pending.layer_number] = weight

@@ -323,7 +323,7 @@ class EarlyExitGPTModel(GPTModel):
                    distill: Optional[Distillation]):
             logits = logits_of(hidden_states, attention_output)
             confidence = vocab_parallel_max_prob(logits).transpose(0, 1) if need_confidence else None
-            kl = distillation_loss(logits, distill.teacher_logits, distill.temperature) if distill else None
+            kl = distillation_loss(logits, distill) if distill else None
             # CE last: megatron-core's cross-entropy overwrites the logits it is given.
             return self.compute_language_model_loss(labels, logits), confidence, kl
 
