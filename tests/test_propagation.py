@@ -54,3 +54,15 @@ def test_layouts_it_cannot_fold_go_layer_by_layer(dist1):
 
     model = build_ee_gpt(tiny_transformer_config(qk_layernorm=True), EarlyExitConfig(exit_layer_nums=[1])).eval()
     assert Propagator.build(Decoder(model, 1, 8).layers, 1) is None
+
+
+def test_built_once_per_model_and_rebuilt_when_a_weight_changes(dist1):
+    from megatron.early_exit.inference.decoder import Decoder
+
+    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[1])).eval()
+    first = Decoder(model, 1, 8).propagators.at(1)
+    assert Decoder(model, 2, 16).propagators.at(1) is first  # a later decoder (generate call) reuses it
+    with torch.no_grad():
+        model.decoder.layers[2].input_layernorm.weight.mul_(2.0)
+    rebuilt = Decoder(model, 1, 8).propagators.at(1)
+    assert rebuilt is not first and not torch.equal(rebuilt.weight, first.weight)

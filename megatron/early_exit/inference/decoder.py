@@ -138,7 +138,7 @@ class Decoder:
         self.num_fed = [0] * max_batch  # positions whose token has been embedded, per row
         self.rotary = RotaryTables(model, max_seq, self.dtype) if model.position_embedding_type == "rope" else None
         self.scales = [attention_scale(layer) for layer in self.layers]
-        self.propagators = Propagators(self.layers)
+        self.propagators = Propagators(model, self.layers)
         pre = model.ee_config.pre_exit
         # This stage's exits by --exit-layer-nums entry (its heads live with their layers).
         self.exit_points = {
@@ -268,10 +268,11 @@ class Decoder:
         if fused is not None:
             k, v = fused(hidden, newest)
             self.cache.update_layers(depth, newest.rows_t, newest.write_pos, k, v)
-        for index in range(depth, len(self.layers)):
-            if fused is None:
+        else:
+            for index in range(depth, len(self.layers)):
                 _, k, v = project_qkv(self.layers[index], hidden, newest)
                 self.cache.update(index, newest.rows_t, newest.write_pos, k, v)
+        for index in range(depth, len(self.layers)):
             self.cache.set_length(index, newest.rows, [e + 1 for e in newest.ends])
 
     # -- the stage pass: every row through every layer, exits only decide ----------

@@ -87,15 +87,27 @@ class Propagator:
         return k.unsqueeze(1), kv[:, :, 1].transpose(0, 1).unsqueeze(1)
 
 
+def _folded(layers: List[torch.nn.Module]) -> List[Tensor]:
+    """The tensors a Propagator copies: each layer's QKV weight and bias, norm weight and bias."""
+    modules = [m for layer in layers for m in (layer.self_attention.linear_qkv, layer.input_layernorm)]
+    return [t for m in modules for t in (getattr(m, "weight", None), getattr(m, "bias", None)) if t is not None]
+
+
 class Propagators:
     """One Propagator per exit depth, built on first use (None where the layout needs the
-    layer-by-layer path)."""
+    layer-by-layer path) and kept with the model: a decoder is built per `generate` call,
+    the folded weights once (their memory: the K/V rows of the QKV weights of the layers
+    deeper than each exit that propagates). A weight changed since (in place or replaced)
+    rebuilds it."""
 
-    def __init__(self, layers: List[torch.nn.Module]):
+    _ATTRIBUTE = "_early_exit_propagators"
+
+    def __init__(self, model, layers: List[torch.nn.Module]):
         self.layers = layers
-        self.built: Dict[int, Optional[Propagator]] = {}
+        self.built: Dict[int, Tuple[tuple, Optional[Propagator]]] = model.__dict__.setdefault(self._ATTRIBUTE, {})
 
     def at(self, first: int) -> Optional[Propagator]:
-        if first not in self.built:
-            self.built[first] = Propagator.build(self.layers, first)
-        return self.built[first]
+        key = tuple((id(t), t.data_ptr(), t._version) for t in _folded(self.layers[first:]))
+        if first not in self.built or self.built[first][0] != key:
+            self.built[first] = (key, Propagator.build(self.layers, first))
+        return self.built[first][1]
