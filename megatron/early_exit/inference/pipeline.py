@@ -369,10 +369,4 @@ def check_pipeline_strategy(model, strategy) -> None:
     if isinstance(strategy, EarlyExit) and strategy.kv != "pipeline":
         raise InferenceConfigError(f"early exit over pipeline stages completes the K/V of exited tokens on the later "
                                    f"stages: use kv='pipeline', not {strategy.kv!r}")
-    if isinstance(strategy, EarlyExit) and strategy.exit_layers is not None:
-        unknown = sorted(set(strategy.exit_layers) - set(model.ee_config.exit_layer_nums))
-        if unknown:
-            raise InferenceConfigError(f"exit layers {unknown} are not exits of this model "
-                                       f"(its exits: {sorted(model.ee_config.exit_layer_nums)})")
-    if isinstance(strategy, EarlyExit):
-        strategy.firing_exits(model.ee_config.exit_layer_nums or ())  # names an unknown exit of exit_thresholds
+    # Unknown exits in exit_layers and exit_thresholds: EarlyExit.firing_exits, which generate calls next.
