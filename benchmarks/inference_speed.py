@@ -188,7 +188,7 @@ def main():
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
     from megatron.early_exit.inference import EarlyExit, SelfSpeculative
-    from megatron.early_exit.inference.calibration import format_table, sweep
+    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -232,8 +232,7 @@ def main():
     print("\ngoals:")
     best = None
     for criterion in ("agreement", "consistency"):
-        ok = [c for c in early if getattr(c[0], criterion) >= 0.95]
-        fastest = max(ok, key=lambda c: c[0].tokens_per_second) if ok else None
+        fastest = pick_fastest(early, 0.95, criterion, point=lambda c: c[0])
         best = best or fastest
         if fastest:
             p, _, label = fastest

@@ -74,7 +74,7 @@ def main():
 
     install_excepthook()
     from megatron.early_exit.inference import EarlyExit
-    from megatron.early_exit.inference.calibration import format_table, sweep
+    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -95,9 +95,8 @@ def main():
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats,
                    progress=lambda line: print("  " + line, flush=True))
     print("\n" + format_table(points))
-    ok = [(p, s, label) for p, s, label in zip(points[1:], strategies, labels)
-          if getattr(p, args.criterion) >= args.min_agreement]
-    chosen = max(ok, key=lambda c: c[0].tokens_per_second) if ok else None
+    chosen = pick_fastest(list(zip(points[1:], strategies, labels)), args.min_agreement, args.criterion,
+                          point=lambda c: c[0])
     if chosen is None:
         print(f"\nno {'target' if args.per_exit else 'threshold'} keeps {args.criterion} >= {args.min_agreement}: "
               f"raise {'--targets' if args.per_exit else '--thresholds'} or lower --min-agreement")

@@ -117,10 +117,11 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
     return points
 
 
-def pick_fastest(points: Sequence[SweepPoint], min_agreement: float, criterion: str = "agreement") -> Optional[SweepPoint]:
-    """The fastest point whose agreement (or consistency) is at least `min_agreement`."""
-    ok = [p for p in points if getattr(p, criterion) >= min_agreement]
-    return max(ok, key=lambda p: p.tokens_per_second) if ok else None
+def pick_fastest(candidates: Sequence, min_agreement: float, criterion: str = "agreement", point=lambda c: c):
+    """The fastest candidate whose agreement (or consistency) is at least `min_agreement`;
+    candidates are SweepPoints, or anything `point` maps to its SweepPoint."""
+    ok = [c for c in candidates if getattr(point(c), criterion) >= min_agreement]
+    return max(ok, key=lambda c: point(c).tokens_per_second) if ok else None
 
 
 def header(width: int = 28) -> str:
