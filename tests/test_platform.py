@@ -51,6 +51,23 @@ def test_wrong_version_at_import_is_one_line():
     ]
 
 
+def test_harmless_third_party_warnings_hidden_unless_asked():
+    """Apex/Transformer Engine missing and megatron-core's own deprecations are hidden by
+    our import; EE_SHOW_WARNINGS=1 (or python -W) brings them back."""
+    code = (
+        "import megatron.early_exit, megatron.core.models.gpt.gpt_layer_specs, megatron.core.optimizer;"
+        "import warnings; warnings.warn('ours stays visible')"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "EE_SHOW_WARNINGS")}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                                         env=dict(env, **extra))
+    quiet, shown = run(), run(EE_SHOW_WARNINGS="1")
+    assert quiet.returncode == 0 and shown.returncode == 0, quiet.stderr + shown.stderr
+    assert "ours stays visible" in quiet.stderr and "ours stays visible" in shown.stderr
+    assert "Apex" not in quiet.stderr and "Transformer Engine" not in quiet.stderr
+    assert "Apex is not installed" in shown.stderr and "Transformer Engine and Apex are not installed" in shown.stderr
+
+
 def test_adapter_scoped_to_megatron_core(dist1):
     import megatron.core.tensor_parallel.layers as layers
     import megatron.core.utils as mutils

@@ -23,3 +23,26 @@ def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
 def install_excepthook() -> None:
     """An uncaught EarlyExitError ends a script with `error: <message>` (exit status 1)."""
     sys.excepthook = _excepthook
+
+
+# Third-party warnings that say nothing a user can act on: Apex and Transformer Engine are
+# optional (and absent on CPU); deprecations inside megatron-core and PyTorch themselves.
+HARMLESS_WARNINGS = (
+    (UserWarning, r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed"),
+    (UserWarning, r"full scope is deprecated"),
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\._all_gather_base` is a private function"),
+    (FutureWarning, r"`torch\.distributed\._reduce_scatter_base` is a private function"),
+)
+SHOW_WARNINGS_ENV = "EE_SHOW_WARNINGS"
+
+
+def silence_harmless_warnings() -> None:
+    """Hide HARMLESS_WARNINGS, unless EE_SHOW_WARNINGS=1 or Python's -W/PYTHONWARNINGS is set."""
+    import os
+    import warnings
+
+    if os.environ.get(SHOW_WARNINGS_ENV, "") not in ("", "0") or sys.warnoptions:
+        return
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
