@@ -49,10 +49,10 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
-    p.add_argument("--train-iters", type=int, default=1500)
-    p.add_argument("--distill-iters", type=int, default=400,
+    p.add_argument("--train-iters", type=int, default=2000)
+    p.add_argument("--distill-iters", type=int, default=800,
                    help="EE-Tuning iterations with self-distillation after pretraining (0: benchmark the pretrained exits)")
-    p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.99, 0.98, 0.97],
+    p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.995, 0.99, 0.985, 0.98, 0.97],
                    help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
                         "--per-exit), for each --kv")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -64,7 +64,8 @@ def parse_args():
     # Each active exit costs about a layer per token when it does not fire (its vocabulary
     # projection and softmax), so the deepest exit of the trained model is left out.
     p.add_argument("--exit-layers", type=int, nargs="*", default=[2, 4], help="active exits (given with no value: all)")
-    p.add_argument("--speculative", nargs="*", default=["2:2", "2:3", "2:4", "4:4"], help="EXIT:NUM_DRAFT pairs")
+    p.add_argument("--speculative", nargs="*", default=["2:2", "2:3", "4:4", "2:8:0.6", "2:8:0.8", "4:8:0.6"],
+                   help="EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] (a row stops drafting after a draft below the threshold)")
     p.add_argument("--repeats", type=int, default=3, help="timings per prompt; the fastest counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -187,7 +188,7 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
-    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
+    from megatron.early_exit.inference import EarlyExit
     from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
@@ -213,7 +214,7 @@ def main():
         per_exit = calibrate(model, calibration_prompts, args, exits)
         strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
         labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
-    strategies += [SelfSpeculative(int(e), int(k)) for e, k in (s.split(":") for s in args.speculative)]
+    strategies += [speculative(s) for s in args.speculative]
     labels += ["-" for _ in args.speculative]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
@@ -266,6 +267,14 @@ def main():
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
+
+
+def speculative(spec: str):
+    """EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] -> SelfSpeculative."""
+    from megatron.early_exit.inference import SelfSpeculative
+
+    exit_layer, num_draft, *stop = spec.split(":")
+    return SelfSpeculative(int(exit_layer), int(num_draft), float(stop[0]) if stop else 0.0)
 
 
 def calibrate(model, prompts, args, exits) -> dict:

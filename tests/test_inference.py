@@ -175,6 +175,24 @@ def test_self_speculative_equals_greedy(dist1, exit_layer, num_draft):
     assert 0 < spec.num_accepted < spec.num_drafted
 
 
+def test_self_speculative_adaptive_draft_length(dist1):
+    """A draft threshold stops a row's drafting after an unconfident draft: output still
+    the full model's greedy one; threshold 1 drafts one token a round (as num_draft=1),
+    a middle one fewer than always drafting num_draft."""
+    from megatron.early_exit.inference import SelfSpeculative
+
+    model = build_model()
+    prompts = PROMPTS[:2]
+    greedy = _generate(model, prompts, max_new_tokens=20)
+    runs = {t: _generate(model, prompts, SelfSpeculative(1, 5, t), max_new_tokens=20) for t in (0.0, 0.35, 1.0)}
+    one = _generate(model, prompts, SelfSpeculative(1, 1), max_new_tokens=20)
+    for run in runs.values():
+        assert run.tokens == greedy.tokens
+    assert (runs[1.0].num_drafted, runs[1.0].num_accepted, runs[1.0].num_steps) == (one.num_drafted, one.num_accepted, one.num_steps)
+    assert runs[1.0].num_drafted < runs[0.35].num_drafted < runs[0.0].num_drafted
+    assert SelfSpeculative(1, 5, 0.35).name == "self_speculative[1x5>0.35]"
+
+
 def test_self_speculative_stops_and_keeps_budget(dist1):
     from megatron.early_exit.inference import SelfSpeculative
 

@@ -108,6 +108,7 @@ def test_bad_requests_raise_config_errors(dist1):
         "unknown exit layer": lambda: generate(model, [PROMPT], EarlyExit(0.5, exit_layers=(2,))),
         "unknown draft exit": lambda: generate(model, [PROMPT], SelfSpeculative(exit_layer=2)),
         "no drafts": lambda: SelfSpeculative(exit_layer=1, num_draft=0),
+        "draft threshold above 1": lambda: SelfSpeculative(exit_layer=1, draft_threshold=1.5),
         "sampled speculation": lambda: generate(model, [PROMPT], SelfSpeculative(1), sampling=SamplingParams(temperature=1.0)),
         "negative temperature": lambda: SamplingParams(temperature=-1.0),
         "top_p zero": lambda: SamplingParams(temperature=1.0, top_p=0.0),

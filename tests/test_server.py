@@ -214,6 +214,8 @@ def test_api_early_exit_fields_move_the_exit_layers(client, engine):
     spec = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 3})
     assert generated(spec, PROMPTS) == generated(off, PROMPTS)
     assert spec["tokens"] == [ids(p) + t for p, t in zip(PROMPTS, direct(engine, PROMPTS, SelfSpeculative(1, 3), n).tokens)]
+    adaptive = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 5, "draft_threshold": 0.3})
+    assert generated(adaptive, PROMPTS) == generated(off, PROMPTS)
 
 
 def test_api_stop_sequences_end_at_the_token_that_completes_them(client, engine):
@@ -309,6 +311,8 @@ BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must 
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "confidence": "perplexity"}, "confidence"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "speculative": {"exit_layer": 1}}, "speculative"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1, "speculative": {"exit_layer": 3}}, "speculative.exit_layer"),
+    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1,
+              "speculative": {"exit_layer": 1, "draft_threshold": 2}}, "speculative.draft_threshold"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "temperature": -1}, "temperature"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "tokens": 5}, "tokens"),
     ("/api", {"prompts": ["5 hello"], "tokens_to_generate": 4}, "prompts[0]"),

@@ -31,11 +31,28 @@ def parse_args(argv=None):
                    help="generate with this one exit's head (instead of --early-exit)")
     p.add_argument("--confidence", default="max_prob", help="max_prob, margin, entropy or saturation")
     p.add_argument("--kv-strategy", default="recompute", help="recompute or propagate")
-    p.add_argument("--speculative", default=None, metavar="EXIT:K",
-                   help="self-speculative decoding: draft K tokens with the exit at layer EXIT (greedy)")
+    p.add_argument("--speculative", default=None, metavar="EXIT:K[:T]", type=speculative_options,
+                   help="self-speculative decoding: draft up to K tokens with the exit at layer EXIT (greedy), "
+                        "stopping after a draft whose probability there is below T")
     p.add_argument("--show-exits", action="store_true", help="print each token's exit layer and probability")
     p.add_argument("--timeout", type=float, default=600.0)
     return p.parse_args(argv)
+
+
+def speculative_options(value: str) -> dict:
+    """EXIT[:K[:T]] -> the request's `speculative` object."""
+    parts = value.split(":")
+    try:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError
+        options = {"exit_layer": int(parts[0])}
+        if len(parts) > 1:
+            options["num_draft"] = int(parts[1])
+        if len(parts) > 2:
+            options["draft_threshold"] = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected EXIT:K[:T] (e.g. 4:3 or 4:6:0.5), got {value!r}") from None
+    return options
 
 
 def build_request(args, prompt: str) -> dict:
@@ -52,8 +69,7 @@ def build_request(args, prompt: str) -> dict:
     if args.exit_layer is not None:
         body["exit_layer"] = args.exit_layer
     if args.speculative:
-        layer, _, k = args.speculative.partition(":")
-        body["speculative"] = {"exit_layer": int(layer), **({"num_draft": int(k)} if k else {})}
+        body["speculative"] = args.speculative
     return body
 
 

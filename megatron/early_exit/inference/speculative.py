@@ -3,6 +3,8 @@
 A round, per active row holding committed tokens x_0..x_{n-1} (x_{n-1} not yet fed):
   draft   feed x_{n-1}, y_1, .., y_{k-1} through the layers up to the exit: its head
           proposes y_1..y_k greedily; those layers' K/V are kept, deeper layers owe them.
+          With a draft threshold, a row stops drafting (k is smaller) after a draft the
+          exit is not confident about (Draft & Verify's adaptive draft length).
   verify  feed y_k: one full-depth pass in which every deeper layer processes the k+1
           owed positions together (the decoder's recomputation path), giving the full
           model's next-token logits z_0..z_k at positions n-1..n-1+k.
@@ -20,16 +22,24 @@ import torch
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 
 
-def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: ExitPolicy) -> Dict[int, List[int]]:
+def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: ExitPolicy,
+                 threshold: float = 0.0) -> Dict[int, List[int]]:
+    """Up to budgets[r] greedy drafts per row; a row stops early after a draft whose
+    probability under the drafting exit is below `threshold` (it is likely rejected, and
+    every draft after it would be thrown away with it)."""
     drafts: Dict[int, List[int]] = {r: [] for r in budgets}
-    feed = {r: transcript.last_token(r) for r in budgets}
-    for i in range(max(budgets.values(), default=0)):
-        going = [r for r, k in budgets.items() if k > i]
-        out = decoder.step(going, [[feed[r]] for r in going], policy)
+    going = [r for r, k in budgets.items() if k > 0]
+    while going:
+        out = decoder.step(going, [[drafts[r][-1] if drafts[r] else transcript.last_token(r)] for r in going], policy)
         transcript.result.num_steps += 1
-        for r, t in zip(going, out.logits.argmax(dim=-1).tolist()):
-            drafts[r].append(t)
-            feed[r] = t
+        if threshold > 0:
+            confidence, tokens = out.logits.float().softmax(dim=-1).max(dim=-1)
+            picked = torch.stack([tokens.double(), confidence.double()], dim=-1).tolist()  # one device read
+        else:
+            picked = [(t, 1.0) for t in out.logits.argmax(dim=-1).tolist()]
+        for r, (t, _) in zip(going, picked):
+            drafts[r].append(int(t))
+        going = [r for r, (_, c) in zip(going, picked) if len(drafts[r]) < budgets[r] and c >= threshold]
     return drafts
 
 
@@ -71,7 +81,7 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
         # Never draft past the budget: the last token of a row needs no draft.
         budgets = {r: max(0, min(strategy.num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1))
                    for r in transcript.active}
-        drafts = draft_tokens(decoder, transcript, budgets, policy)
+        drafts = draft_tokens(decoder, transcript, budgets, policy, strategy.draft_threshold)
         verified = verify(decoder, transcript, drafts)
         for r, row_drafts in drafts.items():
             committed = decoder.num_fed[r] - len(row_drafts)  # n: x_{n-1} sits at position n-1

@@ -8,7 +8,8 @@
         kv="pipeline": the exited token goes on through the deeper layers, on later pipeline
                        stages while the first starts the next token (EE-LLM's pipeline-based
                        method; with FullDepth, what runs on a model split into pipeline stages)
-    SelfSpeculative(exit_layer, num_draft)        draft with an exit, verify with the full model (LayerSkip)
+    SelfSpeculative(exit_layer, num_draft, draft_threshold) draft with an exit, verify with the full model (LayerSkip);
+        a row's drafting stops after a draft below draft_threshold (adaptive draft length)
 
 All run through `generate(model, prompts, strategy, ...)` and return a GenerationResult.
 """
@@ -116,15 +117,22 @@ class SelfSpeculative:
     """The exit that drafts: the layers up to it and its head make the draft model."""
 
     num_draft: int = 4
-    """Tokens drafted per round, verified together by one full-depth pass."""
+    """Most tokens drafted per round, verified together by one full-depth pass."""
+
+    draft_threshold: float = 0.0
+    """A row stops drafting after a draft whose probability at the exit is below this (0: never)."""
 
     def __post_init__(self):
         if self.num_draft < 1:
             raise InferenceConfigError(f"num_draft must be >= 1, got {self.num_draft}")
+        if isinstance(self.draft_threshold, bool) or not (isinstance(self.draft_threshold, (int, float))
+                                                           and 0 <= self.draft_threshold <= 1):
+            raise InferenceConfigError(f"draft_threshold must be a number in [0, 1], got {self.draft_threshold!r}")
 
     @property
     def name(self) -> str:
-        return f"self_speculative[{self.exit_layer}x{self.num_draft}]"
+        stop = f">{self.draft_threshold:g}" if self.draft_threshold else ""
+        return f"self_speculative[{self.exit_layer}x{self.num_draft}{stop}]"
 
     def draft_policy(self, decoder: Decoder) -> ExitPolicy:
         point = _exit_point(decoder, self.exit_layer)

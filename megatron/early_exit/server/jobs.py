@@ -202,7 +202,8 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
         _check_exits("speculative.exit_layer", [spec.exit_layer], limits)
         if not greedy:
             raise RequestError("speculative", "self-speculative decoding is greedy only: set temperature 0 (or top_k 1)")
-        return _engine_call("speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft))
+        return _engine_call("speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft,
+                                                                          spec.draft_threshold))
     if not options.use_early_exit:
         return FullDepth()
     if not limits.exit_layer_nums:

@@ -44,7 +44,9 @@ class SpeculativeOptions(Strict):
     """Self-speculative decoding: draft greedily with an exit, verify with the full model."""
 
     exit_layer: int = Field(description="the exit that drafts (an entry of the model's --exit-layer-nums)")
-    num_draft: int = Field(4, ge=1, le=64, description="tokens drafted per round")
+    num_draft: int = Field(4, ge=1, le=64, description="most tokens drafted per round")
+    draft_threshold: float = Field(0.0, ge=0.0, le=1.0, description="a round's drafting stops after a draft whose "
+                                                                    "probability at the exit is below this (0: never)")
 
 
 class EarlyExitOptions(Strict):
