@@ -129,12 +129,17 @@ def test_exit_layers_restrict_active_exits(dist1, kv):
 
 
 @pytest.mark.parametrize("strategy", ["full", "recompute", "propagate", "pipeline"])
-def test_batched_equals_alone(dist1, strategy):
+def test_batched_equals_alone(dist1, strategy, monkeypatch):
     from megatron.early_exit.inference import EarlyExit, FullDepth
+    from megatron.early_exit.inference import decoder as decoder_module
 
+    packed = []  # work sets whose rows differ in width run packed (layers.Packing)
+    build = decoder_module.build_work_set
+    monkeypatch.setattr(decoder_module, "build_work_set", lambda *a: packed.append(build(*a)) or packed[-1])
     model = build_model()
     chosen = FullDepth() if strategy == "full" else EarlyExit(0.35, "max_prob", strategy)
     batched = _generate(model, PROMPTS, chosen, max_new_tokens=20)
+    assert any(ws.packing is not None for ws in packed), "no padded work set: the packed path went untested"
     for i, prompt in enumerate(PROMPTS):
         alone = _generate(model, [prompt], chosen, max_new_tokens=20)
         assert batched.tokens[i] == alone.tokens[0], f"row {i}"

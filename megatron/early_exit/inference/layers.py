@@ -9,7 +9,10 @@ with cos/sin tables computed once from the model's own frequencies.
 A `WorkSet` says which entries one batched call processes: for each cache row, a run of
 consecutive positions [start, end]. Rows are right-aligned in a [c, b] grid, so every
 row's newest token sits at index c - 1 and shorter rows are padded at the front;
-padding entries compute garbage that is never written to the cache or returned.
+padding entries compute garbage that is never written to the cache or returned. When
+the rows' runs differ in length (tokens that left early owe deeper layers their K/V), a
+layer's projections and MLP run on the real entries only (`Packing`), and only attention
+on the grid: otherwise one owed position in one row would double every row's work.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ from megatron.early_exit.models.layer_specs import pre_mlp_norm
 
 
 @dataclass
+class Packing:
+    """The real entries of a grid with padding, as a flat list of N."""
+
+    index: Tensor  # [N] their places in the grid flattened to [c * b]
+    rows: Tensor  # [N] cache row of each
+    write_pos: Tensor  # [1, N] position of each
+    cos: Optional[Tensor]  # [N, 1, 1, rotary_dim]
+    sin: Optional[Tensor]
+
+
+@dataclass
 class WorkSet:
     rows: List[int]
     starts: List[int]
@@ -41,6 +55,7 @@ class WorkSet:
     causal: bool  # no mask needed: plain causal (a prefill from 0) or every key visible (c == 1)
     cos: Optional[Tensor]  # [c, b, 1, rotary_dim]
     sin: Optional[Tensor]
+    packing: Optional[Packing] = None  # when some rows are padded
 
     @property
     def width(self) -> int:
@@ -71,8 +86,11 @@ def to_device(device, *values: List[int]) -> List[Tensor]:
 
 def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_slot: int,
                    rotary: Optional[RotaryTables], device) -> WorkSet:
-    width = max(e - s + 1 for s, e in zip(starts, ends))
-    rows_t, starts_t, ends_t = to_device(device, rows, starts, ends)
+    widths = [e - s + 1 for s, e in zip(starts, ends)]
+    width, b = max(widths), len(rows)
+    # Row i's real entries sit at the last widths[i] grid indices of its column (host-side: no sync).
+    real = [(width - w + j) * b + i for i, w in enumerate(widths) for j in range(w)] if min(widths) < width else []
+    rows_t, starts_t, ends_t, real_t = to_device(device, rows, starts, ends, real)
     pos = ends_t.view(1, -1) + torch.arange(1 - width, 1, device=device).view(-1, 1)  # [c, b]
     padding = pos < starts_t.view(1, -1)
     write_pos = torch.where(padding, trash_slot, pos)
@@ -89,19 +107,26 @@ def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_sl
     cos = sin = None
     if rotary is not None:
         cos, sin = rotary.cos[pos].unsqueeze(2), rotary.sin[pos].unsqueeze(2)
+    packing = None
+    if real:
+        packing = Packing(real_t, rows_t.view(1, -1).expand_as(pos).reshape(-1)[real_t], pos.reshape(1, -1)[:, real_t],
+                          None if cos is None else cos.reshape(-1, 1, 1, cos.shape[-1])[real_t],
+                          None if sin is None else sin.reshape(-1, 1, 1, sin.shape[-1])[real_t])
     return WorkSet(rows, starts, ends, rows_t, slice(rows[0], rows[0] + len(rows)) if consecutive else None,
-                   pos, write_pos, num_keys, mask, causal, cos, sin)
+                   pos, write_pos, num_keys, mask, causal, cos, sin, packing)
 
 
-def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool) -> Tensor:
-    """megatron-core's `_apply_rotary_pos_emb_bshd` (mscale 1) with per-entry positions."""
-    if ws.cos is None:
+def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool, cos=None, sin=None) -> Tensor:
+    """megatron-core's `_apply_rotary_pos_emb_bshd` (mscale 1) with per-entry positions
+    (the work set's, or `cos`/`sin` given)."""
+    cos, sin = (ws.cos, ws.sin) if cos is None else (cos, sin)
+    if cos is None:
         return t
-    rot_dim = ws.cos.shape[-1]
+    rot_dim = cos.shape[-1]
     if rot_dim == t.shape[-1]:  # the usual rotary_percent 1: no pass-through part to split off
-        return (t * ws.cos) + (_rotate_half(t, interleaved) * ws.sin)
+        return (t * cos) + (_rotate_half(t, interleaved) * sin)
     t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    t = (t * ws.cos) + (_rotate_half(t, interleaved) * ws.sin)
+    t = (t * cos) + (_rotate_half(t, interleaved) * sin)
     return torch.cat((t, t_pass), dim=-1)
 
 
@@ -120,12 +145,12 @@ def attention_scale(layer) -> float:
     return scale * layer.layer_number if layer.config.apply_query_key_layer_scaling else scale
 
 
-def project_qkv(layer, hidden: Tensor, ws: WorkSet) -> Tuple[Tensor, Tensor, Tensor]:
+def project_qkv(layer, hidden: Tensor, ws: WorkSet, cos=None, sin=None) -> Tuple[Tensor, Tensor, Tensor]:
     """input_layernorm + linear_qkv (+ rotary on q and k): [c, b, heads/tp, head_dim] each.
     Under TE's layout `input_layernorm` is an IdentityOp and `linear_qkv` applies the norm."""
     q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
     interleaved = layer.config.rotary_interleaved
-    return apply_rotary(q, ws, interleaved), apply_rotary(k, ws, interleaved), v
+    return apply_rotary(q, ws, interleaved, cos, sin), apply_rotary(k, ws, interleaved, cos, sin), v
 
 
 def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) -> Tuple[Tensor, Tensor]:
@@ -133,17 +158,37 @@ def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) ->
 
     Returns (layer output, post-attention state), both [c, b, h].
     """
-    q, k, v = project_qkv(layer, x, ws)
-    cache.update(index, ws.rows_t, ws.write_pos, k, v)
+    c, b, _ = x.shape
+    packing = ws.packing
+    if packing is None:
+        q, k, v = project_qkv(layer, x, ws)
+        cache.update(index, ws.rows_t, ws.write_pos, k, v)
+        residual = x
+    else:  # the real entries only, as a sequence of N: [N, 1, ...]
+        residual = x.reshape(c * b, -1).index_select(0, packing.index).unsqueeze(1)
+        q, k, v = project_qkv(layer, residual, ws, packing.cos, packing.sin)
+        cache.update(index, packing.rows, packing.write_pos, k.transpose(0, 1), v.transpose(0, 1))
+        q = _to_grid(q.squeeze(1), packing, c, b)
     keys, values = cache.keys_values(index, ws.rows_t, ws.num_keys, ws.row_slice)
     context = F.scaled_dot_product_attention(
         q.permute(1, 2, 0, 3), keys, values,  # [b, heads, c|L, d]
         attn_mask=ws.mask, is_causal=ws.causal and ws.width > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
-    context = context.permute(2, 0, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # [c, b, heads * d]
+    context = context.permute(2, 0, 1, 3).reshape(c, b, -1)  # [c, b, heads * d]
+    if packing is not None:
+        context = context.reshape(c * b, -1).index_select(0, packing.index).unsqueeze(1)
     bda = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)
-    attention_output = bda(layer.self_attention.linear_proj(context), x, layer.hidden_dropout)
-    return layer._forward_mlp(attention_output), attention_output
+    attention_output = bda(layer.self_attention.linear_proj(context), residual, layer.hidden_dropout)
+    out = layer._forward_mlp(attention_output)
+    if packing is None:
+        return out, attention_output
+    return _to_grid(out.squeeze(1), packing, c, b), _to_grid(attention_output.squeeze(1), packing, c, b)
+
+
+def _to_grid(t: Tensor, packing: Packing, c: int, b: int) -> Tensor:
+    """Packed entries [N, ...] back into a [c, b, ...] grid (zeros at the padding)."""
+    grid = t.new_zeros((c * b,) + t.shape[1:])
+    return grid.index_copy_(0, packing.index, t).view((c, b) + t.shape[1:])
 
 
 def gather_vocab(logits: Tensor) -> Tensor:
