@@ -1,11 +1,13 @@
-"""Decoding at TP=1 runs megatron-core's tensor-parallel linears as plain F.linear calls:
-same outputs, and the modules get their own forward back afterwards (even after an error)."""
+"""Decoding at TP=1 runs megatron-core's tensor-parallel linears as plain products (on CPU
+against cached transposed weights): same outputs, and the modules get their own forward
+back afterwards (even after an error)."""
 
 import pytest
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+from megatron.early_exit.inference import plain_linears as plain_module
 from megatron.early_exit.inference.plain_linears import plain_linears
 from tests.test_inference import PROMPTS, build_model
 
@@ -26,7 +28,7 @@ def test_plain_linears_compute_what_the_modules_compute(dist1):
             got = {id(m): m(x[id(m)]) for m in linears}
     for m in linears:
         (a, a_bias), (b, b_bias) = ref[id(m)], got[id(m)]
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # another kernel: rounding only
         assert (a_bias is None) == (b_bias is None) and (a_bias is None or torch.equal(a_bias, b_bias))
     assert not any("forward" in m.__dict__ for m in linears)
 
@@ -45,3 +47,31 @@ def test_decoding_is_unchanged_and_modules_are_restored_after_errors(dist1):
         with plain_linears(model):
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in _linears(model))
+
+
+def test_transposed_copies_follow_the_weights_and_can_be_turned_off(dist1, monkeypatch):
+    model = build_model("tied_norm").eval()
+    layer = model.decoder.layers[0].mlp.linear_fc1
+    saved = layer.weight.detach().clone()  # build_model's models are shared: put the weight back
+    try:
+        _check_transposed_copies(model, layer, monkeypatch)
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(saved)
+
+
+def _check_transposed_copies(model, layer, monkeypatch):
+    x = torch.randn(2, 1, layer.weight.shape[1])
+    with torch.no_grad(), plain_linears(model):
+        before = layer(x)[0]
+        first = plain_module.transposed(layer.weight)
+        assert first is plain_module.transposed(layer.weight)  # built once
+        assert torch.equal(first, layer.weight.t())
+        layer.weight.mul_(2)  # a changed weight (an optimizer step) gets a new copy
+        torch.testing.assert_close(layer(x)[0], 2 * before)
+        assert plain_module.transposed(layer.weight) is not first
+        monkeypatch.setenv("EE_CPU_TRANSPOSED_WEIGHTS", "0")
+        calls = []
+        monkeypatch.setattr(plain_module, "transposed", lambda w: calls.append(w) or w.t())
+        torch.testing.assert_close(layer(x)[0], 2 * before)
+        assert calls == []  # turned off: plain F.linear
