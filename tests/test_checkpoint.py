@@ -265,6 +265,7 @@ def _tool(name, *argv):
     return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600, env=_fresh_process_env())
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_reshard_and_inspect_tools(straight_and_saved, tmp_path):
     import json

@@ -64,6 +64,7 @@ def test_recomputation_and_exit_heads_change_the_right_terms():
     assert full["parameters"] == plain["parameters"]
 
 
+@pytest.mark.slow
 def test_ee_llm_scripts_on_80gb_gpus():
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "estimate_memory.py"), "--gpu-memory-gb", "80"]

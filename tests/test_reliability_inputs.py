@@ -158,6 +158,7 @@ def _start_and_stop_midway(corpus, prefix, sig):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_preprocess_interrupted_keeps_the_previous_output_and_cleans_up(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
