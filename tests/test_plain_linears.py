@@ -70,8 +70,9 @@ def _check_transposed_copies(model, layer, monkeypatch):
         layer.weight.mul_(2)  # a changed weight (an optimizer step) gets a new copy
         torch.testing.assert_close(layer(x)[0], 2 * before)
         assert plain_module.transposed(layer.weight) is not first
-        monkeypatch.setenv("EE_CPU_TRANSPOSED_WEIGHTS", "0")
-        calls = []
-        monkeypatch.setattr(plain_module, "transposed", lambda w: calls.append(w) or w.t())
+    monkeypatch.setenv("EE_CPU_TRANSPOSED_WEIGHTS", "0")  # read when a decoding block starts
+    calls = []
+    monkeypatch.setattr(plain_module, "transposed", lambda w: calls.append(w) or w.t())
+    with torch.no_grad(), plain_linears(model):
         torch.testing.assert_close(layer(x)[0], 2 * before)
-        assert calls == []  # turned off: plain F.linear
+    assert calls == []  # turned off: plain F.linear

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron.early_exit.models.layer_specs import pre_mlp_norm
@@ -193,6 +194,8 @@ def _to_grid(t: Tensor, packing: Packing, c: int, b: int) -> Tensor:
 
 def gather_vocab(logits: Tensor) -> Tensor:
     """Vocab-parallel logits [.., v/tp] -> full-vocabulary float32 logits on every TP rank."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:  # no autograd Function for nothing
+        return logits.float()
     return gather_from_tensor_model_parallel_region(logits).float()
 
 

@@ -44,8 +44,11 @@ def transposed(weight: Tensor) -> Tensor:
     return entry[1]
 
 
+_USE_TRANSPOSED = [True]  # read from EE_CPU_TRANSPOSED_WEIGHTS when a block starts (not per product)
+
+
 def _linear(input_: Tensor, weight: Tensor, bias) -> Tensor:
-    if weight.device.type != "cpu" or os.environ.get("EE_CPU_TRANSPOSED_WEIGHTS", "1") == "0":
+    if not _USE_TRANSPOSED[0] or weight.device.type != "cpu":
         return F.linear(input_, weight, bias)
     out = torch.matmul(input_, transposed(weight))
     return out if bias is None else out + bias
@@ -65,6 +68,7 @@ def _row_forward(self, input_):
 @contextmanager
 def plain_linears(model):
     swapped = []
+    _USE_TRANSPOSED[0] = os.environ.get("EE_CPU_TRANSPOSED_WEIGHTS", "1") != "0"
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         for module in model.modules():
             kind = type(module)
