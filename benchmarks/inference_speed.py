@@ -188,10 +188,11 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
-    from megatron.early_exit.inference import EarlyExit
+    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
     from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
+    from tools.text_generation_cli import speculative_options
 
     os.makedirs(args.work_dir, exist_ok=True)
     files = prepare_corpus(args.work_dir)
@@ -214,7 +215,7 @@ def main():
         per_exit = calibrate(model, calibration_prompts, args, exits)
         strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
         labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
-    strategies += [speculative(s) for s in args.speculative]
+    strategies += [SelfSpeculative(**speculative_options(s)) for s in args.speculative]
     labels += ["-" for _ in args.speculative]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
@@ -267,14 +268,6 @@ def main():
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
-
-
-def speculative(spec: str):
-    """EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] -> SelfSpeculative."""
-    from megatron.early_exit.inference import SelfSpeculative
-
-    exit_layer, num_draft, *stop = spec.split(":")
-    return SelfSpeculative(int(exit_layer), int(num_draft), float(stop[0]) if stop else 0.0)
 
 
 def calibrate(model, prompts, args, exits) -> dict:

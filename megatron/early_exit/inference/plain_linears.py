@@ -17,6 +17,7 @@ EE_CPU_TRANSPOSED_WEIGHTS=0 avoids.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import weakref
@@ -44,40 +45,38 @@ def transposed(weight: Tensor) -> Tensor:
     return entry[1]
 
 
-_USE_TRANSPOSED = [True]  # read from EE_CPU_TRANSPOSED_WEIGHTS when a block starts (not per product)
-
-
-def _linear(input_: Tensor, weight: Tensor, bias) -> Tensor:
-    if not _USE_TRANSPOSED[0] or weight.device.type != "cpu":
-        return F.linear(input_, weight, bias)
+def _transposed_linear(input_: Tensor, weight: Tensor, bias) -> Tensor:
     out = torch.matmul(input_, transposed(weight))
     return out if bias is None else out + bias
 
 
-def _column_forward(self, input_, weight=None, runtime_gather_output=None):
+def _column_forward(self, input_, weight=None, runtime_gather_output=None, *, linear):
     weight = self.weight if weight is None else weight
     bias = None if self.skip_bias_add else self.bias
-    return _linear(input_, weight, bias), (self.bias if self.skip_bias_add else None)
+    return linear(input_, weight, bias), (self.bias if self.skip_bias_add else None)
 
 
-def _row_forward(self, input_):
+def _row_forward(self, input_, *, linear):
     bias = None if self.skip_bias_add else self.bias
-    return _linear(input_, self.weight, bias), (self.bias if self.skip_bias_add else None)
+    return linear(input_, self.weight, bias), (self.bias if self.skip_bias_add else None)
 
 
 @contextmanager
 def plain_linears(model):
     swapped = []
-    _USE_TRANSPOSED[0] = os.environ.get("EE_CPU_TRANSPOSED_WEIGHTS", "1") != "0"
+    # Chosen once per block: the model's device and EE_CPU_TRANSPOSED_WEIGHTS.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    linear = _transposed_linear if on_cpu and os.environ.get("EE_CPU_TRANSPOSED_WEIGHTS", "1") != "0" else F.linear
+    column, row = functools.partial(_column_forward, linear=linear), functools.partial(_row_forward, linear=linear)
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         for module in model.modules():
             kind = type(module)
             if kind is ColumnParallelLinear and not module.sequence_parallel:
                 swapped.append(module)
-                module.forward = types.MethodType(_column_forward, module)
+                module.forward = types.MethodType(column, module)
             elif kind is RowParallelLinear and not module.sequence_parallel:
                 swapped.append(module)
-                module.forward = types.MethodType(_row_forward, module)
+                module.forward = types.MethodType(row, module)
     try:
         yield
     finally:
