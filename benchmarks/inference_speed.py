@@ -188,8 +188,8 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
-    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
-    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
+    from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
+    from megatron.early_exit.inference.calibration import format_table, oracle_decode, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
     from tools.text_generation_cli import speculative_options
@@ -246,6 +246,10 @@ def main():
         top = max(spec, key=lambda p: p.speedup)
         print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement {top.agreement:.3f} "
               f"(must be 1.000), accepted {top.acceptance:.2f}")
+        need = top.acceptance_for(1.5)
+        if need is not None:
+            print(f"    at its cost per round ({top.drafts_per_round:.2f} drafts and a verification), 1.5x needs "
+                  f"acceptance {need:.2f}" + (" (more than every draft)" if need > 1 else ""))
     for kv in args.kv:
         going = [c for c in early if c[1].kv == kv and c[0].mean_exit_layer < c[0].num_layers]
         if going:
@@ -260,6 +264,12 @@ def main():
         print(f"  state propagation at its fastest: every skipped layer still computes its K/V projection "
               f"({share:.0%} of a layer's matmul FLOPs), so its ceiling is {ceiling:.2f}x = "
               f"{ceiling / p.ideal_speedup:.2f} of the ideal {p.ideal_speedup:.2f}x")
+    oracle = oracle_decode(model, prompts, exits, args.max_new_tokens, args.measure, args.repeats, args.clock)
+    reference = [generate(model, [p], FullDepth(), args.max_new_tokens).tokens[0] for p in prompts]
+    print(f"  bound of any confidence measure: an exit test that knew the final layer's token (each token leaves at "
+          f"the shallowest exit agreeing with it, every exit still tested): {oracle.speedup:.2f}x over full depth, "
+          f"tokens equal to full depth: {oracle.tokens == reference}, mean exit {oracle.mean_exit_layer:.2f}, "
+          "exits take " + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items()))
     if best is not None and args.batch_size > 1:
         p, strategy, label = best
         batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)

@@ -101,3 +101,28 @@ def test_server_request_field(dist1):
         build_strategy(EarlyExitOptions(use_early_exit=True, exit_thresholds={"3": 0.5}), limits, greedy=True)
     with pytest.raises(RequestError, match="exit_thresholds"):
         build_strategy(EarlyExitOptions(exit_thresholds={"1": 0.5}), limits, greedy=True)
+
+
+def test_oracle_leaves_at_the_shallowest_agreeing_exit_and_keeps_full_depth_output(dist1, tmp_path):
+    from megatron.early_exit.inference import FullDepth
+    from megatron.early_exit.inference.calibration import exit_confidences, oracle_decode
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+
+    model = save_tiny_checkpoint(str(tmp_path)).eval()
+    with torch.no_grad():  # layer 3 adds nothing and exit 2 is the final head: exit 2 always agrees
+        last = model.decoder.layers[2]
+        last.self_attention.linear_proj.weight.zero_()
+        last.mlp.linear_fc2.weight.zero_()
+        model.output_layer.weight.copy_(model.embedding.word_embeddings.weight)
+        model.exits["2"].norm.weight.copy_(model.decoder.final_layernorm.weight)
+    prompts = [PROMPT, PROMPT[:3]]
+    run = oracle_decode(model, prompts, None, 10)
+    reference = [generate(model, [p], FullDepth(), 10).tokens[0] for p in prompts]
+    assert run.tokens == reference
+    # Each decoded token j >= 1 leaves where the exits of a full-depth pass first agree.
+    for prompt, tokens, depths in zip(prompts, reference, run.depths):
+        agrees = exit_confidences(model, [prompt + tokens], get_confidence_measure("max_prob"), None, [len(prompt) - 1])
+        expected = [next((n for n, (_, ok) in agrees.items() if ok[j]), model.config.num_layers) for j in range(1, 10)]
+        assert depths == expected
+    assert sum(run.coverage.values()) == pytest.approx(1.0) and run.coverage[2] > 0, run.coverage
+    assert run.seconds > 0 and run.full_seconds > 0

@@ -14,6 +14,7 @@ which filters out a busy machine's noise.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -34,6 +35,15 @@ class SweepPoint:
     mean_exit_layer: float
     num_layers: int
     acceptance: Optional[float] = None  # self-speculative: accepted / drafted
+    drafts_per_round: Optional[float] = None  # self-speculative: drafted / verification passes
+
+    def acceptance_for(self, speedup: float) -> Optional[float]:
+        """Self-speculative: the acceptance that would give `speedup` at this run's cost per
+        round (drafts and one verification), from tokens per round = 1 + acceptance * drafts."""
+        if self.acceptance is None or not self.drafts_per_round:
+            return None
+        per_round = 1 + self.acceptance * self.drafts_per_round
+        return (speedup / self.speedup * per_round - 1) / self.drafts_per_round
 
     @property
     def ideal_speedup(self) -> Optional[float]:
@@ -108,11 +118,13 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
         tokens = [r.tokens[0] for r in results]
         depths = [d for r in results for d in r.exit_layers[0][1:]]
         drafted = sum(r.num_drafted for r in results)
+        rounds = sum(r.num_decoded - r.num_accepted for r in results)  # each round adds accepted + 1
         points.append(SweepPoint(
             strategy.name, None if getattr(strategy, "exit_thresholds", None) else getattr(strategy, "threshold", None), tps, tps / points[0].tokens_per_second if points else 1.0,
             token_agreement(reference, tokens), token_consistency(model, prompts, tokens),
             sum(depths) / len(depths) if depths else float(num_layers), num_layers,
             sum(r.num_accepted for r in results) / drafted if drafted else None,
+            drafted / rounds if drafted and rounds else None,
         ))
     return points
 
@@ -235,3 +247,87 @@ def calibrate_per_exit(model, prompts, measure_name: str, targets: Sequence[floa
 def as_exit_thresholds(calibrated: Sequence[ExitCalibration]) -> dict:
     """{exit: threshold} for EarlyExit(exit_thresholds=...): an exit no threshold suits gets 2 (never)."""
     return {c.layer_number: c.threshold if math.isfinite(c.threshold) else 2.0 for c in calibrated}
+
+
+# -- the bound of a confidence measure ---------------------------------------------------
+
+
+@dataclass
+class OracleRun:
+    """Decoding with an exit test that knows the final layer's token (see `oracle_decode`)."""
+
+    tokens: List[List[int]]  # per prompt: equal to full-depth greedy decoding
+    depths: List[List[int]]  # per prompt, per decoded token: the layer it left at
+    seconds: float  # decoding, best of the repeats summed over prompts
+    full_seconds: float  # the same loop at full depth, timed alongside
+    coverage: dict  # {exit: fraction of decoded tokens leaving there}
+
+    @property
+    def speedup(self) -> float:
+        return self.full_seconds / self.seconds
+
+    @property
+    def mean_exit_layer(self) -> float:
+        depths = [d for per_prompt in self.depths for d in per_prompt]
+        return sum(depths) / len(depths)
+
+
+def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name: str = "max_prob",
+                  repeats: int = 1, clock: str = "wall") -> OracleRun:
+    """What any confidence measure can reach with these exits at their cost: each token
+    leaves at the shallowest active exit whose token is the final layer's after the same
+    prefix (known from a full-depth pass over the full-depth continuation), so the output
+    equals full depth. The shallower exits are still tested (`measure_name`, never firing)
+    and the one that fires too, so a step costs what a real measure's step costs.
+    Greedy, batch 1, each step's token read from the device once (as `generate` does)."""
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.decoder import FULL_DEPTH, ExitPolicy
+
+    measure = get_confidence_measure(measure_name, model)
+    continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
+    agrees = exit_confidences(model, [list(p) + c for p, c in zip(prompts, continuations)], measure, exit_layers,
+                              [len(p) - 1 for p in prompts])
+    exits = sorted(agrees)  # --exit-layer-nums entries, shallowest first
+    offsets = [0]
+    for c in continuations:
+        offsets.append(offsets[-1] + len(c) + 1)  # positions from the prompt's last token on
+
+    tokens, depths = [], []
+    seconds = full_seconds = 0.0
+    timer = time.perf_counter if clock == "wall" else time.process_time
+    with inference_context(model):
+        decoder = Decoder(model, 1, 1)  # for the exit points only
+        points = {n: decoder.exit_points[n] for n in exits}
+        # A policy per exit that fires: the exits before it tested above any confidence.
+        policies = {n: ExitPolicy({points[m].depth: points[m] for m in exits[: i + 1]}, 2.0, measure,
+                                  per_exit={points[n].depth: 0.0}) for i, n in enumerate(exits)}
+        policies[None] = ExitPolicy({points[m].depth: points[m] for m in exits}, 2.0, measure)
+
+        def run(prompt, continuation, leave):
+            decoder = Decoder(model, 1, len(prompt) + max_new_tokens)
+            out = decoder.step([0], [list(prompt)])
+            token, produced, layers = int(out.logits[0].argmax()), [], []
+            produced.append(token)
+            start = timer()
+            for j in range(1, len(continuation)):
+                out = decoder.step([0], [[token]], FULL_DEPTH if leave is None else policies[leave[j]])
+                token = int(out.logits[0].argmax())
+                produced.append(token)
+                layers.append(out.depths[0])
+            return timer() - start, produced, layers
+
+        for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            span = slice(offsets[i], offsets[i + 1] - 1)
+            leave = [next((n for n in exits if bool(agrees[n][1][span][j])), None) for j in range(len(continuation))]
+            best = best_full = math.inf
+            for _ in range(repeats):
+                took, produced, layers = run(prompt, continuation, leave)
+                best = min(best, took)
+                best_full = min(best_full, run(prompt, continuation, None)[0])
+            tokens.append(produced)
+            depths.append(layers)
+            seconds += best
+            full_seconds += best_full
+    decided = [d for per_prompt in depths for d in per_prompt]
+    coverage = {n: sum(d == points[n].depth for d in decided) / len(decided) for n in exits} if decided else {}
+    return OracleRun(tokens, depths, seconds, full_seconds, coverage)
