@@ -232,10 +232,11 @@ def main():
     early = [(p, s, label) for p, s, label in labelled if p.acceptance is None]
     spec = [p for p in points if p.acceptance is not None]
     print("\ngoals:")
-    best = None
+    picks = []
     for criterion in ("agreement", "consistency"):
         fastest = pick_fastest(early, 0.95, criterion, point=lambda c: c[0])
-        best = best or fastest
+        if fastest and fastest not in picks:
+            picks.append(fastest)
         if fastest:
             p, _, label = fastest
             print(f"  fastest early exit with {criterion} >= 0.95: {p.strategy} threshold {label}: "
@@ -270,8 +271,7 @@ def main():
           f"the shallowest exit agreeing with it, every exit still tested): {oracle.speedup:.2f}x over full depth, "
           f"tokens equal to full depth: {oracle.tokens == reference}, mean exit {oracle.mean_exit_layer:.2f}, "
           "exits take " + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items()))
-    if best is not None and args.batch_size > 1:
-        p, strategy, label = best
+    for p, strategy, label in picks if args.batch_size > 1 else []:
         batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)
         print(f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
               f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)")

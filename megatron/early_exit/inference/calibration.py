@@ -8,7 +8,9 @@ greedy sampling. Two measures of faithfulness to the full model:
   consistency  the fraction of generated tokens that the full model would have chosen
                after the same prefix (CALM's per-token consistency; no cascade)
 Speed is decode tokens per second, from the best of `repeats` timings of each prompt,
-which filters out a busy machine's noise.
+which filters out a busy machine's noise. `oracle_decode` bounds what any confidence
+measure can reach with a model's exits: it lets each token leave at the shallowest exit
+whose token is the final layer's, at the cost of a real exit test.
 """
 
 from __future__ import annotations
