@@ -68,12 +68,14 @@ def test_calibrate_threshold_per_exit(dist1, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["calibrate_threshold.py", "--load", str(tmp_path), "--prompt", "5 17 3 9 22",
                                       "--prompt", "40 2 77", "--max-new-tokens", "8", "--per-exit",
                                       "--targets", "1.0", "0.5", "0.0", "--min-agreement", "1.0",
-                                      "--output-json", str(out_json)])
+                                      "--oracle", "--output-json", str(out_json)])
     with pytest.raises(SystemExit) as done:
         _tool().main()
     out = capsys.readouterr().out
-    assert done.value.code == 0 and "chosen exit thresholds" in out, out
+    assert done.value.code == 0 and "chosen exit thresholds" in out and "oracle (" in out, out
     report = json.load(open(out_json))
+    oracle = report["oracle"]
+    assert oracle["speedup"] > 0 and 1 <= oracle["mean_exit_layer"] <= 3 and set(oracle["coverage"]) == {"1", "2"}
     assert [p["label"] for p in report["points"]] == ["full depth", "target 1.0", "target 0.5", "target 0.0"]
     chosen = {int(k): v for k, v in report["chosen"]["exit_thresholds"].items()}
     assert set(chosen) <= {1, 2}

@@ -16,6 +16,11 @@ lowest threshold at which the tokens leaving there agree with the final layer at
 each set of thresholds is then decoded and timed like a single threshold, and the fastest
 that keeps --min-agreement is chosen. --output-json holds its `exit_thresholds`, which
 `EarlyExit(exit_thresholds=...)` and the server's `exit_thresholds` request field take.
+
+--oracle also decodes with an exit test that knows the final layer's token (each token
+leaves at the shallowest exit that agrees with it): the speedup no confidence measure can
+beat with these exits. Far above the table's best: the measure is what holds early exit
+back; near it: the exits are.
 """
 
 import argparse
@@ -49,6 +54,9 @@ def parse_args():
     p.add_argument("--per-exit", action="store_true", help="a threshold per exit, calibrated for each of --targets")
     p.add_argument("--targets", type=float, nargs="+", default=[0.995, 0.99, 0.98, 0.97, 0.95, 0.9],
                    help="with --per-exit: agreement with the final layer of the tokens leaving at each exit")
+    p.add_argument("--oracle", action="store_true",
+                   help="also decode with an exit test that knows the final layer's token: the speedup no confidence "
+                        "measure can beat with these exits (output identical to full depth)")
     p.add_argument("--output-json", default=None, help="also write every sweep point and the choice here")
     return p.parse_args()
 
@@ -74,7 +82,7 @@ def main():
 
     install_excepthook()
     from megatron.early_exit.inference import EarlyExit
-    from megatron.early_exit.inference.calibration import format_table, pick_fastest, sweep
+    from megatron.early_exit.inference.calibration import format_table, oracle_decode, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -95,6 +103,12 @@ def main():
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats,
                    progress=lambda line: print("  " + line, flush=True))
     print("\n" + format_table(points))
+    oracle = None
+    if args.oracle:
+        oracle = oracle_decode(model, prompts, exits, args.max_new_tokens, args.measure, args.repeats)
+        print(f"\noracle (each token leaves at the shallowest exit that agrees with the final layer, every exit tested): "
+              f"{oracle.speedup:.2f}x, mean exit layer {oracle.mean_exit_layer:.2f}, exits take "
+              + ", ".join(f"[{n}] {c:.1%}" for n, c in oracle.coverage.items()))
     chosen = pick_fastest(list(zip(points[1:], strategies, labels)), args.min_agreement, args.criterion,
                           point=lambda c: c[0])
     if chosen is None:
@@ -112,7 +126,10 @@ def main():
             choice = {"exit_thresholds": _finite(chosen[1].exit_thresholds)} if args.per_exit else chosen[1].threshold
         with open(args.output_json, "w") as f:
             json.dump({"points": [dict(vars(p), label=label) for p, label in zip(points, ["full depth", *labels])],
-                       "measure": args.measure, "kv": args.kv, "chosen": choice}, f, indent=1)
+                       "measure": args.measure, "kv": args.kv, "chosen": choice,
+                       "oracle": None if oracle is None else {"speedup": oracle.speedup,
+                                                              "mean_exit_layer": oracle.mean_exit_layer,
+                                                              "coverage": oracle.coverage}}, f, indent=1)
     sys.exit(0 if chosen else 1)
 
 
