@@ -120,7 +120,7 @@ def test_oracle_leaves_at_the_shallowest_agreeing_exit_and_keeps_full_depth_outp
     prompts = [PROMPT, PROMPT[:3]]
     run = oracle_decode(model, prompts, None, 10)
     reference = [generate(model, [p], FullDepth(), 10).tokens[0] for p in prompts]
-    assert run.tokens == reference
+    assert run.tokens == reference and run.reference == reference and run.equals_full_depth
     # Each decoded token j >= 1 leaves where the exits of a full-depth pass first agree.
     for prompt, tokens, depths in zip(prompts, reference, run.depths):
         agrees = exit_confidences(model, [prompt + tokens], get_confidence_measure("max_prob"), None, [len(prompt) - 1])

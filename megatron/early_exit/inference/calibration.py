@@ -259,6 +259,7 @@ class OracleRun:
     """Decoding with an exit test that knows the final layer's token (see `oracle_decode`)."""
 
     tokens: List[List[int]]  # per prompt: equal to full-depth greedy decoding
+    reference: List[List[int]]  # per prompt: the full-depth greedy continuation it replays
     depths: List[List[int]]  # per prompt, per decoded token: the layer it left at
     seconds: float  # decoding, best of the repeats summed over prompts
     full_seconds: float  # the same loop at full depth, timed alongside
@@ -267,6 +268,10 @@ class OracleRun:
     @property
     def speedup(self) -> float:
         return self.full_seconds / self.seconds
+
+    @property
+    def equals_full_depth(self) -> bool:
+        return self.tokens == self.reference
 
     @property
     def mean_exit_layer(self) -> float:
@@ -308,8 +313,8 @@ def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name
         def run(prompt, continuation, leave):
             decoder = Decoder(model, 1, len(prompt) + max_new_tokens)
             out = decoder.step([0], [list(prompt)])
-            token, produced, layers = int(out.logits[0].argmax()), [], []
-            produced.append(token)
+            token = int(out.logits[0].argmax())
+            produced, layers = [token], []
             start = timer()
             for j in range(1, len(continuation)):
                 out = decoder.step([0], [[token]], FULL_DEPTH if leave is None else policies[leave[j]])
@@ -320,7 +325,8 @@ def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name
 
         for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
             span = slice(offsets[i], offsets[i + 1] - 1)
-            leave = [next((n for n in exits if bool(agrees[n][1][span][j])), None) for j in range(len(continuation))]
+            agree = {n: agrees[n][1][span].tolist() for n in exits}
+            leave = [next((n for n in exits if agree[n][j]), None) for j in range(len(continuation))]
             best = best_full = math.inf
             for _ in range(repeats):
                 took, produced, layers = run(prompt, continuation, leave)
@@ -332,4 +338,4 @@ def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name
             full_seconds += best_full
     decided = [d for per_prompt in depths for d in per_prompt]
     coverage = {n: sum(d == points[n].depth for d in decided) / len(decided) for n in exits} if decided else {}
-    return OracleRun(tokens, depths, seconds, full_seconds, coverage)
+    return OracleRun(tokens, continuations, depths, seconds, full_seconds, coverage)
