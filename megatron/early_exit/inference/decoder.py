@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -175,14 +175,19 @@ class Decoder:
     # -- the step: the whole model, rows leaving at exits --------------------------
 
     @torch.no_grad()
-    def step(self, rows: List[int], new_tokens: Sequence[Sequence[int]], policy: ExitPolicy = FULL_DEPTH,
+    def step(self, rows: List[int], new_tokens: Sequence[Sequence[int]],
+             policy: Union[ExitPolicy, Sequence[ExitPolicy]] = FULL_DEPTH,
              all_logits: bool = False, observe: Optional[Callable] = None) -> StepOutput:
-        """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds.
+        """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds. `policy`
+        is every row's, or a list of one per row (rows of a continuous batch: each its own
+        exits, thresholds, measure and K/V fill; a row still in its prompt runs FULL_DEPTH).
         `observe(depth, x, attention_output)` sees the hidden states after every depth."""
         if not (self.first and self.last):
             raise InferenceConfigError(
                 f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
                 f"{self.offset + len(self.layers)} (over pipeline stages use FullDepth or EarlyExit(kv='pipeline'))")
+        policies = [policy] * len(rows) if isinstance(policy, ExitPolicy) else list(policy)
+        points = {d: p for pol in {id(q): q for q in policies}.values() for d, p in pol.exits.items()}
         starts, ends = self.feed(rows, new_tokens)
         ws = self._work_set(rows, starts, ends)
         x, attention_output, previous = self._embed(new_tokens, ws), None, None
@@ -194,9 +199,9 @@ class Decoder:
                 x, attention_output = self._run_layer(depth - 1, x, ws)
             if observe is not None:
                 observe(depth, x, attention_output)
-            point = policy.exits.get(depth)
+            point = points.get(depth)
             if point is not None:
-                x, ws = self._exit_rows(point, policy, x, attention_output, previous, ws, done)
+                x, ws, policies = self._exit_rows(point, policies, x, attention_output, previous, ws, done)
                 if ws is None:
                     break
         chunk_logits = None
@@ -221,15 +226,15 @@ class Decoder:
     def _save_frontier(self, x: Tensor, ws: WorkSet) -> None:
         self.frontier[ws.rows_t.view(1, -1).expand_as(ws.write_pos), ws.write_pos] = x
 
-    def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done):
-        """Rows whose newest token is confident at `point` take their token and leave;
-        returns the hidden states and work set of the rows going on (None, None if none)."""
+    def _exit_rows(self, point: ExitPoint, policies: List[ExitPolicy], x, attention_output, previous, ws, done):
+        """Rows whose newest token is confident at `point` under their own policy take their
+        token and leave; returns the hidden states, work set and policies of the rows going
+        on (None, None, None if none)."""
         last = x[-1:]  # [1, b, h]
         head_input = attention_output[-1:] if point.head.has_mlp and attention_output is not None else None
-        fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
-                                       previous)
+        fire, logits = self._test(point, policies, last, head_input, previous)
         if not any(fire):
-            return x, ws
+            return x, ws, policies
         cols = [i for i, f in enumerate(fire) if f]
         every = len(cols) == len(fire)  # all rows leave (always so when drafting): no subsets to cut
         cols_t = None if every else to_device(self.device, cols)[0]
@@ -240,20 +245,60 @@ class Decoder:
         if logits is None:
             sub_input = pick(head_input, 1) if head_input is not None else None
             logits = exit_logits(self.model, point.head, point.layer, pick(last, 1), sub_input)[0]
-        else:
+        elif isinstance(logits, Tensor):
             logits = pick(logits, 0)
+        else:  # per-column logits of the rows' own tests
+            logits = torch.stack([logits[c] for c in cols])
         for i, col in enumerate(cols):
             done[ws.rows[col]] = (point.depth, logits[i])
         left = ws if every else self._select(ws, cols)
-        if policy.propagate:
+        propagate = [policies[c].propagate for c in cols]
+        if all(propagate):
             self._propagate(pick(last[0], 0), point.depth, left)
-        else:
+        elif not any(propagate):
             self._save_frontier(pick(x, 1)[-left.width:], left)
+        else:  # rows of both kinds leave here: each kind its own way
+            x_left, last_left = pick(x, 1)[-left.width:], pick(last[0], 0)
+            for kind in (True, False):
+                sub = [i for i, p in enumerate(propagate) if p == kind]
+                sub_t = to_device(self.device, sub)[0]
+                part = self._select(left, sub)
+                if kind:
+                    self._propagate(last_left.index_select(0, sub_t), point.depth, part)
+                else:
+                    self._save_frontier(x_left.index_select(1, sub_t)[-part.width:], part)
         if every:
-            return None, None
+            return None, None, None
         keep = [i for i, f in enumerate(fire) if not f]
         going = self._select(ws, keep)
-        return x[-going.width:].index_select(1, to_device(self.device, keep)[0]), going
+        return x[-going.width:].index_select(1, to_device(self.device, keep)[0]), going, [policies[i] for i in keep]
+
+    def _test(self, point: ExitPoint, policies: List[ExitPolicy], last, head_input, previous):
+        """Which rows fire at `point`, each under its own policy (a row whose policy has no
+        exit here never does), and the exit's logits where a test computed them: a tensor
+        [b, V] when every row was tested alike, else a dict column -> [V]."""
+        groups: Dict[tuple, List[int]] = {}  # rows tested alike: one confidence_test each
+        for i, pol in enumerate(policies):
+            if point.depth in pol.exits:
+                groups.setdefault((pol.threshold_at(point.depth), pol.measure), []).append(i)
+        b = len(policies)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == b:
+            (threshold, measure), = groups
+            return confidence_test(self.model, point, threshold, measure, last, head_input, previous)
+        fire, logits = [False] * b, {}
+        for (threshold, measure), cols in groups.items():
+            cols_t = to_device(self.device, cols)[0]
+            sub_fire, sub_logits = confidence_test(
+                self.model, point, threshold, measure, last.index_select(1, cols_t),
+                None if head_input is None else head_input.index_select(1, cols_t),
+                None if previous is None else previous.index_select(0, cols_t))
+            for j, c in enumerate(cols):
+                fire[c] = sub_fire[j]
+                if sub_logits is not None:
+                    logits[c] = sub_logits[j]
+        if any(f and c not in logits for c, f in enumerate(fire)):
+            logits = None  # some firing row has none: the exit head runs once for all that fire
+        return fire, logits
 
     def _select(self, ws: WorkSet, cols: List[int]) -> WorkSet:
         return self._work_set([ws.rows[i] for i in cols], [ws.starts[i] for i in cols], [ws.ends[i] for i in cols])
