@@ -13,6 +13,7 @@ LAUNCHES = [
     ("tests.multiproc.cases_model", 2),
     ("tests.multiproc.cases_pipeline", 4),
     ("tests.multiproc.cases_inference", 2),
+    ("tests.multiproc.cases_engine", 2),
     ("tests.multiproc.cases_inference_pipeline", 2),
     ("tests.multiproc.cases_te_layout", 2),
 ]

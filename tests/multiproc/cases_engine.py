@@ -1,0 +1,44 @@
+"""The continuous-batching engine at TP=2: rank 0 adds, aborts and plans each step, both
+ranks execute the plan; every sequence decodes as it does alone at TP=1, and both ranks'
+engines emit the same tokens."""
+
+import torch
+
+from megatron.early_exit.parallel import initialize_parallel
+from megatron.early_exit.sharding import full_state_dict
+from tests.engine_fixtures import alone, build_model, check_mixed_run, mixed_requests, run_engine
+from tests.helpers import load_full_state_dict
+
+
+def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chunk):
+    initialize_parallel(1, 1, seed=3)
+    ref_model = build_model()
+    weights = full_state_dict(ref_model)
+    refs = [alone(ref_model, *req) for req in requests]
+    initialize_parallel(2, 1, seed=3)
+    model = build_model()
+    load_full_state_dict(model, weights)
+    finished, steps, log, _ = run_engine(model, requests, arrivals, aborts, max_batch, prefill_chunk)
+    logs = [None, None]
+    torch.distributed.all_gather_object(logs, log)
+    assert logs[0] == logs[1], "the ranks' engines diverged"
+    return finished, steps, refs
+
+
+def case_mixed_requests_staggered_with_abort():
+    finished, steps, refs = _tp2_engine_vs_tp1_alone(mixed_requests(), [0, 0, 0, 1, 2, 4, 9, 10], [(4, 3)], 3, 4)
+    if torch.distributed.get_rank() == 0:
+        check_mixed_run(finished, steps, refs, aborted=4, num_aborted_tokens=3)
+    return {"steps": len(steps)}
+
+
+def case_one_slot_long_prefill_chunks():
+    # Every request through one slot in turn; prompts fed 2 tokens a step; request 1 aborted early.
+    requests = mixed_requests()[:4]
+    finished, steps, refs = _tp2_engine_vs_tp1_alone(requests, [0, 1, 1, 3], [(1, 2)], 1, 2)
+    if torch.distributed.get_rank() == 0:
+        for i in (0, 2, 3):
+            assert finished[i].result.tokens[0] == refs[i].tokens[0]
+            assert finished[i].result.exit_layers[0] == refs[i].exit_layers[0]
+        assert finished[1].result.tokens[0] == refs[1].tokens[0][:2]
+    return {"steps": len(steps)}
