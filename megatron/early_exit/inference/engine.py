@@ -246,8 +246,7 @@ class Engine:
             if exit_policy is None or getattr(strategy, "kv", None) == "pipeline":
                 raise InferenceConfigError(f"{strategy.name} decoding does not run in the continuous batch "
                                            "(it needs its own lane: static batching)")
-            with inference_context(self.model):
-                self._policies[strategy] = exit_policy(self.decoder)
+            self._policies[strategy] = exit_policy(self.decoder)  # safe off the decoding thread: builds no tensor
         return self._policies[strategy]
 
     def _take(self, seqs: List[Sequence], depths: List[int], logits) -> List[Tuple[TokenEvent, Sequence]]:

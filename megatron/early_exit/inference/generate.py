@@ -75,7 +75,7 @@ def generate(
         decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generator(decoder.device), active=list(range(len(prompts))),
+                                sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
                                 top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)

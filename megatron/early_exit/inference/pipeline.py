@@ -283,7 +283,7 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
     if decoder.first:
         start = clock(decoder.device)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generator(decoder.device), active=list(range(len(prompts))),
+                                sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
                                 top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
         lead = _Lead(decoder, policy, links, transcript, prompts, start)
         _drive(lead_order(links.num_stages), links, lead.compute, lead.undecided)

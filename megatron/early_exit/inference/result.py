@@ -8,7 +8,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-from megatron.early_exit.inference.sampling import SamplingParams, select_tokens, top_alternatives
+from megatron.early_exit.inference.sampling import SamplingParams, select_row_tokens, top_alternatives
 
 
 def clock(device) -> float:
@@ -84,7 +84,7 @@ class Transcript:
     max_new_tokens: int
     stop_tokens: frozenset
     sampling: SamplingParams
-    generator: Optional[torch.Generator]
+    generators: List[Optional[torch.Generator]]  # per row (SamplingParams.make_generators)
     active: List[int] = field(default_factory=list)
     top_n: int = 0  # alternatives kept per token
     on_tokens: Optional[TokenCallback] = None  # called as tokens are appended, per row
@@ -101,7 +101,7 @@ class Transcript:
         banned = None
         if self.sampling.ban_after and self.previous is not None:
             banned = self.sampling.banned([self.previous[r] for r in out.rows], out.logits.shape[-1], out.logits.device)
-        tokens, logprobs = select_tokens(out.logits, self.sampling, self.generator, banned)
+        tokens, logprobs = select_row_tokens(out.logits, self.sampling, [self.generators[r] for r in out.rows], banned)
         columns = [tokens.double().unsqueeze(-1), logprobs.double().unsqueeze(-1)]
         if self.top_n > 0:
             columns += [t.double() for t in top_alternatives(out.logits, self.top_n)]

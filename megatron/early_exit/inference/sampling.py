@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,6 +64,14 @@ class SamplingParams:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
         return torch.Generator(device=device).manual_seed(seed)
 
+    def make_generators(self, device, rows: int) -> List[Optional[torch.Generator]]:
+        """One generator per row, row r seeded `seed + r`: a row samples what it samples
+        alone with that seed, whatever the rows beside it (in a batch or a continuous one)."""
+        if self.greedy:
+            return [None] * rows
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return [torch.Generator(device=device).manual_seed(seed + r) for r in range(rows)]
+
 
 def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     if top_k > 0:
@@ -92,6 +100,16 @@ def select_tokens(logits: Tensor, params: SamplingParams, generator: Optional[to
         tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, logprobs
+
+
+def select_row_tokens(logits: Tensor, params: SamplingParams, generators: Sequence[Optional[torch.Generator]],
+                      banned: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """select_tokens for rows that each sample from their own generator (greedy rows: at once)."""
+    if params.greedy:
+        return select_tokens(logits, params, None, banned)
+    picks = [select_tokens(logits[i:i + 1], params, g, None if banned is None else banned[i:i + 1])
+             for i, g in enumerate(generators)]
+    return torch.cat([t for t, _ in picks]), torch.cat([lp for _, lp in picks])
 
 
 def top_alternatives(logits: Tensor, n: int) -> Tuple[Tensor, Tensor]:

@@ -139,8 +139,11 @@ async def _engine_error(request: Request, exc: InferenceConfigError) -> JSONResp
     return error_response(400, str(exc))
 
 
+RETRY_AFTER_SECONDS = 1
+
+
 async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-    return error_response(503, str(exc), kind="server_busy")
+    return error_response(503, str(exc), kind="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -50,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
+    g.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: sequences join and leave the running batch at every decode step, each leaving at "
+                        "its own exit (docs/serving.md); static: compatible queued requests are merged and run to "
+                        "their end (with --pipeline-model-parallel-size > 1, always static)")
     g.add_argument("--max-batch-size", type=int, default=16,
-                   help="prompts per request and per engine call (compatible greedy requests share one call)")
+                   help="continuous: KV-cache slots, i.e. sequences decoded at once; static: prompts per engine call "
+                        "(compatible greedy requests share one call); both: prompts per request")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="continuous: prompt tokens fed per decode step, in all (a long prompt is fed over several "
+                        "steps, so it never stalls the sequences running)")
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's sequence length - 1")
     g.add_argument("--max-context-length", type=int, default=None,
                    help="prompt + generated tokens (default and maximum: the model's sequence length)")
@@ -80,7 +88,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise ConfigError(f"--chat-template {args.chat_template}: no such file")
-    for flag in ("max_batch_size", "max_prompt_tokens", "max_context_length", "max_queued_requests", "max_request_bytes"):
+    for flag in ("max_batch_size", "prefill_chunk", "max_prompt_tokens", "max_context_length", "max_queued_requests", "max_request_bytes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -139,17 +147,35 @@ def warm_up(model) -> None:
     run_job(model, Job(((0,),), FullDepth(), SamplingParams(), 1))
 
 
-def serve(args, model, tokenizer, limits) -> None:
+def build_engine(args, model, limits):
+    """The continuous-batching engine (the same on every rank), or None for static batching."""
+    if args.batching != "continuous":
+        return None
+    if args.pipeline_model_parallel_size > 1:
+        if model.pre_process:  # one line, from the first stage
+            print(f"--batching continuous: not over pipeline stages yet; --pipeline-model-parallel-size "
+                  f"{args.pipeline_model_parallel_size} serves with static batching", flush=True)
+        return None
+    from megatron.early_exit.inference.engine import Engine
+
+    return Engine(model, args.max_batch_size, limits.max_sequence_length, args.prefill_chunk, args.max_queued_requests)
+
+
+def serve(args, model, tokenizer, limits, engine=None) -> None:
     """Rank 0: HTTP in a thread, the decode loop in the main thread until SIGINT or SIGTERM."""
     import uvicorn
 
     from megatron.early_exit.errors import EarlyExitError
     from megatron.early_exit.server.app import Service, build_app
+    from megatron.early_exit.server.continuous import ContinuousWorker
     from megatron.early_exit.server.worker import Worker, broadcast
 
     from megatron.early_exit.server.tokenizer_api import find_chat_template
 
-    worker = Worker(model, args.max_batch_size, args.max_queued_requests, args.heartbeat_seconds)
+    if engine is not None:
+        worker = ContinuousWorker(engine, model, args.heartbeat_seconds, args.max_queued_requests)
+    else:
+        worker = Worker(model, args.max_batch_size, args.max_queued_requests, args.heartbeat_seconds)
     policy = build_policy(args, limits)
     app = build_app(Service(worker, tokenizer, limits, find_chat_template(tokenizer, args.chat_template)), policy)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -206,10 +232,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
         tokenizer = build_tokenizer(args, stored, model.vocab_size)
     limits = build_limits(args, model, stored)
+    engine = build_engine(args, model, limits)
     if ctx.rank == 0:
-        serve(args, model, tokenizer, limits)
+        serve(args, model, tokenizer, limits, engine)
     else:
-        follow(model)
+        follow(model, engine)
     if torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
     destroy_parallel()

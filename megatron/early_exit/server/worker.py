@@ -7,7 +7,7 @@ one; every rank runs the same engine call.
     rank 0, HTTP thread   Worker.submit (from the request handlers), never blocked by decoding
     other ranks           follow(): receive, generate, repeat until told to stop
 
-Messages are ("job", Job or ScoreJob), ("ping", None) and ("stop", None), sent with
+Messages are ("job", Job or ScoreJob), ("step", a StepPlan of the continuous engine), ("ping", None) and ("stop", None), sent with
 torch.distributed.broadcast_object_list. A job's listener stays on rank 0: the engine calls
 it there as each step's tokens are picked, routed to the request that owns the row, so a
 streamed reply sends each token when it is decoded while its batch goes on. An idle rank 0 pings every `heartbeat_seconds`,
@@ -28,11 +28,8 @@ from typing import Deque, List, Optional, Tuple
 import torch
 
 from megatron.early_exit.inference import InferenceConfigError
+from megatron.early_exit.inference.engine import QueueFull  # noqa: F401 -- raised by submit
 from megatron.early_exit.server.jobs import AnyJob, merge_jobs, route_tokens, run_job, split_result
-
-
-class QueueFull(RuntimeError):
-    pass
 
 
 def broadcast(message: Optional[Tuple[str, object]] = None) -> Tuple[str, object]:
@@ -53,6 +50,7 @@ class Worker:
         self._ready = threading.Condition()
         self._stopping = False
         self.busy = False
+        self.running = 0  # rows of the engine call under way
         self.served = 0
 
     # -- the HTTP side --------------------------------------------------------------------
@@ -117,7 +115,7 @@ class Worker:
     def _run_batch(self, batch: List[Tuple[AnyJob, Future]]) -> None:
         jobs = [job for job, _ in batch]
         merged = merge_jobs(jobs)
-        self.busy = True
+        self.busy, self.running = True, merged.rows
         try:
             broadcast(("job", merged))
             result = run_job(self.model, merged, on_tokens=route_tokens(jobs))
@@ -128,19 +126,22 @@ class Worker:
                 raise
             return
         finally:
-            self.busy = False
+            self.busy, self.running = False, 0
             self.served += 1
         for (_, future), part in zip(batch, split_result(result, jobs)):
             future.set_result(part)
 
 
-def follow(model) -> None:
-    """The loop of every rank but 0: run what rank 0 broadcasts until it says stop."""
+def follow(model, engine=None) -> None:
+    """The loop of every rank but 0: run what rank 0 broadcasts until it says stop: an engine
+    call ("job") or, with --batching continuous, a step of the engine ("step", its plan)."""
     while True:
         kind, job = broadcast()
         if kind == "stop":
             return
-        if kind == "job":
+        if kind == "step":
+            engine.execute(job)
+        elif kind == "job":
             try:
                 run_job(model, job)
             except InferenceConfigError:
