@@ -27,6 +27,7 @@ setup(
         "fastapi",  # the text generation server (megatron/early_exit/server)
         "pydantic>=2",
         "uvicorn",
+        "prometheus_client",  # the server's GET /metrics
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -26,7 +25,7 @@ from typing import AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -35,7 +34,9 @@ from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_res
 from megatron.early_exit.server.chat_api import chat_chunks, chat_completion, chat_job
 from megatron.early_exit.server.jobs import AnyJob, ModelLimits, RequestError
 from megatron.early_exit.server.megatron_api import api_jobs, api_response
+from megatron.early_exit.server.metrics import ServingMetrics
 from megatron.early_exit.server.openai_api import completion, completion_jobs, empty_result, stream_chunks
+from megatron.early_exit.server.streaming import sse
 from megatron.early_exit.server.schemas import (
     ApiRequest, ApiResponse, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest,
     DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
@@ -56,10 +57,19 @@ class Service:
 
     def __post_init__(self):
         self.facts = TokenizerFacts(self.tokenizer, self.chat_template)
+        self.metrics = ServingMetrics(self.worker)
+
+    def submit(self, job: AnyJob):
+        """The worker's future of the job, its tokens timed for /metrics."""
+        job, done = self.metrics.track(job)
+        future = self.worker.submit(job)
+        future.add_done_callback(done)
+        return future
 
     async def generate(self, job: Optional[AnyJob]):
-        """The job's result (None for no job)."""
-        return None if job is None else await asyncio.wrap_future(self.worker.submit(job))
+        """The job's result (None for no job). A caller that goes away cancels the future,
+        which aborts the job's sequences under continuous batching."""
+        return None if job is None else await asyncio.wrap_future(self.submit(job))
 
     async def stream(self, job: AnyJob) -> AsyncIterator:
         """The job's TokenEvents as the engine decodes them, then its result. Waits for the
@@ -67,7 +77,7 @@ class Service:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
-        future = self.worker.submit(dataclasses.replace(
+        future = self.submit(dataclasses.replace(
             job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
         first = await queue.get()
@@ -82,18 +92,11 @@ class Service:
                     item = await queue.get()
                 yield future.result()
             finally:
-                future.cancel()  # the client left before the job ran: skip it
+                # The client left: a job not run yet is skipped; under continuous batching
+                # a running one is aborted too, and its slots are free at the next step.
+                future.cancel()
 
         return events()
-
-
-def _sse(chunks) -> StreamingResponse:
-    async def lines():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk.model_dump())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 def _field(loc) -> str:
@@ -114,7 +117,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 ENDPOINTS = ("PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "
-             "POST /detokenize, GET /v1/models, GET /health, GET /docs")
+             "POST /detokenize, GET /v1/models, GET /health, GET /metrics, GET /docs")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -178,7 +181,7 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
         if request.stream:
             scores = await service.generate(jobs.score)
             events = await service.stream(jobs.generate) if jobs.generate is not None else _nothing()
-            return _sse(stream_chunks(request, tokenizer, limits.name, jobs.prompts, scores, events))
+            return sse(stream_chunks(request, tokenizer, limits.name, jobs.prompts, scores, events))
         result, scores = await asyncio.gather(service.generate(jobs.generate), service.generate(jobs.score))
         result = result or empty_result(len(jobs.prompts.ids), limits.num_layers)
         reply, _ = await run_in_threadpool(completion, request, tokenizer, limits.name, jobs.prompts, result, scores)
@@ -188,7 +191,7 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
     async def chat(request: ChatRequest):
         job, prompts = await run_in_threadpool(chat_job, request, service.facts, limits)
         if request.stream:
-            return _sse(chat_chunks(request, tokenizer, limits.name, prompts, await service.stream(job)))
+            return sse(chat_chunks(request, tokenizer, limits.name, prompts, await service.stream(job)))
         result = await service.generate(job)
         return await run_in_threadpool(chat_completion, request, tokenizer, limits.name, prompts, result)
 
@@ -209,6 +212,10 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
         return ModelList(data=[ModelCard(id=limits.name, created=service.created, num_layers=limits.num_layers,
                                          exit_layer_nums=list(limits.exit_layer_nums),
                                          max_sequence_length=limits.max_sequence_length)])
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:

@@ -20,6 +20,7 @@ from megatron.early_exit.server.schemas import (
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, ChatRequest,
     TokenLogprob, TopLogprob,
 )
+from megatron.early_exit.server.streaming import StreamedToken, streamed_tokens
 from megatron.early_exit.server.text import TextStream, single_token_stops
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts
 
@@ -78,23 +79,16 @@ async def chat_chunks(request: ChatRequest, tokenizer, model_name: str, prompts:
     yield chunk(ChatDelta(role="assistant", content=""))
     stream = TextStream(tokenizer, prompts.ids[0], request.stop_list, tokenizer.eod)
     result = None
-    async for event in events:
-        if isinstance(event, GenerationResult):
-            result = event
+    async for item in streamed_tokens(events, [stream], tokenizer.eod):
+        if not isinstance(item, StreamedToken):
+            result = item
             break
-        for j, token in enumerate(event.tokens):
-            if stream.stopped:
-                break
-            piece = stream.add(token)
-            if stream.stopped and token == tokenizer.eod:
-                break
-            logprobs = None
-            if request.logprobs:
-                one = ChoiceText(0, "", [], piece, [token], [event.logprobs[j]], [event.exit_layers[j]], "",
-                                 [event.top_tokens[j]] if event.top_tokens else [[]],
-                                 [event.top_logprobs[j]] if event.top_logprobs else [[]])
-                logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, [piece], one, request.top_logprobs or 0))
-            yield chunk(ChatDelta(content=piece), logprobs=logprobs, exits=[event.exit_layers[j]])
+        logprobs = None
+        if request.logprobs:
+            one = ChoiceText(0, "", [], item.piece, [item.token], [item.logprob], [item.exit_layer], "",
+                             [item.top_tokens or []], [item.top_logprobs or []])
+            logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, [item.piece], one, request.top_logprobs or 0))
+        yield chunk(ChatDelta(content=item.piece), logprobs=logprobs, exits=[item.exit_layer])
     c = choice_texts(request, tokenizer, prompts, result)[0]
     rest = stream.finish(c.text)
     if rest:

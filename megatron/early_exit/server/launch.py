@@ -189,7 +189,7 @@ def serve(args, model, tokenizer, limits, engine=None) -> None:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, "
-          f"/v1/chat/completions, /tokenize, /detokenize, GET /tokenizer_info, /v1/models, /health, /docs)", flush=True)
+          f"/v1/chat/completions, /tokenize, /detokenize, GET /tokenizer_info, /v1/models, /health, /metrics, /docs)", flush=True)
     hosts = "any" if policy.allowed_hosts is None else ", ".join(policy.allowed_hosts)
     print(f"requests: JSON bodies up to {policy.max_request_bytes} bytes (--max-request-bytes); Host: {hosts} "
           f"(--allowed-hosts); CORS origins: {', '.join(policy.cors_origins) or 'none'} (--cors-origins)", flush=True)

@@ -29,6 +29,7 @@ from megatron.early_exit.server.jobs import (
 from megatron.early_exit.server.schemas import (
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage,
 )
+from megatron.early_exit.server.streaming import StreamedToken, streamed_tokens
 from megatron.early_exit.server.text import Continuation, TextStream, find_stop, single_token_stops, tokenize_prompts
 
 
@@ -219,25 +220,18 @@ async def stream_chunks(request: CompletionRequest, tokenizer, model_name: str, 
             yield chunk(index=i, text=text, logprobs=lp, exit_layers=[])
             offsets[i] = len(text)
     result = None
-    async for event in events:
-        if isinstance(event, GenerationResult):
-            result = event
+    async for item in streamed_tokens(events, streams, tokenizer.eod):
+        if not isinstance(item, StreamedToken):
+            result = item
             break
-        for j, token in enumerate(event.tokens):
-            stream = streams[event.row]
-            if stream.stopped:
-                break
-            piece = stream.add(token)
-            if stream.stopped and token == tokenizer.eod:
-                break
-            lp = None
-            if with_logprobs:
-                tops = _tops(tokenizer, [token], [event.logprobs[j]], [event.top_tokens[j]],
-                             [event.top_logprobs[j]]) if request.logprobs else None
-                lp = _logprobs([piece], [event.logprobs[j]], tops, offsets[event.row])
-            probs = [math.exp(event.logprobs[j])] if request.print_max_prob else None
-            yield chunk(index=event.row, text=piece, logprobs=lp, exit_layers=[event.exit_layers[j]], probs=probs)
-            offsets[event.row] += len(piece)
+        lp = None
+        if with_logprobs:
+            tops = _tops(tokenizer, [item.token], [item.logprob], [item.top_tokens],
+                         [item.top_logprobs]) if request.logprobs else None
+            lp = _logprobs([item.piece], [item.logprob], tops, offsets[item.row])
+        probs = [math.exp(item.logprob)] if request.print_max_prob else None
+        yield chunk(index=item.row, text=item.piece, logprobs=lp, exit_layers=[item.exit_layer], probs=probs)
+        offsets[item.row] += len(item.piece)
     result = result or empty_result(len(prompts.ids), 0)
     for c in choice_texts(request, tokenizer, prompts, result):
         rest = streams[c.index].finish(c.text)

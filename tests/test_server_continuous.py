@@ -1,0 +1,167 @@
+"""The server on the continuous-batching engine, in this process (uvicorn on a loopback
+port, the worker in a thread): a client that disconnects mid-stream aborts its sequence
+and frees its slot at the next step; a full queue is a 503 with Retry-After; a request
+above the slots' context is a 400 naming the field; /metrics counts what was served; the
+server keeps serving through all of it. No timing is asserted: the decode loop is held
+or slowed by wrapping the engine's step."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.test_server import EXITS, NUM_LAYERS, write_checkpoint
+
+httpx = pytest.importorskip("httpx")
+
+SEQ, SLOTS = 96, 2
+PROMPT = "5 17 3"
+
+
+class LocalServer:
+    def __init__(self, model, tokenizer):
+        import uvicorn
+
+        from megatron.early_exit.inference.engine import Engine
+        from megatron.early_exit.server.app import Service, build_app
+        from megatron.early_exit.server.continuous import ContinuousWorker
+        from megatron.early_exit.server.jobs import ModelLimits
+
+        limits = ModelLimits("tiny", model.vocab_size, NUM_LAYERS, tuple(EXITS), SEQ, SLOTS, SEQ - 1)
+        self.engine = Engine(model, SLOTS, SEQ, prefill_chunk=8, max_waiting=1)
+        self.worker = ContinuousWorker(self.engine, model, max_queued=4)
+        self.service = Service(self.worker, tokenizer, limits)
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.service), host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.threads = [threading.Thread(target=self.server.run, daemon=True),
+                        threading.Thread(target=self.worker.run, daemon=True)]
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def close(self):
+        self.worker.stop()
+        self.server.should_exit = True
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(dist1, tmp_path_factory):
+    from megatron.early_exit.inference.loading import load_model
+
+    root = str(tmp_path_factory.mktemp("continuous_ckpt"))
+    write_checkpoint(root, seq_length=SEQ)
+    srv = LocalServer(*load_model(root)[:2])
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def steps(local, monkeypatch):
+    """Wraps the engine's step: records each plan's aborts with the step they come in, and
+    lets a test hold the loop (`gate`) or slow it down (`pause` seconds a step)."""
+    record = {"aborts": [], "gate": threading.Event(), "entered": threading.Event(), "pause": 0.0}
+    record["gate"].set()
+    execute = local.engine.execute
+
+    def wrapped(plan):
+        record["entered"].set()
+        record["gate"].wait(120)
+        time.sleep(record["pause"])
+        if plan.abort:
+            record["aborts"].append((local.engine.num_steps, list(plan.abort), dict(local.engine.running)))
+        return execute(plan)
+
+    monkeypatch.setattr(local.engine, "execute", wrapped)
+    yield record
+    record["gate"].set()
+
+
+def test_disconnected_stream_frees_its_slot_at_the_next_step(local, steps):
+    steps["pause"] = 0.02  # the client's disconnect is seen long before 80 tokens are decoded
+    body = dict(prompt=PROMPT, max_tokens=80, temperature=0, stream=True)
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            for line in reply.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["exit_layers"]:
+                    break  # one decoded token received: hang up
+        deadline = time.monotonic() + 60
+        while not steps["aborts"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        steps["pause"] = 0.0
+        assert steps["aborts"], "the disconnect did not abort the sequence"
+        step, aborted, running = steps["aborts"][0]
+        seq = running[aborted[0]]
+        assert len(seq.result.tokens[0]) < 80 and seq.finish_reason == "abort"
+        # Left at the step the abort was planned for: its slot is free for the next sequence.
+        assert seq.seq_id not in local.engine.running and seq.slot in local.engine.free_slots
+        plain = client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 8})
+        assert plain.status_code == 200 and plain.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_full_queue_is_a_503_and_the_server_goes_on(local, steps):
+    steps["gate"].clear()  # hold the decode loop inside the step that admits the first request
+    steps["entered"].clear()
+    body = dict(prompt=PROMPT, max_tokens=4, temperature=0)
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        results = []
+        first = threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
+        first.start()
+        assert steps["entered"].wait(60)
+        second = threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
+        second.start()
+        deadline = time.monotonic() + 60
+        while local.engine.num_waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = client.post("/v1/completions", json=body)  # one waits already (max_waiting 1)
+        steps["gate"].set()
+        first.join(60), second.join(60)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "--max-queued-requests" in refused.json()["error"]["message"]
+        assert [r.status_code for r in results] == [200, 200]
+        assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_context_above_the_slots_is_a_400_naming_the_field(local):
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        reply = client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=SEQ, temperature=0))
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+        assert client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=3)).status_code == 200
+
+
+def test_metrics_count_what_was_served(local):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(client):
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        return {s.name + str(sorted(s.labels.items())): s.value for f in families for s in f.samples}
+
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        before = read(client)
+        replies = [client.post("/v1/completions", json=dict(prompt=p, max_tokens=6, temperature=0, use_early_exit=True,
+                                                            early_exit_thres=0.16)).json()
+                   for p in (PROMPT, "40 2 77 13")]
+        after = read(client)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    exits = [d for r in replies for d in r["choices"][0]["exit_layers"]]
+    generated = sum(r["usage"]["completion_tokens"] for r in replies)
+    assert delta("early_exit:generation_tokens_total[]") == generated
+    assert delta("early_exit:prompt_tokens_total[]") == sum(r["usage"]["prompt_tokens"] for r in replies)
+    assert delta("early_exit:time_to_first_token_seconds_count[]") == 2
+    assert delta("early_exit:inter_token_latency_seconds_count[]") == generated - 2
+    assert delta("early_exit:e2e_request_latency_seconds_count[]") == 2
+    by_exit = {d: delta(f"early_exit:exit_tokens_total[('exit_layer', '{d}')]") for d in (*EXITS, NUM_LAYERS)}
+    assert sum(by_exit.values()) == generated and len(set(exits)) > 1
+    for depth in set(exits):  # the reply's tokens (the end-of-document token, when hit, is not shown)
+        assert by_exit[depth] >= exits.count(depth)
+    assert after["early_exit:num_requests_running[]"] == 0 and after["early_exit:num_requests_waiting[]"] == 0
