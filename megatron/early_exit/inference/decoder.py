@@ -146,17 +146,18 @@ class Decoder:
             for num, head in model.exits.items()
         }
 
-    def stage_policy(self, exit_layers: Optional[Sequence[int]], threshold: float, measure,
-                     exit_thresholds: Optional[Dict[int, float]] = None) -> ExitPolicy:
-        """Pipeline-based early exit on this stage: its exits among `exit_layers` (None: all),
-        with `exit_thresholds` (by --exit-layer-nums entry) overriding `threshold` there.
-        No confidence exceeds 1: above that, full depth and the heads never run."""
+    def exit_policy(self, exit_layers: Optional[Sequence[int]], threshold: float, measure,
+                    exit_thresholds: Optional[Dict[int, float]] = None, propagate: bool = False) -> ExitPolicy:
+        """The exit policy of this stage (the one builder: every strategy's and the pipeline's):
+        its exits among `exit_layers` (None: all), with `exit_thresholds` (by --exit-layer-nums
+        entry) overriding `threshold` there. No confidence exceeds 1: an exit whose threshold
+        is above it never runs its head, and with none left every token goes to full depth."""
         thresholds = exit_thresholds or {}
-        if threshold > 1 and all(v > 1 for v in thresholds.values()):
-            return FULL_DEPTH
         allowed = set(self.exit_points if exit_layers is None else exit_layers)
-        points = [p for num, p in self.exit_points.items() if num in allowed]
-        return ExitPolicy({p.depth: p for p in points}, threshold, measure,
+        points = [p for num, p in self.exit_points.items() if num in allowed and thresholds.get(num, threshold) <= 1]
+        if not points:
+            return FULL_DEPTH
+        return ExitPolicy({p.depth: p for p in points}, threshold, measure, propagate,
                           per_exit={p.depth: thresholds[p.layer_number] for p in points if p.layer_number in thresholds})
 
     def feed(self, rows: List[int], new_tokens: Sequence[Sequence[int]]) -> Tuple[List[int], List[int]]:

@@ -127,13 +127,12 @@ class Engine:
 
     def check(self, request: SequenceRequest) -> None:
         """Refuses what the engine cannot run (InferenceConfigError naming the field)."""
-        validate_prompts(self.model, [request.prompt], request.max_new_tokens)
+        validate_prompts(self.model, [request.prompt], request.max_new_tokens, request.top_n)
+        request.strategy.check(request.sampling)
         if len(request.prompt) + request.max_new_tokens > self.max_context:
             raise InferenceConfigError(
                 f"max_new_tokens: prompt of {len(request.prompt)} tokens + max_new_tokens {request.max_new_tokens} "
                 f"exceeds the engine's context of {self.max_context} tokens per slot")
-        if not 0 <= request.top_n <= self.model.vocab_size:
-            raise InferenceConfigError(f"top_n must be in [0, {self.model.vocab_size}], got {request.top_n}")
         self.policy_of(request.strategy)
 
     def add(self, request: SequenceRequest, listener: Optional[Listener] = None) -> int:
@@ -242,11 +241,10 @@ class Engine:
     def policy_of(self, strategy) -> ExitPolicy:
         """The strategy's exit policy on this decoder (built once per strategy)."""
         if strategy not in self._policies:
-            exit_policy = getattr(strategy, "exit_policy", None)
-            if exit_policy is None or getattr(strategy, "kv", None) == "pipeline":
+            if not strategy.batchable:
                 raise InferenceConfigError(f"{strategy.name} decoding does not run in the continuous batch "
                                            "(it needs its own lane: static batching)")
-            self._policies[strategy] = exit_policy(self.decoder)  # safe off the decoding thread: builds no tensor
+            self._policies[strategy] = strategy.exit_policy(self.decoder)  # safe off the decoding thread: no tensor
         return self._policies[strategy]
 
     def _take(self, seqs: List[Sequence], depths: List[int], logits) -> List[Tuple[TokenEvent, Sequence]]:

@@ -1,46 +1,29 @@
 """generate(): prompts in, a GenerationResult out, for every strategy.
 
-    prefill            every prompt at full depth in one batched pass; its first token
-    decode_one_token   one batched step: each active row feeds its newest token
-    decode_tokens      steps until every row hit its budget or a stop token
-    speculative_decode (speculative.py) draft and verify rounds instead
+    prefill            (decode.py) every prompt at full depth in one batched pass; its first token
+    strategy.decode    the strategy's own loop after it: decode.decode_tokens under its exit
+                       policy, or speculative.speculative_decode (draft and verify rounds)
     pipeline_generate  (pipeline.py) a model split into pipeline stages, or kv="pipeline":
-                       every stage runs its layers for every row, exits decide
+                       every stage runs its layers for every row, exits decide, with the
+                       options the strategy gives (strategy.stage_options)
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from megatron.early_exit.inference.confidence import get_confidence_measure
-from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
+from megatron.early_exit.inference.decode import decode_one_token, decode_tokens, prefill  # noqa: F401 -- the loop's parts
+from megatron.early_exit.inference.decoder import Decoder
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.plain_linears import plain_linears
-from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
+from megatron.early_exit.inference.pipeline import pipeline_generate
 from megatron.early_exit.inference.result import GenerationResult, TokenCallback, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
-from megatron.early_exit.inference.speculative import speculative_decode
-from megatron.early_exit.inference.strategies import EarlyExit, FullDepth, SelfSpeculative
-
-
-def prefill(decoder: Decoder, transcript: Transcript, prompts: List[List[int]]) -> None:
-    transcript.take(decoder.step(list(range(len(prompts))), prompts))
-
-
-def decode_one_token(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
-    rows = list(transcript.active)
-    transcript.take(decoder.step(rows, [[transcript.last_token(r)] for r in rows], policy))
-    transcript.result.num_steps += 1
-
-
-def decode_tokens(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
-    while transcript.active:
-        decode_one_token(decoder, transcript, policy)
+from megatron.early_exit.inference.strategies import FullDepth
 
 
 def generate(
@@ -59,21 +42,14 @@ def generate(
     top_n > 0 keeps each token's top_n likeliest alternatives (result.top_tokens and
     top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
     appended, while decoding goes on (on the rank that picks the tokens: the first stage)."""
-    prompts = validate_prompts(model, prompts, max_new_tokens)
-    if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
-        raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
-    if isinstance(strategy, SelfSpeculative) and sampling.ban_after:
-        raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
-                                   "it takes no banned tokens (ban_after)")
-    if not 0 <= top_n <= model.vocab_size:
-        raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
-    if not (model.pre_process and model.post_process) or getattr(strategy, "kv", None) == "pipeline":
+    prompts = validate_prompts(model, prompts, max_new_tokens, top_n)
+    strategy.check(sampling)
+    if not (model.pre_process and model.post_process) or strategy.over_stages:
         return _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n, on_tokens)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy.name)
     with inference_context(model):
         decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
                                 top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
@@ -81,10 +57,7 @@ def generate(
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = clock(decoder.device) - start
         cpu_start = time.process_time()
-        if isinstance(strategy, SelfSpeculative):
-            speculative_decode(decoder, transcript, strategy)
-        else:
-            decode_tokens(decoder, transcript, policy)
+        strategy.decode(decoder, transcript)
         result.decode_seconds = clock(decoder.device) - start - result.prefill_seconds
         result.decode_cpu_seconds = time.process_time() - cpu_start
     return result
@@ -93,23 +66,17 @@ def generate(
 def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n=0,
                           on_tokens=None) -> GenerationResult:
     """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
-    check_pipeline_strategy(model, strategy)
-    if isinstance(strategy, EarlyExit) and not model.ee_config.exit_layer_nums:
-        raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
-    firing = strategy.firing_exits(model.ee_config.exit_layer_nums) if isinstance(strategy, EarlyExit) else []
-    early = bool(firing)
+    options = strategy.stage_options(model)
     with inference_context(model):
-        return pipeline_generate(
-            model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name,
-            exit_layers=firing if early else None,
-            threshold=float(strategy.threshold) if early else math.inf,
-            measure=get_confidence_measure(strategy.measure, model) if early else None,
-            top_n=top_n, on_tokens=on_tokens,
-            exit_thresholds={n: strategy.threshold_of(n) for n in firing} if early else None,
-        )
+        return pipeline_generate(model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name, top_n=top_n,
+                                 on_tokens=on_tokens, **options)
 
 
-def validate_prompts(model, prompts, max_new_tokens: int) -> List[List[int]]:
+def validate_prompts(model, prompts, max_new_tokens: int, top_n: int = 0) -> List[List[int]]:
+    """The prompts as lists of ints, checked against the model (InferenceConfigError names
+    what is wrong); the server checks its requests with the same rules first, naming its fields."""
+    if not 0 <= top_n <= model.vocab_size:
+        raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     prompts = [[int(t) for t in p] for p in prompts]

@@ -40,7 +40,6 @@ from megatron.core import parallel_state
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decision, Decoder, StepOutput
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
-from megatron.early_exit.inference.strategies import EarlyExit, FullDepth
 from megatron.early_exit.pipeline.p2p import Transport
 from megatron.early_exit.pipeline.plan import Op, Post, Wait
 
@@ -276,7 +275,7 @@ def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, samp
     """Pipeline-based early exit over this rank's stage; every rank returns the result.
     `exit_thresholds` (by --exit-layer-nums entry) override `threshold` at those exits."""
     decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-    policy = decoder.stage_policy(exit_layers, threshold, measure, exit_thresholds)
+    policy = decoder.exit_policy(exit_layers, threshold, measure, exit_thresholds)
     links = _Links(len(prompts), model.vocab_size, decoder.hidden_size, decoder.dtype, decoder.device)
     result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
                               num_layers=model.config.num_layers, strategy=strategy)
@@ -362,11 +361,3 @@ def _follow_step(decoder: Decoder, policy, links: _Links, step: int) -> int:
     return links.put_decisions(step, decided)
 
 
-def check_pipeline_strategy(model, strategy) -> None:
-    if not isinstance(strategy, (FullDepth, EarlyExit)):
-        raise InferenceConfigError(f"{strategy.name} needs the whole model on one stage; pipeline stages run "
-                                   "FullDepth or EarlyExit(kv='pipeline')")
-    if isinstance(strategy, EarlyExit) and strategy.kv != "pipeline":
-        raise InferenceConfigError(f"early exit over pipeline stages completes the K/V of exited tokens on the later "
-                                   f"stages: use kv='pipeline', not {strategy.kv!r}")
-    # Unknown exits in exit_layers and exit_thresholds: EarlyExit.firing_exits, which generate calls next.

@@ -1,4 +1,4 @@
-"""Decoding strategies: what `generate` does after the prompt.
+"""Decoding strategies: what `generate` (and the continuous-batching engine) does after the prompt.
 
     FullDepth()                                   every token through every layer
     EarlyExit(threshold, measure, kv, exit_layers, exit_thresholds) leave at the first confident exit
@@ -12,6 +12,13 @@
         a row's drafting stops after a draft below draft_threshold (adaptive draft length)
 
 All run through `generate(model, prompts, strategy, ...)` and return a GenerationResult.
+A strategy owns its behaviour, so that callers dispatch to it without asking its type:
+    check(sampling)         refuses sampling it cannot decode with
+    exit_policy(decoder)    where its rows leave (the engine runs each row under its own)
+    decode(decoder, t)      its loop after the prefill, on the whole model
+    stage_options(model)    its pipeline_generate options over pipeline stages (or a refusal)
+    over_stages             it runs through pipeline_generate even on one stage
+    batchable               it runs in the engine's continuous batch (else in a lane of its own)
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference.confidence import get_confidence_measure
+from megatron.early_exit.inference.decode import decode_tokens
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPoint, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.speculative import speculative_decode
 
 KV_STRATEGIES = ("recompute", "propagate", "pipeline")
+DEFAULT_EARLY_EXIT_THRESHOLD = 0.8  # EarlyExit's, the server's and the CLI's
 
 
 def _exit_point(decoder: Decoder, layer_number: int) -> ExitPoint:
@@ -38,14 +48,25 @@ def _exit_point(decoder: Decoder, layer_number: int) -> ExitPoint:
 @dataclass(frozen=True)
 class FullDepth:
     name = "full"
+    over_stages = False
+    batchable = True
+
+    def check(self, sampling) -> None:
+        pass
 
     def exit_policy(self, decoder: Decoder) -> ExitPolicy:
         return FULL_DEPTH
 
+    def decode(self, decoder: Decoder, transcript) -> None:
+        decode_tokens(decoder, transcript, self.exit_policy(decoder))
+
+    def stage_options(self, model) -> dict:
+        return dict(exit_layers=None, threshold=math.inf, measure=None, exit_thresholds=None)
+
 
 @dataclass(frozen=True)
 class EarlyExit:
-    threshold: float = 0.9
+    threshold: float = DEFAULT_EARLY_EXIT_THRESHOLD
     """A token leaves at the first active exit whose confidence >= threshold; above 1, never."""
 
     measure: str = "max_prob"
@@ -95,15 +116,38 @@ class EarlyExit:
         active = model_exits if self.exit_layers is None else sorted(self.exit_layers)
         return [n for n in active if self.threshold_of(n) <= 1]
 
+    @property
+    def over_stages(self) -> bool:
+        return self.kv == "pipeline"
+
+    @property
+    def batchable(self) -> bool:
+        return self.kv != "pipeline"
+
+    def check(self, sampling) -> None:
+        pass
+
     def exit_policy(self, decoder: Decoder) -> ExitPolicy:
         if not decoder.exit_points:
             raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
-        points = [_exit_point(decoder, n) for n in self.firing_exits(decoder.exit_points)]
-        if not points:  # every threshold above 1: skip the exit heads entirely
-            return FULL_DEPTH
-        return ExitPolicy({p.depth: p for p in points}, float(self.threshold),
-                          get_confidence_measure(self.measure, decoder.model), self.kv == "propagate",
-                          {p.depth: self.threshold_of(p.layer_number) for p in points})
+        firing = self.firing_exits(decoder.exit_points)
+        return decoder.exit_policy(firing, float(self.threshold), get_confidence_measure(self.measure, decoder.model),
+                                   dict(self.exit_thresholds or ()), propagate=self.kv == "propagate")
+
+    def decode(self, decoder: Decoder, transcript) -> None:
+        decode_tokens(decoder, transcript, self.exit_policy(decoder))
+
+    def stage_options(self, model) -> dict:
+        if self.kv != "pipeline":
+            raise InferenceConfigError(f"early exit over pipeline stages completes the K/V of exited tokens on the later "
+                                       f"stages: use kv='pipeline', not {self.kv!r}")
+        if not model.ee_config.exit_layer_nums:
+            raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
+        firing = self.firing_exits(model.ee_config.exit_layer_nums)
+        if not firing:  # every threshold above 1: full depth
+            return FullDepth().stage_options(model)
+        return dict(exit_layers=firing, threshold=float(self.threshold), measure=get_confidence_measure(self.measure, model),
+                    exit_thresholds={n: self.threshold_of(n) for n in firing})
 
 
 def _check_threshold(what: str, value) -> None:
@@ -133,6 +177,23 @@ class SelfSpeculative:
     def name(self) -> str:
         stop = f">{self.draft_threshold:g}" if self.draft_threshold else ""
         return f"self_speculative[{self.exit_layer}x{self.num_draft}{stop}]"
+
+    over_stages = False
+    batchable = False
+
+    def check(self, sampling) -> None:
+        if not sampling.greedy:
+            raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
+        if sampling.ban_after:
+            raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
+                                       "it takes no banned tokens (ban_after)")
+
+    def decode(self, decoder: Decoder, transcript) -> None:
+        speculative_decode(decoder, transcript, self)
+
+    def stage_options(self, model) -> dict:
+        raise InferenceConfigError(f"{self.name} needs the whole model on one stage; pipeline stages run "
+                                   "FullDepth or EarlyExit(kv='pipeline')")
 
     def draft_policy(self, decoder: Decoder) -> ExitPolicy:
         point = _exit_point(decoder, self.exit_layer)

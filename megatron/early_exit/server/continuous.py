@@ -32,7 +32,7 @@ from megatron.early_exit.server.worker import broadcast
 
 
 def runs_in_engine(job: AnyJob) -> bool:
-    return isinstance(job, Job) and hasattr(job.strategy, "exit_policy") and getattr(job.strategy, "kv", None) != "pipeline"
+    return isinstance(job, Job) and job.strategy.batchable
 
 
 def row_sampling(sampling: SamplingParams, row: int) -> SamplingParams:

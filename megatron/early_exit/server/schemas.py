@@ -22,10 +22,10 @@ from typing import Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from megatron.early_exit.inference import CONFIDENCE_MEASURES, KV_STRATEGIES
+from megatron.early_exit.inference.strategies import DEFAULT_EARLY_EXIT_THRESHOLD
 
 MAX_API_PROMPTS = 128  # Megatron-LM's limit on prompts per request
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
-DEFAULT_EARLY_EXIT_THRESHOLD = 0.8
 # Sampling divides float32 logits by the temperature and compares float32 probabilities with
 # top_p: below these, logits overflow and top_p rounds to 0, and every token is dropped.
 MIN_TEMPERATURE = 1e-6
