@@ -39,7 +39,7 @@ def test_refusals_name_the_field(dist1):
     from megatron.early_exit.inference.engine import Engine, QueueFull, SequenceRequest
 
     engine = Engine(build_model(), 2, 16, max_waiting=1)
-    with pytest.raises(InferenceConfigError, match="max_new_tokens: prompt of 10 tokens"):
+    with pytest.raises(InferenceConfigError, match="max_new_tokens: context too long: prompt 0 has 10 tokens"):
         engine.add(SequenceRequest(tuple(range(10)), max_new_tokens=7))
     with pytest.raises(InferenceConfigError, match="its own lane"):
         engine.add(SequenceRequest((1, 2), SelfSpeculative(1), max_new_tokens=4))

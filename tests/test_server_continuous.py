@@ -165,3 +165,20 @@ def test_metrics_count_what_was_served(local):
     for depth in set(exits):  # the reply's tokens (the end-of-document token, when hit, is not shown)
         assert by_exit[depth] >= exits.count(depth)
     assert after["early_exit:num_requests_running[]"] == 0 and after["early_exit:num_requests_waiting[]"] == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(local, monkeypatch):
+    from megatron.early_exit.inference import decoder as decoder_module
+
+    step = decoder_module.Decoder.step
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(decoder_module.Decoder, "step", broken)
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        reply = client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=4, temperature=0))
+        assert reply.status_code == 500 and "injected failure" in reply.json()["error"]["message"]
+        monkeypatch.setattr(decoder_module.Decoder, "step", step)
+        assert client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=4)).status_code == 200
+    assert local.engine.num_running == 0 and sorted(local.engine.free_slots) == list(range(SLOTS))

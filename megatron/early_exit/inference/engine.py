@@ -34,7 +34,8 @@ import torch
 
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.generate import inference_context, validate_prompts
+from megatron.early_exit.inference.generate import inference_context
+from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
 from megatron.early_exit.inference.sampling import SamplingParams, select_tokens, top_alternatives
 from megatron.early_exit.inference.strategies import FullDepth
@@ -127,12 +128,11 @@ class Engine:
 
     def check(self, request: SequenceRequest) -> None:
         """Refuses what the engine cannot run (InferenceConfigError naming the field)."""
-        validate_prompts(self.model, [request.prompt], request.max_new_tokens, request.top_n)
+        if not 0 <= request.top_n <= self.model.vocab_size:
+            raise InferenceConfigError(f"top_n must be in [0, {self.model.vocab_size}], got {request.top_n}")
+        check_prompts([request.prompt], request.max_new_tokens, self.model.vocab_size, self.max_context,
+                      prompt_field="prompt", context_name="the engine's context per slot")
         request.strategy.check(request.sampling)
-        if len(request.prompt) + request.max_new_tokens > self.max_context:
-            raise InferenceConfigError(
-                f"max_new_tokens: prompt of {len(request.prompt)} tokens + max_new_tokens {request.max_new_tokens} "
-                f"exceeds the engine's context of {self.max_context} tokens per slot")
         self.policy_of(request.strategy)
 
     def add(self, request: SequenceRequest, listener: Optional[Listener] = None) -> int:
@@ -223,6 +223,17 @@ class Engine:
         cols = [index[seq.slot] for seq in producing]
         events += self._take(producing, [out.depths[c] for c in cols], out.logits[cols] if cols else None)
         return self._deliver(events)
+
+    def reset(self) -> List[Sequence]:
+        """After a step failed: every running sequence leaves (returned, finish_reason
+        "error"), every slot is free; the waiting ones stay. The same on every rank."""
+        dropped = list(self.running.values())
+        for seq in dropped:
+            seq.finish_reason = "error"
+            self.listeners.pop(seq.seq_id, None)
+        self.running.clear()
+        self.free_slots = list(range(self.max_batch_size))
+        return dropped
 
     def _admit(self, seq_id: int, request: SequenceRequest) -> None:
         slot = self.free_slots.pop(0)

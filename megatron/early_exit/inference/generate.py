@@ -20,6 +20,7 @@ from megatron.early_exit.inference.decode import decode_one_token, decode_tokens
 from megatron.early_exit.inference.decoder import Decoder
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.plain_linears import plain_linears
+from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.pipeline import pipeline_generate
 from megatron.early_exit.inference.result import GenerationResult, TokenCallback, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
@@ -73,30 +74,12 @@ def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, st
 
 
 def validate_prompts(model, prompts, max_new_tokens: int, top_n: int = 0) -> List[List[int]]:
-    """The prompts as lists of ints, checked against the model (InferenceConfigError names
-    what is wrong); the server checks its requests with the same rules first, naming its fields."""
+    """The prompts as lists of ints, checked against the model (prompts.check_prompts)."""
     if not 0 <= top_n <= model.vocab_size:
         raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
-    prompts = [[int(t) for t in p] for p in prompts]
-    if not prompts:
-        raise InferenceConfigError("no prompts given")
-    if any(len(p) == 0 for p in prompts):
-        raise InferenceConfigError(f"empty prompt at index {[i for i, p in enumerate(prompts) if not p]}: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise InferenceConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    vocab = model.vocab_size
-    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
-    if bad:
-        raise InferenceConfigError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.max_sequence_length:
-        raise InferenceConfigError(
-            f"context too long: prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
-            f"model's maximum sequence length {model.max_sequence_length}"
-        )
-    return prompts
+    return check_prompts(prompts, max_new_tokens, model.vocab_size, model.max_sequence_length)
 
 
 @contextmanager

@@ -21,8 +21,9 @@ import collections
 import dataclasses
 import threading
 import time
+import traceback
 from concurrent.futures import Future
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 from megatron.early_exit.inference.engine import Engine, QueueFull, SequenceRequest
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
@@ -58,7 +59,7 @@ class _Submission:
         self.remaining = rows
         self.lock = threading.Lock()
 
-    def listener(self, row: int):
+    def listener(self, row: int, registry: Dict[int, "_Submission"]):
         def hear(event: TokenEvent, seq) -> None:
             if event.tokens and self.job.listener is not None:
                 try:
@@ -67,6 +68,7 @@ class _Submission:
                 except RuntimeError:  # its reply's event loop is gone: the sequence goes on until aborted
                     pass
             if event.finished:
+                registry.pop(event.row, None)
                 self._finish(row, seq)
         return hear
 
@@ -80,7 +82,8 @@ class _Submission:
             last = self.remaining == 0
         if last:
             self.on_done()
-            if self.future.set_running_or_notify_cancel():  # False: cancelled, nobody waits
+            # Done already: cancelled (nobody waits) or failed by an earlier error.
+            if not self.future.done() and self.future.set_running_or_notify_cancel():
                 self.future.set_result(res)
 
 
@@ -93,6 +96,7 @@ class ContinuousWorker:
         self._stopping = False
         self.busy = False
         self.served = 0
+        self._submissions: Dict[int, "_Submission"] = {}  # by sequence id, while it runs or waits
 
     # -- the HTTP side --------------------------------------------------------------------
 
@@ -110,7 +114,9 @@ class ContinuousWorker:
             for row, prompt in enumerate(job.prompts):
                 request = SequenceRequest(tuple(prompt), job.strategy, row_sampling(job.sampling, row),
                                           job.max_new_tokens, job.stop_tokens, job.top_n)
-                submission.seq_ids.append(self.engine.add(request, submission.listener(row)))
+                seq_id = self.engine.add(request, submission.listener(row, self._submissions))
+                submission.seq_ids.append(seq_id)
+                self._submissions[seq_id] = submission
         except BaseException:
             for seq_id in submission.seq_ids:
                 self.engine.abort(seq_id)
@@ -155,6 +161,9 @@ class ContinuousWorker:
                 try:
                     broadcast(("step", plan))
                     self.engine.execute(plan)
+                except Exception as err:  # noqa: BLE001 -- the running requests get it; the server goes on
+                    traceback.print_exc()
+                    self._fail_running(err)
                 finally:
                     self.busy = False
             else:
@@ -172,6 +181,13 @@ class ContinuousWorker:
                 future = self._lane.popleft()[1]
                 if future.set_running_or_notify_cancel():
                     future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _fail_running(self, err: Exception) -> None:
+        for seq in self.engine.reset():
+            submission = self._submissions.pop(seq.seq_id, None)
+            future = None if submission is None else submission.future
+            if future is not None and not future.done() and future.set_running_or_notify_cancel():
+                future.set_exception(err)
 
     def _next_lane_job(self) -> Optional[Tuple[AnyJob, Future]]:
         with self._ready:

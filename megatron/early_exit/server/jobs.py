@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from megatron.early_exit.inference import (
     EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
 )
+from megatron.early_exit.inference.prompts import PromptError, check_prompts as check_engine_prompts
 from megatron.early_exit.inference.result import TokenEvent
 from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.server.schemas import DEFAULT_EARLY_EXIT_THRESHOLD, EarlyExitOptions
@@ -226,21 +227,19 @@ def build_sampling(temperature: float, top_k: int, top_p: float, seed: Optional[
 
 def check_prompts(prompts: List[List[int]], max_new_tokens: int, limits: ModelLimits, prompt_field: str,
                   budget_field: str) -> None:
+    """The server's own limits (prompts per request, tokens per prompt), then the engine's
+    rules (prompts.check_prompts) under the request's field names."""
     if len(prompts) > limits.max_batch_size:
         raise RequestError(prompt_field, f"{len(prompts)} prompts exceed the server's --max-batch-size {limits.max_batch_size}")
     for i, p in enumerate(prompts):
-        where = f"{prompt_field}[{i}]"
-        if not p:
-            raise RequestError(where, "empty prompt: every prompt needs at least one token")
         if len(p) > limits.max_prompt_tokens:
-            raise RequestError(where, f"prompt of {len(p)} tokens exceeds the server's limit of {limits.max_prompt_tokens} tokens")
-        bad = [t for t in p if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise RequestError(where, f"token ids {bad[:5]} outside the vocabulary [0, {limits.vocab_size})")
-        if len(p) + max_new_tokens > limits.max_sequence_length:
-            raise RequestError(budget_field, f"context too long: prompt {i} has {len(p)} tokens, + {budget_field} "
-                                             f"{max_new_tokens} exceeds the model's maximum sequence length "
-                                             f"{limits.max_sequence_length}")
+            raise RequestError(f"{prompt_field}[{i}]", f"prompt of {len(p)} tokens exceeds the server's limit of "
+                                                       f"{limits.max_prompt_tokens} tokens")
+    try:
+        check_engine_prompts(prompts, max_new_tokens, limits.vocab_size, limits.max_sequence_length, prompt_field,
+                             budget_field, min_new_tokens=0)
+    except PromptError as err:
+        raise RequestError(err.field, err.message) from None
 
 
 def _check_exits(field: str, layers: Sequence[int], limits: ModelLimits) -> None:

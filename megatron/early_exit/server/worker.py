@@ -140,7 +140,11 @@ def follow(model, engine=None) -> None:
         if kind == "stop":
             return
         if kind == "step":
-            engine.execute(job)
+            try:
+                engine.execute(job)
+            except Exception:  # noqa: BLE001 -- rank 0 failed the same step: both drop its sequences
+                traceback.print_exc()
+                engine.reset()
         elif kind == "job":
             try:
                 run_job(model, job)
