@@ -179,6 +179,7 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(local, monkeyp
     with httpx.Client(base_url=local.url, timeout=120) as client:
         reply = client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=4, temperature=0))
         assert reply.status_code == 500 and "injected failure" in reply.json()["error"]["message"]
-        monkeypatch.setattr(decoder_module.Decoder, "step", step)
+    monkeypatch.setattr(decoder_module.Decoder, "step", step)
+    with httpx.Client(base_url=local.url, timeout=120) as client:  # a 500 closes its connection
         assert client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=4)).status_code == 200
     assert local.engine.num_running == 0 and sorted(local.engine.free_slots) == list(range(SLOTS))
