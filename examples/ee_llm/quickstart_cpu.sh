@@ -16,7 +16,7 @@ NPROC=${NPROC:-2}
 TP=${TP:-1}
 PP=${PP:-1}
 WARMUP=$(( ITERS / 10 < 20 ? ITERS / 10 : 20 ))
-export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
 echo "== 1/6 corpus from the Python standard library"
