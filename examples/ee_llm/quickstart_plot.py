@@ -36,21 +36,24 @@ def write_png(path: str, curves: Dict[str, List[Tuple[int, float]]], rows: Seque
         left.plot(steps, values, label=label, linewidth=2 if name == "lm loss" else 1.3)
     left.set_xlabel("training iteration")
     left.set_ylabel("training loss (nats)")
-    left.set_title("every exit learns, shallower exits lag the final layer")
+    left.set_title("training loss of the final layer and of each exit")
     left.grid(alpha=0.3)
     if curves:
         left.legend(loc="upper right")
 
-    for label, speedup, agreement in rows:
-        right.scatter([agreement], [speedup], s=40, zorder=3)
-        right.annotate(label, (agreement, speedup), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    # A legend rather than labels at the points: thresholds often land on top of each other.
+    markers = "osD^vP*X"
+    for i, (label, speedup, agreement) in enumerate(rows):
+        right.scatter([agreement], [speedup], s=50, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)],
+                      label=label)
+    right.legend(loc="lower left", fontsize=9)
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     right.set_xlabel("agreement with full-depth output")
     right.set_ylabel("decode speed / full depth")
     right.set_title("early-exit decoding by threshold")
     right.grid(alpha=0.3)
     lo = min([a for _, _, a in rows] + [0.9])
-    right.set_xlim(lo - 0.1 * (1.05 - lo), 1.08)
+    right.set_xlim(lo - 0.1 * (1.0 - lo) - 0.01, 1.01)
     top = max([s for _, s, _ in rows] + [1.0])
     right.set_ylim(0, top * 1.25)
     if title:
