@@ -16,9 +16,10 @@ PROVIDED = {
     "tools/text_generation_cli.py": "Megatron-LM's CLI",
     "tools/preprocess_data.py": "data preprocessing",
     "pretrain_early_exit_gpt.py": "examples/ee_training/*.sh, examples/ee_tuning/tune/*.sh",
+    "tools/checkpoint/checkpoint_converter.py": "examples/ee_tuning/convert/add_exit_layers.sh",
 }
 NOT_PROVIDED = [
-    "tools/request_client.py", "tools/checkpoint/util.py", "tools/checkpoint/checkpoint_converter.py",
+    "tools/request_client.py", "tools/checkpoint/util.py",
     "tools/convert_parallelism.sh", "tools/merge_datasets.py",
 ]
 EE_LLM_SERVER_ARGS = ["--use-checkpoint-args", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "TOK",
@@ -49,3 +50,25 @@ def test_ee_llm_server_script_name_takes_its_flags_and_is_the_server():
     assert proc.returncode == 0, proc.stderr[-2000:]
     options = proc.stdout.split("\n\n", 1)[1]
     assert options == build_parser().format_help().split("\n\n", 1)[1] and "--load-iteration" in options
+
+
+def test_ee_llm_add_exit_flags_become_add_exits_flags():
+    """add_exit_layers.sh's flags, as written, are add_exits.py's (which the converter runs)."""
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "checkpoint", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    converter, add_exits = load("checkpoint_converter"), load("add_exits")
+    argv = converter.translate(["--load-dir", "L", "--save-dir", "S", "--load-iteration", "1", "--use-exit-norm",
+                                "--use-exit-mlp", "--conversion-type", "add-exit", "--add-exit-layer-nums", "5", "10",
+                                "--megatron-path", "/m"])
+    args = add_exits.parse_args(argv)
+    assert (args.load, args.save, args.iteration, args.exit_layer_nums) == ("L", "S", 1, [5, 10])
+    assert args.use_exit_norm and args.use_exit_mlp and not args.use_exit_block and not args.random_init
+    random = add_exits.parse_args(converter.translate(["--load-dir", "L", "--save-dir", "S", "--random-init",
+                                                       "--add-exit-layer-nums", "10", "--use-exit-block"]))
+    assert random.random_init and random.use_exit_block and random.init_method_std == 0.02
