@@ -3,6 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Where pip finds the CPU build of PyTorch, as an extra index URL. Empty: pip's own configuration
+# (here a local wheel folder). Elsewhere, without it, pip takes the multi-GB CUDA build from PyPI:
+# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIP_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: setup test test-slow test-fast test-gpu demo clean
 
@@ -12,8 +17,8 @@ $(STAMP): setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
-	# The CPU wheel of PyTorch when there is no GPU (pip finds it in the local wheel folder).
-	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; else $(PY) -m pip install torch==2.13.0; fi
+	# The CPU build of PyTorch when there is no GPU (from TORCH_INDEX, or pip's configured wheel folder).
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; else $(PY) -m pip install $(TORCH_PIP_FLAGS) torch==2.13.0; fi
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 

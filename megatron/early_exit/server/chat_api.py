@@ -21,7 +21,7 @@ from megatron.early_exit.server.schemas import (
     TokenLogprob, TopLogprob,
 )
 from megatron.early_exit.server.streaming import StreamedToken, streamed_tokens
-from megatron.early_exit.server.text import TextStream, single_token_stops
+from megatron.early_exit.server.text import TextStream, alternative_texts, single_token_stops
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts
 
 
@@ -45,14 +45,16 @@ def chat_job(request: ChatRequest, facts: TokenizerFacts, limits: ModelLimits) -
 
 
 def _token_logprobs(tokenizer, pieces: List[str], c: ChoiceText, top_n: int) -> List[TokenLogprob]:
-    out = []
-    for i, (piece, value) in enumerate(zip(pieces, c.logprobs)):
+    """`c.prompt_ids`: the tokens before the first of `c.tokens` (alternatives render after them)."""
+    out, context = [], list(c.prompt_ids)
+    for i, (token, piece, value) in enumerate(zip(c.tokens, pieces, c.logprobs)):
         tops = []
         if top_n:
-            tops = [TopLogprob(token=tokenizer.detokenize([t]), logprob=v,
-                               bytes=list(tokenizer.detokenize([t]).encode()))
-                    for t, v in zip(c.top_tokens[i], c.top_logprobs[i])]
+            texts = alternative_texts(tokenizer, context, token, piece, c.top_tokens[i])
+            tops = [TopLogprob(token=text, logprob=v, bytes=list(text.encode()))
+                    for text, v in zip(texts, c.top_logprobs[i])]
         out.append(TokenLogprob(token=piece, logprob=value, bytes=list(piece.encode()), top_logprobs=tops))
+        context.append(token)
     return out
 
 
@@ -85,7 +87,8 @@ async def chat_chunks(request: ChatRequest, tokenizer, model_name: str, prompts:
             break
         logprobs = None
         if request.logprobs:
-            one = ChoiceText(0, "", [], item.piece, [item.token], [item.logprob], [item.exit_layer], "",
+            context = prompts.ids[0] + item.previous
+            one = ChoiceText(0, "", context, item.piece, [item.token], [item.logprob], [item.exit_layer], "",
                              [item.top_tokens or []], [item.top_logprobs or []])
             logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, [item.piece], one, request.top_logprobs or 0))
         yield chunk(ChatDelta(content=item.piece), logprobs=logprobs, exits=[item.exit_layer])

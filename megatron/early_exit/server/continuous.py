@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Deque, Dict, List, Optional, Tuple
 
 from megatron.early_exit.inference.engine import Engine, QueueFull, SequenceRequest
+from megatron.early_exit.inference.exit_numbers import exit_numbers
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.server.jobs import AnyJob, Job, run_job
@@ -48,11 +49,11 @@ def row_sampling(sampling: SamplingParams, row: int) -> SamplingParams:
 class _Submission:
     """One job's sequences, gathered into one GenerationResult for its future."""
 
-    def __init__(self, job: Job, future: Future, num_layers: int, on_done):
-        self.job, self.future, self.on_done = job, future, on_done
+    def __init__(self, job: Job, future: Future, model, on_done):
+        self.job, self.future, self.model, self.on_done = job, future, model, on_done
         rows = len(job.prompts)
         self.result = GenerationResult([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)],
-                                       num_layers=num_layers, strategy=job.strategy.name)
+                                       num_layers=model.config.num_layers, strategy=job.strategy.name)
         if job.top_n > 0:
             self.result.top_tokens, self.result.top_logprobs = [[] for _ in range(rows)], [[] for _ in range(rows)]
         self.seq_ids: List[int] = []
@@ -63,8 +64,8 @@ class _Submission:
         def hear(event: TokenEvent, seq) -> None:
             if event.tokens and self.job.listener is not None:
                 try:
-                    self.job.listener(TokenEvent(row, event.tokens, event.exit_layers, event.logprobs, event.top_tokens,
-                                                 event.top_logprobs, event.finished))
+                    self.job.listener(TokenEvent(row, event.tokens, exit_numbers(self.model, event.exit_layers),
+                                                 event.logprobs, event.top_tokens, event.top_logprobs, event.finished))
                 except RuntimeError:  # its reply's event loop is gone: the sequence goes on until aborted
                     pass
             if event.finished:
@@ -74,7 +75,8 @@ class _Submission:
 
     def _finish(self, row: int, seq) -> None:
         res, mine = self.result, seq.result
-        res.tokens[row], res.exit_layers[row], res.logprobs[row] = mine.tokens[0], mine.exit_layers[0], mine.logprobs[0]
+        res.tokens[row], res.logprobs[row] = mine.tokens[0], mine.logprobs[0]
+        res.exit_layers[row] = exit_numbers(self.model, mine.exit_layers[0])  # as requests name exits
         if res.top_tokens is not None:
             res.top_tokens[row], res.top_logprobs[row] = mine.top_tokens[0], mine.top_logprobs[0]
         with self.lock:
@@ -109,7 +111,7 @@ class ContinuousWorker:
                 self._lane.append((job, future))
                 self._ready.notify()
             return future
-        submission = _Submission(job, future, self.model.config.num_layers, self._served_one)
+        submission = _Submission(job, future, self.model, self._served_one)
         try:
             for row, prompt in enumerate(job.prompts):
                 request = SequenceRequest(tuple(prompt), job.strategy, row_sampling(job.sampling, row),

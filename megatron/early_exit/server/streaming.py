@@ -28,6 +28,7 @@ class StreamedToken:
     piece: str
     logprob: float
     exit_layer: int
+    previous: List[int]  # the tokens generated before it (after the prompt)
     top_tokens: Optional[List[int]] = None  # its alternatives, when asked for
     top_logprobs: Optional[List[float]] = None
 
@@ -48,7 +49,7 @@ async def streamed_tokens(events: AsyncIterator, streams: Sequence[TextStream],
             piece = stream.add(token)
             if stream.stopped and token == eod:
                 break
-            yield StreamedToken(event.row, token, piece, event.logprobs[j], event.exit_layers[j],
+            yield StreamedToken(event.row, token, piece, event.logprobs[j], event.exit_layers[j], stream.tokens[:-1],
                                 event.top_tokens[j] if event.top_tokens else None,
                                 event.top_logprobs[j] if event.top_logprobs else None)
     yield None

@@ -59,7 +59,7 @@ from megatron.early_exit.training.trackers import build_trackers
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
 from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
-from megatron.early_exit.training.logger import MetricsLogger, average_reports
+from megatron.early_exit.training.logger import MetricsLogger, average_reports, time_left
 from megatron.early_exit.tokenizers import build_tokenizer
 
 
@@ -389,6 +389,7 @@ def _train(args, ctx, start_time: float) -> TrainState:
                     "global batch size": batch_size,
                     "grad norm": float(grad_norm or 0.0),
                     "tokens/s": batch_size * args.seq_length / max(elapsed, 1e-9),
+                    "time left": time_left(elapsed, args.train_iters - state.iteration),
                     **interval_skips(state, last_log_iteration, args),
                 }
                 log.training(state.iteration, args.train_iters, metrics, extra)
