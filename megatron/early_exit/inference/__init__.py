@@ -10,6 +10,7 @@ on cached attention), confidence, sampling, decoder (this rank's pipeline stage,
 whole model with PP=1: one batched step with per-row exits, or a stage's pass for the
 pipeline), strategies (full depth, early exit, self-speculative), result, speculative,
 pipeline (the message protocol of pipeline-based early exit), generate (the entry point),
+engine (continuous batching: a pool of KV slots, sequences joining and leaving at every step),
 calibration (threshold sweeps), loading (a pretraining checkpoint as an inference model,
 any TP).
 """
@@ -18,6 +19,7 @@ from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_co
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.inference.engine import Engine, SequenceRequest
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.result import GenerationResult
 from megatron.early_exit.inference.sampling import SamplingParams
@@ -25,7 +27,7 @@ from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.inference.strategies import KV_STRATEGIES, EarlyExit, FullDepth, SelfSpeculative
 
 __all__ = [
-    "CONFIDENCE_MEASURES", "Decoder", "EarlyExit", "ExitPolicy", "FullDepth", "GenerationResult",
+    "CONFIDENCE_MEASURES", "Decoder", "EarlyExit", "Engine", "SequenceRequest", "ExitPolicy", "FullDepth", "GenerationResult",
     "InferenceConfigError", "KVCache", "KV_STRATEGIES", "SamplingParams", "SelfSpeculative",
     "generate", "get_confidence_measure",
 ]
