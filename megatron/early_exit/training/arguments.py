@@ -493,6 +493,13 @@ def check_flash_attention(args) -> None:
 
     if not args.use_flash_attn:
         return
+    # Flag combinations first: Transformer Engine accepts them at build and finds no
+    # attention backend only at the first forward.
+    if not (args.bf16 or args.fp16):
+        raise ConfigError("--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel")
+    if args.reset_attention_mask:
+        raise ConfigError("--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal "
+                          "mask only, not the per-document mask")
     try:
         device = resolve_device(args.device)
     except ParallelConfigError:

@@ -1,0 +1,119 @@
+"""What goes wrong only on a GPU cluster, caught on CPU: each test emulates the condition
+(the environment Transformer Engine reads, a CUDA-shaped checkpoint, a device tensor
+indexed from the host, a missing compiler) and checks what the code decides about it."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from tests.training_fixtures import tiny_run_flags
+
+QUIET = {"--eval-iters": 0}
+
+
+def _args(**overrides):
+    from megatron.early_exit.training.arguments import parse_args
+
+    return parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1)
+
+
+def _run(argv):
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.trainer import pretrain
+
+    return pretrain(parse_args(argv, world_size=1))
+
+
+# -- Transformer Engine's attention environment ---------------------------------------
+
+BACKEND = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@pytest.fixture
+def clean_attention_env(monkeypatch):
+    for name in BACKEND + ("NVTE_APPLY_QK_LAYER_SCALING",):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _build(config):
+    from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+
+    return EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[2]), 96, 16, transformer_impl="local")
+
+
+def test_models_with_different_attention_backends_build_in_one_process(dist1, clean_attention_env):
+    """megatron-core writes the backend to os.environ at each build and asserts on it at the
+    next: flash after the default (auto), or the reverse, raised AssertionError."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from tests.helpers import tiny_transformer_config
+
+    auto = tiny_transformer_config()
+    flash = dataclasses.replace(auto, attention_backend=AttnBackend.flash)
+    for config, expected in ((auto, "111"), (flash, "100"), (auto, "111"), (flash, "100")):
+        _build(config)
+        assert "".join(os.environ[n] for n in BACKEND) == expected  # what Transformer Engine then selects from
+
+
+def test_a_backend_the_user_exported_still_conflicts(dist1, clean_attention_env, monkeypatch):
+    from megatron.core.transformer.enums import AttnBackend
+
+    from tests.helpers import tiny_transformer_config
+
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
+    with pytest.raises(AssertionError, match="NVTE_FUSED_ATTN set to 1, but expected 0"):
+        _build(dataclasses.replace(tiny_transformer_config(), attention_backend=AttnBackend.flash))
+    assert os.environ["NVTE_FUSED_ATTN"] == "1"
+
+
+def test_query_key_layer_scaling_sets_what_transformer_engine_checks(dist1, clean_attention_env):
+    """TEDotProductAttention raises ValueError unless NVTE_APPLY_QK_LAYER_SCALING equals
+    config.apply_query_key_layer_scaling (the Llama-2 EE-Tuning examples pass the flag)."""
+    from tests.helpers import tiny_transformer_config
+
+    for scaling in (True, False, True):
+        config = tiny_transformer_config(apply_query_key_layer_scaling=scaling)
+        _build(config)
+        # megatron-core's check in TEDotProductAttention.__init__, verbatim in its condition:
+        assert config.apply_query_key_layer_scaling == bool(int(os.getenv("NVTE_APPLY_QK_LAYER_SCALING", "0")))
+
+
+class _TransformerEngineCore(torch.nn.Module):
+    """Transformer Engine's DotProductAttention as the decoder sees it: the full softmax scale
+    (TE applies query-key layer scaling inside its fp16 kernel, never in this attribute)."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.softmax_scale = head_dim ** -0.5
+
+
+def test_decoder_attention_scale_with_query_key_layer_scaling(dist1, clean_attention_env):
+    from megatron.early_exit.inference.layers import attention_scale
+    from tests.helpers import tiny_transformer_config
+
+    model = _build(tiny_transformer_config(apply_query_key_layer_scaling=True))
+    head_dim = 32 // 4
+    for layer in model.decoder.layers:
+        assert attention_scale(layer) == pytest.approx(head_dim ** -0.5)  # megatron-core's local attention
+        layer.self_attention.core_attention = _TransformerEngineCore(head_dim)
+        assert attention_scale(layer) == pytest.approx(head_dim ** -0.5), layer.layer_number
+
+
+# -- --use-flash-attn where flash attention cannot run ----------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    ({}, r"^--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel$"),
+    ({"--bf16": None, "--reset-attention-mask": None},
+     r"^--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal mask only"),
+])
+def test_flash_attention_refused_for_fp32_and_document_masks(flags, message):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.training.arguments import check_flash_attention
+
+    args = _args(**{"--use-flash-attn": None, **flags})
+    with pytest.raises(ConfigError, match=message) as err:
+        check_flash_attention(args)
+    assert "\n" not in str(err.value)
