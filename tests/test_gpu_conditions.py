@@ -117,3 +117,44 @@ def test_flash_attention_refused_for_fp32_and_document_masks(flags, message):
     with pytest.raises(ConfigError, match=message) as err:
         check_flash_attention(args)
     assert "\n" not in str(err.value)
+
+
+# -- torch.compile at the first CUDA forward ---------------------------------------------
+
+@pytest.mark.parametrize("missing", ["triton", "compiler", "headers"])
+def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, capsys, tmp_path, missing):
+    """megatron-core's fused bias-dropout-add is torch.compile'd at the first CUDA forward
+    (Triton, a C compiler, Python.h): without one of them the fusion is off, in one line."""
+    import importlib.util
+    import shutil
+    import sysconfig
+    import types
+
+    from megatron.early_exit import platform
+    from megatron.early_exit.training.trainer import model_config_of
+
+    def config(device):
+        return model_config_of(_args(**{"--bf16": None}), 64).transformer_config(device=torch.device(device))
+
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "Python.h").write_text("")
+    (tmp_path / "none").mkdir()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace() if name == "triton"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "include")})
+    monkeypatch.setattr(platform, "_fusion_notice_printed", False)
+    assert config("cuda").bias_dropout_fusion and not config("cpu").bias_dropout_fusion
+    if missing == "triton":
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    elif missing == "compiler":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    else:
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "none")})
+    capsys.readouterr()
+    assert not config("cuda").bias_dropout_fusion
+    assert not config("cuda").bias_dropout_fusion
+    out = capsys.readouterr().out.splitlines()
+    expected = {"triton": "Triton", "compiler": "a C compiler", "headers": "Python.h"}[missing]
+    assert len(out) == 1 and out[0].startswith(f"bias-dropout fusion off: torch.compile needs {expected}"), out
