@@ -158,3 +158,45 @@ def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, cap
     out = capsys.readouterr().out.splitlines()
     expected = {"triton": "Triton", "compiler": "a C compiler", "headers": "Python.h"}[missing]
     assert len(out) == 1 and out[0].startswith(f"bias-dropout fusion off: torch.compile needs {expected}"), out
+
+
+# -- RNG states of a checkpoint written on another device -------------------------------
+
+@pytest.mark.parametrize("form", ["with_device", "before_the_device_was_stored"])
+def test_rng_states_from_a_cuda_run_resume_on_cpu(dist1, corpus, tmp_path, capsys, form):
+    """A CUDA run stores CUDA generator states (16 bytes) in the tracker; restoring them into
+    the CPU tracker failed at the first attention fork. Across devices they are skipped."""
+    from megatron.early_exit.training import checkpointing
+
+    real = checkpointing._rng_state
+
+    def as_a_cuda_run_saves():
+        obj = real()
+        state = dict(obj.data, tracker={k: torch.zeros(16, dtype=torch.uint8) for k in obj.data["tracker"]},
+                     cuda=torch.zeros(16, dtype=torch.uint8), device="cuda")
+        if form != "with_device":
+            del state["device"]
+        return dataclasses.replace(obj, data=state)
+
+    root = str(tmp_path / "ck")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpointing, "_rng_state", as_a_cuda_run_saves)
+        _run(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
+    capsys.readouterr()
+    resumed = _run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
+    assert len(resumed.history) == 2 and all(torch.isfinite(torch.tensor(e["lm loss"])) for e in resumed.history)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "RNG states were saved on" in line]
+    assert notes == [" checkpoint RNG states were saved on cuda, this run is on cpu: the CPU generator is restored, "
+                     "the device generators keep this run's seed"]
+
+
+def test_rng_states_of_the_same_device_are_restored(dist1, corpus, tmp_path, capsys):
+    """Same device: the resumed run repeats the straight one (dropout draws from the tracker)."""
+    flags = {**QUIET, "--lr-warmup-iters": 1, "--hidden-dropout": 0.1}
+    straight = _run(tiny_run_flags(corpus, iters=4, **flags))
+    root = str(tmp_path / "ck")
+    first = _run(tiny_run_flags(corpus, iters=2, **flags, **{"--save": root, "--lr-decay-iters": 4}))
+    resumed = _run(tiny_run_flags(corpus, iters=4, **flags, **{"--load": root}))
+    losses = lambda h: [e["lm loss"] for e in h]  # noqa: E731
+    assert losses(first.history + resumed.history) == losses(straight.history)
+    assert "RNG states were saved on" not in capsys.readouterr().out

@@ -67,6 +67,7 @@ def _rng_state() -> ShardedObject:
         "cpu": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
         "cuda": torch.cuda.get_rng_state() if _on_cuda() else None,
+        "device": _rng_device(),  # the tracker's states are the generator states of this device type
     }
     tp, pp, dp = _layout()
     rank = (
@@ -75,6 +76,27 @@ def _rng_state() -> ShardedObject:
         parallel_state.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, (pp, tp, dp), rank, replica_id=0)
+
+
+def _rng_device() -> str:
+    return "cuda" if _on_cuda() else "cpu"
+
+
+def _restore_rng(rng: dict, rank0: bool) -> None:
+    """The RNG states of the run that saved, where this run's generators can take them: the
+    tracker's states are CUDA generator states on a GPU and CPU ones on the CPU, so across
+    devices only the CPU generator is restored. (Checkpoints from before the device was
+    stored saved a CUDA state exactly when they ran on CUDA.)"""
+    torch.set_rng_state(rng["cpu"])
+    saved = rng.get("device") or ("cuda" if rng.get("cuda") is not None else "cpu")
+    if saved != _rng_device():
+        if rank0:
+            print(f" checkpoint RNG states were saved on {saved}, this run is on {_rng_device()}: the CPU generator is "
+                  "restored, the device generators keep this run's seed", flush=True)
+        return
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _on_cuda() -> bool:
@@ -508,11 +530,7 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:
-        rng = loaded["rng_state"]
-        torch.set_rng_state(rng["cpu"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-        if rng.get("cuda") is not None and _on_cuda():
-            torch.cuda.set_rng_state(rng["cuda"])
+        _restore_rng(loaded["rng_state"], rank0)
     if rank0:
         print(f" loaded checkpoint {path} in {time.time() - start:.2f} s", flush=True)
     if args.finetune:
