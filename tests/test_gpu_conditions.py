@@ -200,3 +200,22 @@ def test_rng_states_of_the_same_device_are_restored(dist1, corpus, tmp_path, cap
     losses = lambda h: [e["lm loss"] for e in h]  # noqa: E731
     assert losses(first.history + resumed.history) == losses(straight.history)
     assert "RNG states were saved on" not in capsys.readouterr().out
+
+
+# -- --overlap-grad-reduce with exits of weight 0 ---------------------------------------
+
+@pytest.mark.parametrize("warmup", [
+    {"--exit-layer-weight-warmup-iters": 2},  # exit weights rise from 0
+    {"--exit-distill-weight": 0.5, "--exit-distill-warmup-iters": 2, "--exit-layer-weight": "0 0.5"},  # exit 1: weight 0
+])
+def test_overlap_grad_reduce_with_exits_of_weight_zero(dist1, corpus, warmup):
+    """megatron-core's buckets record, in the first iteration, which parameters produce a
+    gradient and assert at the next that all do: an exit of weight 0 must back-propagate
+    (zeros), and the run equals one without overlap."""
+    flags = {**QUIET, "--log-interval": 1, **warmup}
+    overlapped = _run(tiny_run_flags(corpus, iters=3, **flags, **{"--overlap-grad-reduce": None}))
+    plain = _run(tiny_run_flags(corpus, iters=3, **flags))
+    assert len(overlapped.history) == 3
+    for a, b in zip(overlapped.history, plain.history):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7) for k in a), (a, b)
+    assert overlapped.history[0]["exit weight [1]"] == 0.0

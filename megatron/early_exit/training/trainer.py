@@ -192,7 +192,8 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             # final layer); earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()) or ee_config.exit_distill_weight > 0,
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration,
+                           zero_weight_gradients=args.overlap_grad_reduce)
 
 
 @dataclass
