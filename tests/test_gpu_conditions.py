@@ -219,3 +219,35 @@ def test_overlap_grad_reduce_with_exits_of_weight_zero(dist1, corpus, warmup):
     for a, b in zip(overlapped.history, plain.history):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7) for k in a), (a, b)
     assert overlapped.history[0]["exit weight [1]"] == 0.0
+
+
+# -- host syncs of the pipeline-based decoder --------------------------------------------
+
+def test_pipeline_headers_reach_the_device_without_waiting(dist1):
+    """A header built on the host and moved by a blocking `.to(device)` waits for the device
+    (the per-step count is tests/test_gpu_paths.py's, kv="pipeline")."""
+    from megatron.early_exit.inference.pipeline import _Links
+    from tests.sync_counter import SyncCounter
+
+    links = _Links(max_batch=4, vocab=96, hidden_size=32, dtype=torch.float32, device=torch.device("cpu"))
+    with SyncCounter() as counter:
+        links.put_step(3, 1, [0, 2], [0, 1], [5, 6], [True, False], None)
+        links.put_decisions(3, {2: (1, torch.zeros(96)), 0: (4, torch.ones(96))})
+    assert counter.total == 0, counter.counts
+    assert links.outbox[("step", 3)].tolist() == [1, 2, 0, 0, 2, -1, -1, 0, 1, -1, -1, 5, 6, -1, -1, 1, 0, -1, -1]
+    assert links.outbox[("decision", 3)].tolist() == [2, 0, 2, 0, 0, 4, 1, 0, 0]
+
+
+def test_sync_counter_sees_host_indexing_of_device_tensors():
+    import numpy as np
+
+    from tests.sync_counter import SyncCounter
+
+    x = torch.zeros(3, 4)
+    with SyncCounter() as counter:
+        x[-1:, [0, 2]]
+        x[np.array([0, 1])]
+        x[[1]] = 1.0
+        x[:, 1:3]
+        x.index_select(1, torch.tensor([0, 2]))
+    assert dict(counter.counts) == {"__getitem__[list]": 2, "__setitem__[list]": 1}
