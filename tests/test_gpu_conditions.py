@@ -251,3 +251,34 @@ def test_sync_counter_sees_host_indexing_of_device_tensors():
         x[:, 1:3]
         x.index_select(1, torch.tensor([0, 2]))
     assert dict(counter.counts) == {"__getitem__[list]": 2, "__setitem__[list]": 1}
+
+
+# -- a model on another device than the process's ----------------------------------------
+
+def test_load_model_refuses_a_device_other_than_the_process_target(dist1):
+    """megatron-core allocates rotary frequencies and buffers on the process's device: a
+    model loaded elsewhere failed at its first decode step with a device mismatch."""
+    from megatron.early_exit.inference.errors import InferenceConfigError
+    from megatron.early_exit.inference.loading import load_model
+
+    for device in (torch.device("cuda"), torch.device("meta")):
+        with pytest.raises(InferenceConfigError, match=rf"^load_model: device {device} is not this process's device cpu; "
+                                                       r"load on cpu, or initialise the parallel state with device") as err:
+            load_model("/nonexistent/checkpoint", device=device)
+        assert "\n" not in str(err.value)
+        with pytest.raises(InferenceConfigError) as err:  # weights only (conversion): any device; the path is next
+            load_model("/nonexistent/checkpoint", device=device, runs_forward=False)
+        assert "/nonexistent/checkpoint" in str(err.value)
+
+
+def test_a_process_without_its_own_gpu_is_named_in_one_line(monkeypatch):
+    """Two ranks on a one-GPU host: LOCAL_RANK 1 asked torch for a device that is not there."""
+    from megatron.early_exit.parallel import ParallelConfigError, local_cuda_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert local_cuda_index() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ParallelConfigError, match=r"^LOCAL_RANK 1 has no GPU: this host has 1 CUDA device\(s\), one per "
+                                                  r"process; start at most that many processes per host"):
+        local_cuda_index()
