@@ -282,3 +282,66 @@ def test_a_process_without_its_own_gpu_is_named_in_one_line(monkeypatch):
     with pytest.raises(ParallelConfigError, match=r"^LOCAL_RANK 1 has no GPU: this host has 1 CUDA device\(s\), one per "
                                                   r"process; start at most that many processes per host"):
         local_cuda_index()
+
+
+# -- comparisons across GEMM shapes ------------------------------------------------------
+
+def _result(tokens, exits, probs, top2):
+    import math
+
+    from megatron.early_exit.inference.result import GenerationResult
+
+    return GenerationResult(tokens=[tokens], exit_layers=[exits], logprobs=[[math.log(p) for p in probs]], num_layers=4,
+                            top_tokens=[[[t, t + 1] for t in tokens]],
+                            top_logprobs=[[[math.log(p), math.log(q)] for p, q in top2]])
+
+
+def test_decisions_near_the_threshold_may_differ_across_gemm_shapes():
+    """tests/test_gpu_end_to_end.py compares a batch with rows decoded alone at threshold
+    0.6: on a GPU a confidence within rounding of 0.6 flips with the GEMM shape. Such a
+    flip is allowed once per row (the rest has another history); any other difference is not."""
+    from tests.helpers import assert_same_up_to_near_ties
+
+    batched = _result([7, 8, 9], [4, 1, 2], [0.8, 0.6004, 0.9], [(0.8, 0.1), (0.6004, 0.2), (0.9, 0.05)])
+    alone_flipped = _result([7, 3, 5], [4, 4, 4], [0.8, 0.7, 0.9], [(0.8, 0.1), (0.7, 0.2), (0.9, 0.05)])
+    assert batched.tokens != alone_flipped.tokens  # what exact equality rejected
+    assert assert_same_up_to_near_ties(batched, alone_flipped, threshold=0.6) == 1
+    assert assert_same_up_to_near_ties(batched, batched, threshold=0.6) == 0
+    argmax_tie = _result([7, 9, 9], [4, 4, 4], [0.8, 0.4002, 0.9], [(0.8, 0.1), (0.4002, 0.4), (0.9, 0.05)])
+    assert assert_same_up_to_near_ties(argmax_tie, _result([7, 8, 9], [4, 4, 4], [0.8, 0.4001, 0.9],
+                                                           [(0.8, 0.1), (0.4001, 0.4), (0.9, 0.05)]), 0.6) == 1
+    far = _result([7, 3, 5], [4, 1, 4], [0.8, 0.9, 0.9], [(0.8, 0.1), (0.9, 0.05), (0.9, 0.05)])
+    with pytest.raises(AssertionError, match=r"row 0 token 1: \(token, exit layer\) \(3, 1\) vs \(3, 4\)"):
+        assert_same_up_to_near_ties(far, _result([7, 3, 5], [4, 4, 4], [0.8, 0.7, 0.9],
+                                                 [(0.8, 0.1), (0.7, 0.2), (0.9, 0.05)]), threshold=0.6)
+
+
+# -- memory: state propagation's folded weights -------------------------------------------
+
+def test_folded_propagation_weights_are_built_once_for_every_exit(dist1, capsys):
+    """A deeper exit's folded K/V rows are a view of the shallowest one's (two exits kept
+    two copies: about 2.7 GB in bf16 for a 7B model); their size is said once, when built,
+    and only a decode that propagates builds them."""
+    from megatron.early_exit.inference import EarlyExit, generate
+    from tests.helpers import build_ee_gpt, tiny_transformer_config
+
+    from megatron.early_exit.config import EarlyExitConfig
+
+    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[1, 2])).eval()
+    prompts = [[5, 17, 3, 9], [40, 2, 7]]
+    capsys.readouterr()
+    generate(model, prompts, EarlyExit(threshold=0.0, kv="recompute"), 4)
+    assert not model.__dict__.get("_early_exit_propagators")
+    for order in ([2, 1], [1, 2]):
+        model.__dict__.pop("_early_exit_propagators", None)
+        for exit_layer in order:  # every token leaves at this exit (threshold 0)
+            generate(model, prompts, EarlyExit(threshold=0.0, kv="propagate", exit_layers=(exit_layer,)), 4)
+        built = {first: prop for first, (_, prop) in model.__dict__["_early_exit_propagators"].items()}
+        assert sorted(built) == [1, 2]
+        assert built[2].weight.untyped_storage().data_ptr() == built[1].weight.untyped_storage().data_ptr()
+        h, kv_rows = 32, 2 * 32  # K and V of 4 heads of 8 per layer
+        assert built[1].nbytes == 3 * kv_rows * h * 4 and built[2].nbytes == 2 * kv_rows * h * 4
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("state propagation:")]
+    assert lines == ["state propagation: folded K/V weights of this stage's layers 3-4, 0.000 GB, kept with the model",
+                     "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model",
+                     "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model"]
