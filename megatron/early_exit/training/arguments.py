@@ -116,7 +116,8 @@ def _parallel_args(p: argparse.ArgumentParser):
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--disable-gloo-process-groups", dest="enable_gloo_process_groups", action="store_false",
-                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU only)")
+                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU, and with "
+                        "--use-distributed-optimizer for its memory-efficient checkpoint exchange)")
 
 
 def _recompute_args(p: argparse.ArgumentParser):

@@ -54,6 +54,17 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODE
 PAUSE_ENV = "EE_CHECKPOINT_TEST_PAUSE"
 LOCK_FILE = ".lock"
 
+def optimizer_metadata(optimizer) -> dict:
+    """The distributed optimizer's reshardable save gathers its whole state: by default with
+    NCCL onto every DP rank's host memory; where it has gloo groups, megatron-core's
+    memory-efficient exchange gathers it on DP rank 0 only (both read back the same)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    distributed = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    gloo = bool(distributed) and all(o.data_parallel_group_gloo is not None for o in distributed)
+    return {**OPTIMIZER_METADATA, "distrib_optim_fully_reshardable_mem_efficient": gloo}
+
+
 def _layout() -> Tuple[int, int, int]:
     return (
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -160,7 +171,7 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
     }
     if include_optimizer:
         state["rng_state"] = _rng_state()
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata(optimizer))
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
@@ -512,7 +523,7 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
     state = {"model": model_state}
     if not weights_only:
         _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(optimizer))
     same_layout = tuple(common.get("layout", ())) == _layout()
     # RNG states are saved with the optimizer state (full saves only), one per rank of the layout.
     load_rng = not (args.finetune or args.no_load_rng) and common.get("has_optimizer", True) and same_layout
