@@ -134,7 +134,7 @@ def main(argv=None):
             sys.exit(f"error: --limit {item}: expected STEP=SECONDS with STEP one of {', '.join(limits)}")
         limits[step] = int(seconds)
     if dry:  # small shapes on a shared CPU: room for a busy machine
-        limits = {k: max(v, 150) for k, v in limits.items()}
+        limits = {k: max(v, 300) for k, v in limits.items()}
     shape = DRY_SHAPE if dry else GPU_SHAPE
     os.makedirs(args.work_dir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")

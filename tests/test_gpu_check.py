@@ -42,7 +42,7 @@ def test_dry_run_on_cpu_writes_a_summary_of_every_step(tmp_path):
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry-run",
                            "--out", str(out), "--work-dir", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          cwd=ROOT, capture_output=True, text=True, timeout=3000,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore"))
     summary = json.loads(out.read_text())
     assert proc.returncode == 0 and summary["ok"] and summary["dry_run"], proc.stdout[-3000:]
