@@ -153,7 +153,8 @@ def main(argv=None):
                                  limits["test_gpu"], dict(env, EE_GPU_TESTS_ON_CPU="1") if dry else env, parse_pytest)
     import shutil
 
-    shutil.rmtree(ckpt, ignore_errors=True)
+    for previous in (ckpt, os.path.join(args.work_dir, "vs_hf")):  # the steps write into new directories
+        shutil.rmtree(previous, ignore_errors=True)
     train = {}
     for exits in (False, True):
         name = "with exits" if exits else "without exits"
