@@ -33,8 +33,14 @@ BACKEND = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 
 @pytest.fixture
 def clean_attention_env(monkeypatch):
+    """No attention variables during the test; afterwards, the environment (and what the
+    module remembers writing) as before it."""
+    from megatron.early_exit.models import attention_environment
+
     for name in BACKEND + ("NVTE_APPLY_QK_LAYER_SCALING",):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # undone last: the variable as it was before the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(attention_environment, "_written", {})
 
 
 def _build(config):
