@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_PIP_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup test test-slow test-fast test-gpu demo clean
+.PHONY: setup setup-gpu test test-slow test-fast test-gpu bench-gpu demo clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,21 @@ test-fast: setup
 # the device). EE_GPU_TESTS_ON_CPU=1 runs the same tests on CPU with TE's stand-in layout.
 test-gpu: setup
 	$(PY) -m pytest -x -q -m gpu -rs tests
+
+# On a CUDA host: Transformer Engine and flash-attn, built against the installed torch (once;
+# docs/gpu.md). make test-gpu then runs the TE and flash tests instead of skipping them.
+GPU_STAMP := $(VENV)/.gpu-installed
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): $(STAMP) tools/setup_gpu.sh
+	bash tools/setup_gpu.sh $(PY)
+	touch $(GPU_STAMP)
+
+# One command that measures a GPU (set-up, test-gpu, training and decoding speed, host syncs),
+# each step under its own time limit, into runs/gpu_check/summary.json. Without CUDA it is a
+# dry run with small shapes on CPU.
+bench-gpu: setup
+	$(PY) benchmarks/gpu_check.py
 
 demo: setup
 	bash examples/ee_llm/quickstart_cpu.sh

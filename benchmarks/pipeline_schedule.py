@@ -178,7 +178,7 @@ def measure_worker(args):
         "EE 1F1B + fixed": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "fixed"),
         "EE 1F1B + idle": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "idle"),
     }
-    initialize_parallel(1, 2, seed=1)
+    initialize_parallel(1, 2, seed=1, device="cpu")  # measured on CPU processes (gloo), as its links are
     times, noise, extra = {}, {}, {}
     rank = torch.distributed.get_rank()
     runs = {}

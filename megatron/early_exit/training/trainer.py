@@ -192,7 +192,8 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             # final layer); earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()) or ee_config.exit_distill_weight > 0,
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration,
+                           zero_weight_gradients=args.overlap_grad_reduce)
 
 
 @dataclass
@@ -310,7 +311,9 @@ def pretrain(args) -> TrainState:
     num_layers, pp = built_stages(args)
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
-        gloo_process_groups=args.enable_gloo_process_groups,
+        # The distributed optimizer's checkpoint exchange gathers on one rank through gloo.
+        gloo_process_groups=True if args.enable_gloo_process_groups is None and args.use_distributed_optimizer
+        else args.enable_gloo_process_groups,
         tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
     )
     with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
