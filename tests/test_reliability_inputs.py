@@ -103,6 +103,15 @@ def test_exit_weights_must_be_finite_and_non_negative(kwargs, message):
     ({"--hidden-dropout": "nan"}, r"--hidden-dropout must be in \[0, 1\), got nan"),
     ({"--attention-dropout": 1.0}, r"--attention-dropout must be in \[0, 1\), got 1.0"),
     ({"--attention-dropout": -0.1}, r"--attention-dropout must be in \[0, 1\), got -0.1"),
+    ({"--weight-decay": "nan"}, r"--weight-decay must be finite and >= 0, got nan"),
+    ({"--clip-grad": "nan"}, r"--clip-grad must be finite and >= 0, got nan"),
+    ({"--adam-eps": "nan"}, r"--adam-eps must be finite and > 0, got nan"),
+    ({"--adam-beta1": 1.5}, r"--adam-beta1 must be in \[0, 1\), got 1.5"),
+    ({"--adam-beta2": "nan"}, r"--adam-beta2 must be in \[0, 1\), got nan"),
+    ({"--init-method-std": "nan"}, r"--init-method-std must be finite and > 0, got nan"),
+    ({"--init-method-std": "-1"}, r"--init-method-std must be finite and > 0, got -1.0"),
+    ({"--split": "0,0,0"}, r"--split 0,0,0: give up to three comma-separated weights >= 0"),
+    ({"--split": "90,x,0"}, r"--split 90,x,0: give up to three"),
 ])
 def test_training_values_are_refused_naming_the_flag(overrides, message):
     from megatron.early_exit.errors import ConfigError
