@@ -149,7 +149,7 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
         # The first engine call waits until every request is in it or queued: the queued ones then share one call.
         real_run_job, held = worker_module.run_job, []
 
-        def held_run_job(model, job, on_tokens=None):
+        def held_run_job(model, job, on_tokens=None, **kwargs):
             def listen(event):
                 on_tokens(event)
                 deadline = time.monotonic() + 120
@@ -157,7 +157,7 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
                     time.sleep(0.01)
                 held.append(True)
 
-            return real_run_job(model, job, on_tokens=listen if on_tokens else None)
+            return real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
 
         monkeypatch.setattr(worker_module, "run_job", held_run_job)
         served = local.worker.served

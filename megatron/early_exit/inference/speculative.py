@@ -77,7 +77,7 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
     policy = strategy.draft_policy(decoder)
     draft_depth = next(iter(policy.exits))
     result = transcript.result
-    while transcript.active:
+    while transcript.going():
         # Never draft past the budget: the last token of a row needs no draft.
         budgets = {r: max(0, min(strategy.num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1))
                    for r in transcript.active}

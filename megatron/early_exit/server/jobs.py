@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -52,6 +53,8 @@ class Job:
     top_n: int = 0  # alternatives kept per generated token
     # Rank 0 only (dropped before the broadcast): hears this job's rows as they are decoded.
     listener: Optional[Listener] = field(default=None, compare=False, repr=False)
+    # Rank 0 only: set when the request's client went away; its rows stop at the next step.
+    cancel: Optional[threading.Event] = field(default=None, compare=False, repr=False)
 
     @property
     def batch_key(self):
@@ -74,6 +77,7 @@ class ScoreJob:
     exit_layer: Optional[int] = None  # None: the final layer
     top_n: int = 0
     listener: None = field(default=None, compare=False, repr=False)
+    cancel: None = field(default=None, compare=False, repr=False)
 
     @property
     def batch_key(self):
@@ -87,20 +91,33 @@ class ScoreJob:
 AnyJob = Union[Job, ScoreJob]
 
 
-def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None) -> Union[GenerationResult, ScoreResult]:
-    """The engine call, identical on every rank (`on_tokens` only where tokens are picked)."""
+def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None,
+            cancelled: Optional[Callable[[], Sequence[int]]] = None) -> Union[GenerationResult, ScoreResult]:
+    """The engine call, identical on every rank (`on_tokens` only where tokens are picked;
+    `cancelled` gives every rank rank 0's rows to stop)."""
     if isinstance(job, ScoreJob):
         return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
     return generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens, job.sampling,
-                    job.stop_tokens, top_n=job.top_n, on_tokens=on_tokens)
+                    job.stop_tokens, top_n=job.top_n, on_tokens=on_tokens, cancelled=cancelled)
 
 
 def merge_jobs(jobs: Sequence[AnyJob]) -> AnyJob:
     """One job for the batch (the largest top_n of its jobs), without listeners."""
     if len(jobs) == 1:
-        return dataclasses.replace(jobs[0], listener=None)
+        return dataclasses.replace(jobs[0], listener=None, cancel=None)
     return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts),
-                               top_n=max(job.top_n for job in jobs), listener=None)
+                               top_n=max(job.top_n for job in jobs), listener=None, cancel=None)
+
+
+def cancelled_rows(jobs: Sequence[AnyJob]) -> Optional[Callable[[], List[int]]]:
+    """The merged job's rows whose request was cancelled (None: no job can be)."""
+    if not any(job.cancel is not None for job in jobs):
+        return None
+    spans, start = [], 0
+    for job in jobs:
+        spans.append((job.cancel, range(start, start + job.rows)))
+        start += job.rows
+    return lambda: [r for cancel, rows in spans if cancel is not None and cancel.is_set() for r in rows]
 
 
 def route_tokens(jobs: Sequence[AnyJob]) -> Optional[Listener]:
