@@ -194,10 +194,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     install_excepthook()
     from megatron.early_exit.inference import InferenceConfigError
+    from megatron.early_exit.launcher import watch_launcher
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import ParallelConfigError, destroy_parallel, initialize_parallel
     from megatron.early_exit.server.worker import follow
 
+    watch_launcher()  # a rank whose torchrun was killed exits (and frees its port)
     if args.threads:
         torch.set_num_threads(args.threads)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
