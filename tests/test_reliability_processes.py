@@ -113,3 +113,36 @@ def test_shutdown_grace_is_read_from_the_launcher_then_the_environment(monkeypat
     assert shutdown_grace_seconds(["torchrun"]) == (30.0, "torchrun's default")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     assert shutdown_grace_seconds(["torchrun"]) == (300.0, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+
+
+def test_reshard_refusal_is_one_line(dist1, tmp_path):
+    """A layout the checkpoint cannot take is refused before any process starts (it was
+    followed by ~30 lines of torchrun's ChildFailedError)."""
+    import torch
+
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import save_weights
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None}), world_size=1)
+    root = str(tmp_path / "ckpt")
+    save_weights(root, args, build_model(args, torch.device("cpu"), 64), iteration=1)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "reshard.py"), "--load", root,
+                           "--save", str(tmp_path / "pp3"), "--target-pipeline-parallel-size", "3"],
+                          capture_output=True, text=True, timeout=600, env=job_env())
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: --target-pipeline-parallel-size 3 does not divide the checkpoint's 4 layers"], proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "pp3")
+
+
+def test_reshard_reports_only_the_workers_errors(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reshard", os.path.join(ROOT, "tools", "checkpoint", "reshard.py"))
+    reshard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reshard)
+    noise = ("Traceback (most recent call last):\n  File ...\ntorch.distributed.elastic.multiprocessing.errors."
+             "ChildFailedError:\n[rank1]: error: checkpoint shard X is missing\nerror: checkpoint shard X is missing\n")
+    assert reshard._report(1, noise) == 1
+    assert capsys.readouterr().err == "error: checkpoint shard X is missing\n"
+    assert reshard._report(0, "a warning\n") == 0 and capsys.readouterr().err == "a warning\n"

@@ -333,7 +333,7 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
 
     calls = []
 
-    def fake_run_job(model, job, on_tokens=None):
+    def fake_run_job(model, job, on_tokens=None, cancelled=None):
         calls.append([p[0] for p in job.prompts])
         if job.prompts[0][0] == 666:
             raise InferenceConfigError("refused")

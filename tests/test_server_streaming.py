@@ -89,14 +89,14 @@ def test_first_token_reaches_the_client_before_the_last_is_decoded(local, monkey
     decoded = []  # tokens decoded so far, appended by the engine's callback
     waits = []  # whether the client's signal came while decoding was held
 
-    def held_run_job(model, job, on_tokens=None):
+    def held_run_job(model, job, on_tokens=None, **kwargs):
         def listen(event):
             decoded.extend(event.tokens)
             on_tokens(event)
             if len(waits) == 0:
                 waits.append(delivered.wait(timeout=120))
 
-        return real_run_job(model, job, on_tokens=listen if on_tokens else None)
+        return real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
 
     monkeypatch.setattr(worker_module, "run_job", held_run_job)
     body = dict(prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True)
