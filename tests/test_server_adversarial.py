@@ -121,7 +121,8 @@ def test_sampling_never_picks_a_padded_id(client):
 
 
 def test_token_id_prompts_are_range_checked(client):
-    for prompt, field in (([1, 2, 600], "prompt"), ([505], "prompt"), ([-1], "prompt"), ([[3, 4], [2**40]], "prompt[1]")):
+    for prompt, field in (([1, 2, 600], "prompt[0]"), ([505], "prompt[0]"), ([-1], "prompt[0]"),
+                          ([[3, 4], [2**40]], "prompt[1]")):
         error = error_of(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}), 400)
         assert error["param"] == field and error["message"].startswith(f"{field}: token ids"), error
         assert "[0, 500)" in error["message"]

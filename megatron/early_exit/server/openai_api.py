@@ -61,8 +61,7 @@ def read_prompts(request: CompletionRequest, tokenizer) -> Prompts:
     for i, p in enumerate(ids):  # before anything detokenizes them
         bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
         if bad:
-            where = "prompt" if isinstance(prompt[0], int) else f"prompt[{i}]"
-            raise RequestError(where, f"token ids {bad[:5]} outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
+            raise RequestError(f"prompt[{i}]", f"token ids {bad[:5]} outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
     return Prompts(ids, [tokenizer.detokenize(p) if p else "" for p in ids])
 
 
