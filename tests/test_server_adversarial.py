@@ -281,7 +281,6 @@ def _check_reply(client, i):
     return 200
 
 
-@pytest.mark.slow  # ~30 s on a shared 2-core machine
 def test_128_concurrent_mixed_requests_each_get_a_valid_reply_or_a_named_4xx(client, server):
     with ThreadPoolExecutor(16) as pool:
         def one(i):
