@@ -71,4 +71,4 @@ def signal_handling_note() -> str:
     grace, source = shutdown_grace_seconds()
     return (f" --exit-signal-handler: on SIGTERM every rank finishes its iteration, saves and exits 0; torchrun, when "
             f"signalled too, kills the workers {grace:g} s later ({source}): a save must fit in that time (raise it "
-            f"with torchrun --shutdown-timeout SECONDS; docs/fault_tolerance.md)")
+            f"with torchrun --shutdown-timeout SECONDS; docs/training.md)")

@@ -7,7 +7,7 @@ all-reduce of the flags, MAX) whether any rank was signalled or ran out of time,
 all of them save the same checkpoint at once (before any validation due at that iteration)
 and leave together with exit status 0. torchrun, when it is signalled too, passes SIGTERM
 on to the workers, kills them after its shutdown timeout (launcher.py; the run says how
-long at start) and exits 1 itself (docs/fault_tolerance.md).
+long at start) and exits 1 itself (docs/training.md).
 """
 
 from __future__ import annotations
