@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron.early_exit.inference.confidence import ConfidenceMeasure
+from megatron.early_exit.inference.confidence import ConfidenceMeasure, ExitView
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.propagation import Propagators
@@ -100,18 +100,17 @@ def validate_model(model) -> None:
 
 def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
     """Which rows' newest token (last [1, b, h]) fires at `point`, and the exit's logits
-    when the measure needed them."""
+    [b, V] when the measure projected them (valid at least for the rows that fire)."""
     if threshold == -math.inf:
         return [True] * last.shape[1], None
-    if measure.learned:  # a classifier on the exit's hidden state (and distribution)
-        logits = exit_logits(model, point.head, point.layer, last, head_input)[0] if measure.fn.use_logits else None
-        return (measure.fn(point.layer_number, logits, last[0]) >= threshold).tolist(), logits
-    if measure.uses_logits:
-        logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
-        return (measure.fn(logits) >= threshold).tolist(), logits
-    if previous is None:  # saturation before the stage's first layer: nothing to compare
-        return [False] * last.shape[1], None
-    return (measure.fn(last[0], previous) >= threshold).tolist(), None
+
+    def project(rows: Optional[Tensor]) -> Tensor:
+        hidden = last if rows is None else last.index_select(1, rows)
+        sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
+        return exit_logits(model, point.head, point.layer, hidden, sub_input)[0]
+
+    view = ExitView(point.layer_number, last[0], previous, project)
+    return (measure(view) >= threshold).tolist(), view.projected()
 
 
 class Decoder:
