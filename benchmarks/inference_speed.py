@@ -274,6 +274,12 @@ def main():
         batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)
         print(f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
               f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)")
+    for name in dict.fromkeys([args.measure, "max_prob"] + (["gated_max_prob"] if args.confidence_estimator else [])):
+        if name == "gated_max_prob" and not _hidden_only(model):
+            continue
+        test, layer = exit_test_cost(model, prompts[0], name, min(exits or model.ee_config.exit_layer_nums), 2.0)
+        print(f"  exit test ({name}) that does not fire: {test * 1e6:.0f} us = {test / layer:.2f} of a layer "
+              f"({layer * 1e6:.0f} us) (goal <= 0.15)")
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
@@ -290,6 +296,58 @@ def calibrate(model, prompts, args, exits) -> dict:
         log(f"per-exit thresholds for {target:g} on {len(prompts)} other held-out prompts: " + ", ".join(
             f"[{c.layer_number}] {c.threshold:.3f} (takes {c.coverage:.0%})" for c in calibrated))
     return out
+
+
+def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold: float, repeats: int = 20) -> tuple:
+    """(mean seconds of an exit test that does not fire, seconds of one layer), batch 1, one
+    token: the test at `threshold` on the exit's hidden state at each position of `prompt`
+    (a real text: a gate sees the states it will see), a layer on the prompt's next token."""
+    import torch
+
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.decoder import Decoder, confidence_test
+    from megatron.early_exit.inference.generate import inference_context
+
+    measure = get_confidence_measure(measure_name, model)
+    with inference_context(model):
+        decoder = Decoder(model, 1, len(prompt) + 1)
+        point = decoder.exit_points[exit_layer]
+        states = {}
+
+        def observe(depth, x, attention_output):
+            if depth in (point.depth - 1, point.depth):
+                states[depth] = (x, attention_output)
+
+        decoder.step([0], [list(prompt[:-1])], observe=observe)
+        x, attention = states[point.depth]
+        previous = states.get(point.depth - 1, (None,))[0]
+        tests, seconds = 0, 0.0
+        for _ in range(repeats):
+            for i in range(x.shape[0]):
+                last = x[i : i + 1]
+                head_input = attention[i : i + 1] if point.head.has_mlp else None
+                start = time.perf_counter()
+                fire, _ = confidence_test(model, point, threshold, measure, last, head_input,
+                                          None if previous is None else previous[i])
+                took = time.perf_counter() - start
+                if not fire[0]:
+                    tests, seconds = tests + 1, seconds + took
+        ws = decoder._work_set([0], [len(prompt) - 1], [len(prompt) - 1])
+        token = decoder._embed([[prompt[-1]]], ws)
+        layer = []
+        for _ in range(repeats * 10):
+            start = time.perf_counter()
+            decoder._run_layer(0, token, ws)
+            layer.append(time.perf_counter() - start)
+    layer.sort()
+    return seconds / max(tests, 1), layer[len(layer) // 2]
+
+
+def _hidden_only(model) -> bool:
+    from megatron.early_exit.inference.learned_confidence import attached
+
+    estimator = attached(model)
+    return estimator is not None and not estimator.use_logits
 
 
 def kv_projection_share(config) -> float:

@@ -101,12 +101,12 @@ def gated_top1_probability(estimator) -> Callable[[ExitView], Tensor]:
     """Top-1 probability where the hidden-state classifier finds a fire likely, -inf elsewhere."""
 
     def measure(view: ExitView) -> Tensor:
-        likely = estimator(view.layer_number, None, view.hidden) >= estimator.gate_threshold  # [b]
-        confidence = torch.full(likely.shape, -math.inf, device=likely.device)
-        rows = likely.nonzero().view(-1)
-        if rows.numel() == likely.numel():
+        likely = estimator.gate(view.layer_number, view.hidden)  # host-side: the rows worth a projection
+        if all(likely):
             return top1_probability(view.logits)
-        if rows.numel():
+        confidence = torch.full((len(likely),), -math.inf, device=view.hidden.device)
+        if any(likely):
+            rows = torch.tensor([i for i, x in enumerate(likely) if x], device=view.hidden.device)
             confidence[rows] = top1_probability(view.logits_of(rows))
         return confidence
 

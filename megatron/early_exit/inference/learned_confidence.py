@@ -63,6 +63,15 @@ class ConfidenceEstimator(torch.nn.Module):
         x = features(logits if self.use_logits else None, hidden).to(head.weight.device)
         return torch.sigmoid(head(x)).squeeze(-1)
 
+    def gate(self, layer_number: int, hidden: Tensor) -> List[bool]:
+        """Hidden-state classifier only: which rows score >= gate_threshold, in as few
+        operations as an exit test that does not fire can afford (the sigmoid compared by
+        its logit, the RMS normalisation fused)."""
+        head = self.heads[str(layer_number)]
+        h = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=1e-6)
+        g = min(max(self.gate_threshold, 1e-12), 1 - 1e-12)
+        return (torch.nn.functional.linear(h, head.weight, head.bias) >= math.log(g / (1 - g))).view(-1).tolist()
+
     def save(self, path: str, metrics: Optional[Dict] = None) -> None:
         from safetensors.torch import save_file
 
