@@ -48,6 +48,9 @@ MODEL_FLAGS = [
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
+    p.add_argument("--hf", default=None,
+                   help="a Hugging Face export of the model (benchmarks/train_benchmark_model.py --export), converted "
+                        "once into WORK_DIR/from_hf")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
     p.add_argument("--train-iters", type=int, default=2000)
     p.add_argument("--distill-iters", type=int, default=800,
@@ -55,6 +58,12 @@ def parse_args():
     p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.995, 0.99, 0.985, 0.98, 0.97],
                    help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
                         "--per-exit), for each --kv")
+    p.add_argument("--guarantee", default="consistency:0.95:0.9", metavar="CRITERION:TARGET:CONFIDENCE",
+                   help="also decode with Learn-then-Test thresholds (tools/calibrate_threshold.py --target-CRITERION "
+                        "TARGET --confidence CONFIDENCE) calibrated on --guarantee-prompts other held-out prompts, and "
+                        "check the bound on the benchmark's prompts ('' to skip)")
+    p.add_argument("--guarantee-prompts", type=int, default=120)
+    p.add_argument("--guarantee-new-tokens", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -197,6 +206,10 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     files = prepare_corpus(args.work_dir)
     ckpt = args.load
+    if args.hf:
+        ckpt = os.path.join(args.work_dir, "from_hf")
+        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+            _run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
     if ckpt is None:
         ckpt = os.path.join(args.work_dir, "checkpoints")
         if trained_iterations(ckpt) < args.train_iters:
@@ -206,8 +219,10 @@ def main():
     initialize_parallel(1, 1)
     model, tokenizer, train_args = load_model(ckpt, confidence_estimator=args.confidence_estimator)
     torch.set_num_threads(args.threads)
-    held_out = held_out_prompts(tokenizer, files["jsonl"], 2 * args.num_prompts, args.prompt_tokens)
-    prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts :]
+    extra = args.guarantee_prompts if args.guarantee else 0
+    held_out = held_out_prompts(tokenizer, files["jsonl"], 2 * args.num_prompts + extra, args.prompt_tokens)
+    prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts : 2 * args.num_prompts]
+    guarantee_prompts = held_out[2 * args.num_prompts :]
     exits = tuple(args.exit_layers) if args.exit_layers else None  # --exit-layers with no value: all
     strategies = [EarlyExit(t, args.measure, kv, exits) for kv in args.kv for t in args.thresholds]
     labels = [f"{t:g}" for kv in args.kv for t in args.thresholds]
@@ -215,6 +230,11 @@ def main():
         per_exit = calibrate(model, calibration_prompts, args, exits)
         strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
         labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
+    guaranteed = None
+    if args.guarantee:
+        guaranteed = guarantee(model, guarantee_prompts, args, exits)
+        strategies += [EarlyExit(2.0, args.measure, kv, exits, guaranteed.exit_thresholds) for kv in args.kv]
+        labels += [f"LTT {guaranteed.criterion} {guaranteed.target:g}" for kv in args.kv]
     strategies += [SelfSpeculative(**speculative_options(s)) for s in args.speculative]
     labels += ["-" for _ in args.speculative]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
@@ -224,6 +244,8 @@ def main():
     for p, label in zip(points[1:], labels):
         if label.startswith("per exit"):
             p.strategy += f" {label[len('per exit '):]}"
+        if label.startswith("LTT"):
+            p.strategy += " LTT"
     labelled = list(zip(points[1:], strategies, labels))
 
     print("\n" + format_table(points))
@@ -243,6 +265,14 @@ def main():
                   f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)")
         else:
             print(f"  no early-exit threshold reached {criterion} 0.95")
+    for p, _, label in labelled if guaranteed else []:
+        if label.startswith("LTT"):
+            held = getattr(p, guaranteed.criterion)
+            print(f"  Learn-then-Test ({guaranteed.criterion} >= {guaranteed.target:g} with probability "
+                  f"{guaranteed.confidence:g}, calibrated on {guaranteed.num_learn + guaranteed.num_test} other prompts, "
+                  f"thresholds { {n: round(t, 3) for n, t in guaranteed.exit_thresholds.items()} or 'none valid'}): "
+                  f"{p.strategy}: {guaranteed.criterion} {held:.3f} on the benchmark's prompts: bound "
+                  f"{'kept' if held >= guaranteed.target else 'NOT kept'}; {p.speedup:.2f}x")
     if spec:
         top = max(spec, key=lambda p: p.speedup)
         print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement {top.agreement:.3f} "
@@ -283,6 +313,17 @@ def main():
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
+
+
+def guarantee(model, prompts, args, exits):
+    from megatron.early_exit.inference.learn_then_test import learn_then_test
+
+    criterion, target, confidence = args.guarantee.split(":")
+    log(f"Learn-then-Test on {len(prompts)} other held-out prompts: {criterion} >= {target} with probability {confidence}")
+    result = learn_then_test(model, prompts, args.measure, criterion, float(target), float(confidence),
+                             args.guarantee_new_tokens, exits, progress=lambda line: log("  " + line))
+    log(f"guaranteed thresholds: {result.exit_thresholds or 'none valid: no exit fires'}")
+    return result
 
 
 def calibrate(model, prompts, args, exits) -> dict:
