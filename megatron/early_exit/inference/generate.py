@@ -60,10 +60,8 @@ def generate(
     top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
     appended, while decoding goes on (on the rank that picks the tokens: the first stage)."""
     prompts = validate_prompts(model, prompts, max_new_tokens)
-    if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
-        raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
     if isinstance(strategy, SelfSpeculative) and sampling.ban_after:
-        raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
+        raise InferenceConfigError("self-speculative decoding verifies the full model's tokens: "
                                    "it takes no banned tokens (ban_after)")
     if not 0 <= top_n <= model.vocab_size:
         raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
