@@ -79,3 +79,30 @@ def test_learn_then_test_on_a_tiny_model(dist1, tmp_path):
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps(result.to_json()))
     assert read_exit_thresholds(str(path)) == result.exit_thresholds
+
+
+def test_server_takes_calibrated_thresholds_when_a_request_sets_none(tmp_path):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.server.jobs import ModelLimits, build_strategy
+    from megatron.early_exit.server.launch import _exit_thresholds
+    from megatron.early_exit.server.schemas import EarlyExitOptions
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"exit_thresholds": {"2": 0.9}, "criterion": "consistency"}))
+
+    class Stored:
+        exit_layer_nums = [2, 4]
+
+    thresholds = _exit_thresholds(str(path), Stored)
+    assert thresholds == {2: 0.9}
+    limits = ModelLimits("m", 96, 6, (2, 4), 64, 4, 32, exit_thresholds=thresholds)
+    calibrated = build_strategy(EarlyExitOptions(use_early_exit=True), limits, greedy=True)
+    assert calibrated.threshold_of(2) == 0.9 and calibrated.threshold_of(4) > 1  # exit 4 left out: never
+    own = build_strategy(EarlyExitOptions(use_early_exit=True, early_exit_thres=0.5), limits, greedy=True)
+    assert own.threshold_of(4) == 0.5  # a request's own threshold wins
+    Stored.exit_layer_nums = [4]
+    with pytest.raises(ConfigError, match=r"--exit-thresholds-file .*exits \[2\] are not exits of the model"):
+        _exit_thresholds(str(path), Stored)
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match=r"--exit-thresholds-file: .* has no exit_thresholds"):
+        read_exit_thresholds(str(path))
