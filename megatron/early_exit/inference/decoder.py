@@ -41,8 +41,8 @@ from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.propagation import Propagators
 from megatron.early_exit.inference.layers import (
-    RotaryTables, WorkSet, attention_scale, build_work_set, embed, exit_logits, final_logits, project_qkv, run_layer,
-    to_device,
+    RotaryTables, WorkSet, attention_scale, block_exit_logits, build_work_set, embed, exit_logits, final_logits,
+    project_qkv, run_layer, to_device,
 )
 
 
@@ -97,6 +97,14 @@ def validate_model(model) -> None:
         raise InferenceConfigError(f"the inference decoder does not support {', '.join(bad)}")
 
 
+def head_logits(model, point: ExitPoint, hidden: Tensor, head_input: Optional[Tensor]) -> Tensor:
+    """The exit's logits [c, b, V] from what the decoder hands it: the layer's output (and
+    post-attention state for an exit MLP), or its block's output for an exit with a block."""
+    if point.head.has_block:
+        return block_exit_logits(model, point.head, hidden)
+    return exit_logits(model, point.head, point.layer, hidden, head_input)
+
+
 def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
     """Which rows' newest token (last [1, b, h]) fires at `point`, and the exit's logits
     [b, V] when the measure projected them (valid at least for the rows that fire)."""
@@ -106,7 +114,7 @@ def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Te
     def project(rows: Optional[Tensor]) -> Tensor:
         hidden = last if rows is None else last.index_select(1, rows)
         sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
-        return exit_logits(model, point.head, point.layer, hidden, sub_input, point.head.has_block)[0]
+        return head_logits(model, point, hidden, sub_input)[0]
 
     view = ExitView(point.layer_number, last[0], previous, project)
     return (measure(view) >= threshold).tolist(), view.projected()
@@ -254,7 +262,7 @@ class Decoder:
 
         if logits is None:
             sub_input = pick(head_input, 1) if head_input is not None else None
-            logits = exit_logits(self.model, point.head, point.layer, pick(last, 1), sub_input, point.head.has_block)[0]
+            logits = head_logits(self.model, point, pick(last, 1), sub_input)[0]
         else:
             logits = pick(logits, 0)
         for i, col in enumerate(cols):
@@ -338,7 +346,7 @@ class Decoder:
         if not any(fire):
             return
         if logits is None:
-            logits = exit_logits(self.model, point.head, point.layer, last, head_input, point.head.has_block)[0]
+            logits = head_logits(self.model, point, last, head_input)[0]
         for i, col in enumerate(cols):
             if fire[i]:
                 decided[rows[col]] = (point.depth, logits[i])
