@@ -281,6 +281,12 @@ def main():
         if need is not None:
             print(f"    at its cost per round ({top.drafts_per_round:.2f} drafts and a verification), 1.5x needs "
                   f"acceptance {need:.2f}" + (" (more than every draft)" if need > 1 else ""))
+    if spec:
+        fastest = max(labelled, key=lambda c: c[0].speedup if c[0].acceptance is not None else 0)[1]
+        ratio, accepted = sampled_speedup(model, prompts, fastest, args.max_new_tokens, args.repeats, args.clock)
+        print(f"  sampled (temperature 1, top-k 50) {fastest.name}: {ratio:.2f}x over sampling at full depth "
+              f"(goal >= 1.3x), accepted {accepted:.2f}; its tokens follow the full model's distribution (rejection "
+              "sampling, tests/test_speculative_sampling.py)")
     for kv in args.kv:
         going = [c for c in early if c[1].kv == kv and c[0].mean_exit_layer < c[0].num_layers]
         if going:
@@ -403,6 +409,23 @@ def kv_projection_share(config) -> float:
 def propagation_ceiling(num_layers: int, mean_exit: float, kv_share: float) -> float:
     """Speedup if each skipped layer costs only its K/V projection."""
     return num_layers / (mean_exit + kv_share * (num_layers - mean_exit))
+
+
+def sampled_speedup(model, prompts, strategy, max_new_tokens: int, repeats: int, clock: str):
+    """(speedup of `strategy` over full depth, both sampling at temperature 1 with top-k 50, acceptance)."""
+    from megatron.early_exit.inference import FullDepth, SamplingParams, generate
+
+    seconds, drafted, accepted = {}, 0, 0
+    for rep in range(repeats):
+        for s in (FullDepth(), strategy):
+            results = [generate(model, [p], s, max_new_tokens, SamplingParams(1.0, 50, seed=1000 * rep + i))
+                       for i, p in enumerate(prompts)]
+            took = sum(r.decode_seconds if clock == "wall" else r.decode_cpu_seconds for r in results)
+            seconds[s.name] = min(seconds.get(s.name, took), took)
+            if s is strategy:
+                drafted += sum(r.num_drafted for r in results)
+                accepted += sum(r.num_accepted for r in results)
+    return seconds[FullDepth.name] / seconds[strategy.name], accepted / max(drafted, 1)
 
 
 def batch_speedup(model, prompts, strategy, batch_size: int, max_new_tokens: int, repeats: int, clock: str) -> float:
