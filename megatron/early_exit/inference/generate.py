@@ -63,10 +63,8 @@ def generate(
     `cancelled()`, asked before each step on one stage, names rows to stop now (their
     callers went away); every tensor-parallel rank must get the same answer."""
     prompts = validate_prompts(model, prompts, max_new_tokens)
-    if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
-        raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
     if isinstance(strategy, SelfSpeculative) and sampling.ban_after:
-        raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
+        raise InferenceConfigError("self-speculative decoding verifies the full model's tokens: "
                                    "it takes no banned tokens (ban_after)")
     if not 0 <= top_n <= model.vocab_size:
         raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")

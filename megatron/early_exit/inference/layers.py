@@ -202,6 +202,12 @@ def gather_vocab(logits: Tensor) -> Tensor:
     return gather_from_tensor_model_parallel_region(logits).float()
 
 
+def block_exit_logits(model, head, block_output: Tensor) -> Tensor:
+    """An exit with a block (--use-exit-block) on its block's output [c, b, h] (the decoder runs
+    the block over its own KV cache) -> [c, b, vocab]."""
+    return mask_padded_vocab(model, gather_vocab(head.logits(head.norm(block_output), model.exit_output_weight())))
+
+
 def exit_logits(model, head, layer, hidden: Tensor, attention_output: Optional[Tensor]) -> Tensor:
     """The exit head at `layer` on hidden [c, b, h] -> [c, b, vocab]."""
     h = head.hidden(hidden, attention_output, pre_mlp_norm(layer) if head.has_mlp else None)

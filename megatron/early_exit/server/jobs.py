@@ -22,7 +22,7 @@ import dataclasses
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference import (
     EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
@@ -189,6 +189,7 @@ class ModelLimits:
     max_batch_size: int  # prompts per request (and per merged engine call)
     max_prompt_tokens: int
     pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
+    exit_thresholds: Optional[Dict[int, float]] = None  # --exit-thresholds-file: used when a request sets none
 
 
 def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:
@@ -233,6 +234,10 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     if layers:
         _check_exits("exit_layers", layers, limits)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
+    if not options.exit_thresholds and options.early_exit_thres is None and limits.exit_thresholds is not None:
+        # The calibrated thresholds; an exit they leave out never fires.
+        return _engine_call("exit_thresholds", lambda: EarlyExit(2.0, options.confidence, options.kv_strategy, layers,
+                                                                  limits.exit_thresholds))
     if options.exit_thresholds:
         _check_exits("exit_thresholds", sorted(options.exit_thresholds), limits)
     return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers,

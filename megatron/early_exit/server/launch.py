@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="seed of the model-parallel RNG state")
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     g = p.add_argument_group("serving")
+    g.add_argument("--exit-thresholds-file", default=None, metavar="FILE",
+                   help="per-exit thresholds (tools/calibrate_threshold.py --output-json) for early-exit requests that set none")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
     g.add_argument("--max-batch-size", type=int, default=16,
@@ -129,7 +131,22 @@ def build_limits(args, model, stored):
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
         pipeline_stages=args.pipeline_model_parallel_size,
+        exit_thresholds=_exit_thresholds(args.exit_thresholds_file, stored),
     )
+
+
+def _exit_thresholds(path, stored):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference.learn_then_test import read_exit_thresholds
+
+    if path is None:
+        return None
+    thresholds = read_exit_thresholds(path)
+    bad = sorted(set(thresholds) - set(int(n) for n in (stored.exit_layer_nums or [])))
+    if bad:
+        raise ConfigError(f"--exit-thresholds-file {path}: exits {bad} are not exits of the model "
+                          f"({list(stored.exit_layer_nums or [])})")
+    return thresholds
 
 
 def build_policy(args, limits):
