@@ -8,8 +8,6 @@ mixes early and full-depth tokens, which the early-exit tests check before compa
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +23,8 @@ NUM_LAYERS, EXITS, MAX_SEQ, VOCAB, EOD = 4, [1, 2], 64, 100, 99
 MAX_BATCH, MAX_PROMPT = 8, 40
 PROMPTS = ["5 17 3", "40 2 77 13 8 61 9 30", "11 12 13 14 15"]
 MIXED_THRESHOLD = 0.16  # some tokens leave early, some go to full depth (checked)
+
+from tests.server_fixtures import Server  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 
@@ -45,54 +45,6 @@ def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
         "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
     ], world_size=1)
     save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
-
-
-class Server:
-    """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
-
-    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
-                 extra=()):
-        flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
-                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny", *extra]
-        if nproc == 1:
-            cmd = [sys.executable, SERVER, *flags]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SERVER,
-                   *flags, layout_flag, str(nproc)]
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-        env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # this process's own rendezvous stays its own
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        self._url = None
-
-    @property
-    def url(self) -> str:
-        deadline = time.monotonic() + 240
-        while self._url is None:
-            found = re.search(r"serving \S+ on (http://\S+)", open(self.log_path).read())
-            if found:
-                self._url = found.group(1)
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start (rc={self.proc.poll()}):\n{self.tail()}")
-            else:
-                time.sleep(0.2)
-        return self._url
-
-    def tail(self) -> str:
-        return open(self.log_path).read()[-4000:]
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +333,7 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
 
     calls = []
 
-    def fake_run_job(model, job, on_tokens=None):
+    def fake_run_job(model, job, on_tokens=None, cancelled=None):
         calls.append([p[0] for p in job.prompts])
         if job.prompts[0][0] == 666:
             raise InferenceConfigError("refused")
@@ -422,8 +374,9 @@ def test_launch_flags_tokenizer_override_and_ignored_model_flags(capsys):
 
     args = parse_args(["--load", "ckpt", "--use-checkpoint-args", "--num-layers", "24", "--vocab-size", "50"])
     assert "ignored" in capsys.readouterr().err and args.use_checkpoint_args and args.port == 5000
-    stored = argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_file=None, merge_file=None,
-                                vocab_size=VOCAB)
+    from megatron.early_exit.models.model_config import TokenizerConfig
+
+    stored = argparse.Namespace(tokenizer=TokenizerConfig(type="NullTokenizer", vocab_size=VOCAB))  # as a ModelConfig holds it
     assert build_tokenizer(args, stored, 128).vocab_size == 50  # the flag replaces the stored vocabulary
     with pytest.raises(ConfigError, match="exceed the model's vocabulary"):
         build_tokenizer(parse_args(["--load", "ckpt", "--vocab-size", "200"]), stored, 128)

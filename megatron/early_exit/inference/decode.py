@@ -25,5 +25,5 @@ def decode_one_token(decoder: Decoder, transcript: Transcript, policy: ExitPolic
 
 
 def decode_tokens(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
-    while transcript.active:
+    while transcript.going():
         decode_one_token(decoder, transcript, policy)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -36,13 +36,16 @@ def generate(
     stop_tokens: Iterable[int] = (),
     top_n: int = 0,
     on_tokens: Optional[TokenCallback] = None,
+    cancelled: Optional[Callable[[], Iterable[int]]] = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; lengths may differ) by up to
     `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`.
 
     top_n > 0 keeps each token's top_n likeliest alternatives (result.top_tokens and
     top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
-    appended, while decoding goes on (on the rank that picks the tokens: the first stage)."""
+    appended, while decoding goes on (on the rank that picks the tokens: the first stage).
+    `cancelled()`, asked before each step on one stage, names rows to stop now (their
+    callers went away); every tensor-parallel rank must get the same answer."""
     prompts = validate_prompts(model, prompts, max_new_tokens, top_n)
     strategy.check(sampling)
     if not (model.pre_process and model.post_process) or strategy.over_stages:
@@ -53,7 +56,8 @@ def generate(
         decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
-                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
+                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts],
+                                cancelled=cancelled)
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = clock(decoder.device) - start

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -39,7 +40,7 @@ from megatron.early_exit.server.openai_api import completion, completion_jobs, e
 from megatron.early_exit.server.streaming import sse
 from megatron.early_exit.server.schemas import (
     ApiRequest, ApiResponse, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest,
-    DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+    LONE_SURROGATE, DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
 )
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts, detokenize, tokenize
 from megatron.early_exit.server.worker import QueueFull, Worker
@@ -76,9 +77,9 @@ class Service:
         first event, so that a refused job raises here, before any reply is sent."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        done = object()
+        done, cancel = object(), threading.Event()
         future = self.submit(dataclasses.replace(
-            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)))
+            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), cancel=cancel))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
         first = await queue.get()
         if first is done:
@@ -92,9 +93,11 @@ class Service:
                     item = await queue.get()
                 yield future.result()
             finally:
-                # The client left: a job not run yet is skipped; under continuous batching
-                # a running one is aborted too, and its slots are free at the next step.
+                # The reply ended, or its client left: a queued job is skipped, a running one
+                # stops (static batching: at its next step; continuous: its sequences are
+                # aborted and their slots free at the next step).
                 future.cancel()
+                cancel.set()
 
         return events()
 
@@ -113,7 +116,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0]["loc"] if errors else ()
     param = str(first[1]) if len(first) > 1 and first[0] == "body" else None
     message = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:4])
-    return error_response(422, message, param)
+    # Text that is not valid Unicode is a malformed body (400), not an out-of-range value.
+    return error_response(400 if any(e["type"] == LONE_SURROGATE for e in errors) else 422, message, param)
 
 
 ENDPOINTS = ("PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "

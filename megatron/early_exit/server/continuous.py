@@ -29,8 +29,8 @@ from megatron.early_exit.inference.engine import Engine, QueueFull, SequenceRequ
 from megatron.early_exit.inference.exit_numbers import exit_numbers
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
 from megatron.early_exit.inference.sampling import SamplingParams
-from megatron.early_exit.server.jobs import AnyJob, Job, run_job
-from megatron.early_exit.server.worker import broadcast
+from megatron.early_exit.server.jobs import AnyJob, Job, cancelled_rows, run_job
+from megatron.early_exit.server.worker import broadcast, synced
 
 
 def runs_in_engine(job: AnyJob) -> bool:
@@ -202,8 +202,8 @@ class ContinuousWorker:
     def _run_lane(self, job: AnyJob, future: Future) -> None:
         self.busy = True
         try:
-            broadcast(("job", dataclasses.replace(job, listener=None)))
-            result = run_job(self.model, job, on_tokens=job.listener)
+            broadcast(("job", dataclasses.replace(job, listener=None, cancel=None)))
+            result = run_job(self.model, job, on_tokens=job.listener, cancelled=synced(cancelled_rows([job])))
         except BaseException as err:  # noqa: BLE001 -- the request gets the error
             future.set_exception(err)
             if not isinstance(err, Exception):

@@ -16,6 +16,7 @@ from typing import AsyncIterator, List, Optional, Sequence, Union
 from fastapi.responses import StreamingResponse
 
 from megatron.early_exit.inference import GenerationResult
+from megatron.early_exit.server.guard import stream_error
 from megatron.early_exit.server.text import TextStream
 
 
@@ -56,10 +57,15 @@ async def streamed_tokens(events: AsyncIterator, streams: Sequence[TextStream],
 
 
 def sse(chunks) -> StreamingResponse:
-    """Pydantic chunks as server-sent events, ending with OpenAI's [DONE]."""
+    """Server-sent events of every streamed endpoint: the chunks, then [DONE]. An error after
+    the reply started ends it with an error event in the server's error shape, then [DONE]."""
+
     async def lines():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+        except Exception as err:  # noqa: BLE001 -- the status line is sent: the error goes in the stream
+            yield f"data: {json.dumps(stream_error(err))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
