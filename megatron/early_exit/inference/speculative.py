@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
-from megatron.early_exit.inference.layers import exit_logits
+from megatron.early_exit.inference.layers import exit_logits, to_device
 from megatron.early_exit.inference.sampling import _filter_top_k_top_p
 
 
@@ -66,8 +66,8 @@ def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: 
             confidence, tokens = out.logits.float().softmax(dim=-1).max(dim=-1)
         else:
             tokens = out.logits.argmax(dim=-1)
-            confidence = torch.ones(len(going))
-        picked = torch.stack([tokens.double(), confidence.double().to(tokens.device)], dim=-1).tolist()  # one read
+            confidence = torch.ones_like(tokens, dtype=torch.float64)  # on the tokens' device: no copy
+        picked = torch.stack([tokens.double(), confidence.double()], dim=-1).tolist()  # one read
         for r, (t, _) in zip(going, picked):
             drafts[r].append(int(t))
         going = [r for r, (_, c) in zip(going, picked) if len(drafts[r]) < budgets[r] and c >= threshold]
@@ -95,7 +95,7 @@ def accept_sampled(drafts: List[int], q: List[torch.Tensor], p: torch.Tensor, ge
     for drafts y_1..y_k with draft distributions q [k][V] and target distributions p [k+1, V]."""
     k = len(drafts)
     if k:
-        index = torch.tensor(drafts, device=p.device).unsqueeze(-1)
+        index = to_device(p.device, drafts)[0].unsqueeze(-1)
         ratio = (p[:k].gather(-1, index) / torch.stack(q).gather(-1, index)).squeeze(-1)  # p(y)/q(y) > 0: q drew y
         u = torch.rand(k, generator=generator, device=p.device)
         rejected = (u >= ratio).tolist()
@@ -174,6 +174,23 @@ class DraftTuner:
             self.rate[n] = self.decay * self.rate[n] + (1 - self.decay) * rate
 
 
+def full_model_reads(chunks: Dict[int, torch.Tensor], top_n: int) -> Dict[int, Tuple[List, List, List, List]]:
+    """The full model's greedy token, its log-probability and top_n alternatives at each row's
+    verified positions, read from the device once for the batch (not once per row)."""
+    logprobs = torch.log_softmax(torch.cat(list(chunks.values())).float(), dim=-1)  # [sum(k+1), V]
+    best, tokens = logprobs.max(dim=-1)
+    columns = [tokens.double().unsqueeze(-1), best.double().unsqueeze(-1)]
+    if top_n > 0:
+        top = logprobs.topk(top_n, dim=-1)
+        columns += [top.indices.double(), top.values.double()]
+    values, reads, offset = torch.cat(columns, dim=-1).tolist(), {}, 0
+    for r, chunk in chunks.items():
+        mine, offset = values[offset:offset + len(chunk)], offset + len(chunk)
+        reads[r] = ([int(v[0]) for v in mine], [v[1] for v in mine],
+                    [[int(t) for t in v[2:2 + top_n]] for v in mine], [v[2 + top_n:] for v in mine])
+    return reads
+
+
 def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
     result, sampling = transcript.result, transcript.sampling
     tuner = DraftTuner(decoder, strategy)
@@ -187,24 +204,27 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
         drafts, q = draft_tokens(decoder, transcript, budgets, policy, strategy.draft_threshold)
         chunks = verify(decoder, transcript, drafts, tuner.observer(drafts))
         tuner.update(chunks, drafts, sampling)
+        greedy = full_model_reads(chunks, transcript.top_n) if sampling.greedy else None
         for r, row_drafts in drafts.items():
             committed = decoder.num_fed[r] - len(row_drafts)  # n: x_{n-1} sits at position n-1
-            logits = chunks[r].float()  # [k+1, V]
-            if sampling.greedy:
-                targets = logits.argmax(dim=-1).tolist()
+            if greedy is not None:
+                targets, logprobs, top_tokens, top_logprobs = greedy[r]
                 a = accepted_length(row_drafts, targets)
-                tokens = targets[: a + 1]
+                # The accepted drafts equal the full model's tokens: all a+1 new tokens are its.
+                transcript.append(r, targets[: a + 1], [draft_depth] * a + [decoder.num_layers], logprobs[: a + 1],
+                                  top_tokens[: a + 1], top_logprobs[: a + 1])
             else:
+                logits = chunks[r].float()  # [k+1, V]
                 a, last = accept_sampled(row_drafts, q[r], sampling_probs(logits, sampling), transcript.generators[r])
                 tokens = row_drafts[:a] + [last]
-            # Log-probabilities (and alternatives) under the full model's own distribution.
-            logprobs = torch.log_softmax(logits[: a + 1], dim=-1)
-            chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device).unsqueeze(-1)).squeeze(-1).tolist()
-            top = (None, None)
-            if transcript.top_n > 0:
-                best = logprobs.topk(transcript.top_n, dim=-1)
-                top = (best.indices.tolist(), best.values.tolist())
-            transcript.append(r, tokens, [draft_depth] * a + [decoder.num_layers], chosen, *top)
+                # Log-probabilities (and alternatives) under the full model's own distribution.
+                logprobs = torch.log_softmax(logits[: a + 1], dim=-1)
+                chosen = logprobs.gather(-1, to_device(logits.device, tokens)[0].unsqueeze(-1)).squeeze(-1).tolist()
+                top = (None, None)
+                if transcript.top_n > 0:
+                    best = logprobs.topk(transcript.top_n, dim=-1)
+                    top = (best.indices.tolist(), best.values.tolist())
+                transcript.append(r, tokens, [draft_depth] * a + [decoder.num_layers], chosen, *top)
             decoder.crop(r, committed + a)
             result.num_drafted += len(row_drafts)
             result.num_accepted += a
