@@ -1,6 +1,7 @@
 import ast
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -10,9 +11,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "multiproc: launched with torchrun (several processes)")
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="show the N tests that used the most CPU time (this process and its finished children): "
+                          "on a shared machine a steadier measure than --durations")
+
+
+_CPU = {}
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_seconds()
+    yield
+    _CPU[item.nodeid] = _cpu_seconds() - start
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.getoption("--cpu-durations")
+    if n is None or not _CPU:
+        return
+    terminalreporter.write_sep("=", f"{n} largest CPU times (setup + call + teardown)")
+    for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[:n or None]:
+        terminalreporter.write_line(f"{seconds:8.2f}s  {nodeid}")
+    terminalreporter.write_line(f"{sum(_CPU.values()):8.2f}s  CPU in all {len(_CPU)} tests")
+
+
+@pytest.fixture(autouse=True)
+def shared_models_unchanged():
+    """The models tests/inference_models.py shares between tests stay as built."""
+    yield
+    models = sys.modules.get("tests.inference_models")
+    changed = models.changed_shared_models() if models is not None else []
+    assert not changed, f"this test changed a shared model (use fresh_model): {changed[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -35,22 +71,87 @@ _LAUNCHES = {}
 
 
 def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900, env: dict | None = None):
-    """Run every case of `module_name` in one torchrun launch (cached per session)."""
+    """Run every case of `module_name` in one torchrun launch of its own (cached per session);
+    modules that need no more than the corpus run grouped instead (`launch_grouped`)."""
     key = (module_name, nproc)
     if key not in _LAUNCHES:
         out = os.path.join(tmp_dir, f"{module_name.replace('.', '_')}_{nproc}.json")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            os.path.join(ROOT, "tests", "multiproc", "runner.py"), module_name, out,
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        results = json.load(open(out)) if os.path.exists(out) else None
-        _LAUNCHES[key] = (proc, results)
+        _LAUNCHES[key] = _torchrun([module_name], out, nproc, timeout, env or {})
     proc, results = _LAUNCHES[key]
     if results is None:
         pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return results
+
+
+# Case modules that run together: all those of one size (processes) in one torchrun launch,
+# since importing megatron-core costs each process ~8 s. A module is launched when a selected
+# test uses its results (through the named fixture of the named test file, or as test_multiproc's
+# parameter); its cases read EE_TEST_DATA (the session's corpus, where marked) and EE_TEST_OUT
+# (a folder of its own, `case_output_dir`).
+GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
+    "tests.multiproc.cases_foundation": (2, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_model": (2, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_inference": (2, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_inference_pipeline": (2, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_te_layout": (2, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_checkpoint": (2, "test_checkpoint.py", "checkpoint_runs", True),
+    "tests.multiproc.cases_ee_tuning_stages": (2, "test_ee_tuning_stages.py", "runs", True),
+    "tests.multiproc.cases_recompute": (2, "test_recompute.py", "recompute_runs", True),
+    "tests.multiproc.cases_training": (2, "test_training.py", "two_process_runs", True),
+    "tests.test_scoring": (2, "test_scoring.py", "scoring_runs", False),
+    "tests.multiproc.cases_pipeline": (4, "test_multiproc.py", None, False),
+    "tests.multiproc.cases_pipeline_training": (4, "test_pipeline.py", "pipeline_runs", True),
+    "tests.multiproc.cases_interleaved": (4, "test_interleaved.py", "interleaved_runs", True),
+}
+
+
+def _uses(item, module_name) -> bool:
+    _, test_file, fixture, _ = GROUPED[module_name]
+    if os.path.basename(str(item.fspath)) != test_file:
+        return False
+    if fixture is None:
+        return getattr(getattr(item, "callspec", None), "params", {}).get("module") == module_name
+    return fixture in item.fixturenames
+
+
+def case_output_dir(request, module_name: str) -> str:
+    """The folder a grouped module's cases write to (their EE_TEST_OUT)."""
+    path = os.path.join(request.getfixturevalue("launch_dir"), module_name.rsplit(".", 1)[-1])
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def launch_grouped(module_name: str, request) -> dict:
+    """The results of `module_name`'s cases, from the one launch of the modules of its size
+    that the selected tests use (run at the first call, then cached)."""
+    nproc = GROUPED[module_name][0]
+    key = ("group", nproc)
+    if key not in _LAUNCHES:
+        members = [m for m, (n, *_) in GROUPED.items()
+                   if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
+        corpus = request.getfixturevalue("corpus") if any(GROUPED[m][3] for m in members) else None
+        group = [{"module": m, "env": {"EE_TEST_OUT": case_output_dir(request, m),
+                                       **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {})}} for m in members]
+        launch_dir = request.getfixturevalue("launch_dir")
+        spec = os.path.join(launch_dir, f"group_{nproc}.json")
+        with open(spec, "w") as f:
+            json.dump(group, f)
+        _LAUNCHES[key] = _torchrun(["--group", spec], os.path.join(launch_dir, f"group_{nproc}_results.json"), nproc,
+                                   timeout=600 * len(members), env={})
+    proc, results = _LAUNCHES[key]
+    if results is None or module_name not in results:
+        pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return results[module_name]
+
+
+def _torchrun(runner_args, out, nproc, timeout, env):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        os.path.join(ROOT, "tests", "multiproc", "runner.py"), *runner_args, out,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, (json.load(open(out)) if os.path.exists(out) else None)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import launch
+from tests.conftest import launch, launch_grouped
 from tests.training_fixtures import VOCAB, tiny_run_flags
 
 
@@ -171,8 +171,8 @@ def test_missing_checkpoint_is_named(dist1, corpus, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_checkpoint", 2, launch_dir, env={"EE_TEST_DATA": corpus})
+def checkpoint_runs(request):
+    return launch_grouped("tests.multiproc.cases_checkpoint", request)
 
 
 @pytest.mark.multiproc

@@ -13,7 +13,7 @@ from megatron.early_exit.pipeline.plan import (
     pipeline_plan,
     simulate,
 )
-from tests.conftest import launch
+from tests.conftest import launch_grouped
 from tests.training_fixtures import tiny_run_flags
 
 
@@ -96,8 +96,8 @@ PP_FLAGS = {"--num-layers": 8, "--exit-layer-nums": "2 5 7", "--exit-layer-weigh
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_pipeline_training", 4, launch_dir, env={"EE_TEST_DATA": corpus})
+def pipeline_runs(request):
+    return launch_grouped("tests.multiproc.cases_pipeline_training", request)
 
 
 def run(argv):

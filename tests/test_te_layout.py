@@ -260,7 +260,7 @@ def test_hugging_face_round_trip_across_layouts(dist1, tmp_path, exported, impor
 
 def _inference_pair(variant):
     """test_inference's model (wide weights, GQA, untied output), norms spread, in both layouts."""
-    from tests.test_inference import NUM_LAYERS, VARIANTS
+    from tests.inference_models import NUM_LAYERS, VARIANTS
 
     nums, flags = VARIANTS[variant]
     config = dict(num_layers=NUM_LAYERS, num_query_groups=2, init_method_std=0.3)
@@ -283,7 +283,7 @@ DECODING = [  # variant, strategy
 @pytest.mark.parametrize("variant,strategy", DECODING, ids=[f"{v}-{'-'.join(map(str, s))}" for v, s in DECODING])
 def test_decoding_gives_the_same_tokens_in_both_layouts(dist1, variant, strategy):
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
-    from tests.test_inference import NUM_LAYERS, PROMPTS
+    from tests.inference_models import NUM_LAYERS, PROMPTS
 
     kind, *params = strategy
     chosen = {"full": FullDepth, "early_exit": EarlyExit, "self_speculative": SelfSpeculative}[kind](*params)

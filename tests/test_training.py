@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch_grouped
 from tests.training_fixtures import tiny_run_flags, write_corpus
 
 
@@ -33,8 +33,8 @@ def test_thirty_iterations_losses_fall(dist1, corpus):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_training", 2, launch_dir, env={"EE_TEST_DATA": corpus})
+def two_process_runs(request):
+    return launch_grouped("tests.multiproc.cases_training", request)
 
 
 def _assert_same_history(got, expected, tol=1e-5):
