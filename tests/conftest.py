@@ -165,3 +165,61 @@ def corpus(tmp_path_factory):
     from tests.training_fixtures import write_corpus
 
     return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="session")
+def server_checkpoint(dist1, tmp_path_factory):
+    """tests/server_fixtures.py's tiny checkpoint, written once."""
+    from tests.server_fixtures import write_checkpoint
+
+    root = str(tmp_path_factory.mktemp("server_ckpt"))
+    write_checkpoint(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_server(server_checkpoint, tmp_path_factory):
+    """One server process on `server_checkpoint`, with a token-id chat template, shared by the
+    server test files (each still checks that the server goes on after what it sends)."""
+    from tests.server_fixtures import CHAT_TEMPLATE, Server
+
+    folder = tmp_path_factory.mktemp("shared_server")
+    (folder / "chat.jinja").write_text(CHAT_TEMPLATE)
+    srv = Server(server_checkpoint, str(folder / "server.log"), extra=["--chat-template", str(folder / "chat.jinja")])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server_engine(server_checkpoint):
+    """The model and tokenizer of `server_checkpoint` in this process: read them, never change them."""
+    from megatron.early_exit.inference.loading import load_model
+
+    model, tokenizer, _ = load_model(server_checkpoint)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> str:
+    """tests/tokenizer_fixtures.py's generated sentences as a text file."""
+    from tests.tokenizer_fixtures import sentences
+
+    path = tmp_path_factory.mktemp("sentences") / "corpus.txt"
+    path.write_text("\n".join(sentences(2000)) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sp_model(corpus_file, tmp_path_factory) -> str:
+    """A SentencePiece model (500 pieces) trained on `corpus_file`."""
+    from megatron.early_exit.tokenizers import train_sentencepiece
+
+    return train_sentencepiece(corpus_file, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=500)
+
+
+@pytest.fixture(scope="session")
+def preprocess_tool():
+    """tools/preprocess_data.py as a module, to call its `main` in this process."""
+    from tests.tokenizer_fixtures import load_preprocess_tool
+
+    return load_preprocess_tool()

@@ -16,9 +16,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_tokenizers_and_preprocess import (  # noqa: F401  (fixtures)
-    _documents, _run_cli, _write_jsonl, corpus_file, sp_model, tool,
-)
+from tests.tokenizer_fixtures import documents, run_preprocess_cli, write_jsonl
 from tests.training_fixtures import tiny_run_flags, write_corpus
 
 PRETRAIN = os.path.join(ROOT, "pretrain_early_exit_gpt.py")
@@ -122,8 +120,8 @@ def test_bad_training_value_is_one_line_on_the_command_line():
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_preprocess_lone_surrogate_names_the_line(tmp_path, sp_model, workers):
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick fox"}, '{"text": "fox \\ud800 dog"}'])
-    proc = _run_cli("--input", corpus, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type",
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick fox"}, '{"text": "fox \\ud800 dog"}'])
+    proc = run_preprocess_cli("--input", corpus, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type",
                     "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", workers)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert last_line(proc.stderr) == (f"error: --input {corpus}, line 2: 'text': not valid Unicode (surrogates not "
@@ -132,7 +130,7 @@ def test_preprocess_lone_surrogate_names_the_line(tmp_path, sp_model, workers):
 
 
 def _null_corpus(path, num_docs: int, first: int = 1) -> str:
-    return _write_jsonl(path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)])
+    return write_jsonl(path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)])
 
 
 def _preprocess(corpus, prefix):
@@ -204,12 +202,12 @@ def test_preprocess_removes_only_leftovers_of_dead_runs_on_its_prefix(tmp_path):
     assert proc.stderr.count("left by an interrupted run") == 2
 
 
-def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(tool, capsys, tmp_path, monkeypatch):
+def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(preprocess_tool, capsys, tmp_path, monkeypatch):
     """Killed between renaming the new .bin and the new .idx: the old .idx must not stay beside
     the new .bin (training would read the new tokens with the old offsets)."""
     prefix = str(tmp_path / "corpus")
     final = prefix + "_text_document"
-    assert tool.main(_preprocess(_null_corpus(tmp_path / "a.jsonl", 30), prefix)[2:]) == 0
+    assert preprocess_tool.main(_preprocess(_null_corpus(tmp_path / "a.jsonl", 30), prefix)[2:]) == 0
     real_replace = os.replace
 
     def interrupted(src, dst):
@@ -217,14 +215,14 @@ def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(t
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(tool.os, "replace", interrupted)
-    assert tool.main(_preprocess(_null_corpus(tmp_path / "b.jsonl", 70, first=3), prefix)[2:]) == 130
+    monkeypatch.setattr(preprocess_tool.os, "replace", interrupted)
+    assert preprocess_tool.main(_preprocess(_null_corpus(tmp_path / "b.jsonl", 70, first=3), prefix)[2:]) == 130
     monkeypatch.undo()
     assert not os.path.exists(final + ".idx")  # the prefix is absent, not mixed
     assert _temporary_files(tmp_path) == []
-    assert tool.main(_preprocess(str(tmp_path / "b.jsonl"), prefix)[2:]) == 0
+    assert preprocess_tool.main(_preprocess(str(tmp_path / "b.jsonl"), prefix)[2:]) == 0
     capsys.readouterr()
-    assert len(_documents(final)) == 70
+    assert len(documents(final)) == 70
 
 
 # -- dataset files given to training -----------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""The text generation server's test model and process, shared by the server test files.
+
+The checkpoint is a tiny random model (4 layers, exits after layers 1 and 2, NullTokenizer:
+prompts are token ids as text); its exit confidences spread over a range where a threshold
+mixes early and full-depth tokens. conftest.py writes it once per session and starts one
+server process on it (`shared_server`, with CHAT_TEMPLATE) that the server test files share.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
+CLI = os.path.join(ROOT, "tools", "text_generation_cli.py")
+NUM_LAYERS, EXITS, MAX_SEQ, VOCAB, EOD = 4, [1, 2], 64, 100, 99
+MAX_BATCH, MAX_PROMPT = 8, 40
+PROMPTS = ["5 17 3", "40 2 77 13 8 61 9 30", "11 12 13 14 15"]
+MIXED_THRESHOLD = 0.16  # some tokens leave early, some go to full depth (checked)
+# A chat template over token-id text: each message's content, then the generation prompt.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}1 {% endif %}"
+
+
+def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import save_weights
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args([
+        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(seq_length),
+        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
+    ], world_size=1)
+    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+
+
+class Server:
+    """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
+
+    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
+                 extra=()):
+        flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
+                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny", *extra]
+        if nproc == 1:
+            cmd = [sys.executable, SERVER, *flags]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SERVER,
+                   *flags, layout_flag, str(nproc)]
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+        env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # this process's own rendezvous stays its own
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self._url = None
+
+    @property
+    def url(self) -> str:
+        deadline = time.monotonic() + 240
+        while self._url is None:
+            found = re.search(r"serving \S+ on (http://\S+)", open(self.log_path).read())
+            if found:
+                self._url = found.group(1)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start (rc={self.proc.poll()}):\n{self.tail()}")
+            else:
+                time.sleep(0.2)
+        return self._url
+
+    def tail(self) -> str:
+        return open(self.log_path).read()[-4000:]
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+
+def ids(text):
+    return [int(t) for t in text.split()]
+
+
+def put_api(client, **body):
+    reply = client.put("/api", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
