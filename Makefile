@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-fast test-gpu demo clean
+.PHONY: setup test test-slow test-fast test-gpu lint format demo clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ test-fast: setup
 # the device). EE_GPU_TESTS_ON_CPU=1 runs the same tests on CPU with TE's stand-in layout.
 test-gpu: setup
 	$(PY) -m pytest -x -q -m gpu -rs tests
+
+# ruff, configured in pyproject.toml (line length 120). `make format` rewrites files in place.
+lint: setup
+	$(PY) -m ruff check .
+
+format: setup
+	$(PY) -m ruff format .
 
 demo: setup
 	bash examples/ee_llm/quickstart_cpu.sh
