@@ -216,7 +216,7 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
     from megatron.early_exit.models.model_config import ModelConfig
-    from megatron.early_exit.training.checkpointing import stored_args
+    from megatron.early_exit.training.arguments import stored_args
     from megatron.early_exit.training import checkpointing
 
     add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)

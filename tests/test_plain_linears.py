@@ -7,8 +7,8 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron.early_exit.inference import EarlyExit, FullDepth, generate
-from megatron.early_exit.inference import plain_linears as plain_module
-from megatron.early_exit.inference.plain_linears import plain_linears
+from megatron.early_exit.inference import context as plain_module
+from megatron.early_exit.inference.context import plain_linears
 from tests.inference_models import PROMPTS, build_model, fresh_model
 
 

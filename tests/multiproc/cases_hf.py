@@ -11,7 +11,7 @@ import os
 import torch
 
 from megatron.core import parallel_state
-from megatron.early_exit.training.checkpointing import stored_args
+from megatron.early_exit.training.arguments import stored_args
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.training import checkpointing

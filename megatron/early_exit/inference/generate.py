@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from megatron.early_exit.inference.confidence import get_confidence_measure
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.plain_linears import plain_linears
+from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.pipeline import check_pipeline_strategy, pipeline_generate
 from megatron.early_exit.inference.result import GenerationResult, TokenCallback, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
@@ -130,23 +129,4 @@ def validate_prompts(model, prompts, max_new_tokens: int) -> List[List[int]]:
             f"model's maximum sequence length {model.max_sequence_length}"
         )
     return prompts
-
-
-@contextmanager
-def inference_context(model):
-    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards.
-
-    The fused bias-dropout-add is a torch.compile'd function that recompiles for every
-    new decode shape (batch and chunk widths change each step); at inference, with no
-    dropout, the unfused one computes the same sum. At TP=1 the tensor-parallel linears
-    run as plain F.linear calls (plain_linears.py)."""
-    was_training, fused = model.training, model.config.bias_dropout_fusion
-    model.eval()
-    model.config.bias_dropout_fusion = False
-    try:
-        with torch.no_grad(), plain_linears(model):
-            yield
-    finally:
-        model.train(was_training)
-        model.config.bias_dropout_fusion = fused
 

@@ -113,7 +113,7 @@ def score_layers(model, sequences: Sequence[Sequence[int]], layers: Sequence[Opt
                  batch_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[int, ScoreResult]:
     """score() under several heads at once ({layer: result}): one forward pass per batch
     feeds every head (an evaluation comparing exits runs the backbone once)."""
-    from megatron.early_exit.inference.generate import inference_context
+    from megatron.early_exit.inference.context import inference_context
 
     layers = sorted({resolve_exit_layer(model, layer) for layer in layers})
     if not layers:

@@ -92,29 +92,6 @@ def _stored_args(args, model) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
-    """The training flags saved with the checkpoint at `path`, defaults filled for newer
-    flags, re-laid out for these TP and PP sizes (no sequence parallelism): a namespace
-    for tools that rebuild a training run (reshard)."""
-    import argparse
-
-    from megatron.early_exit.training.arguments import build_parser
-
-    saved = read_common(path)["args"]
-    args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
-    vars(args).update(saved)
-    args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
-    args.tensor_model_parallel_size = tensor_model_parallel_size
-    if args.tune_exit_pipeline_parallel_size is not None:  # its flags describe the whole model, its weights the first stages
-        raise CheckpointError(f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
-                              f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
-                              "the whole model with tools/checkpoint/add_exits.py --exits-from first")
-    args.pipeline_model_parallel_size = pipeline_model_parallel_size
-    args.sequence_parallel = False
-    args.transformer_impl = None  # the layer modules follow the device the run is on
-    return args
-
-
 def stored_model_config(model, args, root: str) -> dict:
     """The model's description as stored: tokenizer files inside `root` named relative
     to it, so that a copied or moved checkpoint directory finds them."""
@@ -414,21 +391,6 @@ def _pause_here(moment: str, iteration: int) -> None:
         open(spec[2], "w").close()
         while True:
             time.sleep(1)
-
-
-# -- reading (the reader is checkpoint_reader.py) -----------------------------------
-
-
-def read_args(root: str, iteration: Optional[int] = None) -> dict:
-    """The flags stored with the latest (or the given) checkpoint under `root` (for
-    --use-checkpoint-args), its tokenizer files found where the checkpoint is now (it may
-    have been moved)."""
-    path = resolve(root, iteration, checksums=False)  # the load reads the checksums
-    flags = dict(read_common(path)["args"])
-    tokenizer = read_model_config(path).tokenizer
-    flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
-                 merge_file=tokenizer.merge_file, vocab_size=tokenizer.vocab_size)
-    return flags
 
 
 def _flag(name: str) -> str:
