@@ -50,7 +50,7 @@ _FINGERPRINTS = {}
 
 
 def _fingerprint(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def changed_shared_models() -> list:
