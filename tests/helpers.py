@@ -1,8 +1,19 @@
-"""Small models and batches shared by the tests."""
+"""Small models and batches shared by the tests, and waiting on a condition."""
+
+import time
 
 import torch
 
 from megatron.core import parallel_state
+
+
+def wait_until(condition, timeout: float = 60, interval: float = 0.02) -> bool:
+    """Poll `condition()` until it holds or `timeout` seconds pass; its last value (a test
+    asserts it, so a slow machine waits longer instead of failing)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(interval)
+    return bool(condition())
 
 
 def tiny_transformer_config(**overrides):

@@ -231,10 +231,10 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
 
     root, paused = str(tmp_path / "ck"), tmp_path / "paused"
     flags = {"--save": root, "--save-interval": 2, "--eval-iters": 0}
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain_early_exit_gpt.py")
-    env = dict(_fresh_process_env(), EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, script] + tiny_run_flags(corpus, iters=6, **flags), env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_pause.py")  # the trainer, paused
+    env = dict(_fresh_process_env(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, script, f"{moment}:4:{paused}", *tiny_run_flags(corpus, iters=6, **flags)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not paused.exists():
         assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"

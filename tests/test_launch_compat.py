@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.helpers import wait_until
 from tests.training_fixtures import run_training, tiny_run_flags
 
 # -- EE-LLM's scripts, as written (examples/ee_training/7B.sh, examples/ee_tuning/tune/
@@ -258,8 +259,7 @@ def test_sigterm_is_recorded_not_fatal_until_restored():
     try:
         assert not flag.received
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)
-        assert flag.received
+        assert wait_until(lambda: flag.received, timeout=10)
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGTERM) is not flag._handle

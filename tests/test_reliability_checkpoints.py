@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.helpers import wait_until
 from tests.training_fixtures import VOCAB, run_training, tiny_run_flags
 
 QUIET = {"--eval-iters": 0}
@@ -263,8 +264,9 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
 
     root, paused, tag = str(tmp_path / "ck"), tmp_path / "paused", f"EE_TEST_TAG={uuid.uuid4().hex}"
     flags = {"--save": root, "--save-interval": 2, **QUIET}
-    env = _fresh_process_env(EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", EE_TEST_TAG=tag.split("=", 1)[1])
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py")] + tiny_run_flags(corpus, iters=6, **flags),
+    env = _fresh_process_env(EE_TEST_TAG=tag.split("=", 1)[1])
+    pause = [os.path.join(ROOT, "tests", "checkpoint_pause.py"), f"{moment}:4:{paused}"]  # the trainer, paused
+    proc = subprocess.Popen([sys.executable, *pause] + tiny_run_flags(corpus, iters=6, **flags),
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -280,8 +282,7 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
         assert time.time() - start < 5
         os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as a user's kill -9 <PID>
         proc.wait()
-        time.sleep(1)
-        assert _tagged(tag) == [], "processes of the killed trainer are still running"
+        assert wait_until(lambda: _tagged(tag) == [], timeout=10), "processes of the killed trainer are still running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

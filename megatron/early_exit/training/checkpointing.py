@@ -47,11 +47,6 @@ CHECKPOINT_VERSION = 2
 # The distributed optimizer's state in a layout-independent form, so that a checkpoint
 # reshards across TP/PP/DP like the model does.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
-# Test hook: EE_CHECKPOINT_TEST_PAUSE="<moment>:<iteration>:<file>" makes rank 0 create <file>
-# at that moment of that iteration's save and wait there (to be killed). Moments: writing
-# (about to write the shard files), before_rename (shards written), before_marker (renamed,
-# marker not yet updated).
-PAUSE_ENV = "EE_CHECKPOINT_TEST_PAUSE"
 LOCK_FILE = ".lock"
 
 def _layout() -> Tuple[int, int, int]:
@@ -183,7 +178,7 @@ def _write_checkpoint(root: str, tmp: str, iteration: int, build_state, checksum
             shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     torch.distributed.barrier()
-    with _writes_in_this_process(iteration):
+    with _writes_in_this_process():
         dist_checkpointing.save(build_state(), tmp)
     torch.distributed.barrier()
     if checksums:
@@ -191,11 +186,9 @@ def _write_checkpoint(root: str, tmp: str, iteration: int, build_state, checksum
 
 
 def _put_in_place(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
-    _pause_here("before_rename", iteration)
     if os.path.isdir(final):  # saving the same iteration again: keep the old one until the new is in place
         os.replace(final, final + ".old")
     os.replace(tmp, final)
-    _pause_here("before_marker", iteration)
     marker = os.path.join(root, TRACKER)
     with open(marker + ".tmp", "w") as f:
         f.write(str(iteration))
@@ -253,7 +246,7 @@ def _writer_of(name: str, world: int) -> int:
 
 
 @contextlib.contextmanager
-def _writes_in_this_process(iteration: int):
+def _writes_in_this_process():
     """dist_checkpointing's torch_dist writer (FileSystemWriterAsync) writes its files from
     processes of its own: a results queue served by a multiprocessing Manager (spawned,
     with multiprocessing's resource tracker) and one forked writer per file. A trainer
@@ -265,8 +258,6 @@ def _writes_in_this_process(iteration: int):
     writer = fsa.FileSystemWriterAsync
 
     def write_in_threads(transform_list, use_msc, rank, write_buckets, results_queue):
-        _pause_here("writing", iteration)
-
         def write(index, bucket):
             results, count = queue.Queue(), queue.Queue()
             count.put(index)  # the writer marks its task done on it
@@ -383,14 +374,6 @@ def _holder(fd: int) -> str:
         return f"PID {record['pid']} on host {record['host']}, since {record['since']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "a process that has not written its PID yet"
-
-
-def _pause_here(moment: str, iteration: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "").split(":", 2)
-    if len(spec) == 3 and spec[0] == moment and int(spec[1]) == iteration:
-        open(spec[2], "w").close()
-        while True:
-            time.sleep(1)
 
 
 def _flag(name: str) -> str:
