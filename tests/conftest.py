@@ -79,7 +79,7 @@ def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900, env: 
         _LAUNCHES[key] = _torchrun([module_name], out, nproc, timeout, env or {})
     proc, results = _LAUNCHES[key]
     if results is None:
-        pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        _launch_failed(module_name, proc)
     return results
 
 
@@ -140,8 +140,13 @@ def launch_grouped(module_name: str, request) -> dict:
                                    timeout=600 * len(members), env={})
     proc, results = _LAUNCHES[key]
     if results is None or module_name not in results:
-        pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        _launch_failed(module_name, proc)
     return results[module_name]
+
+
+def _launch_failed(module_name, proc):
+    pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
 
 
 def _torchrun(runner_args, out, nproc, timeout, env):

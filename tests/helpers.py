@@ -3,7 +3,6 @@
 import time
 
 import torch
-
 from megatron.core import parallel_state
 
 
@@ -137,12 +136,14 @@ HEADS = {
     "untied": dict(untie_exit_output_weights=True, use_exit_norm=True),
     "pre_exit": dict(pre_exit=True, use_exit_norm=True),
     "pre_exit_block_untied": dict(pre_exit=True, use_exit_block=True, untie_exit_output_weights=True),
-    "temperature_dynamic": dict(use_exit_norm=True, exit_layer_temperature=[2.0, 0.5], use_dynamic_exit_layer_weight=True),
+    "temperature_dynamic": dict(use_exit_norm=True, exit_layer_temperature=[2.0, 0.5],
+                                use_dynamic_exit_layer_weight=True),
 }
 
 
 # Local parameter names -> the TE layout's (what megatron-core's local spec maps in checkpoints).
-_RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"), ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+            ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 
 
 def _renamed(state: dict, to_te: bool) -> dict:

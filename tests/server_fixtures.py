@@ -33,7 +33,8 @@ def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(seq_length),
+        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", str(seq_length),
         "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
         "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",

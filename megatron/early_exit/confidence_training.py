@@ -25,7 +25,8 @@ class ExitSamples:
     agree: Tensor  # [n] 1.0 where the exit's token is the final layer's
 
 
-def collect(model, sequences: Sequence[Sequence[int]], progress=None, use_logits: bool = True) -> Dict[int, ExitSamples]:
+def collect(model, sequences: Sequence[Sequence[int]], progress=None,
+            use_logits: bool = True) -> Dict[int, ExitSamples]:
     """Features and targets of every exit at every position of `sequences`, from one
     full-depth prefill each through the decoder (the states it tests when decoding)."""
     out: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
@@ -39,7 +40,8 @@ def collect(model, sequences: Sequence[Sequence[int]], progress=None, use_logits
                 point = points.get(depth)
                 if point is not None:
                     head_input = attention_output if point.head.has_mlp else None
-                    seen[point.layer_number] = (exit_logits(model, point.head, point.layer, x, head_input)[:, 0], x[:, 0])
+                    logits = exit_logits(model, point.head, point.layer, x, head_input)
+                    seen[point.layer_number] = (logits[:, 0], x[:, 0])
 
             step = decoder.step([0], [list(seq)], all_logits=True, observe=observe)
             final = step.chunk_logits[0].argmax(-1)
@@ -48,7 +50,8 @@ def collect(model, sequences: Sequence[Sequence[int]], progress=None, use_logits
                                               (logits.argmax(-1) == final).float()))
             if progress is not None and ((i + 1) % 8 == 0 or i + 1 == len(sequences)):
                 progress(i + 1)
-    return {n: ExitSamples(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts])) for n, parts in out.items()}
+    return {n: ExitSamples(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts]))
+            for n, parts in out.items()}
 
 
 def fit(samples: Dict[int, ExitSamples], hidden_size: int, steps: int = 200, weight_decay: float = 1e-3,

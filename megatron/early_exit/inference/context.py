@@ -28,10 +28,9 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
+from torch import Tensor
 
 _TRANSPOSED: Dict[int, Tuple[Tuple[int, int], Tensor]] = {}  # id(weight) -> ((data_ptr, version), weight.t())
 
