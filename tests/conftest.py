@@ -9,6 +9,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One intra-op thread in this process and the processes it starts (read when torch is first
+# imported, which comes after this file): the tests' tensors are tiny, and on a busy 2-core
+# machine a second OpenMP thread per process spins at every operation (a tiny training run
+# took 25 s of CPU with it, 1 s without).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
