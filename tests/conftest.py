@@ -128,22 +128,28 @@ def case_output_dir(request, module_name: str) -> str:
 
 def launch_grouped(module_name: str, request) -> dict:
     """The results of `module_name`'s cases, from the one launch of the modules of its size
-    that the selected tests use (run at the first call, then cached)."""
+    that the selected tests use (run at the first call, then cached). A module that launch
+    left out (its users were not recognised) gets a launch of its own."""
     nproc = GROUPED[module_name][0]
-    key = ("group", nproc)
-    if key not in _LAUNCHES:
-        members = [m for m, (n, *_) in GROUPED.items()
-                   if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
+    launched = [entry for key, entry in _LAUNCHES.items() if key[0] == "group" and key[1] == nproc]
+    if not any(module_name in members for members, _ in launched):
+        if launched:
+            members = [module_name]
+        else:
+            members = [m for m, (n, *_) in GROUPED.items()
+                       if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
         corpus = request.getfixturevalue("corpus") if any(GROUPED[m][3] for m in members) else None
         group = [{"module": m, "env": {"EE_TEST_OUT": case_output_dir(request, m),
                                        **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {})}} for m in members]
         launch_dir = request.getfixturevalue("launch_dir")
-        spec = os.path.join(launch_dir, f"group_{nproc}.json")
-        with open(spec, "w") as f:
+        name = f"group_{nproc}_{len(launched)}"
+        with open(os.path.join(launch_dir, f"{name}.json"), "w") as f:
             json.dump(group, f)
-        _LAUNCHES[key] = _torchrun(["--group", spec], os.path.join(launch_dir, f"group_{nproc}_results.json"), nproc,
-                                   timeout=600 * len(members), env={})
-    proc, results = _LAUNCHES[key]
+        _LAUNCHES[("group", nproc, len(launched))] = (members, _torchrun(
+            ["--group", os.path.join(launch_dir, f"{name}.json")], os.path.join(launch_dir, f"{name}_results.json"),
+            nproc, timeout=600 * len(members), env={}))
+        launched = [entry for key, entry in _LAUNCHES.items() if key[0] == "group" and key[1] == nproc]
+    (proc, results), = [outcome for members, outcome in launched if module_name in members]
     if results is None or module_name not in results:
         _launch_failed(module_name, proc)
     return results[module_name]
