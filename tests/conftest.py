@@ -92,7 +92,7 @@ def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900, env: 
 # since importing megatron-core costs each process ~8 s. A module is launched when a selected
 # test uses its results (through the named fixture of the named test file, or as test_multiproc's
 # parameter); its cases read EE_TEST_DATA (the session's corpus, where marked) and EE_TEST_OUT
-# (a folder of its own, `case_output_dir`).
+# (a folder of its own, `case_output_dir`), where the fixtures of PREPARE put their inputs first.
 GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
     "tests.multiproc.cases_foundation": (2, "test_multiproc.py", None, False),
     "tests.multiproc.cases_model": (2, "test_multiproc.py", None, False),
@@ -107,7 +107,9 @@ GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
     "tests.multiproc.cases_pipeline": (4, "test_multiproc.py", None, False),
     "tests.multiproc.cases_pipeline_training": (4, "test_pipeline.py", "pipeline_runs", True),
     "tests.multiproc.cases_interleaved": (4, "test_interleaved.py", "interleaved_runs", True),
+    "tests.multiproc.cases_reshard": (4, "test_checkpoint.py", "reshard_runs", True),
 }
+PREPARE = {"tests.multiproc.cases_reshard": "reshard_inputs"}  # module: session fixture writing its inputs
 
 
 def _uses(item, module_name) -> bool:
@@ -139,6 +141,9 @@ def launch_grouped(module_name: str, request) -> dict:
             members = [m for m, (n, *_) in GROUPED.items()
                        if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
         corpus = request.getfixturevalue("corpus") if any(GROUPED[m][3] for m in members) else None
+        for m in members:
+            if m in PREPARE:
+                request.getfixturevalue(PREPARE[m])
         group = [{"module": m, "env": {"EE_TEST_OUT": case_output_dir(request, m),
                                        **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {})}} for m in members]
         launch_dir = request.getfixturevalue("launch_dir")
@@ -239,3 +244,25 @@ def preprocess_tool():
     from tests.tokenizer_fixtures import load_preprocess_tool
 
     return load_preprocess_tool()
+
+
+@pytest.fixture(scope="session")
+def reshard_inputs(dist1, corpus, request):
+    """What cases_reshard reads in its folder: a TP=1 checkpoint, its logits at every exit,
+    and its generations (full depth and pipeline-based early exit)."""
+    import torch
+
+    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+    from megatron.early_exit.inference.loading import load_model
+    from tests.multiproc.cases_reshard import FLAGS, PROMPTS, TOKENS, logits_by_layer
+    from tests.training_fixtures import run_training, tiny_run_flags
+
+    root = case_output_dir(request, "tests.multiproc.cases_reshard")
+    state = run_training(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
+    torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
+    model = load_model(os.path.join(root, "tp1"))[0]
+    torch.save({name: (out.tokens, out.exit_layers) for name, out in (
+        ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
+        ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
+    )}, os.path.join(root, "tp1_generations.pt"))
+    return root

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import launch, launch_grouped
+from tests.conftest import case_output_dir, launch_grouped
 from tests.training_fixtures import VOCAB, run_training, tiny_run_flags
 
 
@@ -175,23 +175,11 @@ def test_resume_under_two_processes(checkpoint_runs, case):
 
 
 @pytest.fixture(scope="module")
-def reshard_runs(dist1, corpus, launch_dir, tmp_path_factory):
-    """A TP=1 checkpoint with its logits, then one 4-process launch (TP=2 x PP=2) that
-    saves its own checkpoint and reads the TP=1 one."""
-    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
-    from megatron.early_exit.inference.loading import load_model
-    from tests.multiproc.cases_reshard import FLAGS, PROMPTS, TOKENS, logits_by_layer
-
-    root = str(tmp_path_factory.mktemp("reshard"))
-    state = run_training(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
-    torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
-    model = load_model(os.path.join(root, "tp1"))[0]
-    torch.save({name: (out.tokens, out.exit_layers) for name, out in (
-        ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
-        ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
-    )}, os.path.join(root, "tp1_generations.pt"))
-    results = launch("tests.multiproc.cases_reshard", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_RESHARD_DIR": root})
-    return root, results
+def reshard_runs(request):
+    """One 4-process launch (TP=2 x PP=2) that saves its own checkpoint and reads the TP=1
+    one of conftest's reshard_inputs."""
+    results = launch_grouped("tests.multiproc.cases_reshard", request)
+    return case_output_dir(request, "tests.multiproc.cases_reshard"), results
 
 
 @pytest.mark.multiproc
