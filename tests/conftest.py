@@ -78,9 +78,9 @@ _LAUNCHES = {}
 def launch(module_name: str, nproc: int, tmp_dir: str, timeout: int = 900, env: dict | None = None):
     """Run every case of `module_name` in one torchrun launch of its own (cached per session);
     modules that need no more than the corpus run grouped instead (`launch_grouped`)."""
-    key = (module_name, nproc)
+    key = (module_name, nproc, tuple(sorted((env or {}).items())))  # other inputs: another launch
     if key not in _LAUNCHES:
-        out = os.path.join(tmp_dir, f"{module_name.replace('.', '_')}_{nproc}.json")
+        out = os.path.join(tmp_dir, f"{module_name.replace('.', '_')}_{nproc}_{len(_LAUNCHES)}.json")
         _LAUNCHES[key] = _torchrun([module_name], out, nproc, timeout, env or {})
     proc, results = _LAUNCHES[key]
     if results is None:
@@ -108,8 +108,10 @@ GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
     "tests.multiproc.cases_pipeline_training": (4, "test_pipeline.py", "pipeline_runs", True),
     "tests.multiproc.cases_interleaved": (4, "test_interleaved.py", "interleaved_runs", True),
     "tests.multiproc.cases_reshard": (4, "test_checkpoint.py", "reshard_runs", True),
+    "tests.multiproc.cases_hf": (4, "test_hf.py", "hf_tp2_pp2_runs", False),
 }
-PREPARE = {"tests.multiproc.cases_reshard": "reshard_inputs"}  # module: session fixture writing its inputs
+# module: session fixture that writes its inputs first (and returns more environment, or None)
+PREPARE = {"tests.multiproc.cases_reshard": "reshard_inputs", "tests.multiproc.cases_hf": "hf_tp2_pp2_inputs"}
 
 
 def _uses(item, module_name) -> bool:
@@ -141,11 +143,10 @@ def launch_grouped(module_name: str, request) -> dict:
             members = [m for m, (n, *_) in GROUPED.items()
                        if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
         corpus = request.getfixturevalue("corpus") if any(GROUPED[m][3] for m in members) else None
-        for m in members:
-            if m in PREPARE:
-                request.getfixturevalue(PREPARE[m])
+        prepared = {m: request.getfixturevalue(PREPARE[m]) if m in PREPARE else None for m in members}
         group = [{"module": m, "env": {"EE_TEST_OUT": case_output_dir(request, m),
-                                       **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {})}} for m in members]
+                                       **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {}),
+                                       **(prepared[m] if isinstance(prepared[m], dict) else {})}} for m in members]
         launch_dir = request.getfixturevalue("launch_dir")
         name = f"group_{nproc}_{len(launched)}"
         with open(os.path.join(launch_dir, f"{name}.json"), "w") as f:
@@ -266,3 +267,26 @@ def reshard_inputs(dist1, corpus, request):
         ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
     )}, os.path.join(root, "tp1_generations.pt"))
     return root
+
+
+@pytest.fixture(scope="session")
+def hf_tp2_pp2_inputs(dist1, request):
+    """What cases_hf reads: a random Llama model converted for TP=2 x PP=2 with exits on both
+    stages, and its one-process logits (final and every exit)."""
+    import torch
+
+    from tests.hf_fixtures import add_exits, batch, import_llama, load, save_random_llama
+
+    root = case_output_dir(request, "tests.multiproc.cases_hf")
+    save_random_llama(os.path.join(root, "hf"), seed=13, num_key_value_heads=2)
+    import_llama(os.path.join(root, "hf"), os.path.join(root, "ours"), tp=2, pp=2)
+    add_exits(os.path.join(root, "ours"), os.path.join(root, "ee"), copy_init=False, exit_layer_nums=[1, 3],
+              use_exit_norm=True, untie_exit_output_weights=True)  # exits on both stages (layers 1-2 and 3-4)
+    model = load(os.path.join(root, "ee"))
+    tokens, pos = batch()
+    with torch.no_grad():
+        out = model(tokens, pos, None)
+        reference = {"tokens": tokens, "position_ids": pos, "vocab_size": model.vocab_size, "final": out.final,
+                     "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits}}
+    torch.save(reference, os.path.join(root, "reference.pt"))
+    return {"EE_HF_CHECKPOINT": os.path.join(root, "ee"), "EE_HF_REFERENCE": os.path.join(root, "reference.pt")}

@@ -210,7 +210,8 @@ def _fresh_process_env() -> dict:
     return dict(env, PYTHONWARNINGS="ignore")
 
 
-@pytest.mark.parametrize("moment", ["before_rename", "before_marker"])
+# before_rename is also killed in make test by test_reliability_checkpoints' kill -9 test.
+@pytest.mark.parametrize("moment", [pytest.param("before_rename", marks=pytest.mark.slow), "before_marker"])
 def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_path, moment):
     import signal
     import subprocess

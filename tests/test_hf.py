@@ -14,10 +14,24 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch_grouped
 from tests.hf_fixtures import (
-    FFN, HIDDEN, LLAMA3, SEQ, VOCAB, add_exits, batch, edit_config, export_llama, fresh_process_env, full_state,
-    import_llama, leftovers, load, save_random_llama, save_word_tokenizer,
+    FFN,
+    HIDDEN,
+    LLAMA3,
+    SEQ,
+    VOCAB,
+    add_exits,
+    batch,
+    edit_config,
+    export_llama,
+    fresh_process_env,
+    full_state,
+    import_llama,
+    leftovers,
+    load,
+    save_random_llama,
+    save_word_tokenizer,
 )
 from tests.training_fixtures import tiny_run_flags
 
@@ -216,8 +230,8 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
     from megatron.early_exit.models.model_config import ModelConfig
-    from megatron.early_exit.training.arguments import stored_args
     from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.training.arguments import stored_args
 
     add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
     # What --tune-exit-pipeline-parallel-size 1 of 2 saves: layers 1-2 and their exits, tuned.
@@ -271,22 +285,16 @@ def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, 
 # ----------------------------------------------------------------------------- TP=2 x PP=2
 
 
+@pytest.fixture(scope="module")
+def hf_tp2_pp2_runs(request):
+    """conftest's hf_tp2_pp2_inputs (a converted model and its one-process logits), read at
+    TP=2 x PP=2 in the 4-process launch."""
+    return launch_grouped("tests.multiproc.cases_hf", request)
+
+
 @pytest.mark.multiproc
-def test_tp2_pp2_load_gives_one_process_logits(dist1, tmp_path, launch_dir):
-    save_random_llama(tmp_path / "hf", seed=13, num_key_value_heads=2)
-    import_llama(tmp_path / "hf", tmp_path / "ours", tp=2, pp=2)
-    # exits on both stages (layers 1-2 and 3-4)
-    add_exits(tmp_path / "ours", tmp_path / "ee", copy_init=False, exit_layer_nums=[1, 3], use_exit_norm=True,
-              untie_exit_output_weights=True)
-    model = load(tmp_path / "ee")
-    tokens, pos = batch()
-    with torch.no_grad():
-        out = model(tokens, pos, None)
-        reference = {"tokens": tokens, "position_ids": pos, "vocab_size": model.vocab_size, "final": out.final,
-                     "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits}}
-    torch.save(reference, tmp_path / "reference.pt")
-    results = launch("tests.multiproc.cases_hf", 4, launch_dir,
-                     env={"EE_HF_CHECKPOINT": str(tmp_path / "ee"), "EE_HF_REFERENCE": str(tmp_path / "reference.pt")})
+def test_tp2_pp2_load_gives_one_process_logits(hf_tp2_pp2_runs):
+    results = hf_tp2_pp2_runs
     case = results["case_tp2_pp2_logits_match_one_process"]
     assert case["ok"], case["error"]
     assert sorted(case["metrics"]) == ["exit 1", "exit 3", "final"]

@@ -16,7 +16,19 @@ import pytest
 import torch
 
 from tests.server_fixtures import (
-    CLI, EOD, EXITS, MAX_BATCH, MAX_PROMPT, MAX_SEQ, MIXED_THRESHOLD, NUM_LAYERS, PROMPTS, VOCAB, Server, ids, put_api,
+    CLI,
+    EOD,
+    EXITS,
+    MAX_BATCH,
+    MAX_PROMPT,
+    MAX_SEQ,
+    MIXED_THRESHOLD,
+    NUM_LAYERS,
+    PROMPTS,
+    VOCAB,
+    Server,
+    ids,
+    put_api,
 )
 
 httpx = pytest.importorskip("httpx")

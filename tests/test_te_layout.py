@@ -21,7 +21,14 @@ import torch
 from megatron.early_exit.config import EarlyExitConfig
 from tests.conftest import ROOT
 from tests.helpers import (
-    HEADS, build_ee_gpt, ee_loss_and_grads, local_names, make_batch, spread_vectors, te_names, tiny_transformer_config,
+    HEADS,
+    build_ee_gpt,
+    ee_loss_and_grads,
+    local_names,
+    make_batch,
+    spread_vectors,
+    te_names,
+    tiny_transformer_config,
 )
 from tests.training_fixtures import VOCAB, tiny_run_flags
 
