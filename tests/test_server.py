@@ -465,6 +465,7 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
     assert srv.proc.returncode is not None
 
 
+@pytest.mark.slow  # make test: the TP=2 server above, and pipeline decoding in multiproc/cases_inference_pipeline
 @pytest.mark.multiproc
 def test_pp2_server_broadcasts_to_both_stages(checkpoint, engine, tmp_path):
     """Two pipeline stages behind one server (pipeline-based early exit)."""
