@@ -34,6 +34,7 @@ def parse_args():
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.6, 0.4])
     p.add_argument("--exit-layers", type=int, nargs="*", default=[2, 4])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a host with a GPU for each of the 2 processes")
     return p.parse_args()
 
 
@@ -75,7 +76,7 @@ def run_ranks(args):
     torch.set_num_threads(1)
     files = prepare_corpus(args.work_dir) if int(os.environ["RANK"]) == 0 else None
     holder = [files]
-    initialize_parallel(1, 1)
+    initialize_parallel(1, 1, device=args.device)
     torch.distributed.broadcast_object_list(holder)
     files = holder[0]
     ckpt = args.load or os.path.join(args.work_dir, "checkpoints")
@@ -90,7 +91,7 @@ def run_ranks(args):
         log(f"PP=1 full depth: {tps:.1f} tokens/s")
     torch.distributed.barrier()
 
-    initialize_parallel(1, 2)
+    initialize_parallel(1, 2, device=args.device)
     model, _, _ = load_model(ckpt, pipeline_model_parallel_size=2)
     full_tps, reference, _ = timed(model, prompts, FullDepth(), args.max_new_tokens, args.repeats)
     rows.append(("full depth, PP=2", full_tps, 1.0, float(train_args.num_layers), 1.0))

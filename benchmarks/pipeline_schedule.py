@@ -134,6 +134,16 @@ def _save_png(timeline, path):
     ax.set_yticks(range(len(timeline.spans)), [f"stage {s}" for s in range(len(timeline.spans))])
     ax.invert_yaxis()
     ax.set_xlabel("time (forward = 1)")
+    from matplotlib.patches import Patch
+
+    # Bars are labelled by item: R3 the 4th real microbatch, w0 / c0 the first warm-up /
+    # cool-down fill item; the colour (and for fill items the shade) tells forward from backward.
+    legend = [Patch(color=colors["R"][0], label="R3: forward of real microbatch 3"),
+              Patch(color=colors["R"][1], alpha=0.75, label="R3: backward of real microbatch 3"),
+              Patch(color=colors["W"][0], label="w0: warm-up fill item 0, forward (lighter: backward); trains the exits it reaches"),
+              Patch(color=colors["C"][0], label="c0: cool-down fill item 0, forward (lighter: backward); its backward stops early")]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(timeline.spans) > 2 else -0.45),
+              ncol=2, fontsize=8, frameon=False)
     ax.set_title(f"early-exit 1F1B with bubble filling: bubble {timeline.bubble_fraction:.1%}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -168,7 +178,7 @@ def measure_worker(args):
         "EE 1F1B + fixed": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "fixed"),
         "EE 1F1B + idle": (EarlyExitConfig(exit_layer_nums=[2, 6], use_exit_norm=True, untie_exit_output_weights=True), "idle"),
     }
-    initialize_parallel(1, 2, seed=1)
+    initialize_parallel(1, 2, seed=1, device="cpu")  # measured on CPU processes (gloo), as its links are
     times, noise, extra = {}, {}, {}
     rank = torch.distributed.get_rank()
     runs = {}

@@ -37,6 +37,7 @@ def parse_args():
     p.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and every core")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present): both models run there")
     return p.parse_args()
 
 
@@ -82,14 +83,14 @@ def main():
         print(f"random Llama ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}) in {hf_dir}, converting ...", flush=True)
         random_llama(hf_dir, args)
         import_hf(hf_dir, ours)
-    initialize_parallel(1, 1)
-    model, _, config = load_model(ours, device=torch.device("cpu"))
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    device = initialize_parallel(1, 1, device=args.device).device
+    model, _, config = load_model(ours)  # on the process's device: megatron-core allocates there
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
     vocab = min(config.padded_vocab_size, hf.config.vocab_size)
     strategies = [("full depth", FullDepth())]
     if args.load and config.early_exit.exit_layer_nums:
         strategies.append((f"early exit {args.threshold}", EarlyExit(args.threshold)))
-    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    threads = args.threads or (sorted({1, os.cpu_count() or 1}) if device.type == "cpu" else [torch.get_num_threads()])
     print(f"\n{args.prompt_tokens}-token prompts, {args.new_tokens} greedy tokens, best of {args.repeats}\n")
     print(f"{'threads':>7} {'batch':>5} {'transformers tok/s':>19} " + " ".join(f"{name + ' tok/s':>22} {'ratio':>6}" for name, _ in strategies)
           + f" {'tokens equal':>13}")
@@ -97,7 +98,7 @@ def main():
         torch.set_num_threads(n_threads)
         for b in args.batch_sizes:
             g = torch.Generator().manual_seed(b)
-            prompts = torch.randint(0, vocab, (b, args.prompt_tokens), generator=g)
+            prompts = torch.randint(0, vocab, (b, args.prompt_tokens), generator=g).to(device)
             with torch.no_grad():
                 t_hf, hf_out = best_of(args.repeats, lambda: hf.generate(
                     prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,

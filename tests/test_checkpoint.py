@@ -169,7 +169,8 @@ def checkpoint_runs(request):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", ["case_resume_tp2", "case_resume_pp2", "case_resume_dp2", "case_resume_dp2_distributed_optimizer"])
+@pytest.mark.parametrize("case", ["case_resume_tp2", "case_resume_pp2", "case_resume_dp2", "case_resume_dp2_distributed_optimizer",
+                                  "case_distributed_optimizer_state_gathered_on_one_rank"])
 def test_resume_under_two_processes(checkpoint_runs, case):
     assert checkpoint_runs[case]["ok"], checkpoint_runs[case]["error"]
 

@@ -64,6 +64,38 @@ def test_recomputation_and_exit_heads_change_the_right_terms():
     assert full["parameters"] == plain["parameters"]
 
 
+def test_exit_mlps_and_distillation_are_counted():
+    """An exit MLP's saved tensors and self-distillation's fp32 vocabulary-sized buffers."""
+    from megatron.early_exit.memory import estimate
+    from tools.estimate_memory import shape_of
+
+    base = run_flags(**SMALL, exits=[1, 3])
+    plain = estimate(*shape_of(base, 1))[0].terms
+    mlp = estimate(*shape_of(base + ["--use-exit-mlp"], 1))[0].terms
+    distill = estimate(*shape_of(base + ["--exit-distill-weight", "0.5"], 1))[0].terms
+    s, b, h, ffn, vocab = SMALL["seq"], SMALL["micro_batch"], SMALL["hidden"], SMALL["ffn"], SMALL["vocab"]
+    logits = 4 * s * b * vocab  # fp32
+    assert plain["exit activations"] == plain["distillation"] == 0
+    # Two exits alive together, each: SwiGLU's five [s, b, ffn] tensors and its norm's two [s, b, h] (fp32).
+    assert mlp["exit activations"] == 2 * 4 * (5 * s * b * ffn + 2 * s * b * h)
+    # Teacher copy and log-probabilities, then two probability tensors per exit.
+    assert distill["distillation"] == logits * 2 + 2 * 2 * logits
+    assert distill["exit logits"] == plain["exit logits"]
+
+
+def test_fits_only_with_a_margin_for_what_the_estimate_leaves_out():
+    from megatron.early_exit.memory import CUDA_RESERVE_GB, HEAD_TERMS, StageMemory, format_table
+
+    def stage(gb):
+        terms = {"parameters": gb * 1e9, "backward buffer": 0.0, **{n: 0.0 for n in HEAD_TERMS}}
+        return [StageMemory(0, 1, [], 1, terms)]
+
+    assert "; does NOT fit in 80 GB GPUs with a margin of 9.90 GB (CUDA context and communication buffers 2 GB, " \
+           "allocator fragmentation 10%)" in format_table(stage(79.0), 80)
+    assert "; fits in 80 GB GPUs with a margin of 8.80 GB" in format_table(stage(68.0), 80)
+    assert CUDA_RESERVE_GB > 0
+
+
 @pytest.mark.slow
 def test_ee_llm_scripts_on_80gb_gpus():
     proc = subprocess.run(
@@ -91,6 +123,9 @@ CONFIGS = {
     "no pipeline, no exits": (run_flags(**SMALL, exits=[]), 1),
     "no pipeline, exits, full recomputation": (run_flags(**SMALL, exits=[1, 3], recompute=FULL_UNIFORM), 1),
     "no pipeline, exits, block recomputation": (run_flags(**SMALL, exits=[2], recompute=BLOCK), 1),
+    "no pipeline, exit MLPs, self-distillation": (
+        run_flags(**SMALL, exits=[1, 3], recompute=["--use-exit-mlp", "--untie-exit-output-weights",
+                                                    "--exit-distill-weight", "0.5"]), 1),
     "1F1B PP=2, 4 microbatches, exits, selective": (
         run_flags(**SMALL, exits=[1, 3], recompute=["--recompute-activations"], pp=2, microbatches=4), 2),
 }

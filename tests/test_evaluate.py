@@ -191,7 +191,7 @@ def test_exit_loglikelihoods_differ_from_full(task_run):
 # -- perplexity -------------------------------------------------------------------------------
 
 
-def test_perplexity_equals_exp_mean_nll(engine, checkpoint, corpus, tmp_path):
+def test_perplexity_equals_exp_mean_nll(engine, checkpoint, corpus, tmp_path, capsys):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron.early_exit.evaluation.settings import Setting, score_setting
@@ -232,6 +232,9 @@ def test_perplexity_equals_exp_mean_nll(engine, checkpoint, corpus, tmp_path):
     assert by_name["full"].agreement == 1.0 and by_name["early exit 2"].agreement == 1.0
     assert json.load(open(out))["rows"][0]["setting"] == "full"
     assert os.path.getsize(plot) > 1000
+    # Progress lines name each setting as the table does.
+    progress = [line for line in capsys.readouterr().out.splitlines() if "tokens/s so far" in line]
+    assert {" ".join(line.split()[2:-4]) for line in progress} == set(by_name)
 
 
 def test_early_exit_scoring_takes_the_first_confident_exit(engine):

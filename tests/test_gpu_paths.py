@@ -79,6 +79,7 @@ def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
     ("speculative", 1),  # a draft step reads its token; verification reads the whole batch once
     ("early_exit", 3),  # one more at each of the two exits a step reaches: their decisions skip layers
     ("early_exit_propagate", 3),
+    ("early_exit_pipeline", 3),  # the stage pass (kv="pipeline"): decided rows cut out on the device
 ])
 def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
@@ -86,7 +87,8 @@ def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
     from tests.inference_models import PROMPTS, build_model
 
     chosen = {"full": FullDepth(), "speculative": SelfSpeculative(exit_layer=1, num_draft=3),
-              "early_exit": EarlyExit(threshold=0.5), "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate")}
+              "early_exit": EarlyExit(threshold=0.5), "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate"),
+              "early_exit_pipeline": EarlyExit(threshold=0.5, kv="pipeline")}
     model = build_model("untied_mlp")
     with SyncCounter() as counter:
         result = generate(model, PROMPTS, chosen[strategy], max_new_tokens=16)

@@ -59,7 +59,8 @@ def test_echo_logprobs_score_the_prompt_with_real_alternatives(client, engine):
         assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], ref.logprobs[i])) < 1e-5
         for top, ref_ids, ref_lps in zip(lp["top_logprobs"][1:], ref.top_tokens[i], ref.top_logprobs[i]):
             assert len(top) >= 20
-            expected = {tokenizer.detokenize([t]): v for t, v in zip(ref_ids, ref_lps)}
+            # Keyed as the tokens are rendered: the text each adds after the one before (its separator).
+            expected = {" " + tokenizer.detokenize([t]): v for t, v in zip(ref_ids, ref_lps)}
             assert all(abs(top[k] - v) < 1e-5 for k, v in expected.items())
         # lm-eval's greedy test: the token's value is the largest of its alternatives exactly when it is the argmax
         assert [lp["token_logprobs"][t] == max(lp["top_logprobs"][t].values()) for t in range(1, len(lp["tokens"]))] \
@@ -73,7 +74,7 @@ def test_echo_logprobs_score_the_prompt_with_real_alternatives(client, engine):
     n = len(ids(PROMPTS[0]))
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:n], ref.logprobs[0])) < 1e-5
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][n:], gen.logprobs[0])) < 1e-4
-    assert [set(t) >= {tokenizer.detokenize([x]) for x in alt} for t, alt in zip(lp["top_logprobs"][n:], gen.top_tokens[0])] \
+    assert [set(t) >= {" " + tokenizer.detokenize([x]) for x in alt} for t, alt in zip(lp["top_logprobs"][n:], gen.top_tokens[0])] \
         == [True] * len(gen.tokens[0])
 
     # exit_layer: scoring and generation with one exit's head

@@ -9,7 +9,8 @@ examples/ee_llm (its flags and world size), and prints one row per pipeline stag
 parameters, gradients, optimizer state, activations of the in-flight microbatches,
 recomputation buffer, final and exit logits, transient buffers, the total and its largest
 term (see megatron/early_exit/memory.py for what each term counts). With --gpu-memory-gb
-it says whether the largest rank fits.
+it says whether the largest rank fits, keeping a named margin for what the estimate leaves
+out (CUDA context, NCCL and cuBLAS buffers, allocator fragmentation).
 """
 
 import argparse
@@ -29,7 +30,9 @@ def parse_tool_args(argv=None):
                                 allow_abbrev=False)
     p.add_argument("--world-size", type=int, default=None,
                    help="number of ranks (default: the script's, else --tensor- x --pipeline-model-parallel-size)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None, help="say whether each configuration fits in GPUs this big")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="say whether each configuration fits in GPUs this big, with a margin for the CUDA context, "
+                        "communication buffers and allocator fragmentation")
     p.add_argument("--script", action="append", default=[], help="an examples/ee_llm launch script (repeatable)")
     p.add_argument("--tokenizer-vocab-size", type=int, default=32000,
                    help="vocabulary of the tokenizer the flags name (default: Llama-2's 32000)")

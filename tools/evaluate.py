@@ -126,7 +126,8 @@ def run_speed(args, model, windows, settings, rows, log):
     max_new = min(args.max_new_tokens, model.max_sequence_length - args.prompt_length)
     log(f"speed: {len(prompts)} prompts of {args.prompt_length} tokens, {max_new} new tokens each")
     runs = time_strategies(model, prompts, [s.strategy() for s in settings], max_new, args.repeats,
-                           stop_tokens=(), clock=args.clock, progress=lambda line: log("  " + line))
+                           stop_tokens=(), clock=args.clock, progress=lambda line: log("  " + line),
+                           names=[s.name for s in settings])
     reference = [r.tokens[0] for r in runs[0]]
     full_tps = None
     for row, results in zip(rows, runs):

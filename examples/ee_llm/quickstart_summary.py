@@ -14,6 +14,7 @@ import numpy as np
 
 def unigram_entropy(prefix: str) -> float:
     """Entropy (nats) of the token distribution of a Megatron .bin/.idx dataset."""
+    import megatron.early_exit  # noqa: F401  (first: it hides megatron-core's import-time warnings)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix)

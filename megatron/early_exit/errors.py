@@ -33,6 +33,9 @@ HARMLESS_WARNINGS = (
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
     (FutureWarning, r"`torch\.distributed\._all_gather_base` is a private function"),
     (FutureWarning, r"`torch\.distributed\._reduce_scatter_base` is a private function"),
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
+    # megatron-core's dist_checkpointing load (torch_dist) calls torch's deprecated name.
+    (FutureWarning, r"`load_state_dict` is deprecated"),
 )
 SHOW_WARNINGS_ENV = "EE_SHOW_WARNINGS"
 

@@ -41,12 +41,15 @@ def early_exit_loss(
     loss_mask: Tensor,
     ee_config: EarlyExitConfig,
     iteration: int,
+    zero_weight_gradients: bool = False,
 ) -> tuple[Tensor, LossReport]:
     """Scalar loss of one microbatch on one stage, and what to log.
 
     On a stage without the output layer only the exit terms appear. An exit whose
     weight is 0 at this iteration (warm-up from 0, curriculum) is evaluated without
-    gradient, for logging only.
+    gradient, for logging only; with `zero_weight_gradients` it back-propagates zeros
+    instead, as megatron-core's DDP needs under --overlap-grad-reduce: a bucket waits for a
+    gradient of every parameter it holds (the count its first iteration recorded).
     """
     report = LossReport()
     total = None
@@ -62,7 +65,7 @@ def early_exit_loss(
     for pending in output.exits:
         weight = weights[pending.layer_number]
         report.exit_weights[pending.layer_number] = weight
-        with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0.0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (weight != 0.0 or zero_weight_gradients)):
             token_loss, confidence, kl = pending.compute_loss(ee_config.use_dynamic_exit_layer_weight, distill)
             token_loss = token_loss.float()
             report.exit_losses[pending.layer_number] = masked_token_mean(token_loss, loss_mask).detach()
@@ -70,7 +73,7 @@ def early_exit_loss(
                 kl = kl.float()
                 report.distill_losses[pending.layer_number] = masked_token_mean(kl, loss_mask).detach()
                 token_loss = (1.0 - share) * token_loss + share * kl
-            if weight == 0.0:
+            if weight == 0.0 and not zero_weight_gradients:
                 continue
             if confidence is not None:
                 token_loss = token_loss * confidence

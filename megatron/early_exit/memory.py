@@ -15,12 +15,19 @@ Terms (bytes on one rank of a stage):
                     their microbatch's backward, so they are never held across in-flight
                     microbatches, but all of a stage's exits are alive together then (one at a
                     time with --recompute-exit-heads)
+  exit activations  what those heads keep besides their logits: an exit MLP's saved tensors
+                    (--use-exit-mlp) or an exit block's, a whole layer's (--use-exit-block)
+  distillation      self-distillation's fp32 buffers on the last stage (--exit-distill-weight):
+                    the teacher logits' copy, its log-probabilities, and per exit the student
+                    and teacher probabilities its KL keeps for backward
   loss buffer       the cross entropy's shifted copy of one set of logits
   backward buffer   while the layers' backward runs: a recomputed unit's activations and,
                     with unfused attention, the gradient of the s x s scores
-The total counts the larger of (final logits + exit logits + loss buffer) and the backward
-buffer: the logits are freed before the layers' backward starts. Not counted: the CUDA
-context, communication buffers and allocator fragmentation (a few GB on a GPU).
+The total counts the larger of the head terms (final and exit logits, exit activations,
+distillation, loss buffer) and the backward buffer: the heads' tensors are freed before the
+layers' backward starts. Not in the total: the CUDA context, NCCL's and cuBLAS's buffers and
+the caching allocator's fragmentation; a "fits" verdict keeps a margin for them
+(CUDA_RESERVE_GB plus ALLOCATOR_MARGIN of the total).
 
 Activation counts per layer are those of the layer modules that run: `local` (megatron-core's
 local spec, unfused attention, as on CPU; counted from the tensors autograd saves) or
@@ -39,8 +46,13 @@ from megatron.early_exit.pipeline.placement import layer_stage
 from megatron.early_exit.pipeline.plan import Action, FillPlan, pipeline_plan
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-HEAD_TERMS = ("final logits", "exit logits", "loss buffer")
+HEAD_TERMS = ("final logits", "exit logits", "exit activations", "distillation", "loss buffer")
 GB = 1e9
+CUDA_RESERVE_GB = 2.0
+"""Per GPU, outside PyTorch's allocator: the CUDA context and kernels (~0.5-1 GB), NCCL
+communicators and cuBLAS workspaces."""
+ALLOCATOR_MARGIN = 0.10
+"""Fragmentation of PyTorch's caching allocator, as a share of the estimate."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,15 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
         chunk_exits = max(sum(_virtual_stage(e, model.num_layers, pp, v) == c * pp + stage for e in exits) for c in range(v))
         exit_heads = min(1, chunk_exits) if shape.recompute.exit_heads else chunk_exits
         has_head = stage == pp - 1 or exits
+        ee = model.early_exit
+        # An exit MLP keeps the layer MLP's saved tensors and its pre-MLP norm's; an exit block a layer's.
+        exit_mlp = dtype * ((k["mlp_gated"] if model.swiglu else k["mlp"]) * s * b * model.ffn_hidden_size / tp
+                            + 2 * boundary) if ee.use_exit_mlp else 0.0
+        exit_block = layer_bytes if ee.use_exit_block else 0.0
+        # Teacher copy (params dtype) and fp32 log-probabilities, then each exit's KL keeps two
+        # fp32 probability tensors: all of vocabulary size.
+        distill = (logits * (dtype / 4 + 1) + exit_heads * 2 * logits
+                   if ee.exit_distill_weight > 0 and exits and stage == pp - 1 else 0.0)
         terms = {
             "parameters": params[stage] * dtype,
             "gradients": params[stage] * 4,  # fp32 buffer (grad_reduce_in_fp32 in bf16/fp16)
@@ -199,6 +220,8 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
             # The final norm's saved tensors (as a layer's norm) and the logits.
             "final logits": (logits + 3 * dtype * boundary) * final_in_flight if stage == pp - 1 else 0.0,
             "exit logits": exit_heads * (logits + exit_norm),
+            "exit activations": exit_heads * (exit_mlp + exit_block),
+            "distillation": distill,
             "loss buffer": logits if has_head else 0.0,  # the loss's shifted copy of the logits
             # A recomputed unit's activations, and the softmax gradient of unfused attention.
             "backward buffer": buffer + (2 * scores if k["scores"] else 0.0),
@@ -234,6 +257,13 @@ def format_table(stages: List[StageMemory], gpu_memory_gb: Optional[float] = Non
     worst = max(stages, key=lambda st: st.total)
     summary = f"largest per rank: stage {worst.stage}, {worst.total / GB:.2f} GB (largest term: {worst.largest})"
     if gpu_memory_gb is not None:
-        verdict = "fits" if worst.total <= gpu_memory_gb * GB else "does NOT fit"
-        summary += f"; {verdict} in {gpu_memory_gb:g} GB GPUs"
+        margin = gpu_margin_gb(worst.total)
+        verdict = "fits" if worst.total / GB + margin <= gpu_memory_gb else "does NOT fit"
+        summary += (f"; {verdict} in {gpu_memory_gb:g} GB GPUs with a margin of {margin:.2f} GB (CUDA context and "
+                    f"communication buffers {CUDA_RESERVE_GB:g} GB, allocator fragmentation {ALLOCATOR_MARGIN:.0%})")
     return "\n".join(lines + [summary])
+
+
+def gpu_margin_gb(total_bytes: float) -> float:
+    """What a GPU needs beyond the estimate (GB): see CUDA_RESERVE_GB, ALLOCATOR_MARGIN."""
+    return CUDA_RESERVE_GB + ALLOCATOR_MARGIN * total_bytes / GB

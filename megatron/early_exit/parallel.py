@@ -67,6 +67,15 @@ def target_device() -> torch.device:
     return resolve_device(None)
 
 
+def local_cuda_index() -> int:
+    """This process's GPU: its LOCAL_RANK (one process per GPU, as NCCL needs)."""
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise ParallelConfigError(f"LOCAL_RANK {local_rank} has no GPU: this host has {count} CUDA device(s), one per "
+                                  "process; start at most that many processes per host (--nproc-per-node), or use --device cpu")
+    return local_rank
+
+
 def validate_layout(world_size: int, tp_size: int, pp_size: int) -> int:
     """Return the data-parallel size, or raise naming the flag that is wrong."""
     for flag, size in (("--tensor-model-parallel-size", tp_size), ("--pipeline-model-parallel-size", pp_size)):
@@ -116,7 +125,7 @@ def initialize_parallel(
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
         if dev.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_cuda_index())
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.distributed.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",

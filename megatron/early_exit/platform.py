@@ -379,3 +379,41 @@ def fused_softmax_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+# megatron-core's fused bias-dropout-add is decorated with `megatron.core.jit.jit_fuser`,
+# torch.compile on torch >= 2.2: with bias_dropout_fusion on CUDA it compiles in the first
+# forward, through Triton, which builds its launcher with a C compiler and Python.h.
+_fusion_notice_printed = False
+
+
+def torch_compile_missing() -> str | None:
+    """What torch.compile lacks on this host to build CUDA kernels, or None."""
+    import importlib.util
+    import os
+    import shutil
+    import sysconfig
+
+    if importlib.util.find_spec("triton") is None:
+        return "Triton"
+    if not any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c):
+        return "a C compiler (cc, gcc or clang; or $CC)"
+    if not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "Python.h (the Python development headers, e.g. the python3-dev package)"
+    return None
+
+
+def bias_dropout_fusion_available(device: torch.device) -> bool:
+    """Whether megatron-core's compiled bias-dropout-add can be built on `device`; on CUDA
+    without what it needs, says so in one line (once) instead of failing inside training."""
+    global _fusion_notice_printed
+
+    if device.type != "cuda":
+        return False
+    missing = torch_compile_missing()
+    if missing is None:
+        return True
+    if not _fusion_notice_printed:
+        print(f"bias-dropout fusion off: torch.compile needs {missing}, missing here", flush=True)
+        _fusion_notice_printed = True
+    return False

@@ -46,3 +46,34 @@ def case_resume_dp2():
 
 def case_resume_dp2_distributed_optimizer():
     return resume_matches_straight({"--use-distributed-optimizer": None})
+
+
+def case_distributed_optimizer_state_gathered_on_one_rank():
+    """Host memory of the distributed optimizer's reshardable save, per DP rank (DP=2): with
+    gloo groups (megatron-core's memory-efficient exchange) only DP rank 0 holds the gathered
+    state; the NCCL-style exchange puts all of it on every rank."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron.early_exit.parallel import initialize_parallel
+    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.training.trainer import build_model, build_optimizer, model_vocab_size, wrap_model
+
+    args = parse_args(tiny_run_flags(DATA, iters=4, **{"--use-distributed-optimizer": None}))
+    ctx = initialize_parallel(1, 1, gloo_process_groups=True)
+    model = wrap_model(build_model(args, ctx.device, model_vocab_size(args, args.vocab_size)), args)
+    optimizer, _ = build_optimizer(model, args, ctx.gloo_process_groups)
+    checkpointing._materialise_optimizer_state(optimizer)
+    metadata = checkpointing.optimizer_metadata(optimizer)
+    assert metadata["distrib_optim_fully_reshardable_mem_efficient"]
+
+    def held(metadata):
+        state = optimizer.sharded_state_dict(checkpointing.model_sharded_state(model), metadata=metadata)["param_state"]
+        return sum(t.data.numel() * t.data.element_size() for t in nested_values(state or {})
+                   if isinstance(t, (ShardedTensor, ShardedTensorFactory)))
+
+    full = 3 * 4 * sum(p.numel() for p in model.parameters())  # fp32 main parameter and Adam's two moments
+    efficient, everywhere = held(metadata), held({**metadata, "distrib_optim_fully_reshardable_mem_efficient": False})
+    rank = torch.distributed.get_rank()
+    assert everywhere == full and efficient == (full if rank == 0 else 0), (rank, efficient, everywhere, full)
+    return {"bytes held on this rank": efficient, "without gloo groups": everywhere}

@@ -48,7 +48,7 @@ def write_json(path: str, rows: Sequence[Row], **extra) -> None:
 
 def plot(path: str, rows: Sequence[Row]) -> None:
     """One panel per quality measure, against decode speed (mean depth when speed was not
-    measured); each point labelled with its setting."""
+    measured); each setting a colour and marker, named in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,15 +61,22 @@ def plot(path: str, rows: Sequence[Row]) -> None:
         measures.append((m, lambda r, m=m: r.metrics.get(m)))
     use_speed = any(r.tokens_per_second is not None for r in rows)
     x_of = (lambda r: r.tokens_per_second) if use_speed else (lambda r: r.mean_depth)
-    fig, axes = plt.subplots(1, max(len(measures), 1), figsize=(5 * max(len(measures), 1), 4), squeeze=False)
+    # Settings close in speed and quality would print their labels over each other: each gets
+    # its own colour and marker instead, named once in a legend beside the panels.
+    markers = "osD^vP*Xh<>p"
+    style = {r.setting: (f"C{i % 10}", markers[i % len(markers)]) for i, r in enumerate(rows)}
+    fig, axes = plt.subplots(1, max(len(measures), 1), figsize=(4.5 * max(len(measures), 1) + 2, 4), squeeze=False)
     for ax, (name, y_of) in zip(axes[0], measures):
-        points = [(x_of(r), y_of(r), r.setting) for r in rows if x_of(r) is not None and y_of(r) is not None]
-        ax.scatter([p[0] for p in points], [p[1] for p in points])
-        for x, y, label in points:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for r in rows:
+            if x_of(r) is not None and y_of(r) is not None:
+                color, marker = style[r.setting]
+                ax.scatter([x_of(r)], [y_of(r)], color=color, marker=marker, s=45, label=r.setting, zorder=3)
         ax.set_xlabel("decode tokens/s" if use_speed else "mean layers per token")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="setting")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -303,7 +303,7 @@ def export_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progr
     files.require_new_output(out)
     require_single_process_layout()
     model, tokenizer, config = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration,
-                                          transformer_impl=transformer_impl)
+                                          transformer_impl=transformer_impl, runs_forward=False)
     if config.first_stages_only:
         raise ConversionError(
             f"{checkpoint} was saved by exit tuning with --tune-exit-pipeline-parallel-size and holds only the first "

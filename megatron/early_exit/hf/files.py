@@ -19,10 +19,11 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 EXIT_WEIGHTS = "early_exit_heads.safetensors"
-# Tokenizer files carried along in both directions, whichever the model has.
+# Tokenizer files carried along in both directions, whichever the model has (transformers 5
+# saves the chat template as chat_template.jinja, earlier versions in tokenizer_config.json).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
 
 

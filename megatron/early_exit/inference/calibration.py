@@ -85,9 +85,12 @@ def token_consistency(model, prompts, tokens) -> float:
 
 
 def time_strategies(model, prompts, strategies: Sequence, max_new_tokens: int, repeats: int = 1, stop_tokens=(),
-                    clock: str = "wall", progress: Optional[Callable[[str], None]] = None) -> List[List[GenerationResult]]:
+                    clock: str = "wall", progress: Optional[Callable[[str], None]] = None,
+                    names: Optional[Sequence[str]] = None) -> List[List[GenerationResult]]:
     """Each strategy's fastest run of each prompt, [strategy][prompt]. The strategies take
-    turns within every repeat, so a busy spell of the machine slows all of them alike."""
+    turns within every repeat, so a busy spell of the machine slows all of them alike.
+    `names` label the progress lines (default: each strategy's name)."""
+    names = list(names) if names is not None else [s.name for s in strategies]
     seconds = (lambda r: r.decode_seconds) if clock == "wall" else (lambda r: r.decode_cpu_seconds)
     best: List[List[Optional[GenerationResult]]] = [[None] * len(prompts) for _ in strategies]
     for strategy in strategies:  # warm-up: the first calls of each code path
@@ -100,7 +103,7 @@ def time_strategies(model, prompts, strategies: Sequence, max_new_tokens: int, r
                     best[i][j] = result
             if progress:
                 tps = sum(r.num_decoded for r in best[i]) / sum(seconds(r) for r in best[i])
-                progress(f"repeat {rep + 1}/{repeats}  {strategy.name:<28} {tps:8.1f} tokens/s so far")
+                progress(f"repeat {rep + 1}/{repeats}  {names[i]:<28} {tps:8.1f} tokens/s so far")
     return best
 
 

@@ -290,28 +290,40 @@ class Decoder:
         decided: Dict[int, Decision] = {}
         open_rows = list(open_rows)
         previous, attention_output = None, None
+        columns = {}  # the open rows' columns, as an index on the device per set of open rows
         for depth in range(self.offset, self.offset + len(self.layers) + 1):
             if depth > self.offset:
                 previous = x[-1]
                 x, attention_output = self._run_layer(depth - 1 - self.offset, x, ws)
             point = policy.exits.get(depth)
             if point is not None and any(open_rows):
-                self._decide(point, policy, x, attention_output, previous, rows, open_rows, decided)
+                self._decide(point, policy, x, attention_output, previous, rows, open_rows, decided, columns)
         if self.last and any(open_rows):
-            cols = [i for i, o in enumerate(open_rows) if o]
-            logits = final_logits(self.model, x[-1:, cols])[0]
+            cols, pick = self._open_columns(open_rows, columns)
+            logits = final_logits(self.model, pick(x[-1:], 1))[0]
             for i, col in enumerate(cols):
                 decided[rows[col]] = (self.num_layers, logits[i])
         return x, decided
 
+    def _open_columns(self, open_rows: List[bool], columns: dict):
+        """(open columns, a function selecting them along a dim): indexing a device tensor
+        with a Python list would copy the list over and wait; a pinned, non-blocking index
+        tensor does not (made once per set of open rows of a step)."""
+        key = tuple(open_rows)
+        if key not in columns:
+            cols = [i for i, o in enumerate(open_rows) if o]
+            index = None if len(cols) == len(open_rows) else to_device(self.device, cols)[0]
+            columns[key] = (cols, (lambda t, dim: t) if index is None else (lambda t, dim: t.index_select(dim, index)))
+        return columns[key]
+
     def _decide(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, rows, open_rows,
-                decided) -> None:
+                decided, columns) -> None:
         """The open rows confident at `point` are decided there (and closed in `open_rows`)."""
-        cols = [i for i, o in enumerate(open_rows) if o]
-        last = x[-1:, cols]
-        head_input = attention_output[-1:, cols] if point.head.has_mlp and attention_output is not None else None
+        cols, pick = self._open_columns(open_rows, columns)
+        last = pick(x[-1:], 1)
+        head_input = pick(attention_output[-1:], 1) if point.head.has_mlp and attention_output is not None else None
         fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
-                                       None if previous is None else previous[cols])
+                                       None if previous is None else pick(previous, 0))
         if not any(fire):
             return
         if logits is None:

@@ -27,6 +27,7 @@ from torch import Tensor
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron.early_exit.models.layer_specs import pre_mlp_norm
 
@@ -141,9 +142,11 @@ def attention_scale(layer) -> float:
     scale = getattr(core, "softmax_scale", None)
     if scale is None:
         return layer.self_attention.hidden_size_per_attention_head ** -0.5
-    # With query-key layer scaling, megatron divides the scale by the layer number and
-    # multiplies it back inside the softmax.
-    return scale * layer.layer_number if layer.config.apply_query_key_layer_scaling else scale
+    # With query-key layer scaling, megatron-core's own attention divides the scale by the
+    # layer number and multiplies it back inside the softmax; Transformer Engine's keeps the
+    # full scale (it applies the layer number inside its fp16 kernel only).
+    divided = isinstance(core, DotProductAttention) and layer.config.apply_query_key_layer_scaling
+    return scale * layer.layer_number if divided else scale
 
 
 def project_qkv(layer, hidden: Tensor, ws: WorkSet, cos=None, sin=None) -> Tuple[Tensor, Tensor, Tensor]:

@@ -39,6 +39,7 @@ from megatron.core import parallel_state
 
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decision, Decoder, StepOutput
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.layers import to_device
 from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
 from megatron.early_exit.inference.strategies import EarlyExit, FullDepth
 from megatron.early_exit.pipeline.p2p import Transport
@@ -249,22 +250,19 @@ class _Links:
 
     def put_step(self, step: int, kind: int, rows, starts, ends, open_rows, hidden: Optional[Tensor]) -> None:
         b = self.max_batch
-        header = torch.full((3 + 4 * b,), -1, dtype=torch.int64)
-        header[:3] = torch.tensor([kind, len(rows), 0 if hidden is None else hidden.shape[0]])
-        for j, values in enumerate((rows, starts, ends, [int(o) for o in open_rows])):
-            header[3 + j * b: 3 + j * b + len(values)] = torch.tensor(values, dtype=torch.int64)
-        self.outbox[("step", step)] = header.to(self.device)
+        header = [kind, len(rows), 0 if hidden is None else hidden.shape[0]]
+        for values in (rows, starts, ends, [int(o) for o in open_rows]):
+            header += list(values) + [-1] * (b - len(values))
+        self.outbox[("step", step)] = to_device(self.device, header)[0]  # pinned, non-blocking on CUDA
         if hidden is not None:
             self.outbox[("hidden", step)] = hidden.contiguous()
 
     def put_decisions(self, step: int, decided: Dict[int, Decision]) -> int:
         """Only the decided rows travel: their indices and depths, then their logits."""
         b, rows = self.max_batch, sorted(decided)
-        header = torch.zeros(1 + 2 * b, dtype=torch.int64)
-        header[0] = len(rows)
-        header[1: 1 + len(rows)] = torch.tensor(rows, dtype=torch.int64)
-        header[1 + b: 1 + b + len(rows)] = torch.tensor([decided[r][0] for r in rows], dtype=torch.int64)
-        self.outbox[("decision", step)] = header.to(self.device)
+        padding = [0] * (b - len(rows))
+        header = [len(rows)] + rows + padding + [decided[r][0] for r in rows] + padding
+        self.outbox[("decision", step)] = to_device(self.device, header)[0]  # pinned, non-blocking on CUDA
         if rows:
             self.outbox[("logits", step)] = torch.stack([decided[r][1][: self.vocab].float() for r in rows]).contiguous()
         return len(rows)

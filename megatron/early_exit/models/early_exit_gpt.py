@@ -29,6 +29,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.distillation import Distillation, distillation_loss
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.models.attention_environment import prepare_attention_environment, record_attention_environment
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
 from megatron.early_exit.models.recompute import recompute_units
 from megatron.early_exit.models.layer_specs import choose_impl, get_block_spec, get_layer_spec, get_norm_spec, pre_mlp_norm
@@ -100,6 +101,7 @@ class EarlyExitGPTModel(GPTModel):
         model chunk of an interleaved pipeline (megatron-core's layer offsets)."""
         ee_config.validate_against(config.num_layers)
         impl = choose_impl(config, use_te, transformer_impl)
+        written = prepare_attention_environment(config)  # megatron-core passes these to TE through os.environ
         super().__init__(
             config=config,
             transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config, vp_stage), impl=impl,
@@ -118,6 +120,7 @@ class EarlyExitGPTModel(GPTModel):
             rope_scaling_factor=rope_scaling_factor,
             vp_stage=vp_stage,
         )
+        record_attention_environment(written)
         self.ee_config = ee_config
         self.transformer_impl = impl
         self.recompute_exit_heads = recompute_exit_heads

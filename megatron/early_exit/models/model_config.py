@@ -232,7 +232,7 @@ class ModelConfig:
         from megatron.core.transformer import TransformerConfig
 
         from megatron.early_exit.models.layer_specs import resolve_transformer_impl
-        from megatron.early_exit.platform import fused_softmax_available
+        from megatron.early_exit.platform import bias_dropout_fusion_available, fused_softmax_available
 
         device = torch.device(device or "cpu")
         dtype_key = params_dtype or self.params_dtype
@@ -265,7 +265,7 @@ class ModelConfig:
             use_cpu_initialization=True,
             perform_initialization=True,
             # Fused kernels only where they run: the plain PyTorch paths elsewhere.
-            bias_dropout_fusion=device.type == "cuda",
+            bias_dropout_fusion=bias_dropout_fusion_available(device),
             apply_rope_fusion=False,
             masked_softmax_fusion=fused_softmax_available(device),
             gradient_accumulation_fusion=False,

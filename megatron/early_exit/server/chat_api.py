@@ -20,7 +20,7 @@ from megatron.early_exit.server.schemas import (
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, ChatRequest,
     TokenLogprob, TopLogprob,
 )
-from megatron.early_exit.server.text import TextStream, single_token_stops
+from megatron.early_exit.server.text import TextStream, alternative_texts, single_token_stops
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts
 
 
@@ -44,14 +44,16 @@ def chat_job(request: ChatRequest, facts: TokenizerFacts, limits: ModelLimits) -
 
 
 def _token_logprobs(tokenizer, pieces: List[str], c: ChoiceText, top_n: int) -> List[TokenLogprob]:
-    out = []
-    for i, (piece, value) in enumerate(zip(pieces, c.logprobs)):
+    """`c.prompt_ids`: the tokens before the first of `c.tokens` (alternatives render after them)."""
+    out, context = [], list(c.prompt_ids)
+    for i, (token, piece, value) in enumerate(zip(c.tokens, pieces, c.logprobs)):
         tops = []
         if top_n:
-            tops = [TopLogprob(token=tokenizer.detokenize([t]), logprob=v,
-                               bytes=list(tokenizer.detokenize([t]).encode()))
-                    for t, v in zip(c.top_tokens[i], c.top_logprobs[i])]
+            texts = alternative_texts(tokenizer, context, token, piece, c.top_tokens[i])
+            tops = [TopLogprob(token=text, logprob=v, bytes=list(text.encode()))
+                    for text, v in zip(texts, c.top_logprobs[i])]
         out.append(TokenLogprob(token=piece, logprob=value, bytes=list(piece.encode()), top_logprobs=tops))
+        context.append(token)
     return out
 
 
@@ -90,7 +92,8 @@ async def chat_chunks(request: ChatRequest, tokenizer, model_name: str, prompts:
                 break
             logprobs = None
             if request.logprobs:
-                one = ChoiceText(0, "", [], piece, [token], [event.logprobs[j]], [event.exit_layers[j]], "",
+                context = prompts.ids[0] + stream.tokens[:-1]
+                one = ChoiceText(0, "", context, piece, [token], [event.logprobs[j]], [event.exit_layers[j]], "",
                                  [event.top_tokens[j]] if event.top_tokens else [[]],
                                  [event.top_logprobs[j]] if event.top_logprobs else [[]])
                 logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, [piece], one, request.top_logprobs or 0))

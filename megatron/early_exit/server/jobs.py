@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from megatron.early_exit.inference import (
     EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
 )
+from megatron.early_exit.inference.exit_numbers import number_event, number_result
 from megatron.early_exit.inference.result import TokenEvent
 from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.server.schemas import DEFAULT_EARLY_EXIT_THRESHOLD, EarlyExitOptions
@@ -88,11 +89,13 @@ AnyJob = Union[Job, ScoreJob]
 
 
 def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None) -> Union[GenerationResult, ScoreResult]:
-    """The engine call, identical on every rank (`on_tokens` only where tokens are picked)."""
+    """The engine call, identical on every rank (`on_tokens` only where tokens are picked).
+    Exits come out as the numbers requests use (--exit-layer-nums entries), not depths."""
     if isinstance(job, ScoreJob):
         return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
-    return generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens, job.sampling,
-                    job.stop_tokens, top_n=job.top_n, on_tokens=on_tokens)
+    listener = None if on_tokens is None else (lambda event: on_tokens(number_event(model, event)))
+    return number_result(model, generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens,
+                                         job.sampling, job.stop_tokens, top_n=job.top_n, on_tokens=listener))
 
 
 def merge_jobs(jobs: Sequence[AnyJob]) -> AnyJob:

@@ -29,7 +29,9 @@ from megatron.early_exit.server.jobs import (
 from megatron.early_exit.server.schemas import (
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage,
 )
-from megatron.early_exit.server.text import Continuation, TextStream, find_stop, single_token_stops, tokenize_prompts
+from megatron.early_exit.server.text import (
+    Continuation, TextStream, alternative_texts, find_stop, single_token_stops, tokenize_prompts,
+)
 
 
 @dataclass
@@ -145,8 +147,9 @@ def _choice(request: CompletionRequest, tokenizer, c: ChoiceText, scores: Option
     logprobs = None
     if request.logprobs is not None:
         head = prompt_logprobs(request, tokenizer, c, scores) if request.echo else _logprobs([], [], None)
-        body = _logprobs(c.pieces(tokenizer), c.logprobs, _tops(tokenizer, c.tokens, c.logprobs, c.top_tokens,
-                                                                 c.top_logprobs) if request.logprobs else None)
+        pieces = c.pieces(tokenizer)
+        body = _logprobs(pieces, c.logprobs, _tops(tokenizer, c.prompt_ids, c.tokens, pieces, c.logprobs, c.top_tokens,
+                                                   c.top_logprobs) if request.logprobs else None)
         logprobs = _join(head, body)
     return CompletionChoice(
         index=c.index, text=(c.prompt_text + c.text) if request.echo else c.text, logprobs=logprobs,
@@ -161,21 +164,23 @@ def prompt_logprobs(request: CompletionRequest, tokenizer, c: ChoiceText, scores
     values = scores.logprobs[c.index]
     tops = None
     if request.logprobs:
-        tops = [None] + _tops(tokenizer, c.prompt_ids[1:], values, scores.top_tokens[c.index],
-                              scores.top_logprobs[c.index])
+        tops = [None] + _tops(tokenizer, c.prompt_ids[:1], c.prompt_ids[1:], pieces[1:], values,
+                              scores.top_tokens[c.index], scores.top_logprobs[c.index])
     return _logprobs(pieces, [None] + list(values), tops)
 
 
-def _tops(tokenizer, tokens, values, top_tokens, top_values) -> List[Dict[str, float]]:
+def _tops(tokenizer, context, tokens, pieces, values, top_tokens, top_values) -> List[Dict[str, float]]:
     """Per token, {text: log-probability} of its alternatives, best first, then the token
-    itself when it is not among them (two ids with one text keep the likelier)."""
-    out = []
-    for token, value, ids, lps in zip(tokens, values, top_tokens, top_values):
+    itself under its piece when it is not among them (two ids with one text keep the
+    likelier). `context`: the tokens before the first of `tokens`."""
+    out, context = [], list(context)
+    for token, piece, value, ids, lps in zip(tokens, pieces, values, top_tokens, top_values):
         alternatives: Dict[str, float] = {}
-        for t, lp in zip(ids, lps):
-            alternatives.setdefault(tokenizer.detokenize([t]), lp)
-        alternatives.setdefault(tokenizer.detokenize([token]), value)
+        for text, lp in zip(alternative_texts(tokenizer, context, token, piece, ids), lps):
+            alternatives.setdefault(text, lp)
+        alternatives.setdefault(piece, value)
         out.append(alternatives)
+        context.append(token)
     return out
 
 
@@ -232,8 +237,9 @@ async def stream_chunks(request: CompletionRequest, tokenizer, model_name: str, 
                 break
             lp = None
             if with_logprobs:
-                tops = _tops(tokenizer, [token], [event.logprobs[j]], [event.top_tokens[j]],
-                             [event.top_logprobs[j]]) if request.logprobs else None
+                tops = _tops(tokenizer, prompts.ids[event.row] + stream.tokens[:-1], [token], [piece],
+                             [event.logprobs[j]], [event.top_tokens[j]], [event.top_logprobs[j]]) \
+                    if request.logprobs else None
                 lp = _logprobs([piece], [event.logprobs[j]], tops, offsets[event.row])
             probs = [math.exp(event.logprobs[j])] if request.print_max_prob else None
             yield chunk(index=event.row, text=piece, logprobs=lp, exit_layers=[event.exit_layers[j]], probs=probs)

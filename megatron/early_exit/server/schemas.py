@@ -152,7 +152,7 @@ class ApiResponse(BaseModel):
     tokens: List[List[int]] = Field(description="per prompt: the token ids of `text`")
     logprobs: Optional[List[List[float]]] = Field(None, description="per prompt: log p(tokens[t+1] | tokens[:t+1]) "
                                                                     "(echo_prompts), or of each generated token")
-    exit_layers: List[List[int]] = Field(description="per prompt: layers each generated token went through")
+    exit_layers: List[List[int]] = Field(description="per prompt: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
     probs: Optional[List[List[float]]] = Field(None, description="print_max_prob: probability of each generated token")
     scores: Optional[List[float]] = Field(None, description="beam_width: each generation's length-penalised log-probability")
 
@@ -218,7 +218,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
-    exit_layers: List[int] = Field(description="extension: layers each generated token went through")
+    exit_layers: List[int] = Field(description="extension: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
     probs: Optional[List[float]] = Field(None, description="extension (print_max_prob): each generated token's probability")
 
 
@@ -333,7 +333,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
-    exit_layers: List[int] = Field(description="extension: layers each generated token went through")
+    exit_layers: List[int] = Field(description="extension: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
 
 
 class ChatCompletion(BaseModel):

@@ -65,6 +65,15 @@ class Continuation:
         return pieces
 
 
+def alternative_texts(tokenizer, context: Sequence[int], token: int, piece: str, ids: Sequence[int]) -> List[str]:
+    """The text of each alternative `ids` at one position, rendered as the chosen `token`'s
+    `piece` is: what it adds after `context` (the tokens before it), so that a SentencePiece
+    word-start space is kept on both. The chosen token is its own piece (OpenAI's contract:
+    top_logprobs[i] has tokens[i] as a key)."""
+    after = Continuation(tokenizer, context)
+    return [piece if t == token else after.text([t]) for t in ids]
+
+
 @dataclass
 class StopMatch:
     num_tokens: int  # tokens kept: up to and including the one that completed the stop sequence

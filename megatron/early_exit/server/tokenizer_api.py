@@ -3,8 +3,9 @@ lm-eval's remote tokenizer reads them (eos/bos/pad token texts, the chat templat
 context length; {"tokens"} and {"prompt"} back), and the chat template they share with
 /v1/chat/completions.
 
-The chat template is --chat-template's file, else the `chat_template` of a Hugging Face
-tokenizer's tokenizer_config.json (or chat_template.jinja) beside its tokenizer.json; it
+The chat template is --chat-template's file, else a Hugging Face tokenizer's
+chat_template.jinja (transformers 5) or the `chat_template` of its tokenizer_config.json,
+beside its tokenizer.json or tokenizer.model; it
 is rendered as Hugging Face renders it (Jinja, sandboxed, trim_blocks and lstrip_blocks).
 """
 
@@ -37,7 +38,8 @@ def find_chat_template(tokenizer, path: Optional[str] = None) -> Optional[str]:
     if path:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    tokenizer_file = getattr(tokenizer, "tokenizer_file", None)
+    # tokenizer.json, or a SentencePiece model, in a folder converted from Hugging Face.
+    tokenizer_file = getattr(tokenizer, "tokenizer_file", None) or getattr(tokenizer, "model_file", None)
     if not tokenizer_file:
         return None
     folder = os.path.dirname(tokenizer_file)

@@ -116,7 +116,8 @@ def _parallel_args(p: argparse.ArgumentParser):
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--disable-gloo-process-groups", dest="enable_gloo_process_groups", action="store_false",
-                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU only)")
+                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU, and with "
+                        "--use-distributed-optimizer for its memory-efficient checkpoint exchange)")
 
 
 def _recompute_args(p: argparse.ArgumentParser):
@@ -514,6 +515,13 @@ def check_flash_attention(args) -> None:
 
     if not args.use_flash_attn:
         return
+    # Flag combinations first: Transformer Engine accepts them at build and finds no
+    # attention backend only at the first forward.
+    if not (args.bf16 or args.fp16):
+        raise ConfigError("--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel")
+    if args.reset_attention_mask:
+        raise ConfigError("--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal "
+                          "mask only, not the per-document mask")
     try:
         device = resolve_device(args.device)
     except ParallelConfigError:

@@ -49,6 +49,17 @@ CHECKPOINT_VERSION = 2
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
 LOCK_FILE = ".lock"
 
+def optimizer_metadata(optimizer) -> dict:
+    """The distributed optimizer's reshardable save gathers its whole state: by default with
+    NCCL onto every DP rank's host memory; where it has gloo groups, megatron-core's
+    memory-efficient exchange gathers it on DP rank 0 only (both read back the same)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    distributed = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    gloo = bool(distributed) and all(o.data_parallel_group_gloo is not None for o in distributed)
+    return {**OPTIMIZER_METADATA, "distrib_optim_fully_reshardable_mem_efficient": gloo}
+
+
 def _layout() -> Tuple[int, int, int]:
     return (
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -62,6 +73,7 @@ def _rng_state() -> ShardedObject:
         "cpu": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
         "cuda": torch.cuda.get_rng_state() if _on_cuda() else None,
+        "device": _rng_device(),  # the tracker's states are the generator states of this device type
     }
     tp, pp, dp = _layout()
     rank = (
@@ -70,6 +82,27 @@ def _rng_state() -> ShardedObject:
         parallel_state.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, (pp, tp, dp), rank, replica_id=0)
+
+
+def _rng_device() -> str:
+    return "cuda" if _on_cuda() else "cpu"
+
+
+def _restore_rng(rng: dict, rank0: bool) -> None:
+    """The RNG states of the run that saved, where this run's generators can take them: the
+    tracker's states are CUDA generator states on a GPU and CPU ones on the CPU, so across
+    devices only the CPU generator is restored. (Checkpoints from before the device was
+    stored saved a CUDA state exactly when they ran on CUDA.)"""
+    torch.set_rng_state(rng["cpu"])
+    saved = rng.get("device") or ("cuda" if rng.get("cuda") is not None else "cpu")
+    if saved != _rng_device():
+        if rank0:
+            print(f" checkpoint RNG states were saved on {saved}, this run is on {_rng_device()}: the CPU generator is "
+                  "restored, the device generators keep this run's seed", flush=True)
+        return
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _on_cuda() -> bool:
@@ -110,7 +143,7 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
     }
     if include_optimizer:
         state["rng_state"] = _rng_state()
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata(optimizer))
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
@@ -435,7 +468,7 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
     state = {"model": model_state}
     if not weights_only:
         _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(optimizer))
     same_layout = tuple(common.get("layout", ())) == _layout()
     # RNG states are saved with the optimizer state (full saves only), one per rank of the layout.
     load_rng = not (args.finetune or args.no_load_rng) and common.get("has_optimizer", True) and same_layout
@@ -453,11 +486,7 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:
-        rng = loaded["rng_state"]
-        torch.set_rng_state(rng["cpu"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-        if rng.get("cuda") is not None and _on_cuda():
-            torch.cuda.set_rng_state(rng["cuda"])
+        _restore_rng(loaded["rng_state"], rank0)
     if rank0:
         print(f" loaded checkpoint {path} in {time.time() - start:.2f} s", flush=True)
     if args.finetune:

@@ -53,12 +53,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         parts = [f" iteration {iteration:8d}/{train_iters:8d}"]
-        parts += [f"{k}: {_fmt(v)}" for k, v in extra.items()]
-        parts += [f"{k}: {_fmt(v)}" for k, v in metrics.items()]
+        parts += [f"{k}: {_fmt(v, k)}" for k, v in extra.items()]
+        parts += [f"{k}: {_fmt(v, k)}" for k, v in metrics.items()]
         print(" | ".join(parts), flush=True)
         if self.writer:
             for k, v in {**metrics, **extra}.items():
-                self.writer.add_scalar(f"train/{k}", v, iteration)
+                if not isinstance(v, str):
+                    self.writer.add_scalar(f"train/{k}", v, iteration)
             self.writer.flush()
 
     def validation(self, iteration: int, metrics: Dict[str, float], split: str = "validation") -> None:
@@ -81,7 +82,23 @@ class MetricsLogger:
             self.writer.close()
 
 
-def _fmt(v) -> str:
-    if isinstance(v, int):
+# Printed in one notation whatever their size (a learning rate decays across the switch).
+SCIENTIFIC = ("learning rate",)
+
+
+def _fmt(v, key: str = "") -> str:
+    if isinstance(v, (int, str)):
         return str(v)
+    if key in SCIENTIFIC:
+        return f"{v:.6E}"
     return f"{v:.6E}" if abs(v) >= 1e4 or (0 < abs(v) < 1e-3) else f"{v:.4f}"
+
+
+def time_left(seconds_per_iteration: float, iterations_left: int) -> str:
+    """The estimated time to the last iteration, as 1h 05m, 12m 30s or 40s."""
+    seconds = int(round(max(seconds_per_iteration, 0.0) * max(iterations_left, 0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

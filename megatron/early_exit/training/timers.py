@@ -92,12 +92,15 @@ def enabled_names(timers: Timers):
 def log_timers(timers: Timers, iteration: int, num_iterations: int, device: torch.device, print_here: bool,
                to_tracker: bool = False, writer=None) -> None:
     """Print the timers (ms per iteration over the last `num_iterations`; min and max over
-    ranks as --timing-log-option says), with `to_tracker` write each one's max over ranks to
-    `writer` as `<name>-time`, and reset them. Every rank calls it (the times are gathered)."""
+    ranks as --timing-log-option says) at --timing-log-level 1 or more (at 0 the log line's
+    time per iteration says it all, as in Megatron-LM), with `to_tracker` write each one's max
+    over ranks to `writer` as `<name>-time`, and reset them. Every rank calls it (the times
+    are gathered)."""
     names = enabled_names(timers)
-    text = timers.get_all_timers_string(names, normalizer=num_iterations, reset=False)
-    if print_here and text:
-        print(text, flush=True)
+    if is_enabled(timers, FORWARD_BACKWARD):
+        text = timers.get_all_timers_string(names, normalizer=num_iterations, reset=False)
+        if print_here and text:
+            print(text, flush=True)
     if to_tracker:
         ms = torch.tensor([timers(n, log_level=LEVELS[n]).elapsed(reset=False) for n in names], device=device)
         if torch.distributed.get_world_size() > 1:

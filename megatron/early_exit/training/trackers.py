@@ -9,9 +9,10 @@ wandb is an optional dependency; WANDB_MODE=offline writes the run under
 from __future__ import annotations
 
 import os
+import sys
 from typing import Dict, List, Optional
 
-from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.errors import ConfigError, EarlyExitError
 
 
 class WandbWriter:
@@ -25,10 +26,26 @@ class WandbWriter:
         save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else "wandb")
         os.makedirs(save_dir, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-        self._run = wandb.init(project=args.wandb_project, group=args.wandb_group, name=args.wandb_exp_name,
-                               dir=save_dir, config=config)
+        try:
+            self._run = wandb.init(project=args.wandb_project, group=args.wandb_group, name=args.wandb_exp_name,
+                                   dir=save_dir, config=config)
+        except Exception as err:  # no API key, no network, a bad setting: one line, not wandb's traceback
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"--wandb-project {args.wandb_project}: wandb could not start a run ({first}); "
+                              "log in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline") from None
+        # wandb.init puts its own excepthook first, which prints a traceback for every error;
+        # user errors (EarlyExitError) keep their one line.
+        self._wandb_excepthook = sys.excepthook
+        sys.excepthook = self._excepthook
         self._pending: Dict[str, float] = {}
         self._step: Optional[int] = None
+
+    def _excepthook(self, exc_type, exc, tb) -> None:
+        if issubclass(exc_type, EarlyExitError):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            self._run.finish(exit_code=1)
+        else:
+            self._wandb_excepthook(exc_type, exc, tb)
 
     def add_scalar(self, name: str, value: float, step: int) -> None:
         if self._step is not None and step != self._step:

@@ -59,7 +59,7 @@ from megatron.early_exit.training.trackers import build_trackers
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
 from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
-from megatron.early_exit.training.logger import MetricsLogger, average_reports
+from megatron.early_exit.training.logger import MetricsLogger, average_reports, time_left
 from megatron.early_exit.tokenizers import build_tokenizer
 
 
@@ -192,7 +192,8 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             # final layer); earlier stages still feed the next.
             run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()) or ee_config.exit_distill_weight > 0,
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration)
+    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration,
+                           zero_weight_gradients=args.overlap_grad_reduce)
 
 
 @dataclass
@@ -310,7 +311,9 @@ def pretrain(args) -> TrainState:
     num_layers, pp = built_stages(args)
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
-        gloo_process_groups=args.enable_gloo_process_groups,
+        # The distributed optimizer's checkpoint exchange gathers on one rank through gloo.
+        gloo_process_groups=True if args.enable_gloo_process_groups is None and args.use_distributed_optimizer
+        else args.enable_gloo_process_groups,
         tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
     )
     with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
@@ -389,6 +392,7 @@ def _train(args, ctx, start_time: float) -> TrainState:
                     "global batch size": batch_size,
                     "grad norm": float(grad_norm or 0.0),
                     "tokens/s": batch_size * args.seq_length / max(elapsed, 1e-9),
+                    "time left": time_left(elapsed, args.train_iters - state.iteration),
                     **interval_skips(state, last_log_iteration, args),
                 }
                 log.training(state.iteration, args.train_iters, metrics, extra)
