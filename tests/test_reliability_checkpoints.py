@@ -300,8 +300,8 @@ def _nan_from(monkeypatch, start, where="loss"):
 
     real = trainer.early_exit_loss
 
-    def loss(output, loss_mask, ee_config, iteration):
-        total, report = real(output, loss_mask, ee_config, iteration)
+    def loss(output, loss_mask, ee_config, iteration, **kwargs):
+        total, report = real(output, loss_mask, ee_config, iteration, **kwargs)
         if iteration >= start:
             if where == "loss":
                 total, report.lm_loss = total * float("nan"), report.lm_loss * float("nan")
