@@ -48,6 +48,9 @@ MODEL_FLAGS = [
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
+    p.add_argument("--hf", default=None,
+                   help="a Hugging Face export of the model (benchmarks/train_benchmark_model.py --export), converted "
+                        "once into WORK_DIR/from_hf")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
     p.add_argument("--train-iters", type=int, default=2000)
     p.add_argument("--distill-iters", type=int, default=800,
@@ -55,6 +58,12 @@ def parse_args():
     p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.995, 0.99, 0.985, 0.98, 0.97],
                    help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
                         "--per-exit), for each --kv")
+    p.add_argument("--guarantee", default="consistency:0.95:0.9", metavar="CRITERION:TARGET:CONFIDENCE",
+                   help="also decode with Learn-then-Test thresholds (tools/calibrate_threshold.py --target-CRITERION "
+                        "TARGET --confidence CONFIDENCE) calibrated on --guarantee-prompts other held-out prompts, and "
+                        "check the bound on the benchmark's prompts ('' to skip)")
+    p.add_argument("--guarantee-prompts", type=int, default=120)
+    p.add_argument("--guarantee-new-tokens", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -197,6 +206,10 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     files = prepare_corpus(args.work_dir)
     ckpt = args.load
+    if args.hf:
+        ckpt = os.path.join(args.work_dir, "from_hf")
+        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+            _run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
     if ckpt is None:
         ckpt = os.path.join(args.work_dir, "checkpoints")
         if trained_iterations(ckpt) < args.train_iters:
@@ -206,8 +219,10 @@ def main():
     initialize_parallel(1, 1)
     model, tokenizer, train_args = load_model(ckpt, confidence_estimator=args.confidence_estimator)
     torch.set_num_threads(args.threads)
-    held_out = held_out_prompts(tokenizer, files["jsonl"], 2 * args.num_prompts, args.prompt_tokens)
-    prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts :]
+    extra = args.guarantee_prompts if args.guarantee else 0
+    held_out = held_out_prompts(tokenizer, files["jsonl"], 2 * args.num_prompts + extra, args.prompt_tokens)
+    prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts : 2 * args.num_prompts]
+    guarantee_prompts = held_out[2 * args.num_prompts :]
     exits = tuple(args.exit_layers) if args.exit_layers else None  # --exit-layers with no value: all
     strategies = [EarlyExit(t, args.measure, kv, exits) for kv in args.kv for t in args.thresholds]
     labels = [f"{t:g}" for kv in args.kv for t in args.thresholds]
@@ -215,6 +230,11 @@ def main():
         per_exit = calibrate(model, calibration_prompts, args, exits)
         strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
         labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
+    guaranteed = None
+    if args.guarantee:
+        guaranteed = guarantee(model, guarantee_prompts, args, exits)
+        strategies += [EarlyExit(2.0, args.measure, kv, exits, guaranteed.exit_thresholds) for kv in args.kv]
+        labels += [f"LTT {guaranteed.criterion} {guaranteed.target:g}" for kv in args.kv]
     strategies += [SelfSpeculative(**speculative_options(s)) for s in args.speculative]
     labels += ["-" for _ in args.speculative]
     log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
@@ -224,6 +244,8 @@ def main():
     for p, label in zip(points[1:], labels):
         if label.startswith("per exit"):
             p.strategy += f" {label[len('per exit '):]}"
+        if label.startswith("LTT"):
+            p.strategy += " LTT"
     labelled = list(zip(points[1:], strategies, labels))
 
     print("\n" + format_table(points))
@@ -243,6 +265,14 @@ def main():
                   f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)")
         else:
             print(f"  no early-exit threshold reached {criterion} 0.95")
+    for p, _, label in labelled if guaranteed else []:
+        if label.startswith("LTT"):
+            held = getattr(p, guaranteed.criterion)
+            print(f"  Learn-then-Test ({guaranteed.criterion} >= {guaranteed.target:g} with probability "
+                  f"{guaranteed.confidence:g}, calibrated on {guaranteed.num_learn + guaranteed.num_test} other prompts, "
+                  f"thresholds { {n: round(t, 3) for n, t in guaranteed.exit_thresholds.items()} or 'none valid'}): "
+                  f"{p.strategy}: {guaranteed.criterion} {held:.3f} on the benchmark's prompts: bound "
+                  f"{'kept' if held >= guaranteed.target else 'NOT kept'}; {p.speedup:.2f}x")
     if spec:
         top = max(spec, key=lambda p: p.speedup)
         print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement {top.agreement:.3f} "
@@ -251,6 +281,12 @@ def main():
         if need is not None:
             print(f"    at its cost per round ({top.drafts_per_round:.2f} drafts and a verification), 1.5x needs "
                   f"acceptance {need:.2f}" + (" (more than every draft)" if need > 1 else ""))
+    if spec:
+        fastest = max(labelled, key=lambda c: c[0].speedup if c[0].acceptance is not None else 0)[1]
+        ratio, accepted = sampled_speedup(model, prompts, fastest, args.max_new_tokens, args.repeats, args.clock)
+        print(f"  sampled (temperature 1, top-k 50) {fastest.name}: {ratio:.2f}x over sampling at full depth "
+              f"(goal >= 1.3x), accepted {accepted:.2f}; its tokens follow the full model's distribution (rejection "
+              "sampling, tests/test_speculative_sampling.py)")
     for kv in args.kv:
         going = [c for c in early if c[1].kv == kv and c[0].mean_exit_layer < c[0].num_layers]
         if going:
@@ -274,9 +310,26 @@ def main():
         batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)
         print(f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
               f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)")
+    for name in dict.fromkeys([args.measure, "max_prob"] + (["gated_max_prob"] if args.confidence_estimator else [])):
+        if name == "gated_max_prob" and not _hidden_only(model):
+            continue
+        test, layer = exit_test_cost(model, prompts[0], name, min(exits or model.ee_config.exit_layer_nums), 2.0)
+        print(f"  exit test ({name}) that does not fire: {test * 1e6:.0f} us = {test / layer:.2f} of a layer "
+              f"({layer * 1e6:.0f} us) (goal <= 0.15)")
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
+
+
+def guarantee(model, prompts, args, exits):
+    from megatron.early_exit.inference.learn_then_test import learn_then_test
+
+    criterion, target, confidence = args.guarantee.split(":")
+    log(f"Learn-then-Test on {len(prompts)} other held-out prompts: {criterion} >= {target} with probability {confidence}")
+    result = learn_then_test(model, prompts, args.measure, criterion, float(target), float(confidence),
+                             args.guarantee_new_tokens, exits, progress=lambda line: log("  " + line))
+    log(f"guaranteed thresholds: {result.exit_thresholds or 'none valid: no exit fires'}")
+    return result
 
 
 def calibrate(model, prompts, args, exits) -> dict:
@@ -292,6 +345,58 @@ def calibrate(model, prompts, args, exits) -> dict:
     return out
 
 
+def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold: float, repeats: int = 20) -> tuple:
+    """(mean seconds of an exit test that does not fire, seconds of one layer), batch 1, one
+    token: the test at `threshold` on the exit's hidden state at each position of `prompt`
+    (a real text: a gate sees the states it will see), a layer on the prompt's next token."""
+    import torch
+
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.decoder import Decoder, confidence_test
+    from megatron.early_exit.inference.generate import inference_context
+
+    measure = get_confidence_measure(measure_name, model)
+    with inference_context(model):
+        decoder = Decoder(model, 1, len(prompt) + 1)
+        point = decoder.exit_points[exit_layer]
+        states = {}
+
+        def observe(depth, x, attention_output):
+            if depth in (point.depth - 1, point.depth):
+                states[depth] = (x, attention_output)
+
+        decoder.step([0], [list(prompt[:-1])], observe=observe)
+        x, attention = states[point.depth]
+        previous = states.get(point.depth - 1, (None,))[0]
+        tests, seconds = 0, 0.0
+        for _ in range(repeats):
+            for i in range(x.shape[0]):
+                last = x[i : i + 1]
+                head_input = attention[i : i + 1] if point.head.has_mlp else None
+                start = time.perf_counter()
+                fire, _ = confidence_test(model, point, threshold, measure, last, head_input,
+                                          None if previous is None else previous[i])
+                took = time.perf_counter() - start
+                if not fire[0]:
+                    tests, seconds = tests + 1, seconds + took
+        ws = decoder._work_set([0], [len(prompt) - 1], [len(prompt) - 1])
+        token = decoder._embed([[prompt[-1]]], ws)
+        layer = []
+        for _ in range(repeats * 10):
+            start = time.perf_counter()
+            decoder._run_layer(0, token, ws)
+            layer.append(time.perf_counter() - start)
+    layer.sort()
+    return seconds / max(tests, 1), layer[len(layer) // 2]
+
+
+def _hidden_only(model) -> bool:
+    from megatron.early_exit.inference.learned_confidence import attached
+
+    estimator = attached(model)
+    return estimator is not None and not estimator.use_logits
+
+
 def kv_projection_share(config) -> float:
     """A layer's K/V projection as a share of its matmul FLOPs per token (attention scores aside)."""
     h, heads = config.hidden_size, config.num_attention_heads
@@ -304,6 +409,23 @@ def kv_projection_share(config) -> float:
 def propagation_ceiling(num_layers: int, mean_exit: float, kv_share: float) -> float:
     """Speedup if each skipped layer costs only its K/V projection."""
     return num_layers / (mean_exit + kv_share * (num_layers - mean_exit))
+
+
+def sampled_speedup(model, prompts, strategy, max_new_tokens: int, repeats: int, clock: str):
+    """(speedup of `strategy` over full depth, both sampling at temperature 1 with top-k 50, acceptance)."""
+    from megatron.early_exit.inference import FullDepth, SamplingParams, generate
+
+    seconds, drafted, accepted = {}, 0, 0
+    for rep in range(repeats):
+        for s in (FullDepth(), strategy):
+            results = [generate(model, [p], s, max_new_tokens, SamplingParams(1.0, 50, seed=1000 * rep + i))
+                       for i, p in enumerate(prompts)]
+            took = sum(r.decode_seconds if clock == "wall" else r.decode_cpu_seconds for r in results)
+            seconds[s.name] = min(seconds.get(s.name, took), took)
+            if s is strategy:
+                drafted += sum(r.num_drafted for r in results)
+                accepted += sum(r.num_accepted for r in results)
+    return seconds[FullDepth.name] / seconds[strategy.name], accepted / max(drafted, 1)
 
 
 def batch_speedup(model, prompts, strategy, batch_size: int, max_new_tokens: int, repeats: int, clock: str) -> float:

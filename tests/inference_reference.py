@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron.early_exit.inference.confidence import get_confidence_measure
+from megatron.early_exit.inference.confidence import ExitView, get_confidence_measure
 
 
 def _gather(logits):
@@ -71,12 +71,12 @@ def reference_generate(model, prompt: List[int], max_new_tokens: int, threshold:
         pos, chosen = len(seq) - 1, None
         for num in exits if step > 0 else []:
             logits, depth = exit_logits_at(model, num, states, attention, pos)
-            if conf.uses_logits:
-                c = float(conf.fn(logits.unsqueeze(0))[0])
+            if conf.projects:
+                c = float(conf(ExitView.from_logits(logits.unsqueeze(0)))[0])
             elif depth == 0:
                 c = -math.inf
             else:
-                c = float(conf.fn(states[depth][pos : pos + 1], states[depth - 1][pos : pos + 1])[0])
+                c = float(conf(ExitView(num, states[depth][pos : pos + 1], states[depth - 1][pos : pos + 1]))[0])
             if c >= threshold:
                 chosen = (logits, depth)
                 break

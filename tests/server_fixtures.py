@@ -47,9 +47,9 @@ class Server:
     """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
 
     def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
-                 extra=()):
-        flags = ["--load", root, "--port", "0", "--max-batch-size", str(MAX_BATCH), "--max-prompt-tokens",
-                 str(MAX_PROMPT), "--log-level", "warning", "--model-name", "tiny", *extra]
+                 extra=(), max_batch: int = MAX_BATCH, max_prompt: int = MAX_PROMPT):
+        flags = ["--load", root, "--port", "0", "--max-batch-size", str(max_batch), "--max-prompt-tokens",
+                 str(max_prompt), "--log-level", "warning", "--model-name", "tiny", *extra]
         if nproc == 1:
             cmd = [sys.executable, SERVER, *flags]
         else:

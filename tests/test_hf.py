@@ -319,6 +319,11 @@ BAD_CONFIGS = {
     "bias": ({"attention_bias": True}, "attention_bias true is not supported"),
     "shape": ({"intermediate_size": FFN + 8}, r"tensor model.layers.0.mlp.gate_proj.weight has shape \(128, 32\), expected \(136, 32\)"),
     "heads-vs-target-tp": ({"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}, None),
+    # Checked against the weights' shapes before a model of that size is built (it tried to allocate 4e18 bytes).
+    "huge-hidden": ({"hidden_size": 10**9}, r"config.json does not match the weights: tensor model.embed_tokens.weight "
+                                            r"has shape \(\d+, 32\), expected \(\d+, 1000000000\)"),
+    "huge-layers": ({"num_hidden_layers": 10**6}, r"config.json does not match the weights: tensor "
+                                                  r"model.layers.999999.self_attn.q_proj.weight is missing"),
 }
 
 

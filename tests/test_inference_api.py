@@ -38,22 +38,53 @@ def test_kv_cache_update_by_position_and_crop():
 
 
 def test_confidence_measures_order_confident_above_unsure():
-    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES
+    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, ExitView
 
     peaked = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
     two_way = torch.tensor([[5.0, 5.0, 0.0, 0.0]])
     uniform = torch.zeros(1, 4)
+    def at(name, logits):  # every measure takes one ExitView
+        return float(CONFIDENCE_MEASURES[name](ExitView.from_logits(logits))[0])
+
     for name in ("max_prob", "margin", "entropy"):
-        fn = CONFIDENCE_MEASURES[name].fn
-        assert fn(peaked) > fn(two_way) >= fn(uniform), name
-    assert math.isclose(float(CONFIDENCE_MEASURES["max_prob"].fn(uniform)), 0.25, abs_tol=1e-6)
-    assert float(CONFIDENCE_MEASURES["margin"].fn(two_way)) < 1e-6
-    assert abs(float(CONFIDENCE_MEASURES["entropy"].fn(uniform))) < 1e-6
-    assert float(CONFIDENCE_MEASURES["entropy"].fn(peaked)) > 0.99
+        assert at(name, peaked) > at(name, two_way) >= at(name, uniform), name
+    assert math.isclose(at("max_prob", uniform), 0.25, abs_tol=1e-6)
+    assert at("margin", two_way) < 1e-6
+    assert abs(at("entropy", uniform)) < 1e-6
+    assert at("entropy", peaked) > 0.99
     h = torch.tensor([[1.0, 2.0, 3.0]])
-    saturation = CONFIDENCE_MEASURES["saturation"].fn
-    assert math.isclose(float(saturation(h, 2 * h)), 1.0, abs_tol=1e-6)
-    assert math.isclose(float(saturation(h, -h)), -1.0, abs_tol=1e-6)
+    saturation = CONFIDENCE_MEASURES["saturation"]
+    assert math.isclose(float(saturation(ExitView(1, h, 2 * h))), 1.0, abs_tol=1e-6)
+    assert math.isclose(float(saturation(ExitView(1, h, -h))), -1.0, abs_tol=1e-6)
+    assert float(saturation(ExitView(1, h, None))) == -math.inf  # nothing to compare before a stage's first layer
+
+
+def test_gated_max_prob_projects_only_the_rows_its_gate_passes():
+    """The hidden-state gate decides which rows' vocabulary projection is computed; those rows
+    get their top-1 probability, the others -inf, and a batch the gate stops projects nothing."""
+    from megatron.early_exit.inference.confidence import ExitView, gated_top1_probability, top1_probability
+    from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator
+
+    estimator = ConfidenceEstimator(3, [2], use_logits=False, gate_threshold=0.5)
+    with torch.no_grad():
+        estimator.heads["2"].weight.copy_(torch.tensor([[4.0, 0.0, 0.0]]))
+        estimator.heads["2"].bias.zero_()
+    hidden = torch.tensor([[1.0, 0.2, 0.1], [-1.0, 0.3, 0.2], [2.0, -0.1, 0.4]])  # scores > .5, < .5, > .5
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    asked = []
+
+    def project(rows):
+        asked.append(None if rows is None else rows.tolist())
+        return logits if rows is None else logits[rows]
+
+    measure = gated_top1_probability(estimator)
+    view = ExitView(2, hidden, None, project)
+    got = measure(view)
+    assert asked == [[0, 2]]
+    assert torch.allclose(got[[0, 2]], top1_probability(logits[[0, 2]])) and got[1] == -math.inf
+    assert torch.equal(view.projected()[[0, 2]], logits[[0, 2]])
+    asked.clear()
+    assert (measure(ExitView(2, -hidden.abs(), None, project)) == -math.inf).all() and asked == []
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -110,7 +141,6 @@ def test_bad_requests_raise_config_errors(dist1):
         "unknown draft exit": lambda: generate(model, [PROMPT], SelfSpeculative(exit_layer=2)),
         "no drafts": lambda: SelfSpeculative(exit_layer=1, num_draft=0),
         "draft threshold above 1": lambda: SelfSpeculative(exit_layer=1, draft_threshold=1.5),
-        "sampled speculation": lambda: generate(model, [PROMPT], SelfSpeculative(1), sampling=SamplingParams(temperature=1.0)),
         "negative temperature": lambda: SamplingParams(temperature=-1.0),
         "top_p zero": lambda: SamplingParams(temperature=1.0, top_p=0.0),
     }
@@ -130,9 +160,6 @@ def test_unsupported_models_are_refused(dist1):
     from megatron.early_exit.inference import FullDepth, generate
     from tests.helpers import build_ee_gpt, tiny_transformer_config
 
-    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[2], use_exit_block=True), seq_length=32)
-    with pytest.raises(ConfigError, match="use-exit-block"):
-        generate(model, [PROMPT], FullDepth(), max_new_tokens=2)
     model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(), seq_length=32)
     from megatron.early_exit.inference import EarlyExit
 

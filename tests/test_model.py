@@ -80,21 +80,31 @@ def test_exit_heads_are_lazy(dist1):
     assert calls == [1]
 
 
-def test_layer_dropout_skips_whole_sequences(dist1):
+def test_layer_dropout_skips_the_dropped_layers_compute(dist1):
+    """Each sequence skips each layer with its LayerSkip probability: the skipped rows never
+    enter the layer, and every row's loss is the model's without the layers it skipped."""
     ee_config = EarlyExitConfig(layer_dropout_max=0.5)
     model = build_ee_gpt(tiny_transformer_config(), ee_config)
     assert model.layer_dropout_probs() == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])
     tokens, labels, pos = make_batch(batch=8)
-    model.eval()
-    eval_loss = model(tokens, pos, None, labels=labels).final
+    rows_run = []
+    for layer in model.decoder.layers:
+        layer.register_forward_pre_hook(lambda mod, args, kwargs: rows_run.append(kwargs["hidden_states"].shape[1]),
+                                        with_kwargs=True)
+    keep = model.layer_dropout_keep(0, 8)
+    assert keep == model.layer_dropout_keep(0, 8) and keep != model.layer_dropout_keep(1, 8)  # seeded by the step
     model.train()
-    torch.manual_seed(0)
-    a = model(tokens, pos, None, labels=labels).final
-    torch.manual_seed(0)
-    b = model(tokens, pos, None, labels=labels).final
-    assert torch.equal(a, b)
-    changed = [(a[i] != eval_loss[i]).any().item() for i in range(8)]
-    assert any(changed) and not all(changed)  # some sequences skipped a layer, some did not
+    got = model(tokens, pos, None, labels=labels).final
+    assert model.layer_dropout_step == 1
+    assert rows_run == [len(keep[n]) for n in range(1, 5) if keep[n]]  # the dropped rows' compute is skipped
+    assert len(keep[1]) == 8 and any(0 < len(rows) < 8 for rows in keep.values())
+    model.eval()
+    layers = model.decoder.layers
+    for i in range(8):
+        model.decoder.layers = torch.nn.ModuleList([layer for layer in layers if i in keep[layer.layer_number]])
+        want = model(tokens[i : i + 1], pos[i : i + 1], None, labels=labels[i : i + 1]).final[0]
+        assert torch.allclose(got[i], want, atol=1e-5), i
+    model.decoder.layers = layers
 
 
 # -- configuration -----------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from tests.tokenizer_fixtures import documents, run_preprocess_cli, write_jsonl
@@ -103,6 +104,15 @@ def test_exit_weights_must_be_finite_and_non_negative(kwargs, message):
     ({"--hidden-dropout": "nan"}, r"--hidden-dropout must be in \[0, 1\), got nan"),
     ({"--attention-dropout": 1.0}, r"--attention-dropout must be in \[0, 1\), got 1.0"),
     ({"--attention-dropout": -0.1}, r"--attention-dropout must be in \[0, 1\), got -0.1"),
+    ({"--weight-decay": "nan"}, r"--weight-decay must be finite and >= 0, got nan"),
+    ({"--clip-grad": "nan"}, r"--clip-grad must be finite and >= 0, got nan"),
+    ({"--adam-eps": "nan"}, r"--adam-eps must be finite and > 0, got nan"),
+    ({"--adam-beta1": 1.5}, r"--adam-beta1 must be in \[0, 1\), got 1.5"),
+    ({"--adam-beta2": "nan"}, r"--adam-beta2 must be in \[0, 1\), got nan"),
+    ({"--init-method-std": "nan"}, r"--init-method-std must be finite and > 0, got nan"),
+    ({"--init-method-std": "-1"}, r"--init-method-std must be finite and > 0, got -1.0"),
+    ({"--split": "0,0,0"}, r"--split 0,0,0: give up to three comma-separated weights >= 0"),
+    ({"--split": "90,x,0"}, r"--split 90,x,0: give up to three"),
 ])
 def test_training_values_are_refused_naming_the_flag(overrides, message):
     from megatron.early_exit.errors import ConfigError
@@ -306,3 +316,61 @@ def test_unwritable_data_cache_path_names_the_flag(dist1, corpus, tmp_path):
     train, valid, test = build_datasets(args, tokenizer)  # a writable one works, and caches
     assert len(train) >= 16 and len(valid) > 0 and test is None and os.listdir(tmp_path / "cache")
     assert not math.isnan(float(train[0]["tokens"].float().mean()))
+
+
+# -- checks that run whatever splits a run reads --------------------------------------------------
+
+
+def _build(args, prefix_vocab=None):
+    """build_datasets with a 60 s alarm: a split megatron-core loops on fails instead of hanging."""
+    from megatron.early_exit.tokenizers import build_tokenizer
+    from megatron.early_exit.training.data import build_datasets
+
+    def hung(signum, frame):
+        raise AssertionError("build_datasets hung (looping on a split without documents)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        return build_datasets(args, build_tokenizer("NullTokenizer", vocab_size=prefix_vocab or args.vocab_size))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_dataset_checks_run_with_eval_iters_0(dist1, small_corpus, tmp_path):
+    """--eval-iters 0 used to skip every check: an empty train split hung, a damaged file gave
+    megatron-core's traceback."""
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.training.arguments import parse_args
+
+    args = parse_args(tiny_run_flags(small_corpus, iters=4, **{"--split": "0,100,0", "--eval-iters": 0}), world_size=1)
+    with pytest.raises(ConfigError, match=r"^--split 0,100,0: the train split of .* gets no documents"):
+        _build(args)
+    prefix = _damaged_copy(small_corpus, tmp_path, DAMAGE["bin cut in half"][0])
+    args = parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0}), world_size=1)
+    with pytest.raises(ConfigError, match=r"^--data-path: .*\.bin is truncated or does not match"):
+        _build(args)
+
+
+def test_corpus_of_a_larger_vocabulary_is_named(dist1, tmp_path):
+    """Token ids beyond the tokenizer's vocabulary failed in the embedding (IndexError)."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.training.arguments import parse_args
+
+    prefix = str(tmp_path / "wide_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    rng = numpy.random.default_rng(0)
+    for _ in range(200):
+        builder.add_document(torch.tensor(rng.integers(0, 500, 60)), [60])
+    builder.finalize(prefix + ".idx")
+    args = parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0}), world_size=1)
+    with pytest.raises(ConfigError, match=r"^--data-path: .*wide_text_document\.bin document 0 holds token id 4\d\d, "
+                                          r"outside the tokenizer's vocabulary of 64"):
+        _build(args)
+    train, _, _ = _build(parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0, "--vocab-size": 500}),
+                                    world_size=1), 500)
+    assert int(train[0]["tokens"].max()) < 500

@@ -306,7 +306,7 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
 
     calls = []
 
-    def fake_run_job(model, job, on_tokens=None):
+    def fake_run_job(model, job, on_tokens=None, cancelled=None):
         calls.append([p[0] for p in job.prompts])
         if job.prompts[0][0] == 666:
             raise InferenceConfigError("refused")
@@ -347,8 +347,9 @@ def test_launch_flags_tokenizer_override_and_ignored_model_flags(capsys):
 
     args = parse_args(["--load", "ckpt", "--use-checkpoint-args", "--num-layers", "24", "--vocab-size", "50"])
     assert "ignored" in capsys.readouterr().err and args.use_checkpoint_args and args.port == 5000
-    stored = argparse.Namespace(tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_file=None, merge_file=None,
-                                vocab_size=VOCAB)
+    from megatron.early_exit.models.model_config import TokenizerConfig
+
+    stored = argparse.Namespace(tokenizer=TokenizerConfig(type="NullTokenizer", vocab_size=VOCAB))  # as a ModelConfig holds it
     assert build_tokenizer(args, stored, 128).vocab_size == 50  # the flag replaces the stored vocabulary
     with pytest.raises(ConfigError, match="exceed the model's vocabulary"):
         build_tokenizer(parse_args(["--load", "ckpt", "--vocab-size", "200"]), stored, 128)

@@ -61,8 +61,8 @@ def test_top_n_under_one_exit_matches_that_exits_distribution(model):
 
     result = generate(model, [PROMPTS[0]], EarlyExit(0.0, exit_layers=(EXITS[0],)), 6, top_n=3)
     assert result.exit_layers[0][1:] == [EXITS[0]] * 5
-    # Over the whole (padded) output layer, as decoding chooses from it.
-    scored = score(model, [PROMPTS[0] + result.tokens[0]], exit_layer=EXITS[0], top_n=3, vocab_size=model.vocab_size)
+    # Over the tokenizer's vocabulary, as decoding chooses from it (padded ids never).
+    scored = score(model, [PROMPTS[0] + result.tokens[0]], exit_layer=EXITS[0], top_n=3)
     at = len(PROMPTS[0]) - 1  # the position that predicts the first generated token
     for i in range(1, 6):
         assert scored.top_tokens[0][at + i] == result.top_tokens[0][i]

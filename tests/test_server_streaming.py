@@ -89,14 +89,14 @@ def test_first_token_reaches_the_client_before_the_last_is_decoded(local, monkey
     decoded = []  # tokens decoded so far, appended by the engine's callback
     waits = []  # whether the client's signal came while decoding was held
 
-    def held_run_job(model, job, on_tokens=None):
+    def held_run_job(model, job, on_tokens=None, **kwargs):
         def listen(event):
             decoded.extend(event.tokens)
             on_tokens(event)
             if len(waits) == 0:
                 waits.append(delivered.wait(timeout=120))
 
-        return real_run_job(model, job, on_tokens=listen if on_tokens else None)
+        return real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
 
     monkeypatch.setattr(worker_module, "run_job", held_run_job)
     body = dict(prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True)
@@ -149,7 +149,7 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
         # The first engine call waits until every request is in it or queued: the queued ones then share one call.
         real_run_job, held = worker_module.run_job, []
 
-        def held_run_job(model, job, on_tokens=None):
+        def held_run_job(model, job, on_tokens=None, **kwargs):
             def listen(event):
                 on_tokens(event)
                 deadline = time.monotonic() + 120
@@ -157,7 +157,7 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
                     time.sleep(0.01)
                 held.append(True)
 
-            return real_run_job(model, job, on_tokens=listen if on_tokens else None)
+            return real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
 
         monkeypatch.setattr(worker_module, "run_job", held_run_job)
         served = local.worker.served
@@ -184,3 +184,42 @@ def test_stop_sequences_are_never_sent_in_a_stream(local):
         sent = [c["choices"][0]["text"] for c in chunks]
         assert "".join(sent) == plain["text"] and stop not in "".join(sent)
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop" == plain["finish_reason"]
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(local, monkeypatch):
+    """Each decode step is slowed down, so that 60 tokens take seconds; the client reads two
+    events and closes the connection. Its rows must stop within a few steps, not run on to
+    the budget (the decoder stayed busy until then)."""
+    from megatron.early_exit.server import worker as worker_module
+
+    import dataclasses
+
+    body = dict(prompt=PROMPT, max_tokens=60, temperature=0)
+    with httpx.Client(base_url=local.url, timeout=300) as client:
+        real_run_job, results = worker_module.run_job, []
+
+        def slow_run_job(model, job, on_tokens=None, **kwargs):
+            def listen(event):
+                on_tokens(event)
+                time.sleep(0.1)
+
+            job = dataclasses.replace(job, stop_tokens=())  # nothing but the budget or the client ends it
+            result = real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
+            results.append(result)
+            return result
+
+        monkeypatch.setattr(worker_module, "run_job", slow_run_job)
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+            seen = 0
+            for line in reply.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 2:
+                    break
+        deadline = time.monotonic() + 120
+        while not results:
+            assert time.monotonic() < deadline, "the generation did not end"
+            time.sleep(0.05)
+        monkeypatch.setattr(worker_module, "run_job", real_run_job)
+        assert len(results[0].tokens[0]) < 30, len(results[0].tokens[0])  # of the 60 it would run to
+        again = client.post("/v1/completions", json=body)  # the server goes on serving
+        assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] in ("length", "stop")

@@ -131,3 +131,16 @@ def test_exit_tuning_trains_only_exits(dist1, corpus):
             assert not torch.equal(before[name], after[name]), name
         else:
             assert torch.equal(before[name], after[name]), name
+
+
+def test_exit_weight_warm_up_follows_the_iteration(dist1, corpus):
+    """The trainer hands each iteration its number: the exit weights used in the loss rise
+    from --exit-layer-weight-init to --exit-layer-weight over the warm-up, then stay."""
+    flags = {"--exit-layer-weight-init": "0.0 0.1", "--exit-layer-weight": "0.8 0.5",
+             "--exit-layer-weight-warmup-iters": 4, "--eval-interval": 100}
+    state = run(tiny_run_flags(corpus, iters=6, **flags))
+    for i, entry in enumerate(state.history):
+        r = min(i / 4, 1.0)
+        assert entry["exit weight [1]"] == pytest.approx(0.8 * r), i
+        assert entry["exit weight [2]"] == pytest.approx(0.1 + 0.4 * r), i
+    assert state.history[0]["exit weight [1]"] == 0.0 and state.history[-1]["exit weight [1]"] == pytest.approx(0.8)

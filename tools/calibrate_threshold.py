@@ -17,6 +17,17 @@ each set of thresholds is then decoded and timed like a single threshold, and th
 that keeps --min-agreement is chosen. --output-json holds its `exit_thresholds`, which
 `EarlyExit(exit_thresholds=...)` and the server's `exit_thresholds` request field take.
 
+With --target-consistency D (or --target-agreement D) and --confidence C, thresholds come with
+a guarantee instead (CALM's Learn-then-Test, megatron/early_exit/inference/learn_then_test.py):
+half the prompts propose per-exit thresholds from conservative to aggressive, the other half
+test them in that order (Hoeffding-Bentkus p-values, fixed-sequence testing), and the most
+aggressive that passes keeps consistency (agreement) >= D with probability >= C over prompts
+drawn like these. --output-json then holds `exit_thresholds`, which the server reads with
+--exit-thresholds-file:
+
+    python tools/calibrate_threshold.py --load CKPT --prompts-jsonl prompts.jsonl \
+        --target-consistency 0.95 --confidence 0.9 --output-json thresholds.json
+
 --oracle also decodes with an exit test that knows the final layer's token (each token
 leaves at the shallowest exit that agrees with it): the speedup no confidence measure can
 beat with these exits. Far above the table's best: the measure is what holds early exit
@@ -57,6 +68,11 @@ def parse_args():
     p.add_argument("--oracle", action="store_true",
                    help="also decode with an exit test that knows the final layer's token: the speedup no confidence "
                         "measure can beat with these exits (output identical to full depth)")
+    p.add_argument("--target-consistency", type=float, default=None,
+                   help="Learn-then-Test: keep consistency with full depth >= this, with probability --confidence")
+    p.add_argument("--target-agreement", type=float, default=None,
+                   help="Learn-then-Test: keep agreement with full-depth output >= this, with probability --confidence")
+    p.add_argument("--confidence", type=float, default=0.9, help="with --target-*: 1 - epsilon of the guarantee")
     p.add_argument("--output-json", default=None, help="also write every sweep point and the choice here")
     return p.parse_args()
 
@@ -92,6 +108,8 @@ def main():
     model, tokenizer, _ = load_model(args.load, confidence_estimator=args.confidence_estimator)
     prompts = read_prompts(args, tokenizer)
     exits = tuple(args.exit_layers) if args.exit_layers else None
+    if args.target_consistency is not None or args.target_agreement is not None:
+        sys.exit(guaranteed(model, prompts, args, exits))
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, {args.measure} / {args.kv}", flush=True)
     if args.per_exit:
         per_exit = calibrate_per_exit(model, prompts, args, exits)
@@ -131,6 +149,37 @@ def main():
                                                               "mean_exit_layer": oracle.mean_exit_layer,
                                                               "coverage": oracle.coverage}}, f, indent=1)
     sys.exit(0 if chosen else 1)
+
+
+def guaranteed(model, prompts, args, exits) -> int:
+    """Learn-then-Test thresholds, printed and written to --output-json; exit status 0."""
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference.learn_then_test import learn_then_test
+
+    if (args.target_consistency is None) == (args.target_agreement is None):
+        raise ConfigError("give one of --target-consistency and --target-agreement")
+    criterion, target = (("consistency", args.target_consistency) if args.target_consistency is not None
+                         else ("agreement", args.target_agreement))
+    for flag, value in ((f"--target-{criterion}", target), ("--confidence", args.confidence)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{flag} must be in (0, 1), got {value}")
+    if len(prompts) < 4:
+        raise ConfigError(f"--target-{criterion}: Learn-then-Test needs at least 4 prompts (half learn, half test), "
+                          f"got {len(prompts)}")
+    print(f"Learn-then-Test: {criterion} >= {target} with probability >= {args.confidence}: {len(prompts) // 2} prompts "
+          f"learn the candidate thresholds, {len(prompts) - len(prompts) // 2} test them", flush=True)
+    result = learn_then_test(model, prompts, args.measure, criterion, target, args.confidence, args.max_new_tokens,
+                             exits, args.kv, progress=lambda line: print("  " + line, flush=True))
+    if result.exit_thresholds:
+        print(f"\nguaranteed exit thresholds: { {n: round(t, 4) for n, t in result.exit_thresholds.items()} }")
+    else:
+        print(f"\nno candidate keeps {criterion} >= {target} at confidence {args.confidence} on these prompts: "
+              "no exit fires (more prompts tighten the bound)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+        print(f"wrote {args.output_json} (the server reads it with --exit-thresholds-file)")
+    return 0
 
 
 def _finite(pairs):

@@ -7,7 +7,9 @@
 Every position of the windows gives each exit one example: its hidden state and
 distribution, and whether its token equals the final layer's. One logistic classifier per
 exit is fit on the first windows and reported on the last --validation-fraction of them.
-Then decode with `EarlyExit(measure="learned")`, `--confidence-estimator FILE` on the
+With --hidden-state-only the file also serves `gated_max_prob` (the classifier decides
+whether the exit's vocabulary projection is computed at all). Then decode with
+`EarlyExit(measure="learned")`, `--confidence-estimator FILE` on the
 server and in tools/calibrate_threshold.py.
 """
 
@@ -30,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200, help="L-BFGS iterations per exit")
     p.add_argument("--hidden-state-only", action="store_true",
                    help="classify from the hidden state alone: an exit that does not fire costs no vocabulary projection")
+    p.add_argument("--gate-threshold", type=float, default=0.5,
+                   help="with --hidden-state-only, for measure gated_max_prob: the score from which an exit's vocabulary "
+                        "projection is computed")
     p.add_argument("--output", required=True, help="where to write the estimator (.safetensors)")
     return p.parse_args(argv)
 
@@ -39,6 +44,8 @@ def main(argv=None):
     from megatron.early_exit.errors import ConfigError, install_excepthook
 
     install_excepthook()
+    if not 0 < args.gate_threshold < 1:
+        raise ConfigError(f"--gate-threshold must be in (0, 1), got {args.gate_threshold}")
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     from megatron.early_exit.evaluation.perplexity import read_windows
@@ -61,6 +68,7 @@ def main(argv=None):
         f"  collected {done}/{len(train)} windows ({done * args.seq_length / (time.perf_counter() - start):.0f} tokens/s)",
         flush=True))
     estimator = fit(samples, config.hidden_size, steps=args.steps)
+    estimator.gate_threshold = args.gate_threshold
     report = evaluate(estimator, collect(model, valid, use_logits=use_logits) if valid else samples)
     split = "validation" if valid else "training"
     print(f"\n{'exit':>5} {'tokens':>8} {'agreement':>10} {'accuracy':>9} {'log loss':>9}   ({split} windows)")

@@ -50,6 +50,7 @@ def main():
     print(f"{'decoding':<26}{'tokens/s':>10}{'speedup':>9}{'mean layer':>12}{'agreement':>11}")
     print(f"{'full depth':<26}{full.decode_tokens_per_second:>10.1f}{1.0:>8.2f}x{full.mean_exit_layer:>12.2f}{1.0:>11.3f}")
     rows = [("full depth", 1.0, 1.0)]
+    best = (0.0, None)
     for threshold in args.thresholds:
         run = generate(model, prompts, EarlyExit(threshold=threshold), args.tokens, stop_tokens=stop)
         same = sum(a == b for x, y in zip(run.tokens, full.tokens) for a, b in zip(x, y))
@@ -58,6 +59,7 @@ def main():
         print(f"{'early exit @' + str(threshold):<26}{run.decode_tokens_per_second:>10.1f}{speedup:>8.2f}x"
               f"{run.mean_exit_layer:>12.2f}{agreement:>11.3f}")
         rows.append((f"threshold {threshold:g}", speedup, agreement))
+        best = max(best, (speedup, run), key=lambda b: b[0])
     print("agreement: share of positions where early exit chose full depth's token (a first difference "
           "changes the rest of the row)")
     if args.plot:
@@ -67,6 +69,12 @@ def main():
         write_png(args.plot, curves, rows, f"quick start: {config.num_layers} layers, exits after layers "
                                            f"{', '.join(map(str, config.exit_layer_nums))}")
         print(f"picture: {args.plot}")
+    speedup, run = best
+    print(f"early exit is {speedup:.2f}x full depth at best" + (
+        "" if speedup > 1 else f": why not: tokens leave at layer {run.mean_exit_layer:.2f} of {config.num_layers} on "
+        f"average, too late to pay for testing {len(config.exit_layer_nums)} exits (each projects onto the "
+        f"{model.vocab_size}-token vocabulary for every token it keeps) on a model this small and briefly trained; "
+        "docs/early_exit_decoding.md shows what does pay"))
 
 
 if __name__ == "__main__":

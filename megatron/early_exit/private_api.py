@@ -102,6 +102,7 @@ OTHERS = (
     PrivateUse("argparse", "ArgumentParser._actions", ("training/arguments.py",),
                "every flag's default (--use-checkpoint-args, stored_args); argparse lists its actions nowhere else",
                _parser),
+    PrivateUse("os", "_exit", ("launcher.py",), "documented despite its name: end the process at once, no cleanup"),
     PrivateUse("numpy._core.multiarray", "_reconstruct", ("legacy/files.py",),
                "numpy arrays in Megatron-LM's legacy checkpoints (numpy.core.multiarray before numpy 2)"),
 )

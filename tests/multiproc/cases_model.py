@@ -66,3 +66,13 @@ def case_self_distillation():
 
 def case_self_distillation_tied_sequence_parallel():
     return _tp2_vs_tp1(True, exit_distill_weight=1.0)
+
+
+def case_layer_dropout_sequence_parallel():
+    """Skipped layers (LayerSkip layer dropout) are the same on both TP ranks as on one process."""
+    from tests.helpers import build_ee_gpt
+
+    probe = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(layer_dropout_max=0.8))
+    keep = probe.layer_dropout_keep(0, 2)
+    assert any(len(rows) == 1 for rows in keep.values()), keep  # one sequence runs a layer the other skips
+    return _tp2_vs_tp1(True, use_exit_mlp=True, use_exit_norm=True, untie_exit_output_weights=True, layer_dropout_max=0.8)

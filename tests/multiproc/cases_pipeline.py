@@ -191,6 +191,17 @@ def case_tp2_pp2_sequence_parallel():
     return _compare(EarlyExitConfig(**EXITS_EVERYWHERE), tied_model=True, tp=2, pp=2, m=4, sequence_parallel=True)
 
 
+def case_tp2_pp2_layer_dropout():
+    """LayerSkip layer dropout skips the same sequences' layers on every stage and TP rank
+    as on one process (each microbatch's forward draws by its count)."""
+    ee_config = EarlyExitConfig(**EXITS_EVERYWHERE, layer_dropout_max=0.7, use_exit_mlp=True)
+    result = _compare(ee_config, tied_model=True, tp=2, pp=2, m=4, sequence_parallel=True)
+    probe = _build(ee_config, True)
+    partial = sum(0 < len(rows) < MBS for step in range(4) for rows in probe.layer_dropout_keep(step, MBS).values())
+    assert partial > 0 and probe.layer_dropout_keep(0, MBS) != probe.layer_dropout_keep(1, MBS)
+    return dict(result, partial_skips=partial)
+
+
 def case_pp4_fewer_microbatches_than_stages():
     return _compare(EarlyExitConfig(**EXITS_EVERYWHERE, untie_exit_output_weights=True), tied_model=False, pp=4, m=2)
 

@@ -16,6 +16,7 @@ After writing, every rank reads DST back and compares its weights bit for bit.
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def target_args(a):
     return args
 
 
+def checked_target_args(a):
+    """target_args, refused in one line when the checkpoint cannot take the target layout."""
+    args = target_args(a)
+    if args.num_layers % args.pipeline_model_parallel_size:
+        from megatron.early_exit.errors import ConfigError
+
+        raise ConfigError(f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
+                          f"the checkpoint's {args.num_layers} layers")
+    return args
+
+
 def run_rank(a):
     import torch
 
@@ -69,12 +81,7 @@ def run_rank(a):
     from megatron.early_exit.checkpoint_reader import read_model_config
     from megatron.early_exit.training.arguments import build_early_exit_config
 
-    args = target_args(a)
-    if args.num_layers % args.pipeline_model_parallel_size:
-        from megatron.early_exit.errors import ConfigError
-
-        raise ConfigError(f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
-                          f"the checkpoint's {args.num_layers} layers")
+    args = checked_target_args(a)
     ctx = initialize_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device="cpu",
         tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, args.pipeline_model_parallel_size,
@@ -108,12 +115,23 @@ def main(argv=None):
     a = parse(argv)
     if "WORLD_SIZE" in os.environ:
         return run_rank(a)
+    checked_target_args(a)  # what can be refused is refused here, before any process starts
     nproc = a.target_tensor_parallel_size * a.target_pipeline_parallel_size
     print(f"starting {nproc} processes (TP={a.target_tensor_parallel_size} x PP={a.target_pipeline_parallel_size})", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.abspath(__file__)] + (argv if argv is not None else sys.argv[1:])
-    sys.exit(subprocess.call(cmd, env=env))
+    proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    sys.exit(_report(proc.returncode, proc.stderr))
+
+
+def _report(returncode: int, stderr: str) -> int:
+    """The workers' stderr; when they failed, only their `error:` lines (once each) instead of
+    torchrun's ChildFailedError report around them, unless there are none."""
+    errors = [re.sub(r"^\[rank\d+\]: ", "", line) for line in stderr.splitlines()]
+    errors = list(dict.fromkeys(line for line in errors if line.startswith("error: ")))
+    sys.stderr.write("\n".join(errors) + "\n" if returncode and errors else stderr)
+    return 1 if returncode else 0
 
 
 if __name__ == "__main__":

@@ -184,6 +184,34 @@ def _target_dtype(dtype: str, shape: HFShape) -> str:
     return dtype
 
 
+def _check_config_against_weights(shape: HFShape, weights: files.HFWeights, source: str) -> None:
+    """config.json's sizes against the shapes of the first and last layers' tensors (read
+    from the file headers) before a model of that size is built: a config that does not
+    describe the weights would otherwise try to allocate whatever it says."""
+    hidden, hd, ffn = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    expected = {"model.embed_tokens.weight": (shape.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    if not shape.tie_word_embeddings:
+        expected["lm_head.weight"] = (shape.vocab_size, hidden)
+    for i in sorted({0, shape.num_layers - 1}):
+        layer = f"model.layers.{i}."
+        expected.update({
+            layer + "self_attn.q_proj.weight": (shape.num_attention_heads * hd, hidden),
+            layer + "self_attn.k_proj.weight": (shape.num_query_groups * hd, hidden),
+            layer + "self_attn.o_proj.weight": (hidden, shape.num_attention_heads * hd),
+            layer + "mlp.gate_proj.weight": (ffn, hidden),
+            layer + "mlp.down_proj.weight": (hidden, ffn),
+        })
+    for name, want in expected.items():
+        if name not in weights:
+            raise ConversionError(f"{source} does not match the weights: tensor {name} is missing from "
+                                  f"{weights.directory} (num_hidden_layers {shape.num_layers})")
+        have = weights.shape(name)
+        if have != want:
+            raise ConversionError(f"{source} does not match the weights: tensor {name} has shape {have}, expected "
+                                  f"{want} (hidden_size {hidden}, intermediate_size {ffn}, vocab_size {shape.vocab_size}, "
+                                  f"heads {shape.num_attention_heads}/{shape.num_query_groups} of {hd})")
+
+
 @torch.no_grad()
 def _fill_from_hf(model, weights: files.HFWeights, shape: HFShape, progress: bool) -> None:
     """Every parameter from its Hugging Face tensors; every tensor must find its place."""
@@ -216,6 +244,7 @@ def import_hf(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, targe
     if section is not None and not isinstance(section, dict):
         raise ConversionError(f"{config_path}: early_exit must be an object, got {section!r}")
     weights = files.HFWeights(hf_dir, [section.get("weights_file", files.EXIT_WEIGHTS)] if section else [])
+    _check_config_against_weights(shape, weights, config_path)
     params_dtype = _target_dtype(dtype, shape)
 
     final = os.path.abspath(out)

@@ -100,6 +100,12 @@ class HFWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """A tensor's shape, from the file's header (its data is not read)."""
+        file = self._where[name]
+        handle = self._handle(file)
+        return tuple(handle.get_slice(name).get_shape()) if file.endswith(".safetensors") else tuple(handle[name].shape)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ConversionError(f"{self.directory}: tensor {name} is missing from the checkpoint")

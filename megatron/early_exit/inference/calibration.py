@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
+from megatron.early_exit.inference.confidence import ExitView
 from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.decoder import Decoder
 from megatron.early_exit.inference.generate import generate
@@ -198,12 +199,9 @@ def exit_confidences(model, sequences: Sequence[Sequence[int]], measure, exit_la
                     return
                 head_input = attention_output if point.head.has_mlp else None
                 logits = exit_logits(model, point.head, point.layer, x, head_input)[:, 0]
-                if measure.learned:
-                    confidence = measure.fn(point.layer_number, logits, x[:, 0])
-                elif measure.uses_logits:
-                    confidence = measure.fn(logits)
-                else:
-                    confidence = measure.fn(x[:, 0], previous.get(depth - 1, x[:, 0]))
+                view = ExitView(point.layer_number, x[:, 0], previous.get(depth - 1), lambda rows: logits if rows is None
+                                else logits.index_select(0, rows), _logits=logits.float())
+                confidence = measure(view)
                 seen[point.layer_number] = (confidence.float(), logits.argmax(-1))
 
             final = decoder.step([0], [list(seq)], all_logits=True, observe=observe).chunk_logits[0].argmax(-1)

@@ -1,24 +1,70 @@
 """Confidence measures: how sure an exit is of its next token (higher = more confident).
 
+Every measure is called the same way, `measure(view)`, on an `ExitView`: the exit's rows'
+hidden states, the previous layer's, and their exit logits, computed on first use (for all
+rows, or for the rows a gate lets through). A measure that never reads the logits costs
+no vocabulary projection when its exit does not fire.
+
 A token leaves at the first active exit whose confidence reaches the threshold. The
 logit-based measures (EE-LLM's top-1 probability; CALM's top-1 minus top-2 margin; an
 entropy score) lie in [0, 1]; CALM's hidden-state saturation, the cosine similarity of
-the exit's hidden state and the previous layer's, lies in [-1, 1] and needs no logits,
-so an exit that does not fire never projects onto the vocabulary. `learned` is CALM's
-classifier (learned_confidence.py): the probability, from the exit's hidden state and
-distribution, that its token is the final layer's; it needs an estimator attached to the model.
+the exit's hidden state and the previous layer's, lies in [-1, 1]. `learned` is CALM's
+classifier (learned_confidence.py): the probability, from the exit's hidden state (and
+distribution), that its token is the final layer's. `gated_max_prob` is the top-1
+probability behind a gate: a hidden-state-only classifier decides whether the exit's
+vocabulary projection is worth computing (score >= the estimator's gate threshold); the
+other rows get confidence -inf at the cost of one dot product. Both need an estimator
+attached to the model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from megatron.early_exit.inference.errors import InferenceConfigError
+
+
+@dataclass
+class ExitView:
+    """What an exit test sees of its b rows' newest token."""
+
+    layer_number: int  # the exit's --exit-layer-nums entry
+    hidden: Tensor  # [b, h] the hidden state the exit head reads
+    previous: Optional[Tensor] = None  # [b, h] the previous layer's (None: before the stage's first layer)
+    project: Optional[Callable[[Optional[Tensor]], Tensor]] = None  # row indices [k] (None: all) -> logits [k, V]
+    _logits: Optional[Tensor] = field(default=None, repr=False)
+    _rows: Optional[Tensor] = field(default=None, repr=False)  # rows of _logits (None: all)
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, layer_number: int = 0) -> "ExitView":
+        """A view whose exit logits [b, V] are known (calibration, tests)."""
+        return cls(layer_number, logits.new_zeros(logits.shape[0], 0), _logits=logits)
+
+    @property
+    def logits(self) -> Tensor:
+        """[b, V] float32 exit logits of every row (projected once)."""
+        if self._logits is None or self._rows is not None:
+            self._logits, self._rows = self.project(None).float(), None
+        return self._logits
+
+    def logits_of(self, rows: Tensor) -> Tensor:
+        """[k, V] exit logits of the rows `rows` [k] only."""
+        if self._logits is not None and self._rows is None:
+            return self._logits.index_select(0, rows)
+        self._logits, self._rows = self.project(rows).float(), rows
+        return self._logits
+
+    def projected(self) -> Optional[Tensor]:
+        """[b, V] logits of the rows projected so far (zeros elsewhere), None if none were."""
+        if self._logits is None or self._rows is None:
+            return self._logits
+        full = self._logits.new_zeros(self.hidden.shape[0], self._logits.shape[-1])
+        return full.index_copy_(0, self._rows, self._logits)
 
 
 def top1_probability(logits: Tensor) -> Tensor:
@@ -39,44 +85,76 @@ def entropy_confidence(logits: Tensor) -> Tensor:
     return 1.0 - entropy / math.log(logits.shape[-1])
 
 
-def hidden_saturation(hidden: Tensor, previous: Tensor) -> Tensor:
-    """[b, h] twice -> [b]: cosine similarity of consecutive layers' hidden states."""
-    return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
+def hidden_saturation(view: ExitView) -> Tensor:
+    """[b]: cosine similarity of consecutive layers' hidden states (-inf with no previous layer)."""
+    if view.previous is None:
+        return torch.full((view.hidden.shape[0],), -math.inf, device=view.hidden.device)
+    return torch.nn.functional.cosine_similarity(view.hidden.float(), view.previous.float(), dim=-1)
+
+
+def learned(estimator) -> Callable[[ExitView], Tensor]:
+    """CALM's classifier: P(the exit's token is the final layer's)."""
+    return lambda view: estimator(view.layer_number, view.logits if estimator.use_logits else None, view.hidden)
+
+
+def gated_top1_probability(estimator) -> Callable[[ExitView], Tensor]:
+    """Top-1 probability where the hidden-state classifier finds a fire likely, -inf elsewhere."""
+
+    def measure(view: ExitView) -> Tensor:
+        likely = estimator.gate(view.layer_number, view.hidden)  # host-side: the rows worth a projection
+        if all(likely):
+            return top1_probability(view.logits)
+        confidence = torch.full((len(likely),), -math.inf, device=view.hidden.device)
+        if any(likely):
+            rows = torch.tensor([i for i, x in enumerate(likely) if x], device=view.hidden.device)
+            confidence[rows] = top1_probability(view.logits_of(rows))
+        return confidence
+
+    return measure
 
 
 @dataclass(frozen=True)
 class ConfidenceMeasure:
     name: str
-    uses_logits: bool  # False: called as fn(hidden, previous_hidden)
-    fn: Optional[Callable[..., Tensor]]
-    learned: bool = False  # called as fn(exit layer number, logits, hidden)
+    fn: Optional[Callable[[ExitView], Tensor]]  # view -> [b]; None until bound to a model's estimator
+    projects: bool  # a test that does not fire computes the vocabulary projection (of every row)
+    needs_estimator: bool = False
+
+    def __call__(self, view: ExitView) -> Tensor:
+        return self.fn(view)
 
 
 CONFIDENCE_MEASURES: Dict[str, ConfidenceMeasure] = {
     m.name: m
     for m in (
-        ConfidenceMeasure("max_prob", True, top1_probability),
-        ConfidenceMeasure("margin", True, top1_margin),
-        ConfidenceMeasure("entropy", True, entropy_confidence),
-        ConfidenceMeasure("saturation", False, hidden_saturation),
-        ConfidenceMeasure("learned", True, None, learned=True),  # bound to a model's estimator
+        ConfidenceMeasure("max_prob", lambda v: top1_probability(v.logits), True),
+        ConfidenceMeasure("margin", lambda v: top1_margin(v.logits), True),
+        ConfidenceMeasure("entropy", lambda v: entropy_confidence(v.logits), True),
+        ConfidenceMeasure("saturation", hidden_saturation, False),
+        ConfidenceMeasure("learned", None, True, needs_estimator=True),  # bound to a model's estimator
+        ConfidenceMeasure("gated_max_prob", None, False, needs_estimator=True),
     )
 }
 
 
 def get_confidence_measure(name: str, model=None) -> ConfidenceMeasure:
-    """The measure by name; `learned` is bound to `model`'s estimator (checked only when a
-    model is given)."""
+    """The measure by name; `learned` and `gated_max_prob` are bound to `model`'s estimator
+    (checked only when a model is given)."""
     if name not in CONFIDENCE_MEASURES:
         raise InferenceConfigError(f"confidence measure must be one of {sorted(CONFIDENCE_MEASURES)}, got {name!r}")
     measure = CONFIDENCE_MEASURES[name]
-    if measure.learned and model is not None:
+    if measure.needs_estimator and model is not None:
         from megatron.early_exit.inference.learned_confidence import attached
 
         estimator = attached(model)
         if estimator is None:
             raise InferenceConfigError(
-                "confidence measure 'learned' needs a confidence estimator: pass --confidence-estimator FILE "
-                "(written by tools/train_confidence_estimator.py)")
-        measure = ConfidenceMeasure(name, True, estimator, learned=True)
+                f"confidence measure {name!r} needs a confidence estimator: pass --confidence-estimator FILE "
+                "(written by tools/train_confidence_estimator.py" + (" --hidden-state-only)" if name != "learned" else ")"))
+        if name == "learned":
+            return ConfidenceMeasure(name, learned(estimator), estimator.use_logits, True)
+        if estimator.use_logits:
+            raise InferenceConfigError(f"confidence measure {name!r} gates with a hidden-state classifier: "
+                                       "--confidence-estimator must be trained with --hidden-state-only")
+        return ConfidenceMeasure(name, gated_top1_probability(estimator), False, True)
     return measure

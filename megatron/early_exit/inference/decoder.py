@@ -36,13 +36,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron.early_exit.inference.confidence import ConfidenceMeasure
+from megatron.early_exit.inference.confidence import ConfidenceMeasure, ExitView
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.propagation import Propagators
 from megatron.early_exit.inference.layers import (
-    RotaryTables, WorkSet, attention_scale, build_work_set, embed, exit_logits, final_logits, project_qkv, run_layer,
-    to_device,
+    RotaryTables, WorkSet, attention_scale, block_exit_logits, build_work_set, embed, exit_logits, final_logits,
+    project_qkv, run_layer, to_device,
 )
 
 
@@ -85,7 +85,6 @@ def validate_model(model) -> None:
     config, ee = model.config, model.ee_config
     unsupported = {
         "sequence parallelism (build the inference model without --sequence-parallel)": config.sequence_parallel,
-        "--use-exit-block (an exit block would need its own KV cache)": ee.use_exit_block,
         "multi-latent attention": config.multi_latent_attention,
         "mixture of experts": config.num_moe_experts is not None,
         "sliding-window attention": config.window_size is not None,
@@ -98,20 +97,27 @@ def validate_model(model) -> None:
         raise InferenceConfigError(f"the inference decoder does not support {', '.join(bad)}")
 
 
+def head_logits(model, point: ExitPoint, hidden: Tensor, head_input: Optional[Tensor]) -> Tensor:
+    """The exit's logits [c, b, V] from what the decoder hands it: the layer's output (and
+    post-attention state for an exit MLP), or its block's output for an exit with a block."""
+    if point.head.has_block:
+        return block_exit_logits(model, point.head, hidden)
+    return exit_logits(model, point.head, point.layer, hidden, head_input)
+
+
 def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
     """Which rows' newest token (last [1, b, h]) fires at `point`, and the exit's logits
-    when the measure needed them."""
+    [b, V] when the measure projected them (valid at least for the rows that fire)."""
     if threshold == -math.inf:
         return [True] * last.shape[1], None
-    if measure.learned:  # a classifier on the exit's hidden state (and distribution)
-        logits = exit_logits(model, point.head, point.layer, last, head_input)[0] if measure.fn.use_logits else None
-        return (measure.fn(point.layer_number, logits, last[0]) >= threshold).tolist(), logits
-    if measure.uses_logits:
-        logits = exit_logits(model, point.head, point.layer, last, head_input)[0]
-        return (measure.fn(logits) >= threshold).tolist(), logits
-    if previous is None:  # saturation before the stage's first layer: nothing to compare
-        return [False] * last.shape[1], None
-    return (measure.fn(last[0], previous) >= threshold).tolist(), None
+
+    def project(rows: Optional[Tensor]) -> Tensor:
+        hidden = last if rows is None else last.index_select(1, rows)
+        sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
+        return head_logits(model, point, hidden, sub_input)[0]
+
+    view = ExitView(point.layer_number, last[0], previous, project)
+    return (measure(view) >= threshold).tolist(), view.projected()
 
 
 class Decoder:
@@ -130,8 +136,14 @@ class Decoder:
         weight = next(self.layers[0].parameters())
         self.dtype, self.device = weight.dtype, weight.device
         self.hidden_size, self.vocab_size = model.config.hidden_size, model.vocab_size
-        self.cache = KVCache(len(self.layers), max_batch, max_seq, attention.num_query_groups_per_partition,
-                             attention.hidden_size_per_attention_head, self.dtype, self.device)
+        pre = model.ee_config.pre_exit
+        # Exit blocks (--use-exit-block) attend over their own cache slots after the layers':
+        # {depth: slot}. They run at every step, so that their K/V cover every position.
+        self.exit_blocks = {int(num) - pre: len(self.layers) + i
+                            for i, num in enumerate(n for n, head in model.exits.items() if head.has_block)}
+        self.cache = KVCache(len(self.layers) + len(self.exit_blocks), max_batch, max_seq,
+                             attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head,
+                             self.dtype, self.device)
         self.frontier = None  # step() only: the inputs owed to deeper layers
         if self.first and self.last:
             self.frontier = torch.zeros(max_batch, max_seq + 1, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -139,7 +151,6 @@ class Decoder:
         self.rotary = RotaryTables(model, max_seq, self.dtype) if model.position_embedding_type == "rope" else None
         self.scales = [attention_scale(layer) for layer in self.layers]
         self.propagators = Propagators(model, self.layers)
-        pre = model.ee_config.pre_exit
         # This stage's exits by --exit-layer-nums entry (its heads live with their layers).
         self.exit_points = {
             int(num): ExitPoint(int(num) - pre, int(num), head, self.layers[int(num) - 1 - self.offset])
@@ -194,9 +205,10 @@ class Decoder:
                 x, attention_output = self._run_layer(depth - 1, x, ws)
             if observe is not None:
                 observe(depth, x, attention_output)
+            block_output = self._run_exit_block(depth, x, ws)
             point = policy.exits.get(depth)
             if point is not None:
-                x, ws = self._exit_rows(point, policy, x, attention_output, previous, ws, done)
+                x, ws = self._exit_rows(point, policy, x, attention_output, previous, ws, done, block_output)
                 if ws is None:
                     break
         chunk_logits = None
@@ -221,10 +233,21 @@ class Decoder:
     def _save_frontier(self, x: Tensor, ws: WorkSet) -> None:
         self.frontier[ws.rows_t.view(1, -1).expand_as(ws.write_pos), ws.write_pos] = x
 
-    def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done):
+    def _run_exit_block(self, depth: int, x: Tensor, ws: WorkSet) -> Optional[Tensor]:
+        """The exit block at `depth` (if any) over the work set, on its own cache slot."""
+        slot = self.exit_blocks.get(depth)
+        if slot is None:
+            return None
+        block = self.model.exits[str(depth + self.model.ee_config.pre_exit)].block
+        out, _ = run_layer(block, x, ws, self.cache, slot, attention_scale(block))
+        self.cache.set_length(slot, ws.rows, [e + 1 for e in ws.ends])
+        return out
+
+    def _exit_rows(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, ws, done,
+                   block_output: Optional[Tensor] = None):
         """Rows whose newest token is confident at `point` take their token and leave;
         returns the hidden states and work set of the rows going on (None, None if none)."""
-        last = x[-1:]  # [1, b, h]
+        last = (x if block_output is None else block_output)[-1:]  # [1, b, h]: what the head reads
         head_input = attention_output[-1:] if point.head.has_mlp and attention_output is not None else None
         fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
                                        previous)
@@ -239,14 +262,14 @@ class Decoder:
 
         if logits is None:
             sub_input = pick(head_input, 1) if head_input is not None else None
-            logits = exit_logits(self.model, point.head, point.layer, pick(last, 1), sub_input)[0]
+            logits = head_logits(self.model, point, pick(last, 1), sub_input)[0]
         else:
             logits = pick(logits, 0)
         for i, col in enumerate(cols):
             done[ws.rows[col]] = (point.depth, logits[i])
         left = ws if every else self._select(ws, cols)
         if policy.propagate:
-            self._propagate(pick(last[0], 0), point.depth, left)
+            self._propagate(pick(x[-1], 0), point.depth, left)
         else:
             self._save_frontier(pick(x, 1)[-left.width:], left)
         if every:
@@ -274,6 +297,12 @@ class Decoder:
                 self.cache.update(index, newest.rows_t, newest.write_pos, k, v)
         for index in range(depth, len(self.layers)):
             self.cache.set_length(index, newest.rows, [e + 1 for e in newest.ends])
+        for block_depth, slot in self.exit_blocks.items():  # deeper exit blocks: their K/V too
+            if block_depth > depth:
+                block = self.model.exits[str(block_depth + self.model.ee_config.pre_exit)].block
+                _, k, v = project_qkv(block, hidden, newest)
+                self.cache.update(slot, newest.rows_t, newest.write_pos, k, v)
+                self.cache.set_length(slot, newest.rows, [e + 1 for e in newest.ends])
 
     # -- the stage pass: every row through every layer, exits only decide ----------
 
@@ -295,9 +324,11 @@ class Decoder:
             if depth > self.offset:
                 previous = x[-1]
                 x, attention_output = self._run_layer(depth - 1 - self.offset, x, ws)
+            block_output = self._run_exit_block(depth, x, ws)
             point = policy.exits.get(depth)
             if point is not None and any(open_rows):
-                self._decide(point, policy, x, attention_output, previous, rows, open_rows, decided, columns)
+                self._decide(point, policy, x if block_output is None else block_output, attention_output, previous,
+                             rows, open_rows, decided, columns)
         if self.last and any(open_rows):
             cols, pick = self._open_columns(open_rows, columns)
             logits = final_logits(self.model, pick(x[-1:], 1))[0]
@@ -327,7 +358,7 @@ class Decoder:
         if not any(fire):
             return
         if logits is None:
-            logits = exit_logits(self.model, point.head, point.layer, last, head_input)[0]
+            logits = head_logits(self.model, point, last, head_input)[0]
         for i, col in enumerate(cols):
             if fire[i]:
                 decided[rows[col]] = (point.depth, logits[i])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ def decode_one_token(decoder: Decoder, transcript: Transcript, policy: ExitPolic
 
 
 def decode_tokens(decoder: Decoder, transcript: Transcript, policy: ExitPolicy) -> None:
-    while transcript.active:
+    while transcript.going():
         decode_one_token(decoder, transcript, policy)
 
 
@@ -51,18 +51,19 @@ def generate(
     stop_tokens: Iterable[int] = (),
     top_n: int = 0,
     on_tokens: Optional[TokenCallback] = None,
+    cancelled: Optional[Callable[[], Iterable[int]]] = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; lengths may differ) by up to
     `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`.
 
     top_n > 0 keeps each token's top_n likeliest alternatives (result.top_tokens and
     top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
-    appended, while decoding goes on (on the rank that picks the tokens: the first stage)."""
+    appended, while decoding goes on (on the rank that picks the tokens: the first stage).
+    `cancelled()`, asked before each step on one stage, names rows to stop now (their
+    callers went away); every tensor-parallel rank must get the same answer."""
     prompts = validate_prompts(model, prompts, max_new_tokens)
-    if isinstance(strategy, SelfSpeculative) and not sampling.greedy:
-        raise InferenceConfigError("self-speculative decoding is greedy only: use temperature 0")
     if isinstance(strategy, SelfSpeculative) and sampling.ban_after:
-        raise InferenceConfigError("self-speculative decoding verifies the full model's greedy tokens: "
+        raise InferenceConfigError("self-speculative decoding verifies the full model's tokens: "
                                    "it takes no banned tokens (ban_after)")
     if not 0 <= top_n <= model.vocab_size:
         raise InferenceConfigError(f"top_n must be in [0, {model.vocab_size}], got {top_n}")
@@ -75,7 +76,8 @@ def generate(
         policy = None if isinstance(strategy, SelfSpeculative) else strategy.exit_policy(decoder)
         transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
                                 sampling.make_generator(decoder.device), active=list(range(len(prompts))),
-                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
+                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts],
+                                cancelled=cancelled)
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = clock(decoder.device) - start

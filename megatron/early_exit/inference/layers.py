@@ -202,14 +202,62 @@ def gather_vocab(logits: Tensor) -> Tensor:
     return gather_from_tensor_model_parallel_region(logits).float()
 
 
+def block_exit_logits(model, head, block_output: Tensor) -> Tensor:
+    """An exit with a block (--use-exit-block) on its block's output [c, b, h] (the decoder runs
+    the block over its own KV cache) -> [c, b, vocab]."""
+    return mask_padded_vocab(model, gather_vocab(head.logits(head.norm(block_output), model.exit_output_weight())))
+
+
 def exit_logits(model, head, layer, hidden: Tensor, attention_output: Optional[Tensor]) -> Tensor:
     """The exit head at `layer` on hidden [c, b, h] -> [c, b, vocab]."""
     h = head.hidden(hidden, attention_output, pre_mlp_norm(layer) if head.has_mlp else None)
-    return gather_vocab(head.logits(h, model.exit_output_weight()))
+    return mask_padded_vocab(model, gather_vocab(head.logits(h, model.exit_output_weight())))
 
 
 def final_logits(model, hidden: Tensor) -> Tensor:
     """Final norm and output layer on hidden [c, b, h] -> [c, b, vocab]."""
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(model.decoder.final_layernorm(hidden), weight=weight)
-    return gather_vocab(logits)
+    return mask_padded_vocab(model, gather_vocab(logits))
+
+
+def scoring_vocab_size(model, vocab_size: Optional[int] = None) -> int:
+    """Ids below this are real tokens: `vocab_size` when given, else the size of the tokenizer
+    the model's description names (built once, remembered on the model), else the (padded)
+    embedding size."""
+    if vocab_size is None:
+        vocab_size = getattr(model, "tokenizer_vocab_size", None)
+    if vocab_size is None:
+        vocab_size = _described_tokenizer_vocab(model)
+        model.tokenizer_vocab_size = vocab_size or model.vocab_size
+    return min(int(vocab_size), model.vocab_size) if vocab_size else model.vocab_size
+
+
+def _described_tokenizer_vocab(model) -> Optional[int]:
+    tokenizer = getattr(getattr(model, "model_config", None), "tokenizer", None)
+    if tokenizer is None or tokenizer.type is None:
+        return None
+    if tokenizer.vocab_size is not None:  # NullTokenizer: the size is the description
+        return int(tokenizer.vocab_size)
+    from megatron.early_exit.errors import EarlyExitError
+
+    try:
+        return tokenizer.build().vocab_size
+    except (EarlyExitError, OSError):  # files moved since loading: score over the whole embedding
+        return None
+
+
+PADDED_LOGIT = -1e30  # exp() gives exactly 0, yet finite: p * log p stays 0 in an entropy
+
+
+def mask_padded_vocab(model, logits: Tensor) -> Tensor:
+    """Rows the embedding holds only as padding (ids >= the tokenizer's vocabulary) get a
+    logit no strategy can pick, sample or count as confidence: every decoded token and
+    every exit test reads its logits from here."""
+    real = scoring_vocab_size(model)
+    if real >= logits.shape[-1]:
+        return logits
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.cat([logits[..., :real], logits[..., real:].detach().fill_(PADDED_LOGIT)], dim=-1)
+    logits[..., real:] = PADDED_LOGIT
+    return logits

@@ -45,9 +45,12 @@ def features(logits: Optional[Tensor], hidden: Tensor) -> Tensor:
 class ConfidenceEstimator(torch.nn.Module):
     """One linear classifier per exit (by --exit-layer-nums entry)."""
 
-    def __init__(self, hidden_size: int, exit_layers: Sequence[int], use_logits: bool = True):
+    def __init__(self, hidden_size: int, exit_layers: Sequence[int], use_logits: bool = True,
+                 gate_threshold: float = 0.5):
         super().__init__()
         self.hidden_size = hidden_size
+        # measure gated_max_prob: rows scoring below it skip the exit's vocabulary projection
+        self.gate_threshold = gate_threshold
         self.exit_layers = [int(n) for n in exit_layers]
         self.use_logits = use_logits
         width = hidden_size + (NUM_LOGIT_FEATURES if use_logits else 0)
@@ -59,11 +62,21 @@ class ConfidenceEstimator(torch.nn.Module):
         x = features(logits if self.use_logits else None, hidden).to(head.weight.device)
         return torch.sigmoid(head(x)).squeeze(-1)
 
+    def gate(self, layer_number: int, hidden: Tensor) -> List[bool]:
+        """Hidden-state classifier only: which rows score >= gate_threshold, in as few
+        operations as an exit test that does not fire can afford (the sigmoid compared by
+        its logit, the RMS normalisation fused)."""
+        head = self.heads[str(layer_number)]
+        h = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=1e-6)
+        g = min(max(self.gate_threshold, 1e-12), 1 - 1e-12)
+        return (torch.nn.functional.linear(h, head.weight, head.bias) >= math.log(g / (1 - g))).view(-1).tolist()
+
     def save(self, path: str, metrics: Optional[Dict] = None) -> None:
         from safetensors.torch import save_file
 
         meta = {"hidden_size": str(self.hidden_size), "exit_layers": json.dumps(self.exit_layers),
-                "use_logits": json.dumps(self.use_logits), "metrics": json.dumps(metrics or {})}
+                "use_logits": json.dumps(self.use_logits), "gate_threshold": json.dumps(self.gate_threshold),
+                "metrics": json.dumps(metrics or {})}
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
 
     @classmethod
@@ -77,7 +90,7 @@ class ConfidenceEstimator(torch.nn.Module):
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             estimator = cls(int(meta["hidden_size"]), json.loads(meta["exit_layers"]),
-                            json.loads(meta.get("use_logits", "true")))
+                            json.loads(meta.get("use_logits", "true")), float(json.loads(meta.get("gate_threshold", "0.5"))))
             estimator.load_state_dict(tensors)
         except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
             raise InferenceConfigError(f"--confidence-estimator: {path} is not a confidence estimator ({e})") from None

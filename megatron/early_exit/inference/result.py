@@ -89,6 +89,7 @@ class Transcript:
     top_n: int = 0  # alternatives kept per token
     on_tokens: Optional[TokenCallback] = None  # called as tokens are appended, per row
     previous: Optional[List[int]] = None  # each row's newest token (its prompt's last at first)
+    cancelled: Optional[Callable[[], Iterable[int]]] = None  # rows whose caller went away, asked each step
 
     def __post_init__(self):
         if self.top_n > 0:
@@ -142,6 +143,15 @@ class Transcript:
         top = (res.top_tokens[row][start:], res.top_logprobs[row][start:]) if self.top_n > 0 else (None, None)
         return TokenEvent(row, res.tokens[row][start:], res.exit_layers[row][start:], res.logprobs[row][start:],
                           *top, finished=self.finished(row))
+
+    def going(self) -> bool:
+        """Whether a row is still generating, once the rows whose caller left are dropped
+        (the same answer on every tensor-parallel rank: `cancelled` is rank 0's)."""
+        if self.cancelled is not None and self.active:
+            gone = set(self.cancelled())
+            if gone:
+                self.active = [r for r in self.active if r not in gone]
+        return bool(self.active)
 
     def finished(self, row: int) -> bool:
         toks = self.result.tokens[row]

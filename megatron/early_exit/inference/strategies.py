@@ -8,8 +8,10 @@
         kv="pipeline": the exited token goes on through the deeper layers, on later pipeline
                        stages while the first starts the next token (EE-LLM's pipeline-based
                        method; with FullDepth, what runs on a model split into pipeline stages)
-    SelfSpeculative(exit_layer, num_draft, draft_threshold) draft with an exit, verify with the full model (LayerSkip);
-        a row's drafting stops after a draft below draft_threshold (adaptive draft length)
+    SelfSpeculative(exit_layer, num_draft, draft_threshold, dynamic) draft with an exit, verify with the full model
+        (LayerSkip), greedy or sampled (rejection sampling keeps the full model's distribution); a row's drafting
+        stops after a draft below draft_threshold (adaptive draft length); dynamic: the exit and the draft length
+        are picked per round from online acceptance rates (DEL), up to num_draft
 
 All run through `generate(model, prompts, strategy, ...)` and return a GenerationResult.
 """
@@ -122,6 +124,10 @@ class SelfSpeculative:
     draft_threshold: float = 0.0
     """A row stops drafting after a draft whose probability at the exit is below this (0: never)."""
 
+    dynamic: bool = False
+    """Pick the drafting exit (any of the model's, starting at exit_layer) and the draft length (<= num_draft)
+    before each round from online acceptance rates (DEL)."""
+
     def __post_init__(self):
         if self.num_draft < 1:
             raise InferenceConfigError(f"num_draft must be >= 1, got {self.num_draft}")
@@ -132,8 +138,8 @@ class SelfSpeculative:
     @property
     def name(self) -> str:
         stop = f">{self.draft_threshold:g}" if self.draft_threshold else ""
-        return f"self_speculative[{self.exit_layer}x{self.num_draft}{stop}]"
+        return f"self_speculative[{'dynamic ' if self.dynamic else ''}{self.exit_layer}x{self.num_draft}{stop}]"
 
-    def draft_policy(self, decoder: Decoder) -> ExitPolicy:
-        point = _exit_point(decoder, self.exit_layer)
+    def draft_policy(self, decoder: Decoder, exit_layer: Optional[int] = None) -> ExitPolicy:
+        point = _exit_point(decoder, self.exit_layer if exit_layer is None else exit_layer)
         return ExitPolicy({point.depth: point}, -math.inf)

@@ -57,6 +57,8 @@ def build_model(config: ModelConfig, device: torch.device, seed: int = 1234, tra
         document_mask=document_mask,
         recompute_exit_heads=recompute is not None and recompute.exit_heads,
         vp_stage=vp_stage,
+        # Data-parallel ranks hold other sequences: they draw their own skipped layers.
+        layer_dropout_seed=seed * 1009 + parallel_state.get_data_parallel_rank(),
     )
     initialize_layout_invariant(model, seed, config.init_method_std, config.num_layers)
     model.model_config = config  # what checkpoints store

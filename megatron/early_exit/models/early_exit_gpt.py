@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -92,13 +92,16 @@ class EarlyExitGPTModel(GPTModel):
         document_mask: bool = False,
         recompute_exit_heads: bool = False,
         vp_stage: Optional[int] = None,
+        layer_dropout_seed: int = 0,
     ):
         """`transformer_impl` (or the older `use_te`) overrides `config.transformer_impl`
         (see layer_specs.py: local, transformer_engine, te_standin). `document_mask`: the
         attention mask given to forward is any mask (--reset-attention-mask), not causal.
         Layers are recomputed in backward as `config.recompute_*` say (see recompute.py);
         `recompute_exit_heads` recomputes each exit head in backward too. `vp_stage`: the
-        model chunk of an interleaved pipeline (megatron-core's layer offsets)."""
+        model chunk of an interleaved pipeline (megatron-core's layer offsets). `layer_dropout_seed`:
+        with the count of training forwards, it seeds which sequences skip which layers
+        (--layer-dropout-max): the same on every TP rank and pipeline stage."""
         ee_config.validate_against(config.num_layers)
         impl = choose_impl(config, use_te, transformer_impl)
         written = prepare_attention_environment(config)  # megatron-core passes these to TE through os.environ
@@ -124,6 +127,8 @@ class EarlyExitGPTModel(GPTModel):
         self.ee_config = ee_config
         self.transformer_impl = impl
         self.recompute_exit_heads = recompute_exit_heads
+        self.layer_dropout_seed = layer_dropout_seed
+        self.layer_dropout_step = 0  # training forwards so far: one draw of skipped layers each
         head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl, document_mask=document_mask),
                                        get_norm_spec(impl=impl))
         local_layers = {layer.layer_number for layer in self.decoder.layers}
@@ -201,6 +206,20 @@ class EarlyExitGPTModel(GPTModel):
     def layer_dropout_probs(self) -> List[float]:
         return [self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers) for layer in self.decoder.layers]
 
+    def layer_dropout_keep(self, step: int, batch_size: int) -> Dict[int, List[int]]:
+        """LayerSkip layer dropout at training forward `step`: {layer number: the sequences
+        (batch indices) that run it}, for this stage's layers. Drawn for every layer of the
+        model from a generator seeded by (seed, step), so every TP rank and every pipeline
+        stage draws what a single process would."""
+        ee, num_layers = self.ee_config, self.config.num_layers
+        generator = torch.Generator().manual_seed(self.layer_dropout_seed * 1_000_003 + step)
+        draws = torch.rand(num_layers, batch_size, generator=generator).tolist()  # host-side: no device sync
+        keep = {}
+        for layer in self.decoder.layers:
+            prob = ee.layer_dropout_prob(layer.layer_number, num_layers)
+            keep[layer.layer_number] = [i for i, d in enumerate(draws[layer.layer_number - 1]) if d >= prob]
+        return keep
+
     def _rng_context(self):
         # As TransformerBlock does: under sequence parallelism each TP rank holds other
         # tokens, so dropout must draw from the TP-distinct tracker stream.
@@ -235,6 +254,10 @@ class EarlyExitGPTModel(GPTModel):
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
 
         states: List[ExitState] = []
+        keep = None
+        if self.training and self.ee_config.layer_dropout_max > 0:
+            keep = self.layer_dropout_keep(self.layer_dropout_step, hidden_states.shape[1])
+            self.layer_dropout_step += 1
         last_exit = max((int(k) for k in self.exits), default=0)
         num_layers = len(self.decoder.layers) if run_to_final else sum(
             layer.layer_number <= last_exit for layer in self.decoder.layers)
@@ -243,7 +266,7 @@ class EarlyExitGPTModel(GPTModel):
             for start, end, recomputed in recompute_units(num_layers, c.recompute_granularity, c.recompute_method,
                                                           c.recompute_num_layers):
                 run = self._recomputed_layers if recomputed and torch.is_grad_enabled() else self._run_layers
-                hidden_states, unit_states = run(start, end, hidden_states, attention_mask, rotary_pos_emb)
+                hidden_states, unit_states = run(start, end, hidden_states, attention_mask, rotary_pos_emb, keep)
                 states += unit_states
 
         exits = [self._pending_exit(s, labels, attention_mask, rotary_pos_emb) for s in states]
@@ -263,35 +286,38 @@ class EarlyExitGPTModel(GPTModel):
             final = self.compute_language_model_loss(labels, logits)  # [b, s]
         return EarlyExitOutput(final=final, hidden_states=hidden_states, exits=exits, teacher_logits=teacher)
 
-    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
-        """Local layers [start, end): their output and the states of the exits among them."""
+    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, keep=None):
+        """Local layers [start, end): their output and the states of the exits among them.
+        `keep` (layer dropout): {layer number: the sequences that run it}; the others skip it."""
         states: List[ExitState] = []
         pre_exit = self.ee_config.pre_exit
-        drop_probs = self.layer_dropout_probs() if self.training else None
+        batch_size = hidden_states.shape[1]
         for i in range(start, end):
             layer = self.decoder.layers[i]
             num = layer.layer_number
             head = self.exits[str(num)] if str(num) in self.exits else None
             if head is not None and pre_exit:
                 states.append(ExitState(num, hidden_states))
-            layer_input = hidden_states
-            hidden_states, attention_output = self._run_layer(
-                layer, hidden_states, attention_mask, rotary_pos_emb, head is not None and head.has_mlp
-            )
-            if drop_probs and drop_probs[i] > 0:
-                hidden_states = self._drop_layer(layer_input, hidden_states, drop_probs[i])
+            need_attention_output = head is not None and head.has_mlp
+            rows = None if keep is None else keep[num]
+            if rows is None or len(rows) == batch_size:
+                hidden_states, attention_output = self._run_layer(
+                    layer, hidden_states, attention_mask, rotary_pos_emb, need_attention_output)
+            else:
+                hidden_states, attention_output = self._run_layer_on_rows(
+                    layer, rows, hidden_states, attention_mask, rotary_pos_emb, need_attention_output)
             if head is not None and not pre_exit:
                 states.append(ExitState(num, hidden_states, attention_output))
         return hidden_states, states
 
-    def _recomputed_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb):
+    def _recomputed_layers(self, start: int, end: int, hidden_states, attention_mask, rotary_pos_emb, keep=None):
         """`_run_layers` under megatron-core's activation checkpoint: only the unit's input
         is kept, and the exit states inside it are extra outputs of the checkpoint (their
         heads need them anyway)."""
         layout: List[Tuple[int, bool]] = []  # (layer number, has attention output) per exit state
 
         def unit(hidden, mask, rope):
-            out, states = self._run_layers(start, end, hidden, mask, rope)
+            out, states = self._run_layers(start, end, hidden, mask, rope, keep)
             layout[:] = [(s.layer_number, s.attention_output is not None) for s in states]
             return (out,) + tuple(t for s in states for t in (s.hidden_states, s.attention_output) if t is not None)
 
@@ -304,11 +330,22 @@ class EarlyExitGPTModel(GPTModel):
             states.append(ExitState(num, hidden, rest.pop(0) if has_attention else None))
         return outputs[0], states
 
-    def _drop_layer(self, layer_input: Tensor, layer_output: Tensor, prob: float) -> Tensor:
-        """LayerSkip layer dropout: each sequence skips the layer with probability `prob`.
-        The draw uses the default generator, which is identical on all TP ranks."""
-        keep = torch.rand(layer_input.shape[1], device=layer_input.device) >= prob  # [b]
-        return torch.where(keep.view(1, -1, 1), layer_output, layer_input)
+    def _run_layer_on_rows(self, layer, rows: List[int], hidden_states, attention_mask, rotary_pos_emb,
+                           need_attention_output):
+        """LayerSkip layer dropout: only the sequences `rows` run the layer; for the others it
+        is the identity (its post-attention state, read by an exit MLP, is its input), and
+        costs nothing."""
+        if not rows:
+            return hidden_states, hidden_states if need_attention_output else None
+        index = torch.tensor(rows, device=hidden_states.device)
+        if attention_mask is not None and attention_mask.shape[0] > 1:  # a per-sequence mask [b, 1, s, s]
+            attention_mask = attention_mask.index_select(0, index)
+        out, attention_output = self._run_layer(layer, hidden_states.index_select(1, index), attention_mask,
+                                                rotary_pos_emb, need_attention_output)
+        out = hidden_states.index_copy(1, index, out)  # [s, b, h]: the skipping rows keep their input
+        if attention_output is not None:
+            attention_output = hidden_states.index_copy(1, index, attention_output)
+        return out, attention_output
 
     def _pending_exit(self, state: ExitState, labels, attention_mask, rotary_pos_emb) -> PendingExit:
         head = self.exits[str(state.layer_number)]

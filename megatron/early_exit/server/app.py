@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -31,14 +32,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from megatron.early_exit.inference import InferenceConfigError
-from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response
+from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response, stream_error
 from megatron.early_exit.server.chat_api import chat_chunks, chat_completion, chat_job
 from megatron.early_exit.server.jobs import AnyJob, ModelLimits, RequestError
 from megatron.early_exit.server.megatron_api import api_jobs, api_response
 from megatron.early_exit.server.openai_api import completion, completion_jobs, empty_result, stream_chunks
 from megatron.early_exit.server.schemas import (
     ApiRequest, ApiResponse, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest,
-    DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+    LONE_SURROGATE, DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
 )
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts, detokenize, tokenize
 from megatron.early_exit.server.worker import QueueFull, Worker
@@ -66,9 +67,9 @@ class Service:
         first event, so that a refused job raises here, before any reply is sent."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        done = object()
+        done, cancel = object(), threading.Event()
         future = self.worker.submit(dataclasses.replace(
-            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)))
+            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), cancel=cancel))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
         first = await queue.get()
         if first is done:
@@ -81,16 +82,23 @@ class Service:
                     yield item
                     item = await queue.get()
                 yield future.result()
-            finally:
-                future.cancel()  # the client left before the job ran: skip it
+            finally:  # the reply ended, or its client left: a queued job is skipped, a running one stops
+                future.cancel()
+                cancel.set()
 
         return events()
 
 
 def _sse(chunks) -> StreamingResponse:
+    """Server-sent events of every streamed endpoint: the chunks, then [DONE]. An error after
+    the reply started ends it with an error event in the server's error shape, then [DONE]."""
+
     async def lines():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+        except Exception as err:  # noqa: BLE001 -- the status line is sent: the error goes in the stream
+            yield f"data: {json.dumps(stream_error(err))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
@@ -110,7 +118,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0]["loc"] if errors else ()
     param = str(first[1]) if len(first) > 1 and first[0] == "body" else None
     message = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:4])
-    return error_response(422, message, param)
+    # Text that is not valid Unicode is a malformed body (400), not an out-of-range value.
+    return error_response(400 if any(e["type"] == LONE_SURROGATE for e in errors) else 422, message, param)
 
 
 ENDPOINTS = ("PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "

@@ -8,6 +8,8 @@
     body size       at most --max-request-bytes (413): checked against Content-Length before
                     reading, then counted while reading, so an oversized body is never held
                     in memory or parsed
+    body time       the whole body within --body-read-timeout seconds of the headers (408 and
+                    the connection closed): a client that stops mid-body holds no connection
 
 Every refusal is in the server's error shape ({"error": {"message", "type", "param", "code"}, "message"})
 with the message starting with the header or flag it is about.
@@ -15,6 +17,7 @@ with the message starting with the header or flag it is about.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -22,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB
+DEFAULT_BODY_READ_TIMEOUT = 60.0  # seconds, as nginx's client_body_timeout
 # Generous room per prompt token: a byte-level token escaped as \uXXXX is 6 bytes, a token id
 # with its separator up to 8, a long whitespace or code token 16 and more.
 BYTES_PER_PROMPT_TOKEN = 32
@@ -35,9 +39,18 @@ def error_response(status: int, message: str, param: Optional[str] = None, kind:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def stream_error(err: Exception) -> dict:
+    """The error event that ends a stream whose reply had started (as error_response's body)."""
+    param = getattr(err, "param", None)
+    kind = "invalid_request_error" if param is not None else "server_error"
+    message = str(err) if param is not None else f"{type(err).__name__}: {err}"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}, "message": message}
+
+
 @dataclass(frozen=True)
 class HttpPolicy:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT  # seconds for the whole body
     allowed_hosts: Optional[Tuple[str, ...]] = LOCAL_HOSTS  # None: any host
     cors_origins: Tuple[str, ...] = ()  # empty: no CORS headers at all
 
@@ -109,10 +122,18 @@ class RequestGuard:
         return None
 
     async def _read_body(self, receive):
-        """(the body, None), (None, a 413) once it passes the limit, or (None, None) on a disconnect."""
+        """(the body, None), (None, a 413) once it passes the limit, (None, a 408) when it has
+        not all arrived in time, or (None, None) on a disconnect."""
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.policy.body_read_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                return None, error_response(
+                    408, f"body: not received within the server's --body-read-timeout of "
+                         f"{self.policy.body_read_timeout:g} s ({size} bytes arrived)", "body",
+                    headers={"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return None, None
             chunk = message.get("body", b"")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference import (
     EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
@@ -53,6 +54,8 @@ class Job:
     top_n: int = 0  # alternatives kept per generated token
     # Rank 0 only (dropped before the broadcast): hears this job's rows as they are decoded.
     listener: Optional[Listener] = field(default=None, compare=False, repr=False)
+    # Rank 0 only: set when the request's client went away; its rows stop at the next step.
+    cancel: Optional[threading.Event] = field(default=None, compare=False, repr=False)
 
     @property
     def batch_key(self):
@@ -75,6 +78,7 @@ class ScoreJob:
     exit_layer: Optional[int] = None  # None: the final layer
     top_n: int = 0
     listener: None = field(default=None, compare=False, repr=False)
+    cancel: None = field(default=None, compare=False, repr=False)
 
     @property
     def batch_key(self):
@@ -88,22 +92,36 @@ class ScoreJob:
 AnyJob = Union[Job, ScoreJob]
 
 
-def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None) -> Union[GenerationResult, ScoreResult]:
-    """The engine call, identical on every rank (`on_tokens` only where tokens are picked).
-    Exits come out as the numbers requests use (--exit-layer-nums entries), not depths."""
+def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None,
+            cancelled: Optional[Callable[[], Sequence[int]]] = None) -> Union[GenerationResult, ScoreResult]:
+    """The engine call, identical on every rank (`on_tokens` only where tokens are picked;
+    `cancelled` gives every rank rank 0's rows to stop). Exits come out as the numbers
+    requests use (--exit-layer-nums entries), not depths."""
     if isinstance(job, ScoreJob):
         return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
     listener = None if on_tokens is None else (lambda event: on_tokens(number_event(model, event)))
     return number_result(model, generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens,
-                                         job.sampling, job.stop_tokens, top_n=job.top_n, on_tokens=listener))
+                                         job.sampling, job.stop_tokens, top_n=job.top_n, on_tokens=listener,
+                                         cancelled=cancelled))
 
 
 def merge_jobs(jobs: Sequence[AnyJob]) -> AnyJob:
     """One job for the batch (the largest top_n of its jobs), without listeners."""
     if len(jobs) == 1:
-        return dataclasses.replace(jobs[0], listener=None)
+        return dataclasses.replace(jobs[0], listener=None, cancel=None)
     return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts),
-                               top_n=max(job.top_n for job in jobs), listener=None)
+                               top_n=max(job.top_n for job in jobs), listener=None, cancel=None)
+
+
+def cancelled_rows(jobs: Sequence[AnyJob]) -> Optional[Callable[[], List[int]]]:
+    """The merged job's rows whose request was cancelled (None: no job can be)."""
+    if not any(job.cancel is not None for job in jobs):
+        return None
+    spans, start = [], 0
+    for job in jobs:
+        spans.append((job.cancel, range(start, start + job.rows)))
+        start += job.rows
+    return lambda: [r for cancel, rows in spans if cancel is not None and cancel.is_set() for r in rows]
 
 
 def route_tokens(jobs: Sequence[AnyJob]) -> Optional[Listener]:
@@ -171,6 +189,7 @@ class ModelLimits:
     max_batch_size: int  # prompts per request (and per merged engine call)
     max_prompt_tokens: int
     pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
+    exit_thresholds: Optional[Dict[int, float]] = None  # --exit-thresholds-file: used when a request sets none
 
 
 def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:
@@ -215,6 +234,10 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     if layers:
         _check_exits("exit_layers", layers, limits)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
+    if not options.exit_thresholds and options.early_exit_thres is None and limits.exit_thresholds is not None:
+        # The calibrated thresholds; an exit they leave out never fires.
+        return _engine_call("exit_thresholds", lambda: EarlyExit(2.0, options.confidence, options.kv_strategy, layers,
+                                                                  limits.exit_thresholds))
     if options.exit_thresholds:
         _check_exits("exit_thresholds", sorted(options.exit_thresholds), limits)
     return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers,

@@ -12,6 +12,7 @@ flags given here replace the stored tokenizer.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron.early_exit.server.guard import DEFAULT_BODY_READ_TIMEOUT
     from megatron.early_exit.tokenizers import TOKENIZER_TYPES
 
     p = argparse.ArgumentParser(description="Text generation server for early-exit models (Megatron-LM's PUT /api, "
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="seed of the model-parallel RNG state")
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     g = p.add_argument_group("serving")
+    g.add_argument("--exit-thresholds-file", default=None, metavar="FILE",
+                   help="per-exit thresholds (tools/calibrate_threshold.py --output-json) for early-exit requests that set none")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
     g.add_argument("--max-batch-size", type=int, default=16,
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-request-bytes", type=int, default=None,
                    help="larger bodies get a 413 before they are read (default: 1 MiB, or 32 bytes per prompt token "
                         "of --max-batch-size prompts at their longest when that is more)")
+    g.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT, metavar="SECONDS",
+                   help="a PUT/POST body must arrive within this many seconds of the request's headers (408 and the "
+                        "connection closed otherwise; nginx's client_body_timeout is 60 s)")
     g.add_argument("--allowed-hosts", nargs="*", default=[], metavar="HOST",
                    help="Host header names accepted besides --host, localhost, 127.0.0.1 and [::1] (against DNS "
                         "rebinding); '*' accepts any")
@@ -84,6 +91,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(args.body_read_timeout) and args.body_read_timeout > 0):
+        raise ConfigError(f"--body-read-timeout must be a finite number of seconds > 0, got {args.body_read_timeout}")
     return args
 
 
@@ -92,7 +101,10 @@ def build_tokenizer(args, stored, model_vocab_size: int):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.tokenizers import build_tokenizer as build
 
-    flags = {name: getattr(args, name) if getattr(args, name) is not None else getattr(stored, name, None)
+    # The stored model description's TokenizerConfig names them type, model, vocab_file, ...
+    stored_names = dict(tokenizer_type="type", tokenizer_model="model", vocab_file="vocab_file", merge_file="merge_file",
+                        vocab_size="vocab_size")
+    flags = {name: getattr(args, name) if getattr(args, name) is not None else getattr(stored.tokenizer, stored_names[name])
              for name in TOKENIZER_FLAGS}
     tokenizer = build(flags["tokenizer_type"], flags["tokenizer_model"], flags["vocab_file"], flags["merge_file"],
                       flags["vocab_size"])
@@ -119,14 +131,30 @@ def build_limits(args, model, stored):
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
         pipeline_stages=args.pipeline_model_parallel_size,
+        exit_thresholds=_exit_thresholds(args.exit_thresholds_file, stored),
     )
+
+
+def _exit_thresholds(path, stored):
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.inference.learn_then_test import read_exit_thresholds
+
+    if path is None:
+        return None
+    thresholds = read_exit_thresholds(path)
+    bad = sorted(set(thresholds) - set(int(n) for n in (stored.exit_layer_nums or [])))
+    if bad:
+        raise ConfigError(f"--exit-thresholds-file {path}: exits {bad} are not exits of the model "
+                          f"({list(stored.exit_layer_nums or [])})")
+    return thresholds
 
 
 def build_policy(args, limits):
     from megatron.early_exit.server.guard import HttpPolicy, allowed_hosts, default_max_request_bytes
 
     size = args.max_request_bytes or default_max_request_bytes(limits.max_batch_size, limits.max_prompt_tokens)
-    return HttpPolicy(max_request_bytes=size, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+    return HttpPolicy(max_request_bytes=size, body_read_timeout=args.body_read_timeout,
+                      allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
                       cors_origins=tuple(args.cors_origins))
 
 
@@ -165,7 +193,8 @@ def serve(args, model, tokenizer, limits) -> None:
     print(f"serving {limits.name} on http://{args.host}:{port} (PUT /api, POST /v1/completions, "
           f"/v1/chat/completions, /tokenize, /detokenize, GET /tokenizer_info, /v1/models, /health, /docs)", flush=True)
     hosts = "any" if policy.allowed_hosts is None else ", ".join(policy.allowed_hosts)
-    print(f"requests: JSON bodies up to {policy.max_request_bytes} bytes (--max-request-bytes); Host: {hosts} "
+    print(f"requests: JSON bodies up to {policy.max_request_bytes} bytes (--max-request-bytes) within "
+          f"{policy.body_read_timeout:g} s (--body-read-timeout); Host: {hosts} "
           f"(--allowed-hosts); CORS origins: {', '.join(policy.cors_origins) or 'none'} (--cors-origins)", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
@@ -182,10 +211,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     install_excepthook()
     from megatron.early_exit.inference import InferenceConfigError
+    from megatron.early_exit.launcher import watch_launcher
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import ParallelConfigError, destroy_parallel, initialize_parallel
     from megatron.early_exit.server.worker import follow
 
+    watch_launcher()  # a rank whose torchrun was killed exits (and frees its port)
     if args.threads:
         torch.set_num_threads(args.threads)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -205,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                    f"decode this pipeline layout ({first})") from err
     if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
         tokenizer = build_tokenizer(args, stored, model.vocab_size)
+        model.tokenizer_vocab_size = tokenizer.vocab_size  # ids beyond it are never decoded
     limits = build_limits(args, model, stored)
     if ctx.rank == 0:
         serve(args, model, tokenizer, limits)

@@ -60,6 +60,10 @@ def read_prompts(request: CompletionRequest, tokenizer) -> Prompts:
         ids = [p if p else [tokenizer.eod] for p in ids]
         return Prompts(ids, list(prompt))
     ids = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
+    for i, p in enumerate(ids):  # before anything detokenizes them
+        bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise RequestError(f"prompt[{i}]", f"token ids {bad[:5]} outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
     return Prompts(ids, [tokenizer.detokenize(p) if p else "" for p in ids])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from megatron.early_exit.inference import CONFIDENCE_MEASURES, KV_STRATEGIES
 
@@ -31,13 +32,36 @@ DEFAULT_EARLY_EXIT_THRESHOLD = 0.8
 MIN_TEMPERATURE = 1e-6
 MIN_TOP_P = 1e-6
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LENGTH_PENALTY = 10.0  # length ** 10 stays finite for any context length; 1e308 overflowed
 
 Confidence = Literal[tuple(CONFIDENCE_MEASURES)]
 KVStrategy = Literal[KV_STRATEGIES]
 
 
+LONE_SURROGATE = "lone_surrogate"  # the error type of text that is not valid Unicode (answered 400)
+
+
+def _valid_unicode(value):
+    """JSON may escape a lone surrogate (\\ud800) that no tokenizer, and no UTF-8 reply, can
+    take: refused where it arrives, whatever the field."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else \
+        [*value.keys(), *value.values()] if isinstance(value, dict) else []
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise PydanticCustomError(LONE_SURROGATE, "not valid Unicode: a lone surrogate at character {at}",
+                                          {"at": err.start}) from None
+        elif isinstance(text, (list, dict)):
+            _valid_unicode(text)
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    _unicode = field_validator("*")(classmethod(lambda cls, value: _valid_unicode(value)))
 
 
 class SpeculativeOptions(Strict):
@@ -128,7 +152,8 @@ class ApiRequest(EarlyExitOptions):
     prevent_newline_after_colon: bool = Field(False, description="never generate the newline token right after ':'")
     beam_width: Optional[int] = Field(None, ge=1, description="Megatron-LM's beam search: 1 (greedy, with `scores`); "
                                                               "wider beams are not supported")
-    length_penalty: float = Field(1.0, description="beam_width: scores are sum(logprobs) / length ** length_penalty")
+    length_penalty: float = Field(1.0, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY,
+                                  description="beam_width: scores are sum(logprobs) / length ** length_penalty")
     random_seed: int = Field(-1, ge=-1, le=SEED_RANGE[1], description="seed of sampling (-1: a fresh one)")
     echo_prompts: bool = Field(True, description="text and segments start with the prompt")
     no_log: bool = Field(False, description="do not log the request on the server")

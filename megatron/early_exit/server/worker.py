@@ -23,12 +23,12 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from typing import Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import torch
 
 from megatron.early_exit.inference import InferenceConfigError
-from megatron.early_exit.server.jobs import AnyJob, merge_jobs, route_tokens, run_job, split_result
+from megatron.early_exit.server.jobs import AnyJob, cancelled_rows, merge_jobs, route_tokens, run_job, split_result
 
 
 class QueueFull(RuntimeError):
@@ -41,6 +41,14 @@ def broadcast(message: Optional[Tuple[str, object]] = None) -> Tuple[str, object
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def synced(local: Optional[Callable[[], List[int]]]) -> Optional[Callable[[], List[int]]]:
+    """Rank 0's cancelled rows on every rank (one broadcast per decode step when several
+    ranks decode, so that they drop the same rows); `local` is None on the other ranks."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return local
+    return lambda: broadcast(list(local()) if local is not None else [])
 
 
 class Worker:
@@ -120,7 +128,7 @@ class Worker:
         self.busy = True
         try:
             broadcast(("job", merged))
-            result = run_job(self.model, merged, on_tokens=route_tokens(jobs))
+            result = run_job(self.model, merged, on_tokens=route_tokens(jobs), cancelled=synced(cancelled_rows(jobs)))
         except BaseException as err:  # noqa: BLE001 -- every waiting request gets the error
             for _, future in batch:
                 future.set_exception(err)
@@ -142,7 +150,7 @@ def follow(model) -> None:
             return
         if kind == "job":
             try:
-                run_job(model, job)
+                run_job(model, job, cancelled=synced(None))
             except InferenceConfigError:
                 pass  # refused on rank 0 too, which answers the request
             except Exception:  # noqa: BLE001 -- rank 0 answers 500 and goes on; so does this rank

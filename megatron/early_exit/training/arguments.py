@@ -429,6 +429,33 @@ def _validate_training_values(args):
         value = getattr(args, flag)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    # nan passes every comparison megatron-core and torch make: --clip-grad nan turned clipping off.
+    for flag in ("weight_decay", "clip_grad"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and >= 0, got {value}")
+    for flag in ("adam_eps", "init_method_std"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and > 0, got {value}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    _validate_split(args.split)
+
+
+def _validate_split(split: str) -> None:
+    """Up to three finite weights >= 0, not all 0 (megatron-core divides by their sum)."""
+    import math
+
+    try:
+        weights = [float(part) for part in split.replace("/", ",").split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--split {split}: give up to three comma-separated weights >= 0 (train,validation,test), "
+                          "not all 0, e.g. 969,30,1")
 
 
 def _validate_data_args(args):

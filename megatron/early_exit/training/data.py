@@ -15,6 +15,7 @@ import os
 import struct
 from typing import Iterator, List, Optional
 
+import numpy
 import torch
 
 from megatron.core import parallel_state
@@ -104,10 +105,12 @@ _INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
-def check_indexed_dataset(prefix: str) -> int:
+def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> int:
     """Sequences (documents) of `prefix`.bin/.idx, after checking the index header and that
     both files are as long as the header says: megatron-core would assert, fail on a read or
-    read past the end of a truncated file. Reads a few bytes, whatever the corpus size."""
+    read past the end of a truncated file; and, given `vocab_size`, that a sample of its
+    documents holds no token id outside the vocabulary (a corpus tokenized with another
+    tokenizer would fail in the embedding). Reads a bounded amount, whatever the corpus size."""
     idx, data = prefix + ".idx", prefix + ".bin"
     rebuild = "rebuild it with tools/preprocess_data.py"
     try:
@@ -134,7 +137,30 @@ def check_indexed_dataset(prefix: str) -> int:
     if last_length < 0 or last_pointer < 0 or data_size < end:
         raise ConfigError(f"--data-path: {data} is truncated or does not match {idx}: {data_size} bytes, the index "
                           f"needs {end} ({rebuild})")
+    if vocab_size is not None:
+        _check_token_ids(prefix, sequences, DType.dtype_from_code(code), vocab_size)
     return sequences
+
+
+_SAMPLED_DOCUMENTS = 64
+_SAMPLED_TOKENS = 1 << 20
+
+
+def _check_token_ids(prefix: str, sequences: int, dtype, vocab_size: int) -> None:
+    """Refuse a corpus whose sampled documents (evenly spaced, the first and last included,
+    at most ~1M tokens) hold an id >= the tokenizer's vocabulary."""
+    lengths = numpy.memmap(prefix + ".idx", dtype=numpy.int32, mode="r", offset=_INDEX_HEADER.size, shape=(sequences,))
+    pointers = numpy.memmap(prefix + ".idx", dtype=numpy.int64, mode="r", offset=_INDEX_HEADER.size + sequences * 4,
+                            shape=(sequences,))
+    tokens = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    per_document = max(_SAMPLED_TOKENS // _SAMPLED_DOCUMENTS, 1)
+    for doc in sorted(set(numpy.linspace(0, sequences - 1, min(sequences, _SAMPLED_DOCUMENTS)).astype(int).tolist())):
+        start = int(pointers[doc]) // dtype().itemsize
+        ids = tokens[start: start + min(int(lengths[doc]), per_document)]
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise ConfigError(f"--data-path: {prefix}.bin document {doc} holds token id {int(ids.max())}, outside the "
+                              f"tokenizer's vocabulary of {vocab_size} (was it tokenized with another tokenizer or "
+                              "--vocab-size? rebuild it with tools/preprocess_data.py)")
 
 
 def split_documents(num_documents: int, split_matrix) -> List[int]:
@@ -143,12 +169,13 @@ def split_documents(num_documents: int, split_matrix) -> List[int]:
             for part in split_matrix]
 
 
-def _check_splits(args, config, used: List[bool]) -> bool:
-    """Refuse a used train or validation split without documents (megatron-core's GPTDataset
-    would loop forever looking for samples in it); whether every test split has documents."""
+def _check_splits(args, config, used: List[bool], vocab_size: Optional[int]) -> bool:
+    """Check every dataset file (check_indexed_dataset) and refuse a used train or validation
+    split without documents (megatron-core's GPTDataset would loop forever looking for
+    samples in it); whether every test split has documents."""
     test_has_documents = True
     for prefix in config.blend[0]:
-        counts = split_documents(check_indexed_dataset(prefix), config.split_matrix)
+        counts = split_documents(check_indexed_dataset(prefix, vocab_size), config.split_matrix)
         empty = [name for name, n, on in zip(SPLIT_NAMES[:2], counts, used) if on and n == 0]
         if empty:
             shown = ", ".join(f"{name} {n}" for name, n in zip(SPLIT_NAMES, counts))
@@ -172,8 +199,9 @@ def build_datasets(args, tokenizer, vocab_size: Optional[int] = None):
     ]
     config = dataset_config(args, tokenizer)
     used = [size > 0 for size in sizes]
-    if not args.mock_data:
-        used[2] = used[2] and _check_splits(args, config, used)
+    if not args.mock_data:  # on every run, whichever splits it reads
+        test_has_documents = _check_splits(args, config, used, tokenizer.vocab_size)
+        used[2] = used[2] and test_has_documents
     # An unread split is not built at all: asking for 0 samples of it could loop forever.
     config.split_matrix = [part if on else None for part, on in zip(config.split_matrix, used)]
     cls = MockGPTDataset if args.mock_data else GPTDataset

@@ -4,10 +4,10 @@
 A scheduler about to preempt a job sends SIGTERM. With --exit-signal-handler the handler
 only records it; the iteration under way finishes, and at its end every rank learns (one
 all-reduce of the flags, MAX) whether any rank was signalled or ran out of time, so that
-all of them save the same checkpoint and leave together with exit status 0. (torchrun, when
-it is the one signalled, passes SIGTERM on to the workers but gives them 30 s before SIGKILL
-and exits non-zero itself; schedulers that signal every process of the job, as Slurm does,
-avoid that limit.)
+all of them save the same checkpoint at once (before any validation due at that iteration)
+and leave together with exit status 0. torchrun, when it is signalled too, passes SIGTERM
+on to the workers, kills them after its shutdown timeout (launcher.py; the run says how
+long at start) and exits 1 itself (docs/training.md).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from megatron.early_exit.training.arguments import (
 )
 from megatron.early_exit.training.batch_schedule import scheduler_steps
 from megatron.early_exit.training import timers as phase_timers
+from megatron.early_exit.launcher import signal_handling_note, under_torchrun, watch_launcher
 from megatron.early_exit.training.run_control import RunControl
 from megatron.early_exit.training.trackers import build_trackers
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
@@ -307,6 +308,7 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
 
 def pretrain(args) -> TrainState:
     start = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's
+    watch_launcher()  # a worker whose torchrun was killed exits instead of training on
     check_flash_attention(args)
     num_layers, pp = built_stages(args)
     ctx = initialize_parallel(
@@ -316,6 +318,8 @@ def pretrain(args) -> TrainState:
         else args.enable_gloo_process_groups,
         tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
     )
+    if args.exit_signal_handler and under_torchrun() and ctx.rank == 0:
+        print(signal_handling_note(), flush=True)
     with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
         return _train(args, ctx, start)
 
@@ -399,12 +403,13 @@ def _train(args, ctx, start_time: float) -> TrainState:
                 phase_timers.log_timers(timers, state.iteration, state.iteration - last_log_iteration, ctx.device, is_logger,
                                         args.log_timers_to_tracker, trackers)
                 last_log, last_log_iteration = time.time(), state.iteration
-            if valid_ds is not None and args.eval_iters > 0 and (
+            # Asked before validation: a signalled run saves at once (its launcher's grace period runs).
+            stop = control.stop_reason(state.iteration)
+            if valid_ds is not None and args.eval_iters > 0 and not stop and (
                 state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
             ):
                 state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
                 log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
-            stop = control.stop_reason(state.iteration)
             if args.save and (
                 (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
                 or stop
