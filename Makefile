@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_PIP_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup setup-gpu test test-slow test-fast test-gpu bench-gpu demo clean
+.PHONY: setup setup-gpu test test-slow test-fast test-gpu bench-gpu lint format demo clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ $(GPU_STAMP): $(STAMP) tools/setup_gpu.sh
 # dry run with small shapes on CPU.
 bench-gpu: setup
 	$(PY) benchmarks/gpu_check.py
+
+# ruff, configured in pyproject.toml (line length 120). `make format` rewrites files in place.
+lint: setup
+	$(PY) -m ruff check .
+
+format: setup
+	$(PY) -m ruff format .
 
 demo: setup
 	bash examples/ee_llm/quickstart_cpu.sh

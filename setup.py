@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers",
-                 "lm-eval[api]==0.4.13", "wandb"],
+                 "lm-eval[api]==0.4.13", "wandb", "ruff>=0.6"],
         # tools/evaluate.py: lm-evaluation-harness tasks over the in-process engine.
         "eval": ["lm-eval==0.4.13", "matplotlib"],
         # --wandb-project: Weights & Biases logging beside TensorBoard.

@@ -353,7 +353,7 @@ def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold:
 
     from megatron.early_exit.inference.confidence import get_confidence_measure
     from megatron.early_exit.inference.decoder import Decoder, confidence_test
-    from megatron.early_exit.inference.generate import inference_context
+    from megatron.early_exit.inference.context import inference_context
 
     measure = get_confidence_measure(measure_name, model)
     with inference_context(model):

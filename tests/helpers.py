@@ -1,8 +1,18 @@
-"""Small models and batches shared by the tests."""
+"""Small models and batches shared by the tests, and waiting on a condition."""
+
+import time
 
 import torch
-
 from megatron.core import parallel_state
+
+
+def wait_until(condition, timeout: float = 60, interval: float = 0.02) -> bool:
+    """Poll `condition()` until it holds or `timeout` seconds pass; its last value (a test
+    asserts it, so a slow machine waits longer instead of failing)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(interval)
+    return bool(condition())
 
 
 def tiny_transformer_config(**overrides):
@@ -115,6 +125,51 @@ def load_full_state_dict(model: torch.nn.Module, state: dict, gated: bool | None
         if shard.shape != param.shape:
             raise ValueError(f"shape mismatch for '{key}': expected {tuple(param.shape)}, got {tuple(shard.shape)}")
         param.copy_(shard)
+
+
+# Exit-head structures (EarlyExitConfig flags) the model tests cover.
+HEADS = {
+    "plain_tied": dict(),
+    "norm": dict(use_exit_norm=True),
+    "mlp": dict(use_exit_mlp=True, use_exit_norm=True),
+    "block": dict(use_exit_block=True),
+    "untied": dict(untie_exit_output_weights=True, use_exit_norm=True),
+    "pre_exit": dict(pre_exit=True, use_exit_norm=True),
+    "pre_exit_block_untied": dict(pre_exit=True, use_exit_block=True, untie_exit_output_weights=True),
+    "temperature_dynamic": dict(use_exit_norm=True, exit_layer_temperature=[2.0, 0.5],
+                                use_dynamic_exit_layer_weight=True),
+}
+
+
+# Local parameter names -> the TE layout's (what megatron-core's local spec maps in checkpoints).
+_RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+            ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+
+def _renamed(state: dict, to_te: bool) -> dict:
+    out = {}
+    for name, value in state.items():
+        for local, te in _RENAMES:
+            name = name.replace(local, te) if to_te else name.replace(te, local)
+        out[name] = value
+    return out
+
+
+def te_names(state: dict) -> dict:
+    return _renamed(state, to_te=True)
+
+
+def local_names(state: dict) -> dict:
+    return _renamed(state, to_te=False)
+
+
+@torch.no_grad()
+def spread_vectors(model, seed=1):
+    """Norm weights (and biases) away from their construction values."""
+    g = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        if param.ndim == 1:
+            param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
 
 
 def assert_same_up_to_near_ties(got, want, threshold: float, margin: float = 1e-3) -> int:

@@ -1,4 +1,10 @@
-"""A text generation server as a real process on a loopback port, for the server tests."""
+"""The text generation server's test model and process, shared by the server test files.
+
+The checkpoint is a tiny random model (4 layers, exits after layers 1 and 2, NullTokenizer:
+prompts are token ids as text); its exit confidences spread over a range where a threshold
+mixes early and full-depth tokens. conftest.py writes it once per session and starts one
+server process on it (`shared_server`, with CHAT_TEMPLATE) that the server test files share.
+"""
 
 import os
 import re
@@ -8,16 +14,40 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
+CLI = os.path.join(ROOT, "tools", "text_generation_cli.py")
+NUM_LAYERS, EXITS, MAX_SEQ, VOCAB, EOD = 4, [1, 2], 64, 100, 99
+MAX_BATCH, MAX_PROMPT = 8, 40
+PROMPTS = ["5 17 3", "40 2 77 13 8 61 9 30", "11 12 13 14 15"]
+MIXED_THRESHOLD = 0.16  # some tokens leave early, some go to full depth (checked)
+# A chat template over token-id text: each message's content, then the generation prompt.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}1 {% endif %}"
+
+
+def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
+    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.checkpointing import save_weights
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args([
+        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", str(seq_length),
+        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
+    ], world_size=1)
+    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
 
 
 class Server:
     """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
 
     def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
-                 extra=(), max_batch: int = 8, max_prompt: int = 40):
+                 extra=(), max_batch: int = MAX_BATCH, max_prompt: int = MAX_PROMPT):
         flags = ["--load", root, "--port", "0", "--max-batch-size", str(max_batch), "--max-prompt-tokens",
                  str(max_prompt), "--log-level", "warning", "--model-name", "tiny", *extra]
         if nproc == 1:
@@ -59,3 +89,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 pass
         self.log.close()
+
+
+def ids(text):
+    return [int(t) for t in text.split()]
+
+
+def put_api(client, **body):
+    reply = client.put("/api", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()

@@ -11,7 +11,7 @@ import torch
 
 from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate
 from megatron.early_exit.inference.calibration import per_exit_thresholds
-from tests.test_inference_api import PROMPT, save_tiny_checkpoint
+from tests.inference_models import PROMPT, save_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

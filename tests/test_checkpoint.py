@@ -5,15 +5,8 @@ import os
 import pytest
 import torch
 
-from tests.conftest import launch
-from tests.training_fixtures import VOCAB, tiny_run_flags
-
-
-def run(argv):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import pretrain
-
-    return pretrain(parse_args(argv, world_size=1))
+from tests.conftest import case_output_dir, launch_grouped
+from tests.training_fixtures import VOCAB, run_training, tiny_run_flags
 
 
 BASE = {"--hidden-dropout": 0.1, "--eval-iters": 0}
@@ -24,8 +17,8 @@ losses = lambda history: [e[k] for e in history for k in sorted(e) if "loss" in 
 def straight_and_saved(dist1, corpus, tmp_path_factory):
     """20 iterations straight, and the first 10 of the same run saved (with dropout)."""
     root = str(tmp_path_factory.mktemp("saved"))
-    straight = run(tiny_run_flags(corpus, iters=20, **BASE))
-    first = run(tiny_run_flags(corpus, iters=10, **BASE, **{"--save": root, "--lr-decay-iters": 20}))
+    straight = run_training(tiny_run_flags(corpus, iters=20, **BASE))
+    first = run_training(tiny_run_flags(corpus, iters=10, **BASE, **{"--save": root, "--lr-decay-iters": 20}))
     return straight, first, root
 
 
@@ -33,7 +26,7 @@ def test_resume_is_bitwise_identical_single_process(straight_and_saved, corpus, 
     straight, first, root = straight_and_saved
     assert open(os.path.join(root, "latest_checkpointed_iteration.txt")).read() == "10"
     assert sorted(os.listdir(root)) == ["iter_0000010", "latest_checkpointed_iteration.txt"]  # no .tmp left
-    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
+    resumed = run_training(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
     assert len(resumed.history) == 10
     assert losses(first.history + resumed.history) == losses(straight.history)
     assert any(k.startswith("early loss") for k in straight.history[0])
@@ -41,7 +34,7 @@ def test_resume_is_bitwise_identical_single_process(straight_and_saved, corpus, 
 
 def test_no_load_optim_keeps_iteration_and_weights_but_not_the_optimizer(straight_and_saved, corpus):
     straight, _, root = straight_and_saved
-    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-optim": None}))
+    resumed = run_training(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-optim": None}))
     assert len(resumed.history) == 10
     # The first loss is computed before any step: same weights, data and dropout masks.
     assert resumed.history[0]["lm loss"] == straight.history[10]["lm loss"]
@@ -51,7 +44,7 @@ def test_no_load_optim_keeps_iteration_and_weights_but_not_the_optimizer(straigh
 
 def test_no_load_rng_draws_other_dropout_masks(straight_and_saved, corpus):
     straight, _, root = straight_and_saved
-    resumed = run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-rng": None}))
+    resumed = run_training(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root, "--no-load-rng": None}))
     assert len(resumed.history) == 10
     assert resumed.history[0]["lm loss"] != straight.history[10]["lm loss"]
 
@@ -62,7 +55,7 @@ def test_finetune_loads_weights_only_and_starts_at_zero(straight_and_saved, corp
 
     _, _, root = straight_and_saved
     # lr 0: the weights after one step are the loaded ones.
-    tuned = run(tiny_run_flags(corpus, iters=1, **BASE, **{"--load": root, "--finetune": None, "--lr": 0, "--min-lr": 0,
+    tuned = run_training(tiny_run_flags(corpus, iters=1, **BASE, **{"--load": root, "--finetune": None, "--lr": 0, "--min-lr": 0,
                                                          "--lr-warmup-iters": 0}))
     assert len(tuned.history) == 1  # iteration counter restarted
     saved, _, _ = load_model(root)
@@ -88,7 +81,7 @@ def test_mismatched_checkpoint_lists_every_difference(straight_and_saved, corpus
 
     _, _, root = straight_and_saved
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=12, **{"--load": root, "--hidden-size": 64, "--exit-layer-nums": "1 3",
+        run_training(tiny_run_flags(corpus, iters=12, **{"--load": root, "--hidden-size": 64, "--exit-layer-nums": "1 3",
                                                 "--use-exit-mlp": None}))
     text = str(err.value)
     assert "--hidden-size: checkpoint 32, now 64" in text
@@ -102,11 +95,11 @@ def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, t
     from megatron.early_exit.training.checkpointing import CheckpointError
 
     plain = {"--exit-layer-nums": False, "--exit-layer-weight": False, "--use-exit-norm": False, "--eval-iters": 0}
-    run(tiny_run_flags(corpus, iters=3, **plain, **{"--save": str(tmp_path)}))
+    run_training(tiny_run_flags(corpus, iters=3, **plain, **{"--save": str(tmp_path)}))
     with pytest.raises(CheckpointError, match=r"exits at layers \[1, 2\] are new .*add --finetune or --no-load-optim"):
-        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path), "--eval-iters": 0}))
+        run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path), "--eval-iters": 0}))
     flags = {"--load": str(tmp_path), "--finetune": None, "--lr": 0, "--min-lr": 0, "--lr-warmup-iters": 0, "--eval-iters": 0}
-    tuned = run(tiny_run_flags(corpus, iters=1, **flags))
+    tuned = run_training(tiny_run_flags(corpus, iters=1, **flags))
     saved, _, _ = load_model(str(tmp_path))
     got, want = full_state_dict(tuned.model.module), full_state_dict(saved)
     assert all(torch.equal(got[k], want[k]) for k in want)  # the backbone came from the checkpoint
@@ -124,13 +117,13 @@ def test_weights_only_checkpoint_needs_finetune(dist1, corpus, tmp_path):
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
     save_weights(str(tmp_path), args, build_model(args, torch.device("cpu"), VOCAB))
     with pytest.raises(CheckpointError, match="holds weights only .*add --finetune or --no-load-optim"):
-        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
-    assert len(run(tiny_run_flags(corpus, iters=3, **{"--load": str(tmp_path), "--finetune": None, "--eval-iters": 0})).history) == 3
+        run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
+    assert len(run_training(tiny_run_flags(corpus, iters=3, **{"--load": str(tmp_path), "--finetune": None, "--eval-iters": 0})).history) == 3
     assert load_model(str(tmp_path))[2].num_layers == 4
 
 
 def test_keep_last_removes_older_checkpoints(dist1, corpus, tmp_path):
-    run(tiny_run_flags(corpus, iters=8, **{"--save": str(tmp_path), "--save-interval": 2, "--keep-last": 2, "--eval-iters": 0}))
+    run_training(tiny_run_flags(corpus, iters=8, **{"--save": str(tmp_path), "--save-interval": 2, "--keep-last": 2, "--eval-iters": 0}))
     assert sorted(os.listdir(tmp_path)) == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
 
 
@@ -156,7 +149,7 @@ def test_damaged_checkpoint_names_the_file(straight_and_saved, corpus, tmp_path,
         os.remove(shard)
         expected = f"checkpoint file {shard} is missing"
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
+        run_training(tiny_run_flags(corpus, iters=20, **BASE, **{"--load": root}))
     assert expected in str(err.value)
 
 
@@ -164,15 +157,15 @@ def test_missing_checkpoint_is_named(dist1, corpus, tmp_path):
     from megatron.early_exit.training.checkpointing import CheckpointError
 
     with pytest.raises(CheckpointError, match=f"--load {tmp_path}: no latest_checkpointed_iteration.txt"):
-        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
+        run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7")
     with pytest.raises(CheckpointError, match="iter_0000007 named by latest_checkpointed_iteration.txt does not exist"):
-        run(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
+        run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
 
 
 @pytest.fixture(scope="module")
-def checkpoint_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_checkpoint", 2, launch_dir, env={"EE_TEST_DATA": corpus})
+def checkpoint_runs(request):
+    return launch_grouped("tests.multiproc.cases_checkpoint", request)
 
 
 @pytest.mark.multiproc
@@ -183,23 +176,11 @@ def test_resume_under_two_processes(checkpoint_runs, case):
 
 
 @pytest.fixture(scope="module")
-def reshard_runs(dist1, corpus, launch_dir, tmp_path_factory):
-    """A TP=1 checkpoint with its logits, then one 4-process launch (TP=2 x PP=2) that
-    saves its own checkpoint and reads the TP=1 one."""
-    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
-    from megatron.early_exit.inference.loading import load_model
-    from tests.multiproc.cases_reshard import FLAGS, PROMPTS, TOKENS, logits_by_layer
-
-    root = str(tmp_path_factory.mktemp("reshard"))
-    state = run(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
-    torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
-    model = load_model(os.path.join(root, "tp1"))[0]
-    torch.save({name: (out.tokens, out.exit_layers) for name, out in (
-        ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
-        ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
-    )}, os.path.join(root, "tp1_generations.pt"))
-    results = launch("tests.multiproc.cases_reshard", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_RESHARD_DIR": root})
-    return root, results
+def reshard_runs(request):
+    """One 4-process launch (TP=2 x PP=2) that saves its own checkpoint and reads the TP=1
+    one of conftest's reshard_inputs."""
+    results = launch_grouped("tests.multiproc.cases_reshard", request)
+    return case_output_dir(request, "tests.multiproc.cases_reshard"), results
 
 
 @pytest.mark.multiproc
@@ -230,7 +211,8 @@ def _fresh_process_env() -> dict:
     return dict(env, PYTHONWARNINGS="ignore")
 
 
-@pytest.mark.parametrize("moment", ["before_rename", "before_marker"])
+# before_rename is also killed in make test by test_reliability_checkpoints' kill -9 test.
+@pytest.mark.parametrize("moment", [pytest.param("before_rename", marks=pytest.mark.slow), "before_marker"])
 def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_path, moment):
     import signal
     import subprocess
@@ -239,10 +221,10 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
 
     root, paused = str(tmp_path / "ck"), tmp_path / "paused"
     flags = {"--save": root, "--save-interval": 2, "--eval-iters": 0}
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain_early_exit_gpt.py")
-    env = dict(_fresh_process_env(), EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, script] + tiny_run_flags(corpus, iters=6, **flags), env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_pause.py")  # the trainer, paused
+    env = dict(_fresh_process_env(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, script, f"{moment}:4:{paused}", *tiny_run_flags(corpus, iters=6, **flags)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not paused.exists():
         assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
@@ -253,7 +235,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
     assert open(os.path.join(root, "latest_checkpointed_iteration.txt")).read() == "2"
     assert os.path.isdir(os.path.join(root, "iter_0000004.tmp" if moment == "before_rename" else "iter_0000004"))
 
-    resumed = run(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))
+    resumed = run_training(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))
     assert len(resumed.history) == 4  # iterations 3..6, from the checkpoint of iteration 2
     assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
 

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
 from tests.helpers import build_ee_gpt, ee_loss_and_grads, make_batch, tiny_transformer_config
-from tests.test_training import run
-from tests.training_fixtures import tiny_run_flags
+from tests.training_fixtures import run_training, tiny_run_flags
 
 
 def _reference_kl(student, teacher, temperature):
@@ -109,8 +108,8 @@ def test_exit_tuning_with_frozen_backbone_distils(dist1, corpus):
     from megatron.early_exit.sharding import full_state_dict
 
     base = tiny_run_flags(corpus, iters=1, **{"--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})
-    before = full_state_dict(run(base).model.module)
-    tuned = run(tiny_run_flags(corpus, iters=20, **{
+    before = full_state_dict(run_training(base).model.module)
+    tuned = run_training(tiny_run_flags(corpus, iters=20, **{
         "--tune-exit": None, "--untie-exit-output-weights": None, "--exit-distill-weight": 1.0, "--log-interval": 1,
         "--exit-distill-temperature": 1.0}))
     after = full_state_dict(tuned.model.module)

@@ -9,19 +9,18 @@ import runpy
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, case_output_dir, launch_grouped
 from tests.training_fixtures import tiny_run_flags
 
 TUNED_LAYERS = 2  # the first of 2 stages of a 4-layer model
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ee_tuning_stages"))
-    results = launch("tests.multiproc.cases_ee_tuning_stages", 2, out, env={"EE_TEST_DATA": corpus, "EE_TEST_OUT": out})
+def runs(request):
+    results = launch_grouped("tests.multiproc.cases_ee_tuning_stages", request)
     for case, result in results.items():
         assert result["ok"], f"{case}: {result['error']}"
-    return out
+    return case_output_dir(request, "tests.multiproc.cases_ee_tuning_stages")
 
 
 def _weights(root):

@@ -291,7 +291,7 @@ def test_user_mistakes_are_one_line_errors(checkpoint, task_dir):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    from tests.test_server import Server
+    from tests.server_fixtures import Server
 
     srv = Server(checkpoint, str(tmp_path_factory.mktemp("eval_server") / "server.log"))
     yield srv

@@ -6,7 +6,7 @@ import torch
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
-from megatron.early_exit.inference.generate import inference_context
+from megatron.early_exit.inference.context import inference_context
 from tests.helpers import build_ee_gpt, tiny_transformer_config
 
 PROMPT = [3, 14, 15, 92, 65]

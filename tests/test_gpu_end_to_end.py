@@ -175,7 +175,9 @@ def test_one_host_sync_per_full_depth_step(trained, device):
 def test_server_on_the_device_answers_like_the_engine(trained, device, tmp_path):
     from megatron.early_exit.inference import FullDepth, generate
     from megatron.early_exit.inference.loading import load_model
-    from tests.test_server import Server, httpx
+    import httpx
+
+    from tests.server_fixtures import Server
 
     srv = Server(trained, str(tmp_path / "server.log"))
     try:

@@ -84,7 +84,7 @@ def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
 def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
     from tests.sync_counter import SyncCounter
-    from tests.test_inference import PROMPTS, build_model
+    from tests.inference_models import PROMPTS, build_model
 
     chosen = {"full": FullDepth(), "speculative": SelfSpeculative(exit_layer=1, num_draft=3),
               "early_exit": EarlyExit(threshold=0.5), "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate"),
@@ -123,7 +123,7 @@ def test_attention_without_mask_where_none_is_needed(dist1, monkeypatch):
 
     from megatron.early_exit.inference import FullDepth, generate
     from megatron.early_exit.inference import layers
-    from tests.test_inference import build_model
+    from tests.inference_models import build_model
 
     calls = []
     real = F.scaled_dot_product_attention
@@ -152,7 +152,7 @@ def test_decoding_never_calls_the_compiled_bias_dropout_add(dist1, monkeypatch):
     from megatron.core.fusions import fused_bias_dropout
 
     from megatron.early_exit.inference import EarlyExit, FullDepth, generate
-    from tests.test_inference import PROMPTS, build_model
+    from tests.inference_models import PROMPTS, build_model
 
     def refuse(*args, **kwargs):
         raise AssertionError("fused bias-dropout-add called while decoding")

@@ -3,7 +3,7 @@
 Models are random Llama models made with transformers (weights drawn at std 0.3 and norms
 away from 1, so that a wrong mapping shows in the logits), converted, and compared with
 LlamaForCausalLM, with themselves after a round trip, and across layouts. save_random_hf
-makes the other families' models the same way (test_hf_families.py).
+(tests/hf_fixtures.py) makes the other families' models the same way (test_hf_families.py).
 """
 
 import json
@@ -14,91 +14,29 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch_grouped
+from tests.hf_fixtures import (
+    FFN,
+    HIDDEN,
+    LLAMA3,
+    SEQ,
+    VOCAB,
+    add_exits,
+    batch,
+    edit_config,
+    export_llama,
+    fresh_process_env,
+    full_state,
+    import_llama,
+    leftovers,
+    load,
+    save_random_llama,
+    save_word_tokenizer,
+)
 from tests.training_fixtures import tiny_run_flags
-
-VOCAB, LAYERS, HIDDEN, HEADS, FFN = 64, 4, 32, 4, 128
-SEQ = 48
-
-
-def save_random_hf(path, model_type="llama", seed=0, **overrides):
-    """A random transformers model of a Llama family (llama, mistral, qwen2, qwen3) saved
-    with save_pretrained; returns it in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=64, rms_norm_eps=1e-6,
-               tie_word_embeddings=False, rope_theta=10000.0)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1 and not name.endswith(".bias"):
-                param.normal_(1.0, 0.2)  # norms
-            else:
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(str(path))
-    return model
-
-
-def save_random_llama(path, seed=0, **overrides):
-    """A random LlamaForCausalLM saved with save_pretrained; returns it in eval mode."""
-    return save_random_hf(path, "llama", seed, **overrides)
-
-
-def save_word_tokenizer(path, vocab=VOCAB):
-    """A tiny tokenizer.json (word level, eos and bos) beside a model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {f"w{i}": i for i in range(vocab - 2)}
-    words.update({"<s>": vocab - 2, "</s>": vocab - 1})
-    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "</s>", "bos_token": "<s>"}, f)
-
-
-def batch(seed=1, b=2, s=SEQ, vocab=VOCAB):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (b, s), generator=g), torch.arange(s).unsqueeze(0).expand(b, -1)
-
-
-def load(root):
-    from megatron.early_exit.inference.loading import load_model
-
-    return load_model(str(root), 1, device=torch.device("cpu"))[0]
-
-
-def full_state(root):
-    from megatron.early_exit.sharding import full_state_dict
-
-    return full_state_dict(load(root))
-
-
-def import_llama(hf_dir, out, tp=1, pp=1):
-    from megatron.early_exit.hf.convert import import_hf as run
-
-    return run(str(hf_dir), str(out), tp, pp, progress=False)
-
-
-def add_exits(src, out, copy_init=True, exits_from=None, **exits):
-    from megatron.early_exit.hf.add_exits import add_exits as run
-
-    return run(str(src), str(out), exits, copy_init=copy_init, exits_from=exits_from and str(exits_from))
-
-
-def export_llama(src, out, **kwargs):
-    from megatron.early_exit.hf.convert import export_hf as run
-
-    return run(str(src), str(out), progress=False, **kwargs)
-
 
 # ----------------------------------------------------------------------------- logits against transformers
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
 VARIANTS = {
     "untied-mha": {},
     "tied-gqa": {"tie_word_embeddings": True, "num_key_value_heads": 2},
@@ -292,8 +230,8 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
     from megatron.early_exit.models.model_config import ModelConfig
-    from megatron.early_exit.training.checkpointing import stored_args
     from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.training.arguments import stored_args
 
     add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
     # What --tune-exit-pipeline-parallel-size 1 of 2 saves: layers 1-2 and their exits, tuned.
@@ -347,43 +285,22 @@ def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, 
 # ----------------------------------------------------------------------------- TP=2 x PP=2
 
 
+@pytest.fixture(scope="module")
+def hf_tp2_pp2_runs(request):
+    """conftest's hf_tp2_pp2_inputs (a converted model and its one-process logits), read at
+    TP=2 x PP=2 in the 4-process launch."""
+    return launch_grouped("tests.multiproc.cases_hf", request)
+
+
 @pytest.mark.multiproc
-def test_tp2_pp2_load_gives_one_process_logits(dist1, tmp_path, launch_dir):
-    save_random_llama(tmp_path / "hf", seed=13, num_key_value_heads=2)
-    import_llama(tmp_path / "hf", tmp_path / "ours", tp=2, pp=2)
-    # exits on both stages (layers 1-2 and 3-4)
-    add_exits(tmp_path / "ours", tmp_path / "ee", copy_init=False, exit_layer_nums=[1, 3], use_exit_norm=True,
-              untie_exit_output_weights=True)
-    model = load(tmp_path / "ee")
-    tokens, pos = batch()
-    with torch.no_grad():
-        out = model(tokens, pos, None)
-        reference = {"tokens": tokens, "position_ids": pos, "vocab_size": model.vocab_size, "final": out.final,
-                     "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits}}
-    torch.save(reference, tmp_path / "reference.pt")
-    results = launch("tests.multiproc.cases_hf", 4, launch_dir,
-                     env={"EE_HF_CHECKPOINT": str(tmp_path / "ee"), "EE_HF_REFERENCE": str(tmp_path / "reference.pt")})
+def test_tp2_pp2_load_gives_one_process_logits(hf_tp2_pp2_runs):
+    results = hf_tp2_pp2_runs
     case = results["case_tp2_pp2_logits_match_one_process"]
     assert case["ok"], case["error"]
     assert sorted(case["metrics"]) == ["exit 1", "exit 3", "final"]
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def _leftovers(parent):
-    return [n for n in os.listdir(parent) if ".tmp-" in n]
-
-
-def _edit_config(hf_dir, **changes):
-    path = os.path.join(hf_dir, "config.json")
-    cfg = json.load(open(path))
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    json.dump(cfg, open(path, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -419,13 +336,13 @@ def test_bad_hf_input_is_refused_in_one_line_and_writes_nothing(dist1, hf_dir, t
     src = tmp_path / "src"
     shutil.copytree(hf_dir, src)
     changes, message = BAD_CONFIGS[case]
-    _edit_config(src, **changes)
+    edit_config(src, **changes)
     tp = 4 if case == "heads-vs-target-tp" else 1
     message = message or r"--num-attention-heads \(2\) is not divisible by --tensor-model-parallel-size \(4\)"
     with pytest.raises(ConfigError, match=message) as err:
         import_llama(src, tmp_path / "out", tp=tp)
     assert "\n" not in str(err.value)
-    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
@@ -455,7 +372,7 @@ def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
     save_file(tensors, src / "model.safetensors")
     with pytest.raises(ConversionError, match="1 tensors have no place in a LlamaForCausalLM model, e.g. model.layers.0.self_attn.q_proj.bias"):
         import_llama(src, tmp_path / "out")
-    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
@@ -469,7 +386,7 @@ def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
     checkpointing.save_weights(str(tmp_path / "gpt"), None, training_model(config))
     with pytest.raises(ConversionError, match="the checkpoint is not a Llama model: --normalization LayerNorm"):
         export_llama(tmp_path / "gpt", tmp_path / "out")
-    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 def test_add_exits_refuses_bad_exits_and_existing_output(dist1, converted, tmp_path):
@@ -483,13 +400,7 @@ def test_add_exits_refuses_bad_exits_and_existing_output(dist1, converted, tmp_p
     open(tmp_path / "taken" / "file", "w").close()
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         add_exits(converted, tmp_path / "taken", exit_layer_nums=[1])
-    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
-
-
-def _fresh_process_env():
-    """This process's environment without the rendezvous port the dist1 fixture holds."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    return dict(env, PYTHONWARNINGS="ignore")
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 def test_convert_tool_prints_one_line_errors(tmp_path):
@@ -497,7 +408,7 @@ def test_convert_tool_prints_one_line_errors(tmp_path):
     json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(tmp_path / "src" / "config.json", "w"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"), "--load",
                            str(tmp_path / "src"), "--save", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=_fresh_process_env())
+                          capture_output=True, text=True, env=fresh_process_env())
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "error: " + str(tmp_path / "src" / "config.json") + ": model_type 'gpt2' (GPT2LMHeadModel) is not supported: "

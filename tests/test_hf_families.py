@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from tests.conftest import launch
-from tests.test_hf import (
+from tests.hf_fixtures import (
     LAYERS,
     LLAMA3,
     SEQ,
     VOCAB,
-    _edit_config,
-    _leftovers,
     add_exits,
     batch,
+    edit_config,
     export_llama,
     full_state,
     import_llama,
+    leftovers,
     load,
     save_random_hf,
 )
@@ -253,11 +253,11 @@ def test_unsupported_settings_are_refused_in_one_line(dist1, tmp_path, case):
 
     name, changes, message = REFUSED[case]
     save_shape(tmp_path / "hf", name)
-    _edit_config(tmp_path / "hf", **changes)
+    edit_config(tmp_path / "hf", **changes)
     with pytest.raises(ConfigError, match=message) as err:
         import_llama(tmp_path / "hf", tmp_path / "out")
     assert "\n" not in str(err.value)
-    assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 WINDOWS_THAT_CHANGE_NOTHING = {
@@ -272,7 +272,7 @@ WINDOWS_THAT_CHANGE_NOTHING = {
 def test_windows_that_change_nothing_convert(dist1, tmp_path, case):
     name, changes = WINDOWS_THAT_CHANGE_NOTHING[case]
     hf = save_shape(tmp_path / "hf", name, seed=4)
-    _edit_config(tmp_path / "hf", **changes)
+    edit_config(tmp_path / "hf", **changes)
     import_llama(tmp_path / "hf", tmp_path / "ours")
     tokens, pos = batch()
     with torch.no_grad():
@@ -362,12 +362,12 @@ def test_convert_tool_both_ways_names_the_family(tmp_path):
     import sys
 
     from tests.conftest import ROOT
-    from tests.test_hf import _fresh_process_env
+    from tests.hf_fixtures import fresh_process_env
 
     save_shape(tmp_path / "hf", "qwen3-tied")
     tool = os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py")
     run = lambda *flags: subprocess.run([sys.executable, tool, "--no-progress", *flags], capture_output=True, text=True,
-                                        env=_fresh_process_env())
+                                        env=fresh_process_env())
     proc = run("--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ours"))
     assert proc.returncode == 0, proc.stderr
     assert "(Qwen3ForCausalLM)" in proc.stdout and "--qk-layernorm" in proc.stdout and "--kv-channels 12" in proc.stdout

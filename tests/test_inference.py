@@ -1,49 +1,16 @@
 """The inference decoder equals slow, cache-free references, token for token.
 
-Models are tiny (4 layers, hidden 32, GQA with 2 groups) with weights drawn wide enough
-(std 0.3) that greedy decoding does not collapse to one token and exit confidences spread
-over the thresholds used below; every early-exit test also checks that its threshold
-produced a mix of early and deeper tokens, so that it tests something.
+The models (tests/inference_models.py) are tiny, with exit confidences spread over the
+thresholds used below; every early-exit test also checks that its threshold produced a mix
+of early and deeper tokens, so that it tests something.
 """
-
-from functools import lru_cache
 
 import pytest
 import torch
 
-from tests.test_inference_reference import no_cache_greedy, reference_generate
-
-NUM_LAYERS = 4
-PROMPT = [5, 17, 3, 9, 22]
-PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
-
-VARIANTS = {  # exits, EarlyExitConfig flags
-    "tied_norm": ([1, 3], dict(use_exit_norm=True)),
-    "untied_mlp": ([1, 3], dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True)),
-    "pre_exit": ([2, 4], dict(pre_exit=True)),
-    "pre_exit_first": ([1, 3], dict(pre_exit=True)),  # an exit before the first layer
-}
-
-
-@lru_cache(maxsize=None)
-def build_model(variant: str = "tied_norm", position_embedding_type: str = "rope", num_query_groups: int = 2):
-    from megatron.early_exit.config import EarlyExitConfig
-    from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
-    from tests.helpers import tiny_transformer_config
-
-    nums, flags = VARIANTS[variant]
-    torch.manual_seed(0)
-    config = tiny_transformer_config(num_layers=NUM_LAYERS, num_query_groups=num_query_groups, init_method_std=0.3)
-    model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=nums, **flags), vocab_size=96,
-                              max_sequence_length=64, share_embeddings_and_output_weights=False,
-                              position_embedding_type=position_embedding_type)
-    return model.eval()
-
-
-def _generate(model, prompts, strategy=None, max_new_tokens=24, **kwargs):
-    from megatron.early_exit.inference import FullDepth, generate
-
-    return generate(model, prompts, strategy or FullDepth(), max_new_tokens=max_new_tokens, **kwargs)
+from tests.inference_models import NUM_LAYERS, PROMPT, PROMPTS, build_model
+from tests.inference_models import generate_tokens as _generate
+from tests.inference_reference import no_cache_greedy, reference_generate
 
 
 # -- full depth ------------------------------------------------------------------------

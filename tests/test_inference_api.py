@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from tests.test_inference import NUM_LAYERS, PROMPT, PROMPTS, _generate, build_model
+from tests.inference_models import NUM_LAYERS, PROMPT, PROMPTS, build_model, save_tiny_checkpoint
+from tests.inference_models import generate_tokens as _generate
 
 # -- KV cache ------------------------------------------------------------------------------
 
@@ -206,24 +207,6 @@ def test_sweep_reports_agreement_and_picks_the_fastest_agreeing_threshold(dist1)
 
 
 # -- loading a pretraining checkpoint -------------------------------------------------------------
-
-
-def save_tiny_checkpoint(root: str, seed: int = 5):
-    """A weights-only checkpoint: model tensors, flags in the common state."""
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
-    from megatron.early_exit.training.trainer import build_model
-
-    args = parse_args([
-        "--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", str(seed),
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--normalization", "RMSNorm", "--swiglu",
-        "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--init-method-std", "0.3",
-        "--exit-layer-nums", "1", "2", "--use-exit-norm",
-    ], world_size=1)
-    model = build_model(args, torch.device("cpu"), 128)
-    save_weights(root, args, model, iteration=1)
-    return model
 
 
 def test_load_model_rebuilds_a_pretraining_checkpoint(dist1, tmp_path):

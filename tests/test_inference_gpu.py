@@ -4,8 +4,8 @@ cache-free references. Skipped without CUDA (and, for the TE spec, Transformer E
 import pytest
 import torch
 
-from tests.test_inference import PROMPT, PROMPTS, VARIANTS
-from tests.test_inference_reference import no_cache_greedy, reference_generate
+from tests.inference_models import PROMPT, PROMPTS, VARIANTS
+from tests.inference_reference import no_cache_greedy, reference_generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -13,7 +13,7 @@ from megatron.early_exit.pipeline.interleaved import (
 from megatron.early_exit.pipeline.plan import (
     _mark_replies, check_plan, check_rendezvous, executor_program, pipeline_plan, simulate,
 )
-from tests.conftest import launch
+from tests.conftest import launch_grouped
 from tests.training_fixtures import tiny_run_flags
 
 LAYOUTS = [(2, 2, 2), (2, 2, 4), (2, 4, 6), (4, 2, 4), (4, 2, 8), (4, 3, 8), (8, 2, 8), (8, 2, 16)]  # (p, v, m)
@@ -167,8 +167,8 @@ def test_entry_point_prints_one_line_for_the_refusal():
 
 
 @pytest.fixture(scope="module")
-def interleaved_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_TEST_OUT": launch_dir})
+def interleaved_runs(request):
+    return launch_grouped("tests.multiproc.cases_interleaved", request)
 
 
 def _ok(result):

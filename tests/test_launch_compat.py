@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.training_fixtures import tiny_run_flags
+from tests.helpers import wait_until
+from tests.training_fixtures import run_training, tiny_run_flags
 
 # -- EE-LLM's scripts, as written (examples/ee_training/7B.sh, examples/ee_tuning/tune/
 # llama2_13B_8_exit_mlp_pt.sh), their shell variables substituted.
@@ -258,8 +259,7 @@ def test_sigterm_is_recorded_not_fatal_until_restored():
     try:
         assert not flag.received
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)
-        assert flag.received
+        assert wait_until(lambda: flag.received, timeout=10)
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGTERM) is not flag._handle
@@ -306,13 +306,6 @@ def test_llama2_tokenizer_puts_bos_before_every_text(tmp_path):
 # -- runs ----------------------------------------------------------------------------
 
 
-def run(argv):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import pretrain
-
-    return pretrain(parse_args(argv, world_size=1))
-
-
 def loss_keys(entry):
     return [k for k in entry if k == "lm loss" or k.startswith("early loss")]
 
@@ -334,7 +327,7 @@ def test_ee_llm_scripts_run_on_cpu_with_later_flags(dist1, corpus, ee_llm_files,
     home, tokenizer = ee_llm_files
     pretrained, tuned = str(tmp_path / "pretrained"), str(tmp_path / "tuned")
     # --save DIR --load DIR before DIR holds a checkpoint starts from scratch (Megatron-LM's resume idiom).
-    state = run(ee_llm_7b_flags(home, tokenizer, pretrained) + cpu_overrides(corpus, "1 2"))
+    state = run_training(ee_llm_7b_flags(home, tokenizer, pretrained) + cpu_overrides(corpus, "1 2"))
     assert len(state.history) == 2 and loss_keys(state.history[-1]) == ["lm loss", "early loss [1]", "early loss [2]"]
     assert os.path.isfile(os.path.join(pretrained, "iter_0000002", "common.pt"))
     # EE-Tuning: a backbone without exits (as converted from Llama 2), new exits trained on it.
@@ -347,7 +340,7 @@ def test_ee_llm_scripts_run_on_cpu_with_later_flags(dist1, corpus, ee_llm_files,
                                                 "--use-exit-norm": False, "--ffn-hidden-size": 64, "--padded-vocab-size": 128,
                                                 "--untie-embeddings-and-output-weights": None}), world_size=1)
     save_weights(backbone, args, build_model(args, torch.device("cpu"), 128))
-    state = run(ee_llm_13b_tuning_flags(home, tokenizer, backbone, tuned)
+    state = run_training(ee_llm_13b_tuning_flags(home, tokenizer, backbone, tuned)
                 + cpu_overrides(corpus, "3 4", **{"--tune-exit-pipeline-parallel-size": "1", "--padded-vocab-size": "128"}))
     assert len(state.history) == 2 and loss_keys(state.history[-1]) == ["early loss [3]", "early loss [4]"]
     assert state.model.module.config.apply_query_key_layer_scaling
@@ -363,7 +356,7 @@ def saved_run(dist1, corpus, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("saved"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        state = run(tiny_run_flags(corpus, iters=4, **{"--save": root, "--save-interval": 2, "--log-interval": 2,
+        state = run_training(tiny_run_flags(corpus, iters=4, **{"--save": root, "--save-interval": 2, "--log-interval": 2,
                                                       "--eval-interval": 4, "--timing-log-level": 2}))
     return root, state, out.getvalue()
 
@@ -381,7 +374,7 @@ def test_timers_are_printed_at_the_log_interval(saved_run):
 def test_skip_train_prints_the_validation_loss_of_every_exit(dist1, corpus, saved_run, capsys):
     root, trained, out = saved_run
     capsys.readouterr()
-    state = run(tiny_run_flags(corpus, iters=4, **{"--load": root, "--skip-train": None}))
+    state = run_training(tiny_run_flags(corpus, iters=4, **{"--load": root, "--skip-train": None}))
     printed = validation_lines(capsys.readouterr().out)
     assert state.history == [] and len(state.validation) == 1
     assert printed == validation_lines(out)[-1:]
@@ -392,7 +385,7 @@ def test_skip_train_prints_the_validation_loss_of_every_exit(dist1, corpus, save
 @pytest.mark.slow
 def test_load_iteration_resumes_training_there(dist1, corpus, saved_run):
     root, trained, _ = saved_run
-    state = run(tiny_run_flags(corpus, iters=4, **{"--load": root, "--load-iteration": 2}))
+    state = run_training(tiny_run_flags(corpus, iters=4, **{"--load": root, "--load-iteration": 2}))
     assert_same_losses(state.history, trained.history[2:])
 
 
@@ -446,31 +439,31 @@ def test_missing_load_iteration_in_training_lists_the_iterations_present(dist1, 
 
     root, _, _ = saved_run
     with pytest.raises(CheckpointError, match=r"^--load-iteration 3: .*\(iterations present: 2, 4\)$"):
-        run(tiny_run_flags(corpus, iters=4, **{"--load": root, "--load-iteration": 3}))
+        run_training(tiny_run_flags(corpus, iters=4, **{"--load": root, "--load-iteration": 3}))
 
 
 @pytest.mark.slow
 def test_exit_interval_and_duration_save_and_stop(dist1, corpus, tmp_path):
     from megatron.early_exit.checkpoint_reader import iterations_present
 
-    state = run(tiny_run_flags(corpus, iters=6, **{"--save": str(tmp_path / "a"), "--exit-interval": 2}))
+    state = run_training(tiny_run_flags(corpus, iters=6, **{"--save": str(tmp_path / "a"), "--exit-interval": 2}))
     assert len(state.history) == 2 and iterations_present(str(tmp_path / "a")) == [2]
-    state = run(tiny_run_flags(corpus, iters=6, **{"--save": str(tmp_path / "b"), "--exit-duration-in-mins": 1e-6}))
+    state = run_training(tiny_run_flags(corpus, iters=6, **{"--save": str(tmp_path / "b"), "--exit-duration-in-mins": 1e-6}))
     assert len(state.history) == 1 and iterations_present(str(tmp_path / "b")) == [1]
 
 
 @pytest.mark.slow
 def test_samples_schedule_equals_iterations_and_ramps_the_batch(dist1, corpus, capsys):
-    by_iters = run(tiny_run_flags(corpus, iters=4, **{"--eval-iters": 0, "--log-interval": 1}))
+    by_iters = run_training(tiny_run_flags(corpus, iters=4, **{"--eval-iters": 0, "--log-interval": 1}))
     iters_lr = re.findall(r"learning rate: ([\d.E+-]+)", capsys.readouterr().out)
-    by_samples = run(tiny_run_flags(corpus, iters=4, **{"--train-iters": False, "--train-samples": 32,
+    by_samples = run_training(tiny_run_flags(corpus, iters=4, **{"--train-iters": False, "--train-samples": 32,
                                                        "--lr-warmup-iters": 0, "--lr-warmup-samples": 16,
                                                        "--eval-iters": 0, "--log-interval": 1}))
     samples_lr = re.findall(r"learning rate: ([\d.E+-]+)", capsys.readouterr().out)
     assert_same_losses(by_samples.history, by_iters.history, tol=0)
     assert samples_lr == iters_lr and len(iters_lr) == 4
     # Ramp-up from 4 by 4 over 16 samples to 8: 4 batches of 4, then batches of 8 up to 40 samples.
-    ramped = run(tiny_run_flags(corpus, iters=4, **{"--train-iters": False, "--train-samples": 40,
+    ramped = run_training(tiny_run_flags(corpus, iters=4, **{"--train-iters": False, "--train-samples": 40,
                                                    "--rampup-batch-size": "4 4 16", "--lr-warmup-iters": 0,
                                                    "--eval-iters": 0, "--log-interval": 1}))
     sizes = [int(s) for s in re.findall(r"global batch size: (\d+)", capsys.readouterr().out)]
@@ -512,7 +505,7 @@ def finished_records(run_file, wait_s=120):
 def test_wandb_offline_run_logs_every_exit_and_the_timers(dist1, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    state = run(tiny_run_flags(corpus, iters=2, **{
+    state = run_training(tiny_run_flags(corpus, iters=2, **{
         "--wandb-project": "ee", "--wandb-group": "tiny", "--wandb-exp-name": "run-1", "--wandb-save-dir": str(tmp_path),
         "--log-interval": 1, "--eval-interval": 2, "--lr-warmup-iters": 0, "--log-timers-to-tracker": None,
         "--timing-log-level": 1, "--tensorboard-dir": str(tmp_path / "tb")}))
@@ -599,6 +592,6 @@ def test_sigterm_saves_and_exits_zero_and_the_resume_matches(dist1, corpus, tmp_
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out[-4000:]
     assert re.search(r"^\s+pipeline-communication \.+: \([\d.]+, [\d.]+\)$", out, re.M), out[-4000:]
-    reference = run(tiny_run_flags(corpus, iters=iters, **{"--eval-iters": 0}))
+    reference = run_training(tiny_run_flags(corpus, iters=iters, **{"--eval-iters": 0}))
     assert_same_losses(tensorboard_losses(str(tmp_path / "tb1"))[:stop], reference.history[:stop])
     assert_same_losses(tensorboard_losses(str(tmp_path / "tb2")), reference.history[stop:])

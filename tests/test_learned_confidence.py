@@ -11,9 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate  # noqa: E402
-from megatron.early_exit.inference.learned_confidence import (  # noqa: E402
-    ConfidenceEstimator, attach, attached, collect, evaluate, fit,
-)
+from megatron.early_exit.confidence_training import collect, evaluate, fit  # noqa: E402
+from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator, attach, attached  # noqa: E402
 
 NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
 

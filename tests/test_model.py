@@ -5,19 +5,8 @@ import torch
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
-from tests.helpers import build_ee_gpt, build_gpt, ee_loss_and_grads, make_batch, tiny_transformer_config
+from tests.helpers import HEADS, build_ee_gpt, build_gpt, ee_loss_and_grads, make_batch, tiny_transformer_config
 from tests.reference_model import reference_grads
-
-HEADS = {
-    "plain_tied": dict(),
-    "norm": dict(use_exit_norm=True),
-    "mlp": dict(use_exit_mlp=True, use_exit_norm=True),
-    "block": dict(use_exit_block=True),
-    "untied": dict(untie_exit_output_weights=True, use_exit_norm=True),
-    "pre_exit": dict(pre_exit=True, use_exit_norm=True),
-    "pre_exit_block_untied": dict(pre_exit=True, use_exit_block=True, untie_exit_output_weights=True),
-    "temperature_dynamic": dict(use_exit_norm=True, exit_layer_temperature=[2.0, 0.5], use_dynamic_exit_layer_weight=True),
-}
 
 
 def test_no_exit_model_equals_gpt_model_bitwise(dist1):

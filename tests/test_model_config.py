@@ -101,10 +101,12 @@ def _sentencepiece_checkpoint(root: str) -> None:
 
 
 def test_moved_checkpoint_loads_and_serves_with_no_extra_flags(dist1, tmp_path):
+    import httpx
+
     from megatron.early_exit.checkpoint_reader import read_common, resolve
     from megatron.early_exit.inference import FullDepth, generate
     from megatron.early_exit.inference.loading import load_model
-    from tests.test_server import Server, httpx
+    from tests.server_fixtures import Server
 
     first = str(tmp_path / "written_here")
     _sentencepiece_checkpoint(first)

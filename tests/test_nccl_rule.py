@@ -90,9 +90,8 @@ def _fill_plans(p):
     return list(dict.fromkeys(fills))
 
 
-@pytest.mark.parametrize("p", range(2, 9))
-def test_every_plan_is_deadlock_free(p):
-    for m in range(1, 33):
+def _check_plans(p, microbatch_counts):
+    for m in microbatch_counts:
         for fill in _fill_plans(p):
             plan = pipeline_plan(p, m, fill)
             check_plan(plan)  # includes the replay
@@ -102,6 +101,20 @@ def test_every_plan_is_deadlock_free(p):
             forwards = [[a for a in actions if a.kind == "F" and a.item[0] == "R"] for actions in plan]
             check_rendezvous([executor_program(s, actions) for s, actions in enumerate(forwards)])
         check_plan([exit_tuning_plan(p, s, m) for s in range(p)])
+
+
+@pytest.mark.parametrize("p", range(2, 9))
+def test_plans_at_the_schedules_boundaries_are_deadlock_free(p):
+    """The microbatch counts where the schedule changes shape: fewer, as many and more than
+    the stages (warm-up cut short, exactly filled, a steady phase), twice as many, the most."""
+    _check_plans(p, sorted({1, 2, p - 1, p, p + 1, 2 * p - 1, 2 * p, 2 * p + 1, 32}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", range(2, 9))
+def test_every_plan_is_deadlock_free(p):
+    """Every count from 1 to 32 (make test checks the boundaries above)."""
+    _check_plans(p, range(1, 33))
 
 
 # -- pipeline inference ------------------------------------------------------------

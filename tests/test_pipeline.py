@@ -13,8 +13,8 @@ from megatron.early_exit.pipeline.plan import (
     pipeline_plan,
     simulate,
 )
-from tests.conftest import launch
-from tests.training_fixtures import tiny_run_flags
+from tests.conftest import launch_grouped
+from tests.training_fixtures import run_training, tiny_run_flags
 
 
 def names(actions):
@@ -96,15 +96,8 @@ PP_FLAGS = {"--num-layers": 8, "--exit-layer-nums": "2 5 7", "--exit-layer-weigh
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_pipeline_training", 4, launch_dir, env={"EE_TEST_DATA": corpus})
-
-
-def run(argv):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import pretrain
-
-    return pretrain(parse_args(argv, world_size=1))
+def pipeline_runs(request):
+    return launch_grouped("tests.multiproc.cases_pipeline_training", request)
 
 
 def _ok(result):
@@ -123,7 +116,7 @@ def _same_history(got, expected, tol=1e-5):
 @pytest.mark.multiproc
 def test_pp2_dp2_training_equals_one_process(dist1, corpus, pipeline_runs):
     got = _ok(pipeline_runs["case_pp2_dp2_history"])
-    reference = run(tiny_run_flags(corpus, iters=4, **PP_FLAGS))
+    reference = run_training(tiny_run_flags(corpus, iters=4, **PP_FLAGS))
     _same_history(got["history"], reference.history)
     _same_history(got["validation"], reference.validation)
     assert set(got["history"][0]) >= {"lm loss", "early loss [2]", "early loss [5]", "early loss [7]"}
@@ -132,7 +125,7 @@ def test_pp2_dp2_training_equals_one_process(dist1, corpus, pipeline_runs):
 @pytest.mark.multiproc
 def test_pp4_training_keeps_tied_copies_identical(dist1, corpus, pipeline_runs):
     got = _ok(pipeline_runs["case_pp4_tied_copies_stay_identical"])
-    _same_history(got["history"], run(tiny_run_flags(corpus, iters=3, **PP_FLAGS)).history)
+    _same_history(got["history"], run_training(tiny_run_flags(corpus, iters=3, **PP_FLAGS)).history)
 
 
 @pytest.mark.multiproc
@@ -141,8 +134,8 @@ def test_pp2_exit_tuning_trains_only_exits_like_one_process(dist1, corpus, pipel
 
     got = {k: torch.tensor(v) for k, v in _ok(pipeline_runs["case_pp2_exit_tuning"])["params"].items()}
     flags = {**PP_FLAGS, "--tune-exit": None, "--untie-exit-output-weights": None}
-    tuned = full_state_dict(run(tiny_run_flags(corpus, iters=3, **flags)).model.module)
-    initial = full_state_dict(run(tiny_run_flags(corpus, iters=1, **{**flags, "--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})).model.module)
+    tuned = full_state_dict(run_training(tiny_run_flags(corpus, iters=3, **flags)).model.module)
+    initial = full_state_dict(run_training(tiny_run_flags(corpus, iters=1, **{**flags, "--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})).model.module)
     # The last stage's tied output layer is a copy of the (frozen) embedding.
     assert set(got) - set(tuned) == {"output_layer.weight"}
     assert torch.equal(got["output_layer.weight"], initial["embedding.word_embeddings.weight"])

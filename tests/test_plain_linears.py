@@ -7,9 +7,9 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron.early_exit.inference import EarlyExit, FullDepth, generate
-from megatron.early_exit.inference import plain_linears as plain_module
-from megatron.early_exit.inference.plain_linears import plain_linears
-from tests.test_inference import PROMPTS, build_model
+from megatron.early_exit.inference import context as plain_module
+from megatron.early_exit.inference.context import plain_linears
+from tests.inference_models import PROMPTS, build_model, fresh_model
 
 
 def _linears(model):
@@ -50,17 +50,8 @@ def test_decoding_is_unchanged_and_modules_are_restored_after_errors(dist1):
 
 
 def test_transposed_copies_follow_the_weights_and_can_be_turned_off(dist1, monkeypatch):
-    model = build_model("tied_norm").eval()
+    model = fresh_model("tied_norm")  # its weight changes below: not the shared model
     layer = model.decoder.layers[0].mlp.linear_fc1
-    saved = layer.weight.detach().clone()  # build_model's models are shared: put the weight back
-    try:
-        _check_transposed_copies(model, layer, monkeypatch)
-    finally:
-        with torch.no_grad():
-            layer.weight.copy_(saved)
-
-
-def _check_transposed_copies(model, layer, monkeypatch):
     x = torch.randn(2, 1, layer.weight.shape[1])
     with torch.no_grad(), plain_linears(model):
         before = layer(x)[0]

@@ -6,7 +6,7 @@ import pytest
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.models.recompute import RecomputeConfig, recompute_units
-from tests.conftest import launch
+from tests.conftest import launch_grouped
 from tests.training_fixtures import tiny_run_flags
 
 # (granularity, method, num_layers, exit heads): every megatron-core setting, with units
@@ -117,8 +117,8 @@ def test_gradients_equal_without_recomputation(dist1, setting, exit_kwargs):
 
 
 @pytest.fixture(scope="module")
-def recompute_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_recompute", 2, launch_dir, env={"EE_TEST_DATA": corpus})
+def recompute_runs(request):
+    return launch_grouped("tests.multiproc.cases_recompute", request)
 
 
 @pytest.mark.multiproc
@@ -134,10 +134,10 @@ def test_parallel_gradients_equal_without_recomputation(recompute_runs, case):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_interleaved_pp2_v2_dp2_gradients_equal_without_recomputation(corpus, launch_dir):
+def test_interleaved_pp2_v2_dp2_gradients_equal_without_recomputation(request):
     """Interleaved pipeline (4 processes): each chunk recomputes its own layers (units by
     local index, the chunk's first layer whatever its number), exits on every chunk."""
-    runs = launch("tests.multiproc.cases_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus, "EE_TEST_OUT": launch_dir})
+    runs = launch_grouped("tests.multiproc.cases_interleaved", request)
     result = runs["case_pp2_v2_recomputation_equals_none"]
     assert result["ok"], result["error"]
     assert result["metrics"]["settings"] == 4

@@ -21,16 +21,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.training_fixtures import VOCAB, tiny_run_flags
+from tests.helpers import wait_until
+from tests.training_fixtures import VOCAB, run_training, tiny_run_flags
 
 QUIET = {"--eval-iters": 0}
-
-
-def run(argv):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import pretrain
-
-    return pretrain(parse_args(argv, world_size=1))
 
 
 def _fresh_process_env(**extra) -> dict:
@@ -47,7 +41,7 @@ def _inspect(path):
 def saved(dist1, corpus, tmp_path_factory):
     """A full checkpoint (weights, Adam, scheduler, RNG) of 2 iterations."""
     root = str(tmp_path_factory.mktemp("saved"))
-    run(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
+    run_training(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
     return root
 
 
@@ -122,7 +116,7 @@ def _load_paths(root, corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(launch, "serve", lambda *a, **k: pytest.fail("the server started on a planted checkpoint"))
     return {
-        "pretrain --load": lambda: run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--finetune": None})),
+        "pretrain --load": lambda: run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--finetune": None})),
         "load_model": lambda: load_model(root),
         "server": lambda: launch.main(["--load", root]),
         "export_llama": lambda: export_llama(root, str(tmp_path / "hf"), progress=False),
@@ -181,9 +175,9 @@ def test_planted_rng_state_is_refused_on_resume(dist1, corpus, tmp_path):
     with pytest.MonkeyPatch.context() as patch:  # the save pickles the payload (its __reduce__ runs nothing)
         patch.setattr(checkpointing, "_rng_state", lambda: ShardedObject("rng_state", RunsCode(marker), (1, 1, 1), (0, 0, 0),
                                                                          replica_id=0))
-        run(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
+        run_training(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
     with pytest.raises(CheckpointError, match=r"\(item rng_state\S*\): " + REFUSED["system"]):
-        run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
+        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
     assert not marker.exists()
 
 
@@ -215,7 +209,7 @@ def test_flipped_byte_is_named_by_every_reader(saved, corpus, tmp_path, damaged)
         f.write(bytes([byte[0] ^ 0x01]))
     expected = f"checkpoint {'shard' if damaged == 'shard' else 'file'} {file}: checksum mismatch (damaged)"
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
+        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
     assert str(err.value) == expected
     with pytest.raises(InferenceConfigError, match=f"^{expected}$".replace("(", r"\(").replace(")", r"\)")):
         load_model(root)
@@ -270,8 +264,9 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
 
     root, paused, tag = str(tmp_path / "ck"), tmp_path / "paused", f"EE_TEST_TAG={uuid.uuid4().hex}"
     flags = {"--save": root, "--save-interval": 2, **QUIET}
-    env = _fresh_process_env(EE_CHECKPOINT_TEST_PAUSE=f"{moment}:4:{paused}", EE_TEST_TAG=tag.split("=", 1)[1])
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py")] + tiny_run_flags(corpus, iters=6, **flags),
+    env = _fresh_process_env(EE_TEST_TAG=tag.split("=", 1)[1])
+    pause = [os.path.join(ROOT, "tests", "checkpoint_pause.py"), f"{moment}:4:{paused}"]  # the trainer, paused
+    proc = subprocess.Popen([sys.executable, *pause] + tiny_run_flags(corpus, iters=6, **flags),
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -282,17 +277,16 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
         assert _descendants(proc.pid) == set(), "the save runs helper processes"
         start = time.time()
         with pytest.raises(CheckpointError) as err:  # a second run on the same --save
-            run(tiny_run_flags(corpus, iters=6, **flags))
+            run_training(tiny_run_flags(corpus, iters=6, **flags))
         assert str(err.value).startswith(f"--save {root} is in use by another run (PID {proc.pid} on host {socket.gethostname()}")
         assert time.time() - start < 5
         os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as a user's kill -9 <PID>
         proc.wait()
-        time.sleep(1)
-        assert _tagged(tag) == [], "processes of the killed trainer are still running"
+        assert wait_until(lambda: _tagged(tag) == [], timeout=10), "processes of the killed trainer are still running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    resumed = run(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))  # the dead run's lock blocks nothing
+    resumed = run_training(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))  # the dead run's lock blocks nothing
     assert len(resumed.history) == 4
     assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
 
@@ -306,8 +300,8 @@ def _nan_from(monkeypatch, start, where="loss"):
 
     real = trainer.early_exit_loss
 
-    def loss(output, loss_mask, ee_config, iteration):
-        total, report = real(output, loss_mask, ee_config, iteration)
+    def loss(output, loss_mask, ee_config, iteration, **kwargs):
+        total, report = real(output, loss_mask, ee_config, iteration, **kwargs)
         if iteration >= start:
             if where == "loss":
                 total, report.lm_loss = total * float("nan"), report.lm_loss * float("nan")
@@ -325,7 +319,7 @@ def test_non_finite_stops_before_saving_and_keep_last_keeps_the_finite_one(dist1
     root = str(tmp_path / "ck")
     _nan_from(monkeypatch, 2, where)
     with pytest.raises(NonFiniteError) as err:
-        run(tiny_run_flags(corpus, iters=6, **QUIET, **{"--save": root, "--save-interval": 1, "--keep-last": 1}))
+        run_training(tiny_run_flags(corpus, iters=6, **QUIET, **{"--save": root, "--save-interval": 1, "--keep-last": 1}))
     text = str(err.value)
     assert text.startswith("iteration 3: lm loss is nan" if where == "loss" else "iteration 3: grad norm is nan"), text
     assert text.endswith(f"the latest checkpoint under --save {root} (iteration 2) is kept")
@@ -343,7 +337,7 @@ def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, cor
         dict(model.named_parameters())["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
     checkpointing.save_weights(str(tmp_path / "nan"), args, model)
     with pytest.raises(NonFiniteError, match=r"^iteration 1: lm loss is nan"):
-        run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": str(tmp_path / "nan"), "--finetune": None,
+        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": str(tmp_path / "nan"), "--finetune": None,
                                                         "--save": str(tmp_path / "out")}))
     assert os.listdir(tmp_path / "out") == []
 
@@ -373,7 +367,7 @@ def test_save_under_a_regular_file_is_named_at_once(dist1, corpus, tmp_path):
     (tmp_path / "file").write_text("")
     for target, blocker in ((tmp_path / "file" / "ck", tmp_path / "file"), (tmp_path / "file", tmp_path / "file")):
         with pytest.raises(CheckpointError, match=f"^--save {target}: {blocker} is a file, not a directory$"):
-            run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--save": str(target)}))
+            run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--save": str(target)}))
 
 
 @pytest.fixture
@@ -395,7 +389,7 @@ def test_read_only_save_dir_is_named_at_once(dist1, corpus, read_only_dir):
     from megatron.early_exit.checkpoint_reader import CheckpointError
 
     with pytest.raises(CheckpointError, match=rf"^--save {read_only_dir} is not writable \((Read-only file system|Permission denied)\)$"):
-        run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--save": str(read_only_dir)}))
+        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--save": str(read_only_dir)}))
 
 
 @pytest.mark.parametrize("vocab, expected", [
@@ -407,7 +401,7 @@ def test_load_with_another_vocabulary_is_refused(saved, corpus, vocab, expected)
     from megatron.early_exit.checkpoint_reader import CheckpointError
 
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": saved, "--vocab-size": vocab, "--finetune": None}))
+        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": saved, "--vocab-size": vocab, "--finetune": None}))
     assert str(err.value).splitlines() == ["the checkpoint does not match this model:"] + [f"  {line}" for line in expected]
 
 
@@ -415,9 +409,9 @@ def test_load_with_another_seq_length_and_learned_positions_is_refused(dist1, co
     from megatron.early_exit.checkpoint_reader import CheckpointError
 
     learned = {**QUIET, "--position-embedding-type": "learned_absolute", "--lr-warmup-iters": 1}
-    run(tiny_run_flags(corpus, iters=2, **learned, **{"--save": str(tmp_path)}))
+    run_training(tiny_run_flags(corpus, iters=2, **learned, **{"--save": str(tmp_path)}))
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=4, **learned, **{"--load": str(tmp_path), "--seq-length": 64}))
+        run_training(tiny_run_flags(corpus, iters=4, **learned, **{"--load": str(tmp_path), "--seq-length": 64}))
     assert str(err.value).splitlines()[1:] == [
         "  --max-position-embeddings: checkpoint 32, now 64 (the learned position embeddings; it defaults to --seq-length)"]
 
@@ -478,7 +472,7 @@ def test_no_space_left_during_a_save_is_one_line(dist1, corpus, tmp_path, monkey
     monkeypatch.setattr(filesystem_async, "_write_item", write)
     root = str(tmp_path / "ck")
     with pytest.raises(CheckpointError) as err:
-        run(tiny_run_flags(corpus, iters=3, **QUIET, **{"--save": root, "--save-interval": 1}))
+        run_training(tiny_run_flags(corpus, iters=3, **QUIET, **{"--save": root, "--save-interval": 1}))
     assert str(err.value) == (f"--save {root}: no space left on the device while saving iteration 2; the partial checkpoint "
                               "was removed, the previous checkpoints are kept")
     assert sorted(os.listdir(root)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
@@ -495,7 +489,7 @@ def test_a_really_full_file_system_is_one_line(dist1, corpus, tmp_path, size):
         pytest.skip("mounting a small file system needs root and permission to mount")
     try:
         with pytest.raises(CheckpointError, match=f"^--save {full}: no space left on the device while saving iteration 1;"):
-            run(tiny_run_flags(corpus, iters=1, **QUIET, **{"--save": str(full), "--lr-warmup-iters": 0}))
+            run_training(tiny_run_flags(corpus, iters=1, **QUIET, **{"--save": str(full), "--lr-warmup-iters": 0}))
         assert os.listdir(full) == []
     finally:
         subprocess.run(["umount", "--lazy", str(full)], check=True)  # the error's traceback may still hold a file open

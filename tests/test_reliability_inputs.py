@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_tokenizers_and_preprocess import (  # noqa: F401  (fixtures)
-    _documents, _run_cli, _write_jsonl, corpus_file, sp_model, tool,
-)
-from tests.training_fixtures import tiny_run_flags, write_corpus
+from tests.tokenizer_fixtures import documents, run_preprocess_cli, write_jsonl
+from tests.training_fixtures import run_training, tiny_run_flags, write_corpus
 
 PRETRAIN = os.path.join(ROOT, "pretrain_early_exit_gpt.py")
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
@@ -45,19 +43,22 @@ def small_corpus(tmp_path_factory):
     return write_corpus(str(tmp_path_factory.mktemp("small")), num_docs=200)
 
 
-def test_small_corpus_with_the_default_split_trains(small_corpus):
+def test_small_corpus_with_the_default_split_trains(dist1, small_corpus, capsys):
     """200 documents and --split 969,30,1: the test split gets none. Pretraining never reads it,
-    so the run trains, with --eval-iters 0 and with validation (which gets 6 documents)."""
+    so the run trains, with --eval-iters 0 and with validation (which gets 6 documents). In this
+    process: the command line's own errors are tested below."""
     for eval_iters in (0, 1):
         flags = tiny_run_flags(small_corpus, iters=4, **{"--split": False, "--eval-iters": eval_iters,
                                                          "--eval-interval": 4, "--log-interval": 1})
-        proc = pretrain_cli(flags)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "iteration        4/       4" in proc.stdout
-        assert ("validation loss at iteration 4" in proc.stdout) == (eval_iters > 0), proc.stdout
+        run_training(flags)
+        out = capsys.readouterr().out
+        assert "iteration        4/       4" in out
+        assert ("validation loss at iteration 4" in out) == (eval_iters > 0), out
 
 
-def test_a_used_split_without_documents_fails_at_once(small_corpus):
+def test_a_used_split_without_documents_fails_at_once(dist1, small_corpus):
+    from megatron.early_exit.errors import ConfigError
+
     start = time.monotonic()
     proc = pretrain_cli(tiny_run_flags(small_corpus, iters=4, **{"--split": "999,1,0", "--eval-iters": 1}), timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -65,8 +66,8 @@ def test_a_used_split_without_documents_fails_at_once(small_corpus):
         f"error: --split 999,1,0: the validation split of {small_corpus} gets no documents (train 200, validation 0, "
         "test 0 of 200); give it a larger share or --eval-iters 0")
     assert time.monotonic() - start < 120
-    proc = pretrain_cli(tiny_run_flags(small_corpus, iters=4, **{"--split": "0,1,0", "--eval-iters": 1}), timeout=120)
-    assert "error: --split 0,1,0: the train split of" in last_line(proc.stderr), proc.stderr[-3000:]
+    with pytest.raises(ConfigError, match="^--split 0,1,0: the train split of"):  # in this process: the same check
+        run_training(tiny_run_flags(small_corpus, iters=4, **{"--split": "0,1,0", "--eval-iters": 1}))
 
 
 # -- exit weights and training values ----------------------------------------------------------------
@@ -132,8 +133,8 @@ def test_bad_training_value_is_one_line_on_the_command_line():
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_preprocess_lone_surrogate_names_the_line(tmp_path, sp_model, workers):
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick fox"}, '{"text": "fox \\ud800 dog"}'])
-    proc = _run_cli("--input", corpus, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type",
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick fox"}, '{"text": "fox \\ud800 dog"}'])
+    proc = run_preprocess_cli("--input", corpus, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type",
                     "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", workers)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert last_line(proc.stderr) == (f"error: --input {corpus}, line 2: 'text': not valid Unicode (surrogates not "
@@ -142,7 +143,7 @@ def test_preprocess_lone_surrogate_names_the_line(tmp_path, sp_model, workers):
 
 
 def _null_corpus(path, num_docs: int, first: int = 1) -> str:
-    return _write_jsonl(path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)])
+    return write_jsonl(path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)])
 
 
 def _preprocess(corpus, prefix):
@@ -214,12 +215,12 @@ def test_preprocess_removes_only_leftovers_of_dead_runs_on_its_prefix(tmp_path):
     assert proc.stderr.count("left by an interrupted run") == 2
 
 
-def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(tool, capsys, tmp_path, monkeypatch):
+def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(preprocess_tool, capsys, tmp_path, monkeypatch):
     """Killed between renaming the new .bin and the new .idx: the old .idx must not stay beside
     the new .bin (training would read the new tokens with the old offsets)."""
     prefix = str(tmp_path / "corpus")
     final = prefix + "_text_document"
-    assert tool.main(_preprocess(_null_corpus(tmp_path / "a.jsonl", 30), prefix)[2:]) == 0
+    assert preprocess_tool.main(_preprocess(_null_corpus(tmp_path / "a.jsonl", 30), prefix)[2:]) == 0
     real_replace = os.replace
 
     def interrupted(src, dst):
@@ -227,14 +228,14 @@ def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(t
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(tool.os, "replace", interrupted)
-    assert tool.main(_preprocess(_null_corpus(tmp_path / "b.jsonl", 70, first=3), prefix)[2:]) == 130
+    monkeypatch.setattr(preprocess_tool.os, "replace", interrupted)
+    assert preprocess_tool.main(_preprocess(_null_corpus(tmp_path / "b.jsonl", 70, first=3), prefix)[2:]) == 130
     monkeypatch.undo()
     assert not os.path.exists(final + ".idx")  # the prefix is absent, not mixed
     assert _temporary_files(tmp_path) == []
-    assert tool.main(_preprocess(str(tmp_path / "b.jsonl"), prefix)[2:]) == 0
+    assert preprocess_tool.main(_preprocess(str(tmp_path / "b.jsonl"), prefix)[2:]) == 0
     capsys.readouterr()
-    assert len(_documents(final)) == 70
+    assert len(documents(final)) == 70
 
 
 # -- dataset files given to training -----------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The server's request limits, on a real server process (tests/test_server.py's tiny model
-and helpers): oversized bodies, content types, Host names, CORS, the error shape of
+"""The server's request limits, on a real server process (tests/server_fixtures.py's tiny model,
+the session's shared server): oversized bodies, content types, Host names, CORS, the error shape of
 Starlette's own errors, sampling values that overflowed, and fields a decoding would ignore.
 Every refused case is followed by a normal request, which must still succeed.
 """
@@ -11,9 +11,20 @@ import time
 
 import pytest
 
-from tests.test_server import MAX_BATCH, MAX_PROMPT, PROMPTS, checkpoint, client, put_api, server  # noqa: F401
+from tests.server_fixtures import MAX_BATCH, MAX_PROMPT, PROMPTS, put_api
 
 httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def server(shared_server):
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
 
 BIG = 52_000_000  # bytes
 

@@ -197,10 +197,15 @@ def case_pp2():
     return _parallel_vs_single(1, 2)
 
 
+@pytest.fixture(scope="module")
+def scoring_runs(request):
+    from tests.conftest import launch_grouped
+
+    return launch_grouped("tests.test_scoring", request)
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", ["case_tp2", "case_pp2"])
-def test_parallel_scoring_equals_single_process(case, launch_dir):
-    from tests.conftest import launch
-
-    result = launch("tests.test_scoring", 2, launch_dir)[case]
+def test_parallel_scoring_equals_single_process(case, scoring_runs):
+    result = scoring_runs[case]
     assert result["ok"], result["error"]

@@ -7,7 +7,6 @@ mixes early and full-depth tokens, which the early-exit tests check before compa
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,68 +15,48 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
-CLI = os.path.join(ROOT, "tools", "text_generation_cli.py")
-NUM_LAYERS, EXITS, MAX_SEQ, VOCAB, EOD = 4, [1, 2], 64, 100, 99
-MAX_BATCH, MAX_PROMPT = 8, 40
-PROMPTS = ["5 17 3", "40 2 77 13 8 61 9 30", "11 12 13 14 15"]
-MIXED_THRESHOLD = 0.16  # some tokens leave early, some go to full depth (checked)
-
-from tests.server_fixtures import Server  # noqa: E402
+from tests.server_fixtures import (
+    CLI,
+    EOD,
+    EXITS,
+    MAX_BATCH,
+    MAX_PROMPT,
+    MAX_SEQ,
+    MIXED_THRESHOLD,
+    NUM_LAYERS,
+    PROMPTS,
+    VOCAB,
+    Server,
+    ids,
+    put_api,
+)
 
 httpx = pytest.importorskip("httpx")
 
 
-# -- fixtures: a checkpoint, the engine on it, servers on it ---------------------------------------
-
-
-def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
-    from megatron.early_exit.training.trainer import build_model
-
-    args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(seq_length),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
-    ], world_size=1)
-    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+# -- fixtures: the session's checkpoint, the engine on it, its server -------------------------------
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dist1, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("server_ckpt"))
-    write_checkpoint(root)
-    return root
+def checkpoint(server_checkpoint):
+    return server_checkpoint
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    srv = Server(checkpoint, str(tmp_path_factory.mktemp("server_log") / "server.log"))
-    yield srv
-    srv.stop()
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint, server):
+def engine(server, server_engine):
     """The model and tokenizer in this process (loaded while the server starts)."""
-    from megatron.early_exit.inference.loading import load_model
-
-    model, tokenizer, _ = load_model(checkpoint)
-    return model, tokenizer
+    return server_engine
 
 
 @pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def ids(text):
-    return [int(t) for t in text.split()]
 
 
 def direct(engine, prompts, strategy=None, max_new_tokens=8, sampling=None):
@@ -93,12 +72,6 @@ def continuation(tokenizer, prompt, tokens):
     tokens = tokens[:-1] if tokens and tokens[-1] == EOD else tokens
     head = tokenizer.detokenize(ids(prompt))
     return tokenizer.detokenize(ids(prompt) + tokens)[len(head):]
-
-
-def put_api(client, **body):
-    reply = client.put("/api", json=body)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
 
 
 def generated(reply, prompts):
@@ -493,6 +466,7 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
     assert srv.proc.returncode is not None
 
 
+@pytest.mark.slow  # make test: the TP=2 server above, and pipeline decoding in multiproc/cases_inference_pipeline
 @pytest.mark.multiproc
 def test_pp2_server_broadcasts_to_both_stages(checkpoint, engine, tmp_path):
     """Two pipeline stages behind one server (pipeline-based early exit)."""

@@ -2,8 +2,8 @@
 remote tokenizer, OpenAI's completions and chat clients, Megatron-LM's and EE-LLM's PUT /api
 and Megatron-LM's CLI; against score() and generate() on the same checkpoint in this process.
 
-One server process (the tiny checkpoint of tests/test_server.py, a chat template file,
-NullTokenizer: text is token ids).
+The session's shared server process (tests/server_fixtures.py's tiny checkpoint, a chat
+template file, NullTokenizer: text is token ids).
 """
 
 import json
@@ -11,36 +11,18 @@ import math
 
 import pytest
 
-from tests.test_server import EOD, EXITS, MAX_BATCH, NUM_LAYERS, PROMPTS, Server, ids, put_api, write_checkpoint
+from tests.server_fixtures import EOD, EXITS, MAX_BATCH, NUM_LAYERS, PROMPTS, ids, put_api
 
 httpx = pytest.importorskip("httpx")
 
-# A chat template over token-id text: each message's content, then the generation prompt.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}1 {% endif %}"
+@pytest.fixture(scope="module")
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dist1, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("clients_ckpt"))
-    write_checkpoint(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clients_server")
-    (folder / "chat.jinja").write_text(CHAT_TEMPLATE)
-    srv = Server(checkpoint, str(folder / "server.log"), extra=["--chat-template", str(folder / "chat.jinja")])
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint, server):
-    from megatron.early_exit.inference.loading import load_model
-
-    model, tokenizer, _ = load_model(checkpoint)
-    return model, tokenizer
+def engine(server, server_engine):
+    return server_engine
 
 
 @pytest.fixture(scope="module")

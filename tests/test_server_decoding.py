@@ -1,24 +1,20 @@
 """Decoding additions the server stands on: top-N alternatives per generated token, the
 per-step token callback, and tokens banned after a given token (prevent_newline_after_colon).
 
-One tiny random checkpoint (tests/test_server.py's), loaded in this process."""
+One tiny random checkpoint (tests/server_fixtures.py's), loaded in this process."""
 
 import math
 
 import pytest
 
-from tests.test_server import EOD, EXITS, NUM_LAYERS, write_checkpoint
+from tests.server_fixtures import EOD, EXITS, NUM_LAYERS
 
 PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
 
 
 @pytest.fixture(scope="module")
-def model(dist1, tmp_path_factory):
-    from megatron.early_exit.inference.loading import load_model
-
-    root = str(tmp_path_factory.mktemp("decoding_ckpt"))
-    write_checkpoint(root)
-    return load_model(root)[0]
+def model(server_engine):
+    return server_engine[0]
 
 
 def strategies():

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_server import EOD, EXITS, NUM_LAYERS, write_checkpoint
+from tests.server_fixtures import EOD, EXITS, NUM_LAYERS, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
 

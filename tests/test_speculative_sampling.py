@@ -7,7 +7,7 @@ import torch
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.inference import FullDepth, SelfSpeculative, generate
-from megatron.early_exit.inference.generate import inference_context
+from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.inference.speculative import accept_sampled, sampling_probs
 from tests.helpers import build_ee_gpt, tiny_transformer_config

@@ -20,39 +20,19 @@ import torch
 
 from megatron.early_exit.config import EarlyExitConfig
 from tests.conftest import ROOT
-from tests.helpers import build_ee_gpt, ee_loss_and_grads, make_batch, tiny_transformer_config
-from tests.test_model import HEADS
+from tests.helpers import (
+    HEADS,
+    build_ee_gpt,
+    ee_loss_and_grads,
+    local_names,
+    make_batch,
+    spread_vectors,
+    te_names,
+    tiny_transformer_config,
+)
 from tests.training_fixtures import VOCAB, tiny_run_flags
 
-# Local parameter names -> the TE layout's (what megatron-core's local spec maps in checkpoints).
-_RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"), ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 NORMS = {"rms": dict(normalization="RMSNorm"), "layernorm_bias": dict(normalization="LayerNorm", add_bias_linear=True)}
-
-
-def _renamed(state: dict, to_te: bool) -> dict:
-    out = {}
-    for name, value in state.items():
-        for local, te in _RENAMES:
-            name = name.replace(local, te) if to_te else name.replace(te, local)
-        out[name] = value
-    return out
-
-
-def te_names(state: dict) -> dict:
-    return _renamed(state, to_te=True)
-
-
-def local_names(state: dict) -> dict:
-    return _renamed(state, to_te=False)
-
-
-@torch.no_grad()
-def spread_vectors(model, seed=1):
-    """Norm weights (and biases) away from their construction values."""
-    g = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.ndim == 1:
-            param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
 
 
 def build_pair(ee_config, tied=True, seq_length=16, **config):
@@ -243,7 +223,7 @@ def test_hugging_face_round_trip_across_layouts(dist1, tmp_path, exported, impor
     from megatron.early_exit.hf.add_exits import add_exits
     from megatron.early_exit.hf.convert import export_llama, import_llama
     from megatron.early_exit.inference.loading import load_model
-    from tests.test_hf import batch, save_random_llama
+    from tests.hf_fixtures import batch, save_random_llama
 
     save_random_llama(tmp_path / "hf", seed=5, num_key_value_heads=2)
     import_llama(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
@@ -260,7 +240,7 @@ def test_hugging_face_round_trip_across_layouts(dist1, tmp_path, exported, impor
 
 def _inference_pair(variant):
     """test_inference's model (wide weights, GQA, untied output), norms spread, in both layouts."""
-    from tests.test_inference import NUM_LAYERS, VARIANTS
+    from tests.inference_models import NUM_LAYERS, VARIANTS
 
     nums, flags = VARIANTS[variant]
     config = dict(num_layers=NUM_LAYERS, num_query_groups=2, init_method_std=0.3)
@@ -283,7 +263,7 @@ DECODING = [  # variant, strategy
 @pytest.mark.parametrize("variant,strategy", DECODING, ids=[f"{v}-{'-'.join(map(str, s))}" for v, s in DECODING])
 def test_decoding_gives_the_same_tokens_in_both_layouts(dist1, variant, strategy):
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
-    from tests.test_inference import NUM_LAYERS, PROMPTS
+    from tests.inference_models import NUM_LAYERS, PROMPTS
 
     kind, *params = strategy
     chosen = {"full": FullDepth, "early_exit": EarlyExit, "self_speculative": SelfSpeculative}[kind](*params)

@@ -1,17 +1,14 @@
 """Tokenizers (every --tokenizer-type, their errors) and tools/preprocess_data.py.
 
-Tokenizer files are made here from a small generated corpus with the same libraries users
-train with, so the tests need no download. The preprocessing tool runs in a subprocess where
+Tokenizer files are made from a small generated corpus (tests/tokenizer_fixtures.py) with
+the same libraries users train with, so the tests need no download. The preprocessing tool runs in a subprocess where
 the command line itself is under test, and in-process (through its `main`) elsewhere, since
 every new process pays megatron-core's import time.
 """
 
-import importlib.util
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy
 import pytest
@@ -27,40 +24,7 @@ from megatron.early_exit.tokenizers import (
     build_tokenizer,
     train_sentencepiece,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tools", "preprocess_data.py")
-
-WORDS = (
-    "the quick brown fox jumps over lazy dog early exit layer token model data train "
-    "pipeline tensor parallel über naïve café 数据 42 3.14"
-).split()
-
-# Text with what tokenizers tend to lose: repeated spaces, a newline, a tab, characters
-# never seen in training, and an emoji.
-HARD_TEXT = "the  quick fox\njumps\tover ZZZ qqq \u00e9t\u00e9 \U0001F389 end"
-
-
-def _sentences(n: int, seed: int = 0) -> list[str]:
-    """Sentences of WORDS and of made-up words (enough distinct pieces to fill a vocabulary)."""
-    rng = random.Random(seed)
-    made_up = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
-               for _ in range(300)]
-    words = WORDS * 10 + made_up
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(_sentences(2000)) + "\n", encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def sp_model(corpus_file, tmp_path_factory) -> str:
-    prefix = tmp_path_factory.mktemp("sp") / "tok"
-    return train_sentencepiece(corpus_file, str(prefix), vocab_size=500)
+from tests.tokenizer_fixtures import HARD_TEXT, documents, run_preprocess_cli, sentences, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -287,55 +251,22 @@ def test_bad_tokenizer_input(case, pattern, tmp_path, sp_model, gpt2_files, hf_d
 # ----------------------------------------------------------------------------- preprocess_data.py
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tool():
-    return _load_tool()
-
-
-def _write_jsonl(path, records) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
-    return str(path)
-
-
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def _outputs(directory) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def _documents(prefix: str) -> list[list[int]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    return [dataset[i].tolist() for i in range(len(dataset))]
-
-
 def test_cli_round_trip_two_keys_two_workers(tmp_path, sp_model):
     """Every document comes back as tokenize(text) + [eod], in input order, for both keys."""
-    texts = _sentences(300, seed=1) + [HARD_TEXT]
+    texts = sentences(300, seed=1) + [HARD_TEXT]
     records = [{"text": t, "title": f"title {i}", "other": [1, 2]} for i, t in enumerate(texts)]
     records.insert(7, {"text": "", "title": "empty text"})  # empty document: skipped for "text"
     records.insert(9, "")  # blank line: skipped
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", records)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
     out = tmp_path / "out"
     out.mkdir()
     prefix = str(out / "corpus")
 
-    proc = _run_cli("--input", corpus, "--output-prefix", prefix, "--json-keys", "text", "title",
+    proc = run_preprocess_cli("--input", corpus, "--output-prefix", prefix, "--json-keys", "text", "title",
                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
                     "--append-eod", "--workers", "2", "--log-interval", "100")
 
@@ -343,23 +274,23 @@ def test_cli_round_trip_two_keys_two_workers(tmp_path, sp_model):
     assert _outputs(out) == ["corpus_text_document.bin", "corpus_text_document.idx",
                              "corpus_title_document.bin", "corpus_title_document.idx"]
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
-    assert _documents(prefix + "_text_document") == [tok.tokenize(t) + [tok.eod] for t in texts]
+    assert documents(prefix + "_text_document") == [tok.tokenize(t) + [tok.eod] for t in texts]
     titles = [r["title"] for r in records if r]
     assert titles[7] == "empty text"
-    assert _documents(prefix + "_title_document") == [tok.tokenize(t) + [tok.eod] for t in titles]
+    assert documents(prefix + "_title_document") == [tok.tokenize(t) + [tok.eod] for t in titles]
     assert "processed 300 documents" in proc.stderr and "docs/s" in proc.stderr and "MB/s" in proc.stderr
     assert f"done: {len(texts) + 1} documents" in proc.stdout
     assert "1 empty skipped" in proc.stdout and "1 blank lines skipped" in proc.stdout
 
 
 def test_cli_malformed_line_fails_and_leaves_nothing(tmp_path, sp_model):
-    records = [{"text": t} for t in _sentences(200, seed=2)]
+    records = [{"text": t} for t in sentences(200, seed=2)]
     records.insert(150, '{"text": "unterminated')
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", records)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
     out = tmp_path / "out"
     out.mkdir()
 
-    proc = _run_cli("--input", corpus, "--output-prefix", str(out / "corpus"), "--tokenizer-type",
+    proc = run_preprocess_cli("--input", corpus, "--output-prefix", str(out / "corpus"), "--tokenizer-type",
                     "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", "2")
 
     assert proc.returncode == 1
@@ -385,11 +316,11 @@ def _main_in_process(tool, capsys, *args: str) -> tuple[int, str, str]:
         ([{"text": "a"}, "[1, 2]"], "line 2: expected a JSON object, got list"),
     ],
 )
-def test_preprocess_bad_corpus_leaves_nothing(tool, capsys, tmp_path, sp_model, lines, message):
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", lines)
+def test_preprocess_bad_corpus_leaves_nothing(preprocess_tool, capsys, tmp_path, sp_model, lines, message):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", lines)
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = _main_in_process(tool, capsys, "--input", corpus, "--output-prefix", str(out / "c"),
+    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus, "--output-prefix", str(out / "c"),
                                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model)
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(f"error: --input {corpus}")
@@ -397,35 +328,38 @@ def test_preprocess_bad_corpus_leaves_nothing(tool, capsys, tmp_path, sp_model, 
     assert _outputs(out) == []
 
 
-def test_preprocess_bad_flags(tool, capsys, tmp_path, sp_model):
-    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
-    code, _, err = _main_in_process(tool, capsys, "--input", str(tmp_path / "missing.jsonl"), "--output-prefix",
+def test_preprocess_bad_flags(preprocess_tool, capsys, tmp_path, sp_model):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
+    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", str(tmp_path / "missing.jsonl"),
+                                    "--output-prefix",
                                     str(tmp_path / "c"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "10")
     assert code == 1 and f"error: --input {tmp_path / 'missing.jsonl'}: no such file" in err
-    code, _, err = _main_in_process(tool, capsys, "--input", corpus, "--output-prefix", str(tmp_path / "no" / "c"),
+    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus,
+                                    "--output-prefix", str(tmp_path / "no" / "c"),
                                     "--tokenizer-type", "NullTokenizer", "--vocab-size", "10")
     assert code == 1 and "error: --output-prefix" in err and "does not exist" in err
-    code, _, err = _main_in_process(tool, capsys, "--input", corpus, "--output-prefix", str(tmp_path / "c"),
+    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus, "--output-prefix", str(tmp_path / "c"),
                                     "--tokenizer-type", "SentencePieceTokenizer")
     assert code == 1 and "needs --tokenizer-model" in err
     assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
 
 
-def test_preprocess_null_tokenizer_picks_wide_dtype(tool, capsys, tmp_path):
+def test_preprocess_null_tokenizer_picks_wide_dtype(preprocess_tool, capsys, tmp_path):
     """A vocabulary past uint16 is stored as int32, ids intact; a bad id names its line."""
-    corpus = _write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 69999"}, {"text": "65536  7"}])
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 69999"}, {"text": "65536  7"}])
     prefix = str(tmp_path / "ids")
     args = ["--input", corpus, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
             "--vocab-size", "70000", "--append-eod"]
-    code, out, _ = _main_in_process(tool, capsys, *args)
+    code, out, _ = _main_in_process(preprocess_tool, capsys, *args)
     assert code == 0
-    assert _documents(prefix + "_text_document") == [[1, 2, 69999, 69999], [65536, 7, 69999]]
+    assert documents(prefix + "_text_document") == [[1, 2, 69999, 69999], [65536, 7, 69999]]
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     assert IndexedDataset(prefix + "_text_document").index.dtype == numpy.int32
     assert "(int32)" in out
 
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "1 2"}, {"text": "1 two"}])
-    code, _, err = _main_in_process(tool, capsys, *args[:1], bad, *args[2:3], str(tmp_path / "bad"), *args[4:])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "1 2"}, {"text": "1 two"}])
+    code, _, err = _main_in_process(preprocess_tool, capsys, *args[:1], bad, *args[2:3], str(tmp_path / "bad"),
+                                    *args[4:])
     assert code == 1 and "line 2: 'text': NullTokenizer: 'two' is not an integer token id" in err
     assert not any(name.startswith("bad_") for name in os.listdir(tmp_path))

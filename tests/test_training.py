@@ -7,15 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch
-from tests.training_fixtures import tiny_run_flags, write_corpus
-
-
-def run(argv):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import pretrain
-
-    return pretrain(parse_args(argv, world_size=1))
+from tests.conftest import ROOT, launch_grouped
+from tests.training_fixtures import run_training, tiny_run_flags, write_corpus
 
 
 def loss_keys(entry):
@@ -23,7 +16,7 @@ def loss_keys(entry):
 
 
 def test_thirty_iterations_losses_fall(dist1, corpus):
-    state = run(tiny_run_flags(corpus, iters=30))
+    state = run_training(tiny_run_flags(corpus, iters=30))
     first, last = state.history[0], state.history[-1]
     assert loss_keys(first) == ["lm loss", "early loss [1]", "early loss [2]"]
     for key in loss_keys(first):
@@ -33,8 +26,8 @@ def test_thirty_iterations_losses_fall(dist1, corpus):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(corpus, launch_dir):
-    return launch("tests.multiproc.cases_training", 2, launch_dir, env={"EE_TEST_DATA": corpus})
+def two_process_runs(request):
+    return launch_grouped("tests.multiproc.cases_training", request)
 
 
 def _assert_same_history(got, expected, tol=1e-5):
@@ -59,7 +52,7 @@ def _assert_same_history(got, expected, tol=1e-5):
 def test_two_processes_equal_one(dist1, corpus, two_process_runs, case, flags):
     result = two_process_runs[case]
     assert result["ok"], result["error"]
-    reference = run(tiny_run_flags(corpus, iters=6, **flags))
+    reference = run_training(tiny_run_flags(corpus, iters=6, **flags))
     _assert_same_history(result["metrics"]["history"], reference.history)
     _assert_same_history(result["metrics"]["validation"], reference.validation)
 
@@ -77,12 +70,12 @@ def test_blend_of_two_data_paths(dist1, corpus, tmp_path):
     counts = [int((train.dataset_index == i).sum()) for i in range(2)]
     assert len(train.datasets) == 2 and min(counts) > 0
     assert abs(counts[1] / sum(counts) - 0.7) < 0.1
-    state = run(argv)
+    state = run_training(argv)
     assert len(state.history) == 4
 
 
 def test_mock_data_needs_no_files(dist1):
-    state = run(tiny_run_flags(None, iters=3, **{"--mock-data": None, "--tokenizer-type": False, "--vocab-size": False}))
+    state = run_training(tiny_run_flags(None, iters=3, **{"--mock-data": None, "--tokenizer-type": False, "--vocab-size": False}))
     assert len(state.history) == 3 and state.history[-1]["lm loss"] > 0
 
 
@@ -111,23 +104,26 @@ def test_bad_flags_are_named(corpus, overrides, message):
         parse_args(tiny_run_flags(corpus, **overrides), world_size=1)
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from megatron.early_exit.training.arguments import parse_args
+
     script = os.path.join(ROOT, "pretrain_early_exit_gpt.py")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, script, *tiny_run_flags(str(tmp_path / "missing"))], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == f"error: --data-path: {tmp_path / 'missing'}.bin does not exist (run tools/preprocess_data.py first)"
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, script, *tiny_run_flags(None), "--no-such-flag"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
+    with pytest.raises(SystemExit) as exited:  # argparse's own error, in this process
+        parse_args([*tiny_run_flags(None), "--no-such-flag"], world_size=1)
+    assert exited.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_exit_tuning_trains_only_exits(dist1, corpus):
     from megatron.early_exit.sharding import full_state_dict
 
-    initial = run(tiny_run_flags(corpus, iters=1, **{"--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0}))
+    initial = run_training(tiny_run_flags(corpus, iters=1, **{"--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0}))
     before = full_state_dict(initial.model.module)
-    tuned = run(tiny_run_flags(corpus, iters=3, **{"--tune-exit": None, "--untie-exit-output-weights": None}))
+    tuned = run_training(tiny_run_flags(corpus, iters=3, **{"--tune-exit": None, "--untie-exit-output-weights": None}))
     after = full_state_dict(tuned.model.module)
     assert "lm loss" not in tuned.history[-1]  # the final head is not even run
     for name in before:

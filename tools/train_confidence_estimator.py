@@ -49,7 +49,7 @@ def main(argv=None):
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     from megatron.early_exit.evaluation.perplexity import read_windows
-    from megatron.early_exit.inference.learned_confidence import collect, evaluate, fit
+    from megatron.early_exit.confidence_training import collect, evaluate, fit
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 

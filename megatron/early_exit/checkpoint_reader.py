@@ -361,6 +361,18 @@ def read_common(path: str) -> dict:
     return _read_checked(source, lambda: torch_load(source, source), dict, "a dict", "cannot be read")
 
 
+def read_args(root: str, iteration: Optional[int] = None) -> dict:
+    """The flags stored with the latest (or the given) checkpoint under `root` (for
+    --use-checkpoint-args), its tokenizer files found where the checkpoint is now (it may
+    have been moved)."""
+    path = resolve(root, iteration, checksums=False)  # the load reads the checksums
+    flags = dict(read_common(path)["args"])
+    tokenizer = read_model_config(path).tokenizer
+    flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
+                 merge_file=tokenizer.merge_file, vocab_size=tokenizer.vocab_size)
+    return flags
+
+
 def _model_state(model, skip_exits) -> Tuple[dict, dict, tuple]:
     """(full sharded model state, the part to read, prefixes of exits not to read)."""
     full = model_sharded_state(model)

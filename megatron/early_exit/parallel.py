@@ -164,8 +164,8 @@ def _destroy_subgroups() -> None:
     gloo group keeps its own threads, and megatron-core creates dozens per layout."""
     from torch.distributed import distributed_c10d
 
-    default = distributed_c10d._get_default_group()
-    for group in list(distributed_c10d._world.pg_map):
+    default = torch.distributed.group.WORLD
+    for group in list(distributed_c10d._world.pg_map):  # no public listing (private_api.py)
         if group is not default:
             torch.distributed.destroy_process_group(group)
 

@@ -2,8 +2,8 @@
 computes on one process: final logits and every exit's logits.
 
 The checkpoint (converted with --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2,
-with exits added) and the one-process reference come from tests/test_hf.py through
-EE_HF_CHECKPOINT and EE_HF_REFERENCE.
+with exits added) and the one-process reference come from conftest.hf_tp2_pp2_inputs (test_hf.py)
+or test_hf_families.py through EE_HF_CHECKPOINT and EE_HF_REFERENCE.
 """
 
 import os
@@ -11,7 +11,7 @@ import os
 import torch
 
 from megatron.core import parallel_state
-from megatron.early_exit.training.checkpointing import stored_args
+from megatron.early_exit.training.arguments import stored_args
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.training import checkpointing

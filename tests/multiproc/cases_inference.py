@@ -84,7 +84,7 @@ def case_checkpoint_saved_at_tp1_decodes_at_tp2():
     import tempfile
 
     from megatron.early_exit.inference.loading import load_model
-    from tests.test_inference_api import save_tiny_checkpoint
+    from tests.inference_models import save_tiny_checkpoint
 
     initialize_parallel(1, 1, seed=3)
     root = [tempfile.mkdtemp(prefix="ee_inference_ckpt_") if torch.distributed.get_rank() == 0 else None]

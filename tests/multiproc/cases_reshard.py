@@ -12,7 +12,7 @@ from megatron.early_exit.training.trainer import pretrain
 from tests.training_fixtures import tiny_run_flags
 
 DATA = os.environ.get("EE_TEST_DATA")
-ROOT = os.environ.get("EE_RESHARD_DIR")
+ROOT = os.environ.get("EE_TEST_OUT")  # conftest.reshard_inputs wrote the TP=1 checkpoint here
 # Untied output layer, tied exits on both stages: stage 2's exits use its own copy of
 # the word embedding, saved as a replica of stage 1's.
 FLAGS = {"--num-layers": 4, "--exit-layer-nums": "1 3", "--untie-embeddings-and-output-weights": None,

@@ -10,7 +10,7 @@ from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.sharding import full_state_dict
 from tests.helpers import load_full_state_dict
 from tests.helpers import build_ee_gpt, ee_loss_and_grads, make_batch, max_abs_diff, tiny_transformer_config
-from tests.test_te_layout import local_names, spread_vectors, te_names
+from tests.helpers import local_names, spread_vectors, te_names
 
 
 def _standin_tp2_vs_local_tp1(sequence_parallel, tied_model=True, **exit_kwargs):

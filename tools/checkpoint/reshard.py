@@ -51,7 +51,8 @@ def parse(argv=None):
 
 def target_args(a):
     """The stored training flags, re-laid out for the target (no data needed)."""
-    from megatron.early_exit.training.checkpointing import resolve, stored_args
+    from megatron.early_exit.checkpoint_reader import resolve
+    from megatron.early_exit.training.arguments import stored_args
 
     args = stored_args(resolve(a.load, a.load_iteration), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
     args.load, args.save, args.load_iteration = a.load, a.save, a.load_iteration

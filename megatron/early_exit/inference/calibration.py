@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from megatron.early_exit.inference.confidence import ExitView
+from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.decoder import Decoder
-from megatron.early_exit.inference.generate import generate, inference_context
+from megatron.early_exit.inference.generate import generate
 from megatron.early_exit.inference.result import GenerationResult
 from megatron.early_exit.inference.strategies import FullDepth
 

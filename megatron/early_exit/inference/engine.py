@@ -32,9 +32,9 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.generate import inference_context
 from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
 from megatron.early_exit.inference.sampling import SamplingParams, select_tokens, top_alternatives

@@ -11,17 +11,16 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
+from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.decode import decode_one_token, decode_tokens, prefill  # noqa: F401 -- the loop's parts
 from megatron.early_exit.inference.decoder import Decoder
 from megatron.early_exit.inference.errors import InferenceConfigError
-from megatron.early_exit.inference.plain_linears import plain_linears
-from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.pipeline import pipeline_generate
+from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.result import GenerationResult, TokenCallback, Transcript, clock
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.inference.strategies import FullDepth
@@ -84,23 +83,4 @@ def validate_prompts(model, prompts, max_new_tokens: int, top_n: int = 0) -> Lis
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     return check_prompts(prompts, max_new_tokens, model.vocab_size, model.max_sequence_length)
-
-
-@contextmanager
-def inference_context(model):
-    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards.
-
-    The fused bias-dropout-add is a torch.compile'd function that recompiles for every
-    new decode shape (batch and chunk widths change each step); at inference, with no
-    dropout, the unfused one computes the same sum. At TP=1 the tensor-parallel linears
-    run as plain F.linear calls (plain_linears.py)."""
-    was_training, fused = model.training, model.config.bias_dropout_fusion
-    model.eval()
-    model.config.bias_dropout_fusion = False
-    try:
-        with torch.no_grad(), plain_linears(model):
-            yield
-    finally:
-        model.train(was_training)
-        model.config.bias_dropout_fusion = fused
 

@@ -221,6 +221,32 @@ def final_logits(model, hidden: Tensor) -> Tensor:
     return mask_padded_vocab(model, gather_vocab(logits))
 
 
+def scoring_vocab_size(model, vocab_size: Optional[int] = None) -> int:
+    """Ids below this are real tokens: `vocab_size` when given, else the size of the tokenizer
+    the model's description names (built once, remembered on the model), else the (padded)
+    embedding size."""
+    if vocab_size is None:
+        vocab_size = getattr(model, "tokenizer_vocab_size", None)
+    if vocab_size is None:
+        vocab_size = _described_tokenizer_vocab(model)
+        model.tokenizer_vocab_size = vocab_size or model.vocab_size
+    return min(int(vocab_size), model.vocab_size) if vocab_size else model.vocab_size
+
+
+def _described_tokenizer_vocab(model) -> Optional[int]:
+    tokenizer = getattr(getattr(model, "model_config", None), "tokenizer", None)
+    if tokenizer is None or tokenizer.type is None:
+        return None
+    if tokenizer.vocab_size is not None:  # NullTokenizer: the size is the description
+        return int(tokenizer.vocab_size)
+    from megatron.early_exit.errors import EarlyExitError
+
+    try:
+        return tokenizer.build().vocab_size
+    except (EarlyExitError, OSError):  # files moved since loading: score over the whole embedding
+        return None
+
+
 PADDED_LOGIT = -1e30  # exp() gives exactly 0, yet finite: p * log p stays 0 in an entropy
 
 
@@ -228,8 +254,6 @@ def mask_padded_vocab(model, logits: Tensor) -> Tensor:
     """Rows the embedding holds only as padding (ids >= the tokenizer's vocabulary) get a
     logit no strategy can pick, sample or count as confidence: every decoded token and
     every exit test reads its logits from here."""
-    from megatron.early_exit.inference.scoring import scoring_vocab_size
-
     real = scoring_vocab_size(model)
     if real >= logits.shape[-1]:
         return logits

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.layers import scoring_vocab_size
 
 
 @dataclass
@@ -36,32 +37,6 @@ class ScoreResult:
     def sum_logprobs(self, index: int, start: int = 0) -> float:
         """log p(seq[start+1:] | seq[:start+1]) of sequence `index`."""
         return float(sum(self.logprobs[index][start:]))
-
-
-def scoring_vocab_size(model, vocab_size: Optional[int] = None) -> int:
-    """Ids below this are real tokens: `vocab_size` when given, else the size of the tokenizer
-    the model's description names (built once, remembered on the model), else the (padded)
-    embedding size."""
-    if vocab_size is None:
-        vocab_size = getattr(model, "tokenizer_vocab_size", None)
-    if vocab_size is None:
-        vocab_size = _described_tokenizer_vocab(model)
-        model.tokenizer_vocab_size = vocab_size or model.vocab_size
-    return min(int(vocab_size), model.vocab_size) if vocab_size else model.vocab_size
-
-
-def _described_tokenizer_vocab(model) -> Optional[int]:
-    tokenizer = getattr(getattr(model, "model_config", None), "tokenizer", None)
-    if tokenizer is None or tokenizer.type is None:
-        return None
-    if tokenizer.vocab_size is not None:  # NullTokenizer: the size is the description
-        return int(tokenizer.vocab_size)
-    from megatron.early_exit.errors import EarlyExitError
-
-    try:
-        return tokenizer.build().vocab_size
-    except (EarlyExitError, OSError):  # files moved since loading: score over the whole embedding
-        return None
 
 
 def resolve_exit_layer(model, exit_layer: Optional[int]) -> int:
@@ -113,7 +88,7 @@ def score_layers(model, sequences: Sequence[Sequence[int]], layers: Sequence[Opt
                  batch_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[int, ScoreResult]:
     """score() under several heads at once ({layer: result}): one forward pass per batch
     feeds every head (an evaluation comparing exits runs the backbone once)."""
-    from megatron.early_exit.inference.generate import inference_context
+    from megatron.early_exit.inference.context import inference_context
 
     layers = sorted({resolve_exit_layer(model, layer) for layer in layers})
     if not layers:

@@ -284,7 +284,7 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
         return
     if not known.load:
         raise ConfigError("--use-checkpoint-args needs --load")
-    from megatron.early_exit.training.checkpointing import read_args
+    from megatron.early_exit.checkpoint_reader import read_args
 
     saved = read_args(known.load, known.load_iteration or None)
     # The checkpoint's value, before validation filled derived defaults, is what it was trained with.
@@ -296,6 +296,27 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
     for action in parser._actions:
         if action.dest in values:
             action.required = False
+
+
+def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    """The training flags saved with the checkpoint at `path`, defaults filled for newer
+    flags, re-laid out for these TP and PP sizes (no sequence parallelism): a namespace
+    for tools that rebuild a training run (reshard)."""
+    from megatron.early_exit.checkpoint_reader import CheckpointError, read_common
+
+    saved = read_common(path)["args"]
+    args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
+    vars(args).update(saved)
+    args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
+    args.tensor_model_parallel_size = tensor_model_parallel_size
+    if args.tune_exit_pipeline_parallel_size is not None:  # its flags describe the whole model, its weights the first stages
+        raise CheckpointError(f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
+                              f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
+                              "the whole model with tools/checkpoint/add_exits.py --exits-from first")
+    args.pipeline_model_parallel_size = pipeline_model_parallel_size
+    args.sequence_parallel = False
+    args.transformer_impl = None  # the layer modules follow the device the run is on
+    return args
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:

@@ -47,11 +47,6 @@ CHECKPOINT_VERSION = 2
 # The distributed optimizer's state in a layout-independent form, so that a checkpoint
 # reshards across TP/PP/DP like the model does.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
-# Test hook: EE_CHECKPOINT_TEST_PAUSE="<moment>:<iteration>:<file>" makes rank 0 create <file>
-# at that moment of that iteration's save and wait there (to be killed). Moments: writing
-# (about to write the shard files), before_rename (shards written), before_marker (renamed,
-# marker not yet updated).
-PAUSE_ENV = "EE_CHECKPOINT_TEST_PAUSE"
 LOCK_FILE = ".lock"
 
 def optimizer_metadata(optimizer) -> dict:
@@ -123,29 +118,6 @@ def _stored_args(args, model) -> dict:
     if args is None:
         return _unwrap(model).model_config.to_flags()
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-
-
-def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
-    """The training flags saved with the checkpoint at `path`, defaults filled for newer
-    flags, re-laid out for these TP and PP sizes (no sequence parallelism): a namespace
-    for tools that rebuild a training run (reshard)."""
-    import argparse
-
-    from megatron.early_exit.training.arguments import build_parser
-
-    saved = read_common(path)["args"]
-    args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})
-    vars(args).update(saved)
-    args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
-    args.tensor_model_parallel_size = tensor_model_parallel_size
-    if args.tune_exit_pipeline_parallel_size is not None:  # its flags describe the whole model, its weights the first stages
-        raise CheckpointError(f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
-                              f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
-                              "the whole model with tools/checkpoint/add_exits.py --exits-from first")
-    args.pipeline_model_parallel_size = pipeline_model_parallel_size
-    args.sequence_parallel = False
-    args.transformer_impl = None  # the layer modules follow the device the run is on
-    return args
 
 
 def stored_model_config(model, args, root: str) -> dict:
@@ -239,7 +211,7 @@ def _write_checkpoint(root: str, tmp: str, iteration: int, build_state, checksum
             shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     torch.distributed.barrier()
-    with _writes_in_this_process(iteration):
+    with _writes_in_this_process():
         dist_checkpointing.save(build_state(), tmp)
     torch.distributed.barrier()
     if checksums:
@@ -247,11 +219,9 @@ def _write_checkpoint(root: str, tmp: str, iteration: int, build_state, checksum
 
 
 def _put_in_place(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
-    _pause_here("before_rename", iteration)
     if os.path.isdir(final):  # saving the same iteration again: keep the old one until the new is in place
         os.replace(final, final + ".old")
     os.replace(tmp, final)
-    _pause_here("before_marker", iteration)
     marker = os.path.join(root, TRACKER)
     with open(marker + ".tmp", "w") as f:
         f.write(str(iteration))
@@ -309,7 +279,7 @@ def _writer_of(name: str, world: int) -> int:
 
 
 @contextlib.contextmanager
-def _writes_in_this_process(iteration: int):
+def _writes_in_this_process():
     """dist_checkpointing's torch_dist writer (FileSystemWriterAsync) writes its files from
     processes of its own: a results queue served by a multiprocessing Manager (spawned,
     with multiprocessing's resource tracker) and one forked writer per file. A trainer
@@ -321,8 +291,6 @@ def _writes_in_this_process(iteration: int):
     writer = fsa.FileSystemWriterAsync
 
     def write_in_threads(transform_list, use_msc, rank, write_buckets, results_queue):
-        _pause_here("writing", iteration)
-
         def write(index, bucket):
             results, count = queue.Queue(), queue.Queue()
             count.put(index)  # the writer marks its task done on it
@@ -439,29 +407,6 @@ def _holder(fd: int) -> str:
         return f"PID {record['pid']} on host {record['host']}, since {record['since']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "a process that has not written its PID yet"
-
-
-def _pause_here(moment: str, iteration: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "").split(":", 2)
-    if len(spec) == 3 and spec[0] == moment and int(spec[1]) == iteration:
-        open(spec[2], "w").close()
-        while True:
-            time.sleep(1)
-
-
-# -- reading (the reader is checkpoint_reader.py) -----------------------------------
-
-
-def read_args(root: str, iteration: Optional[int] = None) -> dict:
-    """The flags stored with the latest (or the given) checkpoint under `root` (for
-    --use-checkpoint-args), its tokenizer files found where the checkpoint is now (it may
-    have been moved)."""
-    path = resolve(root, iteration, checksums=False)  # the load reads the checksums
-    flags = dict(read_common(path)["args"])
-    tokenizer = read_model_config(path).tokenizer
-    flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
-                 merge_file=tokenizer.merge_file, vocab_size=tokenizer.vocab_size)
-    return flags
 
 
 def _flag(name: str) -> str:

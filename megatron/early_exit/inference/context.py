@@ -1,6 +1,8 @@
-"""megatron-core's tensor-parallel linears as plain `F.linear` calls while decoding at TP=1.
+"""The state a model decodes in: `inference_context(model)` (eval mode, no autograd, the
+unfused bias-dropout-add, and at TP=1 megatron-core's tensor-parallel linears as plain
+`F.linear` calls), entered by every decoding, scoring and calibration entry point.
 
-With one tensor-parallel rank and no autograd, ColumnParallelLinear and RowParallelLinear
+Plain linears: with one tensor-parallel rank and no autograd, ColumnParallelLinear and RowParallelLinear
 compute exactly `F.linear(x, weight, bias)` (their gather and reduce are identities), but
 each call still goes through a custom autograd Function, group lookups and dead-wrapper
 checks: about a third of a small model's decode step on CPU. `plain_linears(model)`
@@ -26,10 +28,9 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
+from torch import Tensor
 
 _TRANSPOSED: Dict[int, Tuple[Tuple[int, int], Tensor]] = {}  # id(weight) -> ((data_ptr, version), weight.t())
 
@@ -82,3 +83,22 @@ def plain_linears(model):
     finally:
         for module in swapped:
             del module.forward  # back to the class's forward
+
+
+@contextmanager
+def inference_context(model):
+    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards.
+
+    The fused bias-dropout-add is a torch.compile'd function that recompiles for every
+    new decode shape (batch and chunk widths change each step); at inference, with no
+    dropout, the unfused one computes the same sum. At TP=1 the tensor-parallel linears
+    run as plain F.linear calls (`plain_linears`)."""
+    was_training, fused = model.training, model.config.bias_dropout_fusion
+    model.eval()
+    model.config.bias_dropout_fusion = False
+    try:
+        with torch.no_grad(), plain_linears(model):
+            yield
+    finally:
+        model.train(was_training)
+        model.config.bias_dropout_fusion = fused
