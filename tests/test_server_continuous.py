@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_server import EXITS, NUM_LAYERS, write_checkpoint
+from tests.server_fixtures import EXITS, NUM_LAYERS, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
 
