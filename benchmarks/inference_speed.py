@@ -349,7 +349,6 @@ def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold:
     """(mean seconds of an exit test that does not fire, seconds of one layer), batch 1, one
     token: the test at `threshold` on the exit's hidden state at each position of `prompt`
     (a real text: a gate sees the states it will see), a layer on the prompt's next token."""
-    import torch
 
     from megatron.early_exit.inference.confidence import get_confidence_measure
     from megatron.early_exit.inference.decoder import Decoder, confidence_test

@@ -4,7 +4,6 @@ carried into our checkpoint (where the server's /v1/chat/completions finds it) a
 to a Hugging Face folder that the installed transformers loads with the same template."""
 
 import json
-import os
 
 import pytest
 import torch

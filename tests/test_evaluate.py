@@ -330,9 +330,6 @@ def test_local_completions_against_server_equals_in_process(server, task_dir, ta
 
 def _evaluate_parallel(flag: str):
     """tools/evaluate.py's perplexity rows at TP=2 or PP=2 (paths from the launching test)."""
-    import tempfile
-
-    out = os.path.join(tempfile.gettempdir(), f"ee_eval_{flag}_{os.getpid()}.json")
     rows = run_evaluate("--load", os.environ["EE_EVAL_CKPT"], "--data-path", os.environ["EE_EVAL_DATA"],
                         "--seq-length", 32, "--limit", 4, "--exit-layers", "--thresholds", 0.2, "--speed-prompts", 2,
                         "--prompt-length", 8, "--max-new-tokens", 4, f"--{flag}-model-parallel-size", 2,

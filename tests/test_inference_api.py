@@ -157,7 +157,7 @@ def test_bad_requests_raise_config_errors(dist1):
 def test_unsupported_models_are_refused(dist1):
     from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference import generate
     from tests.helpers import build_ee_gpt, tiny_transformer_config
 
     model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(), seq_length=32)

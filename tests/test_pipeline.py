@@ -170,7 +170,7 @@ def test_loss_scale_applies_to_exit_losses(dist1):
     grads = []
     for scale in (1.0, 1024.0):
         model.zero_grad()
-        forward_backward_no_pipelining(step, iter([make_batch(seed=s) for s in range(2)]), model, 2, loss_scale=lambda l: l * scale)
+        forward_backward_no_pipelining(step, iter([make_batch(seed=s) for s in range(2)]), model, 2, loss_scale=lambda loss: loss * scale)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name] * 1024.0, msg=name)

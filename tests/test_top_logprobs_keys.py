@@ -78,7 +78,7 @@ def _check(logprobs):
 @pytest.mark.parametrize("name", ["SentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer",
                                   "HuggingFaceTokenizer", "NullTokenizer"])
 def test_each_token_is_a_key_of_its_top_logprobs(tokenizers, name):
-    from megatron.early_exit.server.chat_api import chat_chunks, chat_completion
+    from megatron.early_exit.server.chat_api import chat_completion
     from megatron.early_exit.server.openai_api import completion, read_prompts, stream_chunks
     from megatron.early_exit.server.schemas import ChatRequest, CompletionRequest
 

@@ -138,7 +138,7 @@ def test_exit_weight_warm_up_follows_the_iteration(dist1, corpus):
     from --exit-layer-weight-init to --exit-layer-weight over the warm-up, then stay."""
     flags = {"--exit-layer-weight-init": "0.0 0.1", "--exit-layer-weight": "0.8 0.5",
              "--exit-layer-weight-warmup-iters": 4, "--eval-interval": 100}
-    state = run(tiny_run_flags(corpus, iters=6, **flags))
+    state = run_training(tiny_run_flags(corpus, iters=6, **flags))
     for i, entry in enumerate(state.history):
         r = min(i / 4, 1.0)
         assert entry["exit weight [1]"] == pytest.approx(0.8 * r), i

@@ -5,8 +5,6 @@ against the unigram entropy of the training corpus (the loss of a model that ign
 """
 
 import argparse
-import math
-import os
 import sys
 
 import numpy as np

@@ -2,7 +2,6 @@
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.early_exit.parallel import initialize_parallel, set_seed
 from megatron.early_exit.sharding import full_state_dict
 from tests.helpers import load_full_state_dict

@@ -82,7 +82,7 @@ class StepOutput:
 
 
 def validate_model(model) -> None:
-    config, ee = model.config, model.ee_config
+    config = model.config
     unsupported = {
         "sequence parallelism (build the inference model without --sequence-parallel)": config.sequence_parallel,
         "multi-latent attention": config.multi_latent_attention,

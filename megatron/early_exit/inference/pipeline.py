@@ -38,7 +38,6 @@ from torch import Tensor
 from megatron.core import parallel_state
 
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decision, Decoder, StepOutput
-from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.layers import to_device
 from megatron.early_exit.inference.result import GenerationResult, Transcript, clock
 from megatron.early_exit.pipeline.p2p import Transport

@@ -137,7 +137,7 @@ def one_f_one_b(num_stages: int, stage: int, num_microbatches: int, fill: Option
     """The action list of one stage."""
     p, s, m = num_stages, stage, num_microbatches
     fill = fill or FillPlan()
-    first, last = s == 0, s == p - 1
+    first = s == 0
 
     def forward(item, through=p - 1, graph=True):
         return Action("F", item, recv=not first, send=s < through, graph=graph)
