@@ -80,6 +80,11 @@ def start_server(load: str, tp: int, log_path: str, threads: int):
                "--tensor-model-parallel-size", str(tp)]
     else:
         cmd = [sys.executable, *flags]
+    return launch_server(cmd, log_path)
+
+
+def launch_server(cmd, log_path: str):
+    """Start a server command in its own session; (process, base URL) once it says where it serves."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env=dict(env, PYTHONWARNINGS="ignore"), start_new_session=True)

@@ -31,7 +31,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -40,6 +39,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.server_latency import launch_server  # noqa: E402
 
 QUICK_MODEL_FLAGS = [  # --quick: random weights, NullTokenizer (prompts are token ids as text)
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "256",
@@ -148,17 +149,7 @@ def start_server(load: str, batching: str, args, log_path: str):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", load, "--port", "0",
            "--log-level", "warning", "--max-batch-size", str(args.max_batch_size), "--threads", str(args.threads),
            "--batching", batching, "--max-queued-requests", "4096"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env=dict(env, PYTHONWARNINGS="ignore"), start_new_session=True)
-    deadline = time.monotonic() + 300
-    while True:
-        found = re.search(r"serving \S+ on (http://\S+)", open(log_path).read())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start:\n{open(log_path).read()[-3000:]}")
-        time.sleep(0.2)
+    return launch_server(cmd, log_path)
 
 
 def stream_one(client, body: dict, sent_at: float, record: dict) -> None:

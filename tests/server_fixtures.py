@@ -99,3 +99,32 @@ def put_api(client, **body):
     reply = client.put("/api", json=body)
     assert reply.status_code == 200, reply.text
     return reply.json()
+
+
+class InProcessServer:
+    """An app and its worker in threads of this process (uvicorn on a loopback port)."""
+
+    def __init__(self, service, worker):
+        import threading
+
+        import uvicorn
+
+        from megatron.early_exit.server.app import build_app
+
+        self.service, self.worker = service, worker
+        self.server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=0, log_level="warning"))
+        self.threads = [threading.Thread(target=self.server.run, daemon=True),
+                        threading.Thread(target=worker.run, daemon=True)]
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def close(self):
+        self.worker.stop()
+        self.server.should_exit = True
+        for t in self.threads:
+            t.join(timeout=30)

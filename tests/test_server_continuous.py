@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.server_fixtures import EXITS, NUM_LAYERS, write_checkpoint
+from tests.server_fixtures import EXITS, NUM_LAYERS, InProcessServer, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
 
@@ -19,36 +19,17 @@ SEQ, SLOTS = 96, 2
 PROMPT = "5 17 3"
 
 
-class LocalServer:
+class LocalServer(InProcessServer):
     def __init__(self, model, tokenizer):
-        import uvicorn
-
         from megatron.early_exit.inference.engine import Engine
-        from megatron.early_exit.server.app import Service, build_app
+        from megatron.early_exit.server.app import Service
         from megatron.early_exit.server.continuous import ContinuousWorker
         from megatron.early_exit.server.jobs import ModelLimits
 
         limits = ModelLimits("tiny", model.vocab_size, NUM_LAYERS, tuple(EXITS), SEQ, SLOTS, SEQ - 1)
         self.engine = Engine(model, SLOTS, SEQ, prefill_chunk=8, max_waiting=1)
-        self.worker = ContinuousWorker(self.engine, model, max_queued=4)
-        self.service = Service(self.worker, tokenizer, limits)
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.service), host="127.0.0.1", port=0,
-                                                    log_level="warning"))
-        self.threads = [threading.Thread(target=self.server.run, daemon=True),
-                        threading.Thread(target=self.worker.run, daemon=True)]
-        for t in self.threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.worker.stop()
-        self.server.should_exit = True
-        for t in self.threads:
-            t.join(timeout=30)
+        worker = ContinuousWorker(self.engine, model, max_queued=4)
+        super().__init__(Service(worker, tokenizer, limits), worker)
 
 
 @pytest.fixture(scope="module")

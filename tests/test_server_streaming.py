@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.server_fixtures import EOD, EXITS, NUM_LAYERS, write_checkpoint
+from tests.server_fixtures import EOD, EXITS, NUM_LAYERS, InProcessServer, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
 
@@ -31,35 +31,17 @@ def engine(dist1, tmp_path_factory):
     return model, tokenizer
 
 
-class LocalServer:
+class LocalServer(InProcessServer):
     """The app and its worker in threads of this process."""
 
     def __init__(self, model, tokenizer):
-        import uvicorn
-
-        from megatron.early_exit.server.app import Service, build_app
+        from megatron.early_exit.server.app import Service
         from megatron.early_exit.server.jobs import ModelLimits
         from megatron.early_exit.server.worker import Worker
 
         limits = ModelLimits("tiny", model.vocab_size, NUM_LAYERS, tuple(EXITS), SEQ, 8, SEQ - 1)
-        self.worker = Worker(model, max_batch_size=8)
-        app = build_app(Service(self.worker, tokenizer, limits))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.threads = [threading.Thread(target=self.server.run, daemon=True),
-                        threading.Thread(target=self.worker.run, daemon=True)]
-        for t in self.threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.worker.stop()
-        self.server.should_exit = True
-        for t in self.threads:
-            t.join(timeout=30)
+        worker = Worker(model, max_batch_size=8)
+        super().__init__(Service(worker, tokenizer, limits), worker)
 
 
 @pytest.fixture(scope="module")
