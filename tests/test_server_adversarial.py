@@ -187,7 +187,7 @@ def test_a_body_that_stops_arriving_is_cut_off(server, client):
 def test_an_error_during_a_stream_ends_it_with_an_error_event():
     import asyncio
 
-    from megatron.early_exit.server.app import _sse
+    from megatron.early_exit.server.streaming import sse as _sse
     from megatron.early_exit.server.jobs import RequestError
     from megatron.early_exit.server.schemas import Health
 
