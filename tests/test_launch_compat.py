@@ -421,7 +421,7 @@ def test_load_iteration_in_the_checkpoint_tools_and_the_server(dist1, saved_run,
         assert proc.stderr.strip().splitlines()[-1].endswith("(iterations present: 2, 4)"), (tool, proc.stderr[-2000:])
 
     served = {}
-    monkeypatch.setattr(launch, "serve", lambda args, model, tokenizer, limits: served.update(model=model))
+    monkeypatch.setattr(launch, "serve", lambda args, model, tokenizer, limits, engine=None: served.update(model=model))
     monkeypatch.setattr(parallel, "destroy_parallel", lambda: None)  # keep this session's world
     launch.main(["--load", root, "--load-iteration", "2", "--device", "cpu", "--port", "0"])
     model = served["model"]
