@@ -56,6 +56,7 @@ bench-gpu: setup
 # ruff, configured in pyproject.toml (line length 120). `make format` rewrites files in place.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: setup
 	$(PY) -m ruff format .

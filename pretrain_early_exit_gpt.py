@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
+
+    # isort: split
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.trainer import pretrain
 

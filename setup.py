@@ -30,8 +30,17 @@ setup(
         "prometheus_client",  # the server's GET /metrics
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "openai", "httpx", "transformers",
-                 "lm-eval[api]==0.4.13", "wandb", "ruff>=0.6"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout",
+            "matplotlib",
+            "openai",
+            "httpx",
+            "transformers",
+            "lm-eval[api]==0.4.13",
+            "wandb",
+            "ruff>=0.6",
+        ],
         # tools/evaluate.py: lm-evaluation-harness tasks over the in-process engine.
         "eval": ["lm-eval==0.4.13", "matplotlib"],
         # --wandb-project: Weights & Biases logging beside TensorBoard.

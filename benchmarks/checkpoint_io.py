@@ -19,11 +19,41 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 QUICKSTART = [
-    "--num-layers", "8", "--hidden-size", "192", "--ffn-hidden-size", "512", "--num-attention-heads", "6",
-    "--seq-length", "256", "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
-    "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--exit-layer-nums", "2", "4",
-    "--exit-layer-weight", "0.25", "0.5", "--use-exit-norm", "--micro-batch-size", "4", "--train-iters", "10",
-    "--lr", "2e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096",
+    "--num-layers",
+    "8",
+    "--hidden-size",
+    "192",
+    "--ffn-hidden-size",
+    "512",
+    "--num-attention-heads",
+    "6",
+    "--seq-length",
+    "256",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--position-embedding-type",
+    "rope",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--exit-layer-nums",
+    "2",
+    "4",
+    "--exit-layer-weight",
+    "0.25",
+    "0.5",
+    "--use-exit-norm",
+    "--micro-batch-size",
+    "4",
+    "--train-iters",
+    "10",
+    "--lr",
+    "2e-3",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "4096",
 ]
 
 
@@ -35,6 +65,8 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401
+
+    # isort: split
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.arguments import parse_args
@@ -61,12 +93,15 @@ def main():
         param.main_grad.normal_()
     optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.2f} M parameters (quick-start shape, hidden {a.hidden_size}), directory {root}", flush=True)
+    print(
+        f"model: {params / 1e6:.2f} M parameters (quick-start shape, hidden {a.hidden_size}), directory {root}",
+        flush=True,
+    )
 
     times = {True: ([], []), False: ([], [])}  # checksums -> (saves, loads)
     iteration = 0
     for i in range(a.repeats):
-        for checksums in ((True, False) if i % 2 else (False, True)):
+        for checksums in (True, False) if i % 2 else (False, True):
             iteration += 1
             start = time.time()
             checkpointing.save(args, model, optimizer, scheduler, iteration, 0, checksums=checksums)
@@ -75,8 +110,12 @@ def main():
             start = time.time()
             checkpointing.load(*fresh, checksums=checksums)
             times[checksums][1].append(time.time() - start)
-            print(f"  repeat {i + 1}/{a.repeats}, checksums {'on ' if checksums else 'off'}: save {times[checksums][0][-1]:.3f} s, "
-                  f"load {times[checksums][1][-1]:.3f} s", flush=True)
+            print(
+                f"  repeat {i + 1}/{a.repeats}, checksums {'on ' if checksums else 'off'}: save "
+                f"{times[checksums][0][-1]:.3f} s, "
+                f"load {times[checksums][1][-1]:.3f} s",
+                flush=True,
+            )
     path = checkpointing.checkpoint_dir(root, iteration - 1)
     full = size_mb(path)
     start = time.time()
@@ -87,12 +126,18 @@ def main():
     weights = checkpointing.save_weights(os.path.join(root, "weights"), args, model)
     weights_s = time.time() - start
     (save_on, load_on), (save_off, load_off) = [(min(times[c][0]), min(times[c][1])) for c in (True, False)]
-    print(f"full checkpoint   {full:7.1f} MB   save {save_on:.3f} s ({full / save_on:.0f} MB/s)   "
-          f"load {load_on:.3f} s ({full / load_on:.0f} MB/s)   (checksums on)")
-    print(f"                                 save {save_off:.3f} s ({full / save_off:.0f} MB/s)   "
-          f"load {load_off:.3f} s ({full / load_off:.0f} MB/s)   (checksums off)")
-    print(f"checksums cost    save x{save_on / save_off:.2f}, load x{load_on / load_off:.2f} "
-          f"(CRC-32 of the files alone: {crc_s:.3f} s, {full / max(crc_s, 1e-9):.0f} MB/s, from the page cache)")
+    print(
+        f"full checkpoint   {full:7.1f} MB   save {save_on:.3f} s ({full / save_on:.0f} MB/s)   "
+        f"load {load_on:.3f} s ({full / load_on:.0f} MB/s)   (checksums on)"
+    )
+    print(
+        f"                                 save {save_off:.3f} s ({full / save_off:.0f} MB/s)   "
+        f"load {load_off:.3f} s ({full / load_off:.0f} MB/s)   (checksums off)"
+    )
+    print(
+        f"checksums cost    save x{save_on / save_off:.2f}, load x{load_on / load_off:.2f} "
+        f"(CRC-32 of the files alone: {crc_s:.3f} s, {full / max(crc_s, 1e-9):.0f} MB/s, from the page cache)"
+    )
     print(f"weights only      {size_mb(weights):7.1f} MB   save {weights_s:.3f} s")
     print(f"load / save time ratio: {load_on / save_on:.2f}")
     if a.dir is None:

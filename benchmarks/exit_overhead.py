@@ -38,6 +38,8 @@ def main():
     import torch.nn.functional as F
 
     import megatron.early_exit  # noqa: F401
+
+    # isort: split
     from megatron.core.transformer import TransformerConfig
 
     from megatron.early_exit.config import EarlyExitConfig
@@ -48,15 +50,27 @@ def main():
 
     initialize_parallel(1, 1, seed=1)
     config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
     )
     variants = {
         "no exits": EarlyExitConfig(),
-        f"exits {args.exit_layer_nums}": EarlyExitConfig(exit_layer_nums=args.exit_layer_nums, use_exit_norm=args.use_exit_norm),
+        f"exits {args.exit_layer_nums}": EarlyExitConfig(
+            exit_layer_nums=args.exit_layer_nums, use_exit_norm=args.use_exit_norm
+        ),
     }
     models = {name: EarlyExitGPTModel(config, ee, args.vocab_size, args.seq_length) for name, ee in variants.items()}
     g = torch.Generator().manual_seed(0)
@@ -92,8 +106,10 @@ def main():
     med = {name: statistics.median(ts) for name, ts in times.items()}
     time_ratio = med[exit_name] / med[base_name]
 
-    print(f"model: {args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
-          f"micro-batch {args.micro_batch_size} x seq {args.seq_length}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {args.num_layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
+        f"micro-batch {args.micro_batch_size} x seq {args.seq_length}, {torch.get_num_threads()} threads"
+    )
     print(f"{'variant':<16} {'fwd+bwd median (s)':>20} {'min (s)':>10} {'fwd GFLOP':>10} {'tokens/s':>10}")
     for name, ts in times.items():
         flops = base_flops + (exit_flops if name == exit_name else 0)

@@ -33,7 +33,9 @@ sys.path.insert(0, ROOT)
 
 LIMITS = {"setup": 240, "test_gpu": 120, "train": 80, "vs_hf": 50, "decode": 40}  # seconds, H100
 # ~125M parameters: 12 layers, hidden 768, 12 heads, GPT-2's 50k vocabulary.
-GPU_SHAPE = dict(layers=12, hidden=768, heads=12, ffn=2048, vocab=50257, seq=1024, micro_batch=8, iters=30, log_interval=5)
+GPU_SHAPE = dict(
+    layers=12, hidden=768, heads=12, ffn=2048, vocab=50257, seq=1024, micro_batch=8, iters=30, log_interval=5
+)
 DRY_SHAPE = dict(layers=3, hidden=64, heads=4, ffn=128, vocab=512, seq=64, micro_batch=2, iters=6, log_interval=2)
 
 
@@ -65,19 +67,61 @@ def run_step(name, cmd, limit, env, parse):
         entry["ok"], entry["parse_error"] = False, f"{type(err).__name__}: {err}"
     if not entry["ok"]:
         entry["output_tail"] = out[-2000:]
-    print(f"  {name:9s} {'ok' if entry['ok'] else 'FAILED':6s} {entry['seconds']:7.1f} s (limit {limit} s)"
-          f"  {json.dumps(entry.get('result'))[:160]}", flush=True)
+    print(
+        f"  {name:9s} {'ok' if entry['ok'] else 'FAILED':6s} {entry['seconds']:7.1f} s (limit {limit} s)"
+        f"  {json.dumps(entry.get('result'))[:160]}",
+        flush=True,
+    )
     return entry
 
 
 def train_flags(shape, device, dry, exits, save=None):
-    flags = ["--num-layers", shape["layers"], "--hidden-size", shape["hidden"], "--num-attention-heads", shape["heads"],
-             "--ffn-hidden-size", shape["ffn"], "--seq-length", shape["seq"], "--max-position-embeddings", shape["seq"],
-             "--micro-batch-size", shape["micro_batch"], "--global-batch-size", shape["micro_batch"],
-             "--train-iters", shape["iters"], "--lr", "1e-4", "--lr-warmup-iters", 1, "--mock-data", "--vocab-size", shape["vocab"],
-             "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-             "--untie-embeddings-and-output-weights", "--hidden-dropout", 0, "--attention-dropout", 0,
-             "--eval-iters", 0, "--log-interval", shape["log_interval"], "--device", device, "--seed", 1]
+    flags = [
+        "--num-layers",
+        shape["layers"],
+        "--hidden-size",
+        shape["hidden"],
+        "--num-attention-heads",
+        shape["heads"],
+        "--ffn-hidden-size",
+        shape["ffn"],
+        "--seq-length",
+        shape["seq"],
+        "--max-position-embeddings",
+        shape["seq"],
+        "--micro-batch-size",
+        shape["micro_batch"],
+        "--global-batch-size",
+        shape["micro_batch"],
+        "--train-iters",
+        shape["iters"],
+        "--lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        1,
+        "--mock-data",
+        "--vocab-size",
+        shape["vocab"],
+        "--normalization",
+        "RMSNorm",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--position-embedding-type",
+        "rope",
+        "--untie-embeddings-and-output-weights",
+        "--hidden-dropout",
+        0,
+        "--attention-dropout",
+        0,
+        "--eval-iters",
+        0,
+        "--log-interval",
+        shape["log_interval"],
+        "--device",
+        device,
+        "--seed",
+        1,
+    ]
     if not dry:
         flags += ["--bf16"]
     if exits:
@@ -97,7 +141,12 @@ def tokens_per_second(out):
 
 
 def parse_pytest(out):
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|errors?|deselected)", out.splitlines()[-1] if out.strip() else "")}
+    counts = {
+        k: int(n)
+        for n, k in re.findall(
+            r"(\d+) (passed|skipped|failed|errors?|deselected)", out.splitlines()[-1] if out.strip() else ""
+        )
+    }
     if not counts:
         raise ValueError("no pytest summary line")
     return counts
@@ -108,8 +157,16 @@ def parse_vs_hf(out):
     for line in out.splitlines():
         m = re.match(r"\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)x\s+(\w+)", line)
         if m:
-            rows.append({"threads": int(m[1]), "batch": int(m[2]), "transformers_tok_s": float(m[3]),
-                         "ours_tok_s": float(m[4]), "ratio": float(m[5]), "tokens_equal": m[6] == "True"})
+            rows.append(
+                {
+                    "threads": int(m[1]),
+                    "batch": int(m[2]),
+                    "transformers_tok_s": float(m[3]),
+                    "ours_tok_s": float(m[4]),
+                    "ratio": float(m[5]),
+                    "tokens_equal": m[6] == "True",
+                }
+            )
     if not rows:
         raise ValueError("no result rows")
     return rows
@@ -145,12 +202,22 @@ def main(argv=None):
     summary = {"device": "cpu" if dry else torch.cuda.get_device_name(), "dry_run": dry, "steps": {}}
     steps = summary["steps"]
 
-    steps["setup"] = run_step("setup", ["bash", "tools/setup_gpu.sh", "--check", py] if dry else ["make", "setup-gpu"],
-                              limits["setup"], env, last_json if dry else (lambda out: None))
+    steps["setup"] = run_step(
+        "setup",
+        ["bash", "tools/setup_gpu.sh", "--check", py] if dry else ["make", "setup-gpu"],
+        limits["setup"],
+        env,
+        last_json if dry else (lambda out: None),
+    )
     # A dry run: one GPU test that runs on CPU with EE_GPU_TESTS_ON_CPU (the others skip there).
     gpu_tests = ["tests/test_gpu_end_to_end.py", "-k", "distributed_optimizer_without_gloo"] if dry else ["tests"]
-    steps["test_gpu"] = run_step("test_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider", *gpu_tests],
-                                 limits["test_gpu"], dict(env, EE_GPU_TESTS_ON_CPU="1") if dry else env, parse_pytest)
+    steps["test_gpu"] = run_step(
+        "test_gpu",
+        [py, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider", *gpu_tests],
+        limits["test_gpu"],
+        dict(env, EE_GPU_TESTS_ON_CPU="1") if dry else env,
+        parse_pytest,
+    )
     import shutil
 
     for previous in (ckpt, os.path.join(args.work_dir, "vs_hf")):  # the steps write into new directories
@@ -161,18 +228,72 @@ def main(argv=None):
         cmd = [py, "pretrain_early_exit_gpt.py", *train_flags(shape, device, dry, exits, ckpt if exits else None)]
         train[name] = run_step(f"train {'EE' if exits else 'plain'}", cmd, limits["train"], env, tokens_per_second)
     ok = all(e["ok"] for e in train.values())
-    steps["train"] = {"ok": ok, "tokens_per_s": {k: e.get("result") for k, e in train.items()},
-                      "runs": train, "shape": {**shape, "dtype": "fp32" if dry else "bf16"}}
+    steps["train"] = {
+        "ok": ok,
+        "tokens_per_s": {k: e.get("result") for k, e in train.items()},
+        "runs": train,
+        "shape": {**shape, "dtype": "fp32" if dry else "bf16"},
+    }
     if ok:
         steps["train"]["ee_time_ratio"] = round(train["without exits"]["result"] / train["with exits"]["result"], 3)
-    hf_shape = ["--layers", 2, "--hidden", 64, "--vocab", 512, "--prompt-tokens", 8, "--new-tokens", 8, "--repeats", 1,
-                "--threads", 1] if dry else ["--layers", 12, "--hidden", 768, "--vocab", 32000, "--prompt-tokens", 64,
-                                             "--new-tokens", 128, "--repeats", 2]
-    steps["vs_hf"] = run_step("vs_hf", [py, "benchmarks/vs_transformers.py", "--device", device, "--batch-sizes", "1", "8",
-                                        "--work-dir", os.path.join(args.work_dir, "vs_hf"), *map(str, hf_shape)],
-                              limits["vs_hf"], env, parse_vs_hf)
-    steps["decode"] = run_step("decode", [py, os.path.abspath(__file__), "--decode", ckpt, "--device", device],
-                               limits["decode"], env, last_json)
+    hf_shape = (
+        [
+            "--layers",
+            2,
+            "--hidden",
+            64,
+            "--vocab",
+            512,
+            "--prompt-tokens",
+            8,
+            "--new-tokens",
+            8,
+            "--repeats",
+            1,
+            "--threads",
+            1,
+        ]
+        if dry
+        else [
+            "--layers",
+            12,
+            "--hidden",
+            768,
+            "--vocab",
+            32000,
+            "--prompt-tokens",
+            64,
+            "--new-tokens",
+            128,
+            "--repeats",
+            2,
+        ]
+    )
+    steps["vs_hf"] = run_step(
+        "vs_hf",
+        [
+            py,
+            "benchmarks/vs_transformers.py",
+            "--device",
+            device,
+            "--batch-sizes",
+            "1",
+            "8",
+            "--work-dir",
+            os.path.join(args.work_dir, "vs_hf"),
+            *map(str, hf_shape),
+        ],
+        limits["vs_hf"],
+        env,
+        parse_vs_hf,
+    )
+    steps["decode"] = run_step(
+        "decode",
+        [py, os.path.abspath(__file__), "--decode", ckpt, "--device", device],
+        limits["decode"],
+        env,
+        last_json,
+    )
     summary["ok"] = all(s["ok"] for s in steps.values())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -196,23 +317,40 @@ def decode(ckpt, device):
     new = 32 if device == "cuda" else 8
     # Mock-data weights are barely trained: the threshold is the median confidence of the first
     # exit, so that about half the tokens leave early (the mechanics are measured, not quality).
-    probe = generate(model, torch.randint(0, config.padded_vocab_size, (4, 16), generator=g).tolist(),
-                     EarlyExit(threshold=0.0, exit_layers=(exits[0],)), new)
+    probe = generate(
+        model,
+        torch.randint(0, config.padded_vocab_size, (4, 16), generator=g).tolist(),
+        EarlyExit(threshold=0.0, exit_layers=(exits[0],)),
+        new,
+    )
     threshold = statistics.median(math.exp(lp) for row in probe.logprobs for lp in row[1:])
-    strategies = {"full depth": FullDepth(), f"early exit {threshold:.3f}": EarlyExit(threshold=threshold),
-                  f"self-speculative (exit {exits[0]}, 4 drafts)": SelfSpeculative(exit_layer=exits[0], num_draft=4)}
+    strategies = {
+        "full depth": FullDepth(),
+        f"early exit {threshold:.3f}": EarlyExit(threshold=threshold),
+        f"self-speculative (exit {exits[0]}, 4 drafts)": SelfSpeculative(exit_layer=exits[0], num_draft=4),
+    }
     rows = []
     for batch in (1, 8):
-        prompts = torch.randint(0, config.padded_vocab_size, (batch, 64 if device == "cuda" else 8), generator=g).tolist()
+        prompts = torch.randint(
+            0, config.padded_vocab_size, (batch, 64 if device == "cuda" else 8), generator=g
+        ).tolist()
         full = None
         for name, strategy in strategies.items():
             generate(model, prompts, strategy, 4)  # warm-up
             result, syncs = _with_sync_count(device, lambda: generate(model, prompts, strategy, new))
             tps = result.decode_tokens_per_second
             full = full or tps
-            rows.append({"batch": batch, "strategy": name, "tok_s": round(tps, 1), "vs_full_depth": round(tps / full, 3),
-                         "mean_exit_layer": round(result.mean_exit_layer, 2), "acceptance": round(result.acceptance_rate, 3),
-                         "host_syncs_per_step": round(syncs / (result.num_steps + 1), 2)})
+            rows.append(
+                {
+                    "batch": batch,
+                    "strategy": name,
+                    "tok_s": round(tps, 1),
+                    "vs_full_depth": round(tps / full, 3),
+                    "mean_exit_layer": round(result.mean_exit_layer, 2),
+                    "acceptance": round(result.acceptance_rate, 3),
+                    "host_syncs_per_step": round(syncs / (result.num_steps + 1), 2),
+                }
+            )
     print(json.dumps({"num_layers": config.num_layers, "exits": exits, "rows": rows}))
     return 0
 

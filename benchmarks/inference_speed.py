@@ -37,31 +37,74 @@ sys.path.insert(0, ROOT)
 
 MODEL_FLAGS = [
     # A vocabulary of 2048 keeps each exit's projection near one layer's cost at this width.
-    "--num-layers", "8", "--hidden-size", "192", "--ffn-hidden-size", "512", "--num-attention-heads", "6",
-    "--seq-length", "256", "--max-position-embeddings", "256",
-    "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
-    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--exit-layer-nums", "2", "4", "6", "--exit-layer-weight", "1.0", "1.0", "1.0", "--use-exit-norm",
+    "--num-layers",
+    "8",
+    "--hidden-size",
+    "192",
+    "--ffn-hidden-size",
+    "512",
+    "--num-attention-heads",
+    "6",
+    "--seq-length",
+    "256",
+    "--max-position-embeddings",
+    "256",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--position-embedding-type",
+    "rope",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--exit-layer-nums",
+    "2",
+    "4",
+    "6",
+    "--exit-layer-weight",
+    "1.0",
+    "1.0",
+    "1.0",
+    "--use-exit-norm",
 ]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint directory (--save of pretrain_early_exit_gpt.py)")
-    p.add_argument("--hf", default=None,
-                   help="a Hugging Face export of the model (benchmarks/train_benchmark_model.py --export), converted "
-                        "once into WORK_DIR/from_hf")
+    p.add_argument(
+        "--hf",
+        default=None,
+        help="a Hugging Face export of the model (benchmarks/train_benchmark_model.py --export), converted "
+        "once into WORK_DIR/from_hf",
+    )
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "inference_speed"))
     p.add_argument("--train-iters", type=int, default=2000)
-    p.add_argument("--distill-iters", type=int, default=800,
-                   help="EE-Tuning iterations with self-distillation after pretraining (0: benchmark the pretrained exits)")
-    p.add_argument("--per-exit-targets", type=float, nargs="*", default=[0.995, 0.99, 0.985, 0.98, 0.97],
-                   help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
-                        "--per-exit), for each --kv")
-    p.add_argument("--guarantee", default="consistency:0.95:0.9", metavar="CRITERION:TARGET:CONFIDENCE",
-                   help="also decode with Learn-then-Test thresholds (tools/calibrate_threshold.py --target-CRITERION "
-                        "TARGET --confidence CONFIDENCE) calibrated on --guarantee-prompts other held-out prompts, and "
-                        "check the bound on the benchmark's prompts ('' to skip)")
+    p.add_argument(
+        "--distill-iters",
+        type=int,
+        default=800,
+        help="EE-Tuning iterations with self-distillation after pretraining (0: benchmark the pretrained exits)",
+    )
+    p.add_argument(
+        "--per-exit-targets",
+        type=float,
+        nargs="*",
+        default=[0.995, 0.99, 0.985, 0.98, 0.97],
+        help="also decode with thresholds per exit calibrated for these agreements (tools/calibrate_threshold.py "
+        "--per-exit), for each --kv",
+    )
+    p.add_argument(
+        "--guarantee",
+        default="consistency:0.95:0.9",
+        metavar="CRITERION:TARGET:CONFIDENCE",
+        help="also decode with Learn-then-Test thresholds (tools/calibrate_threshold.py --target-CRITERION "
+        "TARGET --confidence CONFIDENCE) calibrated on --guarantee-prompts other held-out prompts, and "
+        "check the bound on the benchmark's prompts ('' to skip)",
+    )
     p.add_argument("--guarantee-prompts", type=int, default=120)
     p.add_argument("--guarantee-new-tokens", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=8)
@@ -73,18 +116,35 @@ def parse_args():
     # Each active exit costs about a layer per token when it does not fire (its vocabulary
     # projection and softmax), so the deepest exit of the trained model is left out.
     p.add_argument("--exit-layers", type=int, nargs="*", default=[2, 4], help="active exits (given with no value: all)")
-    p.add_argument("--speculative", nargs="*", default=["2:2", "2:3", "4:4", "2:8:0.6", "2:8:0.8", "4:8:0.6"],
-                   help="EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] (a row stops drafting after a draft below the threshold)")
+    p.add_argument(
+        "--speculative",
+        nargs="*",
+        default=["2:2", "2:3", "4:4", "2:8:0.6", "2:8:0.8", "4:8:0.6"],
+        help="EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] (a row stops drafting after a draft below the threshold)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timings per prompt; the fastest counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)")
-    p.add_argument("--confidence-estimator", default=None,
-                   help="a tools/train_confidence_estimator.py file; use with --measure learned")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="after the sweep, the fastest early exit at >= 0.95 agreement decodes all prompts in batches "
-                        "of this size against full depth (0: skip)")
-    p.add_argument("--plot", default=None, help="PNG of speed against agreement (default: WORK_DIR/inference_speed.png)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)",
+    )
+    p.add_argument(
+        "--confidence-estimator",
+        default=None,
+        help="a tools/train_confidence_estimator.py file; use with --measure learned",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="after the sweep, the fastest early exit at >= 0.95 agreement decodes all prompts in batches "
+        "of this size against full depth (0: skip)",
+    )
+    p.add_argument(
+        "--plot", default=None, help="PNG of speed against agreement (default: WORK_DIR/inference_speed.png)"
+    )
     return p.parse_args()
 
 
@@ -101,19 +161,50 @@ def _run_tool(*argv) -> None:
 
 def prepare_corpus(work_dir: str) -> dict:
     """Corpus jsonl, tokenizer and .bin/.idx prefix (built once per work dir)."""
-    files = {"jsonl": os.path.join(work_dir, "stdlib.jsonl"), "text": os.path.join(work_dir, "stdlib.txt"),
-             "tokenizer": os.path.join(work_dir, "tokenizer.model"), "data": os.path.join(work_dir, "stdlib_text_document")}
+    files = {
+        "jsonl": os.path.join(work_dir, "stdlib.jsonl"),
+        "text": os.path.join(work_dir, "stdlib.txt"),
+        "tokenizer": os.path.join(work_dir, "tokenizer.model"),
+        "data": os.path.join(work_dir, "stdlib_text_document"),
+    }
     if not os.path.exists(files["jsonl"]):
         log("building the corpus from the standard library")
-        _run_tool("tools/build_corpus_from_stdlib.py", "--output", files["jsonl"], "--text-output", files["text"], "--max-mb", "6")
+        _run_tool(
+            "tools/build_corpus_from_stdlib.py",
+            "--output",
+            files["jsonl"],
+            "--text-output",
+            files["text"],
+            "--max-mb",
+            "6",
+        )
     if not os.path.exists(files["tokenizer"]):
         log("training the SentencePiece tokenizer")
-        _run_tool("tools/train_tokenizer.py", "--input", files["text"], "--model-prefix", files["tokenizer"][: -len(".model")],
-                  "--vocab-size", "2048")
+        _run_tool(
+            "tools/train_tokenizer.py",
+            "--input",
+            files["text"],
+            "--model-prefix",
+            files["tokenizer"][: -len(".model")],
+            "--vocab-size",
+            "2048",
+        )
     if not os.path.exists(files["data"] + ".bin"):
         log("preprocessing to .bin/.idx")
-        _run_tool("tools/preprocess_data.py", "--input", files["jsonl"], "--output-prefix", files["data"][: -len("_text_document")],
-                  "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"], "--append-eod", "--workers", "2")
+        _run_tool(
+            "tools/preprocess_data.py",
+            "--input",
+            files["jsonl"],
+            "--output-prefix",
+            files["data"][: -len("_text_document")],
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            files["tokenizer"],
+            "--append-eod",
+            "--workers",
+            "2",
+        )
     return files
 
 
@@ -127,12 +218,41 @@ def _pretrain(work_dir: str, files: dict, save: str, flags: list) -> None:
     from megatron.early_exit.training.arguments import parse_args as parse_train_args
     from megatron.early_exit.training.trainer import pretrain
 
-    pretrain(parse_train_args(MODEL_FLAGS + flags + [
-        "--micro-batch-size", "8", "--global-batch-size", "16", "--adam-beta2", "0.95", "--clip-grad", "1.0",
-        "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(work_dir, "cache"),
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
-        "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100",
-    ], world_size=1))
+    pretrain(
+        parse_train_args(
+            MODEL_FLAGS
+            + flags
+            + [
+                "--micro-batch-size",
+                "8",
+                "--global-batch-size",
+                "16",
+                "--adam-beta2",
+                "0.95",
+                "--clip-grad",
+                "1.0",
+                "--data-path",
+                files["data"],
+                "--split",
+                "98,2,0",
+                "--data-cache-path",
+                os.path.join(work_dir, "cache"),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                files["tokenizer"],
+                "--log-interval",
+                "25",
+                "--eval-iters",
+                "0",
+                "--save",
+                save,
+                "--save-interval",
+                "100",
+            ],
+            world_size=1,
+        )
+    )
 
 
 def train_model(work_dir: str, files: dict, train_iters: int) -> str:
@@ -140,9 +260,28 @@ def train_model(work_dir: str, files: dict, train_iters: int) -> str:
     save = os.path.join(work_dir, "checkpoints")
     done = trained_iterations(save)
     log(f"training an early-exit model on CPU, iterations {done} -> {train_iters} (saved to {save})")
-    _pretrain(work_dir, files, save, (["--load", save] if done else []) + [
-        "--train-iters", str(train_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--seed", "1234"])
+    _pretrain(
+        work_dir,
+        files,
+        save,
+        (["--load", save] if done else [])
+        + [
+            "--train-iters",
+            str(train_iters),
+            "--lr",
+            "2e-3",
+            "--min-lr",
+            "2e-4",
+            "--lr-decay-style",
+            "cosine",
+            "--lr-warmup-iters",
+            "20",
+            "--weight-decay",
+            "0.1",
+            "--seed",
+            "1234",
+        ],
+    )
     return save
 
 
@@ -152,16 +291,49 @@ def distill_exits(work_dir: str, files: dict, base: str, iters: int) -> str:
     init, save = os.path.join(work_dir, "ee_tuning_init"), os.path.join(work_dir, "distilled")
     if not os.path.exists(os.path.join(init, "latest_checkpointed_iteration.txt")):
         log(f"copying the final norm and output layer into untied exits: {init}")
-        _run_tool("tools/checkpoint/add_exits.py", "--load", base, "--save", init, "--exit-layer-nums", "2", "4", "6",
-                  "--use-exit-norm", "--untie-exit-output-weights")
+        _run_tool(
+            "tools/checkpoint/add_exits.py",
+            "--load",
+            base,
+            "--save",
+            init,
+            "--exit-layer-nums",
+            "2",
+            "4",
+            "6",
+            "--use-exit-norm",
+            "--untie-exit-output-weights",
+        )
     done = trained_iterations(save)
     if done >= iters:
         return save
     log(f"EE-Tuning the exits with self-distillation, iterations {done} -> {iters} (saved to {save})")
-    _pretrain(work_dir, files, save, (["--load", save] if done else ["--load", init, "--finetune"]) + [
-        "--untie-exit-output-weights", "--tune-exit", "--exit-distill-weight", "1.0", "--train-iters", str(iters),
-        "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
-        "--weight-decay", "0.0", "--seed", "4321"])
+    _pretrain(
+        work_dir,
+        files,
+        save,
+        (["--load", save] if done else ["--load", init, "--finetune"])
+        + [
+            "--untie-exit-output-weights",
+            "--tune-exit",
+            "--exit-distill-weight",
+            "1.0",
+            "--train-iters",
+            str(iters),
+            "--lr",
+            "1e-3",
+            "--min-lr",
+            "1e-4",
+            "--lr-decay-style",
+            "cosine",
+            "--lr-warmup-iters",
+            "10",
+            "--weight-decay",
+            "0.0",
+            "--seed",
+            "4321",
+        ],
+    )
     return save
 
 
@@ -171,9 +343,14 @@ def held_out_prompts(tokenizer, corpus_jsonl: str, num_prompts: int, prompt_toke
     root = sysconfig.get_paths()["stdlib"]
     candidates = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__"))
-        candidates += [os.path.join(dirpath, f) for f in sorted(filenames)
-                       if f.endswith(".py") and os.path.relpath(os.path.join(dirpath, f), root) not in seen]
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__")
+        )
+        candidates += [
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.endswith(".py") and os.path.relpath(os.path.join(dirpath, f), root) not in seen
+        ]
     rng = random.Random(seed)
     prompts = []
     for path in rng.sample(candidates, len(candidates)):
@@ -197,6 +374,8 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
+
+    # isort: split
     from megatron.early_exit.inference import EarlyExit, SelfSpeculative
     from megatron.early_exit.inference.calibration import format_table, oracle_decode, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
@@ -228,7 +407,9 @@ def main():
     labels = [f"{t:g}" for kv in args.kv for t in args.thresholds]
     if args.per_exit_targets:
         per_exit = calibrate(model, calibration_prompts, args, exits)
-        strategies += [EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets]
+        strategies += [
+            EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets
+        ]
         labels += [f"per exit {t:g}" for kv in args.kv for t in args.per_exit_targets]
     guaranteed = None
     if args.guarantee:
@@ -237,20 +418,24 @@ def main():
         labels += [f"LTT {guaranteed.criterion} {guaranteed.target:g}" for kv in args.kv]
     strategies += [SelfSpeculative(**speculative_options(s)) for s in args.speculative]
     labels += ["-" for _ in args.speculative]
-    log(f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
+    log(
+        f"model: {train_args.num_layers} layers, hidden {train_args.hidden_size}, exits {train_args.exit_layer_nums}, "
         f"vocab {model.vocab_size}; {len(prompts)} held-out prompts of {args.prompt_tokens} tokens, "
-        f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s), {args.clock} clock")
+        f"{args.max_new_tokens} new tokens each, measure {args.measure}, {args.threads} thread(s), {args.clock} clock"
+    )
     points = sweep(model, prompts, strategies, args.max_new_tokens, args.repeats, clock=args.clock, progress=log)
     for p, label in zip(points[1:], labels):
         if label.startswith("per exit"):
-            p.strategy += f" {label[len('per exit '):]}"
+            p.strategy += f" {label[len('per exit ') :]}"
         if label.startswith("LTT"):
             p.strategy += " LTT"
     labelled = list(zip(points[1:], strategies, labels))
 
     print("\n" + format_table(points))
-    print("(per-exit T: thresholds calibrated per exit so that the tokens leaving at each agree with the final layer "
-          "at rate T, on other held-out prompts)")
+    print(
+        "(per-exit T: thresholds calibrated per exit so that the tokens leaving at each agree with the final layer "
+        "at rate T, on other held-out prompts)"
+    )
     early = [(p, s, label) for p, s, label in labelled if p.acceptance is None]
     spec = [p for p in points if p.acceptance is not None]
     print("\ngoals:")
@@ -261,61 +446,84 @@ def main():
             picks.append(fastest)
         if fastest:
             p, _, label = fastest
-            print(f"  fastest early exit with {criterion} >= 0.95: {p.strategy} threshold {label}: "
-                  f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)")
+            print(
+                f"  fastest early exit with {criterion} >= 0.95: {p.strategy} threshold {label}: "
+                f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)"
+            )
         else:
             print(f"  no early-exit threshold reached {criterion} 0.95")
     for p, _, label in labelled if guaranteed else []:
         if label.startswith("LTT"):
             held = getattr(p, guaranteed.criterion)
-            print(f"  Learn-then-Test ({guaranteed.criterion} >= {guaranteed.target:g} with probability "
-                  f"{guaranteed.confidence:g}, calibrated on {guaranteed.num_learn + guaranteed.num_test} other prompts, "
-                  f"thresholds { {n: round(t, 3) for n, t in guaranteed.exit_thresholds.items()} or 'none valid'}): "
-                  f"{p.strategy}: {guaranteed.criterion} {held:.3f} on the benchmark's prompts: bound "
-                  f"{'kept' if held >= guaranteed.target else 'NOT kept'}; {p.speedup:.2f}x")
+            print(
+                f"  Learn-then-Test ({guaranteed.criterion} >= {guaranteed.target:g} with probability "
+                f"{guaranteed.confidence:g}, calibrated on {guaranteed.num_learn + guaranteed.num_test} other prompts, "
+                f"thresholds { {n: round(t, 3) for n, t in guaranteed.exit_thresholds.items()} or 'none valid' }): "
+                f"{p.strategy}: {guaranteed.criterion} {held:.3f} on the benchmark's prompts: bound "
+                f"{'kept' if held >= guaranteed.target else 'NOT kept'}; {p.speedup:.2f}x"
+            )
     if spec:
         top = max(spec, key=lambda p: p.speedup)
-        print(f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement {top.agreement:.3f} "
-              f"(must be 1.000), accepted {top.acceptance:.2f}")
+        print(
+            f"  best self-speculative: {top.strategy}: {top.speedup:.2f}x (goal >= 1.5x), agreement "
+            f"{top.agreement:.3f} "
+            f"(must be 1.000), accepted {top.acceptance:.2f}"
+        )
         need = top.acceptance_for(1.5)
         if need is not None:
-            print(f"    at its cost per round ({top.drafts_per_round:.2f} drafts and a verification), 1.5x needs "
-                  f"acceptance {need:.2f}" + (" (more than every draft)" if need > 1 else ""))
+            print(
+                f"    at its cost per round ({top.drafts_per_round:.2f} drafts and a verification), 1.5x needs "
+                f"acceptance {need:.2f}" + (" (more than every draft)" if need > 1 else "")
+            )
     if spec:
         fastest = max(labelled, key=lambda c: c[0].speedup if c[0].acceptance is not None else 0)[1]
         ratio, accepted = sampled_speedup(model, prompts, fastest, args.max_new_tokens, args.repeats, args.clock)
-        print(f"  sampled (temperature 1, top-k 50) {fastest.name}: {ratio:.2f}x over sampling at full depth "
-              f"(goal >= 1.3x), accepted {accepted:.2f}; its tokens follow the full model's distribution (rejection "
-              "sampling, tests/test_speculative_sampling.py)")
+        print(
+            f"  sampled (temperature 1, top-k 50) {fastest.name}: {ratio:.2f}x over sampling at full depth "
+            f"(goal >= 1.3x), accepted {accepted:.2f}; its tokens follow the full model's distribution (rejection "
+            "sampling, tests/test_speculative_sampling.py)"
+        )
     for kv in args.kv:
         going = [c for c in early if c[1].kv == kv and c[0].mean_exit_layer < c[0].num_layers]
         if going:
             p, _, label = max(going, key=lambda c: c[0].speedup)
-            print(f"  {kv}: best achieved/ideal {max(c[0].efficiency for c in going):.2f}; fastest at threshold {label}: "
-                  f"{p.speedup:.2f}x of ideal {p.ideal_speedup:.2f}x")
+            print(
+                f"  {kv}: best achieved/ideal {max(c[0].efficiency for c in going):.2f}; fastest at threshold {label}: "
+                f"{p.speedup:.2f}x of ideal {p.ideal_speedup:.2f}x"
+            )
     propagated = [c[0] for c in early if c[1].kv == "propagate" and c[0].mean_exit_layer < c[0].num_layers]
     if propagated:
         share = kv_projection_share(train_args)
         p = max(propagated, key=lambda p: p.speedup)
         ceiling = propagation_ceiling(p.num_layers, p.mean_exit_layer, share)
-        print(f"  state propagation at its fastest: every skipped layer still computes its K/V projection "
-              f"({share:.0%} of a layer's matmul FLOPs), so its ceiling is {ceiling:.2f}x = "
-              f"{ceiling / p.ideal_speedup:.2f} of the ideal {p.ideal_speedup:.2f}x")
+        print(
+            f"  state propagation at its fastest: every skipped layer still computes its K/V projection "
+            f"({share:.0%} of a layer's matmul FLOPs), so its ceiling is {ceiling:.2f}x = "
+            f"{ceiling / p.ideal_speedup:.2f} of the ideal {p.ideal_speedup:.2f}x"
+        )
     oracle = oracle_decode(model, prompts, exits, args.max_new_tokens, args.measure, args.repeats, args.clock)
-    print(f"  bound of any confidence measure: an exit test that knew the final layer's token (each token leaves at "
-          f"the shallowest exit agreeing with it, every exit still tested): {oracle.speedup:.2f}x over full depth, "
-          f"tokens equal to full depth: {oracle.equals_full_depth}, mean exit {oracle.mean_exit_layer:.2f}, "
-          "exits take " + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items()))
+    print(
+        f"  bound of any confidence measure: an exit test that knew the final layer's token (each token leaves at "
+        f"the shallowest exit agreeing with it, every exit still tested): {oracle.speedup:.2f}x over full depth, "
+        f"tokens equal to full depth: {oracle.equals_full_depth}, mean exit {oracle.mean_exit_layer:.2f}, "
+        "exits take " + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items())
+    )
     for p, strategy, label in picks if args.batch_size > 1 else []:
-        batched = batch_speedup(model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock)
-        print(f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
-              f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)")
+        batched = batch_speedup(
+            model, prompts, strategy, args.batch_size, args.max_new_tokens, args.repeats, args.clock
+        )
+        print(
+            f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
+            f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)"
+        )
     for name in dict.fromkeys([args.measure, "max_prob"] + (["gated_max_prob"] if args.confidence_estimator else [])):
         if name == "gated_max_prob" and not _hidden_only(model):
             continue
         test, layer = exit_test_cost(model, prompts[0], name, min(exits or model.ee_config.exit_layer_nums), 2.0)
-        print(f"  exit test ({name}) that does not fire: {test * 1e6:.0f} us = {test / layer:.2f} of a layer "
-              f"({layer * 1e6:.0f} us) (goal <= 0.15)")
+        print(
+            f"  exit test ({name}) that does not fire: {test * 1e6:.0f} us = {test / layer:.2f} of a layer "
+            f"({layer * 1e6:.0f} us) (goal <= 0.15)"
+        )
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
@@ -325,9 +533,21 @@ def guarantee(model, prompts, args, exits):
     from megatron.early_exit.inference.learn_then_test import learn_then_test
 
     criterion, target, confidence = args.guarantee.split(":")
-    log(f"Learn-then-Test on {len(prompts)} other held-out prompts: {criterion} >= {target} with probability {confidence}")
-    result = learn_then_test(model, prompts, args.measure, criterion, float(target), float(confidence),
-                             args.guarantee_new_tokens, exits, progress=lambda line: log("  " + line))
+    log(
+        f"Learn-then-Test on {len(prompts)} other held-out prompts: {criterion} >= {target} with probability "
+        f"{confidence}"
+    )
+    result = learn_then_test(
+        model,
+        prompts,
+        args.measure,
+        criterion,
+        float(target),
+        float(confidence),
+        args.guarantee_new_tokens,
+        exits,
+        progress=lambda line: log("  " + line),
+    )
     log(f"guaranteed thresholds: {result.exit_thresholds or 'none valid: no exit fires'}")
     return result
 
@@ -337,11 +557,14 @@ def calibrate(model, prompts, args, exits) -> dict:
     from megatron.early_exit.inference.calibration import as_exit_thresholds, calibrate_per_exit
 
     out = {}
-    for target, calibrated in calibrate_per_exit(model, prompts, args.measure, args.per_exit_targets,
-                                                 args.max_new_tokens, exits).items():
+    for target, calibrated in calibrate_per_exit(
+        model, prompts, args.measure, args.per_exit_targets, args.max_new_tokens, exits
+    ).items():
         out[target] = as_exit_thresholds(calibrated)
-        log(f"per-exit thresholds for {target:g} on {len(prompts)} other held-out prompts: " + ", ".join(
-            f"[{c.layer_number}] {c.threshold:.3f} (takes {c.coverage:.0%})" for c in calibrated))
+        log(
+            f"per-exit thresholds for {target:g} on {len(prompts)} other held-out prompts: "
+            + ", ".join(f"[{c.layer_number}] {c.threshold:.3f} (takes {c.coverage:.0%})" for c in calibrated)
+        )
     return out
 
 
@@ -351,8 +574,8 @@ def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold:
     (a real text: a gate sees the states it will see), a layer on the prompt's next token."""
 
     from megatron.early_exit.inference.confidence import get_confidence_measure
-    from megatron.early_exit.inference.decoder import Decoder, confidence_test
     from megatron.early_exit.inference.context import inference_context
+    from megatron.early_exit.inference.decoder import Decoder, confidence_test
 
     measure = get_confidence_measure(measure_name, model)
     with inference_context(model):
@@ -373,8 +596,9 @@ def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold:
                 last = x[i : i + 1]
                 head_input = attention[i : i + 1] if point.head.has_mlp else None
                 start = time.perf_counter()
-                fire, _ = confidence_test(model, point, threshold, measure, last, head_input,
-                                          None if previous is None else previous[i])
+                fire, _ = confidence_test(
+                    model, point, threshold, measure, last, head_input, None if previous is None else previous[i]
+                )
                 took = time.perf_counter() - start
                 if not fire[0]:
                     tests, seconds = tests + 1, seconds + took
@@ -417,8 +641,10 @@ def sampled_speedup(model, prompts, strategy, max_new_tokens: int, repeats: int,
     seconds, drafted, accepted = {}, 0, 0
     for rep in range(repeats):
         for s in (FullDepth(), strategy):
-            results = [generate(model, [p], s, max_new_tokens, SamplingParams(1.0, 50, seed=1000 * rep + i))
-                       for i, p in enumerate(prompts)]
+            results = [
+                generate(model, [p], s, max_new_tokens, SamplingParams(1.0, 50, seed=1000 * rep + i))
+                for i, p in enumerate(prompts)
+            ]
             took = sum(r.decode_seconds if clock == "wall" else r.decode_cpu_seconds for r in results)
             seconds[s.name] = min(seconds.get(s.name, took), took)
             if s is strategy:
@@ -455,8 +681,12 @@ def plot(points, path: str) -> None:
         lines.setdefault(p.strategy.split(" ")[0] if p.acceptance is None else "self_speculative", []).append(p)
     for name, group in lines.items():
         group = sorted(group, key=lambda p: p.agreement)
-        ax.plot([p.agreement for p in group], [p.speedup for p in group], "o-" if name != "self_speculative" else "s",
-                label=name)
+        ax.plot(
+            [p.agreement for p in group],
+            [p.speedup for p in group],
+            "o-" if name != "self_speculative" else "s",
+            label=name,
+        )
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="full depth")
     ax.axvline(0.95, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("agreement with full depth")
@@ -466,6 +696,7 @@ def plot(points, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

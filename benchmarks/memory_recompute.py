@@ -27,8 +27,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2",
-              "OMP_NUM_THREADS": "1"}
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+    "MALLOC_ARENA_MAX": "2",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def _rss_kib(field: str) -> int:
@@ -65,26 +69,71 @@ def measure_peak(argv, nproc: int = 1, timeout: int = 600):
     `argv` (training flags), run in fresh processes (torchrun when nproc > 1)."""
     with tempfile.TemporaryDirectory() as out_dir:
         script = [os.path.abspath(__file__), "--child", out_dir, "--", *argv]
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                        f"--nproc-per-node={nproc}"]
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        )
         # A fresh rendezvous: the caller's MASTER_PORT (a test process's own group) is taken.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        }
         env.update(PYTHONWARNINGS="ignore", **MALLOC_ENV)
         proc = subprocess.run(launcher + script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"measured run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"measured run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return [json.load(open(os.path.join(out_dir, f"rank{r}.json")))["peak_bytes"] for r in range(nproc)]
 
 
 def run_flags(num_layers, hidden, ffn, heads, vocab, seq, micro_batch, exits, recompute=(), pp=1, microbatches=1):
-    flags = ["--num-layers", num_layers, "--hidden-size", hidden, "--ffn-hidden-size", ffn,
-             "--num-attention-heads", heads, "--seq-length", seq, "--micro-batch-size", micro_batch,
-             "--global-batch-size", micro_batch * microbatches, "--train-iters", 2, "--lr", 1e-4,
-             "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-             "--hidden-dropout", 0, "--attention-dropout", 0, "--mock-data", "--vocab-size", vocab,
-             "--make-vocab-size-divisible-by", 128, "--eval-iters", 0, "--log-interval", 1, "--device", "cpu",
-             "--pipeline-model-parallel-size", pp, *recompute]
+    flags = [
+        "--num-layers",
+        num_layers,
+        "--hidden-size",
+        hidden,
+        "--ffn-hidden-size",
+        ffn,
+        "--num-attention-heads",
+        heads,
+        "--seq-length",
+        seq,
+        "--micro-batch-size",
+        micro_batch,
+        "--global-batch-size",
+        micro_batch * microbatches,
+        "--train-iters",
+        2,
+        "--lr",
+        1e-4,
+        "--normalization",
+        "RMSNorm",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--position-embedding-type",
+        "rope",
+        "--hidden-dropout",
+        0,
+        "--attention-dropout",
+        0,
+        "--mock-data",
+        "--vocab-size",
+        vocab,
+        "--make-vocab-size-divisible-by",
+        128,
+        "--eval-iters",
+        0,
+        "--log-interval",
+        1,
+        "--device",
+        "cpu",
+        "--pipeline-model-parallel-size",
+        pp,
+        *recompute,
+    ]
     if exits:
         flags += ["--exit-layer-nums", *exits, "--use-exit-norm"]
     return [str(f) for f in flags]
@@ -109,11 +158,31 @@ def main():
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=4)
     a = p.parse_args()
-    shape = (a.num_layers, a.hidden_size, a.ffn_hidden_size, a.num_attention_heads, a.vocab_size, a.seq_length,
-             a.micro_batch_size, [2, a.num_layers // 2])
-    settings = [("none", []),
-                ("full, uniform 1", ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                                     "--recompute-num-layers", "1", "--recompute-exit-heads"])]
+    shape = (
+        a.num_layers,
+        a.hidden_size,
+        a.ffn_hidden_size,
+        a.num_attention_heads,
+        a.vocab_size,
+        a.seq_length,
+        a.micro_batch_size,
+        [2, a.num_layers // 2],
+    )
+    settings = [
+        ("none", []),
+        (
+            "full, uniform 1",
+            [
+                "--recompute-granularity",
+                "full",
+                "--recompute-method",
+                "uniform",
+                "--recompute-num-layers",
+                "1",
+                "--recompute-exit-heads",
+            ],
+        ),
+    ]
     print(f"{'recomputation':>18} {'measured MB':>12} {'estimated MB':>13}")
     peaks = []
     for name, flags in settings:

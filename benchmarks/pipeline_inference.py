@@ -68,6 +68,8 @@ def run_ranks(args):
     import torch
 
     import megatron.early_exit  # noqa: F401
+
+    # isort: split
     from benchmarks.inference_speed import held_out_prompts, prepare_corpus
     from megatron.early_exit.inference import EarlyExit, FullDepth
     from megatron.early_exit.inference.loading import load_model
@@ -98,13 +100,17 @@ def run_ranks(args):
     log(f"PP=2 full depth: {full_tps:.1f} tokens/s")
     exits = tuple(args.exit_layers) if args.exit_layers else None
     for threshold in args.thresholds:
-        tps, tokens, mean_exit = timed(model, prompts, EarlyExit(threshold, kv="pipeline", exit_layers=exits),
-                                       args.max_new_tokens, args.repeats)
+        tps, tokens, mean_exit = timed(
+            model, prompts, EarlyExit(threshold, kv="pipeline", exit_layers=exits), args.max_new_tokens, args.repeats
+        )
         rows.append((f"pipeline EE @{threshold}, PP=2", tps, tps / full_tps, mean_exit, agreement(tokens, reference)))
         log(f"threshold {threshold}: {tps:.1f} tokens/s")
     if torch.distributed.get_rank() == 0:
-        print(f"\nmodel: {train_args.num_layers} layers, exits {train_args.exit_layer_nums} (active {list(exits or [])}); "
-              f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, 1 thread per process")
+        print(
+            f"\nmodel: {train_args.num_layers} layers, exits {train_args.exit_layer_nums} (active "
+            f"{list(exits or [])}); "
+            f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, 1 thread per process"
+        )
         print(f"{'strategy':34s} {'tok/s':>8s} {'speedup':>8s} {'mean exit':>10s} {'agreement':>10s}")
         for name, tps, speedup, mean_exit, agree in rows:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -119,7 +125,14 @@ def main():
     if not os.path.isfile(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
         sys.exit(f"error: no checkpoint at {ckpt}: run benchmarks/inference_speed.py first, or give --load")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", os.path.abspath(__file__)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        os.path.abspath(__file__),
+    ]
     sys.exit(subprocess.call(cmd + sys.argv[1:], env=env))
 
 

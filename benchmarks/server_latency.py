@@ -35,11 +35,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RANDOM_MODEL_FLAGS = [
-    "--num-layers", "8", "--hidden-size", "192", "--ffn-hidden-size", "512", "--num-attention-heads", "6",
-    "--seq-length", "256", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
-    "--untie-embeddings-and-output-weights", "--exit-layer-nums", "2", "4", "--use-exit-norm",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "2048", "--make-vocab-size-divisible-by", "128",
-    "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "3",
+    "--num-layers",
+    "8",
+    "--hidden-size",
+    "192",
+    "--ffn-hidden-size",
+    "512",
+    "--num-attention-heads",
+    "6",
+    "--seq-length",
+    "256",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--exit-layer-nums",
+    "2",
+    "4",
+    "--use-exit-norm",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "2048",
+    "--make-vocab-size-divisible-by",
+    "128",
+    "--micro-batch-size",
+    "1",
+    "--train-iters",
+    "1",
+    "--lr",
+    "1e-3",
+    "--mock-data",
+    "--seed",
+    "3",
 ]
 
 
@@ -73,11 +102,30 @@ def write_random_checkpoint(root: str) -> None:
 
 
 def start_server(load: str, tp: int, log_path: str, threads: int):
-    flags = [os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", load, "--port", "0",
-             "--log-level", "warning", "--max-batch-size", "16", "--threads", str(threads)]
+    flags = [
+        os.path.join(ROOT, "tools", "run_text_generation_server.py"),
+        "--load",
+        load,
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--max-batch-size",
+        "16",
+        "--threads",
+        str(threads),
+    ]
     if tp > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}", *flags,
-               "--tensor-model-parallel-size", str(tp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={tp}",
+            *flags,
+            "--tensor-model-parallel-size",
+            str(tp),
+        ]
     else:
         cmd = [sys.executable, *flags]
     return launch_server(cmd, log_path)
@@ -86,8 +134,14 @@ def start_server(load: str, tp: int, log_path: str, threads: int):
 def launch_server(cmd, log_path: str):
     """Start a server command in its own session; (process, base URL) once it says where it serves."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env=dict(env, PYTHONWARNINGS="ignore"), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=dict(env, PYTHONWARNINGS="ignore"),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while True:
         found = re.search(r"serving \S+ on (http://\S+)", open(log_path).read())
@@ -128,8 +182,12 @@ def measure_latency(client, engine, args, vocab) -> list:
     rows = []
     if engine is not None:
         ids = [int(t) for t in prompt.split()]
-        rows.append(("generate() in this process", median_seconds(lambda: generate(engine, [ids], FullDepth(), args.short_tokens),
-                                                                  args.latency_repeats)))
+        rows.append(
+            (
+                "generate() in this process",
+                median_seconds(lambda: generate(engine, [ids], FullDepth(), args.short_tokens), args.latency_repeats),
+            )
+        )
         log(f"  direct generate(): {rows[-1][1] * 1000:.1f} ms")
     for name, call in (("PUT /api", put), ("POST /v1/completions", post)):
         rows.append((name, median_seconds(call, args.latency_repeats)))
@@ -199,18 +257,24 @@ def main():
             vocab = tokenizer.vocab_size
         log(f"serving at {url}; {args.threads} torch thread(s) per server process")
         with httpx.Client(base_url=url, timeout=600) as client:
-            log(f"latency: a {args.prompt_tokens}-token prompt, {args.short_tokens} new tokens, greedy, "
-                f"median of {args.latency_repeats}")
+            log(
+                f"latency: a {args.prompt_tokens}-token prompt, {args.short_tokens} new tokens, greedy, "
+                f"median of {args.latency_repeats}"
+            )
             latency = measure_latency(client, engine, args, vocab)
             load_rows = []
             for kind in ("greedy", "early exit (threshold 0)", "sampled (seeded)"):
                 for clients in args.clients:
-                    log(f"load: {clients} client(s) x {args.requests_per_client} requests of {args.new_tokens} "
-                        f"tokens, {kind}")
+                    log(
+                        f"load: {clients} client(s) x {args.requests_per_client} requests of {args.new_tokens} "
+                        f"tokens, {kind}"
+                    )
                     tps, seconds, calls = measure_load(client, url, args, clients, kind, vocab)
                     load_rows.append((kind, clients, tps, seconds, calls))
-                    log(f"  {tps:.1f} tokens/s ({seconds:.1f} s, {clients * args.requests_per_client} requests in "
-                        f"{calls} engine calls)")
+                    log(
+                        f"  {tps:.1f} tokens/s ({seconds:.1f} s, {clients * args.requests_per_client} requests in "
+                        f"{calls} engine calls)"
+                    )
     finally:
         proc.terminate()
         proc.wait(30)

@@ -43,11 +43,37 @@ sys.path.insert(0, ROOT)
 from benchmarks.server_latency import launch_server  # noqa: E402
 
 QUICK_MODEL_FLAGS = [  # --quick: random weights, NullTokenizer (prompts are token ids as text)
-    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "256",
-    "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--exit-layer-nums", "2", "--use-exit-norm", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
-    "--make-vocab-size-divisible-by", "128", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-    "--mock-data", "--seed", "3",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "256",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--exit-layer-nums",
+    "2",
+    "--use-exit-norm",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "512",
+    "--make-vocab-size-divisible-by",
+    "128",
+    "--micro-batch-size",
+    "1",
+    "--train-iters",
+    "1",
+    "--lr",
+    "1e-3",
+    "--mock-data",
+    "--seed",
+    "3",
 ]
 
 
@@ -66,7 +92,9 @@ def parse_args():
     p.add_argument("--exit-layers", type=int, nargs="*", default=None, help="active exits of `continuous ee`")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--configs", nargs="+", default=["static", "continuous full", "continuous ee"])
-    p.add_argument("--plot", default=None, help="PNG of latency against throughput (default: WORK_DIR/serving_load.png)")
+    p.add_argument(
+        "--plot", default=None, help="PNG of latency against throughput (default: WORK_DIR/serving_load.png)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
@@ -87,6 +115,8 @@ def prepare_model(args):
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
+
+    # isort: split
     from megatron.early_exit.parallel import initialize_parallel
 
     os.makedirs(args.work_dir, exist_ok=True)
@@ -103,8 +133,13 @@ def prepare_model(args):
             train_args = parse_training_args(QUICK_MODEL_FLAGS, world_size=1)
             save_weights(ckpt, train_args, build_model(train_args, torch.device("cpu"), 512), iteration=1)
         tokenizer = build_tokenizer("NullTokenizer", vocab_size=512)
-        requests = [(" ".join(str(rng.randrange(500)) for _ in range(rng.randint(*args.prompt_tokens))),
-                     rng.randint(*args.output_tokens)) for _ in range(args.requests)]
+        requests = [
+            (
+                " ".join(str(rng.randrange(500)) for _ in range(rng.randint(*args.prompt_tokens))),
+                rng.randint(*args.output_tokens),
+            )
+            for _ in range(args.requests)
+        ]
         return ckpt, tokenizer, requests
     from benchmarks.inference_speed import prepare_corpus, train_model
     from megatron.early_exit.tokenizers import build_tokenizer
@@ -121,7 +156,9 @@ def held_out_requests(tokenizer, corpus_jsonl: str, args, rng):
     root = sysconfig.get_paths()["stdlib"]
     blocks = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__")
+        )
         for f in sorted(filenames):
             path = os.path.join(dirpath, f)
             if f.endswith(".py") and os.path.relpath(path, root) not in seen:
@@ -134,7 +171,7 @@ def held_out_requests(tokenizer, corpus_jsonl: str, args, rng):
         ids = tokenizer.tokenize(prompt)
         if len(ids) < args.prompt_tokens[0]:
             continue
-        ids = ids[-args.prompt_tokens[1]:]
+        ids = ids[-args.prompt_tokens[1] :]
         length = min(max(len(tokenizer.tokenize(following)), args.output_tokens[0]), args.output_tokens[1])
         out.append((tokenizer.detokenize(ids), length))
         if len(out) == args.requests:
@@ -146,9 +183,24 @@ def held_out_requests(tokenizer, corpus_jsonl: str, args, rng):
 
 
 def start_server(load: str, batching: str, args, log_path: str):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"), "--load", load, "--port", "0",
-           "--log-level", "warning", "--max-batch-size", str(args.max_batch_size), "--threads", str(args.threads),
-           "--batching", batching, "--max-queued-requests", "4096"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "run_text_generation_server.py"),
+        "--load",
+        load,
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--threads",
+        str(args.threads),
+        "--batching",
+        batching,
+        "--max-queued-requests",
+        "4096",
+    ]
     return launch_server(cmd, log_path)
 
 
@@ -162,7 +214,7 @@ def stream_one(client, body: dict, sent_at: float, record: dict) -> None:
         for line in reply.iter_lines():
             if not line.startswith("data: {"):
                 continue
-            choice = json.loads(line[len("data: "):])["choices"][0]
+            choice = json.loads(line[len("data: ") :])["choices"][0]
             if choice["exit_layers"]:
                 times.append(time.perf_counter())
                 pieces.append(choice["text"])
@@ -216,10 +268,18 @@ def summarize(records, reference=None) -> dict:
     for _, step in edges:
         in_flight += step
         peak = max(peak, in_flight)
-    row = dict(peak_streams=peak, requests_per_s=len(ok) / span, tokens_per_s=tokens / span, ttft_p50=percentile(ttft, 0.5),
-               ttft_p99=percentile(ttft, 0.99), itl_p50=percentile(itl, 0.5), itl_p99=percentile(itl, 0.99),
-               mean_exit=statistics.mean(exits) if exits else float("nan"), errors=len(records) - len(ok),
-               agreement=float("nan"))
+    row = dict(
+        peak_streams=peak,
+        requests_per_s=len(ok) / span,
+        tokens_per_s=tokens / span,
+        ttft_p50=percentile(ttft, 0.5),
+        ttft_p99=percentile(ttft, 0.99),
+        itl_p50=percentile(itl, 0.5),
+        itl_p99=percentile(itl, 0.99),
+        mean_exit=statistics.mean(exits) if exits else float("nan"),
+        errors=len(records) - len(ok),
+        agreement=float("nan"),
+    )
     if reference is not None:
         same = total = 0
         for mine, ref in zip(records, reference):
@@ -230,10 +290,18 @@ def summarize(records, reference=None) -> dict:
     return row
 
 
-COLUMNS = [("peak_streams", "streams", "{}"), ("requests_per_s", "req/s", "{:.2f}"), ("tokens_per_s", "out tok/s", "{:.1f}"),
-           ("ttft_p50", "TTFT p50 s", "{:.3f}"), ("ttft_p99", "TTFT p99 s", "{:.3f}"),
-           ("itl_p50", "ITL p50 s", "{:.4f}"), ("itl_p99", "ITL p99 s", "{:.4f}"),
-           ("mean_exit", "mean exit", "{:.2f}"), ("agreement", "agreement", "{:.3f}"), ("errors", "errors", "{}")]
+COLUMNS = [
+    ("peak_streams", "streams", "{}"),
+    ("requests_per_s", "req/s", "{:.2f}"),
+    ("tokens_per_s", "out tok/s", "{:.1f}"),
+    ("ttft_p50", "TTFT p50 s", "{:.3f}"),
+    ("ttft_p99", "TTFT p99 s", "{:.3f}"),
+    ("itl_p50", "ITL p50 s", "{:.4f}"),
+    ("itl_p99", "ITL p99 s", "{:.4f}"),
+    ("mean_exit", "mean exit", "{:.2f}"),
+    ("agreement", "agreement", "{:.3f}"),
+    ("errors", "errors", "{}"),
+]
 
 
 def print_table(results) -> None:
@@ -251,11 +319,15 @@ def print_goals(results, rates) -> None:
     streams = max(row["peak_streams"] for (rate, _), row in results.items() if rate == top)
     print(f"\nat the highest rate ({top:g} req/s, up to {streams} concurrent streams):")
     if static and full:
-        print(f"  continuous full / static output tokens/s: {full['tokens_per_s'] / static['tokens_per_s']:.2f}x "
-              f"(goal >= 1.5x); TTFT p99 continuous / static: {full['ttft_p99'] / static['ttft_p99']:.2f} (goal <= 0.33)")
+        print(
+            f"  continuous full / static output tokens/s: {full['tokens_per_s'] / static['tokens_per_s']:.2f}x "
+            f"(goal >= 1.5x); TTFT p99 continuous / static: {full['ttft_p99'] / static['ttft_p99']:.2f} (goal <= 0.33)"
+        )
     if full and ee:
-        print(f"  continuous ee / continuous full output tokens/s: {ee['tokens_per_s'] / full['tokens_per_s']:.2f}x "
-              f"(goal >= 1.15x at consistency >= 0.95; agreement here {ee['agreement']:.3f})")
+        print(
+            f"  continuous ee / continuous full output tokens/s: {ee['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+            f"(goal >= 1.15x at consistency >= 0.95; agreement here {ee['agreement']:.3f})"
+        )
 
 
 def plot(results, path: str) -> None:
@@ -283,9 +355,12 @@ def plot(results, path: str) -> None:
 def main():
     args = parse_args()
     ckpt, tokenizer, requests = prepare_model(args)
-    log(f"{len(requests)} requests per rate: prompts {min(len(tokenizer.tokenize(p)) for p, _ in requests)}-"
+    log(
+        f"{len(requests)} requests per rate: prompts {min(len(tokenizer.tokenize(p)) for p, _ in requests)}-"
         f"{max(len(tokenizer.tokenize(p)) for p, _ in requests)} tokens, outputs "
-        f"{min(n for _, n in requests)}-{max(n for _, n in requests)} tokens (mean {statistics.mean(n for _, n in requests):.1f})")
+        f"{min(n for _, n in requests)}-{max(n for _, n in requests)} tokens (mean "
+        f"{statistics.mean(n for _, n in requests):.1f})"
+    )
     ee = dict(use_early_exit=True, early_exit_thres=args.threshold)
     if args.exit_layers:
         ee["exit_layers"] = args.exit_layers
@@ -302,7 +377,9 @@ def main():
             for rate in args.rates:
                 for config in configs:
                     log(f"--batching {batching}: {config}, {rate:g} requests/s")
-                    records[(rate, config)] = run_load(url, requests, rate, extras[config], args.seed + int(rate * 1000))
+                    records[(rate, config)] = run_load(
+                        url, requests, rate, extras[config], args.seed + int(rate * 1000)
+                    )
         finally:
             proc.terminate()
             proc.wait(30)

@@ -1,6 +1,6 @@
 """Train the benchmark model built for early exit, and report its oracle bound.
 
-    python benchmarks/train_benchmark_model.py                       # the default candidate, about 40 minutes on 2 cores
+    python benchmarks/train_benchmark_model.py   # the default candidate, about 40 minutes on 2 cores
     python benchmarks/train_benchmark_model.py --candidate d8h192 --minutes 30
     python benchmarks/train_benchmark_model.py --minutes 1 --work-dir /tmp/bm   # a smoke run
 
@@ -34,31 +34,103 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAPE = ["--seq-length", "256", "--max-position-embeddings", "256", "--normalization", "RMSNorm", "--swiglu",
-         "--position-embedding-type", "rope", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0"]
+SHAPE = [
+    "--seq-length",
+    "256",
+    "--max-position-embeddings",
+    "256",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--position-embedding-type",
+    "rope",
+    "--disable-bias-linear",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+]
 
 # Candidates: deeper and narrower than the 8-layer hidden-192 model, where later layers add less.
 CANDIDATES = {
-    "d12h128": ["--num-layers", "12", "--hidden-size", "128", "--ffn-hidden-size", "352", "--num-attention-heads", "4",
-                "--exit-layer-nums", "2", "3", "4", "6", "8", "10"],
-    "d16h128": ["--num-layers", "16", "--hidden-size", "128", "--ffn-hidden-size", "352", "--num-attention-heads", "4",
-                "--exit-layer-nums", "2", "3", "4", "6", "8", "11", "14"],
-    "d8h192": ["--num-layers", "8", "--hidden-size", "192", "--ffn-hidden-size", "512", "--num-attention-heads", "6",
-               "--exit-layer-nums", "2", "3", "4", "6"],
+    "d12h128": [
+        "--num-layers",
+        "12",
+        "--hidden-size",
+        "128",
+        "--ffn-hidden-size",
+        "352",
+        "--num-attention-heads",
+        "4",
+        "--exit-layer-nums",
+        "2",
+        "3",
+        "4",
+        "6",
+        "8",
+        "10",
+    ],
+    "d16h128": [
+        "--num-layers",
+        "16",
+        "--hidden-size",
+        "128",
+        "--ffn-hidden-size",
+        "352",
+        "--num-attention-heads",
+        "4",
+        "--exit-layer-nums",
+        "2",
+        "3",
+        "4",
+        "6",
+        "8",
+        "11",
+        "14",
+    ],
+    "d8h192": [
+        "--num-layers",
+        "8",
+        "--hidden-size",
+        "192",
+        "--ffn-hidden-size",
+        "512",
+        "--num-attention-heads",
+        "6",
+        "--exit-layer-nums",
+        "2",
+        "3",
+        "4",
+        "6",
+    ],
 }
 
 RECIPE = [
-    "--use-exit-norm", "--layer-dropout-max", "0.2", "--layer-dropout-style", "exp",
-    "--exit-curriculum", "rotational", "--exit-curriculum-rotation", "2",
-    "--exit-distill-weight", "0.5", "--exit-distill-warmup-iters", "100",
+    "--use-exit-norm",
+    "--layer-dropout-max",
+    "0.2",
+    "--layer-dropout-style",
+    "exp",
+    "--exit-curriculum",
+    "rotational",
+    "--exit-curriculum-rotation",
+    "2",
+    "--exit-distill-weight",
+    "0.5",
+    "--exit-distill-warmup-iters",
+    "100",
 ]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidate", choices=sorted(CANDIDATES), default="d12h128")
-    p.add_argument("--minutes", type=float, default=40.0, help="training time limit (the data pipeline's setup not counted)")
-    p.add_argument("--train-iters", type=int, default=2400, help="iterations of the learning-rate schedule (and at most)")
+    p.add_argument(
+        "--minutes", type=float, default=40.0, help="training time limit (the data pipeline's setup not counted)"
+    )
+    p.add_argument(
+        "--train-iters", type=int, default=2400, help="iterations of the learning-rate schedule (and at most)"
+    )
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "benchmark_model"))
     p.add_argument("--export", default=None, help="write the trained model here as Hugging Face safetensors")
     p.add_argument("--num-prompts", type=int, default=8, help="held-out prompts for the oracle bound")
@@ -73,16 +145,61 @@ def log(msg: str) -> None:
 
 def train(args, files: dict, save: str, log_path: str) -> float:
     """pretrain_early_exit_gpt.py in a subprocess (its output to the console and `log_path`); minutes taken."""
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *CANDIDATES[args.candidate], *SHAPE, *RECIPE,
-           "--micro-batch-size", "8", "--global-batch-size", "16", "--adam-beta2", "0.95", "--clip-grad", "1.0",
-           "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
-           "--weight-decay", "0.1", "--seed", "1234", "--train-iters", str(args.train_iters),
-           "--exit-duration-in-mins", str(args.minutes),
-           "--data-path", files["data"], "--split", "98,2,0", "--data-cache-path", os.path.join(args.work_dir, "cache"),
-           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", files["tokenizer"],
-           "--log-interval", "25", "--eval-iters", "0", "--save", save, "--save-interval", "100000"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="")
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "pretrain_early_exit_gpt.py"),
+        *CANDIDATES[args.candidate],
+        *SHAPE,
+        *RECIPE,
+        "--micro-batch-size",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--adam-beta2",
+        "0.95",
+        "--clip-grad",
+        "1.0",
+        "--lr",
+        "2e-3",
+        "--min-lr",
+        "2e-4",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        "20",
+        "--weight-decay",
+        "0.1",
+        "--seed",
+        "1234",
+        "--train-iters",
+        str(args.train_iters),
+        "--exit-duration-in-mins",
+        str(args.minutes),
+        "--data-path",
+        files["data"],
+        "--split",
+        "98,2,0",
+        "--data-cache-path",
+        os.path.join(args.work_dir, "cache"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        files["tokenizer"],
+        "--log-interval",
+        "25",
+        "--eval-iters",
+        "0",
+        "--save",
+        save,
+        "--save-interval",
+        "100000",
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=str(args.threads),
+        CUDA_VISIBLE_DEVICES="",
+    )
     start = time.time()
     with open(log_path, "w") as out:
         out.write(" ".join(cmd[1:]) + "\n")
@@ -98,12 +215,12 @@ def train(args, files: dict, save: str, log_path: str) -> float:
 
 
 def oracle_bound(ckpt: str, files: dict, args):
+    import torch
+
+    from benchmarks.inference_speed import held_out_prompts
     from megatron.early_exit.inference.calibration import oracle_decode
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
-    from benchmarks.inference_speed import held_out_prompts
-
-    import torch
 
     initialize_parallel(1, 1)
     model, tokenizer, _ = load_model(ckpt)
@@ -115,8 +232,21 @@ def oracle_bound(ckpt: str, files: dict, args):
 def export(ckpt: str, files: dict, log_path: str, out_dir: str) -> None:
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"), "--direction", "to-hf",
-                    "--load", ckpt, "--save", tmp, "--no-progress"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"),
+            "--direction",
+            "to-hf",
+            "--load",
+            ckpt,
+            "--save",
+            tmp,
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     shutil.copy(log_path, os.path.join(tmp, "training_log.txt"))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -136,12 +266,16 @@ def main(argv=None):
     log(f"training {args.candidate} for at most {args.minutes:g} minutes / {args.train_iters} iterations -> {save}")
     minutes = train(args, files, save, log_path)
     oracle = oracle_bound(save, files, args)
-    log(f"candidate {args.candidate}: oracle bound {oracle.speedup:.2f}x after {minutes:.1f} training minutes "
+    log(
+        f"candidate {args.candidate}: oracle bound {oracle.speedup:.2f}x after {minutes:.1f} training minutes "
         f"({oracle.speedup / minutes:.3f}x per minute); mean exit {oracle.mean_exit_layer:.2f}; exits take "
-        + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items()))
+        + ", ".join(f"[{n}] {c:.0%}" for n, c in oracle.coverage.items())
+    )
     with open(log_path, "a") as out:
-        out.write(f"oracle bound {oracle.speedup:.3f}x, mean exit {oracle.mean_exit_layer:.3f}, training {minutes:.1f} min, "
-                  f"coverage {dict(oracle.coverage)}\n")
+        out.write(
+            f"oracle bound {oracle.speedup:.3f}x, mean exit {oracle.mean_exit_layer:.3f}, training {minutes:.1f} min, "
+            f"coverage {dict(oracle.coverage)}\n"
+        )
     if args.export:
         export(save, files, log_path, args.export)
 

@@ -43,10 +43,18 @@ def parse_args():
 def stdlib_prompts(tokenizer, n: int, length: int):
     root = sysconfig.get_paths()["stdlib"]
     prompts = []
-    for name in ("argparse.py", "json/decoder.py", "dataclasses.py", "functools.py", "pathlib.py", "typing.py",
-                 "textwrap.py", "shutil.py"):
+    for name in (
+        "argparse.py",
+        "json/decoder.py",
+        "dataclasses.py",
+        "functools.py",
+        "pathlib.py",
+        "typing.py",
+        "textwrap.py",
+        "shutil.py",
+    ):
         text = open(os.path.join(root, name), encoding="utf-8").read()
-        ids = tokenizer.tokenize(text[len(text) // 2:][:4000])
+        ids = tokenizer.tokenize(text[len(text) // 2 :][:4000])
         if len(ids) >= length:
             prompts.append(ids[:length])
         if len(prompts) == n:
@@ -69,6 +77,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
+
+    # isort: split
     from megatron.early_exit.inference import FullDepth, SelfSpeculative, generate
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
@@ -76,8 +86,19 @@ def main():
     ckpt = os.path.join(args.work_dir, "from_hf")
     if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
         os.makedirs(args.work_dir, exist_ok=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"), "--load", args.hf,
-                        "--save", ckpt, "--no-progress"], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"),
+                "--load",
+                args.hf,
+                "--save",
+                ckpt,
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
     torch.set_num_threads(args.threads)
     initialize_parallel(1, 1, device="cpu")
     ours, tokenizer, config = load_model(ckpt)
@@ -88,17 +109,26 @@ def main():
     def hf(prompt, **kw):
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=theirs.config.pad_token_id, **kw)
-        return out[0, len(prompt):].tolist()
+            out = theirs.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=theirs.config.pad_token_id,
+                **kw,
+            )
+        return out[0, len(prompt) :].tolist()
 
     runs = {
         "ours full depth": lambda p: generate(ours, [p], FullDepth(), n).tokens[0],
-        f"ours self-speculative [{args.exit_layer}x{args.num_draft}]":
-            lambda p: generate(ours, [p], SelfSpeculative(args.exit_layer, args.num_draft), n).tokens[0],
+        f"ours self-speculative [{args.exit_layer}x{args.num_draft}]": lambda p: generate(
+            ours, [p], SelfSpeculative(args.exit_layer, args.num_draft), n
+        ).tokens[0],
         "transformers full depth": lambda p: hf(p),
-        f"transformers assistant_early_exit={args.exit_layer}":
-            lambda p: hf(p, assistant_early_exit=args.exit_layer, num_assistant_tokens=args.num_draft),
+        f"transformers assistant_early_exit={args.exit_layer}": lambda p: hf(
+            p, assistant_early_exit=args.exit_layer, num_assistant_tokens=args.num_draft
+        ),
     }
     for fn in runs.values():  # warm-up
         fn(prompts[0][:8])
@@ -110,16 +140,22 @@ def main():
         print(f"  {name}: {len(prompts) * n / seconds[name]:.1f} tokens/s", flush=True)
     names = list(runs)
     reference = tokens[names[0]]
-    print(f"\n{config.num_layers} layers, hidden {config.hidden_size}, exits {config.early_exit.exit_layer_nums}; "
-          f"{len(prompts)} prompts x {n} new tokens, greedy, batch 1, {args.threads} thread(s)")
+    print(
+        f"\n{config.num_layers} layers, hidden {config.hidden_size}, exits {config.early_exit.exit_layer_nums}; "
+        f"{len(prompts)} prompts x {n} new tokens, greedy, batch 1, {args.threads} thread(s)"
+    )
     print(f"{'decoding':<44}{'tokens/s':>10}{'vs own full':>13}{'tokens = full depth':>21}")
     for i, name in enumerate(names):
         own_full = names[0] if name.startswith("ours") else names[2]
-        print(f"{name:<44}{len(prompts) * n / seconds[name]:>10.1f}{seconds[own_full] / seconds[name]:>12.2f}x"
-              f"{str(tokens[name] == reference):>21}")
+        print(
+            f"{name:<44}{len(prompts) * n / seconds[name]:>10.1f}{seconds[own_full] / seconds[name]:>12.2f}x"
+            f"{str(tokens[name] == reference):>21}"
+        )
     ratio = seconds[names[3]] / seconds[names[1]]
-    print(f"\nours against transformers' assisted generation, same weights: {ratio:.2f}x (goal >= 1.3x), tokens equal: "
-          f"{tokens[names[1]] == tokens[names[3]]}")
+    print(
+        f"\nours against transformers' assisted generation, same weights: {ratio:.2f}x (goal >= 1.3x), tokens equal: "
+        f"{tokens[names[1]] == tokens[names[3]]}"
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,16 @@ def random_llama(directory: str, args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=args.prompt_tokens + args.new_tokens + 16, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=args.prompt_tokens + args.new_tokens + 16,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
 
 
@@ -80,7 +87,11 @@ def main():
         print(f"exporting {args.load} to {hf_dir} ...", flush=True)
         export_hf(args.load, hf_dir)
     else:
-        print(f"random Llama ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}) in {hf_dir}, converting ...", flush=True)
+        print(
+            f"random Llama ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}) in {hf_dir}, converting "
+            "...",
+            flush=True,
+        )
         random_llama(hf_dir, args)
         import_hf(hf_dir, ours)
     device = initialize_parallel(1, 1, device=args.device).device
@@ -92,18 +103,30 @@ def main():
         strategies.append((f"early exit {args.threshold}", EarlyExit(args.threshold)))
     threads = args.threads or (sorted({1, os.cpu_count() or 1}) if device.type == "cpu" else [torch.get_num_threads()])
     print(f"\n{args.prompt_tokens}-token prompts, {args.new_tokens} greedy tokens, best of {args.repeats}\n")
-    print(f"{'threads':>7} {'batch':>5} {'transformers tok/s':>19} " + " ".join(f"{name + ' tok/s':>22} {'ratio':>6}" for name, _ in strategies)
-          + f" {'tokens equal':>13}")
+    print(
+        f"{'threads':>7} {'batch':>5} {'transformers tok/s':>19} "
+        + " ".join(f"{name + ' tok/s':>22} {'ratio':>6}" for name, _ in strategies)
+        + f" {'tokens equal':>13}"
+    )
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for b in args.batch_sizes:
             g = torch.Generator().manual_seed(b)
             prompts = torch.randint(0, vocab, (b, args.prompt_tokens), generator=g).to(device)
             with torch.no_grad():
-                t_hf, hf_out = best_of(args.repeats, lambda: hf.generate(
-                    prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, use_cache=True))
-            hf_tokens = hf_out[:, args.prompt_tokens:].tolist()
+                t_hf, hf_out = best_of(
+                    args.repeats,
+                    lambda: hf.generate(
+                        prompts,
+                        attention_mask=torch.ones_like(prompts),
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                        use_cache=True,
+                    ),
+                )
+            hf_tokens = hf_out[:, args.prompt_tokens :].tolist()
             row = f"{n_threads:>7} {b:>5} {b * args.new_tokens / t_hf:>19.1f} "
             equal = None
             for name, strategy in strategies:

@@ -17,9 +17,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
-                     help="show the N tests that used the most CPU time (this process and its finished children): "
-                          "on a shared machine a steadier measure than --durations")
+    parser.addoption(
+        "--cpu-durations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="show the N tests that used the most CPU time (this process and its finished children): "
+        "on a shared machine a steadier measure than --durations",
+    )
 
 
 _CPU = {}
@@ -42,7 +47,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if n is None or not _CPU:
         return
     terminalreporter.write_sep("=", f"{n} largest CPU times (setup + call + teardown)")
-    for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[:n or None]:
+    for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[: n or None]:
         terminalreporter.write_line(f"{seconds:8.2f}s  {nodeid}")
     terminalreporter.write_line(f"{sum(_CPU.values()):8.2f}s  CPU in all {len(_CPU)} tests")
 
@@ -60,6 +65,8 @@ def shared_models_unchanged():
 def dist1():
     """A single-process world with megatron-core's parallel state (TP=PP=DP=1)."""
     import megatron.early_exit  # noqa: F401
+
+    # isort: split
     from megatron.early_exit.parallel import initialize_parallel
 
     return initialize_parallel(1, 1)
@@ -141,36 +148,61 @@ def launch_grouped(module_name: str, request) -> dict:
         if launched:
             members = [module_name]
         else:
-            members = [m for m, (n, *_) in GROUPED.items()
-                       if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))]
+            members = [
+                m
+                for m, (n, *_) in GROUPED.items()
+                if n == nproc and (m == module_name or any(_uses(item, m) for item in request.session.items))
+            ]
         corpus = request.getfixturevalue("corpus") if any(GROUPED[m][3] for m in members) else None
         prepared = {m: request.getfixturevalue(PREPARE[m]) if m in PREPARE else None for m in members}
-        group = [{"module": m, "env": {"EE_TEST_OUT": case_output_dir(request, m),
-                                       **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {}),
-                                       **(prepared[m] if isinstance(prepared[m], dict) else {})}} for m in members]
+        group = [
+            {
+                "module": m,
+                "env": {
+                    "EE_TEST_OUT": case_output_dir(request, m),
+                    **({"EE_TEST_DATA": corpus} if GROUPED[m][3] else {}),
+                    **(prepared[m] if isinstance(prepared[m], dict) else {}),
+                },
+            }
+            for m in members
+        ]
         launch_dir = request.getfixturevalue("launch_dir")
         name = f"group_{nproc}_{len(launched)}"
         with open(os.path.join(launch_dir, f"{name}.json"), "w") as f:
             json.dump(group, f)
-        _LAUNCHES[("group", nproc, len(launched))] = (members, _torchrun(
-            ["--group", os.path.join(launch_dir, f"{name}.json")], os.path.join(launch_dir, f"{name}_results.json"),
-            nproc, timeout=600 * len(members), env={}))
+        _LAUNCHES[("group", nproc, len(launched))] = (
+            members,
+            _torchrun(
+                ["--group", os.path.join(launch_dir, f"{name}.json")],
+                os.path.join(launch_dir, f"{name}_results.json"),
+                nproc,
+                timeout=600 * len(members),
+                env={},
+            ),
+        )
         launched = [entry for key, entry in _LAUNCHES.items() if key[0] == "group" and key[1] == nproc]
-    (proc, results), = [outcome for members, outcome in launched if module_name in members]
+    ((proc, results),) = [outcome for members, outcome in launched if module_name in members]
     if results is None or module_name not in results:
         _launch_failed(module_name, proc)
     return results[module_name]
 
 
 def _launch_failed(module_name, proc):
-    pytest.fail(f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n"
-                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    pytest.fail(
+        f"torchrun launch of {module_name} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
 
 
 def _torchrun(runner_args, out, nproc, timeout, env):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        os.path.join(ROOT, "tests", "multiproc", "runner.py"), *runner_args, out,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        os.path.join(ROOT, "tests", "multiproc", "runner.py"),
+        *runner_args,
+        out,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -263,10 +295,16 @@ def reshard_inputs(dist1, corpus, request):
     state = run_training(tiny_run_flags(corpus, iters=3, **FLAGS, **{"--save": os.path.join(root, "tp1")}))
     torch.save(logits_by_layer(state.model.module, TOKENS), os.path.join(root, "tp1_logits.pt"))
     model = load_model(os.path.join(root, "tp1"))[0]
-    torch.save({name: (out.tokens, out.exit_layers) for name, out in (
-        ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
-        ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
-    )}, os.path.join(root, "tp1_generations.pt"))
+    torch.save(
+        {
+            name: (out.tokens, out.exit_layers)
+            for name, out in (
+                ("full", generate(model, PROMPTS, FullDepth(), max_new_tokens=12)),
+                ("early", generate(model, PROMPTS, EarlyExit(0.2, kv="pipeline"), max_new_tokens=12)),
+            )
+        },
+        os.path.join(root, "tp1_generations.pt"),
+    )
     return root
 
 
@@ -281,13 +319,24 @@ def hf_tp2_pp2_inputs(dist1, request):
     root = case_output_dir(request, "tests.multiproc.cases_hf")
     save_random_llama(os.path.join(root, "hf"), seed=13, num_key_value_heads=2)
     import_llama(os.path.join(root, "hf"), os.path.join(root, "ours"), tp=2, pp=2)
-    add_exits(os.path.join(root, "ours"), os.path.join(root, "ee"), copy_init=False, exit_layer_nums=[1, 3],
-              use_exit_norm=True, untie_exit_output_weights=True)  # exits on both stages (layers 1-2 and 3-4)
+    add_exits(
+        os.path.join(root, "ours"),
+        os.path.join(root, "ee"),
+        copy_init=False,
+        exit_layer_nums=[1, 3],
+        use_exit_norm=True,
+        untie_exit_output_weights=True,
+    )  # exits on both stages (layers 1-2 and 3-4)
     model = load(os.path.join(root, "ee"))
     tokens, pos = batch()
     with torch.no_grad():
         out = model(tokens, pos, None)
-        reference = {"tokens": tokens, "position_ids": pos, "vocab_size": model.vocab_size, "final": out.final,
-                     "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits}}
+        reference = {
+            "tokens": tokens,
+            "position_ids": pos,
+            "vocab_size": model.vocab_size,
+            "final": out.final,
+            "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits},
+        }
     torch.save(reference, os.path.join(root, "reference.pt"))
     return {"EE_HF_CHECKPOINT": os.path.join(root, "ee"), "EE_HF_REFERENCE": os.path.join(root, "reference.pt")}

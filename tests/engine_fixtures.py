@@ -16,8 +16,13 @@ def build_model():
 
     torch.manual_seed(0)
     config = tiny_transformer_config(num_layers=4, num_query_groups=2, init_method_std=0.3)
-    model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True), vocab_size=96,
-                              max_sequence_length=64, share_embeddings_and_output_weights=False)
+    model = EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True),
+        vocab_size=96,
+        max_sequence_length=64,
+        share_embeddings_and_output_weights=False,
+    )
     return model.eval()
 
 
@@ -73,8 +78,10 @@ def run_engine(model, requests, arrivals, aborts=(), max_batch=3, prefill_chunk=
             for i, at in enumerate(arrivals):
                 if at == step:
                     prompt, strategy, sampling, max_new, stops, top_n = requests[i]
-                    ids[i] = engine.add(SequenceRequest(tuple(prompt), strategy, sampling, max_new, stops, top_n),
-                                        lambda event, seq, i=i: listen(i, event, seq))
+                    ids[i] = engine.add(
+                        SequenceRequest(tuple(prompt), strategy, sampling, max_new, stops, top_n),
+                        lambda event, seq, i=i: listen(i, event, seq),
+                    )
                 elif at == step - 1 and abort_after.get(i) == 0:
                     engine.abort(ids[i])
             if engine.has_work or len(ids) < len(requests):

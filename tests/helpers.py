@@ -85,7 +85,10 @@ def build_ee_gpt(config, ee_config, vocab_size=96, seq_length=16, tied=True):
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 
     return EarlyExitGPTModel(
-        config, ee_config, vocab_size=vocab_size, max_sequence_length=seq_length,
+        config,
+        ee_config,
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
         share_embeddings_and_output_weights=tied,
     )
 
@@ -116,7 +119,7 @@ def load_full_state_dict(model: torch.nn.Module, state: dict, gated: bool | None
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in model.named_parameters():
-        key = name[len("module."):] if name.startswith("module.") else name
+        key = name[len("module.") :] if name.startswith("module.") else name
         if key not in state:
             if strict:
                 raise KeyError(f"parameter '{key}' missing from the state dict")
@@ -136,14 +139,17 @@ HEADS = {
     "untied": dict(untie_exit_output_weights=True, use_exit_norm=True),
     "pre_exit": dict(pre_exit=True, use_exit_norm=True),
     "pre_exit_block_untied": dict(pre_exit=True, use_exit_block=True, untie_exit_output_weights=True),
-    "temperature_dynamic": dict(use_exit_norm=True, exit_layer_temperature=[2.0, 0.5],
-                                use_dynamic_exit_layer_weight=True),
+    "temperature_dynamic": dict(
+        use_exit_norm=True, exit_layer_temperature=[2.0, 0.5], use_dynamic_exit_layer_weight=True
+    ),
 }
 
 
 # Local parameter names -> the TE layout's (what megatron-core's local spec maps in checkpoints).
-_RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
-            ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_RENAMES = (
+    ("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
+)
 
 
 def _renamed(state: dict, to_te: bool) -> dict:
@@ -192,7 +198,8 @@ def assert_same_up_to_near_ties(got, want, threshold: float, margin: float = 1e-
         for i, (x, y) in enumerate(zip(zip(a, got.exit_layers[row]), zip(b, want.exit_layers[row]))):
             if x != y:
                 assert near_tie(got, row, i) or near_tie(want, row, i), (
-                    f"row {row} token {i}: (token, exit layer) {x} vs {y}, no decision within {margin} of a tie")
+                    f"row {row} token {i}: (token, exit layer) {x} vs {y}, no decision within {margin} of a tie"
+                )
                 diverged += 1
                 break
         else:

@@ -18,9 +18,18 @@ def save_random_hf(path, model_type="llama", seed=0, **overrides):
     with save_pretrained; returns it in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=64, rms_norm_eps=1e-6,
-               tie_word_embeddings=False, rope_theta=10000.0)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
@@ -87,8 +96,14 @@ def export_llama(src, out, **kwargs):
     return run(str(src), str(out), progress=False, **kwargs)
 
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 
 def leftovers(parent):
     return [n for n in os.listdir(parent) if ".tmp-" in n]

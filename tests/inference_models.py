@@ -32,9 +32,14 @@ def fresh_model(variant: str = "tied_norm", position_embedding_type: str = "rope
     nums, flags = VARIANTS[variant]
     torch.manual_seed(0)
     config = tiny_transformer_config(num_layers=NUM_LAYERS, num_query_groups=num_query_groups, init_method_std=0.3)
-    model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=nums, **flags), vocab_size=96,
-                              max_sequence_length=64, share_embeddings_and_output_weights=False,
-                              position_embedding_type=position_embedding_type)
+    model = EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=nums, **flags),
+        vocab_size=96,
+        max_sequence_length=64,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type=position_embedding_type,
+    )
     return model.eval()
 
 
@@ -78,13 +83,43 @@ def save_tiny_checkpoint(root: str, seed: int = 5):
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model as build_training_model
 
-    args = parse_args([
-        "--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", str(seed),
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--normalization", "RMSNorm", "--swiglu",
-        "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--init-method-std", "0.3",
-        "--exit-layer-nums", "1", "2", "--use-exit-norm",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            "3",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            str(seed),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--init-method-std",
+            "0.3",
+            "--exit-layer-nums",
+            "1",
+            "2",
+            "--use-exit-norm",
+        ],
+        world_size=1,
+    )
     model = build_training_model(args, torch.device("cpu"), 128)
     save_weights(root, args, model, iteration=1)
     return model

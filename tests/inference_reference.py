@@ -56,8 +56,15 @@ def exit_logits_at(model, layer_number: int, states, attention, pos: int):
 
 
 @torch.no_grad()
-def reference_generate(model, prompt: List[int], max_new_tokens: int, threshold: float = math.inf,
-                       measure: str = "max_prob", exit_layers: Optional[List[int]] = None, propagate: bool = False):
+def reference_generate(
+    model,
+    prompt: List[int],
+    max_new_tokens: int,
+    threshold: float = math.inf,
+    measure: str = "max_prob",
+    exit_layers: Optional[List[int]] = None,
+    propagate: bool = False,
+):
     """Greedy tokens, exit depths and log-probabilities (under the layer that chose each
     token); the first token is always full depth (the prefill)."""
     model.eval()

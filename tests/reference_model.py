@@ -59,7 +59,7 @@ def layer(x, p, cfg):
 
 
 def sub(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def per_token_ce(logits, labels):

@@ -32,35 +32,96 @@ def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", str(seq_length),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "5",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            str(NUM_LAYERS),
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            str(seq_length),
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            "5",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB),
+            "--make-vocab-size-divisible-by",
+            "64",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--init-method-std",
+            "0.3",
+            "--exit-layer-nums",
+            *map(str, EXITS),
+            "--use-exit-norm",
+        ],
+        world_size=1,
+    )
     save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
 
 
 class Server:
     """A server process (torchrun when nproc > 1) in its own session, logging to a file."""
 
-    def __init__(self, root: str, log_path: str, nproc: int = 1, layout_flag: str = "--tensor-model-parallel-size",
-                 extra=(), max_batch: int = MAX_BATCH, max_prompt: int = MAX_PROMPT):
-        flags = ["--load", root, "--port", "0", "--max-batch-size", str(max_batch), "--max-prompt-tokens",
-                 str(max_prompt), "--log-level", "warning", "--model-name", "tiny", *extra]
+    def __init__(
+        self,
+        root: str,
+        log_path: str,
+        nproc: int = 1,
+        layout_flag: str = "--tensor-model-parallel-size",
+        extra=(),
+        max_batch: int = MAX_BATCH,
+        max_prompt: int = MAX_PROMPT,
+    ):
+        flags = [
+            "--load",
+            root,
+            "--port",
+            "0",
+            "--max-batch-size",
+            str(max_batch),
+            "--max-prompt-tokens",
+            str(max_prompt),
+            "--log-level",
+            "warning",
+            "--model-name",
+            "tiny",
+            *extra,
+        ]
         if nproc == 1:
             cmd = [sys.executable, SERVER, *flags]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", SERVER,
-                   *flags, layout_flag, str(nproc)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                SERVER,
+                *flags,
+                layout_flag,
+                str(nproc),
+            ]
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
         env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # this process's own rendezvous stays its own
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self._url = None
 
     @property
@@ -113,8 +174,10 @@ class InProcessServer:
 
         self.service, self.worker = service, worker
         self.server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=0, log_level="warning"))
-        self.threads = [threading.Thread(target=self.server.run, daemon=True),
-                        threading.Thread(target=worker.run, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self.server.run, daemon=True),
+            threading.Thread(target=worker.run, daemon=True),
+        ]
         for t in self.threads:
             t.start()
         deadline = time.monotonic() + 60

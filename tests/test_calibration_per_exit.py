@@ -55,7 +55,9 @@ def test_exit_thresholds_override_the_threshold_where_given(dist1, tmp_path):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("calibrate_threshold", os.path.join(ROOT, "tools", "calibrate_threshold.py"))
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_threshold", os.path.join(ROOT, "tools", "calibrate_threshold.py")
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
@@ -65,10 +67,31 @@ def test_calibrate_threshold_per_exit(dist1, tmp_path, monkeypatch, capsys):
     model = save_tiny_checkpoint(str(tmp_path)).eval()
     out_json = tmp_path / "per_exit.json"
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    monkeypatch.setattr(sys, "argv", ["calibrate_threshold.py", "--load", str(tmp_path), "--prompt", "5 17 3 9 22",
-                                      "--prompt", "40 2 77", "--max-new-tokens", "8", "--per-exit",
-                                      "--targets", "1.0", "0.5", "0.0", "--min-agreement", "1.0",
-                                      "--oracle", "--output-json", str(out_json)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "calibrate_threshold.py",
+            "--load",
+            str(tmp_path),
+            "--prompt",
+            "5 17 3 9 22",
+            "--prompt",
+            "40 2 77",
+            "--max-new-tokens",
+            "8",
+            "--per-exit",
+            "--targets",
+            "1.0",
+            "0.5",
+            "0.0",
+            "--min-agreement",
+            "1.0",
+            "--oracle",
+            "--output-json",
+            str(out_json),
+        ],
+    )
     with pytest.raises(SystemExit) as done:
         _tool().main()
     out = capsys.readouterr().out

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 VOCAB = 64
-TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _save_chat_model(folder, in_config: bool):
@@ -32,9 +35,18 @@ def _save_chat_model(folder, in_config: bool):
         config["chat_template"] = TEMPLATE
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                 tie_word_embeddings=False)).save_pretrained(str(folder))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(str(folder))
 
 
 @pytest.mark.parametrize("in_config", [False, True], ids=["chat_template.jinja", "tokenizer_config.json"])
@@ -57,5 +69,6 @@ def test_chat_template_is_carried_both_ways(dist1, tmp_path, in_config):
     back = AutoTokenizer.from_pretrained(str(tmp_path / "back"))
     assert back.chat_template == TEMPLATE
     messages = [{"role": "user", "content": "w1 w2"}]
-    assert back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        "<|user|>w1 w2<|assistant|>"
+    assert (
+        back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<|user|>w1 w2<|assistant|>"
+    )

@@ -8,7 +8,6 @@ import torch
 from tests.conftest import case_output_dir, launch_grouped
 from tests.training_fixtures import VOCAB, run_training, tiny_run_flags
 
-
 BASE = {"--hidden-dropout": 0.1, "--eval-iters": 0}
 losses = lambda history: [e[k] for e in history for k in sorted(e) if "loss" in k]  # noqa: E731
 
@@ -55,8 +54,14 @@ def test_finetune_loads_weights_only_and_starts_at_zero(straight_and_saved, corp
 
     _, _, root = straight_and_saved
     # lr 0: the weights after one step are the loaded ones.
-    tuned = run_training(tiny_run_flags(corpus, iters=1, **BASE, **{"--load": root, "--finetune": None, "--lr": 0, "--min-lr": 0,
-                                                         "--lr-warmup-iters": 0}))
+    tuned = run_training(
+        tiny_run_flags(
+            corpus,
+            iters=1,
+            **BASE,
+            **{"--load": root, "--finetune": None, "--lr": 0, "--min-lr": 0, "--lr-warmup-iters": 0},
+        )
+    )
     assert len(tuned.history) == 1  # iteration counter restarted
     saved, _, _ = load_model(root)
     got, want = full_state_dict(tuned.model.module), full_state_dict(saved)
@@ -67,10 +72,33 @@ def test_use_checkpoint_args_rebuilds_the_model(straight_and_saved, corpus):
     from megatron.early_exit.training.arguments import parse_args
 
     _, _, root = straight_and_saved
-    argv = ["--load", root, "--use-checkpoint-args", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", "20", "--lr", "1e-2", "--data-path", corpus, "--split", "90,10,0", "--eval-iters", "0"]
+    argv = [
+        "--load",
+        root,
+        "--use-checkpoint-args",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "20",
+        "--lr",
+        "1e-2",
+        "--data-path",
+        corpus,
+        "--split",
+        "90,10,0",
+        "--eval-iters",
+        "0",
+    ]
     args = parse_args(argv, world_size=1)
-    assert (args.num_layers, args.hidden_size, args.exit_layer_nums, args.swiglu, args.normalization) == (4, 32, [1, 2], True, "RMSNorm")
+    assert (args.num_layers, args.hidden_size, args.exit_layer_nums, args.swiglu, args.normalization) == (
+        4,
+        32,
+        [1, 2],
+        True,
+        "RMSNorm",
+    )
     assert args.tokenizer_type == "NullTokenizer" and args.vocab_size == VOCAB
     # Flags given on the command line win over the stored ones.
     assert parse_args(argv + ["--exit-layer-nums", "1", "2", "3"], world_size=1).exit_layer_nums == [1, 2, 3]
@@ -81,8 +109,13 @@ def test_mismatched_checkpoint_lists_every_difference(straight_and_saved, corpus
 
     _, _, root = straight_and_saved
     with pytest.raises(CheckpointError) as err:
-        run_training(tiny_run_flags(corpus, iters=12, **{"--load": root, "--hidden-size": 64, "--exit-layer-nums": "1 3",
-                                                "--use-exit-mlp": None}))
+        run_training(
+            tiny_run_flags(
+                corpus,
+                iters=12,
+                **{"--load": root, "--hidden-size": 64, "--exit-layer-nums": "1 3", "--use-exit-mlp": None},
+            )
+        )
     text = str(err.value)
     assert "--hidden-size: checkpoint 32, now 64" in text
     assert "exits at layers [2] that this model lacks" in text
@@ -98,7 +131,14 @@ def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, t
     run_training(tiny_run_flags(corpus, iters=3, **plain, **{"--save": str(tmp_path)}))
     with pytest.raises(CheckpointError, match=r"exits at layers \[1, 2\] are new .*add --finetune or --no-load-optim"):
         run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path), "--eval-iters": 0}))
-    flags = {"--load": str(tmp_path), "--finetune": None, "--lr": 0, "--min-lr": 0, "--lr-warmup-iters": 0, "--eval-iters": 0}
+    flags = {
+        "--load": str(tmp_path),
+        "--finetune": None,
+        "--lr": 0,
+        "--min-lr": 0,
+        "--lr-warmup-iters": 0,
+        "--eval-iters": 0,
+    }
     tuned = run_training(tiny_run_flags(corpus, iters=1, **flags))
     saved, _, _ = load_model(str(tmp_path))
     got, want = full_state_dict(tuned.model.module), full_state_dict(saved)
@@ -118,12 +158,23 @@ def test_weights_only_checkpoint_needs_finetune(dist1, corpus, tmp_path):
     save_weights(str(tmp_path), args, build_model(args, torch.device("cpu"), VOCAB))
     with pytest.raises(CheckpointError, match="holds weights only .*add --finetune or --no-load-optim"):
         run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
-    assert len(run_training(tiny_run_flags(corpus, iters=3, **{"--load": str(tmp_path), "--finetune": None, "--eval-iters": 0})).history) == 3
+    assert (
+        len(
+            run_training(
+                tiny_run_flags(corpus, iters=3, **{"--load": str(tmp_path), "--finetune": None, "--eval-iters": 0})
+            ).history
+        )
+        == 3
+    )
     assert load_model(str(tmp_path))[2].num_layers == 4
 
 
 def test_keep_last_removes_older_checkpoints(dist1, corpus, tmp_path):
-    run_training(tiny_run_flags(corpus, iters=8, **{"--save": str(tmp_path), "--save-interval": 2, "--keep-last": 2, "--eval-iters": 0}))
+    run_training(
+        tiny_run_flags(
+            corpus, iters=8, **{"--save": str(tmp_path), "--save-interval": 2, "--keep-last": 2, "--eval-iters": 0}
+        )
+    )
     assert sorted(os.listdir(tmp_path)) == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
 
 
@@ -169,8 +220,16 @@ def checkpoint_runs(request):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", ["case_resume_tp2", "case_resume_pp2", "case_resume_dp2", "case_resume_dp2_distributed_optimizer",
-                                  "case_distributed_optimizer_state_gathered_on_one_rank"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "case_resume_tp2",
+        "case_resume_pp2",
+        "case_resume_dp2",
+        "case_resume_dp2_distributed_optimizer",
+        "case_distributed_optimizer_state_gathered_on_one_rank",
+    ],
+)
 def test_resume_under_two_processes(checkpoint_runs, case):
     assert checkpoint_runs[case]["ok"], checkpoint_runs[case]["error"]
 
@@ -224,7 +283,9 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_pause.py")  # the trainer, paused
     env = dict(_fresh_process_env(), OMP_NUM_THREADS="1")
     cmd = [sys.executable, script, f"{moment}:4:{paused}", *tiny_run_flags(corpus, iters=6, **flags)]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while not paused.exists():
         assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
@@ -237,7 +298,12 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(dist1, corpus, tmp_pa
 
     resumed = run_training(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))
     assert len(resumed.history) == 4  # iterations 3..6, from the checkpoint of iteration 2
-    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(root)) == [
+        "iter_0000002",
+        "iter_0000004",
+        "iter_0000006",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 def _tool(name, *argv):
@@ -245,7 +311,9 @@ def _tool(name, *argv):
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "checkpoint", name)
-    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600, env=_fresh_process_env())
+    return subprocess.run(
+        [sys.executable, script, *argv], capture_output=True, text=True, timeout=600, env=_fresh_process_env()
+    )
 
 
 @pytest.mark.slow
@@ -267,7 +335,10 @@ def test_reshard_and_inspect_tools(straight_and_saved, tmp_path):
     assert (info["iteration"], info["has_optimizer"], info["exits"]) == (10, False, [1, 2])
     assert info["saved_layout"] == {"tensor": 2, "pipeline": 1, "data": 1}
     assert info["tensors"]["exits.1.norm.weight"]["shape"] == [32]
-    assert info["tensors"]["decoder.layers.3.mlp.linear_fc2.weight"]["shape"] == [32, 64]  # --swiglu: Megatron-LM's FFN of 2/3 x 4 x 32, a multiple of 64
+    assert info["tensors"]["decoder.layers.3.mlp.linear_fc2.weight"]["shape"] == [
+        32,
+        64,
+    ]  # --swiglu: Megatron-LM's FFN of 2/3 x 4 x 32, a multiple of 64
     assert info["parameters"] == sum(v.numel() for v in got.values())
     text = _tool("inspect.py", root).stdout
     assert "iteration         10" in text and "optimizer state   yes" in text and "exits             [1, 2]" in text

@@ -30,9 +30,18 @@ def reference_model(**overrides):
     from megatron.early_exit.models.model_config import ModelConfig, TokenizerConfig
 
     exits = overrides.pop("exits")
-    shape = dict(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, padded_vocab_size=64, max_position_embeddings=16,
-                 hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=32,
-                 tokenizer=TokenizerConfig("NullTokenizer", vocab_size=60), early_exit=EarlyExitConfig(**exits))
+    shape = dict(
+        num_layers=LAYERS,
+        hidden_size=32,
+        num_attention_heads=4,
+        padded_vocab_size=64,
+        max_position_embeddings=16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        make_vocab_size_divisible_by=32,
+        tokenizer=TokenizerConfig("NullTokenizer", vocab_size=60),
+        early_exit=EarlyExitConfig(**exits),
+    )
     config = ModelConfig(**{**shape, **overrides})
     model = build_model(config, torch.device("cpu"), seed=7).eval()
     g = torch.Generator().manual_seed(3)
@@ -48,19 +57,44 @@ def legacy_args(config, **extra):
 
     ee = config.early_exit
     return argparse.Namespace(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads, kv_channels=config.hidden_size // config.num_attention_heads,
-        group_query_attention=config.num_query_groups is not None, num_query_groups=config.num_query_groups,
-        max_position_embeddings=16, seq_length=16, normalization=config.normalization, norm_epsilon=1e-5,
-        swiglu=config.swiglu, add_bias_linear=not config.disable_bias_linear,
-        position_embedding_type=config.position_embedding_type, rotary_percent=1.0,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        kv_channels=config.hidden_size // config.num_attention_heads,
+        group_query_attention=config.num_query_groups is not None,
+        num_query_groups=config.num_query_groups,
+        max_position_embeddings=16,
+        seq_length=16,
+        normalization=config.normalization,
+        norm_epsilon=1e-5,
+        swiglu=config.swiglu,
+        add_bias_linear=not config.disable_bias_linear,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=1.0,
         untie_embeddings_and_output_weights=config.untie_embeddings_and_output_weights,
-        make_vocab_size_divisible_by=32, padded_vocab_size=64, tokenizer_type="NullTokenizer", vocab_size=60,
-        tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, virtual_pipeline_model_parallel_size=None,
-        exit_layer_nums=list(ee.exit_layer_nums), exit_layer_weight=list(ee.exit_layer_weight),
-        exit_layer_temperature=list(ee.exit_layer_temperature), use_exit_norm=ee.use_exit_norm, use_exit_mlp=ee.use_exit_mlp,
-        use_exit_block=ee.use_exit_block, untie_exit_output_weights=ee.untie_exit_output_weights, pre_exit=ee.pre_exit,
-        bf16=False, fp16=False, params_dtype=torch.float32, model_type=ModelType.encoder_or_decoder, seed=1234, **extra)
+        make_vocab_size_divisible_by=32,
+        padded_vocab_size=64,
+        tokenizer_type="NullTokenizer",
+        vocab_size=60,
+        tensor_model_parallel_size=TP,
+        pipeline_model_parallel_size=PP,
+        virtual_pipeline_model_parallel_size=None,
+        exit_layer_nums=list(ee.exit_layer_nums),
+        exit_layer_weight=list(ee.exit_layer_weight),
+        exit_layer_temperature=list(ee.exit_layer_temperature),
+        use_exit_norm=ee.use_exit_norm,
+        use_exit_mlp=ee.use_exit_mlp,
+        use_exit_block=ee.use_exit_block,
+        untie_exit_output_weights=ee.untie_exit_output_weights,
+        pre_exit=ee.pre_exit,
+        bf16=False,
+        fp16=False,
+        params_dtype=torch.float32,
+        model_type=ModelType.encoder_or_decoder,
+        seed=1234,
+        **extra,
+    )
 
 
 # -- the legacy layout, by hand ----------------------------------------------------------------
@@ -104,7 +138,8 @@ def layer_tensors(t, ref, ours, legacy, config, version, norms=("input_norm", "p
         qkv = f"{ours}.self_attention.linear_qkv.{kind}"
         if qkv in ref:
             out[f"{legacy}.self_attention.query_key_value.{kind}"] = qkv_shard(
-                t, ref[qkv], version, config.num_attention_heads, config.hidden_size // config.num_attention_heads)
+                t, ref[qkv], version, config.num_attention_heads, config.hidden_size // config.num_attention_heads
+            )
         proj = ref.get(f"{ours}.self_attention.linear_proj.{kind}")
         if proj is not None:
             out[f"{legacy}.self_attention.dense.{kind}"] = cols(t, proj) if kind == "weight" else proj
@@ -154,8 +189,9 @@ def ee_llm_stage(t, p, ref, config, version):
         if config.untie_embeddings_and_output_weights:
             lm["output_layer"] = {"weight": rows(t, ref["output_layer.weight"])}
     if ee.untie_exit_output_weights and stage_exits:  # a ModuleList of this stage's exits
-        lm["exit_output_layer"] = {f"{k}.weight": rows(t, ref[f"exits.{n}.output_layer.weight"])
-                                   for k, n in enumerate(stage_exits)}
+        lm["exit_output_layer"] = {
+            f"{k}.weight": rows(t, ref[f"exits.{n}.output_layer.weight"]) for k, n in enumerate(stage_exits)
+        }
     lm["encoder"] = encoder
     model = {"language_model": lm}
     tied = not config.untie_embeddings_and_output_weights
@@ -164,8 +200,18 @@ def ee_llm_stage(t, p, ref, config, version):
     return model
 
 
-def write_legacy(root, ref, config, version=3.0, iteration=20, args_extra=None, args_drop=(), stage=ee_llm_stage, pp=PP,
-                 saved_stages=None):
+def write_legacy(
+    root,
+    ref,
+    config,
+    version=3.0,
+    iteration=20,
+    args_extra=None,
+    args_drop=(),
+    stage=ee_llm_stage,
+    pp=PP,
+    saved_stages=None,
+):
     """DIR/latest_checkpointed_iteration.txt and DIR/iter_N/mp_rank_TT[_PPP]/model_optim_rng.pt
     (of the first `saved_stages` pipeline stages; default all)."""
     args = legacy_args(config, **(args_extra or {}))
@@ -177,10 +223,23 @@ def write_legacy(root, ref, config, version=3.0, iteration=20, args_extra=None, 
             rank_dir = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             path = os.path.join(root, f"iter_{iteration:07d}", rank_dir, "model_optim_rng.pt")
             os.makedirs(os.path.dirname(path))
-            rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-                   "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}
-            torch.save({"args": args, "checkpoint_version": version, "iteration": iteration, "model": stage(t, p, ref, config, version),
-                        "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}, "rng_state": [rng]}, path)
+            rng = {
+                "random_rng_state": random.getstate(),
+                "np_rng_state": np.random.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()},
+            }
+            torch.save(
+                {
+                    "args": args,
+                    "checkpoint_version": version,
+                    "iteration": iteration,
+                    "model": stage(t, p, ref, config, version),
+                    "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}},
+                    "rng_state": [rng],
+                },
+                path,
+            )
     with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(iteration))
 
@@ -220,15 +279,29 @@ def assert_same_model(save, ref_model, config):
 CASES = {
     # SwiGLU, RMSNorm, RoPE, grouped-query attention, no biases, untied embeddings; exits with
     # their own norm and MLP and untied output layers, two of them on stage 0 (exit_output_layer.0, .1)
-    "mlp_exits_untied": dict(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, position_embedding_type="rope",
-                             num_query_groups=2, untie_embeddings_and_output_weights=True,
-                             exits=dict(exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_mlp=True,
-                                        untie_exit_output_weights=True, exit_layer_weight=[0.2, 0.3, 0.4],
-                                        exit_layer_temperature=[1.0, 2.0, 0.5])),
+    "mlp_exits_untied": dict(
+        normalization="RMSNorm",
+        swiglu=True,
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        num_query_groups=2,
+        untie_embeddings_and_output_weights=True,
+        exits=dict(
+            exit_layer_nums=[1, 2, 3],
+            use_exit_norm=True,
+            use_exit_mlp=True,
+            untie_exit_output_weights=True,
+            exit_layer_weight=[0.2, 0.3, 0.4],
+            exit_layer_temperature=[1.0, 2.0, 0.5],
+        ),
+    ),
     # GeLU, LayerNorm with biases, learned positions, tied embeddings; pre-exits with a norm and
     # a block, their output layers tied to the word embedding (word_embeddings_for_head on stage 1)
-    "block_exits_tied": dict(normalization="LayerNorm", position_embedding_type="learned_absolute",
-                             exits=dict(exit_layer_nums=[2, 3], use_exit_norm=True, use_exit_block=True, pre_exit=True)),
+    "block_exits_tied": dict(
+        normalization="LayerNorm",
+        position_embedding_type="learned_absolute",
+        exits=dict(exit_layer_nums=[2, 3], use_exit_norm=True, use_exit_block=True, pre_exit=True),
+    ),
 }
 
 
@@ -247,11 +320,22 @@ def megatron_lm_stage(t, p, ref, config, version):
     the encoder under `transformer`, [3, heads, head dim] query_key_value rows."""
     encoder = {}
     for layer in range(LAYERS):
-        encoder.update(layer_tensors(t, ref, f"decoder.layers.{layer}", f"layers.{layer}", config, version,
-                                     norms=("input_layernorm", "post_attention_layernorm")))
+        encoder.update(
+            layer_tensors(
+                t,
+                ref,
+                f"decoder.layers.{layer}",
+                f"layers.{layer}",
+                config,
+                version,
+                norms=("input_layernorm", "post_attention_layernorm"),
+            )
+        )
     encoder.update({f"final_layernorm.{k}": ref[f"decoder.final_layernorm.{k}"] for k in ("weight", "bias")})
-    embedding = {"word_embeddings": {"weight": rows(t, ref["embedding.word_embeddings.weight"])},
-                 "position_embeddings": {"weight": ref["embedding.position_embeddings.weight"]}}
+    embedding = {
+        "word_embeddings": {"weight": rows(t, ref["embedding.word_embeddings.weight"])},
+        "position_embeddings": {"weight": ref["embedding.position_embeddings.weight"]},
+    }
     return {"language_model": {"embedding": embedding, "transformer": encoder}}
 
 
@@ -259,9 +343,16 @@ def test_megatron_lm_version_0_tp2_without_exits(dist1, tmp_path):
     model, config = reference_model(normalization="LayerNorm", position_embedding_type="learned_absolute", exits={})
     ref = {k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
     # Its args predate --normalization, --norm-epsilon and --position-embedding-type.
-    write_legacy(tmp_path / "legacy", ref, config, version=0, stage=megatron_lm_stage, pp=1,
-                 args_extra={"layernorm_epsilon": 1e-5, "use_rotary_position_embeddings": False},
-                 args_drop=("normalization", "norm_epsilon", "position_embedding_type"))
+    write_legacy(
+        tmp_path / "legacy",
+        ref,
+        config,
+        version=0,
+        stage=megatron_lm_stage,
+        pp=1,
+        args_extra={"layernorm_epsilon": 1e-5, "use_rotary_position_embeddings": False},
+        args_drop=("normalization", "norm_epsilon", "position_embedding_type"),
+    )
     os.rename(tmp_path / "legacy" / "iter_0000020", tmp_path / "legacy" / "release")
     (tmp_path / "legacy" / "latest_checkpointed_iteration.txt").write_text("release")
     result = convert(tmp_path / "legacy", tmp_path / "ours")
@@ -274,16 +365,26 @@ def test_ee_llm_exits_tuned_on_the_first_stage_merge_onto_the_converted_model(di
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.sharding import full_state_dict
 
-    model, config = reference_model(normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
-                                    position_embedding_type="rope", untie_embeddings_and_output_weights=True,
-                                    exits=dict(exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True))
+    model, config = reference_model(
+        normalization="RMSNorm",
+        swiglu=True,
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True,
+        exits=dict(exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True),
+    )
     ref = {k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
     write_legacy(tmp_path / "legacy", ref, config)
     convert(tmp_path / "legacy", tmp_path / "ours")
     # EE-LLM's --tune-exit --tune-exit-pipeline-parallel-size 1 of PP=2 saves stage 0 only.
     tuned = {k: v + 1.0 if k.startswith("exits.") else v for k, v in ref.items()}
-    write_legacy(tmp_path / "legacy-tuned", tuned, config, saved_stages=1,
-                 args_extra={"tune_exit": True, "tune_exit_pipeline_parallel_size": 1})
+    write_legacy(
+        tmp_path / "legacy-tuned",
+        tuned,
+        config,
+        saved_stages=1,
+        args_extra={"tune_exit": True, "tune_exit_pipeline_parallel_size": 1},
+    )
     result = convert(tmp_path / "legacy-tuned", tmp_path / "ours-tuned")
     assert result.source_layout == (TP, 1)
     assert (result.config.num_layers, result.config.first_stages_only) == (PER_STAGE, True)
@@ -294,14 +395,25 @@ def test_ee_llm_exits_tuned_on_the_first_stage_merge_onto_the_converted_model(di
     assert all(torch.equal(merged[k], tuned[k]) for k in tuned)
 
 
-@pytest.mark.parametrize("setting,message", [
-    ({"squared_relu": True}, r"args.squared_relu=True \(squared ReLU\) is not supported"),
-    ({"virtual_pipeline_model_parallel_size": 2}, r"args.virtual_pipeline_model_parallel_size=2 \(the interleaved pipeline"),
-    ({"normalization": "LayerNorm1P"}, r"args.normalization='LayerNorm1P' is not supported"),
-    ({"tokenizer_type": "BertWordPieceLowerCase"}, r"args.tokenizer_type 'BertWordPieceLowerCase' is not one of ours"),
-    ({"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "/trained/here/gpt2-vocab.json"},
-     r"the tokenizer file /trained/here/gpt2-vocab.json stored in args does not exist here: give --vocab-file"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"squared_relu": True}, r"args.squared_relu=True \(squared ReLU\) is not supported"),
+        (
+            {"virtual_pipeline_model_parallel_size": 2},
+            r"args.virtual_pipeline_model_parallel_size=2 \(the interleaved pipeline",
+        ),
+        ({"normalization": "LayerNorm1P"}, r"args.normalization='LayerNorm1P' is not supported"),
+        (
+            {"tokenizer_type": "BertWordPieceLowerCase"},
+            r"args.tokenizer_type 'BertWordPieceLowerCase' is not one of ours",
+        ),
+        (
+            {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "/trained/here/gpt2-vocab.json"},
+            r"the tokenizer file /trained/here/gpt2-vocab.json stored in args does not exist here: give --vocab-file",
+        ),
+    ],
+)
 def test_settings_we_do_not_build_are_named(dist1, tmp_path, setting, message):
     from megatron.early_exit.hf.errors import ConversionError
 
@@ -342,12 +454,24 @@ def test_a_pickle_that_would_run_code_is_refused(dist1, tmp_path):
     # The tool says it in one line naming the file, and runs nothing either.
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env["PYTHONWARNINGS"] = "ignore"  # this process's group
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_megatron.py"),
-                           "--load", str(tmp_path / "legacy"), "--save", str(tmp_path / "ours")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "checkpoint", "convert_megatron.py"),
+            "--load",
+            str(tmp_path / "legacy"),
+            "--save",
+            str(tmp_path / "ours"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 1 and not marker.exists()
     last = proc.stderr.strip().splitlines()[-1]
     source = tmp_path / "legacy" / "iter_0000020" / "mp_rank_00_000" / "model_optim_rng.pt"
-    assert last.endswith(f"error: checkpoint file {source}: refuses to load posix.system "
-                         "(a checkpoint never holds it; it could run code)")
+    assert last.endswith(
+        f"error: checkpoint file {source}: refuses to load posix.system "
+        "(a checkpoint never holds it; it could run code)"
+    )
     assert "Traceback" not in proc.stderr

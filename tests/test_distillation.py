@@ -14,7 +14,7 @@ def _reference_kl(student, teacher, temperature):
     """T^2 KL(softmax(teacher/T) || softmax(student/T)) per position, from torch's kl_div."""
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * temperature ** 2
+    return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * temperature**2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -73,17 +73,24 @@ def test_exit_loss_mixes_labels_and_final_layer(dist1):
 def test_distill_weight_warms_up():
     config = EarlyExitConfig(exit_layer_nums=[1], exit_distill_weight=0.8, exit_distill_warmup_iters=10)
     assert [config.distill_weight(t) for t in (0, 5, 10, 20)] == pytest.approx([0.0, 0.4, 0.8, 0.8])
-    cosine = EarlyExitConfig(exit_layer_nums=[1], exit_distill_weight=1.0, exit_distill_warmup_iters=4,
-                             exit_distill_warmup_style="cosine")
+    cosine = EarlyExitConfig(
+        exit_layer_nums=[1], exit_distill_weight=1.0, exit_distill_warmup_iters=4, exit_distill_warmup_style="cosine"
+    )
     assert cosine.distill_weight(2) == pytest.approx(0.5) and cosine.distill_weight(1) < 0.25
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(exit_layer_nums=[1], exit_distill_weight=1.5), "--exit-distill-weight must be in [0, 1]"),
-    (dict(exit_layer_nums=[1], exit_distill_weight=0.5, exit_distill_temperature=0.0), "--exit-distill-temperature"),
-    (dict(exit_layer_nums=[1], exit_distill_warmup_iters=-1), "--exit-distill-warmup-iters"),
-    (dict(exit_distill_weight=0.5), "--exit-distill-weight needs --exit-layer-nums"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(exit_layer_nums=[1], exit_distill_weight=1.5), "--exit-distill-weight must be in [0, 1]"),
+        (
+            dict(exit_layer_nums=[1], exit_distill_weight=0.5, exit_distill_temperature=0.0),
+            "--exit-distill-temperature",
+        ),
+        (dict(exit_layer_nums=[1], exit_distill_warmup_iters=-1), "--exit-distill-warmup-iters"),
+        (dict(exit_distill_weight=0.5), "--exit-distill-weight needs --exit-layer-nums"),
+    ],
+)
 def test_bad_distillation_settings_are_named(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         EarlyExitConfig(**kwargs)
@@ -92,12 +99,21 @@ def test_bad_distillation_settings_are_named(kwargs, message):
 def test_pipeline_stages_without_the_output_layer_are_refused():
     from megatron.early_exit.training.arguments import parse_args
 
-    flags = tiny_run_flags(None, **{"--mock-data": None, "--pipeline-model-parallel-size": 2,
-                                    "--exit-distill-weight": 0.5})
+    flags = tiny_run_flags(
+        None, **{"--mock-data": None, "--pipeline-model-parallel-size": 2, "--exit-distill-weight": 0.5}
+    )
     with pytest.raises(ConfigError, match=r"exits \[1, 2\] are not on the last pipeline stage \(layers 3..4\)"):
         parse_args(flags, world_size=2)
-    ok = tiny_run_flags(None, **{"--mock-data": None, "--pipeline-model-parallel-size": 2, "--exit-distill-weight": 0.5,
-                                 "--exit-layer-nums": "3", "--exit-layer-weight": "1"})
+    ok = tiny_run_flags(
+        None,
+        **{
+            "--mock-data": None,
+            "--pipeline-model-parallel-size": 2,
+            "--exit-distill-weight": 0.5,
+            "--exit-layer-nums": "3",
+            "--exit-layer-weight": "1",
+        },
+    )
     assert parse_args(ok, world_size=2).exit_distill_weight == 0.5
 
 
@@ -109,9 +125,19 @@ def test_exit_tuning_with_frozen_backbone_distils(dist1, corpus):
 
     base = tiny_run_flags(corpus, iters=1, **{"--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})
     before = full_state_dict(run_training(base).model.module)
-    tuned = run_training(tiny_run_flags(corpus, iters=20, **{
-        "--tune-exit": None, "--untie-exit-output-weights": None, "--exit-distill-weight": 1.0, "--log-interval": 1,
-        "--exit-distill-temperature": 1.0}))
+    tuned = run_training(
+        tiny_run_flags(
+            corpus,
+            iters=20,
+            **{
+                "--tune-exit": None,
+                "--untie-exit-output-weights": None,
+                "--exit-distill-weight": 1.0,
+                "--log-interval": 1,
+                "--exit-distill-temperature": 1.0,
+            },
+        )
+    )
     after = full_state_dict(tuned.model.module)
     first, last = tuned.history[0], tuned.history[-1]
     assert "lm loss" in first and "distill loss [1]" in first and "distill loss [2]" in first

@@ -51,8 +51,9 @@ def test_readme_first_screen_has_the_commands_and_the_map():
 def fresh_clone(tmp_path_factory):
     """The repository's files as a clone would have them, with the set-up .venv."""
     root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in files:
         source = os.path.join(ROOT, name)
         if os.path.isfile(source):
@@ -68,9 +69,16 @@ def fresh_clone(tmp_path_factory):
 def test_first_command_of_each_docs_page_runs(fresh_clone, page):
     command = first_command(open(os.path.join(ROOT, "docs", page)).read())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS")}
-    env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""), PYTHONPATH=fresh_clone,
-               CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "-c", command], cwd=fresh_clone, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"{page}: `{command}` exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    env.update(
+        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        PYTHONPATH=fresh_clone,
+        CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", ""),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=fresh_clone, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"{page}: `{command}` exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
     assert proc.stdout.strip(), f"{page}: `{command}` printed nothing"

@@ -82,10 +82,21 @@ def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(
     from megatron.early_exit.training.pipeline_layout import built_stages
     from megatron.early_exit.training.trainer import built_model_config, model_config_of
 
-    args = parse_args(tiny_run_flags(corpus, **{"--num-layers": 8, "--exit-layer-nums": "2 3", "--exit-layer-weight": "1 1",
-                                                "--pipeline-model-parallel-size": 4, "--tune-exit": None,
-                                                "--tune-exit-pipeline-parallel-size": 2, "--global-batch-size": 4}),
-                      world_size=4)
+    args = parse_args(
+        tiny_run_flags(
+            corpus,
+            **{
+                "--num-layers": 8,
+                "--exit-layer-nums": "2 3",
+                "--exit-layer-weight": "1 1",
+                "--pipeline-model-parallel-size": 4,
+                "--tune-exit": None,
+                "--tune-exit-pipeline-parallel-size": 2,
+                "--global-batch-size": 4,
+            },
+        ),
+        world_size=4,
+    )
     assert (args.num_layers, args.pipeline_model_parallel_size) == (8, 4)  # as given: what --use-checkpoint-args stores
     assert built_stages(args) == (4, 2) and args.data_parallel_size == 2
     whole, built = model_config_of(args, 64), built_model_config(args, 64)
@@ -101,8 +112,12 @@ def test_a_checkpoint_is_compared_with_the_whole_model(corpus):
     from megatron.early_exit.training.trainer import built_model_config, model_config_of
 
     def run(world_size, **flags):
-        args = parse_args(tiny_run_flags(corpus, **{"--pipeline-model-parallel-size": 2, "--tune-exit": None,
-                                                    "--global-batch-size": 2, **flags}), world_size=world_size)
+        args = parse_args(
+            tiny_run_flags(
+                corpus, **{"--pipeline-model-parallel-size": 2, "--tune-exit": None, "--global-batch-size": 2, **flags}
+            ),
+            world_size=world_size,
+        )
         return args, built_model_config(args, 64)
 
     args, built = run(1, **{"--tune-exit-pipeline-parallel-size": 1})
@@ -113,5 +128,7 @@ def test_a_checkpoint_is_compared_with_the_whole_model(corpus):
         compare_with_checkpoint(deeper, _compared_model(deeper, built, args.num_layers, "ckpt"))
     # The tuned checkpoint (first stage only) resumes with the same layout, and nothing else.
     assert compare_with_checkpoint(built, _compared_model(built, built, args.num_layers, "ckpt")) == []
-    with pytest.raises(CheckpointError, match="holds only the first 2 layers .* this run builds 4 of 4: .* --exits-from"):
+    with pytest.raises(
+        CheckpointError, match="holds only the first 2 layers .* this run builds 4 of 4: .* --exits-from"
+    ):
         _compared_model(built, full, 4, "ckpt")

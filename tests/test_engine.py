@@ -4,7 +4,16 @@ prompts, slots reused), on a tiny model whose exits fire for some tokens and not
 
 import pytest
 
-from tests.engine_fixtures import PROMPTS, alone, cached_model as build_model, check_mixed_run, mixed_requests, run_engine
+from tests.engine_fixtures import (
+    PROMPTS,
+    alone,
+    check_mixed_run,
+    mixed_requests,
+    run_engine,
+)
+from tests.engine_fixtures import (
+    cached_model as build_model,
+)
 
 
 def test_every_sequence_decodes_as_alone(dist1):
@@ -24,7 +33,8 @@ def test_stop_tokens_and_abort_while_waiting(dist1):
     free = alone(model, PROMPTS[1], EarlyExit(0.35), SamplingParams(), 12, (), 0)
     stop = free.tokens[0][3]
     requests = [(PROMPTS[1], EarlyExit(0.35), SamplingParams(), 12, (stop,), 0)] * 2 + [
-        (PROMPTS[2], EarlyExit(0.35), SamplingParams(), 6, (), 0)] * 3
+        (PROMPTS[2], EarlyExit(0.35), SamplingParams(), 6, (), 0)
+    ] * 3
     # One slot: request 2 waits and is aborted before it runs; the others take the slot in turn.
     finished, _, _, _ = run_engine(model, requests, arrivals=[0, 0, 0, 0, 0], aborts=[(2, 0)], max_batch=1)
     for i in (0, 1):

@@ -14,17 +14,27 @@ from benchmarks.memory_recompute import estimate_flags, measure_peak, run_flags
 from tests.conftest import ROOT
 
 SMALL = dict(num_layers=4, hidden=256, ffn=704, heads=8, vocab=8192, seq=256, micro_batch=4)
-FULL_UNIFORM = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
-                "--recompute-exit-heads"]
+FULL_UNIFORM = [
+    "--recompute-granularity",
+    "full",
+    "--recompute-method",
+    "uniform",
+    "--recompute-num-layers",
+    "1",
+    "--recompute-exit-heads",
+]
 BLOCK = ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]
 
 
-@pytest.mark.parametrize("exit_flags", [
-    {},
-    {"exit_layer_nums": [1, 3], "use_exit_norm": True},
-    {"exit_layer_nums": [2, 3], "untie_exit_output_weights": True, "use_exit_mlp": True},
-    {"exit_layer_nums": [3], "use_exit_block": True, "pre_exit": True},
-])
+@pytest.mark.parametrize(
+    "exit_flags",
+    [
+        {},
+        {"exit_layer_nums": [1, 3], "use_exit_norm": True},
+        {"exit_layer_nums": [2, 3], "untie_exit_output_weights": True, "use_exit_mlp": True},
+        {"exit_layer_nums": [3], "use_exit_block": True, "pre_exit": True},
+    ],
+)
 @pytest.mark.parametrize("untie", [False, True])
 def test_parameter_counts_equal_the_model(dist1, exit_flags, untie):
     from megatron.early_exit.config import EarlyExitConfig
@@ -33,10 +43,20 @@ def test_parameter_counts_equal_the_model(dist1, exit_flags, untie):
     from megatron.early_exit.models.model_config import ModelConfig
 
     ee = EarlyExitConfig(exit_layer_weight=[1.0] * len(exit_flags.get("exit_layer_nums", [])), **exit_flags)
-    config = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, padded_vocab_size=256,
-                         max_position_embeddings=32, ffn_hidden_size=96, normalization="RMSNorm", swiglu=True,
-                         disable_bias_linear=True, position_embedding_type="rope",
-                         untie_embeddings_and_output_weights=untie, early_exit=ee)
+    config = ModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        padded_vocab_size=256,
+        max_position_embeddings=32,
+        ffn_hidden_size=96,
+        normalization="RMSNorm",
+        swiglu=True,
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=untie,
+        early_exit=ee,
+    )
     model = build_model(config, device="cpu")
     assert parameter_counts(config, TrainingShape()) == [sum(p.numel() for p in model.parameters())]
 
@@ -90,8 +110,10 @@ def test_fits_only_with_a_margin_for_what_the_estimate_leaves_out():
         terms = {"parameters": gb * 1e9, "backward buffer": 0.0, **{n: 0.0 for n in HEAD_TERMS}}
         return [StageMemory(0, 1, [], 1, terms)]
 
-    assert "; does NOT fit in 80 GB GPUs with a margin of 9.90 GB (CUDA context and communication buffers 2 GB, " \
-           "allocator fragmentation 10%)" in format_table(stage(79.0), 80)
+    assert (
+        "; does NOT fit in 80 GB GPUs with a margin of 9.90 GB (CUDA context and communication buffers 2 GB, "
+        "allocator fragmentation 10%)" in format_table(stage(79.0), 80)
+    )
     assert "; fits in 80 GB GPUs with a margin of 8.80 GB" in format_table(stage(68.0), 80)
     assert CUDA_RESERVE_GB > 0
 
@@ -100,9 +122,15 @@ def test_fits_only_with_a_margin_for_what_the_estimate_leaves_out():
 def test_ee_llm_scripts_on_80gb_gpus():
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "estimate_memory.py"), "--gpu-memory-gb", "80"]
-        + [a for size in ("1.3B", "7B", "13B", "30B")
-           for a in ("--script", os.path.join(ROOT, "examples", "ee_llm", f"pretrain_early_exit_{size}.sh"))],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300,
+        + [
+            a
+            for size in ("1.3B", "7B", "13B", "30B")
+            for a in ("--script", os.path.join(ROOT, "examples", "ee_llm", f"pretrain_early_exit_{size}.sh"))
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdicts = [line for line in proc.stdout.splitlines() if line.startswith("largest per rank")]
@@ -113,8 +141,12 @@ def test_ee_llm_scripts_on_80gb_gpus():
 def test_bad_script_is_one_line(tmp_path):
     bad = tmp_path / "bad.sh"
     bad.write_text("exit 3\n")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "estimate_memory.py"), "--script", str(bad)],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "estimate_memory.py"), "--script", str(bad)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --script {bad}")
 
@@ -124,10 +156,17 @@ CONFIGS = {
     "no pipeline, exits, full recomputation": (run_flags(**SMALL, exits=[1, 3], recompute=FULL_UNIFORM), 1),
     "no pipeline, exits, block recomputation": (run_flags(**SMALL, exits=[2], recompute=BLOCK), 1),
     "no pipeline, exit MLPs, self-distillation": (
-        run_flags(**SMALL, exits=[1, 3], recompute=["--use-exit-mlp", "--untie-exit-output-weights",
-                                                    "--exit-distill-weight", "0.5"]), 1),
+        run_flags(
+            **SMALL,
+            exits=[1, 3],
+            recompute=["--use-exit-mlp", "--untie-exit-output-weights", "--exit-distill-weight", "0.5"],
+        ),
+        1,
+    ),
     "1F1B PP=2, 4 microbatches, exits, selective": (
-        run_flags(**SMALL, exits=[1, 3], recompute=["--recompute-activations"], pp=2, microbatches=4), 2),
+        run_flags(**SMALL, exits=[1, 3], recompute=["--recompute-activations"], pp=2, microbatches=4),
+        2,
+    ),
 }
 
 
@@ -147,6 +186,7 @@ def test_interleaved_in_flight_is_megatron_cores_warmup_plus_the_steady_pair(p, 
     """Read off the interleaved plan: megatron-core's warm-up forwards 2(p-1-s) + (v-1)p
     (all of v*m when fewer) plus the steady pair's forward."""
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
     from megatron.early_exit.memory import TrainingShape, max_in_flight
 
     shape = TrainingShape(pipeline_model_parallel_size=p, num_microbatches=m, num_model_chunks=v)
@@ -154,8 +194,9 @@ def test_interleaved_in_flight_is_megatron_cores_warmup_plus_the_steady_pair(p, 
     for s in range(p):
         warmup = min(2 * (p - 1 - s) + (v - 1) * p, v * m)
         # megatron-core's own count for rank s (the layout given as its communicator's group).
-        layout = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: p, rank=lambda: s),
-                                 virtual_pipeline_model_parallel_size=v)
+        layout = SimpleNamespace(
+            pp_group=SimpleNamespace(size=lambda: p, rank=lambda: s), virtual_pipeline_model_parallel_size=v
+        )
         assert get_pp_rank_microbatches(m, v, p, p2p_communicator=layout)[2] == warmup
         assert got[s] == warmup + (1 if warmup < v * m else 0), (s, got)
     assert got[0] > max_in_flight(TrainingShape(pipeline_model_parallel_size=p, num_microbatches=m))[0]
@@ -170,10 +211,20 @@ def test_interleaved_parameter_counts_equal_the_chunks(untie):
     from megatron.early_exit.models.model_config import ModelConfig
 
     ee = EarlyExitConfig(exit_layer_nums=[2, 4, 5, 7], exit_layer_weight=[1.0] * 4, use_exit_norm=True)
-    config = ModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, padded_vocab_size=256,
-                         max_position_embeddings=32, ffn_hidden_size=96, normalization="RMSNorm", swiglu=True,
-                         disable_bias_linear=True, position_embedding_type="rope",
-                         untie_embeddings_and_output_weights=untie, early_exit=ee)
+    config = ModelConfig(
+        num_layers=8,
+        hidden_size=64,
+        num_attention_heads=4,
+        padded_vocab_size=256,
+        max_position_embeddings=32,
+        ffn_hidden_size=96,
+        normalization="RMSNorm",
+        swiglu=True,
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=untie,
+        early_exit=ee,
+    )
     plain = parameter_counts(config, TrainingShape(pipeline_model_parallel_size=2))
     chunked = parameter_counts(config, TrainingShape(pipeline_model_parallel_size=2, num_model_chunks=2))
     vocab = 256 * 64

@@ -35,13 +35,44 @@ def write_checkpoint(root: str) -> None:
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(MAX_SEQ),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "7",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "128",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            str(NUM_LAYERS),
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            str(MAX_SEQ),
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            "7",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB),
+            "--make-vocab-size-divisible-by",
+            "128",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--init-method-std",
+            "0.3",
+            "--exit-layer-nums",
+            *map(str, EXITS),
+            "--use-exit-norm",
+        ],
+        world_size=1,
+    )
     save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
 
 
@@ -55,25 +86,31 @@ def write_tasks(folder: str, gen_answers) -> None:
     with open(gen, "w") as f:
         for context, answer in zip(CONTEXTS, gen_answers):
             f.write(json.dumps({"context": context, "answer": answer}) + "\n")
-    common = "output_type: {}\ntest_split: train\ndoc_to_text: \"{{{{context}}}}\"\n"
+    common = 'output_type: {}\ntest_split: train\ndoc_to_text: "{{{{context}}}}"\n'
     with open(os.path.join(folder, f"{ROLLING_TASK}.yaml"), "w") as f:  # perplexity of the contexts
-        f.write(f"task: {ROLLING_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
-                "output_type: loglikelihood_rolling\ntest_split: train\ndoc_to_text: \"\"\n"
-                "doc_to_target: \"{{context}}\"\nmetric_list:\n  - metric: word_perplexity\n"
-                "metadata:\n  version: 1.0\n")
+        f.write(
+            f"task: {ROLLING_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
+            'output_type: loglikelihood_rolling\ntest_split: train\ndoc_to_text: ""\n'
+            'doc_to_target: "{{context}}"\nmetric_list:\n  - metric: word_perplexity\n'
+            "metadata:\n  version: 1.0\n"
+        )
     with open(os.path.join(folder, f"{MC_TASK}.yaml"), "w") as f:
-        f.write(f"task: {MC_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
-                + common.format("multiple_choice")
-                + "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
-                  "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                  "metadata:\n  version: 1.0\n")
+        f.write(
+            f"task: {MC_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
+            + common.format("multiple_choice")
+            + 'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"
+        )
     with open(os.path.join(folder, f"{GEN_TASK}.yaml"), "w") as f:
-        f.write(f"task: {GEN_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {gen}\n"
-                + common.format("generate_until")
-                + "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"99\"]\n  max_gen_toks: 3\n"
-                  "  do_sample: false\n  temperature: 0.0\n"
-                  "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-                  "metadata:\n  version: 1.0\n")
+        f.write(
+            f"task: {GEN_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {gen}\n"
+            + common.format("generate_until")
+            + 'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["99"]\n  max_gen_toks: 3\n'
+            "  do_sample: false\n  temperature: 0.0\n"
+            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +156,21 @@ def run_evaluate(*flags):
 @pytest.fixture(scope="module")
 def task_run(checkpoint, task_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval_out") / "tasks.json")
-    rows = run_evaluate("--load", checkpoint, "--tasks", f"{MC_TASK},{GEN_TASK},{ROLLING_TASK}", "--include-path", task_dir,
-                        "--exit-layers", *EXITS, "--log-samples", "--output", out, "--batch-size", 3)
+    rows = run_evaluate(
+        "--load",
+        checkpoint,
+        "--tasks",
+        f"{MC_TASK},{GEN_TASK},{ROLLING_TASK}",
+        "--include-path",
+        task_dir,
+        "--exit-layers",
+        *EXITS,
+        "--log-samples",
+        "--output",
+        out,
+        "--batch-size",
+        3,
+    )
     return rows, json.load(open(out))
 
 
@@ -201,12 +251,35 @@ def test_perplexity_equals_exp_mean_nll(engine, checkpoint, corpus, tmp_path, ca
     seq, windows = 32, 5
     out = str(tmp_path / "ppl.json")
     plot = str(tmp_path / "ppl.png")
-    rows = run_evaluate("--load", checkpoint, "--data-path", corpus, "--seq-length", seq, "--limit", windows,
-                        "--exit-layers", "--thresholds", 0.2, 2, "--speed-prompts", 2, "--prompt-length", 8,
-                        "--max-new-tokens", 6, "--output", out, "--plot", plot, "--batch-size", 2)
+    rows = run_evaluate(
+        "--load",
+        checkpoint,
+        "--data-path",
+        corpus,
+        "--seq-length",
+        seq,
+        "--limit",
+        windows,
+        "--exit-layers",
+        "--thresholds",
+        0.2,
+        2,
+        "--speed-prompts",
+        2,
+        "--prompt-length",
+        8,
+        "--max-new-tokens",
+        6,
+        "--output",
+        out,
+        "--plot",
+        plot,
+        "--batch-size",
+        2,
+    )
     dataset = IndexedDataset(corpus)  # kept alive: its documents are views of its memory map
-    stream = [int(t) for i in range(len(dataset)) for t in dataset[i].tolist()][:seq * windows]
-    chunks = [stream[i:i + seq] for i in range(0, len(stream), seq)]
+    stream = [int(t) for i in range(len(dataset)) for t in dataset[i].tolist()][: seq * windows]
+    chunks = [stream[i : i + seq] for i in range(0, len(stream), seq)]
     by_name = {r.setting: r for r in rows}
     assert list(by_name) == ["full", "exit 1", "exit 2", "early exit 2", "early exit 0.2"]
     for name, layer in (("full", None), ("exit 1", 1), ("exit 2", 2)):
@@ -307,15 +380,27 @@ def test_local_completions_against_server_equals_in_process(server, task_dir, ta
     rows, out = task_run
     remote = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args=dict(base_url=f"{server.url}/v1/completions", tokenizer_backend="remote", model="tiny",
-                        max_length=MAX_SEQ, num_concurrent=1, max_retries=1, batch_size=4),
-        tasks=[MC_TASK, GEN_TASK, ROLLING_TASK], task_manager=TaskManager(include_path=task_dir, include_defaults=False),
-        log_samples=True, bootstrap_iters=0,
+        model_args=dict(
+            base_url=f"{server.url}/v1/completions",
+            tokenizer_backend="remote",
+            model="tiny",
+            max_length=MAX_SEQ,
+            num_concurrent=1,
+            max_retries=1,
+            batch_size=4,
+        ),
+        tasks=[MC_TASK, GEN_TASK, ROLLING_TASK],
+        task_manager=TaskManager(include_path=task_dir, include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
     )
     local, got = mc_loglikelihoods(out["samples"]["full"]), mc_loglikelihoods(remote["samples"])
     assert got.keys() == local.keys()
     assert max(abs(got[k] - local[k]) for k in local) < 1e-4
-    rolling_local, rolling_got = rolling_loglikelihoods(out["samples"]["full"]), rolling_loglikelihoods(remote["samples"])
+    rolling_local, rolling_got = (
+        rolling_loglikelihoods(out["samples"]["full"]),
+        rolling_loglikelihoods(remote["samples"]),
+    )
     assert rolling_got == pytest.approx(rolling_local, abs=1e-4)
     full = next(r for r in rows if r.setting == "full")
     assert remote["results"][MC_TASK]["acc,none"] == full.metrics[f"{MC_TASK} acc"]
@@ -330,10 +415,29 @@ def test_local_completions_against_server_equals_in_process(server, task_dir, ta
 
 def _evaluate_parallel(flag: str):
     """tools/evaluate.py's perplexity rows at TP=2 or PP=2 (paths from the launching test)."""
-    rows = run_evaluate("--load", os.environ["EE_EVAL_CKPT"], "--data-path", os.environ["EE_EVAL_DATA"],
-                        "--seq-length", 32, "--limit", 4, "--exit-layers", "--thresholds", 0.2, "--speed-prompts", 2,
-                        "--prompt-length", 8, "--max-new-tokens", 4, f"--{flag}-model-parallel-size", 2,
-                        "--batch-size", 3)
+    rows = run_evaluate(
+        "--load",
+        os.environ["EE_EVAL_CKPT"],
+        "--data-path",
+        os.environ["EE_EVAL_DATA"],
+        "--seq-length",
+        32,
+        "--limit",
+        4,
+        "--exit-layers",
+        "--thresholds",
+        0.2,
+        "--speed-prompts",
+        2,
+        "--prompt-length",
+        8,
+        "--max-new-tokens",
+        4,
+        f"--{flag}-model-parallel-size",
+        2,
+        "--batch-size",
+        3,
+    )
     return {r.setting: r.perplexity for r in rows}
 
 
@@ -346,13 +450,26 @@ def case_evaluate_tasks_tp2():
     import tempfile
 
     out = os.path.join(tempfile.gettempdir(), f"ee_eval_tasks_{os.getpid()}.json")
-    run_evaluate("--load", os.environ["EE_EVAL_CKPT"], "--tasks", f"{MC_TASK},{GEN_TASK}", "--include-path",
-                 os.environ["EE_EVAL_TASKS"], "--log-samples", "--output", out, "--tensor-model-parallel-size", 2)
+    run_evaluate(
+        "--load",
+        os.environ["EE_EVAL_CKPT"],
+        "--tasks",
+        f"{MC_TASK},{GEN_TASK}",
+        "--include-path",
+        os.environ["EE_EVAL_TASKS"],
+        "--log-samples",
+        "--output",
+        out,
+        "--tensor-model-parallel-size",
+        2,
+    )
     if torch.distributed.get_rank() != 0:
         return {}
     samples = json.load(open(out))["samples"]["full"]
-    return {"choices": {f"{d} {j}": v for (d, j), v in mc_loglikelihoods(samples).items()},
-            "generated": {str(s["doc_id"]): s["filtered_resps"] for s in samples[GEN_TASK]}}
+    return {
+        "choices": {f"{d} {j}": v for (d, j), v in mc_loglikelihoods(samples).items()},
+        "generated": {str(s["doc_id"]): s["filtered_resps"] for s in samples[GEN_TASK]},
+    }
 
 
 def case_evaluate_pp2():
@@ -369,8 +486,21 @@ def _launch(checkpoint, corpus, task_dir, launch_dir):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", ["case_evaluate_tp2", "case_evaluate_pp2"])
 def test_parallel_evaluation_equals_one_process(checkpoint, corpus, task_dir, case, launch_dir):
-    single = run_evaluate("--load", checkpoint, "--data-path", corpus, "--seq-length", 32, "--limit", 4,
-                          "--exit-layers", "--thresholds", 0.2, "--speed-prompts", 0)
+    single = run_evaluate(
+        "--load",
+        checkpoint,
+        "--data-path",
+        corpus,
+        "--seq-length",
+        32,
+        "--limit",
+        4,
+        "--exit-layers",
+        "--thresholds",
+        0.2,
+        "--speed-prompts",
+        0,
+    )
     result = _launch(checkpoint, corpus, task_dir, launch_dir)[case]
     assert result["ok"], result["error"]
     assert list(result["metrics"]) == [r.setting for r in single]
@@ -386,5 +516,6 @@ def test_parallel_tasks_equal_one_process(checkpoint, corpus, task_dir, task_run
     got = {tuple(map(int, k.split())): v for k, v in result["metrics"]["choices"].items()}
     assert got.keys() == local.keys()
     assert max(abs(got[k] - local[k]) for k in local) < 1e-5
-    assert result["metrics"]["generated"] == {str(s["doc_id"]): s["filtered_resps"]
-                                              for s in task_run[1]["samples"]["full"][GEN_TASK]}
+    assert result["metrics"]["generated"] == {
+        str(s["doc_id"]): s["filtered_resps"] for s in task_run[1]["samples"]["full"][GEN_TASK]
+    }

@@ -18,7 +18,7 @@ EE_LLM_SHAPES = {  # (layers, hidden, heads, TP, PP, exits)
 
 
 def test_every_size_has_a_script():
-    names = {os.path.basename(s)[len("pretrain_early_exit_"):-3] for s in SCRIPTS}
+    names = {os.path.basename(s)[len("pretrain_early_exit_") : -3] for s in SCRIPTS}
     assert names == set(EE_LLM_SHAPES)
 
 
@@ -33,7 +33,7 @@ def test_script_arguments_validate(script, tmp_path):
     out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, check=True).stdout.splitlines()
     world_size = int(out[0].split("=")[1])
     args = parse_args(out[1:], world_size=world_size)
-    layers, hidden, heads, tp, pp, exits = EE_LLM_SHAPES[os.path.basename(script)[len("pretrain_early_exit_"):-3]]
+    layers, hidden, heads, tp, pp, exits = EE_LLM_SHAPES[os.path.basename(script)[len("pretrain_early_exit_") : -3]]
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (layers, hidden, heads)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
     assert args.exit_layer_nums == exits and args.pre_exit and args.bf16

@@ -15,8 +15,9 @@ PROMPT = [3, 14, 15, 92, 65]
 @pytest.fixture(scope="module")
 def block_model(dist1):
     torch.manual_seed(0)
-    model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[2], use_exit_block=True,
-                                                                     use_exit_norm=True)).eval()
+    model = build_ee_gpt(
+        tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[2], use_exit_block=True, use_exit_norm=True)
+    ).eval()
     with torch.no_grad():  # peaked distributions: some tokens confident at the exit, some not
         model.embedding.word_embeddings.weight.mul_(4)
     return model
@@ -38,7 +39,7 @@ def _reference(model, prompt, steps, threshold):
             else:
                 seq.append(int(out.final[0, -1].argmax()))
                 depths.append(4)
-    return seq[len(prompt):], depths, confidences
+    return seq[len(prompt) :], depths, confidences
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.5])

@@ -34,13 +34,43 @@ def pre_exit_server(dist1, tmp_path_factory):
     from megatron.early_exit.training.trainer import build_model
 
     root = str(tmp_path_factory.mktemp("pre_exit_ckpt"))
-    args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "3",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm", "--pre-exit",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            str(NUM_LAYERS),
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            str(SEQ),
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            "3",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB),
+            "--make-vocab-size-divisible-by",
+            "64",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--exit-layer-nums",
+            *map(str, EXITS),
+            "--use-exit-norm",
+            "--pre-exit",
+        ],
+        world_size=1,
+    )
     save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
     model, tokenizer, _ = load_model(root)
     assert model.ee_config.pre_exit

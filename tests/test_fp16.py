@@ -12,9 +12,17 @@ def run_fp16(corpus, tmp_path, initial_loss_scale, iters=6):
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.trainer import pretrain
 
-    flags = tiny_run_flags(corpus, iters=iters, **{"--fp16": None, "--initial-loss-scale": initial_loss_scale,
-                                                   "--log-interval": 3, "--eval-iters": 0,
-                                                   "--tensorboard-dir": str(tmp_path / "tb")})
+    flags = tiny_run_flags(
+        corpus,
+        iters=iters,
+        **{
+            "--fp16": None,
+            "--initial-loss-scale": initial_loss_scale,
+            "--log-interval": 3,
+            "--eval-iters": 0,
+            "--tensorboard-dir": str(tmp_path / "tb"),
+        },
+    )
     return pretrain(parse_args(flags, world_size=1))
 
 

@@ -23,12 +23,17 @@ def test_te_spec_early_exit_model_runs_and_matches_gpt(dist1, te_available):
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
     from megatron.early_exit.models.layer_specs import get_block_spec
     from megatron.early_exit.sharding import full_state_dict
-    from tests.helpers import load_full_state_dict
-    from tests.helpers import make_batch, tiny_transformer_config
+    from tests.helpers import load_full_state_dict, make_batch, tiny_transformer_config
 
     config = tiny_transformer_config(use_cpu_initialization=False)
-    gpt = GPTModel(config, get_block_spec(config, config.num_layers, use_te=True), 96, 16,
-                   position_embedding_type="rope", share_embeddings_and_output_weights=True).cuda()
+    gpt = GPTModel(
+        config,
+        get_block_spec(config, config.num_layers, use_te=True),
+        96,
+        16,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=True,
+    ).cuda()
     ee = EarlyExitGPTModel(config, EarlyExitConfig(), 96, 16, use_te=True).cuda()
     load_full_state_dict(ee, full_state_dict(gpt))
     tokens, labels, pos = (t.cuda() for t in make_batch())

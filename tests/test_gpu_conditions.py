@@ -16,7 +16,9 @@ QUIET = {"--eval-iters": 0}
 def _args(**overrides):
     from megatron.early_exit.training.arguments import parse_args
 
-    return parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1)
+    return parse_args(
+        tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1
+    )
 
 
 def _run(argv):
@@ -93,7 +95,7 @@ class _TransformerEngineCore(torch.nn.Module):
 
     def __init__(self, head_dim):
         super().__init__()
-        self.softmax_scale = head_dim ** -0.5
+        self.softmax_scale = head_dim**-0.5
 
 
 def test_decoder_attention_scale_with_query_key_layer_scaling(dist1, clean_attention_env):
@@ -103,18 +105,24 @@ def test_decoder_attention_scale_with_query_key_layer_scaling(dist1, clean_atten
     model = _build(tiny_transformer_config(apply_query_key_layer_scaling=True))
     head_dim = 32 // 4
     for layer in model.decoder.layers:
-        assert attention_scale(layer) == pytest.approx(head_dim ** -0.5)  # megatron-core's local attention
+        assert attention_scale(layer) == pytest.approx(head_dim**-0.5)  # megatron-core's local attention
         layer.self_attention.core_attention = _TransformerEngineCore(head_dim)
-        assert attention_scale(layer) == pytest.approx(head_dim ** -0.5), layer.layer_number
+        assert attention_scale(layer) == pytest.approx(head_dim**-0.5), layer.layer_number
 
 
 # -- --use-flash-attn where flash attention cannot run ----------------------------------
 
-@pytest.mark.parametrize("flags,message", [
-    ({}, r"^--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel$"),
-    ({"--bf16": None, "--reset-attention-mask": None},
-     r"^--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal mask only"),
-])
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({}, r"^--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel$"),
+        (
+            {"--bf16": None, "--reset-attention-mask": None},
+            r"^--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal mask only",
+        ),
+    ],
+)
 def test_flash_attention_refused_for_fp32_and_document_masks(flags, message):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.training.arguments import check_flash_attention
@@ -126,6 +134,7 @@ def test_flash_attention_refused_for_fp32_and_document_masks(flags, message):
 
 
 # -- torch.compile at the first CUDA forward ---------------------------------------------
+
 
 @pytest.mark.parametrize("missing", ["triton", "compiler", "headers"])
 def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, capsys, tmp_path, missing):
@@ -146,14 +155,19 @@ def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, cap
     (tmp_path / "include" / "Python.h").write_text("")
     (tmp_path / "none").mkdir()
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace() if name == "triton"
-                        else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: types.SimpleNamespace() if name == "triton" else real_find_spec(name, *a),
+    )
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "include")})
     monkeypatch.setattr(platform, "_fusion_notice_printed", False)
     assert config("cuda").bias_dropout_fusion and not config("cpu").bias_dropout_fusion
     if missing == "triton":
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+        )
     elif missing == "compiler":
         monkeypatch.setattr(shutil, "which", lambda name: None)
     else:
@@ -168,6 +182,7 @@ def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, cap
 
 # -- RNG states of a checkpoint written on another device -------------------------------
 
+
 @pytest.mark.parametrize("form", ["with_device", "before_the_device_was_stored"])
 def test_rng_states_from_a_cuda_run_resume_on_cpu(dist1, corpus, tmp_path, capsys, form):
     """A CUDA run stores CUDA generator states (16 bytes) in the tracker; restoring them into
@@ -178,8 +193,12 @@ def test_rng_states_from_a_cuda_run_resume_on_cpu(dist1, corpus, tmp_path, capsy
 
     def as_a_cuda_run_saves():
         obj = real()
-        state = dict(obj.data, tracker={k: torch.zeros(16, dtype=torch.uint8) for k in obj.data["tracker"]},
-                     cuda=torch.zeros(16, dtype=torch.uint8), device="cuda")
+        state = dict(
+            obj.data,
+            tracker={k: torch.zeros(16, dtype=torch.uint8) for k in obj.data["tracker"]},
+            cuda=torch.zeros(16, dtype=torch.uint8),
+            device="cuda",
+        )
         if form != "with_device":
             del state["device"]
         return dataclasses.replace(obj, data=state)
@@ -192,8 +211,10 @@ def test_rng_states_from_a_cuda_run_resume_on_cpu(dist1, corpus, tmp_path, capsy
     resumed = _run(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
     assert len(resumed.history) == 2 and all(torch.isfinite(torch.tensor(e["lm loss"])) for e in resumed.history)
     notes = [line for line in capsys.readouterr().out.splitlines() if "RNG states were saved on" in line]
-    assert notes == [" checkpoint RNG states were saved on cuda, this run is on cpu: the CPU generator is restored, "
-                     "the device generators keep this run's seed"]
+    assert notes == [
+        " checkpoint RNG states were saved on cuda, this run is on cpu: the CPU generator is restored, "
+        "the device generators keep this run's seed"
+    ]
 
 
 def test_rng_states_of_the_same_device_are_restored(dist1, corpus, tmp_path, capsys):
@@ -210,10 +231,18 @@ def test_rng_states_of_the_same_device_are_restored(dist1, corpus, tmp_path, cap
 
 # -- --overlap-grad-reduce with exits of weight 0 ---------------------------------------
 
-@pytest.mark.parametrize("warmup", [
-    {"--exit-layer-weight-warmup-iters": 2},  # exit weights rise from 0
-    {"--exit-distill-weight": 0.5, "--exit-distill-warmup-iters": 2, "--exit-layer-weight": "0 0.5"},  # exit 1: weight 0
-])
+
+@pytest.mark.parametrize(
+    "warmup",
+    [
+        {"--exit-layer-weight-warmup-iters": 2},  # exit weights rise from 0
+        {
+            "--exit-distill-weight": 0.5,
+            "--exit-distill-warmup-iters": 2,
+            "--exit-layer-weight": "0 0.5",
+        },  # exit 1: weight 0
+    ],
+)
 def test_overlap_grad_reduce_with_exits_of_weight_zero(dist1, corpus, warmup):
     """megatron-core's buckets record, in the first iteration, which parameters produce a
     gradient and assert at the next that all do: an exit of weight 0 must back-propagate
@@ -228,6 +257,7 @@ def test_overlap_grad_reduce_with_exits_of_weight_zero(dist1, corpus, warmup):
 
 
 # -- host syncs of the pipeline-based decoder --------------------------------------------
+
 
 def test_pipeline_headers_reach_the_device_without_waiting(dist1):
     """A header built on the host and moved by a blocking `.to(device)` waits for the device
@@ -261,6 +291,7 @@ def test_sync_counter_sees_host_indexing_of_device_tensors():
 
 # -- a model on another device than the process's ----------------------------------------
 
+
 def test_load_model_refuses_a_device_other_than_the_process_target(dist1):
     """megatron-core allocates rotary frequencies and buffers on the process's device: a
     model loaded elsewhere failed at its first decode step with a device mismatch."""
@@ -268,8 +299,11 @@ def test_load_model_refuses_a_device_other_than_the_process_target(dist1):
     from megatron.early_exit.inference.loading import load_model
 
     for device in (torch.device("cuda"), torch.device("meta")):
-        with pytest.raises(InferenceConfigError, match=rf"^load_model: device {device} is not this process's device cpu; "
-                                                       r"load on cpu, or initialise the parallel state with device") as err:
+        with pytest.raises(
+            InferenceConfigError,
+            match=rf"^load_model: device {device} is not this process's device cpu; "
+            r"load on cpu, or initialise the parallel state with device",
+        ) as err:
             load_model("/nonexistent/checkpoint", device=device)
         assert "\n" not in str(err.value)
         with pytest.raises(InferenceConfigError) as err:  # weights only (conversion): any device; the path is next
@@ -285,21 +319,30 @@ def test_a_process_without_its_own_gpu_is_named_in_one_line(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert local_cuda_index() == 0
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(ParallelConfigError, match=r"^LOCAL_RANK 1 has no GPU: this host has 1 CUDA device\(s\), one per "
-                                                  r"process; start at most that many processes per host"):
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"^LOCAL_RANK 1 has no GPU: this host has 1 CUDA device\(s\), one per "
+        r"process; start at most that many processes per host",
+    ):
         local_cuda_index()
 
 
 # -- comparisons across GEMM shapes ------------------------------------------------------
+
 
 def _result(tokens, exits, probs, top2):
     import math
 
     from megatron.early_exit.inference.result import GenerationResult
 
-    return GenerationResult(tokens=[tokens], exit_layers=[exits], logprobs=[[math.log(p) for p in probs]], num_layers=4,
-                            top_tokens=[[[t, t + 1] for t in tokens]],
-                            top_logprobs=[[[math.log(p), math.log(q)] for p, q in top2]])
+    return GenerationResult(
+        tokens=[tokens],
+        exit_layers=[exits],
+        logprobs=[[math.log(p) for p in probs]],
+        num_layers=4,
+        top_tokens=[[[t, t + 1] for t in tokens]],
+        top_logprobs=[[[math.log(p), math.log(q)] for p, q in top2]],
+    )
 
 
 def test_decisions_near_the_threshold_may_differ_across_gemm_shapes():
@@ -314,24 +357,29 @@ def test_decisions_near_the_threshold_may_differ_across_gemm_shapes():
     assert assert_same_up_to_near_ties(batched, alone_flipped, threshold=0.6) == 1
     assert assert_same_up_to_near_ties(batched, batched, threshold=0.6) == 0
     argmax_tie = _result([7, 9, 9], [4, 4, 4], [0.8, 0.4002, 0.9], [(0.8, 0.1), (0.4002, 0.4), (0.9, 0.05)])
-    assert assert_same_up_to_near_ties(argmax_tie, _result([7, 8, 9], [4, 4, 4], [0.8, 0.4001, 0.9],
-                                                           [(0.8, 0.1), (0.4001, 0.4), (0.9, 0.05)]), 0.6) == 1
+    assert (
+        assert_same_up_to_near_ties(
+            argmax_tie, _result([7, 8, 9], [4, 4, 4], [0.8, 0.4001, 0.9], [(0.8, 0.1), (0.4001, 0.4), (0.9, 0.05)]), 0.6
+        )
+        == 1
+    )
     far = _result([7, 3, 5], [4, 1, 4], [0.8, 0.9, 0.9], [(0.8, 0.1), (0.9, 0.05), (0.9, 0.05)])
     with pytest.raises(AssertionError, match=r"row 0 token 1: \(token, exit layer\) \(3, 1\) vs \(3, 4\)"):
-        assert_same_up_to_near_ties(far, _result([7, 3, 5], [4, 4, 4], [0.8, 0.7, 0.9],
-                                                 [(0.8, 0.1), (0.7, 0.2), (0.9, 0.05)]), threshold=0.6)
+        assert_same_up_to_near_ties(
+            far, _result([7, 3, 5], [4, 4, 4], [0.8, 0.7, 0.9], [(0.8, 0.1), (0.7, 0.2), (0.9, 0.05)]), threshold=0.6
+        )
 
 
 # -- memory: state propagation's folded weights -------------------------------------------
+
 
 def test_folded_propagation_weights_are_built_once_for_every_exit(dist1, capsys):
     """A deeper exit's folded K/V rows are a view of the shallowest one's (two exits kept
     two copies: about 2.7 GB in bf16 for a 7B model); their size is said once, when built,
     and only a decode that propagates builds them."""
+    from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.inference import EarlyExit, generate
     from tests.helpers import build_ee_gpt, tiny_transformer_config
-
-    from megatron.early_exit.config import EarlyExitConfig
 
     model = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(exit_layer_nums=[1, 2])).eval()
     prompts = [[5, 17, 3, 9], [40, 2, 7]]
@@ -348,6 +396,8 @@ def test_folded_propagation_weights_are_built_once_for_every_exit(dist1, capsys)
         h, kv_rows = 32, 2 * 32  # K and V of 4 heads of 8 per layer
         assert built[1].nbytes == 3 * kv_rows * h * 4 and built[2].nbytes == 2 * kv_rows * h * 4
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("state propagation:")]
-    assert lines == ["state propagation: folded K/V weights of this stage's layers 3-4, 0.000 GB, kept with the model",
-                     "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model",
-                     "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model"]
+    assert lines == [
+        "state propagation: folded K/V weights of this stage's layers 3-4, 0.000 GB, kept with the model",
+        "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model",
+        "state propagation: folded K/V weights of this stage's layers 2-4, 0.000 GB, kept with the model",
+    ]

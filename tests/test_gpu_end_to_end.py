@@ -61,8 +61,11 @@ def _losses(history):
 
 
 def _flags(corpus, device, impl, iters, **extra):
-    return tiny_run_flags(corpus, iters=iters, **{"--device": device, "--transformer-impl": impl, "--eval-iters": 0,
-                                                  "--lr-decay-iters": 12, **extra})
+    return tiny_run_flags(
+        corpus,
+        iters=iters,
+        **{"--device": device, "--transformer-impl": impl, "--eval-iters": 0, "--lr-decay-iters": 12, **extra},
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -100,7 +103,11 @@ def test_exit_mlp_checkpoints_cross_layer_implementations(dist1, corpus, device,
 
     source, target = ("local", _te_impl()) if direction == "local_to_te" else (_te_impl(), "local")
     root = str(tmp_path / "ckpt")
-    _run(_flags(corpus, device, source, 3, **{"--use-exit-mlp": None, "--untie-exit-output-weights": None, "--save": root}))
+    _run(
+        _flags(
+            corpus, device, source, 3, **{"--use-exit-mlp": None, "--untie-exit-output-weights": None, "--save": root}
+        )
+    )
     a, _, _ = load_model(root, device=torch.device(device), transformer_impl=source)
     b, _, _ = load_model(root, device=torch.device(device), transformer_impl=target)
     prompts = [[5, 17, 3, 9], [40, 2, 7, 13]]
@@ -129,15 +136,22 @@ def test_decoding_strategies_agree_on_the_device(trained, device):
     assert generate(model, prompts, EarlyExit(threshold=2.0), 16).tokens == full.tokens
     # A threshold between the first exit's confidences (every token leaving there), so that
     # about half the tokens exit early.
-    probe = sorted(math.exp(lp) for row in generate(model, prompts, EarlyExit(threshold=0.0), 16).logprobs for lp in row[1:])
+    probe = sorted(
+        math.exp(lp) for row in generate(model, prompts, EarlyExit(threshold=0.0), 16).logprobs for lp in row[1:]
+    )
     threshold = (probe[len(probe) // 2 - 1] + probe[len(probe) // 2]) / 2
     # Batched, alone and the stage pass run other GEMM shapes: on a GPU a decision within
     # rounding of the threshold (or of an argmax tie) may go either way.
     recompute = generate(model, prompts, EarlyExit(threshold=threshold), 16, top_n=2)
     pipeline = generate(model, prompts, EarlyExit(threshold=threshold, kv="pipeline"), 16, top_n=2)
     alone = [generate(model, [p], EarlyExit(threshold=threshold), 16, top_n=2) for p in prompts]
-    rows_alone = dataclasses.replace(alone[0], **{f: [getattr(r, f)[0] for r in alone]
-                                                  for f in ("tokens", "exit_layers", "logprobs", "top_tokens", "top_logprobs")})
+    rows_alone = dataclasses.replace(
+        alone[0],
+        **{
+            f: [getattr(r, f)[0] for r in alone]
+            for f in ("tokens", "exit_layers", "logprobs", "top_tokens", "top_logprobs")
+        },
+    )
     assert_same_up_to_near_ties(recompute, rows_alone, threshold)
     assert_same_up_to_near_ties(pipeline, recompute, threshold)
     assert any(d < recompute.num_layers for row in recompute.exit_layers for d in row)  # some tokens did exit
@@ -173,10 +187,10 @@ def test_one_host_sync_per_full_depth_step(trained, device):
 
 
 def test_server_on_the_device_answers_like_the_engine(trained, device, tmp_path):
-    from megatron.early_exit.inference import FullDepth, generate
-    from megatron.early_exit.inference.loading import load_model
     import httpx
 
+    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference.loading import load_model
     from tests.server_fixtures import Server
 
     srv = Server(trained, str(tmp_path / "server.log"))
@@ -187,8 +201,9 @@ def test_server_on_the_device_answers_like_the_engine(trained, device, tmp_path)
             reply = client.put("/api", json={"prompts": ["5 17 3 9"], "tokens_to_generate": 8, "temperature": 0})
             assert reply.status_code == 200, reply.text
             assert reply.json()["tokens"][0][4:] == want
-            reply = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 17, 3, 9], "max_tokens": 8,
-                                                         "temperature": 0})
+            reply = client.post(
+                "/v1/completions", json={"model": "tiny", "prompt": [5, 17, 3, 9], "max_tokens": 8, "temperature": 0}
+            )
             assert reply.status_code == 200, reply.text
     finally:
         srv.stop()

@@ -33,9 +33,12 @@ def _fake_kernels():
 
     unsupported = lambda *a: (_ for _ in ()).throw(NotImplementedError("backward"))  # noqa: E731
     return {
-        "scaled_upper_triang_masked_softmax_cuda": types.SimpleNamespace(forward=upper_triang_forward, backward=unsupported),
-        "scaled_masked_softmax_cuda": types.SimpleNamespace(forward=masked_forward, backward=unsupported,
-                                                            get_batch_per_block=get_batch_per_block),
+        "scaled_upper_triang_masked_softmax_cuda": types.SimpleNamespace(
+            forward=upper_triang_forward, backward=unsupported
+        ),
+        "scaled_masked_softmax_cuda": types.SimpleNamespace(
+            forward=masked_forward, backward=unsupported, get_batch_per_block=get_batch_per_block
+        ),
         "scaled_softmax_cuda": types.SimpleNamespace(forward=softmax_forward, backward=unsupported),
     }
 
@@ -49,7 +52,9 @@ def fake_apex_kernels(monkeypatch):
 def _args(**overrides):
     from megatron.early_exit.training.arguments import parse_args
 
-    return parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1)
+    return parse_args(
+        tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, **overrides}), world_size=1
+    )
 
 
 def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
@@ -74,21 +79,28 @@ def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
 # -- host-device synchronisation per decoded token ------------------------------------
 
 
-@pytest.mark.parametrize("strategy,per_step", [
-    ("full", 1),  # the step's tokens read once
-    ("speculative", 1),  # a draft step reads its token; verification reads the whole batch once
-    ("early_exit", 3),  # one more at each of the two exits a step reaches: their decisions skip layers
-    ("early_exit_propagate", 3),
-    ("early_exit_pipeline", 3),  # the stage pass (kv="pipeline"): decided rows cut out on the device
-])
+@pytest.mark.parametrize(
+    "strategy,per_step",
+    [
+        ("full", 1),  # the step's tokens read once
+        ("speculative", 1),  # a draft step reads its token; verification reads the whole batch once
+        ("early_exit", 3),  # one more at each of the two exits a step reaches: their decisions skip layers
+        ("early_exit_propagate", 3),
+        ("early_exit_pipeline", 3),  # the stage pass (kv="pipeline"): decided rows cut out on the device
+    ],
+)
 def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
-    from tests.sync_counter import SyncCounter
     from tests.inference_models import PROMPTS, build_model
+    from tests.sync_counter import SyncCounter
 
-    chosen = {"full": FullDepth(), "speculative": SelfSpeculative(exit_layer=1, num_draft=3),
-              "early_exit": EarlyExit(threshold=0.5), "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate"),
-              "early_exit_pipeline": EarlyExit(threshold=0.5, kv="pipeline")}
+    chosen = {
+        "full": FullDepth(),
+        "speculative": SelfSpeculative(exit_layer=1, num_draft=3),
+        "early_exit": EarlyExit(threshold=0.5),
+        "early_exit_propagate": EarlyExit(threshold=0.5, kv="propagate"),
+        "early_exit_pipeline": EarlyExit(threshold=0.5, kv="pipeline"),
+    }
     model = build_model("untied_mlp")
     with SyncCounter() as counter:
         result = generate(model, PROMPTS, chosen[strategy], max_new_tokens=16)
@@ -107,8 +119,12 @@ def test_training_step_copies_batches_without_waiting(dist1):
     args = _args()
     model = build_model(args, torch.device("cpu"), 64)
     tokens = torch.randint(0, 64, (2, 32))
-    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 32),
-             "position_ids": torch.arange(32).expand(2, 32)}
+    batch = {
+        "tokens": tokens,
+        "labels": tokens.roll(-1, 1),
+        "loss_mask": torch.ones(2, 32),
+        "position_ids": torch.arange(32).expand(2, 32),
+    }
     with SyncCounter() as counter:
         output, loss_func = forward_step(iter([batch]), model, args, 0, torch.device("cpu"), model.ee_config)
     assert not {t.data_ptr() for t in batch.values()} & set(counter.blocking_moves)
@@ -121,8 +137,7 @@ def test_attention_without_mask_where_none_is_needed(dist1, monkeypatch):
     or memory-efficient kernels (an explicit boolean mask rules them out)."""
     import torch.nn.functional as F
 
-    from megatron.early_exit.inference import FullDepth, generate
-    from megatron.early_exit.inference import layers
+    from megatron.early_exit.inference import FullDepth, generate, layers
     from tests.inference_models import build_model
 
     calls = []
@@ -182,8 +197,7 @@ def test_reset_attention_mask_survives_the_fused_softmax(dist1, fake_apex_kernel
     from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
     from megatron.early_exit.sharding import full_state_dict
-    from tests.helpers import load_full_state_dict
-    from tests.helpers import tiny_transformer_config
+    from tests.helpers import load_full_state_dict, tiny_transformer_config
 
     seq, batch = 32, 2
     tokens = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -191,8 +205,9 @@ def test_reset_attention_mask_survives_the_fused_softmax(dist1, fake_apex_kernel
     mask = _document_mask(seq, 12).expand(batch, 1, seq, seq)
 
     def logits(fused: bool, document_mask: bool, state=None):
-        config = tiny_transformer_config(params_dtype=torch.bfloat16, bf16=True, masked_softmax_fusion=fused,
-                                         transformer_impl=impl)
+        config = tiny_transformer_config(
+            params_dtype=torch.bfloat16, bf16=True, masked_softmax_fusion=fused, transformer_impl=impl
+        )
         model = EarlyExitGPTModel(config, EarlyExitConfig(), 96, seq, document_mask=document_mask).eval()
         if state is not None:
             load_full_state_dict(model, state)

@@ -61,7 +61,10 @@ def test_converted_logits_equal_transformers(dist1, tmp_path, variant):
         from transformers import LlamaForCausalLM
 
         plain_config = hf.config.to_dict()
-        plain_config["rope_parameters"] = {"rope_type": "default", "rope_theta": plain_config["rope_parameters"]["rope_theta"]}
+        plain_config["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": plain_config["rope_parameters"]["rope_theta"],
+        }
         plain = LlamaForCausalLM(type(hf.config).from_dict(plain_config)).eval()
         plain.load_state_dict(hf.state_dict())
         with torch.no_grad():
@@ -91,11 +94,14 @@ def test_pytorch_bin_and_sharded_safetensors_are_read(dist1, tmp_path):
 # ----------------------------------------------------------------------------- round trip
 
 ROUND_TRIPS = {  # exit structure, model
-    "norm-mlp-untied": (dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True),
-                        dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "block-norm-tied-pre-tied-model": (dict(use_exit_block=True, use_exit_norm=True, pre_exit=True),
-                                       dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
-                                            rope_scaling=LLAMA3)),
+    "norm-mlp-untied": (
+        dict(use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True),
+        dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "block-norm-tied-pre-tied-model": (
+        dict(use_exit_block=True, use_exit_norm=True, pre_exit=True),
+        dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3),
+    ),
 }
 
 
@@ -109,15 +115,23 @@ def test_export_then_import_is_bit_identical_including_exits(dist1, tmp_path, st
     import_llama(tmp_path / "hf", tmp_path / "ours")
     assert sorted(os.listdir(tmp_path / "ours" / "tokenizer")) == ["tokenizer.json", "tokenizer_config.json"]
     # Random exits: every exit tensor differs from every backbone tensor.
-    add_exits(tmp_path / "ours", tmp_path / "ee", copy_init=False, exit_layer_nums=[1, 3],
-              exit_layer_temperature=[1.5, 1.0], **exits)
+    add_exits(
+        tmp_path / "ours",
+        tmp_path / "ee",
+        copy_init=False,
+        exit_layer_nums=[1, 3],
+        exit_layer_temperature=[1.5, 1.0],
+        **exits,
+    )
     export_llama(tmp_path / "ee", tmp_path / "exported")
     import_llama(tmp_path / "exported", tmp_path / "back")
 
     before, after = full_state(tmp_path / "ee"), full_state(tmp_path / "back")
     assert sorted(before) == sorted(after)
     assert any(k.startswith("exits.3.") for k in before)
-    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])
+    ]
 
     exported = tmp_path / "exported"
     cfg = json.load(open(exported / "config.json"))
@@ -145,15 +159,18 @@ def test_converted_directory_loads_and_generates_after_a_move(dist1, tmp_path):
     import_llama(tmp_path / "hf", tmp_path / "ours")
     add_exits(tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[2], use_exit_norm=True)
     prompt = [[1, 2, 3, 4]]
-    before = {name: generate(load(tmp_path / name), prompt, FullDepth(), max_new_tokens=6).tokens for name in ("ours", "ee")}
+    before = {
+        name: generate(load(tmp_path / name), prompt, FullDepth(), max_new_tokens=6).tokens for name in ("ours", "ee")
+    }
     os.makedirs(tmp_path / "elsewhere")
     for name in ("ours", "ee"):
         root = shutil.move(str(tmp_path / name), str(tmp_path / "elsewhere" / name))
         assert not os.path.exists(tmp_path / name)
         assert read_common(resolve(root))["model_config"]["tokenizer"]["model"] == "tokenizer"  # stored relative
         model, tokenizer, config = load_model(root, 1, device=torch.device("cpu"))
-        assert config.tokenizer.model == os.path.join(root, "tokenizer") and sorted(os.listdir(config.tokenizer.model)) == [
-            "tokenizer.json", "tokenizer_config.json"]
+        assert config.tokenizer.model == os.path.join(root, "tokenizer") and sorted(
+            os.listdir(config.tokenizer.model)
+        ) == ["tokenizer.json", "tokenizer_config.json"]
         assert (tokenizer.vocab_size, tokenizer.eod) == (VOCAB, VOCAB - 1)
         assert tokenizer.tokenize("w1 w2 w3 w4") == prompt[0]
         tokens = generate(model, [tokenizer.tokenize("w1 w2 w3 w4")], FullDepth(), max_new_tokens=6).tokens
@@ -199,7 +216,9 @@ def test_add_exits_copy_init_predicts_what_the_copied_modules_compute(dist1, con
     with torch.no_grad():
         out = model(tokens, pos, None)
         states, rotary = _manual_hidden_states(model, tokens, pos)
-        assert (out.final - model.output_layer(model.decoder.final_layernorm(states[-1]))[0].transpose(0, 1)).abs().max() < 1e-5
+        assert (
+            out.final - model.output_layer(model.decoder.final_layernorm(states[-1]))[0].transpose(0, 1)
+        ).abs().max() < 1e-5
         for pending in out.exits:
             n = pending.layer_number
             hidden = states[n - 1] if flags.get("pre_exit") else states[n]
@@ -216,8 +235,17 @@ def test_add_exits_copy_init_predicts_what_the_copied_modules_compute(dist1, con
 
 
 def test_add_exits_keeps_matching_exits_and_replaces_others(dist1, converted, tmp_path):
-    add_exits(converted, tmp_path / "a", copy_init=False, exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
-    report = add_exits(tmp_path / "a", tmp_path / "b", exit_layer_nums=[2, 3], use_exit_norm=True, untie_exit_output_weights=True)
+    add_exits(
+        converted,
+        tmp_path / "a",
+        copy_init=False,
+        exit_layer_nums=[1, 2],
+        use_exit_norm=True,
+        untie_exit_output_weights=True,
+    )
+    report = add_exits(
+        tmp_path / "a", tmp_path / "b", exit_layer_nums=[2, 3], use_exit_norm=True, untie_exit_output_weights=True
+    )
     assert report.kept == [2] and report.initialised == {3: "copy"}
     a, b = full_state(tmp_path / "a"), full_state(tmp_path / "b")
     assert torch.equal(a["exits.2.output_layer.weight"], b["exits.2.output_layer.weight"])
@@ -269,11 +297,23 @@ def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, 
 
     save_random_llama(tmp_path / "hf", seed=11, tie_word_embeddings=True)  # tiny_run_flags' shape
     import_llama(tmp_path / "hf", tmp_path / "ours")
-    add_exits(tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
-    flags = tiny_run_flags(corpus, iters=3, **{
-        "--load": str(tmp_path / "ee"), "--finetune": None, "--tune-exit": None, "--untie-exit-output-weights": None,
-        "--norm-epsilon": "1e-6", "--eval-iters": 0, "--lr-warmup-iters": 0, "--ffn-hidden-size": FFN,
-    })
+    add_exits(
+        tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True
+    )
+    flags = tiny_run_flags(
+        corpus,
+        iters=3,
+        **{
+            "--load": str(tmp_path / "ee"),
+            "--finetune": None,
+            "--tune-exit": None,
+            "--untie-exit-output-weights": None,
+            "--norm-epsilon": "1e-6",
+            "--eval-iters": 0,
+            "--lr-warmup-iters": 0,
+            "--ffn-hidden-size": FFN,
+        },
+    )
     state = pretrain(parse_args(flags, world_size=1))
     assert len(state.history) == 3 and all("early loss [1]" in h for h in state.history)
     before, after = full_state(tmp_path / "ee"), full_state_dict(state.model)
@@ -312,18 +352,31 @@ def hf_dir(tmp_path_factory):
 
 BAD_CONFIGS = {
     "gpt2": ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type 'gpt2' .* is not supported"),
-    "yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
-             "RoPE scaling 'yarn' cannot be represented in megatron-core"),
-    "llama3-other-constants": ({"rope_parameters": {**LLAMA3, "low_freq_factor": 2.0, "rope_theta": 500000.0}},
-                               "low_freq_factor=2.0 cannot be represented"),
+    "yarn": (
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
+        "RoPE scaling 'yarn' cannot be represented in megatron-core",
+    ),
+    "llama3-other-constants": (
+        {"rope_parameters": {**LLAMA3, "low_freq_factor": 2.0, "rope_theta": 500000.0}},
+        "low_freq_factor=2.0 cannot be represented",
+    ),
     "bias": ({"attention_bias": True}, "attention_bias true is not supported"),
-    "shape": ({"intermediate_size": FFN + 8}, r"tensor model.layers.0.mlp.gate_proj.weight has shape \(128, 32\), expected \(136, 32\)"),
+    "shape": (
+        {"intermediate_size": FFN + 8},
+        r"tensor model.layers.0.mlp.gate_proj.weight has shape \(128, 32\), expected \(136, 32\)",
+    ),
     "heads-vs-target-tp": ({"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}, None),
     # Checked against the weights' shapes before a model of that size is built (it tried to allocate 4e18 bytes).
-    "huge-hidden": ({"hidden_size": 10**9}, r"config.json does not match the weights: tensor model.embed_tokens.weight "
-                                            r"has shape \(\d+, 32\), expected \(\d+, 1000000000\)"),
-    "huge-layers": ({"num_hidden_layers": 10**6}, r"config.json does not match the weights: tensor "
-                                                  r"model.layers.999999.self_attn.q_proj.weight is missing"),
+    "huge-hidden": (
+        {"hidden_size": 10**9},
+        r"config.json does not match the weights: tensor model.embed_tokens.weight "
+        r"has shape \(\d+, 32\), expected \(\d+, 1000000000\)",
+    ),
+    "huge-layers": (
+        {"num_hidden_layers": 10**6},
+        r"config.json does not match the weights: tensor "
+        r"model.layers.999999.self_attn.q_proj.weight is missing",
+    ),
 }
 
 
@@ -370,7 +423,10 @@ def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
     tensors = load_file(hf_dir / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(HIDDEN)
     save_file(tensors, src / "model.safetensors")
-    with pytest.raises(ConversionError, match="1 tensors have no place in a LlamaForCausalLM model, e.g. model.layers.0.self_attn.q_proj.bias"):
+    with pytest.raises(
+        ConversionError,
+        match="1 tensors have no place in a LlamaForCausalLM model, e.g. model.layers.0.self_attn.q_proj.bias",
+    ):
         import_llama(src, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
@@ -381,8 +437,17 @@ def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
     from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.training import checkpointing
 
-    config = ModelConfig.from_flags(dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                                         tokenizer_type="NullTokenizer", vocab_size=64), 128)  # LayerNorm, GeLU, biases
+    config = ModelConfig.from_flags(
+        dict(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            seq_length=16,
+            tokenizer_type="NullTokenizer",
+            vocab_size=64,
+        ),
+        128,
+    )  # LayerNorm, GeLU, biases
     checkpointing.save_weights(str(tmp_path / "gpt"), None, training_model(config))
     with pytest.raises(ConversionError, match="the checkpoint is not a Llama model: --normalization LayerNorm"):
         export_llama(tmp_path / "gpt", tmp_path / "out")
@@ -406,14 +471,32 @@ def test_add_exits_refuses_bad_exits_and_existing_output(dist1, converted, tmp_p
 def test_convert_tool_prints_one_line_errors(tmp_path):
     os.makedirs(tmp_path / "src")
     json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(tmp_path / "src" / "config.json", "w"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"), "--load",
-                           str(tmp_path / "src"), "--save", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=fresh_process_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"),
+            "--load",
+            str(tmp_path / "src"),
+            "--save",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=fresh_process_env(),
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "error: " + str(tmp_path / "src" / "config.json") + ": model_type 'gpt2' (GPT2LMHeadModel) is not supported: "
-        "the converter reads 'llama' (LlamaForCausalLM), 'mistral' (MistralForCausalLM), 'qwen2' (Qwen2ForCausalLM), "
-        "'qwen3' (Qwen3ForCausalLM)")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "error: "
+            + str(tmp_path / "src" / "config.json")
+            + ": model_type 'gpt2' (GPT2LMHeadModel) is not supported: "
+            "the converter reads 'llama' (LlamaForCausalLM), 'mistral' (MistralForCausalLM), 'qwen2' "
+            "(Qwen2ForCausalLM), "
+            "'qwen3' (Qwen3ForCausalLM)"
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- examples
@@ -441,7 +524,10 @@ def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
     converted, hidden, heads, groups, tp, tuned, exits = LLAMA2[size]
     assert (args.hidden_size, args.num_attention_heads, args.num_query_groups) == (hidden, heads, groups)
     assert built_stages(args) == tuned and args.tensor_model_parallel_size == tp
-    assert args.tune_exit_pipeline_parallel_size in (None, tuned[1]) and converted[0] // converted[1] == tuned[0] // tuned[1]
+    assert (
+        args.tune_exit_pipeline_parallel_size in (None, tuned[1])
+        and converted[0] // converted[1] == tuned[0] // tuned[1]
+    )
     assert args.exit_layer_nums == exits and args.pre_exit and args.use_exit_norm and args.untie_exit_output_weights
     assert args.tune_exit and args.finetune and args.load and args.bf16
     assert args.tokenizer_type == "HuggingFaceTokenizer" and args.make_vocab_size_divisible_by == 1

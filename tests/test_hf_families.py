@@ -38,11 +38,17 @@ SHAPES = {  # name: (model_type, config overrides)
     "qwen3-tied": ("qwen3", dict(head_dim=12, tie_word_embeddings=True)),
     "mistral-gqa": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),  # v0.2+: no window
     "mistral-tied-head-dim": ("mistral", dict(head_dim=16, sliding_window=None, tie_word_embeddings=True)),  # Nemo-like
-    "llama3-tied-gqa": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
-                                      rope_scaling=LLAMA3)),
+    "llama3-tied-gqa": (
+        "llama",
+        dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3),
+    ),
 }
-ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def save_shape(path, name, seed=0):
@@ -103,7 +109,7 @@ def test_served_greedy_output_equals_transformers_generate(dist1, tmp_path, name
     for prompt, tokens in zip(prompts, ours):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
-        assert out[0, len(prompt):].tolist() == tokens and len(tokens) == new
+        assert out[0, len(prompt) :].tolist() == tokens and len(tokens) == new
 
 
 # ----------------------------------------------------------------------------- round trip with exits
@@ -127,8 +133,13 @@ def exported(request, dist1, tmp_path_factory):
 
     # Random exits drawn as widely as the backbone: every exit tensor differs from every
     # backbone tensor, and exit logits are large enough for 1e-4 to mean something.
-    run(str(root / "ours"), str(root / "ee"), dict(exit_layer_nums=[1, LAYERS], exit_layer_temperature=[1.5, 1.0],
-                                                   **ROUND_TRIPS[name]), copy_init=False, init_method_std=0.3)
+    run(
+        str(root / "ours"),
+        str(root / "ee"),
+        dict(exit_layer_nums=[1, LAYERS], exit_layer_temperature=[1.5, 1.0], **ROUND_TRIPS[name]),
+        copy_init=False,
+        init_method_std=0.3,
+    )
     export_llama(root / "ee", root / "exported")
     import_llama(root / "exported", root / "back")
     return name, root
@@ -141,7 +152,9 @@ def test_export_then_import_is_bit_identical_including_exits(exported):
     before, after = full_state(root / "ee"), full_state(root / "back")
     assert sorted(before) == sorted(after)
     assert any(k.startswith(f"exits.{LAYERS}.") for k in before)
-    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])
+    ]
     if name.startswith("qwen3"):  # the exit block has its own q/k norms
         assert f"exits.{LAYERS}.block.self_attention.q_layernorm.weight" in before
 
@@ -186,7 +199,9 @@ def test_transformers_early_exit_generation_equals_ours(dist1, tmp_path):
     save_shape(tmp_path / "hf", "qwen3-gqa-head-dim", seed=9)
     import_llama(tmp_path / "hf", tmp_path / "ours")
     # Copied exits: what the final norm and output layer make of layers 2 and 3.
-    add_exits(tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[2, 3], use_exit_norm=True, untie_exit_output_weights=True)
+    add_exits(
+        tmp_path / "ours", tmp_path / "ee", exit_layer_nums=[2, 3], use_exit_norm=True, untie_exit_output_weights=True
+    )
     export_llama(tmp_path / "ee", tmp_path / "exported")
     theirs = EarlyExitForCausalLM.from_pretrained(str(tmp_path / "exported"))
     ours = load(tmp_path / "ee")
@@ -196,8 +211,9 @@ def test_transformers_early_exit_generation_equals_ours(dist1, tmp_path):
         result = generate(ours, [prompt], EarlyExit(threshold=threshold, kv="recompute"), max_new_tokens=new)
         # Our first token comes from the prefill, always at full depth: continue after it.
         first = result.tokens[0][:1]
-        tokens, layers = theirs.generate_early_exit(torch.tensor([prompt + first]), threshold=threshold,
-                                                    max_new_tokens=new - 1)
+        tokens, layers = theirs.generate_early_exit(
+            torch.tensor([prompt + first]), threshold=threshold, max_new_tokens=new - 1
+        )
         assert tokens[0].tolist() == prompt + result.tokens[0]
         assert layers[0] == result.exit_layers[0][1:]
         mixed += len(set(layers[0])) > 1
@@ -214,17 +230,33 @@ def test_tp2_pp2_load_gives_one_process_logits(dist1, tmp_path, launch_dir, name
     """QKV biases and q/k norms split over tensor-parallel ranks (one KV group each)."""
     save_shape(tmp_path / "hf", name, seed=13)
     import_llama(tmp_path / "hf", tmp_path / "ours", tp=2, pp=2)
-    add_exits(tmp_path / "ours", tmp_path / "ee", copy_init=False, exit_layer_nums=[1, 3], use_exit_block=True,
-              use_exit_norm=True, untie_exit_output_weights=True)
+    add_exits(
+        tmp_path / "ours",
+        tmp_path / "ee",
+        copy_init=False,
+        exit_layer_nums=[1, 3],
+        use_exit_block=True,
+        use_exit_norm=True,
+        untie_exit_output_weights=True,
+    )
     model = load(tmp_path / "ee")
     tokens, pos = batch()
     with torch.no_grad():
         out = model(tokens, pos, None)
-        reference = {"tokens": tokens, "position_ids": pos, "vocab_size": model.vocab_size, "final": out.final,
-                     "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits}}
+        reference = {
+            "tokens": tokens,
+            "position_ids": pos,
+            "vocab_size": model.vocab_size,
+            "final": out.final,
+            "exits": {p.layer_number: p.compute_logits().transpose(0, 1) for p in out.exits},
+        }
     torch.save(reference, tmp_path / "reference.pt")
-    results = launch("tests.multiproc.cases_hf", 4, launch_dir,
-                     env={"EE_HF_CHECKPOINT": str(tmp_path / "ee"), "EE_HF_REFERENCE": str(tmp_path / "reference.pt")})
+    results = launch(
+        "tests.multiproc.cases_hf",
+        4,
+        launch_dir,
+        env={"EE_HF_CHECKPOINT": str(tmp_path / "ee"), "EE_HF_REFERENCE": str(tmp_path / "reference.pt")},
+    )
     case = results["case_tp2_pp2_logits_match_one_process"]
     assert case["ok"], case["error"]
     assert sorted(case["metrics"]) == ["exit 1", "exit 3", "final"]
@@ -233,17 +265,37 @@ def test_tp2_pp2_load_gives_one_process_logits(dist1, tmp_path, launch_dir, name
 # ----------------------------------------------------------------------------- refused settings
 
 REFUSED = {  # shape, config.json changes, message
-    "mistral-v0.1-window": ("mistral-gqa", {"sliding_window": 16},
-                            "sliding_window 16 is smaller than max_position_embeddings 64: sliding-window attention is not supported"),
-    "qwen2-window-on": ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0,
-                                      "layer_types": ["sliding_attention"] * LAYERS},
-                        "sliding_window 16 is smaller than max_position_embeddings 64"),
-    "qwen2-window-on-4.x-config": ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2,
-                                                "layer_types": None},  # no layer_types: layers from 2 on slide
-                                   "sliding_window 16 is smaller than max_position_embeddings 64"),
+    "mistral-v0.1-window": (
+        "mistral-gqa",
+        {"sliding_window": 16},
+        "sliding_window 16 is smaller than max_position_embeddings 64: sliding-window attention is not supported",
+    ),
+    "qwen2-window-on": (
+        "qwen2-gqa",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 0,
+            "layer_types": ["sliding_attention"] * LAYERS,
+        },
+        "sliding_window 16 is smaller than max_position_embeddings 64",
+    ),
+    "qwen2-window-on-4.x-config": (
+        "qwen2-gqa",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 2,
+            "layer_types": None,
+        },  # no layer_types: layers from 2 on slide
+        "sliding_window 16 is smaller than max_position_embeddings 64",
+    ),
     "qwen3-attention-bias": ("qwen3-tied", {"attention_bias": True}, "attention_bias true is not supported"),
-    "qwen2-yarn": ("qwen2-gqa", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
-                   "RoPE scaling 'yarn' cannot be represented"),
+    "qwen2-yarn": (
+        "qwen2-gqa",
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
+        "RoPE scaling 'yarn' cannot be represented",
+    ),
 }
 
 
@@ -263,8 +315,15 @@ def test_unsupported_settings_are_refused_in_one_line(dist1, tmp_path, case):
 WINDOWS_THAT_CHANGE_NOTHING = {
     "mistral-window-covers-context": ("mistral-gqa", {"sliding_window": 64}),
     "qwen2.5-window-off": ("qwen2-gqa", {"use_sliding_window": False, "sliding_window": 16}),  # as Qwen2.5 ships
-    "qwen2-window-on-no-sliding-layer": ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 16,
-                                                        "max_window_layers": LAYERS, "layer_types": ["full_attention"] * LAYERS}),
+    "qwen2-window-on-no-sliding-layer": (
+        "qwen2-gqa",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": LAYERS,
+            "layer_types": ["full_attention"] * LAYERS,
+        },
+    ),
 }
 
 
@@ -284,7 +343,9 @@ def test_export_family_follows_the_model_or_the_request(dist1, tmp_path):
 
     save_shape(tmp_path / "qwen2", "qwen2-gqa")
     import_llama(tmp_path / "qwen2", tmp_path / "ours_qwen2")
-    with pytest.raises(ConversionError, match="--model-type llama: the checkpoint has --add-qkv-bias .* use --model-type qwen2"):
+    with pytest.raises(
+        ConversionError, match="--model-type llama: the checkpoint has --add-qkv-bias .* use --model-type qwen2"
+    ):
         export_llama(tmp_path / "ours_qwen2", tmp_path / "bad", model_type="llama")
     assert not os.path.exists(tmp_path / "bad")
     # A Llama-shaped model goes out as Mistral on request (the two compute the same).
@@ -304,8 +365,11 @@ def test_export_family_follows_the_model_or_the_request(dist1, tmp_path):
     shutil.rmtree(tmp_path / "back")
     from megatron.early_exit.hf.families import family_of_model
 
-    assert [family_of_model(b, n).model_type for b, n in ((False, False), (True, False), (False, True))] == \
-        ["llama", "qwen2", "qwen3"]
+    assert [family_of_model(b, n).model_type for b, n in ((False, False), (True, False), (False, True))] == [
+        "llama",
+        "qwen2",
+        "qwen3",
+    ]
 
 
 # ----------------------------------------------------------------------------- the model description
@@ -317,8 +381,16 @@ def test_new_model_fields_round_trip_and_are_architecture():
     from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.training.arguments import parse_args
 
-    base = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, padded_vocab_size=64,
-                       max_position_embeddings=16, kv_channels=16, add_qkv_bias=True, qk_layernorm=True)
+    base = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        padded_vocab_size=64,
+        max_position_embeddings=16,
+        kv_channels=16,
+        add_qkv_bias=True,
+        qk_layernorm=True,
+    )
     assert ModelConfig.from_dict(base.to_dict()) == base
     assert ModelConfig.from_flags(base.to_flags(), 64) == base
     assert base.transformer_config().add_qkv_bias and base.transformer_config().qk_layernorm
@@ -327,9 +399,32 @@ def test_new_model_fields_round_trip_and_are_architecture():
     assert not ModelConfig.from_dict(old).add_qkv_bias and not ModelConfig.from_dict(old).qk_layernorm
     differences = base.architecture_differences(dataclasses.replace(base, add_qkv_bias=False, qk_layernorm=False))
     assert differences == ["--add-qkv-bias: checkpoint True, now False", "--qk-layernorm: checkpoint True, now False"]
-    args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-                       "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--add-qkv-bias", "--qk-layernorm",
-                       "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--mock-data"], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--add-qkv-bias",
+            "--qk-layernorm",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "64",
+            "--mock-data",
+        ],
+        world_size=1,
+    )
     parsed = ModelConfig.from_flags(vars(args), 64)
     assert parsed.add_qkv_bias and parsed.qk_layernorm
     from megatron.early_exit.training.arguments import checkpoint_arg_names
@@ -340,16 +435,18 @@ def test_new_model_fields_round_trip_and_are_architecture():
 def test_qkv_biases_and_qk_norms_train(dist1, corpus):
     """Every new parameter, in the layers and in an exit block, gets gradients and moves
     from its initial value (biases 0, norms 1)."""
-    from tests.training_fixtures import tiny_run_flags
-
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.trainer import pretrain
+    from tests.training_fixtures import tiny_run_flags
 
-    flags = tiny_run_flags(corpus, iters=3, **{"--add-qkv-bias": None, "--qk-layernorm": None, "--use-exit-block": None,
-                                                "--eval-iters": 0})
+    flags = tiny_run_flags(
+        corpus, iters=3, **{"--add-qkv-bias": None, "--qk-layernorm": None, "--use-exit-block": None, "--eval-iters": 0}
+    )
     state = pretrain(parse_args(flags, world_size=1))
     params = dict(state.model.named_parameters())
-    new = {k: v for k, v in params.items() if k.endswith(("linear_qkv.bias", "q_layernorm.weight", "k_layernorm.weight"))}
+    new = {
+        k: v for k, v in params.items() if k.endswith(("linear_qkv.bias", "q_layernorm.weight", "k_layernorm.weight"))
+    }
     assert len(new) == 3 * (4 + 2)  # 4 layers and 2 exit blocks
     for name, param in new.items():
         initial = 0.0 if name.endswith("bias") else 1.0
@@ -366,15 +463,26 @@ def test_convert_tool_both_ways_names_the_family(tmp_path):
 
     save_shape(tmp_path / "hf", "qwen3-tied")
     tool = os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py")
-    run = lambda *flags: subprocess.run([sys.executable, tool, "--no-progress", *flags], capture_output=True, text=True,
-                                        env=fresh_process_env())
+    run = lambda *flags: subprocess.run(
+        [sys.executable, tool, "--no-progress", *flags], capture_output=True, text=True, env=fresh_process_env()
+    )
     proc = run("--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ours"))
     assert proc.returncode == 0, proc.stderr
     assert "(Qwen3ForCausalLM)" in proc.stdout and "--qk-layernorm" in proc.stdout and "--kv-channels 12" in proc.stdout
-    proc = run("--direction", "to-hf", "--load", str(tmp_path / "ours"), "--save", str(tmp_path / "back"),
-               "--model-type", "qwen2")
+    proc = run(
+        "--direction",
+        "to-hf",
+        "--load",
+        str(tmp_path / "ours"),
+        "--save",
+        str(tmp_path / "back"),
+        "--model-type",
+        "qwen2",
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith(
-        "error: --model-type qwen2: the checkpoint has --qk-layernorm of --add-qkv-bias/--qk-layernorm; use --model-type qwen3")
+        "error: --model-type qwen2: the checkpoint has --qk-layernorm of --add-qkv-bias/--qk-layernorm; use "
+        "--model-type qwen3"
+    )
     proc = run("--direction", "to-hf", "--load", str(tmp_path / "ours"), "--save", str(tmp_path / "back"))
     assert proc.returncode == 0, proc.stderr
     assert json.load(open(tmp_path / "back" / "config.json"))["architectures"] == ["Qwen3ForCausalLM"]

@@ -74,7 +74,7 @@ def find_cycle(graph: dict):
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -106,7 +106,8 @@ def test_no_import_cycle_in_the_package():
 def test_inference_runs_the_decoder_without_its_estimators_training():
     graph = import_graph()
     assert "megatron.early_exit.confidence_training" not in set().union(
-        *(targets for module, targets in graph.items() if module.startswith(PACKAGE + ".inference")))
+        *(targets for module, targets in graph.items() if module.startswith(PACKAGE + ".inference"))
+    )
 
 
 def test_no_test_module_imports_another():

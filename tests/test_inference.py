@@ -12,7 +12,6 @@ from tests.inference_models import NUM_LAYERS, PROMPT, PROMPTS, build_model
 from tests.inference_models import generate_tokens as _generate
 from tests.inference_reference import no_cache_greedy, reference_generate
 
-
 # -- full depth ------------------------------------------------------------------------
 
 
@@ -29,7 +28,9 @@ def test_prefill_logits_equal_model_forward(dist1, position_embedding_type):
             assert (logits - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("position_embedding_type,num_query_groups", [("rope", 2), ("rope", 4), ("learned_absolute", 2)])
+@pytest.mark.parametrize(
+    "position_embedding_type,num_query_groups", [("rope", 2), ("rope", 4), ("learned_absolute", 2)]
+)
 def test_kv_cached_full_depth_equals_no_cache(dist1, position_embedding_type, num_query_groups):
     model = build_model(position_embedding_type=position_embedding_type, num_query_groups=num_query_groups)
     result = _generate(model, [PROMPT], max_new_tokens=24)
@@ -72,7 +73,9 @@ def test_early_exit_equals_reference(dist1, variant, measure, threshold, kv):
 
     model = build_model(variant)
     result = _generate(model, [PROMPT], EarlyExit(threshold, measure, kv))
-    ref_tokens, ref_depths, ref_logprobs = reference_generate(model, PROMPT, 24, threshold, measure, propagate=kv == "propagate")
+    ref_tokens, ref_depths, ref_logprobs = reference_generate(
+        model, PROMPT, 24, threshold, measure, propagate=kv == "propagate"
+    )
     assert result.exit_layers[0] == ref_depths
     assert result.tokens[0] == ref_tokens
     assert max(abs(a - b) for a, b in zip(result.logprobs[0], ref_logprobs)) < 1e-4
@@ -160,7 +163,11 @@ def test_self_speculative_adaptive_draft_length(dist1):
     one = _generate(model, prompts, SelfSpeculative(1, 1), max_new_tokens=20)
     for run in runs.values():
         assert run.tokens == greedy.tokens
-    assert (runs[1.0].num_drafted, runs[1.0].num_accepted, runs[1.0].num_steps) == (one.num_drafted, one.num_accepted, one.num_steps)
+    assert (runs[1.0].num_drafted, runs[1.0].num_accepted, runs[1.0].num_steps) == (
+        one.num_drafted,
+        one.num_accepted,
+        one.num_steps,
+    )
     assert runs[1.0].num_drafted < runs[0.35].num_drafted < runs[0.0].num_drafted
     assert SelfSpeculative(1, 5, 0.35).name == "self_speculative[1x5>0.35]"
 

@@ -43,6 +43,7 @@ def test_confidence_measures_order_confident_above_unsure():
     peaked = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
     two_way = torch.tensor([[5.0, 5.0, 0.0, 0.0]])
     uniform = torch.zeros(1, 4)
+
     def at(name, logits):  # every measure takes one ExitView
         return float(CONFIDENCE_MEASURES[name](ExitView.from_logits(logits))[0])
 
@@ -95,13 +96,18 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(dist1):
 
     model = build_model()
     greedy = _generate(model, PROMPTS, max_new_tokens=12).tokens
-    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6, seed=1),
-                   SamplingParams(temperature=1e-4, seed=2)):
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6, seed=1),
+        SamplingParams(temperature=1e-4, seed=2),
+    ):
         assert _generate(model, PROMPTS, max_new_tokens=12, sampling=params).tokens == greedy
     sampled = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=3)
     first = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=sampled)
     again = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=sampled)
-    other = _generate(model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=4))
+    other = _generate(
+        model, PROMPTS, EarlyExit(0.35), max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=4)
+    )
     assert first.tokens == again.tokens and first.exit_layers == again.exit_layers
     assert first.tokens != greedy and other.tokens != first.tokens
 
@@ -236,9 +242,29 @@ def test_calibrate_threshold_tool_picks_a_threshold(dist1, tmp_path, monkeypatch
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the tool installs its own; restore it after
-    monkeypatch.setattr(sys, "argv", ["calibrate_threshold.py", "--load", str(tmp_path), "--prompt", "5 17 3 9 22",
-                                      "--prompt", "40 2 77", "--max-new-tokens", "6", "--thresholds", "2", "0.3", "0",
-                                      "--min-agreement", "1.0", "--output-json", str(tmp_path / "out.json")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "calibrate_threshold.py",
+            "--load",
+            str(tmp_path),
+            "--prompt",
+            "5 17 3 9 22",
+            "--prompt",
+            "40 2 77",
+            "--max-new-tokens",
+            "6",
+            "--thresholds",
+            "2",
+            "0.3",
+            "0",
+            "--min-agreement",
+            "1.0",
+            "--output-json",
+            str(tmp_path / "out.json"),
+        ],
+    )
     with pytest.raises(SystemExit) as done:
         tool.main()
     out = capsys.readouterr().out

@@ -18,8 +18,14 @@ def _cuda_model(variant="tied_norm", use_te=False):
     nums, flags = VARIANTS[variant]
     torch.manual_seed(0)
     config = tiny_transformer_config(num_query_groups=2, init_method_std=0.3, use_cpu_initialization=not use_te)
-    model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=nums, **flags), vocab_size=96,
-                              max_sequence_length=64, share_embeddings_and_output_weights=False, use_te=use_te)
+    model = EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=nums, **flags),
+        vocab_size=96,
+        max_sequence_length=64,
+        share_embeddings_and_output_weights=False,
+        use_te=use_te,
+    )
     return model.cuda().eval()
 
 

@@ -8,10 +8,20 @@ import pytest
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.pipeline.interleaved import (
-    chunk_costs, forward_order, interleaved_plan, layer_place, num_model_chunks, tied_embedding_stages,
+    chunk_costs,
+    forward_order,
+    interleaved_plan,
+    layer_place,
+    num_model_chunks,
+    tied_embedding_stages,
 )
 from megatron.early_exit.pipeline.plan import (
-    _mark_replies, check_plan, check_rendezvous, executor_program, pipeline_plan, simulate,
+    _mark_replies,
+    check_plan,
+    check_rendezvous,
+    executor_program,
+    pipeline_plan,
+    simulate,
 )
 from tests.conftest import launch_grouped
 from tests.training_fixtures import tiny_run_flags
@@ -73,7 +83,9 @@ def test_warmup_depth_and_reversed_chunks_in_backward():
         assert first_backward == 2 * (p - 1 - s) + (v - 1) * p + 1  # warm-up forwards, then the steady pair's forward
         assert actions[first_backward].chunk == v - 1  # the last chunk back-propagates first
         # Steady state: one forward and one backward posted together (with_previous).
-        assert all(a.with_previous == (a.kind == "B" and actions[i - 1].kind == "F") for i, a in enumerate(actions) if i)
+        assert all(
+            a.with_previous == (a.kind == "B" and actions[i - 1].kind == "F") for i, a in enumerate(actions) if i
+        )
 
 
 def test_pairs_posted_apart_would_deadlock():
@@ -100,7 +112,16 @@ def test_broken_interleaved_plans_are_refused():
 
 def test_layers_exits_and_embedding_copies_live_on_their_chunk():
     # 8 layers, 2 stages, 2 chunks: virtual stages of 2 layers; chunk c of stage s is c*2 + s.
-    assert [layer_place(n, 8, 2, 2) for n in range(1, 9)] == [(0, 0), (0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (1, 1), (1, 1)]
+    assert [layer_place(n, 8, 2, 2) for n in range(1, 9)] == [
+        (0, 0),
+        (0, 0),
+        (1, 0),
+        (1, 0),
+        (0, 1),
+        (0, 1),
+        (1, 1),
+        (1, 1),
+    ]
     ee = EarlyExitConfig(exit_layer_nums=[2, 5])
     assert tied_embedding_stages(ee, 8, 2, 2, tied_output=False) == [0]  # both exits on stage 0's chunks
     # 4 stages x 2 chunks: one layer each; layer 2 on stage 1, layer 5 on stage 0 (chunk 1).
@@ -123,8 +144,13 @@ def test_layout_errors_name_the_flag():
 def _args(**flags):
     from megatron.early_exit.training.arguments import parse_args
 
-    base = {"--num-layers": 8, "--pipeline-model-parallel-size": 2, "--exit-layer-nums": "2 5", "--exit-layer-weight": "0.3 0.3",
-            "--mock-data": None}
+    base = {
+        "--num-layers": 8,
+        "--pipeline-model-parallel-size": 2,
+        "--exit-layer-nums": "2 5",
+        "--exit-layer-weight": "0.3 0.3",
+        "--mock-data": None,
+    }
     return parse_args(tiny_run_flags(None, iters=4, **{**base, **flags}), world_size=2)
 
 
@@ -134,7 +160,9 @@ def test_flags_give_the_chunks_and_refuse_what_does_not_apply():
     assert virtual_pipeline_chunks(_args(**{"--num-layers-per-virtual-pipeline-stage": 2})) == 2
     assert virtual_pipeline_chunks(_args(**{"--num-virtual-stages-per-pipeline-rank": 4})) == 4
     assert virtual_pipeline_chunks(_args()) == 1
-    with pytest.raises(ConfigError, match="--fill-explicit-bubbles cannot be combined with --num-layers-per-virtual-pipeline-stage"):
+    with pytest.raises(
+        ConfigError, match="--fill-explicit-bubbles cannot be combined with --num-layers-per-virtual-pipeline-stage"
+    ):
         _args(**{"--num-layers-per-virtual-pipeline-stage": 2, "--fill-explicit-bubbles": None})
     with pytest.raises(ConfigError, match="cannot be combined"):
         _args(**{"--num-layers-per-virtual-pipeline-stage": 2, "--num-virtual-stages-per-pipeline-rank": 2})
@@ -152,15 +180,32 @@ def test_entry_point_prints_one_line_for_the_refusal():
 
     from tests.conftest import ROOT
 
-    argv = tiny_run_flags(None, iters=4, **{"--num-layers": 8, "--pipeline-model-parallel-size": 2, "--mock-data": None,
-                                            "--num-layers-per-virtual-pipeline-stage": 2, "--fill-explicit-bubbles": None})
+    argv = tiny_run_flags(
+        None,
+        iters=4,
+        **{
+            "--num-layers": 8,
+            "--pipeline-model-parallel-size": 2,
+            "--mock-data": None,
+            "--num-layers-per-virtual-pipeline-stage": 2,
+            "--fill-explicit-bubbles": None,
+        },
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")}
     env.update(WORLD_SIZE="2", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "pretrain_early_exit_gpt.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "pretrain_early_exit_gpt.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "--fill-explicit-bubbles cannot be combined with --num-layers-per-virtual-pipeline-stage" in (
-        proc.stderr.strip().splitlines()[-1])
+    assert (
+        "--fill-explicit-bubbles cannot be combined with --num-layers-per-virtual-pipeline-stage"
+        in (proc.stderr.strip().splitlines()[-1])
+    )
 
 
 # -- multi-process ---------------------------------------------------------------
@@ -178,11 +223,14 @@ def _ok(result):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", [
-    "case_pp2_v2_tied_exits_on_first_middle_last_chunks",
-    "case_pp2_v2_untied_exit_mlp_untied_model",
-    "case_pp2_v2_tied_exits_untied_model_six_microbatches",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "case_pp2_v2_tied_exits_on_first_middle_last_chunks",
+        "case_pp2_v2_untied_exit_mlp_untied_model",
+        "case_pp2_v2_tied_exits_untied_model_six_microbatches",
+    ],
+)
 def test_pp2_v2_losses_and_gradients_equal_one_process(interleaved_runs, case):
     metrics = _ok(interleaved_runs[case])
     assert metrics["grad_diff"] < 1e-5

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from megatron.early_exit.inference.learn_then_test import (
-    TestedCandidate, binomial_cdf, fixed_sequence_test, hoeffding_bentkus_pvalue, read_exit_thresholds)
+    TestedCandidate,
+    binomial_cdf,
+    fixed_sequence_test,
+    hoeffding_bentkus_pvalue,
+    read_exit_thresholds,
+)
 
 
 def _binomial_cdf_exact(k, n, p):
@@ -22,8 +27,10 @@ def test_binomial_cdf_equals_the_exact_sum(k, n, p):
     assert binomial_cdf(k, n, p) == pytest.approx(_binomial_cdf_exact(k, n, p), rel=1e-9, abs=1e-15)
 
 
-@pytest.mark.parametrize("risk,n,delta", [(0.0, 20, 0.05), (0.01, 50, 0.05), (0.02, 200, 0.05), (0.03, 30, 0.1),
-                                          (0.049, 100, 0.05), (0.2, 10, 0.1)])
+@pytest.mark.parametrize(
+    "risk,n,delta",
+    [(0.0, 20, 0.05), (0.01, 50, 0.05), (0.02, 200, 0.05), (0.03, 30, 0.1), (0.049, 100, 0.05), (0.2, 10, 0.1)],
+)
 def test_hoeffding_bentkus_pvalue_by_its_formula(risk, n, delta):
     # min(exp(-n h1(min(R, d), d)), e P(Bin(n, d) <= ceil(n R))), h1 the Bernoulli KL divergence.
     a = min(risk, delta)

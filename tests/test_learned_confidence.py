@@ -10,8 +10,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate  # noqa: E402
 from megatron.early_exit.confidence_training import collect, evaluate, fit  # noqa: E402
+from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate  # noqa: E402
 from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator, attach, attached  # noqa: E402
 
 NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
@@ -22,13 +22,44 @@ def _write_checkpoint(root):
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args([
-        "--num-layers", str(NUM_LAYERS), "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "3",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS), "--use-exit-norm",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            str(NUM_LAYERS),
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            str(SEQ),
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            "3",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB),
+            "--make-vocab-size-divisible-by",
+            "64",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--init-method-std",
+            "0.3",
+            "--exit-layer-nums",
+            *map(str, EXITS),
+            "--use-exit-norm",
+        ],
+        world_size=1,
+    )
     save_weights(root, args, build_model(args, torch.device("cpu"), VOCAB), iteration=1)
 
 
@@ -129,7 +160,9 @@ def test_training_tool_writes_an_estimator_the_loader_attaches(checkpoint, corpu
     from megatron.early_exit.inference.loading import load_model
 
     out = str(tmp_path / "est.safetensors")
-    tool.main(["--load", checkpoint, "--data-path", corpus, "--seq-length", "16", "--num-windows", "8", "--output", out])
+    tool.main(
+        ["--load", checkpoint, "--data-path", corpus, "--seq-length", "16", "--num-windows", "8", "--output", out]
+    )
     printed = capsys.readouterr().out
     assert "agreement" in printed and f"wrote {out}" in printed
     model, _, _ = load_model(checkpoint, confidence_estimator=out)
@@ -159,6 +192,7 @@ def test_hidden_state_only_estimator_skips_the_projection_of_exits_that_do_not_f
         return original(model_, head, layer, hidden, attention_output)
 
     import megatron.early_exit.inference.decoder as decoder_module
+
     decoder_module.exit_logits = counting
     try:
         attach(model, const)

@@ -56,8 +56,11 @@ def test_gradients_match_handwritten_reference(dist1, head, tied_output):
 
 def test_exit_with_zero_weight_is_logged_without_gradient(dist1):
     ee_config = EarlyExitConfig(
-        exit_layer_nums=[2], exit_layer_weight=[1.0], exit_layer_weight_init=[0.0],
-        exit_layer_weight_warmup_iters=10, untie_exit_output_weights=True,
+        exit_layer_nums=[2],
+        exit_layer_weight=[1.0],
+        exit_layer_weight_init=[0.0],
+        exit_layer_weight_warmup_iters=10,
+        untie_exit_output_weights=True,
     )
     model = build_ee_gpt(tiny_transformer_config(), ee_config)
     _, grads, report = ee_loss_and_grads(model, ee_config, make_batch(), iteration=0)
@@ -89,8 +92,9 @@ def test_layer_dropout_skips_the_dropped_layers_compute(dist1):
     tokens, labels, pos = make_batch(batch=8)
     rows_run = []
     for layer in model.decoder.layers:
-        layer.register_forward_pre_hook(lambda mod, args, kwargs: rows_run.append(kwargs["hidden_states"].shape[1]),
-                                        with_kwargs=True)
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: rows_run.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+        )
     keep = model.layer_dropout_keep(0, 8)
     assert keep == model.layer_dropout_keep(0, 8) and keep != model.layer_dropout_keep(1, 8)  # seeded by the step
     model.train()
@@ -118,15 +122,18 @@ def test_layer_dropout_skips_the_dropped_layers_compute(dist1):
         ("linear", 100, [1.0, 0.5]),
         ("linear", 1000, [1.0, 0.5]),
         ("cosine", 0, [0.1, 0.0]),
-        ("cosine", 25, [0.1 + 0.5 * (1 - 2 ** -0.5) * 0.9, 0.5 * (1 - 2 ** -0.5) * 0.5]),
+        ("cosine", 25, [0.1 + 0.5 * (1 - 2**-0.5) * 0.9, 0.5 * (1 - 2**-0.5) * 0.5]),
         ("cosine", 50, [0.55, 0.25]),
         ("cosine", 100, [1.0, 0.5]),
     ],
 )
 def test_weight_schedule(style, iteration, expected):
     config = EarlyExitConfig(
-        exit_layer_nums=[2, 4], exit_layer_weight=[1.0, 0.5], exit_layer_weight_init=[0.1, 0.0],
-        exit_layer_weight_warmup_iters=100, exit_layer_weight_warmup_style=style,
+        exit_layer_nums=[2, 4],
+        exit_layer_weight=[1.0, 0.5],
+        exit_layer_weight_init=[0.1, 0.0],
+        exit_layer_weight_warmup_iters=100,
+        exit_layer_weight_warmup_style=style,
     )
     assert config.exit_weights(iteration) == pytest.approx(expected)
 
@@ -145,15 +152,27 @@ def test_curricula():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(exit_layer_nums=[2, 4], exit_layer_weight=[1.0]), r"--exit-layer-weight has 1 values but --exit-layer-nums has 2 exits"),
+        (
+            dict(exit_layer_nums=[2, 4], exit_layer_weight=[1.0]),
+            r"--exit-layer-weight has 1 values but --exit-layer-nums has 2 exits",
+        ),
         (dict(exit_layer_nums=[2], exit_layer_weight_init=[0.0, 0.1]), r"--exit-layer-weight-init has 2 values"),
         (dict(exit_layer_nums=[2], exit_layer_temperature=[1.0, 1.0]), r"--exit-layer-temperature has 2 values"),
         (dict(exit_layer_nums=[2, 2]), r"--exit-layer-nums has duplicate exits: \[2\]"),
         (dict(exit_layer_nums=[3, 2]), r"increasing order"),
         (dict(exit_layer_nums=[0]), r"1-based"),
-        (dict(exit_layer_nums=[2], use_exit_mlp=True, pre_exit=True), r"--use-exit-mlp cannot be combined with --pre-exit"),
-        (dict(exit_layer_nums=[2], use_exit_mlp=True, use_exit_block=True), r"--use-exit-mlp and --use-exit-block cannot be combined"),
-        (dict(exit_layer_nums=[2], exit_layer_weight_warmup_style="step"), r"--exit-layer-weight-warmup-style must be one of"),
+        (
+            dict(exit_layer_nums=[2], use_exit_mlp=True, pre_exit=True),
+            r"--use-exit-mlp cannot be combined with --pre-exit",
+        ),
+        (
+            dict(exit_layer_nums=[2], use_exit_mlp=True, use_exit_block=True),
+            r"--use-exit-mlp and --use-exit-block cannot be combined",
+        ),
+        (
+            dict(exit_layer_nums=[2], exit_layer_weight_warmup_style="step"),
+            r"--exit-layer-weight-warmup-style must be one of",
+        ),
         (dict(exit_layer_nums=[2], exit_layer_temperature=[0.0]), r"--exit-layer-temperature must be > 0"),
         (dict(layer_dropout_max=1.5), r"--layer-dropout-max must be in \[0, 1\)"),
         (dict(exit_curriculum="random"), r"--exit-curriculum must be one of"),

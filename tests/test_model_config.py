@@ -18,15 +18,21 @@ def test_inference_server_and_hf_import_no_training_code():
     code = (
         "import sys\n"
         "import megatron.early_exit.inference, megatron.early_exit.server, megatron.early_exit.hf\n"
-        "import megatron.early_exit.inference.loading, megatron.early_exit.hf.convert, megatron.early_exit.hf.add_exits\n"
+        "import megatron.early_exit.inference.loading, megatron.early_exit.hf.convert, "
+        "megatron.early_exit.hf.add_exits\n"
         "import megatron.early_exit.server.launch\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('megatron.early_exit.training.trainer',"
         " 'megatron.early_exit.training.arguments')))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -36,16 +42,29 @@ def test_description_round_trips_and_builds_what_the_flags_build(dist1):
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.trainer import build_model, model_config_of
 
-    args = parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": False, "--use-exit-mlp": None,
-                                              "--group-query-attention": None, "--num-query-groups": 2}), world_size=1)
+    args = parse_args(
+        tiny_run_flags(
+            None,
+            **{
+                "--mock-data": None,
+                "--tokenizer-type": False,
+                "--use-exit-mlp": None,
+                "--group-query-attention": None,
+                "--num-query-groups": 2,
+            },
+        ),
+        world_size=1,
+    )
     config = model_config_of(args, 64)
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert ModelConfig.from_flags({**vars(args), **config.to_flags()}, 64) == config
     assert config.exit_layer_nums == [1, 2] and config.num_query_groups == 2 and config.early_exit.use_exit_mlp
     from megatron.early_exit.models.builder import build_model as build_from_description
 
-    a, b = full_state_dict(build_model(args, torch.device("cpu"), 64)), full_state_dict(build_from_description(
-        config, torch.device("cpu"), seed=args.seed))
+    a, b = (
+        full_state_dict(build_model(args, torch.device("cpu"), 64)),
+        full_state_dict(build_from_description(config, torch.device("cpu"), seed=args.seed)),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -55,13 +74,26 @@ def test_differences_are_listed_by_flag(dist1):
     from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.models.model_config import ModelConfig
 
-    base = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, padded_vocab_size=64, max_position_embeddings=32,
-                       early_exit=EarlyExitConfig(exit_layer_nums=[2], use_exit_norm=True))
-    other = dataclasses.replace(base, hidden_size=64, padded_vocab_size=128, hidden_dropout=0.0,
-                                early_exit=EarlyExitConfig(exit_layer_nums=[2], use_exit_mlp=True))
+    base = ModelConfig(
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=4,
+        padded_vocab_size=64,
+        max_position_embeddings=32,
+        early_exit=EarlyExitConfig(exit_layer_nums=[2], use_exit_norm=True),
+    )
+    other = dataclasses.replace(
+        base,
+        hidden_size=64,
+        padded_vocab_size=128,
+        hidden_dropout=0.0,
+        early_exit=EarlyExitConfig(exit_layer_nums=[2], use_exit_mlp=True),
+    )
     assert base.architecture_differences(other) == [
-        "--hidden-size: checkpoint 32, now 64", "--padded-vocab-size: checkpoint 64, now 128",
-        "--use-exit-norm: checkpoint True, now False", "--use-exit-mlp: checkpoint False, now True",
+        "--hidden-size: checkpoint 32, now 64",
+        "--padded-vocab-size: checkpoint 64, now 128",
+        "--use-exit-norm: checkpoint True, now False",
+        "--use-exit-mlp: checkpoint False, now True",
     ]
 
 
@@ -72,7 +104,12 @@ def test_checkpoint_of_the_previous_format_loads_with_the_same_logits(dist1):
     assert "model_config" not in read_common(resolve(OLD_CHECKPOINT))  # the old format indeed
     expected = torch.load(os.path.join(OLD_CHECKPOINT, "expected_logits.pt"))
     model, tokenizer, config = load_model(OLD_CHECKPOINT)
-    assert (config.num_layers, config.exit_layer_nums, config.padded_vocab_size, tokenizer.vocab_size) == (2, [1], 64, 60)
+    assert (config.num_layers, config.exit_layer_nums, config.padded_vocab_size, tokenizer.vocab_size) == (
+        2,
+        [1],
+        64,
+        60,
+    )
     tokens = expected["tokens"]
     with torch.no_grad():
         out = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)
@@ -91,11 +128,23 @@ def _sentencepiece_checkpoint(root: str) -> None:
     text = os.path.join(root, "corpus.txt")
     with open(text, "w") as f:
         f.write("\n".join(f"the model number {i} exits early at layer {i % 4} of the stack" for i in range(300)))
-    model_file = train_sentencepiece(text, os.path.join(root, "tokenizer", "sp"), vocab_size=320)  # = padded: no padding ids
+    model_file = train_sentencepiece(
+        text, os.path.join(root, "tokenizer", "sp"), vocab_size=320
+    )  # = padded: no padding ids
     os.remove(text)
-    args = parse_args(tiny_run_flags(None, **{"--mock-data": None, "--tokenizer-type": "SentencePieceTokenizer",
-                                              "--tokenizer-model": model_file, "--vocab-size": False,
-                                              "--seq-length": 64}), world_size=1)
+    args = parse_args(
+        tiny_run_flags(
+            None,
+            **{
+                "--mock-data": None,
+                "--tokenizer-type": "SentencePieceTokenizer",
+                "--tokenizer-model": model_file,
+                "--vocab-size": False,
+                "--seq-length": 64,
+            },
+        ),
+        world_size=1,
+    )
     save_weights(root, args, build_model(args, torch.device("cpu"), 320), iteration=1)
 
 
@@ -117,8 +166,9 @@ def test_moved_checkpoint_loads_and_serves_with_no_extra_flags(dist1, tmp_path):
     srv = Server(moved, str(tmp_path / "server.log"))
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as client:
-            reply = client.put("/api", json={"prompts": ["the model number 7"], "tokens_to_generate": 6,
-                                             "temperature": 0})
+            reply = client.put(
+                "/api", json={"prompts": ["the model number 7"], "tokens_to_generate": 6, "temperature": 0}
+            )
             assert reply.status_code == 200, reply.text
             tokens = reply.json()["tokens"][0]
     finally:
@@ -135,8 +185,22 @@ def test_use_checkpoint_args_finds_the_tokenizer_of_a_moved_checkpoint(dist1, tm
     _sentencepiece_checkpoint(first)
     moved = str(tmp_path / "moved")
     shutil.move(first, moved)
-    args = parse_args(["--load", moved, "--use-checkpoint-args", "--micro-batch-size", "1", "--train-iters", "1",
-                       "--lr", "1e-3", "--mock-data", "--finetune"], world_size=1)
+    args = parse_args(
+        [
+            "--load",
+            moved,
+            "--use-checkpoint-args",
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--finetune",
+        ],
+        world_size=1,
+    )
     assert args.tokenizer_model == os.path.join(moved, "tokenizer", "sp.model") and os.path.isfile(args.tokenizer_model)
 
 

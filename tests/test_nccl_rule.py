@@ -37,10 +37,18 @@ def _blocking_recv(peer, message):
 
 def test_old_unpaired_pattern_deadlocks():
     """PP=2, m=2 as the executor used to run it: isend, then one blocking irecv at a time."""
-    stage0 = [Post((Op(True, 1, f(0)),)), Post((Op(True, 1, f(1)),)),
-              *_blocking_recv(1, b(0)), *_blocking_recv(1, b(1))]
-    stage1 = [*_blocking_recv(0, f(0)), Post((Op(True, 0, b(0)),)),
-              *_blocking_recv(0, f(1)), Post((Op(True, 0, b(1)),))]
+    stage0 = [
+        Post((Op(True, 1, f(0)),)),
+        Post((Op(True, 1, f(1)),)),
+        *_blocking_recv(1, b(0)),
+        *_blocking_recv(1, b(1)),
+    ]
+    stage1 = [
+        *_blocking_recv(0, f(0)),
+        Post((Op(True, 0, b(0)),)),
+        *_blocking_recv(0, f(1)),
+        Post((Op(True, 0, b(1)),)),
+    ]
     with pytest.raises(ValueError, match="deadlocks") as error:
         check_rendezvous([stage0, stage1])
     message = str(error.value)
@@ -160,6 +168,7 @@ def inference_programs(num_stages, deciders):
             if isinstance(request, Wait) and request.ops[0].message[0] == "step" and not request.ops[0].send:
                 return request.ops[0].message[1] < steps
             return None
+
         return answer
 
     return [_record(lead_order(num_stages), lead)] + [

@@ -25,7 +25,9 @@ def test_overlap_dp2_equals_no_overlap(corpus, launch_dir):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_overlap_pp2_dp2_equals_no_overlap(corpus, launch_dir):
-    _check(launch("tests.multiproc.cases_overlap_pipeline", 4, launch_dir, env={"EE_TEST_DATA": corpus})["case_pp2_dp2"])
+    _check(
+        launch("tests.multiproc.cases_overlap_pipeline", 4, launch_dir, env={"EE_TEST_DATA": corpus})["case_pp2_dp2"]
+    )
 
 
 @pytest.mark.multiproc
@@ -33,7 +35,9 @@ def test_overlap_pp2_dp2_equals_no_overlap(corpus, launch_dir):
 def test_overlap_interleaved_pp2_v2_dp2_equals_no_overlap(corpus, launch_dir):
     """One DDP per model chunk: each chunk's buckets reduce in its own last backward and
     gather before its own forward."""
-    result = launch("tests.multiproc.cases_overlap_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus})["case_pp2_v2_dp2"]
+    result = launch("tests.multiproc.cases_overlap_interleaved", 4, launch_dir, env={"EE_TEST_DATA": corpus})[
+        "case_pp2_v2_dp2"
+    ]
     _check(result)
     assert result["metrics"]["chunks"] == 2
 

@@ -66,7 +66,9 @@ def test_simulated_1f1b_bubble_matches_formula():
 def test_fill_counts_and_placement():
     assert default_num_fill_microbatches(4, 2.0) == 2 and default_num_fill_microbatches(2, 2.0) == 0
     assert default_num_fill_microbatches(8, 1.0) == 3
-    fill = build_fill_plan(4, exit_stages=[0, 1, 2, 3], num_warmup_fill=2, num_cooldown_fill=2, backward_forward_ratio=2.0)
+    fill = build_fill_plan(
+        4, exit_stages=[0, 1, 2, 3], num_warmup_fill=2, num_cooldown_fill=2, backward_forward_ratio=2.0
+    )
     assert fill == FillPlan(warmup_reach=(1, 0), cooldown_stop=(1, 2))
     # Warm-up items that would reach no exit train nothing and are dropped.
     assert build_fill_plan(4, [2, 3], 2, 0, 2.0).warmup_reach == ()
@@ -135,7 +137,11 @@ def test_pp2_exit_tuning_trains_only_exits_like_one_process(dist1, corpus, pipel
     got = {k: torch.tensor(v) for k, v in _ok(pipeline_runs["case_pp2_exit_tuning"])["params"].items()}
     flags = {**PP_FLAGS, "--tune-exit": None, "--untie-exit-output-weights": None}
     tuned = full_state_dict(run_training(tiny_run_flags(corpus, iters=3, **flags)).model.module)
-    initial = full_state_dict(run_training(tiny_run_flags(corpus, iters=1, **{**flags, "--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})).model.module)
+    initial = full_state_dict(
+        run_training(
+            tiny_run_flags(corpus, iters=1, **{**flags, "--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0})
+        ).model.module
+    )
     # The last stage's tied output layer is a copy of the (frozen) embedding.
     assert set(got) - set(tuned) == {"output_layer.weight"}
     assert torch.equal(got["output_layer.weight"], initial["embedding.word_embeddings.weight"])
@@ -165,12 +171,16 @@ def test_loss_scale_applies_to_exit_losses(dist1):
 
     def step(data_iterator, model):
         tokens, labels, pos = next(data_iterator)
-        return model(tokens, pos, None, labels=labels), lambda o: early_exit_loss(o, torch.ones_like(labels), ee_config, 0)
+        return model(tokens, pos, None, labels=labels), lambda o: early_exit_loss(
+            o, torch.ones_like(labels), ee_config, 0
+        )
 
     grads = []
     for scale in (1.0, 1024.0):
         model.zero_grad()
-        forward_backward_no_pipelining(step, iter([make_batch(seed=s) for s in range(2)]), model, 2, loss_scale=lambda loss: loss * scale)
+        forward_backward_no_pipelining(
+            step, iter([make_batch(seed=s) for s in range(2)]), model, 2, loss_scale=lambda loss: loss * scale
+        )
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name] * 1024.0, msg=name)
@@ -202,7 +212,8 @@ def test_idle_fill_costs_no_time(p, m):
             assert starts[(s, a.kind, a.item)] == pytest.approx(t, abs=1e-9)
     items = [a.item for actions in planned.plan for a in actions if a.item[0] != "R"]
     assert set(items) == {("W", j) for j in range(len(planned.fill.warmup_reach))} | {
-        ("C", j) for j in range(len(planned.fill.cooldown_stop))}
+        ("C", j) for j in range(len(planned.fill.cooldown_stop))
+    }
     if p >= 4:  # the early stages' warm-up bubble holds at least one item with an exit
         assert planned.fill.warmup_reach
     assert filled.bubble_fraction <= plain.bubble_fraction
@@ -232,14 +243,26 @@ def test_run_pipeline_plan_follows_the_flags():
 
     ee = EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True)
     args = SimpleNamespace(
-        fill_explicit_bubbles=True, fill_placement="idle", backward_forward_ratio=2.0, num_fill_warmup_microbatches=None,
-        num_fill_cooldown_microbatches=None, hidden_size=64, num_attention_heads=4, num_query_groups=None,
-        group_query_attention=False, kv_channels=None, ffn_hidden_size=256, swiglu=False, seq_length=64,
+        fill_explicit_bubbles=True,
+        fill_placement="idle",
+        backward_forward_ratio=2.0,
+        num_fill_warmup_microbatches=None,
+        num_fill_cooldown_microbatches=None,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=None,
+        group_query_attention=False,
+        kv_channels=None,
+        ffn_hidden_size=256,
+        swiglu=False,
+        seq_length=64,
     )
     plan, fill = run_pipeline_plan(args, ee, 8, 4, 8, 512)
     check_plan(plan)
     assert len(plan) == 4 and fill.warmup_reach
-    fixed_plan, fixed = run_pipeline_plan(SimpleNamespace(**{**vars(args), "fill_placement": "fixed"}), ee, 8, 4, 8, 512)
+    fixed_plan, fixed = run_pipeline_plan(
+        SimpleNamespace(**{**vars(args), "fill_placement": "fixed"}), ee, 8, 4, 8, 512
+    )
     assert fixed == build_fill_plan(4, [0, 1], 2, 2, 2.0)
     off, none = run_pipeline_plan(SimpleNamespace(**{**vars(args), "fill_explicit_bubbles": False}), ee, 8, 4, 8, 512)
     assert none is None and off == pipeline_plan(4, 8)

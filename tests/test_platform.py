@@ -12,7 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _python(code, **env):
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=dict(os.environ, PYTHONWARNINGS="ignore", **env)
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=dict(os.environ, PYTHONWARNINGS="ignore", **env),
     )
 
 
@@ -39,10 +43,7 @@ def test_wrong_megatron_core_version_is_refused():
 
 
 def test_wrong_version_at_import_is_one_line():
-    code = (
-        "import megatron.core.package_info as p; p.__version__ = '0.17.0';"
-        "import megatron.early_exit"
-    )
+    code = "import megatron.core.package_info as p; p.__version__ = '0.17.0';import megatron.early_exit"
     proc = _python(code)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
@@ -59,8 +60,9 @@ def test_harmless_third_party_warnings_hidden_unless_asked():
         "import warnings; warnings.warn('ours stays visible')"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "EE_SHOW_WARNINGS")}
-    run = lambda **extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
-                                         env=dict(env, **extra))
+    run = lambda **extra: subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=dict(env, **extra)
+    )
     quiet, shown = run(), run(EE_SHOW_WARNINGS="1")
     assert quiet.returncode == 0 and shown.returncode == 0, quiet.stderr + shown.stderr
     assert "ours stays visible" in quiet.stderr and "ours stays visible" in shown.stderr
@@ -111,7 +113,8 @@ def test_adapter_applies_for_a_cpu_target_with_cuda():
         "import torch; torch.cuda.is_available = lambda: True\n"
         "import megatron.early_exit, megatron.core.utils as u\n"
         "from megatron.early_exit import platform\n"
-        "from megatron.early_exit.parallel import ParallelConfigError, initialize_parallel, resolve_device, target_device\n"
+        "from megatron.early_exit.parallel import ParallelConfigError, initialize_parallel, resolve_device, "
+        "target_device\n"
         "if __name__ == '__main__':\n"
         "    before = platform.is_applied()\n"
         "    initialize_parallel(1, 1, device='cpu')\n"
@@ -119,18 +122,22 @@ def test_adapter_applies_for_a_cpu_target_with_cuda():
         "        resolve_device('cuda'); refused = ''\n"
         "    except ParallelConfigError as err:\n"
         "        refused = str(err)\n"
-        "    print(before, platform.is_applied(), u.torch.cuda.is_available(), torch.cuda.is_available(), target_device(),"
+        "    print(before, platform.is_applied(), u.torch.cuda.is_available(), torch.cuda.is_available(), "
+        "target_device(),"
         " resolve_device(None))\n"
         "    print(refused)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
-                          env=dict(env, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=dict(env, PYTHONWARNINGS="ignore")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, refused = proc.stdout.strip().splitlines()[-2:]
     assert first.split() == ["False", "True", "False", "True", "cpu", "cpu"]
-    assert refused == ("device 'cuda' was requested but this process already runs megatron-core on the CPU "
-                       "(the CPU platform adapter is applied); start a new process for CUDA")
+    assert refused == (
+        "device 'cuda' was requested but this process already runs megatron-core on the CPU "
+        "(the CPU platform adapter is applied); start a new process for CUDA"
+    )
 
 
 def test_rng_tracker_fork_is_reproducible_and_isolated(dist1):
@@ -177,7 +184,13 @@ def test_gpt_forward_backward_and_dropout_seeded(dist1):
 @pytest.mark.parametrize(
     "world,tp,pp,message",
     [
-        (3, 2, 1, r"world size 3 is not divisible by --tensor-model-parallel-size \(2\) x --pipeline-model-parallel-size \(1\) = 2"),
+        (
+            3,
+            2,
+            1,
+            r"world size 3 is not divisible by --tensor-model-parallel-size \(2\) x "
+            r"--pipeline-model-parallel-size \(1\) = 2",
+        ),
         (4, 1, 3, r"world size 4 is not divisible .*--pipeline-model-parallel-size \(3\)"),
         (2, 0, 1, r"--tensor-model-parallel-size must be >= 1, got 0"),
     ],
@@ -209,7 +222,9 @@ def test_bad_layout_under_torchrun_is_one_line(tmp_path):
     )
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script)],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
     )
     assert proc.returncode != 0
     assert "error: world size 1 is not divisible by --tensor-model-parallel-size (2)" in proc.stderr

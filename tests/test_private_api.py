@@ -44,8 +44,10 @@ def private_names_used() -> dict:
 def test_every_listed_private_name_exists():
     gone = private_api.missing()
     installed = {"megatron-core": version("megatron-core"), "torch": version("torch")}
-    assert not gone, (f"installed {installed}, the list was checked against {private_api.CHECKED_AGAINST}; "
-                      "these private names moved:\n" + "\n".join(gone))
+    assert not gone, (
+        f"installed {installed}, the list was checked against {private_api.CHECKED_AGAINST}; "
+        "these private names moved:\n" + "\n".join(gone)
+    )
 
 
 def test_the_package_touches_no_unlisted_private_name():

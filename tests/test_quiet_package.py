@@ -36,8 +36,14 @@ print("done")
 def _run(tmp_path, **env):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "EE_SHOW_WARNINGS")} | env
     env.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / env.get("EE_SHOW_WARNINGS", "0"))], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / env.get("EE_SHOW_WARNINGS", "0"))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
     return proc.stderr
 
@@ -46,4 +52,7 @@ def test_checkpoint_load_and_collectives_print_no_warning(tmp_path):
     stderr = _run(tmp_path)
     assert "Warning" not in stderr, stderr[-3000:]
     shown = _run(tmp_path, EE_SHOW_WARNINGS="1")
-    assert "`load_state_dict` is deprecated" in shown and "`torch.distributed.reduce_scatter_tensor` is deprecated" in shown
+    assert (
+        "`load_state_dict` is deprecated" in shown
+        and "`torch.distributed.reduce_scatter_tensor` is deprecated" in shown
+    )

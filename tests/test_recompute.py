@@ -43,8 +43,12 @@ def test_flags_map_onto_transformer_config(corpus):
 
     args = parse_args(tiny_run_flags(corpus, **{"--recompute-activations": None}), world_size=1)
     assert RecomputeConfig.from_flags(vars(args)).granularity == "selective"
-    flags = {"--recompute-granularity": "full", "--recompute-method": "block", "--recompute-num-layers": 2,
-             "--recompute-exit-heads": None}
+    flags = {
+        "--recompute-granularity": "full",
+        "--recompute-method": "block",
+        "--recompute-num-layers": 2,
+        "--recompute-exit-heads": None,
+    }
     args = parse_args(tiny_run_flags(corpus, **flags), world_size=1)
     recompute = RecomputeConfig.from_flags(vars(args))
     assert recompute == RecomputeConfig("full", "block", 2, False, True)
@@ -56,15 +60,26 @@ def test_flags_map_onto_transformer_config(corpus):
     assert config == plain and config.architecture_differences(plain) == []
 
 
-@pytest.mark.parametrize("flags,message", [
-    ({"--recompute-granularity": "full"}, r"--recompute-granularity full needs --recompute-method uniform or block"),
-    ({"--recompute-granularity": "full", "--recompute-method": "uniform"}, r"needs --recompute-num-layers >= 1"),
-    ({"--recompute-method": "block", "--recompute-num-layers": 1}, r"need --recompute-granularity full"),
-    ({"--recompute-granularity": "full", "--recompute-method": "block", "--recompute-num-layers": 5},
-     r"--recompute-num-layers \(5\) exceeds the layers of a pipeline stage \(4\)"),
-    ({"--recompute-activations": None, "--recompute-granularity": "full"}, r"--recompute-activations means"),
-    ({"--distribute-saved-activations": None}, r"--distribute-saved-activations needs --tensor-model-parallel-size > 1"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            {"--recompute-granularity": "full"},
+            r"--recompute-granularity full needs --recompute-method uniform or block",
+        ),
+        ({"--recompute-granularity": "full", "--recompute-method": "uniform"}, r"needs --recompute-num-layers >= 1"),
+        ({"--recompute-method": "block", "--recompute-num-layers": 1}, r"need --recompute-granularity full"),
+        (
+            {"--recompute-granularity": "full", "--recompute-method": "block", "--recompute-num-layers": 5},
+            r"--recompute-num-layers \(5\) exceeds the layers of a pipeline stage \(4\)",
+        ),
+        ({"--recompute-activations": None, "--recompute-granularity": "full"}, r"--recompute-activations means"),
+        (
+            {"--distribute-saved-activations": None},
+            r"--distribute-saved-activations needs --tensor-model-parallel-size > 1",
+        ),
+    ],
+)
 def test_bad_recompute_flags_are_named(corpus, flags, message):
     from megatron.early_exit.training.arguments import parse_args
 
@@ -87,8 +102,9 @@ def recompute_cases(setting, exit_kwargs, seed=3):
     for recompute in (RecomputeConfig(), RecomputeConfig(granularity, method, num_layers, exit_heads=heads)):
         config = tiny_transformer_config(**recompute.transformer_config_kwargs())
         set_seed(seed)
-        model = EarlyExitGPTModel(config, ee_config, vocab_size=96, max_sequence_length=16,
-                                  recompute_exit_heads=recompute.exit_heads)
+        model = EarlyExitGPTModel(
+            config, ee_config, vocab_size=96, max_sequence_length=16, recompute_exit_heads=recompute.exit_heads
+        )
         if weights is None:
             weights = full_state_dict(model)
         load_full_state_dict(model, weights)
@@ -123,8 +139,10 @@ def recompute_runs(request):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["case_tp2_gradients", "case_tp2_sequence_parallel_gradients",
-                                  "case_pp2_gradients", "case_pp2_fill_gradients"])
+@pytest.mark.parametrize(
+    "case",
+    ["case_tp2_gradients", "case_tp2_sequence_parallel_gradients", "case_pp2_gradients", "case_pp2_fill_gradients"],
+)
 def test_parallel_gradients_equal_without_recomputation(recompute_runs, case):
     result = recompute_runs[case]
     assert result["ok"], result["error"]
@@ -149,8 +167,13 @@ def test_recompute_num_layers_counts_a_model_chunk(corpus):
     4 per stage)."""
     from megatron.early_exit.training.arguments import parse_args
 
-    flags = {"--num-layers": 8, "--pipeline-model-parallel-size": 2, "--num-layers-per-virtual-pipeline-stage": 2,
-             "--recompute-granularity": "full", "--recompute-method": "block"}
+    flags = {
+        "--num-layers": 8,
+        "--pipeline-model-parallel-size": 2,
+        "--num-layers-per-virtual-pipeline-stage": 2,
+        "--recompute-granularity": "full",
+        "--recompute-method": "block",
+    }
     with pytest.raises(ConfigError, match=r"--recompute-num-layers \(3\) exceeds the layers of a model chunk \(2\)"):
         parse_args(tiny_run_flags(corpus, **flags, **{"--recompute-num-layers": 3}), world_size=2)
     args = parse_args(tiny_run_flags(corpus, **flags, **{"--recompute-num-layers": 2}), world_size=2)

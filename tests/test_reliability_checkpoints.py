@@ -34,7 +34,9 @@ def _fresh_process_env(**extra) -> dict:
 
 def _inspect(path):
     script = os.path.join(ROOT, "tools", "checkpoint", "inspect.py")
-    return subprocess.run([sys.executable, script, path], capture_output=True, text=True, timeout=600, env=_fresh_process_env())
+    return subprocess.run(
+        [sys.executable, script, path], capture_output=True, text=True, timeout=600, env=_fresh_process_env()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,11 @@ def _reseal(path):
     manifest = os.path.join(path, "checksums.json")
     if not os.path.isfile(manifest):
         return
-    files = {n: [os.path.getsize(os.path.join(path, n)), f"{zlib.crc32(open(os.path.join(path, n), 'rb').read()):08x}"]
-             for n in os.listdir(path) if n != "checksums.json"}
+    files = {
+        n: [os.path.getsize(os.path.join(path, n)), f"{zlib.crc32(open(os.path.join(path, n), 'rb').read()):08x}"]
+        for n in os.listdir(path)
+        if n != "checksums.json"
+    }
     json.dump({"format": "crc32", "files": files}, open(manifest, "w"))
 
 
@@ -76,8 +81,10 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-REFUSED = {"system": r"refuses to load (posix|os|nt)\.system \(a checkpoint never holds it; it could run code\)",
-           "eval": r"refuses to load builtins\.eval \(a checkpoint never holds it; it could run code\)"}
+REFUSED = {
+    "system": r"refuses to load (posix|os|nt)\.system \(a checkpoint never holds it; it could run code\)",
+    "eval": r"refuses to load builtins\.eval \(a checkpoint never holds it; it could run code\)",
+}
 
 
 def _plant_index(path, marker):
@@ -116,7 +123,9 @@ def _load_paths(root, corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(launch, "serve", lambda *a, **k: pytest.fail("the server started on a planted checkpoint"))
     return {
-        "pretrain --load": lambda: run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--finetune": None})),
+        "pretrain --load": lambda: run_training(
+            tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--finetune": None})
+        ),
         "load_model": lambda: load_model(root),
         "server": lambda: launch.main(["--load", root]),
         "export_llama": lambda: export_llama(root, str(tmp_path / "hf"), progress=False),
@@ -161,7 +170,9 @@ def test_planted_extra_state_is_refused_before_any_module_reads_it(dist1, corpus
         payload = torch.frombuffer(bytearray(pickle.dumps(payload)), dtype=torch.uint8)
     root = str(tmp_path / "planted")
     _weights_checkpoint_with(root, corpus, "layers.0.self_attention.linear_proj._extra_state", payload)
-    pattern = r"checkpoint file \S+ \(item \S*layers.0.self_attention.linear_proj._extra_state\S*\): " + REFUSED["system"]
+    pattern = (
+        r"checkpoint file \S+ \(item \S*layers.0.self_attention.linear_proj._extra_state\S*\): " + REFUSED["system"]
+    )
     _refused_everywhere(root, corpus, tmp_path, monkeypatch, pattern, marker, inspect_reads_it=False)
 
 
@@ -173,8 +184,11 @@ def test_planted_rng_state_is_refused_on_resume(dist1, corpus, tmp_path):
 
     marker, root = tmp_path / "code_ran", str(tmp_path / "ck")
     with pytest.MonkeyPatch.context() as patch:  # the save pickles the payload (its __reduce__ runs nothing)
-        patch.setattr(checkpointing, "_rng_state", lambda: ShardedObject("rng_state", RunsCode(marker), (1, 1, 1), (0, 0, 0),
-                                                                         replica_id=0))
+        patch.setattr(
+            checkpointing,
+            "_rng_state",
+            lambda: ShardedObject("rng_state", RunsCode(marker), (1, 1, 1), (0, 0, 0), replica_id=0),
+        )
         run_training(tiny_run_flags(corpus, iters=2, **QUIET, **{"--save": root, "--lr-warmup-iters": 1}))
     with pytest.raises(CheckpointError, match=r"\(item rng_state\S*\): " + REFUSED["system"]):
         run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": root, "--lr-warmup-iters": 1}))
@@ -191,7 +205,9 @@ def test_manifest_lists_every_file_with_its_size(saved):
     files = read_manifest(path)
     assert sorted(files) == sorted(n for n in os.listdir(path) if n != MANIFEST)
     assert {".metadata", "common.pt", "metadata.json"} <= set(files) and any(n.endswith(".distcp") for n in files)
-    assert all(files[n] == [os.path.getsize(os.path.join(path, n)), file_checksum(os.path.join(path, n))] for n in files)
+    assert all(
+        files[n] == [os.path.getsize(os.path.join(path, n)), file_checksum(os.path.join(path, n))] for n in files
+    )
 
 
 @pytest.mark.parametrize("damaged", ["shard", "common.pt"])
@@ -201,7 +217,9 @@ def test_flipped_byte_is_named_by_every_reader(saved, corpus, tmp_path, damaged)
     from megatron.early_exit.inference.loading import load_model
 
     root, path = _copy(saved, tmp_path)
-    file = sorted(glob.glob(os.path.join(path, "*.distcp")))[-1] if damaged == "shard" else os.path.join(path, "common.pt")
+    file = (
+        sorted(glob.glob(os.path.join(path, "*.distcp")))[-1] if damaged == "shard" else os.path.join(path, "common.pt")
+    )
     with open(file, "r+b") as f:
         f.seek(os.path.getsize(file) // 2)
         byte = f.read(1)
@@ -266,19 +284,29 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
     flags = {"--save": root, "--save-interval": 2, **QUIET}
     env = _fresh_process_env(EE_TEST_TAG=tag.split("=", 1)[1])
     pause = [os.path.join(ROOT, "tests", "checkpoint_pause.py"), f"{moment}:4:{paused}"]  # the trainer, paused
-    proc = subprocess.Popen([sys.executable, *pause] + tiny_run_flags(corpus, iters=6, **flags),
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *pause] + tiny_run_flags(corpus, iters=6, **flags),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not paused.exists():
-            assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
+            assert proc.poll() is None, (
+                f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
+            )
             assert time.time() < deadline, "the save of iteration 4 never reached the pause"
             time.sleep(0.2)
         assert _descendants(proc.pid) == set(), "the save runs helper processes"
         start = time.time()
         with pytest.raises(CheckpointError) as err:  # a second run on the same --save
             run_training(tiny_run_flags(corpus, iters=6, **flags))
-        assert str(err.value).startswith(f"--save {root} is in use by another run (PID {proc.pid} on host {socket.gethostname()}")
+        assert str(err.value).startswith(
+            f"--save {root} is in use by another run (PID {proc.pid} on host {socket.gethostname()}"
+        )
         assert time.time() - start < 5
         os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as a user's kill -9 <PID>
         proc.wait()
@@ -286,9 +314,16 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    resumed = run_training(tiny_run_flags(corpus, iters=6, **flags, **{"--load": root}))  # the dead run's lock blocks nothing
+    resumed = run_training(
+        tiny_run_flags(corpus, iters=6, **flags, **{"--load": root})
+    )  # the dead run's lock blocks nothing
     assert len(resumed.history) == 4
-    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(root)) == [
+        "iter_0000002",
+        "iter_0000004",
+        "iter_0000006",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 # ----------------------------------------------------------------------------- non-finite values
@@ -319,7 +354,9 @@ def test_non_finite_stops_before_saving_and_keep_last_keeps_the_finite_one(dist1
     root = str(tmp_path / "ck")
     _nan_from(monkeypatch, 2, where)
     with pytest.raises(NonFiniteError) as err:
-        run_training(tiny_run_flags(corpus, iters=6, **QUIET, **{"--save": root, "--save-interval": 1, "--keep-last": 1}))
+        run_training(
+            tiny_run_flags(corpus, iters=6, **QUIET, **{"--save": root, "--save-interval": 1, "--keep-last": 1})
+        )
     text = str(err.value)
     assert text.startswith("iteration 3: lm loss is nan" if where == "loss" else "iteration 3: grad norm is nan"), text
     assert text.endswith(f"the latest checkpoint under --save {root} (iteration 2) is kept")
@@ -337,8 +374,14 @@ def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, cor
         dict(model.named_parameters())["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
     checkpointing.save_weights(str(tmp_path / "nan"), args, model)
     with pytest.raises(NonFiniteError, match=r"^iteration 1: lm loss is nan"):
-        run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--load": str(tmp_path / "nan"), "--finetune": None,
-                                                        "--save": str(tmp_path / "out")}))
+        run_training(
+            tiny_run_flags(
+                corpus,
+                iters=4,
+                **QUIET,
+                **{"--load": str(tmp_path / "nan"), "--finetune": None, "--save": str(tmp_path / "out")},
+            )
+        )
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -352,8 +395,11 @@ def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
     optimizer, scheduler = build_optimizer(model, args)
     with torch.no_grad():
         dict(model.module.named_parameters())["exits.1.norm.weight"][3] = float("inf")
-    with pytest.raises(checkpointing.CheckpointError, match=r"^iteration 5: the weights hold NaN or Inf \(exits.1.norm.weight\); "
-                                                             rf"not saved under --save {tmp_path}, whose checkpoints are kept$"):
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"^iteration 5: the weights hold NaN or Inf \(exits.1.norm.weight\); "
+        rf"not saved under --save {tmp_path}, whose checkpoints are kept$",
+    ):
         checkpointing.save(args, model, optimizer, scheduler, 5, 40)
     assert os.listdir(tmp_path) == []
 
@@ -379,7 +425,9 @@ def read_only_dir(tmp_path):
         yield path
         path.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("root cannot be refused a write here without a read-only mount, and mount is not permitted")
     yield path
     subprocess.run(["umount", "--lazy", str(path)], check=True)
@@ -388,23 +436,43 @@ def read_only_dir(tmp_path):
 def test_read_only_save_dir_is_named_at_once(dist1, corpus, read_only_dir):
     from megatron.early_exit.checkpoint_reader import CheckpointError
 
-    with pytest.raises(CheckpointError, match=rf"^--save {read_only_dir} is not writable \((Read-only file system|Permission denied)\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^--save {read_only_dir} is not writable \((Read-only file system|Permission denied)\)$",
+    ):
         run_training(tiny_run_flags(corpus, iters=4, **QUIET, **{"--save": str(read_only_dir)}))
 
 
-@pytest.mark.parametrize("vocab, expected", [
-    (60, ["--vocab-size: checkpoint 64, now 60 (the NullTokenizer's vocabulary)"]),
-    (100, ["--padded-vocab-size: checkpoint 64, now 128 (the tokenizer's vocabulary padded to a multiple of "
-           "--make-vocab-size-divisible-by x TP)", "--vocab-size: checkpoint 64, now 100 (the NullTokenizer's vocabulary)"]),
-])
+@pytest.mark.parametrize(
+    "vocab, expected",
+    [
+        (60, ["--vocab-size: checkpoint 64, now 60 (the NullTokenizer's vocabulary)"]),
+        (
+            100,
+            [
+                "--padded-vocab-size: checkpoint 64, now 128 (the tokenizer's vocabulary padded to a multiple of "
+                "--make-vocab-size-divisible-by x TP)",
+                "--vocab-size: checkpoint 64, now 100 (the NullTokenizer's vocabulary)",
+            ],
+        ),
+    ],
+)
 def test_load_with_another_vocabulary_is_refused(saved, vocab, expected):
     from megatron.early_exit.checkpoint_reader import CheckpointError
 
     # Mock data: the corpus holds ids up to 63, which its own check refuses first at a vocabulary of 60.
     with pytest.raises(CheckpointError) as err:
-        run_training(tiny_run_flags(None, iters=4, **QUIET, **{"--mock-data": None, "--load": saved,
-                                                              "--vocab-size": vocab, "--finetune": None}))
-    assert str(err.value).splitlines() == ["the checkpoint does not match this model:"] + [f"  {line}" for line in expected]
+        run_training(
+            tiny_run_flags(
+                None,
+                iters=4,
+                **QUIET,
+                **{"--mock-data": None, "--load": saved, "--vocab-size": vocab, "--finetune": None},
+            )
+        )
+    assert str(err.value).splitlines() == ["the checkpoint does not match this model:"] + [
+        f"  {line}" for line in expected
+    ]
 
 
 def test_load_with_another_seq_length_and_learned_positions_is_refused(dist1, corpus, tmp_path):
@@ -415,7 +483,9 @@ def test_load_with_another_seq_length_and_learned_positions_is_refused(dist1, co
     with pytest.raises(CheckpointError) as err:
         run_training(tiny_run_flags(corpus, iters=4, **learned, **{"--load": str(tmp_path), "--seq-length": 64}))
     assert str(err.value).splitlines()[1:] == [
-        "  --max-position-embeddings: checkpoint 32, now 64 (the learned position embeddings; it defaults to --seq-length)"]
+        "  --max-position-embeddings: checkpoint 32, now 64 (the learned position embeddings; it defaults to "
+        "--seq-length)"
+    ]
 
 
 def test_tokenizer_differences_are_listed(tmp_path):
@@ -426,27 +496,46 @@ def test_tokenizer_differences_are_listed(tmp_path):
 
     for name, text in (("a.json", "{}"), ("b.json", '{"x": 1}'), ("c.json", "{}"), ("merges.txt", "")):
         (tmp_path / name).write_text(text)
-    gpt2 = lambda vocab: TokenizerConfig("GPT2BPETokenizer", vocab_file=str(tmp_path / vocab),  # noqa: E731
-                                         merge_file=str(tmp_path / "merges.txt"))
-    base = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, padded_vocab_size=64,
-                       max_position_embeddings=32, tokenizer=gpt2("a.json"))
+    gpt2 = lambda vocab: TokenizerConfig(
+        "GPT2BPETokenizer",
+        vocab_file=str(tmp_path / vocab),  # noqa: E731
+        merge_file=str(tmp_path / "merges.txt"),
+    )
+    base = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        padded_vocab_size=64,
+        max_position_embeddings=32,
+        tokenizer=gpt2("a.json"),
+    )
     assert compare_with_checkpoint(base, dataclasses.replace(base, tokenizer=gpt2("c.json"))) == []  # same contents
     with pytest.raises(CheckpointError) as err:
         compare_with_checkpoint(base, dataclasses.replace(base, tokenizer=gpt2("b.json")))
-    assert f"--vocab-file: checkpoint {tmp_path / 'a.json'}, now {tmp_path / 'b.json'} (other contents)" in str(err.value)
+    assert f"--vocab-file: checkpoint {tmp_path / 'a.json'}, now {tmp_path / 'b.json'} (other contents)" in str(
+        err.value
+    )
     with pytest.raises(CheckpointError, match="--tokenizer-type: checkpoint GPT2BPETokenizer, now NullTokenizer"):
-        compare_with_checkpoint(base, dataclasses.replace(base, tokenizer=TokenizerConfig("NullTokenizer", vocab_size=64)))
+        compare_with_checkpoint(
+            base, dataclasses.replace(base, tokenizer=TokenizerConfig("NullTokenizer", vocab_size=64))
+        )
     # Llama 2's tokenizer gives SentencePiece's ids over the same model file (EE-LLM's scripts
     # pass Llama2Tokenizer to checkpoints converted with SentencePieceTokenizer); other files differ.
     for name, text in (("sp.model", "m1"), ("sp_copy.model", "m1"), ("other.model", "m2")):
         (tmp_path / name).write_text(text)
-    sp = dataclasses.replace(base, tokenizer=TokenizerConfig("SentencePieceTokenizer", model=str(tmp_path / "sp.model")))
+    sp = dataclasses.replace(
+        base, tokenizer=TokenizerConfig("SentencePieceTokenizer", model=str(tmp_path / "sp.model"))
+    )
     llama = lambda f: dataclasses.replace(base, tokenizer=TokenizerConfig("Llama2Tokenizer", model=str(tmp_path / f)))  # noqa: E731
     assert compare_with_checkpoint(sp, llama("sp_copy.model")) == []
     with pytest.raises(CheckpointError, match="--tokenizer-model: .* \\(other contents\\)"):
         compare_with_checkpoint(sp, llama("other.model"))
-    with pytest.raises(CheckpointError, match="--tokenizer-type: checkpoint SentencePieceTokenizer, now HuggingFaceTokenizer"):
-        compare_with_checkpoint(sp, dataclasses.replace(base, tokenizer=TokenizerConfig("HuggingFaceTokenizer", model=str(tmp_path))))
+    with pytest.raises(
+        CheckpointError, match="--tokenizer-type: checkpoint SentencePieceTokenizer, now HuggingFaceTokenizer"
+    ):
+        compare_with_checkpoint(
+            sp, dataclasses.replace(base, tokenizer=TokenizerConfig("HuggingFaceTokenizer", model=str(tmp_path)))
+        )
 
 
 # ----------------------------------------------------------------------------- disk full
@@ -475,8 +564,10 @@ def test_no_space_left_during_a_save_is_one_line(dist1, corpus, tmp_path, monkey
     root = str(tmp_path / "ck")
     with pytest.raises(CheckpointError) as err:
         run_training(tiny_run_flags(corpus, iters=3, **QUIET, **{"--save": root, "--save-interval": 1}))
-    assert str(err.value) == (f"--save {root}: no space left on the device while saving iteration 2; the partial checkpoint "
-                              "was removed, the previous checkpoints are kept")
+    assert str(err.value) == (
+        f"--save {root}: no space left on the device while saving iteration 2; the partial checkpoint "
+        "was removed, the previous checkpoints are kept"
+    )
     assert sorted(os.listdir(root)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
 
 
@@ -486,11 +577,17 @@ def test_a_really_full_file_system_is_one_line(dist1, corpus, tmp_path, size):
 
     full = tmp_path / "full"
     full.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(full)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(full)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small file system needs root and permission to mount")
     try:
-        with pytest.raises(CheckpointError, match=f"^--save {full}: no space left on the device while saving iteration 1;"):
+        with pytest.raises(
+            CheckpointError, match=f"^--save {full}: no space left on the device while saving iteration 1;"
+        ):
             run_training(tiny_run_flags(corpus, iters=1, **QUIET, **{"--save": str(full), "--lr-warmup-iters": 0}))
         assert os.listdir(full) == []
     finally:

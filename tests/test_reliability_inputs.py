@@ -25,8 +25,9 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def pretrain_cli(argv, timeout=300):
-    return subprocess.run([sys.executable, PRETRAIN, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, PRETRAIN, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def last_line(text: str) -> str:
@@ -48,8 +49,11 @@ def test_small_corpus_with_the_default_split_trains(dist1, small_corpus, capsys)
     so the run trains, with --eval-iters 0 and with validation (which gets 6 documents). In this
     process: the command line's own errors are tested below."""
     for eval_iters in (0, 1):
-        flags = tiny_run_flags(small_corpus, iters=4, **{"--split": False, "--eval-iters": eval_iters,
-                                                         "--eval-interval": 4, "--log-interval": 1})
+        flags = tiny_run_flags(
+            small_corpus,
+            iters=4,
+            **{"--split": False, "--eval-iters": eval_iters, "--eval-interval": 4, "--log-interval": 1},
+        )
         run_training(flags)
         out = capsys.readouterr().out
         assert "iteration        4/       4" in out
@@ -64,7 +68,8 @@ def test_a_used_split_without_documents_fails_at_once(dist1, small_corpus):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last_line(proc.stderr) == (
         f"error: --split 999,1,0: the validation split of {small_corpus} gets no documents (train 200, validation 0, "
-        "test 0 of 200); give it a larger share or --eval-iters 0")
+        "test 0 of 200); give it a larger share or --eval-iters 0"
+    )
     assert time.monotonic() - start < 120
     with pytest.raises(ConfigError, match="^--split 0,1,0: the train split of"):  # in this process: the same check
         run_training(tiny_run_flags(small_corpus, iters=4, **{"--split": "0,1,0", "--eval-iters": 1}))
@@ -73,14 +78,17 @@ def test_a_used_split_without_documents_fails_at_once(dist1, small_corpus):
 # -- exit weights and training values ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(exit_layer_weight=[-1.0, 0.5]), r"--exit-layer-weight must be finite and >= 0, got -1.0"),
-    (dict(exit_layer_weight=[float("nan"), 0.5]), r"--exit-layer-weight must be finite and >= 0, got nan"),
-    (dict(exit_layer_weight=[0.5, float("inf")]), r"--exit-layer-weight must be finite and >= 0, got inf"),
-    (dict(exit_layer_weight_init=[-0.1, 0.0]), r"--exit-layer-weight-init must be finite and >= 0, got -0.1"),
-    (dict(exit_layer_temperature=[float("nan"), 1.0]), r"--exit-layer-temperature must be > 0 and finite, got nan"),
-    (dict(exit_layer_temperature=[float("inf"), 1.0]), r"--exit-layer-temperature must be > 0 and finite, got inf"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(exit_layer_weight=[-1.0, 0.5]), r"--exit-layer-weight must be finite and >= 0, got -1.0"),
+        (dict(exit_layer_weight=[float("nan"), 0.5]), r"--exit-layer-weight must be finite and >= 0, got nan"),
+        (dict(exit_layer_weight=[0.5, float("inf")]), r"--exit-layer-weight must be finite and >= 0, got inf"),
+        (dict(exit_layer_weight_init=[-0.1, 0.0]), r"--exit-layer-weight-init must be finite and >= 0, got -0.1"),
+        (dict(exit_layer_temperature=[float("nan"), 1.0]), r"--exit-layer-temperature must be > 0 and finite, got nan"),
+        (dict(exit_layer_temperature=[float("inf"), 1.0]), r"--exit-layer-temperature must be > 0 and finite, got inf"),
+    ],
+)
 def test_exit_weights_must_be_finite_and_non_negative(kwargs, message):
     from megatron.early_exit.config import EarlyExitConfig
     from megatron.early_exit.errors import ConfigError
@@ -90,30 +98,33 @@ def test_exit_weights_must_be_finite_and_non_negative(kwargs, message):
     assert EarlyExitConfig(exit_layer_nums=[1, 2], exit_layer_weight=[0.0, 1.0]).exit_weights(0) == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"--exit-layer-weight": "-1 0.5"}, r"--exit-layer-weight must be finite and >= 0, got -1.0"),
-    ({"--exit-layer-weight": "nan 0.5"}, r"--exit-layer-weight must be finite and >= 0, got nan"),
-    ({"--log-interval": 0}, r"--log-interval must be >= 1, got 0"),
-    ({"--eval-interval": 0}, r"--eval-interval must be >= 1, got 0"),
-    ({"--lr": "nan"}, r"--lr must be finite and >= 0, got nan"),
-    ({"--lr": "inf"}, r"--lr must be finite and >= 0, got inf"),
-    ({"--lr": "-0.001", "--min-lr": 0}, r"--lr must be finite and >= 0, got -0.001"),
-    ({"--min-lr": "nan"}, r"--min-lr must be finite and >= 0, got nan"),
-    ({"--min-lr": "-1"}, r"--min-lr must be finite and >= 0, got -1.0"),
-    ({"--hidden-dropout": 1.5}, r"--hidden-dropout must be in \[0, 1\), got 1.5"),
-    ({"--hidden-dropout": "nan"}, r"--hidden-dropout must be in \[0, 1\), got nan"),
-    ({"--attention-dropout": 1.0}, r"--attention-dropout must be in \[0, 1\), got 1.0"),
-    ({"--attention-dropout": -0.1}, r"--attention-dropout must be in \[0, 1\), got -0.1"),
-    ({"--weight-decay": "nan"}, r"--weight-decay must be finite and >= 0, got nan"),
-    ({"--clip-grad": "nan"}, r"--clip-grad must be finite and >= 0, got nan"),
-    ({"--adam-eps": "nan"}, r"--adam-eps must be finite and > 0, got nan"),
-    ({"--adam-beta1": 1.5}, r"--adam-beta1 must be in \[0, 1\), got 1.5"),
-    ({"--adam-beta2": "nan"}, r"--adam-beta2 must be in \[0, 1\), got nan"),
-    ({"--init-method-std": "nan"}, r"--init-method-std must be finite and > 0, got nan"),
-    ({"--init-method-std": "-1"}, r"--init-method-std must be finite and > 0, got -1.0"),
-    ({"--split": "0,0,0"}, r"--split 0,0,0: give up to three comma-separated weights >= 0"),
-    ({"--split": "90,x,0"}, r"--split 90,x,0: give up to three"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"--exit-layer-weight": "-1 0.5"}, r"--exit-layer-weight must be finite and >= 0, got -1.0"),
+        ({"--exit-layer-weight": "nan 0.5"}, r"--exit-layer-weight must be finite and >= 0, got nan"),
+        ({"--log-interval": 0}, r"--log-interval must be >= 1, got 0"),
+        ({"--eval-interval": 0}, r"--eval-interval must be >= 1, got 0"),
+        ({"--lr": "nan"}, r"--lr must be finite and >= 0, got nan"),
+        ({"--lr": "inf"}, r"--lr must be finite and >= 0, got inf"),
+        ({"--lr": "-0.001", "--min-lr": 0}, r"--lr must be finite and >= 0, got -0.001"),
+        ({"--min-lr": "nan"}, r"--min-lr must be finite and >= 0, got nan"),
+        ({"--min-lr": "-1"}, r"--min-lr must be finite and >= 0, got -1.0"),
+        ({"--hidden-dropout": 1.5}, r"--hidden-dropout must be in \[0, 1\), got 1.5"),
+        ({"--hidden-dropout": "nan"}, r"--hidden-dropout must be in \[0, 1\), got nan"),
+        ({"--attention-dropout": 1.0}, r"--attention-dropout must be in \[0, 1\), got 1.0"),
+        ({"--attention-dropout": -0.1}, r"--attention-dropout must be in \[0, 1\), got -0.1"),
+        ({"--weight-decay": "nan"}, r"--weight-decay must be finite and >= 0, got nan"),
+        ({"--clip-grad": "nan"}, r"--clip-grad must be finite and >= 0, got nan"),
+        ({"--adam-eps": "nan"}, r"--adam-eps must be finite and > 0, got nan"),
+        ({"--adam-beta1": 1.5}, r"--adam-beta1 must be in \[0, 1\), got 1.5"),
+        ({"--adam-beta2": "nan"}, r"--adam-beta2 must be in \[0, 1\), got nan"),
+        ({"--init-method-std": "nan"}, r"--init-method-std must be finite and > 0, got nan"),
+        ({"--init-method-std": "-1"}, r"--init-method-std must be finite and > 0, got -1.0"),
+        ({"--split": "0,0,0"}, r"--split 0,0,0: give up to three comma-separated weights >= 0"),
+        ({"--split": "90,x,0"}, r"--split 90,x,0: give up to three"),
+    ],
+)
 def test_training_values_are_refused_naming_the_flag(overrides, message):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.training.arguments import parse_args
@@ -134,21 +145,46 @@ def test_bad_training_value_is_one_line_on_the_command_line():
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_preprocess_lone_surrogate_names_the_line(tmp_path, sp_model, workers):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "the quick fox"}, '{"text": "fox \\ud800 dog"}'])
-    proc = run_preprocess_cli("--input", corpus, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type",
-                    "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", workers)
+    proc = run_preprocess_cli(
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(tmp_path / "c"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_model,
+        "--workers",
+        workers,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert last_line(proc.stderr) == (f"error: --input {corpus}, line 2: 'text': not valid Unicode (surrogates not "
-                                      "allowed: '\\ud800' at character 4)")
+    assert last_line(proc.stderr) == (
+        f"error: --input {corpus}, line 2: 'text': not valid Unicode (surrogates not allowed: '\\ud800' at character 4)"
+    )
     assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
 
 
 def _null_corpus(path, num_docs: int, first: int = 1) -> str:
-    return write_jsonl(path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)])
+    return write_jsonl(
+        path, [{"text": " ".join(str((first + i + j) % 60) for j in range(40))} for i in range(num_docs)]
+    )
 
 
 def _preprocess(corpus, prefix):
-    return [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus, "--output-prefix",
-            prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--workers", "1"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "tools", "preprocess_data.py"),
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "64",
+        "--workers",
+        "1",
+    ]
 
 
 def _temporary_files(directory):
@@ -157,8 +193,9 @@ def _temporary_files(directory):
 
 def _start_and_stop_midway(corpus, prefix, sig):
     """Start a preprocessing run and send `sig` once its temporary output exists."""
-    proc = subprocess.Popen(_preprocess(corpus, prefix), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _preprocess(corpus, prefix), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     directory = os.path.dirname(prefix)
     deadline = time.monotonic() + 120
     while not _temporary_files(directory):
@@ -201,10 +238,13 @@ def test_preprocess_removes_only_leftovers_of_dead_runs_on_its_prefix(tmp_path):
     dead.wait()
     prefix = str(tmp_path / "corpus")
     mine = [f"corpus_text_document.tmp{dead.pid}.bin", f"corpus_text_document.tmp{dead.pid}.idx"]
-    kept = [f"corpus_text_document.tmp{os.getpid()}.bin",  # a live run
-            f"other_text_document.tmp{dead.pid}.bin",  # another prefix
-            f"corpus_title_document.tmp{dead.pid}.bin",  # a key this run does not write
-            "corpus_text_document.tmpx.bin", "notes.txt"]
+    kept = [
+        f"corpus_text_document.tmp{os.getpid()}.bin",  # a live run
+        f"other_text_document.tmp{dead.pid}.bin",  # another prefix
+        f"corpus_title_document.tmp{dead.pid}.bin",  # a key this run does not write
+        "corpus_text_document.tmpx.bin",
+        "notes.txt",
+    ]
     for name in mine + kept:
         (tmp_path / name).write_bytes(b"partial")
     corpus = _null_corpus(tmp_path / "corpus.jsonl", 20)
@@ -215,7 +255,9 @@ def test_preprocess_removes_only_leftovers_of_dead_runs_on_its_prefix(tmp_path):
     assert proc.stderr.count("left by an interrupted run") == 2
 
 
-def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(preprocess_tool, capsys, tmp_path, monkeypatch):
+def test_preprocess_interrupted_while_publishing_never_pairs_old_and_new_files(
+    preprocess_tool, capsys, tmp_path, monkeypatch
+):
     """Killed between renaming the new .bin and the new .idx: the old .idx must not stay beside
     the new .bin (training would read the new tokens with the old offsets)."""
     prefix = str(tmp_path / "corpus")
@@ -266,9 +308,9 @@ DAMAGE = {
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_dataset_files_are_named(dist1, corpus, tmp_path, case):
     from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.tokenizers import build_tokenizer
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.data import build_datasets
-    from megatron.early_exit.tokenizers import build_tokenizer
 
     damage, message = DAMAGE[case]
     prefix = _damaged_copy(corpus, tmp_path, damage)
@@ -303,9 +345,9 @@ def _unwritable_directory(tmp_path) -> str:
 
 def test_unwritable_data_cache_path_names_the_flag(dist1, corpus, tmp_path):
     from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.tokenizers import build_tokenizer
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.data import build_datasets
-    from megatron.early_exit.tokenizers import build_tokenizer
 
     cache = _unwritable_directory(tmp_path)
     args = parse_args(tiny_run_flags(corpus, iters=4, **{"--data-cache-path": cache}), world_size=1)
@@ -368,9 +410,13 @@ def test_corpus_of_a_larger_vocabulary_is_named(dist1, tmp_path):
         builder.add_document(torch.tensor(rng.integers(0, 500, 60)), [60])
     builder.finalize(prefix + ".idx")
     args = parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0}), world_size=1)
-    with pytest.raises(ConfigError, match=r"^--data-path: .*wide_text_document\.bin document 0 holds token id 4\d\d, "
-                                          r"outside the tokenizer's vocabulary of 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--data-path: .*wide_text_document\.bin document 0 holds token id 4\d\d, "
+        r"outside the tokenizer's vocabulary of 64",
+    ):
         _build(args)
-    train, _, _ = _build(parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0, "--vocab-size": 500}),
-                                    world_size=1), 500)
+    train, _, _ = _build(
+        parse_args(tiny_run_flags(prefix, iters=4, **{"--eval-iters": 0, "--vocab-size": 500}), world_size=1), 500
+    )
     assert int(train[0]["tokens"].max()) < 500

@@ -22,7 +22,11 @@ psutil = pytest.importorskip("psutil")
 
 def job_env() -> dict:
     """This environment without this process's rendezvous (the job starts its own)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     return dict(env, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
 
@@ -31,10 +35,25 @@ class Job:
     collected line by line."""
 
     def __init__(self, argv, launcher_flags=()):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *launcher_flags,
-               os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *argv]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            *launcher_flags,
+            os.path.join(ROOT, "pretrain_early_exit_gpt.py"),
+            *argv,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=job_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -46,7 +65,9 @@ class Job:
             time.sleep(0.05)
 
     def workers(self):
-        return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "pretrain" in " ".join(p.cmdline())]
+        return [
+            p for p in psutil.Process(self.proc.pid).children(recursive=True) if "pretrain" in " ".join(p.cmdline())
+        ]
 
     def output(self) -> str:
         self.reader.join(timeout=30)
@@ -62,8 +83,11 @@ def _gone(processes, timeout: float) -> bool:
 @pytest.mark.multiproc
 def test_workers_exit_when_their_launcher_is_killed(corpus, tmp_path):
     save = str(tmp_path / "ckpt")
-    job = Job(tiny_run_flags(corpus, iters=100000, **{"--save": save, "--save-interval": 100000, "--log-interval": 1,
-                                                        "--eval-iters": 0}))
+    job = Job(
+        tiny_run_flags(
+            corpus, iters=100000, **{"--save": save, "--save-interval": 100000, "--log-interval": 1, "--eval-iters": 0}
+        )
+    )
     workers = []
     try:
         job.wait_for(r" iteration +2/")
@@ -85,9 +109,20 @@ def test_workers_exit_when_their_launcher_is_killed(corpus, tmp_path):
 @pytest.mark.multiproc
 def test_sigterm_to_the_whole_job_saves_at_once_within_the_launcher_grace(corpus, tmp_path):
     save = str(tmp_path / "ckpt")
-    job = Job(tiny_run_flags(corpus, iters=100000, **{"--save": save, "--exit-signal-handler": None, "--log-interval": 1,
-                                                        "--eval-interval": 1, "--eval-iters": 1}),
-              launcher_flags=["--shutdown-timeout", "45"])
+    job = Job(
+        tiny_run_flags(
+            corpus,
+            iters=100000,
+            **{
+                "--save": save,
+                "--exit-signal-handler": None,
+                "--log-interval": 1,
+                "--eval-interval": 1,
+                "--eval-iters": 1,
+            },
+        ),
+        launcher_flags=["--shutdown-timeout", "45"],
+    )
     try:
         job.wait_for(r"validation loss at iteration +2\b")
         os.killpg(job.proc.pid, signal.SIGTERM)  # launcher and workers together, as a scheduler signals a job
@@ -96,8 +131,11 @@ def test_sigterm_to_the_whole_job_saves_at_once_within_the_launcher_grace(corpus
         if job.proc.poll() is None:
             os.killpg(job.proc.pid, signal.SIGKILL)
     out = job.output()
-    assert re.search(r"--exit-signal-handler: on SIGTERM every rank finishes its iteration, saves and exits 0; torchrun, "
-                     r"when signalled too, kills the workers 45 s later \(torchrun --shutdown-timeout\)", out), out[-3000:]
+    assert re.search(
+        r"--exit-signal-handler: on SIGTERM every rank finishes its iteration, saves and exits 0; torchrun, "
+        r"when signalled too, kills the workers 45 s later \(torchrun --shutdown-timeout\)",
+        out,
+    ), out[-3000:]
     (stop,) = [int(m) for m in re.findall(r" exiting at iteration (\d+): SIGTERM received", out)]
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(stop)
     # The save started at once: no validation of the stopping iteration ran before it.
@@ -108,7 +146,10 @@ def test_shutdown_grace_is_read_from_the_launcher_then_the_environment(monkeypat
     from megatron.early_exit.launcher import shutdown_grace_seconds
 
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    assert shutdown_grace_seconds(["torchrun", "--shutdown-timeout", "90", "x.py"]) == (90.0, "torchrun --shutdown-timeout")
+    assert shutdown_grace_seconds(["torchrun", "--shutdown-timeout", "90", "x.py"]) == (
+        90.0,
+        "torchrun --shutdown-timeout",
+    )
     assert shutdown_grace_seconds(["torchrun", "--shutdown_timeout=12"]) == (12.0, "torchrun --shutdown_timeout")
     assert shutdown_grace_seconds(["torchrun"]) == (30.0, "torchrun's default")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
@@ -127,11 +168,25 @@ def test_reshard_refusal_is_one_line(dist1, tmp_path):
     args = parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None}), world_size=1)
     root = str(tmp_path / "ckpt")
     save_weights(root, args, build_model(args, torch.device("cpu"), 64), iteration=1)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "checkpoint", "reshard.py"), "--load", root,
-                           "--save", str(tmp_path / "pp3"), "--target-pipeline-parallel-size", "3"],
-                          capture_output=True, text=True, timeout=600, env=job_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "checkpoint", "reshard.py"),
+            "--load",
+            root,
+            "--save",
+            str(tmp_path / "pp3"),
+            "--target-pipeline-parallel-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=job_env(),
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: --target-pipeline-parallel-size 3 does not divide the checkpoint's 4 layers"], proc.stderr[-3000:]
+        "error: --target-pipeline-parallel-size 3 does not divide the checkpoint's 4 layers"
+    ], proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "pp3")
 
 
@@ -141,8 +196,10 @@ def test_reshard_reports_only_the_workers_errors(capsys):
     spec = importlib.util.spec_from_file_location("reshard", os.path.join(ROOT, "tools", "checkpoint", "reshard.py"))
     reshard = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reshard)
-    noise = ("Traceback (most recent call last):\n  File ...\ntorch.distributed.elastic.multiprocessing.errors."
-             "ChildFailedError:\n[rank1]: error: checkpoint shard X is missing\nerror: checkpoint shard X is missing\n")
+    noise = (
+        "Traceback (most recent call last):\n  File ...\ntorch.distributed.elastic.multiprocessing.errors."
+        "ChildFailedError:\n[rank1]: error: checkpoint shard X is missing\nerror: checkpoint shard X is missing\n"
+    )
     assert reshard._report(1, noise) == 1
     assert capsys.readouterr().err == "error: checkpoint shard X is missing\n"
     assert reshard._report(0, "a warning\n") == 0 and capsys.readouterr().err == "a warning\n"

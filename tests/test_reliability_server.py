@@ -26,6 +26,7 @@ def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
 
+
 BIG = 52_000_000  # bytes
 
 
@@ -42,7 +43,7 @@ def error_of(reply, status):
 
 
 def host_port(server):
-    host, port = server.url[len("http://"):].rsplit(":", 1)
+    host, port = server.url[len("http://") :].rsplit(":", 1)
     return host, int(port)
 
 
@@ -82,19 +83,23 @@ def test_oversized_bodies_get_413_before_they_are_read(server, client):
     52 MB chunked body is refused once it passes the limit. /health answers meanwhile, and the
     server's memory does not grow by the body."""
     rss_before = rss_mib(server.proc.pid)
-    head = (f"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {BIG}\r\n\r\n").encode()
+    head = (
+        f"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {BIG}\r\n\r\n"
+    ).encode()
     sock = raw_request(server, head + b'{"prompts": [')
     start = time.monotonic()
     status, body = read_status(sock)
-    assert status == 413 and body["error"]["message"].startswith(f"body: {BIG} bytes exceed the server's "
-                                                                 "--max-request-bytes"), body
+    assert status == 413 and body["error"]["message"].startswith(
+        f"body: {BIG} bytes exceed the server's --max-request-bytes"
+    ), body
     assert time.monotonic() - start < 5
     assert client.get("/health").status_code == 200  # while that connection is still open
     sock.close()
 
-    sock = raw_request(server, b"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                               b"Transfer-Encoding: chunked\r\n\r\n")
+    sock = raw_request(
+        server,
+        b"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
     piece = b'"5 17 3", ' * 6500  # 65 KB
 
     def send_all():
@@ -117,8 +122,9 @@ def test_oversized_bodies_get_413_before_they_are_read(server, client):
     still_serves(client)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          None])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
 def test_bodies_must_be_declared_json(client, content_type):
     """A web page can POST text/plain or a form anywhere without a CORS preflight; not JSON."""
     body = json.dumps({"prompts": PROMPTS[:1], "tokens_to_generate": 2, "top_k": 1}).encode()
@@ -143,9 +149,11 @@ def test_foreign_hosts_are_refused_and_no_cors_headers_by_default(server, client
         assert client.get("/health", headers={"Host": host}).status_code == 200, host
 
     origin = {"Origin": "http://evil.example"}
-    for reply in (client.get("/health", headers=origin),
-                  client.put("/api", json={"prompts": PROMPTS[:1], "tokens_to_generate": 1}, headers=origin),
-                  client.options("/api", headers={**origin, "Access-Control-Request-Method": "PUT"})):
+    for reply in (
+        client.get("/health", headers=origin),
+        client.put("/api", json={"prompts": PROMPTS[:1], "tokens_to_generate": 1}, headers=origin),
+        client.options("/api", headers={**origin, "Access-Control-Request-Method": "PUT"}),
+    ):
         assert not [h for h in reply.headers if h.lower().startswith("access-control-")], dict(reply.headers)
     still_serves(client)
 
@@ -182,13 +190,28 @@ def test_sampling_values_that_overflow_are_refused(client, path, body, field):
 
 IGNORED = [  # (path, body, field): fields the decoding would not read
     ("/api", {"prompts": PROMPTS[:1], "tokens_to_generate": 2, "top_k": 1, "exit_layers": [1]}, "exit_layers"),
-    ("/api", {"prompts": PROMPTS[:1], "tokens_to_generate": 2, "top_k": 1, "use_early_exit": False,
-              "exit_layers": [2]}, "exit_layers"),
+    (
+        "/api",
+        {"prompts": PROMPTS[:1], "tokens_to_generate": 2, "top_k": 1, "use_early_exit": False, "exit_layers": [2]},
+        "exit_layers",
+    ),
     ("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0, "exit_layers": [1]}, "exit_layers"),
-    ("/api", {"prompts": PROMPTS[:1], "tokens_to_generate": 2, "top_k": 1, "use_early_exit": True,
-              "kv_strategy": "pipeline"}, "kv_strategy"),
-    ("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0, "use_early_exit": True,
-                         "kv_strategy": "pipeline"}, "kv_strategy"),
+    (
+        "/api",
+        {
+            "prompts": PROMPTS[:1],
+            "tokens_to_generate": 2,
+            "top_k": 1,
+            "use_early_exit": True,
+            "kv_strategy": "pipeline",
+        },
+        "kv_strategy",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0, "use_early_exit": True, "kv_strategy": "pipeline"},
+        "kv_strategy",
+    ),
 ]
 
 
@@ -231,17 +254,26 @@ def test_host_cors_and_size_flags():
 
     body = {"prompts": ["1 2"], "tokens_to_generate": 1}
     assert app_client(host="gpu-box.lan").get("/health").status_code == 400
-    assert app_client("--allowed-hosts", "gpu-box.lan", host="gpu-box.lan:5000").put("/api", json=body).status_code == 200
+    assert (
+        app_client("--allowed-hosts", "gpu-box.lan", host="gpu-box.lan:5000").put("/api", json=body).status_code == 200
+    )
     assert app_client("--host", "10.1.2.3", host="10.1.2.3:5000").get("/health").status_code == 200
     assert app_client("--allowed-hosts", "*", host="anything.example").get("/health").status_code == 200
 
     opened = app_client("--cors-origins", "http://notebook.lan:8888")
-    preflight = opened.options("/api", headers={"Origin": "http://notebook.lan:8888", "Access-Control-Request-Method": "PUT",
-                                                "Access-Control-Request-Headers": "content-type"})
+    preflight = opened.options(
+        "/api",
+        headers={
+            "Origin": "http://notebook.lan:8888",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://notebook.lan:8888"
-    refused = opened.put("/api", content=b"x" * 10, headers={"Origin": "http://notebook.lan:8888",
-                                                             "Content-Type": "text/plain"})
+    refused = opened.put(
+        "/api", content=b"x" * 10, headers={"Origin": "http://notebook.lan:8888", "Content-Type": "text/plain"}
+    )
     assert refused.status_code == 415 and refused.headers["access-control-allow-origin"] == "http://notebook.lan:8888"
     other = opened.get("/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers

@@ -23,12 +23,18 @@ def _build(**exit_flags):
     from tests.helpers import tiny_transformer_config
 
     torch.manual_seed(0)
-    config = tiny_transformer_config(num_layers=NUM_LAYERS, num_query_groups=2, init_method_std=0.3,
-                                     pipeline_dtype=torch.float32)
-    return EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=EXITS, use_exit_norm=True, **exit_flags),
-                             vocab_size=VOCAB, max_sequence_length=64, share_embeddings_and_output_weights=False,
-                             pre_process=parallel_state.is_pipeline_first_stage(),
-                             post_process=parallel_state.is_pipeline_last_stage()).eval()
+    config = tiny_transformer_config(
+        num_layers=NUM_LAYERS, num_query_groups=2, init_method_std=0.3, pipeline_dtype=torch.float32
+    )
+    return EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=EXITS, use_exit_norm=True, **exit_flags),
+        vocab_size=VOCAB,
+        max_sequence_length=64,
+        share_embeddings_and_output_weights=False,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).eval()
 
 
 @lru_cache(maxsize=None)
@@ -103,7 +109,9 @@ def test_top_n_alternatives_are_the_true_top_n(dist1):
         for t in range(len(seq) - 1):
             expected = torch.topk(logp[t], 5)
             assert result.top_tokens[i][t] == expected.indices.tolist()
-            assert torch.allclose(torch.tensor(result.top_logprobs[i][t], dtype=torch.float32), expected.values, atol=1e-5)
+            assert torch.allclose(
+                torch.tensor(result.top_logprobs[i][t], dtype=torch.float32), expected.values, atol=1e-5
+            )
             assert result.top_logprobs[i][t] == sorted(result.top_logprobs[i][t], reverse=True)
             assert result.greedy[i][t] == (result.top_tokens[i][t][0] == seq[t + 1])
 
@@ -172,9 +180,15 @@ def _parallel_vs_single(tp: int, pp: int):
     initialize_parallel(tp, pp, seed=3)
     model = _build()
     # Global names (layer numbers); a later stage's copy of the tied word embedding.
-    load_full_state_dict(model, {name: weights["embedding.word_embeddings.weight" if name == "exit_word_embeddings"
-                                                else canonical_name(model, name)]
-                                 for name, _ in model.named_parameters()})
+    load_full_state_dict(
+        model,
+        {
+            name: weights[
+                "embedding.word_embeddings.weight" if name == "exit_word_embeddings" else canonical_name(model, name)
+            ]
+            for name, _ in model.named_parameters()
+        },
+    )
     diff = 0.0
     for layer, ref in refs.items():
         out = score(model, SEQUENCES, exit_layer=layer, top_n=4, batch_size=3)

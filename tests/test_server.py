@@ -63,19 +63,25 @@ def direct(engine, prompts, strategy=None, max_new_tokens=8, sampling=None):
     from megatron.early_exit.inference import FullDepth, SamplingParams, generate
 
     model, _ = engine
-    return generate(model, [ids(p) if isinstance(p, str) else p for p in prompts], strategy or FullDepth(),
-                    max_new_tokens, sampling or SamplingParams(), stop_tokens=(EOD,))
+    return generate(
+        model,
+        [ids(p) if isinstance(p, str) else p for p in prompts],
+        strategy or FullDepth(),
+        max_new_tokens,
+        sampling or SamplingParams(),
+        stop_tokens=(EOD,),
+    )
 
 
 def continuation(tokenizer, prompt, tokens):
     """OpenAI text of `tokens` after `prompt`: the end-of-document token is not shown."""
     tokens = tokens[:-1] if tokens and tokens[-1] == EOD else tokens
     head = tokenizer.detokenize(ids(prompt))
-    return tokenizer.detokenize(ids(prompt) + tokens)[len(head):]
+    return tokenizer.detokenize(ids(prompt) + tokens)[len(head) :]
 
 
 def generated(reply, prompts):
-    return [toks[len(ids(p)):] for toks, p in zip(reply["tokens"], prompts)]
+    return [toks[len(ids(p)) :] for toks, p in zip(reply["tokens"], prompts)]
 
 
 # -- PUT /api --------------------------------------------------------------------------------------
@@ -92,12 +98,15 @@ def test_api_greedy_and_seeded_sampling_equal_the_engine(client, engine):
     assert reply["text"] == [tokenizer.detokenize(ids(p) + t) for p, t in zip(PROMPTS, ref.tokens)]
     # Segments keep the spaces that start words: they join to the text.
     assert ["".join(seg) for seg in reply["segments"]] == reply["text"]
-    assert [s.strip() for s in reply["segments"][0]] == [tokenizer.detokenize([t]) for t in ids(PROMPTS[0]) + ref.tokens[0]]
+    assert [s.strip() for s in reply["segments"][0]] == [
+        tokenizer.detokenize([t]) for t in ids(PROMPTS[0]) + ref.tokens[0]
+    ]
     assert reply["exit_layers"] == [[NUM_LAYERS] * len(t) for t in ref.tokens]
     # Megatron-LM's alignment: one value per token after the first, the prompt's then the generation's.
     assert [len(lp) for lp in reply["logprobs"]] == [len(t) - 1 for t in reply["tokens"]]
-    diff = max(abs(a - b) for p, r, o in zip(PROMPTS, ref.logprobs, reply["logprobs"])
-               for a, b in zip(r, o[len(ids(p)) - 1:]))
+    diff = max(
+        abs(a - b) for p, r, o in zip(PROMPTS, ref.logprobs, reply["logprobs"]) for a, b in zip(r, o[len(ids(p)) - 1 :])
+    )
     assert diff < 1e-4
 
     body = dict(prompts=PROMPTS, tokens_to_generate=10, temperature=0.9, top_k=20, top_p=0.9, random_seed=7)
@@ -127,18 +136,30 @@ def test_api_early_exit_fields_move_the_exit_layers(client, engine):
 
     for kv, measure in (("recompute", "max_prob"), ("propagate", "max_prob"), ("recompute", "margin")):
         threshold = MIXED_THRESHOLD if measure == "max_prob" else 0.02
-        reply = put_api(client, **greedy, use_early_exit=True, early_exit_thres=threshold, kv_strategy=kv,
-                        confidence=measure, print_max_prob=True)
+        reply = put_api(
+            client,
+            **greedy,
+            use_early_exit=True,
+            early_exit_thres=threshold,
+            kv_strategy=kv,
+            confidence=measure,
+            print_max_prob=True,
+        )
         ref = direct(engine, PROMPTS, EarlyExit(threshold, measure, kv), n)
         assert generated(reply, PROMPTS) == ref.tokens and reply["exit_layers"] == ref.exit_layers, (kv, measure)
         depths = [d for row in ref.exit_layers for d in row[1:]]
         assert min(depths) < NUM_LAYERS and max(depths) == NUM_LAYERS, f"threshold {threshold} does not mix exits"
-        assert all(abs(p - torch.tensor(lp).exp().item()) < 1e-5
-                   for pr, lr in zip(reply["probs"], ref.logprobs) for p, lp in zip(pr, lr))
+        assert all(
+            abs(p - torch.tensor(lp).exp().item()) < 1e-5
+            for pr, lr in zip(reply["probs"], ref.logprobs)
+            for p, lp in zip(pr, lr)
+        )
 
     spec = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 3})
     assert generated(spec, PROMPTS) == generated(off, PROMPTS)
-    assert spec["tokens"] == [ids(p) + t for p, t in zip(PROMPTS, direct(engine, PROMPTS, SelfSpeculative(1, 3), n).tokens)]
+    assert spec["tokens"] == [
+        ids(p) + t for p, t in zip(PROMPTS, direct(engine, PROMPTS, SelfSpeculative(1, 3), n).tokens)
+    ]
     adaptive = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 5, "draft_threshold": 0.3})
     assert generated(adaptive, PROMPTS) == generated(off, PROMPTS)
 
@@ -159,15 +180,26 @@ def test_completions_equal_the_engine_and_stream_the_same_text(client, engine):
     from megatron.early_exit.inference import EarlyExit, SamplingParams
 
     _, tokenizer = engine
-    body = dict(model="tiny", prompt=PROMPTS, max_tokens=9, temperature=0, use_early_exit=True,
-                early_exit_thres=MIXED_THRESHOLD, logprobs=1)
+    body = dict(
+        model="tiny",
+        prompt=PROMPTS,
+        max_tokens=9,
+        temperature=0,
+        use_early_exit=True,
+        early_exit_thres=MIXED_THRESHOLD,
+        logprobs=1,
+    )
     reply = client.post("/v1/completions", json=body).json()
     ref = direct(engine, PROMPTS, EarlyExit(MIXED_THRESHOLD), 9)
     assert [c["text"] for c in reply["choices"]] == [continuation(tokenizer, p, t) for p, t in zip(PROMPTS, ref.tokens)]
-    assert [c["exit_layers"] for c in reply["choices"]] == [e[: len(c["logprobs"]["tokens"])]
-                                                           for e, c in zip(ref.exit_layers, reply["choices"])]
-    assert reply["usage"] == {"prompt_tokens": sum(len(ids(p)) for p in PROMPTS), "completion_tokens": ref.num_generated,
-                              "total_tokens": sum(len(ids(p)) for p in PROMPTS) + ref.num_generated}
+    assert [c["exit_layers"] for c in reply["choices"]] == [
+        e[: len(c["logprobs"]["tokens"])] for e, c in zip(ref.exit_layers, reply["choices"])
+    ]
+    assert reply["usage"] == {
+        "prompt_tokens": sum(len(ids(p)) for p in PROMPTS),
+        "completion_tokens": ref.num_generated,
+        "total_tokens": sum(len(ids(p)) for p in PROMPTS) + ref.num_generated,
+    }
     assert {c["finish_reason"] for c in reply["choices"]} <= {"length", "stop"}
     first = reply["choices"][0]["logprobs"]
     assert "".join(first["tokens"]) == reply["choices"][0]["text"] and first["text_offset"][0] == 0
@@ -181,12 +213,13 @@ def test_completions_equal_the_engine_and_stream_the_same_text(client, engine):
     for extra in ({"logprobs": 1, "echo": True}, {"stop": [" 7"]}, {}):
         plain = client.post("/v1/completions", json={**body, **extra}).json()
         events = []
-        with client.stream("POST", "/v1/completions", json={**body, **extra, "stream": True,
-                                                             "stream_options": {"include_usage": True}}) as stream:
+        with client.stream(
+            "POST", "/v1/completions", json={**body, **extra, "stream": True, "stream_options": {"include_usage": True}}
+        ) as stream:
             assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
             for line in stream.iter_lines():
                 if line.startswith("data: "):
-                    events.append(line[len("data: "):])
+                    events.append(line[len("data: ") :])
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
@@ -210,16 +243,20 @@ def test_openai_client(server, engine):
     reply = api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=extra)
     ref = direct(engine, PROMPTS[:1], EarlyExit(0.0, exit_layers=(2,)), 8)
     assert reply.choices[0].text == continuation(tokenizer, PROMPTS[0], ref.tokens[0])
-    assert reply.choices[0].model_extra["exit_layers"][1:] == [2] * (len(reply.choices[0].model_extra["exit_layers"]) - 1)
+    assert reply.choices[0].model_extra["exit_layers"][1:] == [2] * (
+        len(reply.choices[0].model_extra["exit_layers"]) - 1
+    )
     assert reply.usage.completion_tokens == len(ref.tokens[0])
-    stream = api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=extra,
-                                    stream=True)
+    stream = api.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=extra, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == reply.choices[0].text
     with pytest.raises(openai.UnprocessableEntityError, match="early_exit_thres"):
         api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, extra_body={"early_exit_thres": 40})
     with pytest.raises(openai.BadRequestError, match="exit_layers"):
-        api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4,
-                               extra_body={"use_early_exit": True, "exit_layers": [3]})
+        api.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=4, extra_body={"use_early_exit": True, "exit_layers": [3]}
+        )
 
 
 # -- bad requests, concurrency, the rest ------------------------------------------------------------
@@ -230,14 +267,38 @@ BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must 
     ("/api", {"prompts": 5}, "prompts"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": "many"}, "tokens_to_generate"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": -4}, "tokens_to_generate"),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 40}, "early_exit_thres"),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "exit_layers": [3]}, "exit_layers"),
+    (
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 40},
+        "early_exit_thres",
+    ),
+    (
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "exit_layers": [3]},
+        "exit_layers",
+    ),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": "yes"}, "use_early_exit"),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "confidence": "perplexity"}, "confidence"),
+    (
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "confidence": "perplexity"},
+        "confidence",
+    ),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "speculative": {"exit_layer": 1}}, "speculative"),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1, "speculative": {"exit_layer": 3}}, "speculative.exit_layer"),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1,
-              "speculative": {"exit_layer": 1, "draft_threshold": 2}}, "speculative.draft_threshold"),
+    (
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1, "speculative": {"exit_layer": 3}},
+        "speculative.exit_layer",
+    ),
+    (
+        "/api",
+        {
+            "prompts": ["5 17 3"],
+            "tokens_to_generate": 4,
+            "top_k": 1,
+            "speculative": {"exit_layer": 1, "draft_threshold": 2},
+        },
+        "speculative.draft_threshold",
+    ),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "temperature": -1}, "temperature"),
     ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "tokens": 5}, "tokens"),
     ("/api", {"prompts": ["5 hello"], "tokens_to_generate": 4}, "prompts[0]"),
@@ -255,11 +316,14 @@ BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must 
 ]
 
 
-@pytest.mark.parametrize("path,body,field", BAD_REQUESTS, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path,body,field", BAD_REQUESTS, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(BAD_REQUESTS)]
+)
 def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(client, path, body, field):
     if isinstance(body, bytes):
-        reply = client.request("PUT" if path == "/api" else "POST", path, content=body,
-                               headers={"Content-Type": "application/json"})
+        reply = client.request(
+            "PUT" if path == "/api" else "POST", path, content=body, headers={"Content-Type": "application/json"}
+        )
     else:
         reply = client.request("PUT" if path == "/api" else "POST", path, json=body)
     assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
@@ -288,7 +352,9 @@ def test_engine_errors_are_400s():
             return future
 
     limits = ModelLimits("tiny", 128, NUM_LAYERS, tuple(EXITS), MAX_SEQ, MAX_BATCH, MAX_PROMPT)
-    with TestClient(build_app(Service(RefusingWorker(), NullTokenizer(VOCAB), limits)), base_url="http://localhost") as local:
+    with TestClient(
+        build_app(Service(RefusingWorker(), NullTokenizer(VOCAB), limits)), base_url="http://localhost"
+    ) as local:
         reply = local.put("/api", json={"prompts": ["1 2"], "tokens_to_generate": 2})
         assert reply.status_code == 400 and "kv must be one of" in reply.json()["error"]["message"]
         assert local.get("/health").json()["status"] == "ok"
@@ -300,7 +366,13 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
     reaches every request of its call and the loop goes on; a request whose caller left is skipped."""
     import threading
 
-    from megatron.early_exit.inference import EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams
+    from megatron.early_exit.inference import (
+        EarlyExit,
+        FullDepth,
+        GenerationResult,
+        InferenceConfigError,
+        SamplingParams,
+    )
     from megatron.early_exit.server import worker as worker_module
     from megatron.early_exit.server.jobs import Job
 
@@ -320,8 +392,20 @@ def test_worker_merges_compatible_neighbours_in_order_and_survives_errors(dist1,
         return Job(tuple((first + r,) for r in range(rows)), strategy, sampling, 4)
 
     worker = worker_module.Worker(model=None, max_batch_size=4)
-    jobs = [job(1), job(2, rows=2), job(10), job(11), job(20, EarlyExit(0.5)), job(30, sampling=sampled),
-            job(40, sampling=sampled), job(50), job(51), job(666, EarlyExit(0.9)), job(667, EarlyExit(0.9)), job(70)]
+    jobs = [
+        job(1),
+        job(2, rows=2),
+        job(10),
+        job(11),
+        job(20, EarlyExit(0.5)),
+        job(30, sampling=sampled),
+        job(40, sampling=sampled),
+        job(50),
+        job(51),
+        job(666, EarlyExit(0.9)),
+        job(667, EarlyExit(0.9)),
+        job(70),
+    ]
     futures = [worker.submit(j) for j in jobs]
     assert futures[-1].cancel()  # its caller went away before it ran
     thread = threading.Thread(target=worker.run)
@@ -349,7 +433,9 @@ def test_launch_flags_tokenizer_override_and_ignored_model_flags(capsys):
     assert "ignored" in capsys.readouterr().err and args.use_checkpoint_args and args.port == 5000
     from megatron.early_exit.models.model_config import TokenizerConfig
 
-    stored = argparse.Namespace(tokenizer=TokenizerConfig(type="NullTokenizer", vocab_size=VOCAB))  # as a ModelConfig holds it
+    stored = argparse.Namespace(
+        tokenizer=TokenizerConfig(type="NullTokenizer", vocab_size=VOCAB)
+    )  # as a ModelConfig holds it
     assert build_tokenizer(args, stored, 128).vocab_size == 50  # the flag replaces the stored vocabulary
     with pytest.raises(ConfigError, match="exceed the model's vocabulary"):
         build_tokenizer(parse_args(["--load", "ckpt", "--vocab-size", "200"]), stored, 128)
@@ -369,8 +455,10 @@ def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client,
             reply = client.put("/api", json=dict(prompts=[prompt], tokens_to_generate=8, top_k=1))
             return kind, prompt, reply.status_code, reply.json()["tokens"][0][3:]
         if kind == 1:
-            reply = client.put("/api", json=dict(prompts=[prompt], tokens_to_generate=8, top_k=1, use_early_exit=True,
-                                                 early_exit_thres=0.0))
+            reply = client.put(
+                "/api",
+                json=dict(prompts=[prompt], tokens_to_generate=8, top_k=1, use_early_exit=True, early_exit_thres=0.0),
+            )
             return kind, prompt, reply.status_code, reply.json()["tokens"][0][3:]
         if kind == 2:
             reply = client.post("/v1/completions", json=dict(prompt=prompt, max_tokens=8, temperature=0))
@@ -411,14 +499,30 @@ def test_cli_reads_prompts_until_eof(server, engine):
     from megatron.early_exit.inference import EarlyExit
 
     _, tokenizer = engine
-    host_port = server.url[len("http://"):]
-    out = subprocess.run([sys.executable, CLI, host_port, "--top-k", "1", "--tokens-to-generate", "6", "--early-exit",
-                          "--thres", "0", "--show-exits"], input="5 17 3\n5 hello\n\n40 2\n", capture_output=True,
-                         text=True, timeout=60)
+    host_port = server.url[len("http://") :]
+    out = subprocess.run(
+        [
+            sys.executable,
+            CLI,
+            host_port,
+            "--top-k",
+            "1",
+            "--tokens-to-generate",
+            "6",
+            "--early-exit",
+            "--thres",
+            "0",
+            "--show-exits",
+        ],
+        input="5 17 3\n5 hello\n\n40 2\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for prompt in ("5 17 3", "40 2"):
         ref = direct(engine, [prompt], EarlyExit(0.0), 6)
-        assert tokenizer.detokenize(ids(prompt) + ref.tokens[0])[len(prompt):] in out.stdout
+        assert tokenizer.detokenize(ids(prompt) + ref.tokens[0])[len(prompt) :] in out.stdout
     assert "error 400: prompts[0]" in out.stdout and out.stdout.count("mean exit layer") == 2
 
 
@@ -434,7 +538,9 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as tp2:
             greedy = dict(prompts=PROMPTS, tokens_to_generate=10, top_k=1)
-            reply = put_api(tp2, **greedy, use_early_exit=True, early_exit_thres=MIXED_THRESHOLD, kv_strategy="propagate")
+            reply = put_api(
+                tp2, **greedy, use_early_exit=True, early_exit_thres=MIXED_THRESHOLD, kv_strategy="propagate"
+            )
             ref = direct(engine, PROMPTS, EarlyExit(MIXED_THRESHOLD, kv="propagate"), 10)
             assert generated(reply, PROMPTS) == ref.tokens and reply["exit_layers"] == ref.exit_layers
             assert min(d for row in ref.exit_layers for d in row) < NUM_LAYERS
@@ -455,9 +561,12 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
             ref = direct(engine, PROMPTS, max_new_tokens=10, sampling=SamplingParams(0.9, 20, seed=5))
             assert generated(sampled, PROMPTS) == ref.tokens
             with ThreadPoolExecutor(8) as pool:
-                replies = list(pool.map(lambda p: tp2.post("/v1/completions", json=dict(prompt=p, max_tokens=8,
-                                                                                        temperature=0)).json(),
-                                        [f"{i} {i + 3}" for i in range(8)]))
+                replies = list(
+                    pool.map(
+                        lambda p: tp2.post("/v1/completions", json=dict(prompt=p, max_tokens=8, temperature=0)).json(),
+                        [f"{i} {i + 3}" for i in range(8)],
+                    )
+                )
             for i, r in enumerate(replies):
                 prompt = f"{i} {i + 3}"
                 assert r["choices"][0]["text"] == continuation(tokenizer, prompt, direct(engine, [prompt]).tokens[0])

@@ -43,14 +43,44 @@ def sp_checkpoint(dist1, tmp_path_factory):
     text = root / "corpus.txt"
     text.write_text("\n".join(_sentences(2000)) + "\n", encoding="utf-8")
     model_file = train_sentencepiece(str(text), str(root / "tok"), vocab_size=VOCAB)
-    args = parse_args([
-        "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
-        "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--seed", "7",
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model_file,
-        "--make-vocab-size-divisible-by", "128", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
-        "--untie-embeddings-and-output-weights", "--init-method-std", "0.3", "--exit-layer-nums", *map(str, EXITS),
-        "--use-exit-norm",
-    ], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            str(SEQ),
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--seed",
+            "7",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            model_file,
+            "--make-vocab-size-divisible-by",
+            "128",
+            "--normalization",
+            "RMSNorm",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--untie-embeddings-and-output-weights",
+            "--init-method-std",
+            "0.3",
+            "--exit-layer-nums",
+            *map(str, EXITS),
+            "--use-exit-norm",
+        ],
+        world_size=1,
+    )
     ckpt = str(root / "ckpt")
     save_weights(ckpt, args, build_model(args, torch.device("cpu"), PADDED), iteration=1)
     return ckpt, model_file
@@ -61,8 +91,9 @@ def server(sp_checkpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("padded_log")
     template = logs / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
-    srv = Server(sp_checkpoint[0], str(logs / "server.log"),
-                 extra=["--body-read-timeout", "2", "--chat-template", str(template)])
+    srv = Server(
+        sp_checkpoint[0], str(logs / "server.log"), extra=["--body-read-timeout", "2", "--chat-template", str(template)]
+    )
     yield srv
     srv.stop()
 
@@ -87,7 +118,7 @@ def raw_json(client, method, path, body):
 
 def events_of(lines):
     """The data of each server-sent event up to [DONE] (which must end the stream)."""
-    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", events[-3:]
     return [json.loads(e) for e in events[:-1]]
 
@@ -104,8 +135,10 @@ def test_sampling_never_picks_a_padded_id(client):
     """12 of 512 rows are padding: 8 x 48 nearly uniform draws (temperature 100) hit one almost
     surely, at full depth and at the first exit, unless they are masked."""
     for extra in ({}, {"use_early_exit": True, "early_exit_thres": 0.0}):
-        reply = client.put("/api", json={"prompts": PROMPTS * 2, "tokens_to_generate": 48, "temperature": 100.0,
-                                         "random_seed": 3, **extra})
+        reply = client.put(
+            "/api",
+            json={"prompts": PROMPTS * 2, "tokens_to_generate": 48, "temperature": 100.0, "random_seed": 3, **extra},
+        )
         assert reply.status_code == 200, reply.text
         tokens = [t for row in reply.json()["tokens"] for t in row]
         assert len(tokens) > 8 * 30 and max(tokens) < VOCAB, max(tokens)  # rows stop at the end-of-document token
@@ -121,8 +154,12 @@ def test_sampling_never_picks_a_padded_id(client):
 
 
 def test_token_id_prompts_are_range_checked(client):
-    for prompt, field in (([1, 2, 600], "prompt[0]"), ([505], "prompt[0]"), ([-1], "prompt[0]"),
-                          ([[3, 4], [2**40]], "prompt[1]")):
+    for prompt, field in (
+        ([1, 2, 600], "prompt[0]"),
+        ([505], "prompt[0]"),
+        ([-1], "prompt[0]"),
+        ([[3, 4], [2**40]], "prompt[1]"),
+    ):
         error = error_of(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}), 400)
         assert error["param"] == field and error["message"].startswith(f"{field}: token ids"), error
         assert "[0, 500)" in error["message"]
@@ -138,34 +175,57 @@ SURROGATES = [  # (method, path, body, field)
     ("POST", "/tokenize", {"prompt": "\ud800"}, "prompt"),
     ("PUT", "/api", {"prompts": ["fine", "x\ud83d"], "tokens_to_generate": 2}, "prompts"),
     ("PUT", "/api", {"prompts": ["fine"], "tokens_to_generate": 2, "stop_sequences": ["\ud800"]}, "stop_sequences"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2}, "messages"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2},
+        "messages",
+    ),
 ]
 
 
-@pytest.mark.parametrize("method,path,body,field", SURROGATES, ids=[f"{p}-{f}-{i}" for i, (_, p, _, f) in
-                                                                   enumerate(SURROGATES)])
+@pytest.mark.parametrize(
+    "method,path,body,field", SURROGATES, ids=[f"{p}-{f}-{i}" for i, (_, p, _, f) in enumerate(SURROGATES)]
+)
 def test_lone_surrogates_are_refused_naming_the_field(client, method, path, body, field):
     error = error_of(raw_json(client, method, path, body), 400)
-    assert error["param"] == field and error["message"].startswith(field) and "lone surrogate" in error["message"], error
+    assert error["param"] == field and error["message"].startswith(field) and "lone surrogate" in error["message"], (
+        error
+    )
     still_serves(client)
 
 
 def test_length_penalty_that_overflows_is_refused(client):
-    error = error_of(client.put("/api", json={"prompts": PROMPTS[:1], "tokens_to_generate": 4, "top_k": 1,
-                                              "beam_width": 1, "length_penalty": 1e308}), 422)
+    error = error_of(
+        client.put(
+            "/api",
+            json={
+                "prompts": PROMPTS[:1],
+                "tokens_to_generate": 4,
+                "top_k": 1,
+                "beam_width": 1,
+                "length_penalty": 1e308,
+            },
+        ),
+        422,
+    )
     assert error["param"] == "length_penalty" and error["message"].startswith("length_penalty: "), error
-    reply = client.put("/api", json={"prompts": PROMPTS[:1], "tokens_to_generate": 4, "top_k": 1, "beam_width": 1,
-                                     "length_penalty": 10.0})
+    reply = client.put(
+        "/api",
+        json={"prompts": PROMPTS[:1], "tokens_to_generate": 4, "top_k": 1, "beam_width": 1, "length_penalty": 10.0},
+    )
     assert reply.status_code == 200 and len(reply.json()["scores"]) == 1, reply.text
 
 
 def test_a_body_that_stops_arriving_is_cut_off(server, client):
     """--body-read-timeout 2: a client that sends half its body and waits gets a 408 and the
     connection is closed (it used to stay open for as long as the client liked)."""
-    host, port = server.url[len("http://"):].rsplit(":", 1)
+    host, port = server.url[len("http://") :].rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=120)
-    sock.sendall(b"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
-                 b'{"prompts": ["the')
+    sock.sendall(
+        b"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+        b'{"prompts": ["the'
+    )
     data = b""
     while True:
         chunk = sock.recv(65536)
@@ -187,9 +247,9 @@ def test_a_body_that_stops_arriving_is_cut_off(server, client):
 def test_an_error_during_a_stream_ends_it_with_an_error_event():
     import asyncio
 
-    from megatron.early_exit.server.streaming import sse as _sse
     from megatron.early_exit.server.jobs import RequestError
     from megatron.early_exit.server.schemas import Health
+    from megatron.early_exit.server.streaming import sse as _sse
 
     async def chunks(err):
         yield Health(queued=0, busy=False, served=1)
@@ -198,11 +258,13 @@ def test_an_error_during_a_stream_ends_it_with_an_error_event():
     async def read(response):
         return [line async for line in response.body_iterator]
 
-    for err, kind, param in ((RuntimeError("piece id is out of range"), "server_error", None),
-                             (RequestError("prompt", "bad"), "invalid_request_error", "prompt")):
+    for err, kind, param in (
+        (RuntimeError("piece id is out of range"), "server_error", None),
+        (RequestError("prompt", "bad"), "invalid_request_error", "prompt"),
+    ):
         lines = asyncio.run(read(_sse(chunks(err))))
-        assert json.loads(lines[0][len("data: "):])["served"] == 1
-        event = json.loads(lines[1][len("data: "):])
+        assert json.loads(lines[0][len("data: ") :])["served"] == 1
+        event = json.loads(lines[1][len("data: ") :])
         assert event["error"]["type"] == kind and event["error"]["param"] == param, event
         assert str(err) in event["error"]["message"] and lines[2:] == ["data: [DONE]\n\n"], lines
 
@@ -211,8 +273,8 @@ def test_tokenizer_flags_fill_in_from_the_stored_tokenizer(sp_checkpoint, tmp_pa
     """Only --tokenizer-model given: the type comes from the checkpoint (it was `None`)."""
     import shutil
 
-    from megatron.early_exit.inference.loading import checkpoint_path
     from megatron.early_exit.checkpoint_reader import read_model_config
+    from megatron.early_exit.inference.loading import checkpoint_path
     from megatron.early_exit.server.launch import build_tokenizer, parse_args
 
     ckpt, model_file = sp_checkpoint
@@ -233,25 +295,74 @@ def _mixed_request(i: int):
     if kind == 0:
         return "PUT", "/api", {"prompts": [prompt], "tokens_to_generate": 8, "top_k": 1}, False, False
     if kind == 1:  # sampled over the padded vocabulary
-        return "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 2.0, "seed": i}, False, False
+        return (
+            "POST",
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": 8, "temperature": 2.0, "seed": i},
+            False,
+            False,
+        )
     if kind == 2:
-        return "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "stream": True,
-                                           "logprobs": 2}, True, False
+        return (
+            "POST",
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "stream": True, "logprobs": 2},
+            True,
+            False,
+        )
     if kind == 3:
-        return "PUT", "/api", {"prompts": [prompt, prompt], "tokens_to_generate": 8, "top_k": 1, "use_early_exit": True,
-                               "early_exit_thres": 0.2, "temperature": 0.0}, False, False
+        return (
+            "PUT",
+            "/api",
+            {
+                "prompts": [prompt, prompt],
+                "tokens_to_generate": 8,
+                "top_k": 1,
+                "use_early_exit": True,
+                "early_exit_thres": 0.2,
+                "temperature": 0.0,
+            },
+            False,
+            False,
+        )
     if kind == 4:
-        return "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                           "speculative": {"exit_layer": 1, "num_draft": 3}}, False, False
+        return (
+            "POST",
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": 8, "temperature": 0, "speculative": {"exit_layer": 1, "num_draft": 3}},
+            False,
+            False,
+        )
     if kind == 5:  # the client leaves after the first event
-        return "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40,
-                                                "temperature": 0.7, "stream": True}, True, True
+        return (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0.7, "stream": True},
+            True,
+            True,
+        )
     if kind == 6:
-        return "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 40, "temperature": 1.0,
-                                           "use_early_exit": True, "early_exit_thres": 0.0, "stream": True}, True, True
-    bad = [{"prompt": [7, 600], "max_tokens": 2}, {"prompt": "x\ud800", "max_tokens": 2},
-           {"prompt": prompt, "max_tokens": 2, "speculative": {"exit_layer": 3}},
-           {"prompt": prompt, "max_tokens": SEQ}, {"prompt": prompt, "max_tokens": 2, "temperature": 1e-300}]
+        return (
+            "POST",
+            "/v1/completions",
+            {
+                "prompt": prompt,
+                "max_tokens": 40,
+                "temperature": 1.0,
+                "use_early_exit": True,
+                "early_exit_thres": 0.0,
+                "stream": True,
+            },
+            True,
+            True,
+        )
+    bad = [
+        {"prompt": [7, 600], "max_tokens": 2},
+        {"prompt": "x\ud800", "max_tokens": 2},
+        {"prompt": prompt, "max_tokens": 2, "speculative": {"exit_layer": 3}},
+        {"prompt": prompt, "max_tokens": SEQ},
+        {"prompt": prompt, "max_tokens": 2, "temperature": 1e-300},
+    ]
     return "POST", "/v1/completions", bad[i // 8 % len(bad)], False, False
 
 
@@ -283,6 +394,7 @@ def _check_reply(client, i):
 
 def test_128_concurrent_mixed_requests_each_get_a_valid_reply_or_a_named_4xx(client, server):
     with ThreadPoolExecutor(16) as pool:
+
         def one(i):
             with httpx.Client(base_url=server.url, timeout=300) as own:
                 return _check_reply(own, i)

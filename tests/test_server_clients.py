@@ -15,6 +15,7 @@ from tests.server_fixtures import EOD, EXITS, MAX_BATCH, NUM_LAYERS, PROMPTS, id
 
 httpx = pytest.importorskip("httpx")
 
+
 @pytest.fixture(scope="module")
 def server(shared_server):
     return shared_server
@@ -63,8 +64,9 @@ def test_echo_logprobs_score_the_prompt_with_real_alternatives(client, engine):
             expected = {" " + tokenizer.detokenize([t]): v for t, v in zip(ref_ids, ref_lps)}
             assert all(abs(top[k] - v) < 1e-5 for k, v in expected.items())
         # lm-eval's greedy test: the token's value is the largest of its alternatives exactly when it is the argmax
-        assert [lp["token_logprobs"][t] == max(lp["top_logprobs"][t].values()) for t in range(1, len(lp["tokens"]))] \
-            == ref.greedy[i]
+        assert [
+            lp["token_logprobs"][t] == max(lp["top_logprobs"][t].values()) for t in range(1, len(lp["tokens"]))
+        ] == ref.greedy[i]
     assert reply["usage"]["completion_tokens"] == 0
 
     # echo + generation: the prompt's scores, then the generated tokens' with their alternatives.
@@ -74,8 +76,10 @@ def test_echo_logprobs_score_the_prompt_with_real_alternatives(client, engine):
     n = len(ids(PROMPTS[0]))
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:n], ref.logprobs[0])) < 1e-5
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][n:], gen.logprobs[0])) < 1e-4
-    assert [set(t) >= {" " + tokenizer.detokenize([x]) for x in alt} for t, alt in zip(lp["top_logprobs"][n:], gen.top_tokens[0])] \
-        == [True] * len(gen.tokens[0])
+    assert [
+        set(t) >= {" " + tokenizer.detokenize([x]) for x in alt}
+        for t, alt in zip(lp["top_logprobs"][n:], gen.top_tokens[0])
+    ] == [True] * len(gen.tokens[0])
 
     # exit_layer: scoring and generation with one exit's head
     exit1 = post(client, "/v1/completions", prompt=PROMPTS, max_tokens=0, echo=True, logprobs=1, exit_layer=EXITS[0])
@@ -85,11 +89,14 @@ def test_echo_logprobs_score_the_prompt_with_real_alternatives(client, engine):
     assert ref1.logprobs != ref.logprobs
     generated = post(client, "/v1/completions", prompt=PROMPTS[1], max_tokens=6, temperature=0, exit_layer=EXITS[0])
     direct = generate(engine[0], [ids(PROMPTS[1])], EarlyExit(0.0, exit_layers=(EXITS[0],)), 6, stop_tokens=(EOD,))
-    assert generated["choices"][0]["exit_layers"] == direct.exit_layers[0][: len(generated["choices"][0]["exit_layers"])]
+    assert (
+        generated["choices"][0]["exit_layers"] == direct.exit_layers[0][: len(generated["choices"][0]["exit_layers"])]
+    )
     assert set(direct.exit_layers[0][1:]) == {EXITS[0]}
     final = post(client, "/v1/completions", prompt=PROMPTS, max_tokens=0, echo=True, logprobs=1, exit_layer=NUM_LAYERS)
-    assert [c["logprobs"]["token_logprobs"] for c in final["choices"]] == \
-        [c["logprobs"]["token_logprobs"] for c in reply["choices"]]
+    assert [c["logprobs"]["token_logprobs"] for c in final["choices"]] == [
+        c["logprobs"]["token_logprobs"] for c in reply["choices"]
+    ]
 
 
 def test_lm_eval_payloads_and_remote_tokenizer(server, client, engine):
@@ -100,13 +107,22 @@ def test_lm_eval_payloads_and_remote_tokenizer(server, client, engine):
     from lm_eval.utils import RemoteTokenizer
 
     context, continuation = ids("5 17 3 8"), ids("40 2")
-    payload = {"model": "tiny", "prompt": [context + continuation], "temperature": 0, "max_tokens": 1, "logprobs": 1,
-               "seed": 1234, "echo": True}
+    payload = {
+        "model": "tiny",
+        "prompt": [context + continuation],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
     reply = post(client, "/v1/completions", **payload)
-    (logprob, greedy), = LocalCompletionsAPI.parse_logprobs(reply, tokens=[context + continuation], ctxlens=[len(context)])
+    ((logprob, greedy),) = LocalCompletionsAPI.parse_logprobs(
+        reply, tokens=[context + continuation], ctxlens=[len(context)]
+    )
     ref = scored(engine, [context + continuation])
-    assert abs(logprob - sum(ref.logprobs[0][len(context) - 1:])) < 1e-4
-    assert greedy == all(ref.greedy[0][len(context) - 1:])
+    assert abs(logprob - sum(ref.logprobs[0][len(context) - 1 :])) < 1e-4
+    assert greedy == all(ref.greedy[0][len(context) - 1 :])
     # Continue the context with each position's argmax: the whole continuation is greedy.
     seq = list(context)
     for _ in range(2):
@@ -119,8 +135,12 @@ def test_lm_eval_payloads_and_remote_tokenizer(server, client, engine):
     assert remote.eos_token_id == EOD and remote.bos_token_id is None
     assert remote.apply_chat_template([{"role": "user", "content": "7 8"}]) == "7 8 1 "
     info = client.get("/tokenizer_info").json()
-    assert info["eos_token"] == str(EOD) and info["model_max_length"] == 64 and info["chat_template"] == \
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}1 {% endif %}"
+    assert (
+        info["eos_token"] == str(EOD)
+        and info["model_max_length"] == 64
+        and info["chat_template"]
+        == "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}1 {% endif %}"
+    )
 
 
 # -- PUT /api: Megatron-LM's and EE-LLM's fields -------------------------------------------------------
@@ -143,23 +163,30 @@ def test_api_scoring_alignment_segments_and_exit_layer(client, engine):
     assert max(abs(a - b) for a, b in zip(both["logprobs"][0][: n - 1], ref.logprobs[0])) < 1e-5
     assert "".join(both["segments"][0]) == both["text"][0]
     bare = put_api(client, prompts=[PROMPTS[0]], tokens_to_generate=6, top_k=1, logprobs=True, echo_prompts=False)
-    assert bare["logprobs"][0] == pytest.approx(both["logprobs"][0][n - 1:], abs=1e-5)
+    assert bare["logprobs"][0] == pytest.approx(both["logprobs"][0][n - 1 :], abs=1e-5)
     assert "".join(bare["segments"][0]) == bare["text"][0] and bare["text"][0].startswith(" ")
 
 
 def test_api_megatron_and_ee_llm_fields(client, engine):
     _, tokenizer = engine
     greedy = put_api(client, prompts=[PROMPTS[1]], tokens_to_generate=8, top_k=1, logprobs=True)
-    generated = greedy["tokens"][0][len(ids(PROMPTS[1])):]
+    generated = greedy["tokens"][0][len(ids(PROMPTS[1])) :]
     beam = put_api(client, prompts=[PROMPTS[1]], tokens_to_generate=8, beam_width=1, length_penalty=0.5)
     assert beam["tokens"] == greedy["tokens"]
-    gen_logprobs = greedy["logprobs"][0][len(ids(PROMPTS[1])) - 1:]
+    gen_logprobs = greedy["logprobs"][0][len(ids(PROMPTS[1])) - 1 :]
     assert beam["scores"][0] == pytest.approx(sum(gen_logprobs) / len(generated) ** 0.5, abs=1e-5)
     stopped = put_api(client, prompts=[PROMPTS[1]], tokens_to_generate=8, top_k=1, stop_token=generated[2])
     first = generated.index(generated[2])
-    assert stopped["tokens"][0][len(ids(PROMPTS[1])):] == generated[: first + 1]
-    same = put_api(client, prompts=[PROMPTS[1]], tokens_to_generate=8, top_k=1, prevent_newline_after_colon=False,
-                   length_penalty=1.0, no_log=True)
+    assert stopped["tokens"][0][len(ids(PROMPTS[1])) :] == generated[: first + 1]
+    same = put_api(
+        client,
+        prompts=[PROMPTS[1]],
+        tokens_to_generate=8,
+        top_k=1,
+        prevent_newline_after_colon=False,
+        length_penalty=1.0,
+        no_log=True,
+    )
     assert same["tokens"] == greedy["tokens"]
 
 
@@ -205,12 +232,13 @@ def test_chat_completions_with_the_openai_client(server, engine):
     _, tokenizer = engine
     api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     messages = [{"role": "system", "content": "3 3"}, {"role": "user", "content": "5 17"}]
-    reply = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
-                                        top_logprobs=2)
+    reply = api.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
     prompt = ids("3 3 5 17 1")
     ref = generate(engine[0], [prompt], max_new_tokens=8, stop_tokens=(EOD,))
     tokens = ref.tokens[0][:-1] if ref.tokens[0][-1] == EOD else ref.tokens[0]
-    expected = tokenizer.detokenize(prompt + tokens)[len(tokenizer.detokenize(prompt)):]
+    expected = tokenizer.detokenize(prompt + tokens)[len(tokenizer.detokenize(prompt)) :]
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
     assert len(reply.choices[0].logprobs.content) == len(tokens)
     assert all(len(t.top_logprobs) == 2 for t in reply.choices[0].logprobs.content)
@@ -259,10 +287,18 @@ BAD = [  # (method, path, body, the field the error names)
     ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "length_penalty": "long"}, "length_penalty"),
     ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "stop_token": 500}, "stop_token"),
     ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "stop_token": -2}, "stop_token"),
-    ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "prevent_newline_after_colon": True},
-     "prevent_newline_after_colon"),  # NullTokenizer text has no ':' token
-    ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "prevent_newline_after_colon": "yes"},
-     "prevent_newline_after_colon"),
+    (
+        "PUT",
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "prevent_newline_after_colon": True},
+        "prevent_newline_after_colon",
+    ),  # NullTokenizer text has no ':' token
+    (
+        "PUT",
+        "/api",
+        {"prompts": ["5 17 3"], "tokens_to_generate": 4, "prevent_newline_after_colon": "yes"},
+        "prevent_newline_after_colon",
+    ),
     ("PUT", "/api", {"prompts": ["5 17 3"], "tokens_to_generate": 0, "exit_layer": 3}, "exit_layer"),
     ("PUT", "/api", {"prompts": [""], "tokens_to_generate": 0}, "prompts[0]"),
     ("POST", "/tokenize", {"prompt": "hello"}, "prompt"),
@@ -273,14 +309,26 @@ BAD = [  # (method, path, body, the field the error names)
     ("POST", "/detokenize", {"tokens": "5 17"}, "tokens"),
     ("POST", "/v1/chat/completions", {"messages": []}, "messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "5"}]}, "messages.0.role"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "5"}], "top_logprobs": 2},
-     "top_logprobs"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "5"}], "top_logprobs": 21,
-                                      "logprobs": True}, "top_logprobs"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "5"}], "top_logprobs": 2},
+        "top_logprobs",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "5"}], "top_logprobs": 21, "logprobs": True},
+        "top_logprobs",
+    ),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "5"}], "max_tokens": 100}, "max_tokens"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "5"}], "n": 2}, "n"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "5"}], "stream": True,
-                                      "exit_layer": 3}, "exit_layer"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "5"}], "stream": True, "exit_layer": 3},
+        "exit_layer",
+    ),
     ("GET", "/tokenizer_info/x", None, "GET /tokenizer_info/x"),
     ("DELETE", "/tokenize", None, "DELETE /tokenize"),
 ]
@@ -313,8 +361,9 @@ def hf_tokenizer(tmp_path_factory):
     tok.add_special_tokens(["<s>", "</s>"])
     tok.save(str(folder / "tokenizer.json"))
     template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>",
-                                                              "chat_template": template}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "bos_token": "<s>", "chat_template": template})
+    )
     return build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
 
 
@@ -341,8 +390,9 @@ def test_prevent_newline_after_colon_bans_that_pair(hf_tokenizer):
     from megatron.early_exit.server.schemas import ApiRequest
 
     limits = ModelLimits("hf", 64, 4, (2,), 32, 4, 31)
-    jobs = api_jobs(ApiRequest(prompts="user:hi", tokens_to_generate=4, prevent_newline_after_colon=True),
-                    hf_tokenizer, limits)
+    jobs = api_jobs(
+        ApiRequest(prompts="user:hi", tokens_to_generate=4, prevent_newline_after_colon=True), hf_tokenizer, limits
+    )
     assert jobs.generate.sampling.ban_after == ((4, 5),)
     plain = api_jobs(ApiRequest(prompts="user:hi", tokens_to_generate=4), hf_tokenizer, limits)
     assert plain.generate.sampling.ban_after == ()

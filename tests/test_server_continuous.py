@@ -126,9 +126,13 @@ def test_metrics_count_what_was_served(local):
 
     with httpx.Client(base_url=local.url, timeout=120) as client:
         before = read(client)
-        replies = [client.post("/v1/completions", json=dict(prompt=p, max_tokens=6, temperature=0, use_early_exit=True,
-                                                            early_exit_thres=0.16)).json()
-                   for p in (PROMPT, "40 2 77 13")]
+        replies = [
+            client.post(
+                "/v1/completions",
+                json=dict(prompt=p, max_tokens=6, temperature=0, use_early_exit=True, early_exit_thres=0.16),
+            ).json()
+            for p in (PROMPT, "40 2 77 13")
+        ]
         after = read(client)
 
     def delta(name):

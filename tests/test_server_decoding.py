@@ -20,8 +20,13 @@ def model(server_engine):
 def strategies():
     from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative
 
-    return [FullDepth(), EarlyExit(0.16), EarlyExit(0.16, kv="propagate"), EarlyExit(0.16, kv="pipeline"),
-            SelfSpeculative(1, 3)]
+    return [
+        FullDepth(),
+        EarlyExit(0.16),
+        EarlyExit(0.16, kv="propagate"),
+        EarlyExit(0.16, kv="pipeline"),
+        SelfSpeculative(1, 3),
+    ]
 
 
 @pytest.mark.parametrize("index", range(5), ids=["full", "early_exit", "propagate", "pipeline", "speculative"])
@@ -36,8 +41,9 @@ def test_top_n_and_callback_leave_the_tokens_unchanged_and_are_consistent(model,
     assert plain.top_tokens is None and len(rich.top_tokens) == len(PROMPTS)
     for row in range(len(PROMPTS)):
         assert len(rich.top_tokens[row]) == len(rich.tokens[row]) == len(rich.top_logprobs[row])
-        for token, lp, top, top_lp in zip(rich.tokens[row], rich.logprobs[row], rich.top_tokens[row],
-                                          rich.top_logprobs[row]):
+        for token, lp, top, top_lp in zip(
+            rich.tokens[row], rich.logprobs[row], rich.top_tokens[row], rich.top_logprobs[row]
+        ):
             assert len(top) == 5 and len(set(top)) == 5 and top_lp == sorted(top_lp, reverse=True)
             assert top[0] == token  # greedy: the chosen token is the likeliest one under its layer
             assert abs(top_lp[0] - lp) < 1e-5 and sum(math.exp(v) for v in top_lp) <= 1 + 1e-5

@@ -58,7 +58,7 @@ def sse(client, path, body):
         assert reply.status_code == 200, reply.read()
         for line in reply.iter_lines():
             if line.startswith("data: "):
-                events.append(line[len("data: "):])
+                events.append(line[len("data: ") :])
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -89,7 +89,7 @@ def test_first_token_reaches_the_client_before_the_last_is_decoded(local, monkey
             for line in reply.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choice = json.loads(line[len("data: "):])["choices"][0]
+                choice = json.loads(line[len("data: ") :])["choices"][0]
                 if choice["exit_layers"] and decoded_at_first is None:
                     decoded_at_first = len(decoded)
                     delivered.set()
@@ -106,9 +106,13 @@ def test_first_token_reaches_the_client_before_the_last_is_decoded(local, monkey
 def test_streams_equal_replies_for_every_strategy(local):
     """Streamed text, exit layers and logprobs equal the non-streamed reply's."""
 
-    strategies = [{}, {"use_early_exit": True, "early_exit_thres": 0.16},
-                  {"use_early_exit": True, "early_exit_thres": 0.16, "kv_strategy": "propagate"},
-                  {"speculative": {"exit_layer": 1, "num_draft": 3}}, {"exit_layer": 1}]
+    strategies = [
+        {},
+        {"use_early_exit": True, "early_exit_thres": 0.16},
+        {"use_early_exit": True, "early_exit_thres": 0.16, "kv_strategy": "propagate"},
+        {"speculative": {"exit_layer": 1, "num_draft": 3}},
+        {"exit_layer": 1},
+    ]
     with httpx.Client(base_url=local.url, timeout=300) as client:
         for extra in strategies:
             body = dict(prompt=[PROMPT, "40 2 77 13"], max_tokens=16, temperature=0, logprobs=2, **extra)
@@ -146,8 +150,9 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
         prompts = [f"{i} {i + 5} {2 * i}" for i in range(8)]
         body = dict(max_tokens=16, temperature=0)
         with ThreadPoolExecutor(8) as pool:
-            streamed = list(pool.map(lambda p: sse(client, "/v1/completions", {**body, "prompt": p, "stream": True}),
-                                     prompts))
+            streamed = list(
+                pool.map(lambda p: sse(client, "/v1/completions", {**body, "prompt": p, "stream": True}), prompts)
+            )
         monkeypatch.setattr(worker_module, "run_job", real_run_job)
         assert local.worker.served - served == 2, "the seven queued streams did not share one engine call"
         for p, chunks in zip(prompts, streamed):
@@ -172,9 +177,9 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(local, monkeypatch):
     """Each decode step is slowed down, so that 60 tokens take seconds; the client reads two
     events and closes the connection. Its rows must stop within a few steps, not run on to
     the budget (the decoder stayed busy until then)."""
-    from megatron.early_exit.server import worker as worker_module
-
     import dataclasses
+
+    from megatron.early_exit.server import worker as worker_module
 
     body = dict(prompt=PROMPT, max_tokens=60, temperature=0)
     with httpx.Client(base_url=local.url, timeout=300) as client:

@@ -77,8 +77,12 @@ def test_sampled_speculation_keeps_the_full_model_distribution(peaked_model, num
     assert n * float(((q2 - m2) ** 2 / m2.clamp_min(1e-9))[m2 > 0].sum()) > 100
     # Rows of a batch draw independently (row r from a generator seeded seed + r): n samples
     # from n distinct seeds.
-    runs = [generate(peaked_model, [PROMPT] * (n // 2), SelfSpeculative(1, num_draft), 3,
-                     SamplingParams(**SAMPLING, seed=seed)) for seed in (0, n // 2)]
+    runs = [
+        generate(
+            peaked_model, [PROMPT] * (n // 2), SelfSpeculative(1, num_draft), 3, SamplingParams(**SAMPLING, seed=seed)
+        )
+        for seed in (0, n // 2)
+    ]
     tokens = [t for r in runs for t in r.tokens]
     drafted, accepted = sum(r.num_drafted for r in runs), sum(r.num_accepted for r in runs)
     assert drafted >= n and 0 < accepted < drafted  # drafts both kept and rejected

@@ -41,10 +41,13 @@ def build_pair(ee_config, tied=True, seq_length=16, **config):
     from tests.helpers import load_full_state_dict
 
     torch.manual_seed(0)
-    local = build_ee_gpt(tiny_transformer_config(transformer_impl="local", **config), ee_config, seq_length=seq_length, tied=tied)
+    local = build_ee_gpt(
+        tiny_transformer_config(transformer_impl="local", **config), ee_config, seq_length=seq_length, tied=tied
+    )
     spread_vectors(local)
-    standin = build_ee_gpt(tiny_transformer_config(transformer_impl="te_standin", **config), ee_config, seq_length=seq_length,
-                           tied=tied)
+    standin = build_ee_gpt(
+        tiny_transformer_config(transformer_impl="te_standin", **config), ee_config, seq_length=seq_length, tied=tied
+    )
     load_full_state_dict(standin, te_names(full_state_dict(local)))
     return local, standin
 
@@ -54,8 +57,10 @@ def checkpoint_keys(model) -> dict:
 
     from megatron.early_exit.training.checkpointing import model_sharded_state
 
-    return {v.key: (tuple(v.global_shape), str(v.dtype)) if isinstance(v, ShardedTensor) else type(v).__name__
-            for v in model_sharded_state(model).values()}
+    return {
+        v.key: (tuple(v.global_shape), str(v.dtype)) if isinstance(v, ShardedTensor) else type(v).__name__
+        for v in model_sharded_state(model).values()
+    }
 
 
 # -- the stand-in's layout ------------------------------------------------------------------------
@@ -135,8 +140,16 @@ STRUCTURES = {
 def _args(impl, structure, **extra):
     from megatron.early_exit.training.arguments import parse_args
 
-    flags = {"--mock-data": None, "--tokenizer-type": False, "--vocab-size": VOCAB, "--transformer-impl": impl,
-             "--normalization": "LayerNorm", "--disable-bias-linear": False, **STRUCTURES[structure], **extra}
+    flags = {
+        "--mock-data": None,
+        "--tokenizer-type": False,
+        "--vocab-size": VOCAB,
+        "--transformer-impl": impl,
+        "--normalization": "LayerNorm",
+        "--disable-bias-linear": False,
+        **STRUCTURES[structure],
+        **extra,
+    }
     return parse_args(tiny_run_flags(None, iters=4, **flags), world_size=1)
 
 
@@ -163,8 +176,11 @@ def test_checkpoint_saved_in_one_layout_loads_in_the_other(dist1, tmp_path, stru
     for want, got in zip(_all_logits(model.eval(), tokens, pos), _all_logits(back, tokens, pos)):
         assert torch.equal(want, got)
     # A model with an exit the checkpoint lacks reads the rest (exit 3 keeps its initialisation).
-    wider = build_model(_args(loaded, structure, **{"--exit-layer-nums": "1 2 3", "--exit-layer-weight": False}),
-                        torch.device("cpu"), VOCAB)
+    wider = build_model(
+        _args(loaded, structure, **{"--exit-layer-nums": "1 2 3", "--exit-layer-weight": False}),
+        torch.device("cpu"),
+        VOCAB,
+    )
     load_weights(str(tmp_path / "iter_0000000"), wider, skip_exits=(3,))
     assert torch.equal(_all_logits(wider.eval(), tokens, pos)[0], _all_logits(back, tokens, pos)[0])
 
@@ -179,8 +195,9 @@ def test_torch_checkpoint_exception_becomes_one_line(dist1, tmp_path, monkeypatc
 
     def fail(*args, **kwargs):
         cause = RuntimeError("Missing key in checkpoint state_dict: x/shard_0_1.")
-        raise CheckpointException("CheckpointException ranks:dict_keys([0])\nTraceback ...",
-                                  {0: (cause, traceback.StackSummary())})
+        raise CheckpointException(
+            "CheckpointException ranks:dict_keys([0])\nTraceback ...", {0: (cause, traceback.StackSummary())}
+        )
 
     monkeypatch.setattr(checkpointing.dist_checkpointing, "load", fail)
     with pytest.raises(checkpointing.CheckpointError) as err:
@@ -227,8 +244,12 @@ def test_hugging_face_round_trip_across_layouts(dist1, tmp_path, exported, impor
 
     save_random_llama(tmp_path / "hf", seed=5, num_key_value_heads=2)
     import_llama(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
-    add_exits(str(tmp_path / "ours"), str(tmp_path / "ee"), {"exit_layer_nums": [1, 3], "use_exit_mlp": True,
-              "use_exit_norm": True, "untie_exit_output_weights": True}, copy_init=False)
+    add_exits(
+        str(tmp_path / "ours"),
+        str(tmp_path / "ee"),
+        {"exit_layer_nums": [1, 3], "use_exit_mlp": True, "use_exit_norm": True, "untie_exit_output_weights": True},
+        copy_init=False,
+    )
     export_llama(str(tmp_path / "ee"), str(tmp_path / "exported"), progress=False, transformer_impl=exported)
     import_llama(str(tmp_path / "exported"), str(tmp_path / "back"), progress=False, transformer_impl=imported)
     source = load_model(str(tmp_path / "ee"), transformer_impl=exported)[0]
@@ -280,7 +301,7 @@ def test_decoding_gives_the_same_tokens_in_both_layouts(dist1, variant, strategy
 
 # -- the target device decides, not the host (CUDA faked in a child process) ------------------------
 
-_FAKED_CUDA = r'''
+_FAKED_CUDA = r"""
 import json, os, sys, tempfile
 sys.path.insert(0, os.environ["ROOT"])
 import torch
@@ -301,7 +322,10 @@ def main():
     from megatron.early_exit.training.trainer import pretrain
     from tests.training_fixtures import tiny_run_flags
 
-    out = {"applied_at_import": platform.is_applied(), "auto_for_cuda": layer_specs.resolve_transformer_impl(None, torch.device("cuda"))}
+    out = {
+        "applied_at_import": platform.is_applied(),
+        "auto_for_cuda": layer_specs.resolve_transformer_impl(None, torch.device("cuda")),
+    }
     save = tempfile.mkdtemp()
     flags = {"--mock-data": None, "--tokenizer-type": False, "--device": "cpu", "--save": save, "--eval-iters": 0,
              "--use-exit-mlp": None}
@@ -319,31 +343,40 @@ def main():
     out["converter_impl"] = training_model(ModelConfig.from_flags(vars(args), 64),
                                            transformer_impl=args.transformer_impl).transformer_impl
     try:
-        parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None, "--transformer-impl": "transformer_engine"}), world_size=1)
+        flags = {"--mock-data": None, "--transformer-impl": "transformer_engine"}
+        parse_args(tiny_run_flags(None, iters=4, **flags), world_size=1)
     except ConfigError as err:
         out["refused"] = str(err)
     print("RESULT " + json.dumps(out))
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def test_cpu_target_on_a_cuda_host_uses_the_local_spec_and_the_adapter(tmp_path):
     script = tmp_path / "faked_cuda.py"
     script.write_text(_FAKED_CUDA)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}  # this process's group
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
-                          env=dict(env, ROOT=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=600,
+        env=dict(env, ROOT=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     assert out["applied_at_import"] is False and out["auto_for_cuda"] == "transformer_engine"
     assert out["applied"] is True and out["target"] == "cpu"
     assert out["trained_impl"] == out["loaded_impl"] == out["converter_impl"] == "local"
     assert out["loss"] > 0 and out["tokens"] == 4
-    assert out["refused"] == ("--transformer-impl transformer_engine needs a CUDA device, but the model runs on cpu; "
-                              "use --transformer-impl local")
+    assert out["refused"] == (
+        "--transformer-impl transformer_engine needs a CUDA device, but the model runs on cpu; "
+        "use --transformer-impl local"
+    )
 
 
 def test_transformer_engine_refused_where_it_cannot_run(dist1):
@@ -352,14 +385,19 @@ def test_transformer_engine_refused_where_it_cannot_run(dist1):
 
     if transformer_engine_importable():
         pytest.skip("Transformer Engine is installed here")
-    with pytest.raises(ConfigError, match=r"^--transformer-impl transformer_engine: Transformer Engine is not installed"):
+    with pytest.raises(
+        ConfigError, match=r"^--transformer-impl transformer_engine: Transformer Engine is not installed"
+    ):
         resolve_transformer_impl("transformer_engine", torch.device("cuda"))
     assert resolve_transformer_impl(None, torch.device("cuda")) == "local"
     assert resolve_transformer_impl("te_standin", torch.device("cpu")) == "te_standin"
     from megatron.early_exit.training.arguments import parse_args
 
     with pytest.raises(SystemExit):  # argparse: not a choice
-        parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None, "--transformer-impl": "inference_optimized"}), world_size=1)
+        parse_args(
+            tiny_run_flags(None, iters=4, **{"--mock-data": None, "--transformer-impl": "inference_optimized"}),
+            world_size=1,
+        )
 
 
 @pytest.mark.gpu
@@ -370,19 +408,25 @@ def test_transformer_engine_itself_matches_local(dist1):
 
     from megatron.early_exit.models.layer_specs import transformer_engine_available
     from megatron.early_exit.sharding import full_state_dict
-    from tests.helpers import load_full_state_dict
     from megatron.early_exit.training.checkpointing import model_sharded_state
+    from tests.helpers import load_full_state_dict
 
     if not transformer_engine_available(torch.device("cuda")):
         pytest.skip("needs CUDA and Transformer Engine")
-    ee_config = EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_mlp=True, use_exit_norm=True, untie_exit_output_weights=True)
+    ee_config = EarlyExitConfig(
+        exit_layer_nums=[1, 3], use_exit_mlp=True, use_exit_norm=True, untie_exit_output_weights=True
+    )
     local = build_ee_gpt(tiny_transformer_config(transformer_impl="local"), ee_config)
     spread_vectors(local)
-    te = build_ee_gpt(tiny_transformer_config(transformer_impl="transformer_engine", use_cpu_initialization=False), ee_config)
+    te = build_ee_gpt(
+        tiny_transformer_config(transformer_impl="transformer_engine", use_cpu_initialization=False), ee_config
+    )
     assert te.transformer_impl == "transformer_engine"
 
     def tensors(model):
-        return {v.key: tuple(v.global_shape) for v in model_sharded_state(model).values() if isinstance(v, ShardedTensor)}
+        return {
+            v.key: tuple(v.global_shape) for v in model_sharded_state(model).values() if isinstance(v, ShardedTensor)
+        }
 
     assert tensors(local) == tensors(te)
     load_full_state_dict(te, te_names(full_state_dict(local)))

@@ -33,8 +33,7 @@ def byte_level_bpe(corpus_file):
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train([corpus_file], vocab_size=400, min_frequency=1, special_tokens=[GPT2_EOD_TOKEN],
-              show_progress=False)
+    bpe.train([corpus_file], vocab_size=400, min_frequency=1, special_tokens=[GPT2_EOD_TOKEN], show_progress=False)
     return bpe
 
 
@@ -138,8 +137,9 @@ def test_huggingface_special_tokens_from_config_and_post_processor(tmp_path, cor
     from tokenizers.processors import TemplateProcessing
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train([corpus_file], vocab_size=350, special_tokens=["<unk>", "<s>", "<|im_end|>", "<pad>"],
-              show_progress=False)
+    bpe.train(
+        [corpus_file], vocab_size=350, special_tokens=["<unk>", "<s>", "<|im_end|>", "<pad>"], show_progress=False
+    )
     bpe.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     bpe.save(str(tmp_path / "tokenizer.json"))
     config = {"eos_token": "<|im_end|>", "bos_token": {"content": "<s>"}, "pad_token": "<pad>"}
@@ -192,14 +192,20 @@ def _write(path, content) -> str:
 @pytest.mark.parametrize(
     "case, pattern",
     [
-        ("unknown type", r"--tokenizer-type 'BertWordPiece' is not supported; choose one of: "
-                         r"SentencePieceTokenizer, Llama2Tokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer"),
+        (
+            "unknown type",
+            r"--tokenizer-type 'BertWordPiece' is not supported; choose one of: "
+            r"SentencePieceTokenizer, Llama2Tokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer",
+        ),
         ("sp without model", r"--tokenizer-type SentencePieceTokenizer needs --tokenizer-model"),
         ("sp missing file", r"--tokenizer-model .*nope\.model: no such file"),
         ("sp given a directory", r"--tokenizer-model .*: not a file"),
-        ("sp given tokenizer.json", r"--tokenizer-model .*tokenizer\.json: a JSON file, not a SentencePiece "
-                                    r"model \(for a Hugging Face tokenizer\.json use --tokenizer-type "
-                                    r"HuggingFaceTokenizer\)"),
+        (
+            "sp given tokenizer.json",
+            r"--tokenizer-model .*tokenizer\.json: a JSON file, not a SentencePiece "
+            r"model \(for a Hugging Face tokenizer\.json use --tokenizer-type "
+            r"HuggingFaceTokenizer\)",
+        ),
         ("sp given garbage", r"--tokenizer-model .*garbage\.model: not a SentencePiece model"),
         ("gpt2 without vocab", r"--tokenizer-type GPT2BPETokenizer needs --vocab-file"),
         ("gpt2 without merges", r"--tokenizer-type GPT2BPETokenizer needs --merge-file"),
@@ -209,8 +215,11 @@ def _write(path, content) -> str:
         ("gpt2 vocab without eod", r"--vocab-file .*: no <\|endoftext\|> token"),
         ("hf missing", r"--tokenizer-model .*nope: no such file"),
         ("hf directory without json", r"--tokenizer-model .*: directory has no tokenizer\.json"),
-        ("hf given sp model", r"--tokenizer-model .*\.model: not a Hugging Face tokenizer\.json \(not JSON; "
-                              r"for a SentencePiece \.model use --tokenizer-type SentencePieceTokenizer\)"),
+        (
+            "hf given sp model",
+            r"--tokenizer-model .*\.model: not a Hugging Face tokenizer\.json \(not JSON; "
+            r"for a SentencePiece \.model use --tokenizer-type SentencePieceTokenizer\)",
+        ),
         ("hf given other json", r"--tokenizer-model .*other\.json: not a Hugging Face tokenizer\.json"),
         ("null without size", r"--tokenizer-type NullTokenizer needs --vocab-size"),
     ],
@@ -224,22 +233,26 @@ def test_bad_tokenizer_input(case, pattern, tmp_path, sp_model, gpt2_files, hf_d
         "sp without model": dict(tokenizer_type="SentencePieceTokenizer"),
         "sp missing file": dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tmp_path / "nope.model")),
         "sp given a directory": dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tmp_path)),
-        "sp given tokenizer.json": dict(tokenizer_type="SentencePieceTokenizer",
-                                        tokenizer_model=os.path.join(hf_dir, "tokenizer.json")),
+        "sp given tokenizer.json": dict(
+            tokenizer_type="SentencePieceTokenizer", tokenizer_model=os.path.join(hf_dir, "tokenizer.json")
+        ),
         "sp given garbage": dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=garbage_file),
         "gpt2 without vocab": dict(tokenizer_type="GPT2BPETokenizer", merge_file=merges),
         "gpt2 without merges": dict(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab),
-        "gpt2 missing merges": dict(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab,
-                                    merge_file=str(tmp_path / "nope.txt")),
+        "gpt2 missing merges": dict(
+            tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=str(tmp_path / "nope.txt")
+        ),
         "gpt2 garbage vocab": dict(tokenizer_type="GPT2BPETokenizer", vocab_file=garbage_file, merge_file=merges),
         "gpt2 garbage merges": dict(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=garbage_file),
-        "gpt2 vocab without eod": dict(tokenizer_type="GPT2BPETokenizer", vocab_file=str(no_eod_vocab),
-                                       merge_file=merges),
+        "gpt2 vocab without eod": dict(
+            tokenizer_type="GPT2BPETokenizer", vocab_file=str(no_eod_vocab), merge_file=merges
+        ),
         "hf missing": dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "nope")),
         "hf directory without json": dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path)),
         "hf given sp model": dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=sp_model),
-        "hf given other json": dict(tokenizer_type="HuggingFaceTokenizer",
-                                    tokenizer_model=_write(tmp_path / "other.json", '{"hello": [1, 2]}')),
+        "hf given other json": dict(
+            tokenizer_type="HuggingFaceTokenizer", tokenizer_model=_write(tmp_path / "other.json", '{"hello": [1, 2]}')
+        ),
         "null without size": dict(tokenizer_type="NullTokenizer"),
     }
     with pytest.raises(TokenizerError, match=pattern) as info:
@@ -266,13 +279,32 @@ def test_cli_round_trip_two_keys_two_workers(tmp_path, sp_model):
     out.mkdir()
     prefix = str(out / "corpus")
 
-    proc = run_preprocess_cli("--input", corpus, "--output-prefix", prefix, "--json-keys", "text", "title",
-                    "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
-                    "--append-eod", "--workers", "2", "--log-interval", "100")
+    proc = run_preprocess_cli(
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--json-keys",
+        "text",
+        "title",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_model,
+        "--append-eod",
+        "--workers",
+        "2",
+        "--log-interval",
+        "100",
+    )
 
     assert proc.returncode == 0, proc.stderr
-    assert _outputs(out) == ["corpus_text_document.bin", "corpus_text_document.idx",
-                             "corpus_title_document.bin", "corpus_title_document.idx"]
+    assert _outputs(out) == [
+        "corpus_text_document.bin",
+        "corpus_text_document.idx",
+        "corpus_title_document.bin",
+        "corpus_title_document.idx",
+    ]
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
     assert documents(prefix + "_text_document") == [tok.tokenize(t) + [tok.eod] for t in texts]
     titles = [r["title"] for r in records if r]
@@ -290,8 +322,18 @@ def test_cli_malformed_line_fails_and_leaves_nothing(tmp_path, sp_model):
     out = tmp_path / "out"
     out.mkdir()
 
-    proc = run_preprocess_cli("--input", corpus, "--output-prefix", str(out / "corpus"), "--tokenizer-type",
-                    "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--workers", "2")
+    proc = run_preprocess_cli(
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(out / "corpus"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_model,
+        "--workers",
+        "2",
+    )
 
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --input {corpus}, line 151: not valid JSON")
@@ -320,8 +362,18 @@ def test_preprocess_bad_corpus_leaves_nothing(preprocess_tool, capsys, tmp_path,
     corpus = write_jsonl(tmp_path / "corpus.jsonl", lines)
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus, "--output-prefix", str(out / "c"),
-                                    "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model)
+    code, _, err = _main_in_process(
+        preprocess_tool,
+        capsys,
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(out / "c"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_model,
+    )
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(f"error: --input {corpus}")
     assert message in err
@@ -330,16 +382,42 @@ def test_preprocess_bad_corpus_leaves_nothing(preprocess_tool, capsys, tmp_path,
 
 def test_preprocess_bad_flags(preprocess_tool, capsys, tmp_path, sp_model):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
-    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", str(tmp_path / "missing.jsonl"),
-                                    "--output-prefix",
-                                    str(tmp_path / "c"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "10")
+    code, _, err = _main_in_process(
+        preprocess_tool,
+        capsys,
+        "--input",
+        str(tmp_path / "missing.jsonl"),
+        "--output-prefix",
+        str(tmp_path / "c"),
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "10",
+    )
     assert code == 1 and f"error: --input {tmp_path / 'missing.jsonl'}: no such file" in err
-    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus,
-                                    "--output-prefix", str(tmp_path / "no" / "c"),
-                                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "10")
+    code, _, err = _main_in_process(
+        preprocess_tool,
+        capsys,
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(tmp_path / "no" / "c"),
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "10",
+    )
     assert code == 1 and "error: --output-prefix" in err and "does not exist" in err
-    code, _, err = _main_in_process(preprocess_tool, capsys, "--input", corpus, "--output-prefix", str(tmp_path / "c"),
-                                    "--tokenizer-type", "SentencePieceTokenizer")
+    code, _, err = _main_in_process(
+        preprocess_tool,
+        capsys,
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(tmp_path / "c"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+    )
     assert code == 1 and "needs --tokenizer-model" in err
     assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
 
@@ -348,8 +426,17 @@ def test_preprocess_null_tokenizer_picks_wide_dtype(preprocess_tool, capsys, tmp
     """A vocabulary past uint16 is stored as int32, ids intact; a bad id names its line."""
     corpus = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 69999"}, {"text": "65536  7"}])
     prefix = str(tmp_path / "ids")
-    args = ["--input", corpus, "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", "70000", "--append-eod"]
+    args = [
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "70000",
+        "--append-eod",
+    ]
     code, out, _ = _main_in_process(preprocess_tool, capsys, *args)
     assert code == 0
     assert documents(prefix + "_text_document") == [[1, 2, 69999, 69999], [65536, 7, 69999]]
@@ -359,7 +446,8 @@ def test_preprocess_null_tokenizer_picks_wide_dtype(preprocess_tool, capsys, tmp
     assert "(int32)" in out
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "1 2"}, {"text": "1 two"}])
-    code, _, err = _main_in_process(preprocess_tool, capsys, *args[:1], bad, *args[2:3], str(tmp_path / "bad"),
-                                    *args[4:])
+    code, _, err = _main_in_process(
+        preprocess_tool, capsys, *args[:1], bad, *args[2:3], str(tmp_path / "bad"), *args[4:]
+    )
     assert code == 1 and "line 2: 'text': NullTokenizer: 'two' is not an integer token id" in err
     assert not any(name.startswith("bad_") for name in os.listdir(tmp_path))

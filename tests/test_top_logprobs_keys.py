@@ -54,16 +54,27 @@ def _result(tokenizer, tokens):
     from megatron.early_exit.inference import GenerationResult
 
     tops = [_alternatives(t, tokenizer.vocab_size) for t in tokens]
-    return GenerationResult([tokens], [[4] * len(tokens)], [[-1.0] * len(tokens)], 4,
-                            top_tokens=[[ids for ids, _ in tops]], top_logprobs=[[lps for _, lps in tops]])
+    return GenerationResult(
+        [tokens],
+        [[4] * len(tokens)],
+        [[-1.0] * len(tokens)],
+        4,
+        top_tokens=[[ids for ids, _ in tops]],
+        top_logprobs=[[lps for _, lps in tops]],
+    )
 
 
 def _scores(prompt_ids, vocab):
     from megatron.early_exit.inference import ScoreResult
 
     tops = [_alternatives(t, vocab) for t in prompt_ids[1:]]
-    return ScoreResult([[-1.0] * (len(prompt_ids) - 1)], [[False] * (len(prompt_ids) - 1)],
-                       [[ids for ids, _ in tops]], [[lps for _, lps in tops]], 4)
+    return ScoreResult(
+        [[-1.0] * (len(prompt_ids) - 1)],
+        [[False] * (len(prompt_ids) - 1)],
+        [[ids for ids, _ in tops]],
+        [[lps for _, lps in tops]],
+        4,
+    )
 
 
 def _check(logprobs):
@@ -75,8 +86,9 @@ def _check(logprobs):
         assert len(tops) == 3
 
 
-@pytest.mark.parametrize("name", ["SentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer",
-                                  "HuggingFaceTokenizer", "NullTokenizer"])
+@pytest.mark.parametrize(
+    "name", ["SentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"]
+)
 def test_each_token_is_a_key_of_its_top_logprobs(tokenizers, name):
     from megatron.early_exit.server.chat_api import chat_completion
     from megatron.early_exit.server.openai_api import completion, read_prompts, stream_chunks

@@ -58,9 +58,9 @@ def test_two_processes_equal_one(dist1, corpus, two_process_runs, case, flags):
 
 
 def test_blend_of_two_data_paths(dist1, corpus, tmp_path):
+    from megatron.early_exit.tokenizers import build_tokenizer
     from megatron.early_exit.training.arguments import parse_args
     from megatron.early_exit.training.data import build_datasets
-    from megatron.early_exit.tokenizers import build_tokenizer
 
     other = write_corpus(str(tmp_path), name="other", seed=1, num_docs=100)
     argv = tiny_run_flags(None, iters=4, **{"--data-path": f"0.3 {corpus} 0.7 {other}"})
@@ -75,20 +75,28 @@ def test_blend_of_two_data_paths(dist1, corpus, tmp_path):
 
 
 def test_mock_data_needs_no_files(dist1):
-    state = run_training(tiny_run_flags(None, iters=3, **{"--mock-data": None, "--tokenizer-type": False, "--vocab-size": False}))
+    state = run_training(
+        tiny_run_flags(None, iters=3, **{"--mock-data": None, "--tokenizer-type": False, "--vocab-size": False})
+    )
     assert len(state.history) == 3 and state.history[-1]["lm loss"] > 0
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"--global-batch-size": 6, "--micro-batch-size": 4}, r"--global-batch-size \(6\) is not divisible by --micro-batch-size \(4\)"),
+        (
+            {"--global-batch-size": 6, "--micro-batch-size": 4},
+            r"--global-batch-size \(6\) is not divisible by --micro-batch-size \(4\)",
+        ),
         ({"--bf16": None, "--fp16": None}, r"--bf16 and --fp16 cannot be combined"),
         ({"--data-path": "/nonexistent/corpus"}, r"--data-path: /nonexistent/corpus.bin does not exist"),
         ({"--exit-layer-nums": "2 9"}, r"--exit-layer-nums \[9\] outside 1..--num-layers \(4\)"),
         ({"--exit-layer-weight": "1.0"}, r"--exit-layer-weight has 1 values but --exit-layer-nums has 2 exits"),
         ({"--use-exit-mlp": None, "--use-exit-block": None}, r"--use-exit-mlp and --use-exit-block cannot be combined"),
-        ({"--seq-length": 64, "--max-position-embeddings": 32}, r"--seq-length \(64\) exceeds --max-position-embeddings \(32\)"),
+        (
+            {"--seq-length": 64, "--max-position-embeddings": 32},
+            r"--seq-length \(64\) exceeds --max-position-embeddings \(32\)",
+        ),
         ({"--tensor-model-parallel-size": 3}, r"world size 1 is not divisible by --tensor-model-parallel-size \(3\)"),
         ({"--mock-data": None}, r"--mock-data and --data-path cannot be combined"),
         ({"--fill-explicit-bubbles": None}, r"--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1"),
@@ -109,9 +117,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     script = os.path.join(ROOT, "pretrain_early_exit_gpt.py")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, script, *tiny_run_flags(str(tmp_path / "missing"))], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, script, *tiny_run_flags(str(tmp_path / "missing"))], capture_output=True, text=True, env=env
+    )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == f"error: --data-path: {tmp_path / 'missing'}.bin does not exist (run tools/preprocess_data.py first)"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: --data-path: {tmp_path / 'missing'}.bin does not exist (run tools/preprocess_data.py first)"
+    )
     assert "Traceback" not in proc.stderr
     with pytest.raises(SystemExit) as exited:  # argparse's own error, in this process
         parse_args([*tiny_run_flags(None), "--no-such-flag"], world_size=1)
@@ -136,8 +149,12 @@ def test_exit_tuning_trains_only_exits(dist1, corpus):
 def test_exit_weight_warm_up_follows_the_iteration(dist1, corpus):
     """The trainer hands each iteration its number: the exit weights used in the loss rise
     from --exit-layer-weight-init to --exit-layer-weight over the warm-up, then stay."""
-    flags = {"--exit-layer-weight-init": "0.0 0.1", "--exit-layer-weight": "0.8 0.5",
-             "--exit-layer-weight-warmup-iters": 4, "--eval-interval": 100}
+    flags = {
+        "--exit-layer-weight-init": "0.0 0.1",
+        "--exit-layer-weight": "0.8 0.5",
+        "--exit-layer-weight-warmup-iters": 4,
+        "--eval-interval": 100,
+    }
     state = run_training(tiny_run_flags(corpus, iters=6, **flags))
     for i, entry in enumerate(state.history):
         r = min(i / 4, 1.0)

@@ -26,8 +26,14 @@ def training_output(dist1, corpus):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        pretrain(parse_args(tiny_run_flags(corpus, iters=6, **{"--log-interval": 2, "--eval-interval": 100,
-                                                             "--lr-warmup-iters": 2}), world_size=1))
+        pretrain(
+            parse_args(
+                tiny_run_flags(
+                    corpus, iters=6, **{"--log-interval": 2, "--eval-interval": 100, "--lr-warmup-iters": 2}
+                ),
+                world_size=1,
+            )
+        )
     return out.getvalue()
 
 

@@ -12,17 +12,53 @@ from tests.conftest import ROOT
 
 pytest.importorskip("wandb")
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--mock-data",
-         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--wandb-project", "p", "--log-interval", "1"]
+FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--train-iters",
+    "2",
+    "--lr",
+    "1e-3",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "100",
+    "--wandb-project",
+    "p",
+    "--log-interval",
+    "1",
+]
 
 
 def _train(tmp_path, extra, **env):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | env
     env.update(HOME=str(tmp_path), PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", WANDB_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *FLAGS,
-                           "--save", str(tmp_path / "ckpt"), *extra], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "pretrain_early_exit_gpt.py"),
+            *FLAGS,
+            "--save",
+            str(tmp_path / "ckpt"),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc.returncode, proc.stderr
 
 

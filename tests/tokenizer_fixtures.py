@@ -20,14 +20,13 @@ WORDS = (
 
 # Text with what tokenizers tend to lose: repeated spaces, a newline, a tab, characters
 # never seen in training, and an emoji.
-HARD_TEXT = "the  quick fox\njumps\tover ZZZ qqq \u00e9t\u00e9 \U0001F389 end"
+HARD_TEXT = "the  quick fox\njumps\tover ZZZ qqq \u00e9t\u00e9 \U0001f389 end"
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     """Sentences of WORDS and of made-up words (enough distinct pieces to fill a vocabulary)."""
     rng = random.Random(seed)
-    made_up = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
-               for _ in range(300)]
+    made_up = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(300)]
     words = WORDS * 10 + made_up
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) for _ in range(n)]
 
@@ -49,8 +48,9 @@ def write_jsonl(path, records) -> str:
 
 def run_preprocess_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def documents(prefix: str) -> list[list[int]]:

@@ -16,7 +16,9 @@ import time
 def iter_sources(root: str):
     for dirpath, dirnames, filenames in os.walk(root):
         # Tests and vendored packages are large and repetitive; skip them.
-        dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__")
+        )
         for name in sorted(filenames):
             if name.endswith(".py"):
                 yield os.path.join(dirpath, name)
@@ -57,7 +59,10 @@ def main():
         os.replace(args.text_output + ".tmp", args.text_output)
     if docs == 0:
         sys.exit(f"error: no Python sources found under {root}")
-    print(f"\r  {docs} documents, {written / 1e6:.1f} MB from {root} in {time.time() - start:.1f}s -> {args.output}", file=sys.stderr)
+    print(
+        f"\r  {docs} documents, {written / 1e6:.1f} MB from {root} in {time.time() - start:.1f}s -> {args.output}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -21,24 +21,51 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Flags naming files the estimate does not read, with the number of values each takes.
-_FILE_FLAGS = {"--data-path": None, "--tokenizer-type": 1, "--tokenizer-model": 1, "--vocab-file": 1, "--merge-file": 1,
-               "--load": 1, "--save": 1, "--save-interval": 1, "--tensorboard-dir": 1, "--data-cache-path": 1}
+_FILE_FLAGS = {
+    "--data-path": None,
+    "--tokenizer-type": 1,
+    "--tokenizer-model": 1,
+    "--vocab-file": 1,
+    "--merge-file": 1,
+    "--load": 1,
+    "--save": 1,
+    "--save-interval": 1,
+    "--tensorboard-dir": 1,
+    "--data-cache-path": 1,
+}
 
 
 def parse_tool_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--world-size", type=int, default=None,
-                   help="number of ranks (default: the script's, else --tensor- x --pipeline-model-parallel-size)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="say whether each configuration fits in GPUs this big, with a margin for the CUDA context, "
-                        "communication buffers and allocator fragmentation")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of ranks (default: the script's, else --tensor- x --pipeline-model-parallel-size)",
+    )
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="say whether each configuration fits in GPUs this big, with a margin for the CUDA context, "
+        "communication buffers and allocator fragmentation",
+    )
     p.add_argument("--script", action="append", default=[], help="an examples/ee_llm launch script (repeatable)")
-    p.add_argument("--tokenizer-vocab-size", type=int, default=32000,
-                   help="vocabulary of the tokenizer the flags name (default: Llama-2's 32000)")
-    p.add_argument("--kernels", choices=("auto", "local", "transformer_engine"), default="auto",
-                   help="layer modules counted: auto (local on CPU or with --transformer-impl local, else Transformer "
-                        "Engine with flash attention)")
+    p.add_argument(
+        "--tokenizer-vocab-size",
+        type=int,
+        default=32000,
+        help="vocabulary of the tokenizer the flags name (default: Llama-2's 32000)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "local", "transformer_engine"),
+        default="auto",
+        help="layer modules counted: auto (local on CPU or with --transformer-impl local, else Transformer "
+        "Engine with flash attention)",
+    )
     return p.parse_known_args(argv)
 
 
@@ -84,24 +111,40 @@ def shape_of(argv, world_size, tokenizer_vocab_size=32000, kernels="auto"):
         argv += ["--vocab-size", str(tokenizer_vocab_size)]
     args = parse_args(argv + ["--mock-data"], world_size=world_size)
     vocab = getattr(args, "padded_vocab_size", None) or padded_vocab_size(
-        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
     model = ModelConfig.from_flags(vars(args), padded_vocab_size=vocab)
     pp = args.pipeline_model_parallel_size
     fill = None
     if args.fill_explicit_bubbles:
         default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
         pick = lambda n: default if n is None else n  # noqa: E731
-        fill = build_fill_plan(pp, exit_stages(build_early_exit_config(args), args.num_layers, pp),
-                               pick(args.num_fill_warmup_microbatches), pick(args.num_fill_cooldown_microbatches),
-                               args.backward_forward_ratio)
+        fill = build_fill_plan(
+            pp,
+            exit_stages(build_early_exit_config(args), args.num_layers, pp),
+            pick(args.num_fill_warmup_microbatches),
+            pick(args.num_fill_cooldown_microbatches),
+            args.backward_forward_ratio,
+        )
     if kernels == "auto":
-        kernels = "local" if args.device == "cpu" or getattr(args, "transformer_impl", None) == "local" else "transformer_engine"
+        kernels = (
+            "local"
+            if args.device == "cpu" or getattr(args, "transformer_impl", None) == "local"
+            else "transformer_engine"
+        )
     shape = TrainingShape(
-        tensor_model_parallel_size=args.tensor_model_parallel_size, pipeline_model_parallel_size=pp,
-        data_parallel_size=args.data_parallel_size, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-        num_microbatches=args.num_microbatches, sequence_parallel=args.sequence_parallel,
-        use_distributed_optimizer=args.use_distributed_optimizer, recompute=RecomputeConfig.from_flags(vars(args)),
-        fill=fill, kernels=kernels, num_model_chunks=virtual_pipeline_chunks(args),
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        data_parallel_size=args.data_parallel_size,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        num_microbatches=args.num_microbatches,
+        sequence_parallel=args.sequence_parallel,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        recompute=RecomputeConfig.from_flags(vars(args)),
+        fill=fill,
+        kernels=kernels,
+        num_model_chunks=virtual_pipeline_chunks(args),
     )
     return model, shape
 
@@ -116,6 +159,8 @@ def _default_world_size(argv):
 
 def main(argv=None):
     import megatron.early_exit  # noqa: F401  (one-line errors)
+
+    # isort: split
     from megatron.early_exit.memory import estimate, format_table
 
     tool, rest = parse_tool_args(argv)
@@ -124,11 +169,13 @@ def main(argv=None):
         runs.append(("flags", tool.world_size or _default_world_size(rest), rest))
     for name, world_size, flags in runs:
         model, shape = shape_of(flags, tool.world_size or world_size, tool.tokenizer_vocab_size, tool.kernels)
-        print(f"{name}: {model.num_layers} layers, hidden {model.hidden_size}, exits {model.exit_layer_nums or '-'}; "
-              f"TP {shape.tensor_model_parallel_size} PP {shape.pipeline_model_parallel_size}"
-              f"{f' x {shape.num_model_chunks} chunks' if shape.num_model_chunks > 1 else ''} "
-              f"DP {shape.data_parallel_size}, {shape.num_microbatches} microbatches of {shape.micro_batch_size}, "
-              f"{model.params_dtype}, {shape.kernels} kernels (GB = 1e9 bytes)")
+        print(
+            f"{name}: {model.num_layers} layers, hidden {model.hidden_size}, exits {model.exit_layer_nums or '-'}; "
+            f"TP {shape.tensor_model_parallel_size} PP {shape.pipeline_model_parallel_size}"
+            f"{f' x {shape.num_model_chunks} chunks' if shape.num_model_chunks > 1 else ''} "
+            f"DP {shape.data_parallel_size}, {shape.num_microbatches} microbatches of {shape.micro_batch_size}, "
+            f"{model.params_dtype}, {shape.kernels} kernels (GB = 1e9 bytes)"
+        )
         print(format_table(estimate(model, shape), tool.gpu_memory_gb))
         print()
 

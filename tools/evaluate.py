@@ -39,10 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     g = p.add_argument_group("what to compare")
-    g.add_argument("--exit-layers", type=int, nargs="*", default=None,
-                   help="evaluate each of these exits alone (no values: every exit)")
-    g.add_argument("--thresholds", type=float, nargs="*", default=[],
-                   help="early-exit decoding (top-1 probability confidence) at each threshold")
+    g.add_argument(
+        "--exit-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="evaluate each of these exits alone (no values: every exit)",
+    )
+    g.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[],
+        help="early-exit decoding (top-1 probability confidence) at each threshold",
+    )
     g = p.add_argument_group("lm-evaluation-harness")
     g.add_argument("--tasks", nargs="*", default=[], help="task names (comma- or space-separated)")
     g.add_argument("--include-path", default=None, help="folder of local task yaml files")
@@ -55,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-length", type=int, default=32)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--repeats", type=int, default=1, help="timings per prompt; the fastest counts")
-    g.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: decoding as a user waits for it; cpu: this process's CPU time, which other jobs on "
-                        "a shared machine disturb less (use --threads 1)")
+    g.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: decoding as a user waits for it; cpu: this process's CPU time, which other jobs on "
+        "a shared machine disturb less (use --threads 1)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--limit", type=float, default=None,
-                   help="documents per task (below 1: a fraction) and windows for perplexity")
+    g.add_argument(
+        "--limit", type=float, default=None, help="documents per task (below 1: a fraction) and windows for perplexity"
+    )
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--output", default=None, help="JSON file with every row (and samples with --log-samples)")
     g.add_argument("--plot", default=None, help="PNG file: quality against decode speed")
@@ -90,14 +105,18 @@ def load(args, log):
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     ctx = initialize_parallel(tp, pp, device=args.device)
     if ctx.dp_size != 1:
-        raise ParallelConfigError(f"evaluation runs one model replica: launch --tensor-model-parallel-size ({tp}) x "
-                                  f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}")
+        raise ParallelConfigError(
+            f"evaluation runs one model replica: launch --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) processes, not {ctx.world_size}"
+        )
     start = time.perf_counter()
     model, tokenizer, stored = load_model(args.load, tp, ctx.device, args.load_iteration, pp)
     if any(getattr(args, name) is not None for name in TOKENIZER_FLAGS):
         tokenizer = build_tokenizer(args, stored, model.vocab_size)
-    log(f"loaded {args.load} (TP={tp}, PP={pp}, {stored.num_layers} layers, exits {stored.exit_layer_nums or []}) "
-        f"in {time.perf_counter() - start:.1f}s")
+    log(
+        f"loaded {args.load} (TP={tp}, PP={pp}, {stored.num_layers} layers, exits {stored.exit_layer_nums or []}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return model, tokenizer
 
 
@@ -108,13 +127,15 @@ def run_perplexity(args, model, tokenizer, settings, rows, log):
     whole = args.limit is not None and args.limit >= 1
     windows = read_windows(args.data_path, seq_length, int(args.limit) if whole else None)
     if args.limit is not None and not whole:  # a fraction of the dataset's windows
-        windows = windows[:max(1, math.ceil(args.limit * len(windows)))]
+        windows = windows[: max(1, math.ceil(args.limit * len(windows)))]
     log(f"perplexity: {len(windows)} windows of {seq_length} tokens from {args.data_path}")
     results = perplexity(model, windows, settings, args.batch_size, tokenizer.vocab_size, progress=log)
     for setting, row, result in zip(settings, rows, results):
         row.perplexity, row.mean_depth = result.perplexity, result.mean_depth
-        log(f"  {setting.name}: perplexity {result.perplexity:.3f} over {result.num_tokens} tokens, "
-            f"mean depth {result.mean_depth:.2f}")
+        log(
+            f"  {setting.name}: perplexity {result.perplexity:.3f} over {result.num_tokens} tokens, "
+            f"mean depth {result.mean_depth:.2f}"
+        )
     return windows
 
 
@@ -122,12 +143,20 @@ def run_speed(args, model, windows, settings, rows, log):
     """Greedy decoding of prompts cut from the dataset under every setting, one at a time."""
     from megatron.early_exit.inference.calibration import time_strategies, token_agreement
 
-    prompts = [w[:args.prompt_length] for w in windows[:args.speed_prompts]]
+    prompts = [w[: args.prompt_length] for w in windows[: args.speed_prompts]]
     max_new = min(args.max_new_tokens, model.max_sequence_length - args.prompt_length)
     log(f"speed: {len(prompts)} prompts of {args.prompt_length} tokens, {max_new} new tokens each")
-    runs = time_strategies(model, prompts, [s.strategy() for s in settings], max_new, args.repeats,
-                           stop_tokens=(), clock=args.clock, progress=lambda line: log("  " + line),
-                           names=[s.name for s in settings])
+    runs = time_strategies(
+        model,
+        prompts,
+        [s.strategy() for s in settings],
+        max_new,
+        args.repeats,
+        stop_tokens=(),
+        clock=args.clock,
+        progress=lambda line: log("  " + line),
+        names=[s.name for s in settings],
+    )
     reference = [r.tokens[0] for r in runs[0]]
     full_tps = None
     for row, results in zip(rows, runs):
@@ -154,18 +183,30 @@ def run_tasks(args, model, tokenizer, settings, rows, log):
     manager = task_manager(TaskManager, args.include_path, args.tasks)
     unknown = [t for t in args.tasks if not manager.match_tasks([t])]
     if unknown:
-        raise ConfigError(f"--tasks {' '.join(unknown)}: no such lm-eval task"
-                          + (f" (nor in --include-path {args.include_path})" if args.include_path else
-                             " (local task files: --include-path)"))
+        raise ConfigError(
+            f"--tasks {' '.join(unknown)}: no such lm-eval task"
+            + (
+                f" (nor in --include-path {args.include_path})"
+                if args.include_path
+                else " (local task files: --include-path)"
+            )
+        )
     limit = None if args.limit is None else (args.limit if args.limit < 1 else int(args.limit))
     samples = {}
     full_gen_tps = None
     for setting, row in zip(settings, rows):
         lm = EarlyExitLM(model, tokenizer, setting, args.batch_size, progress=log)
         log(f"lm-eval {', '.join(args.tasks)}: {setting.name}")
-        out = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=args.log_samples, bootstrap_iters=0,
-                                      verbosity="ERROR")
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=args.tasks,
+            num_fewshot=args.num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=args.log_samples,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
         if out is None:  # lm-eval answers on the first process only (LOCAL_RANK 0)
             continue
         row.metrics.update(task_metrics(out["results"]))
@@ -196,8 +237,12 @@ def task_metrics(results: dict) -> dict:
     for task, values in results.items():
         for key, value in values.items():
             name = key.split(",")[0]
-            if (isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_stderr")
-                    and name != "sample_len"):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and not name.endswith("_stderr")
+                and name != "sample_len"
+            ):
                 metrics[f"{task} {name}"] = float(value)
     return metrics
 

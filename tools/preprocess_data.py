@@ -42,6 +42,8 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not in
 import numpy  # noqa: E402
 
 import megatron.early_exit  # noqa: E402,F401  (CPU adapter for megatron-core)
+
+# isort: split
 from megatron.early_exit.errors import ConfigError, EarlyExitError  # noqa: E402
 from megatron.early_exit.tokenizers import Tokenizer, build_tokenizer  # noqa: E402
 
@@ -57,24 +59,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSON-lines file, one JSON object per line")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="keys of the text to tokenize; each gets its own output (default: text)")
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="keys of the text to tokenize; each gets its own output (default: text)",
+    )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True,
-                       help="SentencePieceTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer or NullTokenizer")
-    group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model, or Hugging Face tokenizer.json (or its directory)")
+    group.add_argument(
+        "--tokenizer-type",
+        required=True,
+        help="SentencePieceTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer or NullTokenizer",
+    )
+    group.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece .model, or Hugging Face tokenizer.json (or its directory)",
+    )
     group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
     group.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of NullTokenizer")
     group.add_argument("--append-eod", action="store_true", help="end every document with the eod id")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True,
-                       help="writes {prefix}_{key}_document.bin and .idx")
+    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin and .idx")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
-    group.add_argument("--log-interval", type=int, default=100,
-                       help="report progress every this many documents (default: 100)")
+    group.add_argument(
+        "--log-interval", type=int, default=100, help="report progress every this many documents (default: 100)"
+    )
     return parser.parse_args(argv)
 
 
@@ -384,8 +396,7 @@ def run(args: argparse.Namespace) -> Stats:
     tokenizer = build_from_args(args)  # flags checked here, before any worker starts
     dtype = token_dtype(tokenizer)
     print(
-        f"tokenizing {args.input} with {tokenizer} into {args.output_prefix}_*_{LEVEL} "
-        f"using {args.workers} worker(s)",
+        f"tokenizing {args.input} with {tokenizer} into {args.output_prefix}_*_{LEVEL} using {args.workers} worker(s)",
         file=sys.stderr,
         flush=True,
     )

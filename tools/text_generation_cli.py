@@ -25,15 +25,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=-1, help="-1: a fresh seed per request")
     p.add_argument("--add-bos", action="store_true")
     p.add_argument("--early-exit", action="store_true", help="decode with early exit")
-    p.add_argument("--thres", type=float, default=None, help="early-exit confidence threshold in [0, 1] (server default 0.8)")
+    p.add_argument(
+        "--thres", type=float, default=None, help="early-exit confidence threshold in [0, 1] (server default 0.8)"
+    )
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="exits allowed to fire (default: all)")
-    p.add_argument("--exit-layer", type=int, default=None,
-                   help="generate with this one exit's head (instead of --early-exit)")
+    p.add_argument(
+        "--exit-layer", type=int, default=None, help="generate with this one exit's head (instead of --early-exit)"
+    )
     p.add_argument("--confidence", default="max_prob", help="max_prob, margin, entropy or saturation")
     p.add_argument("--kv-strategy", default="recompute", help="recompute or propagate")
-    p.add_argument("--speculative", default=None, metavar="EXIT:K[:T]", type=speculative_options,
-                   help="self-speculative decoding: draft up to K tokens with the exit at layer EXIT (greedy), "
-                        "stopping after a draft whose probability there is below T")
+    p.add_argument(
+        "--speculative",
+        default=None,
+        metavar="EXIT:K[:T]",
+        type=speculative_options,
+        help="self-speculative decoding: draft up to K tokens with the exit at layer EXIT (greedy), "
+        "stopping after a draft whose probability there is below T",
+    )
     p.add_argument("--show-exits", action="store_true", help="print each token's exit layer and probability")
     p.add_argument("--timeout", type=float, default=600.0)
     return p.parse_args(argv)
@@ -57,10 +65,18 @@ def speculative_options(value: str) -> dict:
 
 def build_request(args, prompt: str) -> dict:
     body = {
-        "prompts": [prompt], "tokens_to_generate": args.tokens_to_generate, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "random_seed": args.seed, "add_BOS": args.add_bos,
-        "echo_prompts": False, "use_early_exit": args.early_exit, "confidence": args.confidence,
-        "kv_strategy": args.kv_strategy, "print_max_prob": args.show_exits,
+        "prompts": [prompt],
+        "tokens_to_generate": args.tokens_to_generate,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "random_seed": args.seed,
+        "add_BOS": args.add_bos,
+        "echo_prompts": False,
+        "use_early_exit": args.early_exit,
+        "confidence": args.confidence,
+        "kv_strategy": args.kv_strategy,
+        "print_max_prob": args.show_exits,
     }
     if args.thres is not None:
         body["early_exit_thres"] = args.thres
@@ -75,8 +91,9 @@ def build_request(args, prompt: str) -> dict:
 
 def put(url: str, body: dict, timeout: float):
     """(status, decoded JSON reply)."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="PUT", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return reply.status, json.load(reply)
@@ -108,7 +125,9 @@ def main(argv=None) -> int:
         print(reply["text"][0], flush=True)
         if args.show_exits:
             exits = reply["exit_layers"][0]
-            pairs = " ".join(f"{seg!r}@{layer}({p:.2f})" for seg, layer, p in zip(reply["segments"][0], exits, reply["probs"][0]))
+            pairs = " ".join(
+                f"{seg!r}@{layer}({p:.2f})" for seg, layer, p in zip(reply["segments"][0], exits, reply["probs"][0])
+            )
             print(f"  exits: {pairs}", flush=True)
             print(f"  mean exit layer {sum(exits) / max(len(exits), 1):.2f} over {len(exits)} tokens", flush=True)
 

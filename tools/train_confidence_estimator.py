@@ -30,11 +30,18 @@ def parse_args(argv=None):
     p.add_argument("--num-windows", type=int, default=64)
     p.add_argument("--validation-fraction", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=200, help="L-BFGS iterations per exit")
-    p.add_argument("--hidden-state-only", action="store_true",
-                   help="classify from the hidden state alone: an exit that does not fire costs no vocabulary projection")
-    p.add_argument("--gate-threshold", type=float, default=0.5,
-                   help="with --hidden-state-only, for measure gated_max_prob: the score from which an exit's vocabulary "
-                        "projection is computed")
+    p.add_argument(
+        "--hidden-state-only",
+        action="store_true",
+        help="classify from the hidden state alone: an exit that does not fire costs no vocabulary projection",
+    )
+    p.add_argument(
+        "--gate-threshold",
+        type=float,
+        default=0.5,
+        help="with --hidden-state-only, for measure gated_max_prob: the score from which an exit's vocabulary "
+        "projection is computed",
+    )
     p.add_argument("--output", required=True, help="where to write the estimator (.safetensors)")
     return p.parse_args(argv)
 
@@ -48,8 +55,8 @@ def main(argv=None):
         raise ConfigError(f"--gate-threshold must be in (0, 1), got {args.gate_threshold}")
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    from megatron.early_exit.evaluation.perplexity import read_windows
     from megatron.early_exit.confidence_training import collect, evaluate, fit
+    from megatron.early_exit.evaluation.perplexity import read_windows
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
@@ -58,15 +65,24 @@ def main(argv=None):
     if not config.early_exit.exit_layer_nums:
         raise ConfigError(f"--load {args.load}: the model has no exits")
     if args.seq_length > config.max_position_embeddings:
-        raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's {config.max_position_embeddings} positions")
+        raise ConfigError(
+            f"--seq-length {args.seq_length} exceeds the model's {config.max_position_embeddings} positions"
+        )
     windows = read_windows(args.data_path, args.seq_length, args.num_windows)
     held = int(len(windows) * args.validation_fraction)
-    train, valid = windows[: len(windows) - held], windows[len(windows) - held:]
+    train, valid = windows[: len(windows) - held], windows[len(windows) - held :]
     start = time.perf_counter()
     use_logits = not args.hidden_state_only
-    samples = collect(model, train, use_logits=use_logits, progress=lambda done: print(
-        f"  collected {done}/{len(train)} windows ({done * args.seq_length / (time.perf_counter() - start):.0f} tokens/s)",
-        flush=True))
+    samples = collect(
+        model,
+        train,
+        use_logits=use_logits,
+        progress=lambda done: print(
+            f"  collected {done}/{len(train)} windows ({done * args.seq_length / (time.perf_counter() - start):.0f} "
+            "tokens/s)",
+            flush=True,
+        ),
+    )
     estimator = fit(samples, config.hidden_size, steps=args.steps)
     estimator.gate_threshold = args.gate_threshold
     report = evaluate(estimator, collect(model, valid, use_logits=use_logits) if valid else samples)

@@ -1,6 +1,6 @@
 """Train a SentencePiece tokenizer on a text file (used by the CPU quick start).
 
-    python tools/train_tokenizer.py --input corpus.txt --model-prefix data/tok --vocab-size 4096
+python tools/train_tokenizer.py --input corpus.txt --model-prefix data/tok --vocab-size 4096
 """
 
 import argparse

@@ -16,12 +16,16 @@ def training_curves(tb_dir: str) -> Dict[str, List[Tuple[int, float]]]:
 
     acc = EventAccumulator(tb_dir)
     acc.Reload()
-    return {tag[len("train/"):]: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"] if tag.startswith("train/") and "loss" in tag and "distill" not in tag}
+    return {
+        tag[len("train/") :]: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("train/") and "loss" in tag and "distill" not in tag
+    }
 
 
-def write_png(path: str, curves: Dict[str, List[Tuple[int, float]]], rows: Sequence[Tuple[str, float, float]],
-              title: str = "") -> None:
+def write_png(
+    path: str, curves: Dict[str, List[Tuple[int, float]]], rows: Sequence[Tuple[str, float, float]], title: str = ""
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,8 +48,9 @@ def write_png(path: str, curves: Dict[str, List[Tuple[int, float]]], rows: Seque
     # A legend rather than labels at the points: thresholds often land on top of each other.
     markers = "osD^vP*X"
     for i, (label, speedup, agreement) in enumerate(rows):
-        right.scatter([agreement], [speedup], s=50, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)],
-                      label=label)
+        right.scatter(
+            [agreement], [speedup], s=50, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)], label=label
+        )
     right.legend(loc="lower left", fontsize=9)
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     right.set_xlabel("agreement with full-depth output")

@@ -13,6 +13,8 @@ import numpy as np
 def unigram_entropy(prefix: str) -> float:
     """Entropy (nats) of the token distribution of a Megatron .bin/.idx dataset."""
     import megatron.early_exit  # noqa: F401  (first: it hides megatron-core's import-time warnings)
+
+    # isort: split
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix)
@@ -26,8 +28,11 @@ def validation_curves(tb_dir: str):
 
     acc = EventAccumulator(tb_dir)
     acc.Reload()
-    return {tag[len("validation/"):]: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"] if tag.startswith("validation/") and "loss" in tag}
+    return {
+        tag[len("validation/") :]: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("validation/") and "loss" in tag
+    }
 
 
 def main():
@@ -40,13 +45,20 @@ def main():
     if not curves:
         sys.exit(f"error: no validation scalars under {args.tensorboard_dir}")
     print(f"\nunigram entropy of the corpus: {entropy:.3f} nats (a context-free model's loss)")
-    print(f"{'validation':<16}" + "".join(f"{'iter ' + str(step):>12}" for step, _ in next(iter(curves.values()))) + f"{'vs unigram':>12}")
+    print(
+        f"{'validation':<16}"
+        + "".join(f"{'iter ' + str(step):>12}" for step, _ in next(iter(curves.values())))
+        + f"{'vs unigram':>12}"
+    )
     for name, points in sorted(curves.items(), key=lambda kv: (kv[0] != "lm loss", kv[0])):
         print(f"{name:<16}" + "".join(f"{v:>12.3f}" for _, v in points) + f"{points[-1][1] - entropy:>+12.3f}")
     best = min(points[-1][1] for points in curves.values())
     worst = max(points[-1][1] for points in curves.values())
-    print(f"every exit ends {entropy - worst:.2f} to {entropy - best:.2f} nats below the unigram entropy"
-          if worst < entropy else "some exit did not get below the unigram entropy")
+    print(
+        f"every exit ends {entropy - worst:.2f} to {entropy - best:.2f} nats below the unigram entropy"
+        if worst < entropy
+        else "some exit did not get below the unigram entropy"
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ refuses anything else by name before it is called.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import filecmp
 import io
 import json
-import dataclasses
 import os
 import pickle
 import re
@@ -35,7 +35,6 @@ import zlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
-
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
@@ -57,7 +56,9 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file names a function or class no checkpoint holds (it could run code)."""
 
     def __init__(self, source: str, name: str):
-        super().__init__(f"checkpoint file {source}: refuses to load {name} (a checkpoint never holds it; it could run code)")
+        super().__init__(
+            f"checkpoint file {source}: refuses to load {name} (a checkpoint never holds it; it could run code)"
+        )
         self.source, self.name = source, name
 
     def __reduce__(self):  # torch DCP gathers failures across ranks
@@ -75,6 +76,7 @@ def _unwrap(model):
 def model_sharded_state(model) -> dict:
     """The model's sharded state dict in this module's key layout (also for readers)."""
     return _unwrap(model).sharded_state_dict(metadata=dict(MODEL_METADATA))
+
 
 def latest_iteration(root: str) -> int:
     marker = os.path.join(root, TRACKER)
@@ -98,8 +100,10 @@ def resolve(root: str, iteration: Optional[int] = None, checksums: bool = True) 
     if not os.path.isdir(path):
         if chosen:
             present = ", ".join(map(str, iterations_present(root))) or "none"
-            raise CheckpointError(f"--load-iteration {iteration}: no checkpoint of that iteration under --load {root} "
-                                  f"(iterations present: {present})")
+            raise CheckpointError(
+                f"--load-iteration {iteration}: no checkpoint of that iteration under --load {root} "
+                f"(iterations present: {present})"
+            )
         raise CheckpointError(f"--load {root}: {path} named by {TRACKER} does not exist")
     verify(path, checksums)
     return path
@@ -121,7 +125,9 @@ def verify(path: str, checksums: bool = True) -> None:
     the manifest skip that); errors name the file."""
     for name in ("metadata.json", "common.pt", ".metadata"):
         if not os.path.isfile(os.path.join(path, name)):
-            raise CheckpointError(f"checkpoint file {os.path.join(path, name)} is missing (incomplete or damaged checkpoint)")
+            raise CheckpointError(
+                f"checkpoint file {os.path.join(path, name)} is missing (incomplete or damaged checkpoint)"
+            )
     problems = checksum_problems(path, with_crc=checksums)
     if problems:
         raise CheckpointError(problems[0])
@@ -196,8 +202,11 @@ def checksum_problems(path: str, part: Tuple[int, int] = (0, 1), with_crc: bool 
             problems.append(f"{_describe(path, name)} is missing")
         elif os.path.getsize(full) != size:
             have = os.path.getsize(full)
-            problems.append(f"{_describe(path, name)} is truncated ({have} bytes, {size} written)" if have < size
-                            else f"{_describe(path, name)}: {have} bytes, {size} written (damaged)")
+            problems.append(
+                f"{_describe(path, name)} is truncated ({have} bytes, {size} written)"
+                if have < size
+                else f"{_describe(path, name)}: {have} bytes, {size} written (damaged)"
+            )
     if problems or not with_crc:
         return problems
     for name in split_by_size(files, part[1])[part[0]]:
@@ -213,10 +222,22 @@ _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None),
 # keeps in it), torch.Size, dtypes and layouts; megatron-core's classes of older checkpoints.
 _INDEX_TYPES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
-        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
     },
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan",
+        "WriteItem",
+        "WriteItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "megatron.core.dist_checkpointing.strategies.torch": {"MCoreMetadata", "MCoreSavePlan"},
     "torch": {"Size", *_DTYPES},
@@ -225,8 +246,12 @@ _INDEX_TYPES = {
 }
 # What Transformer Engine pickles into `_extra_state` (and unpickles with plain pickle):
 # dicts, numbers, strings and CPU tensors (their storages as nested torch.save bytes).
-_EXTRA_STATE_TYPES = {"collections": {"OrderedDict"}, "torch._utils": {"_rebuild_tensor_v2"}, "torch": {"Size", *_DTYPES},
-                      "torch.storage": {"_load_from_bytes"}}
+_EXTRA_STATE_TYPES = {
+    "collections": {"OrderedDict"},
+    "torch._utils": {"_rebuild_tensor_v2"},
+    "torch": {"Size", *_DTYPES},
+    "torch.storage": {"_load_from_bytes"},
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -254,7 +279,9 @@ def torch_load(file, source: str, map_location="cpu"):
         name = re.search(r"GLOBAL (\S+)", str(err))
         if name:
             name = name.group(1).rstrip(".")
-            raise UnsafeCheckpointError(source, name if "." in name else f"builtins.{name}") from None  # torch drops builtins.
+            raise UnsafeCheckpointError(
+                source, name if "." in name else f"builtins.{name}"
+            ) from None  # torch drops builtins.
         raise CheckpointError(f"checkpoint file {source} cannot be read safely ({_one_line(err)})") from None
 
 
@@ -310,7 +337,9 @@ def _safe_dcp_reading(path: str):
     def load_bytes(planner, read_item, value):
         fqn = read_item.dest_index.fqn
         info = planner.metadata.storage_data.get(read_item.storage_index)
-        loaded = torch_load(value, f"{os.path.join(path, info.relative_path if info else '')} (item {fqn})", map_location=None)
+        loaded = torch_load(
+            value, f"{os.path.join(path, info.relative_path if info else '')} (item {fqn})", map_location=None
+        )
         if planner.flatten_state_dict:
             set_element(planner.original_state_dict, planner.mappings[fqn], loaded)
         else:
@@ -342,8 +371,9 @@ def _check_extra_states(tree, path: str, key: str = "") -> None:
         except CheckpointError:
             raise
         except Exception as err:
-            raise CheckpointError(f"checkpoint file {source}: its Transformer Engine state is not readable safely "
-                                  f"({type(err).__name__})") from err
+            raise CheckpointError(
+                f"checkpoint file {source}: its Transformer Engine state is not readable safely ({type(err).__name__})"
+            ) from err
     elif isinstance(tree, io.BytesIO):  # Transformer Engine's older format: torch.load of the bytes
         torch_load(io.BytesIO(tree.getvalue()), source)
 
@@ -368,8 +398,13 @@ def read_args(root: str, iteration: Optional[int] = None) -> dict:
     path = resolve(root, iteration, checksums=False)  # the load reads the checksums
     flags = dict(read_common(path)["args"])
     tokenizer = read_model_config(path).tokenizer
-    flags.update(tokenizer_type=tokenizer.type, tokenizer_model=tokenizer.model, vocab_file=tokenizer.vocab_file,
-                 merge_file=tokenizer.merge_file, vocab_size=tokenizer.vocab_size)
+    flags.update(
+        tokenizer_type=tokenizer.type,
+        tokenizer_model=tokenizer.model,
+        vocab_file=tokenizer.vocab_file,
+        merge_file=tokenizer.merge_file,
+        vocab_size=tokenizer.vocab_size,
+    )
     return flags
 
 
@@ -409,16 +444,19 @@ def _load(state: dict, path: str, flag: str = "--load") -> dict:
     (the option that gave the checkpoint). Entries the checkpoint lacks are refused by
     name, except `_extra_state` ones (Transformer Engine modules hold them where local
     ones do not): those are left out of the load."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _safe_dcp_reading(path):
             loaded, _, absent = dist_checkpointing.load(
-                state, path, sharded_strategy=TorchDistLoadShardedStrategy(), common_strategy=_SafeCommonLoadStrategy(),
-                strict=StrictHandling.RETURN_UNEXPECTED)
+                state,
+                path,
+                sharded_strategy=TorchDistLoadShardedStrategy(),
+                common_strategy=_SafeCommonLoadStrategy(),
+                strict=StrictHandling.RETURN_UNEXPECTED,
+            )
         _check_extra_states(loaded, path)
     except CheckpointError:
         raise
@@ -429,8 +467,10 @@ def _load(state: dict, path: str, flag: str = "--load") -> dict:
         raise CheckpointError(f"{flag} {path}: {_one_line(err)}") from err
     absent = sorted(k for k in absent if not _is_extra_state(k))
     if absent:
-        raise CheckpointError(f"{flag} {path}: the checkpoint has no {', '.join(absent[:5])}"
-                              + (f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""))
+        raise CheckpointError(
+            f"{flag} {path}: the checkpoint has no {', '.join(absent[:5])}"
+            + (f" (and {len(absent) - 5} more)" if len(absent) > 5 else "")
+        )
     return loaded
 
 
@@ -475,8 +515,17 @@ _HINTS = {
 }
 _STRUCTURE_FLAGS = {"--" + k.replace("_", "-") for k in EarlyExitConfig.STRUCTURE_FIELDS}
 # The files of a Hugging Face tokenizer directory that decide its vocabulary.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-                    "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+)
 
 
 def compare_with_checkpoint(stored, now) -> List[int]:
@@ -494,8 +543,10 @@ def compare_with_checkpoint(stored, now) -> List[int]:
         problems.append(line + _HINTS.get(flag, ""))
     missing_in_model = sorted(set(saved_exits) - set(exits))
     if missing_in_model:
-        problems.append(f"--exit-layer-nums: the checkpoint has exits at layers {missing_in_model} that this model lacks "
-                        f"(checkpoint {saved_exits}, now {exits})")
+        problems.append(
+            f"--exit-layer-nums: the checkpoint has exits at layers {missing_in_model} that this model lacks "
+            f"(checkpoint {saved_exits}, now {exits})"
+        )
     problems += _tokenizer_differences(stored.tokenizer, now.tokenizer)
     if problems:
         raise CheckpointError("the checkpoint does not match this model:\n  " + "\n  ".join(problems))
@@ -516,11 +567,22 @@ def _tokenizer_differences(stored, now) -> List[str]:
     if stored.type != now.type and frozenset((stored.type, now.type)) not in _SAME_IDS:
         return [f"--tokenizer-type: checkpoint {stored.type}, now {now.type}"]
     if stored.type == NullTokenizer.type_name:
-        return [] if stored.vocab_size == now.vocab_size else [
-            f"--vocab-size: checkpoint {stored.vocab_size}, now {now.vocab_size} (the NullTokenizer's vocabulary)"]
-    return [f"{flag}: checkpoint {getattr(stored, key)}, now {getattr(now, key)} (other contents)"
-            for key, flag in (("model", "--tokenizer-model"), ("vocab_file", "--vocab-file"), ("merge_file", "--merge-file"))
-            if not _same_contents(getattr(stored, key), getattr(now, key))]
+        return (
+            []
+            if stored.vocab_size == now.vocab_size
+            else [
+                f"--vocab-size: checkpoint {stored.vocab_size}, now {now.vocab_size} (the NullTokenizer's vocabulary)"
+            ]
+        )
+    return [
+        f"{flag}: checkpoint {getattr(stored, key)}, now {getattr(now, key)} (other contents)"
+        for key, flag in (
+            ("model", "--tokenizer-model"),
+            ("vocab_file", "--vocab-file"),
+            ("merge_file", "--merge-file"),
+        )
+        if not _same_contents(getattr(stored, key), getattr(now, key))
+    ]
 
 
 def _same_contents(a: Optional[str], b: Optional[str]) -> bool:
@@ -534,9 +596,14 @@ def _same_contents(a: Optional[str], b: Optional[str]) -> bool:
     if os.path.isfile(a) and os.path.isfile(b):
         return filecmp.cmp(a, b, shallow=False)
     if os.path.isdir(a) and os.path.isdir(b):
-        names = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(a, n)) or os.path.isfile(os.path.join(b, n))]
-        return all(_same_contents(os.path.join(a, n), os.path.join(b, n)) and
-                   os.path.isfile(os.path.join(a, n)) == os.path.isfile(os.path.join(b, n)) for n in names)
+        names = [
+            n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(a, n)) or os.path.isfile(os.path.join(b, n))
+        ]
+        return all(
+            _same_contents(os.path.join(a, n), os.path.join(b, n))
+            and os.path.isfile(os.path.join(a, n)) == os.path.isfile(os.path.join(b, n))
+            for n in names
+        )
     return False
 
 
@@ -559,7 +626,9 @@ def _model_config_from_flags(saved: dict) -> ModelConfig:
     vocab = saved.get("padded_vocab_size")
     if not vocab:
         tokenizer = ModelConfig.from_flags(saved, padded_vocab_size=1).tokenizer.build()
-        vocab = padded_vocab_size(tokenizer.vocab_size, saved.get("make_vocab_size_divisible_by", 128),
-                                  saved.get("tensor_model_parallel_size", 1))
+        vocab = padded_vocab_size(
+            tokenizer.vocab_size,
+            saved.get("make_vocab_size_divisible_by", 128),
+            saved.get("tensor_model_parallel_size", 1),
+        )
     return ModelConfig.from_flags(saved, padded_vocab_size=vocab)
-

@@ -25,8 +25,9 @@ class ExitSamples:
     agree: Tensor  # [n] 1.0 where the exit's token is the final layer's
 
 
-def collect(model, sequences: Sequence[Sequence[int]], progress=None,
-            use_logits: bool = True) -> Dict[int, ExitSamples]:
+def collect(
+    model, sequences: Sequence[Sequence[int]], progress=None, use_logits: bool = True
+) -> Dict[int, ExitSamples]:
     """Features and targets of every exit at every position of `sequences`, from one
     full-depth prefill each through the decoder (the states it tests when decoding)."""
     out: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
@@ -46,16 +47,19 @@ def collect(model, sequences: Sequence[Sequence[int]], progress=None,
             step = decoder.step([0], [list(seq)], all_logits=True, observe=observe)
             final = step.chunk_logits[0].argmax(-1)
             for n, (logits, hidden) in seen.items():
-                out.setdefault(n, []).append((features(logits if use_logits else None, hidden),
-                                              (logits.argmax(-1) == final).float()))
+                out.setdefault(n, []).append(
+                    (features(logits if use_logits else None, hidden), (logits.argmax(-1) == final).float())
+                )
             if progress is not None and ((i + 1) % 8 == 0 or i + 1 == len(sequences)):
                 progress(i + 1)
-    return {n: ExitSamples(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts]))
-            for n, parts in out.items()}
+    return {
+        n: ExitSamples(torch.cat([f for f, _ in parts]), torch.cat([a for _, a in parts])) for n, parts in out.items()
+    }
 
 
-def fit(samples: Dict[int, ExitSamples], hidden_size: int, steps: int = 200, weight_decay: float = 1e-3,
-        seed: int = 0) -> ConfidenceEstimator:
+def fit(
+    samples: Dict[int, ExitSamples], hidden_size: int, steps: int = 200, weight_decay: float = 1e-3, seed: int = 0
+) -> ConfidenceEstimator:
     """Logistic regression per exit (L-BFGS on the mean binary cross-entropy); the features'
     width says whether the samples carry the logit features."""
     torch.manual_seed(seed)

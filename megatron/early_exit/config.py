@@ -121,15 +121,18 @@ class EarlyExitConfig:
 
     def _validate_weights(self):
         # A negative weight is gradient ascent on that exit's loss; nan or inf poisons every gradient.
-        for flag, values in (("--exit-layer-weight", self.exit_layer_weight),
-                             ("--exit-layer-weight-init", self.exit_layer_weight_init)):
+        for flag, values in (
+            ("--exit-layer-weight", self.exit_layer_weight),
+            ("--exit-layer-weight-init", self.exit_layer_weight_init),
+        ):
             bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
             if bad:
                 raise ConfigError(f"{flag} must be finite and >= 0, got {bad[0]} (in {values})")
         bad = [t for t in self.exit_layer_temperature if not (math.isfinite(t) and t > 0)]
         if bad:
-            raise ConfigError(f"--exit-layer-temperature must be > 0 and finite, got {bad[0]} "
-                              f"(in {self.exit_layer_temperature})")
+            raise ConfigError(
+                f"--exit-layer-temperature must be > 0 and finite, got {bad[0]} (in {self.exit_layer_temperature})"
+            )
 
     def _validate_heads(self):
         if self.use_exit_mlp and self.use_exit_block:
@@ -142,14 +145,19 @@ class EarlyExitConfig:
     def _validate_schedules(self):
         if self.exit_layer_weight_warmup_style not in WARMUP_STYLES:
             raise ConfigError(
-                f"--exit-layer-weight-warmup-style must be one of {WARMUP_STYLES}, got {self.exit_layer_weight_warmup_style!r}"
+                f"--exit-layer-weight-warmup-style must be one of {WARMUP_STYLES}, got "
+                f"{self.exit_layer_weight_warmup_style!r}"
             )
         if self.exit_layer_weight_warmup_iters < 0:
-            raise ConfigError(f"--exit-layer-weight-warmup-iters must be >= 0, got {self.exit_layer_weight_warmup_iters}")
+            raise ConfigError(
+                f"--exit-layer-weight-warmup-iters must be >= 0, got {self.exit_layer_weight_warmup_iters}"
+            )
         if not 0.0 <= self.layer_dropout_max < 1.0:
             raise ConfigError(f"--layer-dropout-max must be in [0, 1), got {self.layer_dropout_max}")
         if self.layer_dropout_style not in LAYER_DROPOUT_STYLES:
-            raise ConfigError(f"--layer-dropout-style must be one of {LAYER_DROPOUT_STYLES}, got {self.layer_dropout_style!r}")
+            raise ConfigError(
+                f"--layer-dropout-style must be one of {LAYER_DROPOUT_STYLES}, got {self.layer_dropout_style!r}"
+            )
         if self.exit_curriculum not in CURRICULA:
             raise ConfigError(f"--exit-curriculum must be one of {CURRICULA}, got {self.exit_curriculum!r}")
         if self.exit_curriculum == "rotational" and self.exit_curriculum_rotation < 1:
@@ -167,7 +175,8 @@ class EarlyExitConfig:
             raise ConfigError(f"--exit-distill-warmup-iters must be >= 0, got {self.exit_distill_warmup_iters}")
         if self.exit_distill_warmup_style not in WARMUP_STYLES:
             raise ConfigError(
-                f"--exit-distill-warmup-style must be one of {WARMUP_STYLES}, got {self.exit_distill_warmup_style!r}")
+                f"--exit-distill-warmup-style must be one of {WARMUP_STYLES}, got {self.exit_distill_warmup_style!r}"
+            )
         if self.exit_distill_weight > 0 and not self.exit_layer_nums:
             raise ConfigError("--exit-distill-weight needs --exit-layer-nums")
 
@@ -181,8 +190,14 @@ class EarlyExitConfig:
 
     # Fields that decide the exits' parameters and what they read: they must agree with
     # a checkpoint's. The loss weights and schedules may change between runs.
-    STRUCTURE_FIELDS = ("exit_layer_nums", "use_exit_norm", "use_exit_mlp", "use_exit_block",
-                        "untie_exit_output_weights", "pre_exit")
+    STRUCTURE_FIELDS = (
+        "exit_layer_nums",
+        "use_exit_norm",
+        "use_exit_mlp",
+        "use_exit_block",
+        "untie_exit_output_weights",
+        "pre_exit",
+    )
 
     @classmethod
     def flag_names(cls) -> List[str]:
@@ -199,8 +214,11 @@ class EarlyExitConfig:
 
     def structure_differences(self, other: "EarlyExitConfig") -> List[str]:
         """`--flag: checkpoint X, now Y` for each structure field that differs (self: the checkpoint's)."""
-        return [f"--{k.replace('_', '-')}: checkpoint {getattr(self, k)}, now {getattr(other, k)}"
-                for k in self.STRUCTURE_FIELDS if k != "exit_layer_nums" and getattr(self, k) != getattr(other, k)]
+        return [
+            f"--{k.replace('_', '-')}: checkpoint {getattr(self, k)}, now {getattr(other, k)}"
+            for k in self.STRUCTURE_FIELDS
+            if k != "exit_layer_nums" and getattr(self, k) != getattr(other, k)
+        ]
 
     # -- schedules ----------------------------------------------------------
 
@@ -214,17 +232,23 @@ class EarlyExitConfig:
 
     def exit_weights(self, iteration: int) -> List[float]:
         """Loss weight of each exit at `iteration` (warm-up schedule, then curriculum)."""
-        weights = [self._warmed_up(init, final, iteration) for init, final in zip(self.exit_layer_weight_init, self.exit_layer_weight)]
+        weights = [
+            self._warmed_up(init, final, iteration)
+            for init, final in zip(self.exit_layer_weight_init, self.exit_layer_weight)
+        ]
         active = self.active_exits(iteration)
         return [w if on else 0.0 for w, on in zip(weights, active)]
 
     def _warmed_up(self, init: float, final: float, iteration: int) -> float:
-        return _warm_up(init, final, iteration, self.exit_layer_weight_warmup_iters, self.exit_layer_weight_warmup_style)
+        return _warm_up(
+            init, final, iteration, self.exit_layer_weight_warmup_iters, self.exit_layer_weight_warmup_style
+        )
 
     def distill_weight(self, iteration: int) -> float:
         """Share of distillation in each exit's loss at `iteration` (0: labels only)."""
-        return _warm_up(0.0, self.exit_distill_weight, iteration, self.exit_distill_warmup_iters,
-                        self.exit_distill_warmup_style)
+        return _warm_up(
+            0.0, self.exit_distill_weight, iteration, self.exit_distill_warmup_iters, self.exit_distill_warmup_style
+        )
 
     def active_exits(self, iteration: int) -> List[bool]:
         """LayerSkip curricula: which exits contribute a loss at `iteration`."""

@@ -70,7 +70,7 @@ class _VocabParallelKL(torch.autograd.Function):
         ctx.save_for_backward(log_student.exp(), p_teacher)
         ctx.temperature = temperature
         ctx.student_dtype = student.dtype
-        return kl * temperature ** 2
+        return kl * temperature**2
 
     @staticmethod
     def backward(ctx, grad: Tensor):

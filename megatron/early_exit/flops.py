@@ -29,7 +29,9 @@ def output_layer_flops(config: TransformerConfig, tokens: int, vocab_size: int) 
     return 2.0 * tokens * config.hidden_size * vocab_size
 
 
-def exit_heads_flops(config: TransformerConfig, ee_config: EarlyExitConfig, tokens: int, seq_length: int, vocab_size: int) -> float:
+def exit_heads_flops(
+    config: TransformerConfig, ee_config: EarlyExitConfig, tokens: int, seq_length: int, vocab_size: int
+) -> float:
     """Forward FLOPs of all exit heads."""
     per_exit = output_layer_flops(config, tokens, vocab_size)
     if ee_config.use_exit_block:

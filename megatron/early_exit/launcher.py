@@ -34,8 +34,11 @@ def watch_launcher(interval: float = 1.0) -> bool:
     def watch():
         while os.getppid() == launcher:
             time.sleep(interval)
-        print(f"error: the torchrun launcher (PID {launcher}) is gone; this worker (PID {os.getpid()}) exits",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: the torchrun launcher (PID {launcher}) is gone; this worker (PID {os.getpid()}) exits",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)  # at once: the other ranks may be waiting in a collective that will never finish
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
@@ -69,6 +72,8 @@ def _launcher_argv() -> List[str]:
 def signal_handling_note() -> str:
     """What a run with --exit-signal-handler under torchrun says at start."""
     grace, source = shutdown_grace_seconds()
-    return (f" --exit-signal-handler: on SIGTERM every rank finishes its iteration, saves and exits 0; torchrun, when "
-            f"signalled too, kills the workers {grace:g} s later ({source}): a save must fit in that time (raise it "
-            f"with torchrun --shutdown-timeout SECONDS; docs/training.md)")
+    return (
+        f" --exit-signal-handler: on SIGTERM every rank finishes its iteration, saves and exits 0; torchrun, when "
+        f"signalled too, kills the workers {grace:g} s later ({source}): a save must fit in that time (raise it "
+        f"with torchrun --shutdown-timeout SECONDS; docs/training.md)"
+    )

@@ -89,7 +89,9 @@ class StageMemory:
         (alive while the layers' backward runs) never coexist: the larger of them counts."""
         t = self.terms
         heads = sum(t[n] for n in HEAD_TERMS)
-        return sum(v for n, v in t.items() if n not in HEAD_TERMS and n != "backward buffer") + max(heads, t["backward buffer"])
+        return sum(v for n, v in t.items() if n not in HEAD_TERMS and n != "backward buffer") + max(
+            heads, t["backward buffer"]
+        )
 
     @property
     def largest(self) -> str:
@@ -126,16 +128,27 @@ def parameter_counts(model: ModelConfig, shape: TrainingShape) -> List[int]:
     for u in range(pp * v):
         n = layer * model.num_layers // (pp * v)
         if u == 0:
-            n += vocab + (model.max_position_embeddings * h if model.position_embedding_type == "learned_absolute" else 0)
+            n += vocab + (
+                model.max_position_embeddings * h if model.position_embedding_type == "learned_absolute" else 0
+            )
         if u == last:
             n += norm + (vocab if model.untie_embeddings_and_output_weights or last > 0 else 0)
         exits = [e for e in ee.exit_layer_nums if _virtual_stage(e, model.num_layers, pp, v) == u]
         for _ in exits:
-            n += (norm if ee.use_exit_norm else 0) + (mlp if ee.use_exit_mlp else 0) + (layer if ee.use_exit_block else 0)
+            n += (
+                (norm if ee.use_exit_norm else 0)
+                + (mlp if ee.use_exit_mlp else 0)
+                + (layer if ee.use_exit_block else 0)
+            )
             n += vocab if ee.untie_exit_output_weights else 0
         # Each chunk with tied exits keeps its own copy of the word embedding (unless it
         # holds the embedding, or the tied output layer serves as the copy).
-        tied_copy = exits and not ee.untie_exit_output_weights and u > 0 and not (u == last and not model.untie_embeddings_and_output_weights)
+        tied_copy = (
+            exits
+            and not ee.untie_exit_output_weights
+            and u > 0
+            and not (u == last and not model.untie_embeddings_and_output_weights)
+        )
         counts[u % pp] += n + (vocab if tied_copy else 0)
     return counts
 
@@ -151,7 +164,11 @@ def stage_plan(shape: TrainingShape) -> List[List[Action]]:
     """The training plan of every stage: interleaved with model chunks, else 1F1B (fill items
     included)."""
     pp, m = shape.pipeline_model_parallel_size, shape.num_microbatches
-    return interleaved_plan(pp, m, shape.num_model_chunks) if shape.num_model_chunks > 1 else pipeline_plan(pp, m, shape.fill)
+    return (
+        interleaved_plan(pp, m, shape.num_model_chunks)
+        if shape.num_model_chunks > 1
+        else pipeline_plan(pp, m, shape.fill)
+    )
 
 
 def max_in_flight(shape: TrainingShape, chunk: Optional[int] = None) -> List[int]:
@@ -177,8 +194,11 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
     s, b, h, v = shape.seq_length, shape.micro_batch_size, model.hidden_size, model.padded_vocab_size
     sbh = s * b * h
     boundary = sbh / (tp if shape.sequence_parallel else 1)
-    layer_bytes = dtype * (k["boundary"] * boundary + k["attention"] * sbh / tp
-                           + (k["mlp_gated"] if model.swiglu else k["mlp"]) * s * b * model.ffn_hidden_size / tp)
+    layer_bytes = dtype * (
+        k["boundary"] * boundary
+        + k["attention"] * sbh / tp
+        + (k["mlp_gated"] if model.swiglu else k["mlp"]) * s * b * model.ffn_hidden_size / tp
+    )
     scores = b * model.num_attention_heads // tp * s * s * dtype
     dropout_scores = scores * (1 + 1 / dtype) if model.attention_dropout > 0 and k["scores"] else 0.0
     selective = shape.recompute.granularity == "selective"
@@ -193,25 +213,35 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
     v = shape.num_model_chunks
     out = []
     for stage in range(pp):
-        exits = [e for e in model.early_exit.exit_layer_nums if _virtual_stage(e, model.num_layers, pp, v) % pp == stage]
+        exits = [
+            e for e in model.early_exit.exit_layer_nums if _virtual_stage(e, model.num_layers, pp, v) % pp == stage
+        ]
         # Per in-flight forward: one chunk's layers (recompute units count a chunk's own).
         kept, buffer = _layer_activations(shape.recompute, layers_per_stage // v, layer_bytes, dtype * boundary)
         exit_norm = dtype * boundary * 3 if model.early_exit.use_exit_norm else 0.0
         # Without --recompute-exit-heads every exit's logits are saved together before the
         # backward; with it, one exit's logits exist at a time (its no-grad forward, then
         # its recomputation); a chunk's heads run in its own backward, apart from the others'.
-        chunk_exits = max(sum(_virtual_stage(e, model.num_layers, pp, v) == c * pp + stage for e in exits) for c in range(v))
+        chunk_exits = max(
+            sum(_virtual_stage(e, model.num_layers, pp, v) == c * pp + stage for e in exits) for c in range(v)
+        )
         exit_heads = min(1, chunk_exits) if shape.recompute.exit_heads else chunk_exits
         has_head = stage == pp - 1 or exits
         ee = model.early_exit
         # An exit MLP keeps the layer MLP's saved tensors and its pre-MLP norm's; an exit block a layer's.
-        exit_mlp = dtype * ((k["mlp_gated"] if model.swiglu else k["mlp"]) * s * b * model.ffn_hidden_size / tp
-                            + 2 * boundary) if ee.use_exit_mlp else 0.0
+        exit_mlp = (
+            dtype * ((k["mlp_gated"] if model.swiglu else k["mlp"]) * s * b * model.ffn_hidden_size / tp + 2 * boundary)
+            if ee.use_exit_mlp
+            else 0.0
+        )
         exit_block = layer_bytes if ee.use_exit_block else 0.0
         # Teacher copy (params dtype) and fp32 log-probabilities, then each exit's KL keeps two
         # fp32 probability tensors: all of vocabulary size.
-        distill = (logits * (dtype / 4 + 1) + exit_heads * 2 * logits
-                   if ee.exit_distill_weight > 0 and exits and stage == pp - 1 else 0.0)
+        distill = (
+            logits * (dtype / 4 + 1) + exit_heads * 2 * logits
+            if ee.exit_distill_weight > 0 and exits and stage == pp - 1
+            else 0.0
+        )
         terms = {
             "parameters": params[stage] * dtype,
             "gradients": params[stage] * 4,  # fp32 buffer (grad_reduce_in_fp32 in bf16/fp16)
@@ -233,7 +263,9 @@ def estimate(model: ModelConfig, shape: TrainingShape) -> List[StageMemory]:
 def _layer_activations(recompute: RecomputeConfig, num_layers: int, layer_bytes: float, input_bytes: float):
     """(kept per in-flight microbatch, buffer while one recomputed unit runs backward)."""
     kept, buffer = 0.0, 0.0
-    for start, end, recomputed in recompute_units(num_layers, recompute.granularity, recompute.method, recompute.num_layers):
+    for start, end, recomputed in recompute_units(
+        num_layers, recompute.granularity, recompute.method, recompute.num_layers
+    ):
         if recomputed:
             kept += input_bytes
             buffer = max(buffer, (end - start) * layer_bytes)
@@ -259,8 +291,10 @@ def format_table(stages: List[StageMemory], gpu_memory_gb: Optional[float] = Non
     if gpu_memory_gb is not None:
         margin = gpu_margin_gb(worst.total)
         verdict = "fits" if worst.total / GB + margin <= gpu_memory_gb else "does NOT fit"
-        summary += (f"; {verdict} in {gpu_memory_gb:g} GB GPUs with a margin of {margin:.2f} GB (CUDA context and "
-                    f"communication buffers {CUDA_RESERVE_GB:g} GB, allocator fragmentation {ALLOCATOR_MARGIN:.0%})")
+        summary += (
+            f"; {verdict} in {gpu_memory_gb:g} GB GPUs with a margin of {margin:.2f} GB (CUDA context and "
+            f"communication buffers {CUDA_RESERVE_GB:g} GB, allocator fragmentation {ALLOCATOR_MARGIN:.0%})"
+        )
     return "\n".join(lines + [summary])
 
 

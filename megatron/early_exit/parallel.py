@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
+
 from megatron.early_exit import platform
 from megatron.early_exit.errors import ConfigError
 
@@ -50,8 +50,7 @@ def resolve_device(device: str | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParallelConfigError(
-            f"device '{device}' was requested but CUDA is not available on this machine; "
-            "use --device cpu"
+            f"device '{device}' was requested but CUDA is not available on this machine; use --device cpu"
         )
     if dev.type == "cuda" and platform.is_applied():
         raise ParallelConfigError(
@@ -71,8 +70,10 @@ def local_cuda_index() -> int:
     """This process's GPU: its LOCAL_RANK (one process per GPU, as NCCL needs)."""
     local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= count:
-        raise ParallelConfigError(f"LOCAL_RANK {local_rank} has no GPU: this host has {count} CUDA device(s), one per "
-                                  "process; start at most that many processes per host (--nproc-per-node), or use --device cpu")
+        raise ParallelConfigError(
+            f"LOCAL_RANK {local_rank} has no GPU: this host has {count} CUDA device(s), one per "
+            "process; start at most that many processes per host (--nproc-per-node), or use --device cpu"
+        )
     return local_rank
 
 

@@ -337,9 +337,7 @@ def apply(target_device=None) -> bool:
     random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
-        clip_grads.clip_grad_by_total_norm_fp32
-    )
+    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     for cls, attr in (
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),

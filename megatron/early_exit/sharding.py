@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, Tuple
 
 import torch
-
 from megatron.core import parallel_state
 
 
@@ -47,9 +46,7 @@ def gather_full_tensor(local: torch.Tensor, param: torch.Tensor, name: str, gate
     dim = param.partition_dim
     nblocks = _num_chunks(name, gated)
     per_rank_blocks = [p.chunk(nblocks, dim=dim) for p in parts]
-    return torch.cat(
-        [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(nblocks)], dim=dim
-    )
+    return torch.cat([torch.cat([blocks[b] for blocks in per_rank_blocks], dim=dim) for b in range(nblocks)], dim=dim)
 
 
 def _named(model: torch.nn.Module) -> Iterable[Tuple[str, torch.nn.Parameter]]:
@@ -75,4 +72,4 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False, gated: bool | N
 
 
 def _strip_wrapper(name: str) -> str:
-    return name[len("module."):] if name.startswith("module.") else name
+    return name[len("module.") :] if name.startswith("module.") else name

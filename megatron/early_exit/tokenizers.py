@@ -76,9 +76,7 @@ class Tokenizer(ABC):
     @property
     def unique_identifiers(self) -> OrderedDict:
         """What megatron-core's dataset cache hashes to tell tokenizers apart."""
-        return OrderedDict(
-            {"class": f"{type(self).__module__}.{type(self).__qualname__}", **self._identity()}
-        )
+        return OrderedDict({"class": f"{type(self).__module__}.{type(self).__qualname__}", **self._identity()})
 
     def _identity(self) -> dict:
         return {}
@@ -191,8 +189,10 @@ class Llama2Tokenizer(SentencePieceTokenizer):
     def __init__(self, model_file: str) -> None:
         super().__init__(model_file)
         if self._sp.bos_id() < 0:
-            raise TokenizerError(f"--tokenizer-model {model_file}: the model has no bos piece, which Llama2Tokenizer "
-                                 "puts before every text (use --tokenizer-type SentencePieceTokenizer)")
+            raise TokenizerError(
+                f"--tokenizer-model {model_file}: the model has no bos piece, which Llama2Tokenizer "
+                "puts before every text (use --tokenizer-type SentencePieceTokenizer)"
+            )
 
     def tokenize(self, text: str) -> list[int]:
         return [self._sp.bos_id()] + super().tokenize(text)
@@ -281,9 +281,7 @@ def _read_vocab_json(path: str) -> dict[str, int]:
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(
-            f"--vocab-file {path}: not a GPT-2 vocab.json ({_first_line(exc)})"
-        ) from None
+        raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json ({_first_line(exc)})") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json (expected {{token: id}})")
     return vocab
@@ -313,8 +311,7 @@ class HuggingFaceTokenizer(_HFLibraryTokenizer):
             tok = HFTokenizer.from_file(self.tokenizer_file)
         except Exception as exc:  # the Rust library raises plain Exception
             raise TokenizerError(
-                f"--tokenizer-model {self.tokenizer_file}: not a Hugging Face tokenizer.json "
-                f"({_first_line(exc)})"
+                f"--tokenizer-model {self.tokenizer_file}: not a Hugging Face tokenizer.json ({_first_line(exc)})"
             ) from None
         super().__init__(tok, add_special_tokens=True)
         config = _special_tokens_config(os.path.dirname(self.tokenizer_file))
@@ -534,7 +531,5 @@ def train_sentencepiece(
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as exc:
-        raise TokenizerError(
-            f"training SentencePiece on {input_text_file} failed: {_first_line(exc)}"
-        ) from None
+        raise TokenizerError(f"training SentencePiece on {input_text_file} failed: {_first_line(exc)}") from None
     return model_prefix + ".model"

@@ -69,8 +69,11 @@ def case_distributed_optimizer_state_gathered_on_one_rank():
 
     def held(metadata):
         state = optimizer.sharded_state_dict(checkpointing.model_sharded_state(model), metadata=metadata)["param_state"]
-        return sum(t.data.numel() * t.data.element_size() for t in nested_values(state or {})
-                   if isinstance(t, (ShardedTensor, ShardedTensorFactory)))
+        return sum(
+            t.data.numel() * t.data.element_size()
+            for t in nested_values(state or {})
+            if isinstance(t, (ShardedTensor, ShardedTensorFactory))
+        )
 
     full = 3 * 4 * sum(p.numel() for p in model.parameters())  # fp32 main parameter and Adam's two moments
     efficient, everywhere = held(metadata), held({**metadata, "distrib_optim_fully_reshardable_mem_efficient": False})

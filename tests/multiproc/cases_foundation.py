@@ -4,10 +4,10 @@ import torch
 
 from megatron.early_exit.parallel import initialize_parallel, set_seed
 from megatron.early_exit.sharding import full_state_dict
-from tests.helpers import load_full_state_dict
 from tests.helpers import (
     allreduce_sequence_parallel_grads,
     build_gpt,
+    load_full_state_dict,
     make_batch,
     max_abs_diff,
     tiny_transformer_config,
@@ -93,9 +93,17 @@ def _ddp_step_vs_adamw(use_distributed_optimizer):
     )
     # The scheduler applies each group's wd_mult (0 for norms and biases), as in training.
     OptimizerParamScheduler(
-        opt, init_lr=hp["lr"], max_lr=hp["lr"], min_lr=hp["lr"], lr_warmup_steps=0, lr_decay_steps=1,
-        lr_decay_style="constant", start_wd=hp["weight_decay"], end_wd=hp["weight_decay"],
-        wd_incr_steps=1, wd_incr_style="constant",
+        opt,
+        init_lr=hp["lr"],
+        max_lr=hp["lr"],
+        min_lr=hp["lr"],
+        lr_warmup_steps=0,
+        lr_decay_steps=1,
+        lr_decay_style="constant",
+        start_wd=hp["weight_decay"],
+        end_wd=hp["weight_decay"],
+        wd_incr_steps=1,
+        wd_incr_style="constant",
     )
     ddp.zero_grad_buffer()
     opt.zero_grad()

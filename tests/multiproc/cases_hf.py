@@ -9,12 +9,12 @@ or test_hf_families.py through EE_HF_CHECKPOINT and EE_HF_REFERENCE.
 import os
 
 import torch
-
 from megatron.core import parallel_state
-from megatron.early_exit.training.arguments import stored_args
+
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.training import checkpointing
+from megatron.early_exit.training.arguments import stored_args
 from megatron.early_exit.training.trainer import build_model
 
 
@@ -47,8 +47,12 @@ def case_tp2_pp2_logits_match_one_process():
     assert len(model.decoder.layers) == args.num_layers // 2
 
     tokens, position_ids = reference["tokens"], reference["position_ids"]
-    links = StageLinks(parallel_state.get_pipeline_model_parallel_group(),
-                       (tokens.shape[1], tokens.shape[0], args.hidden_size), torch.float32, torch.device("cpu"))
+    links = StageLinks(
+        parallel_state.get_pipeline_model_parallel_group(),
+        (tokens.shape[1], tokens.shape[0], args.hidden_size),
+        torch.float32,
+        torch.device("cpu"),
+    )
     with torch.no_grad():
         if not parallel_state.is_pipeline_first_stage():
             model.set_input_tensor(links.recv_forward())
@@ -59,7 +63,9 @@ def case_tp2_pp2_logits_match_one_process():
         diffs = {}
         for pending in out.exits:
             logits = _gather_vocab(pending.compute_logits()).transpose(0, 1)  # [s, b, v] -> [b, s, v]
-            diffs[f"exit {pending.layer_number}"] = float((logits - reference["exits"][pending.layer_number]).abs().max())
+            diffs[f"exit {pending.layer_number}"] = float(
+                (logits - reference["exits"][pending.layer_number]).abs().max()
+            )
         if out.final is not None:
             diffs["final"] = float((_gather_vocab(out.final) - reference["final"]).abs().max())
     diffs = _max_diff_over_pipeline(diffs)

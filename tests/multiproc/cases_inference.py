@@ -11,8 +11,7 @@ from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.inference import EarlyExit, FullDepth, SamplingParams, SelfSpeculative, generate
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.sharding import full_state_dict
-from tests.helpers import load_full_state_dict
-from tests.helpers import tiny_transformer_config
+from tests.helpers import load_full_state_dict, tiny_transformer_config
 
 PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
 
@@ -22,8 +21,13 @@ def _build(num_query_groups, **exit_flags):
 
     torch.manual_seed(0)
     config = tiny_transformer_config(num_layers=4, num_query_groups=num_query_groups, init_method_std=0.3)
-    return EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[1, 3], **exit_flags), vocab_size=96,
-                             max_sequence_length=64, share_embeddings_and_output_weights=False).eval()
+    return EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=[1, 3], **exit_flags),
+        vocab_size=96,
+        max_sequence_length=64,
+        share_embeddings_and_output_weights=False,
+    ).eval()
 
 
 def _tp2_vs_tp1(strategy, sampling=SamplingParams(), num_query_groups=2, max_new_tokens=16, **exit_flags):
@@ -63,8 +67,13 @@ def case_early_exit_propagate_saturation():
 
 def case_early_exit_untied_mlp_exits_one_kv_group():
     # One K/V group on two ranks: megatron-core gathers the fused QKV and each rank keeps the group.
-    metrics = _tp2_vs_tp1(EarlyExit(0.15, "margin", "recompute"), num_query_groups=1,
-                          use_exit_norm=True, use_exit_mlp=True, untie_exit_output_weights=True)
+    metrics = _tp2_vs_tp1(
+        EarlyExit(0.15, "margin", "recompute"),
+        num_query_groups=1,
+        use_exit_norm=True,
+        use_exit_mlp=True,
+        untie_exit_output_weights=True,
+    )
     assert metrics["early_tokens"] > 0
     return metrics
 
@@ -76,7 +85,9 @@ def case_self_speculative():
 
 
 def case_sampled_early_exit():
-    return _tp2_vs_tp1(EarlyExit(0.35), SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7), use_exit_norm=True)
+    return _tp2_vs_tp1(
+        EarlyExit(0.35), SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7), use_exit_norm=True
+    )
 
 
 def case_checkpoint_saved_at_tp1_decodes_at_tp2():

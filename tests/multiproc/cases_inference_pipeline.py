@@ -4,7 +4,6 @@ tokens, restricted exits, a pre-exit read before stage 2's first layer, and TP=1
 against TP=1 x PP=1 with the same weights (2 processes)."""
 
 import torch
-
 from megatron.core import parallel_state
 
 from megatron.early_exit.config import EarlyExitConfig
@@ -12,8 +11,7 @@ from megatron.early_exit.inference import EarlyExit, FullDepth, SamplingParams, 
 from megatron.early_exit.models.init import canonical_name
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.sharding import full_state_dict
-from tests.helpers import load_full_state_dict
-from tests.helpers import tiny_transformer_config
+from tests.helpers import load_full_state_dict, tiny_transformer_config
 
 PROMPTS = [[5, 17, 3], [40, 2, 77, 13, 8, 61, 9, 30], [11, 12, 13, 14, 15]]
 
@@ -22,11 +20,18 @@ def _build(max_sequence_length=64, **exit_flags):
     from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 
     torch.manual_seed(0)
-    config = tiny_transformer_config(num_layers=4, num_query_groups=2, init_method_std=0.3, pipeline_dtype=torch.float32)
-    return EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[1, 3], **exit_flags), vocab_size=96,
-                             max_sequence_length=max_sequence_length, share_embeddings_and_output_weights=False,
-                             pre_process=parallel_state.is_pipeline_first_stage(),
-                             post_process=parallel_state.is_pipeline_last_stage()).eval()
+    config = tiny_transformer_config(
+        num_layers=4, num_query_groups=2, init_method_std=0.3, pipeline_dtype=torch.float32
+    )
+    return EarlyExitGPTModel(
+        config,
+        EarlyExitConfig(exit_layer_nums=[1, 3], **exit_flags),
+        vocab_size=96,
+        max_sequence_length=max_sequence_length,
+        share_embeddings_and_output_weights=False,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).eval()
 
 
 def _load_stage(model, weights):
@@ -72,7 +77,9 @@ def case_early_exit_rows_leave_on_both_stages():
 def case_sampled_with_stop_tokens():
     sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
     initialize_parallel(1, 1, seed=3)
-    free = generate(_build(use_exit_norm=True), PROMPTS, EarlyExit(0.3, kv="pipeline"), max_new_tokens=16, sampling=sampling)
+    free = generate(
+        _build(use_exit_norm=True), PROMPTS, EarlyExit(0.3, kv="pipeline"), max_new_tokens=16, sampling=sampling
+    )
     stop = free.tokens[1][3]  # row 1 must stop after at most 4 tokens
     metrics = _pp2_vs_pp1(EarlyExit(0.3, kv="pipeline"), sampling=sampling, stop_tokens=(stop,), use_exit_norm=True)
     assert metrics["tokens"] < sum(len(t) for t in free.tokens)
@@ -80,8 +87,12 @@ def case_sampled_with_stop_tokens():
 
 
 def case_untied_mlp_heads_saturation():
-    return _pp2_vs_pp1(EarlyExit(0.7, "saturation", kv="pipeline"), use_exit_norm=True, use_exit_mlp=True,
-                       untie_exit_output_weights=True)
+    return _pp2_vs_pp1(
+        EarlyExit(0.7, "saturation", kv="pipeline"),
+        use_exit_norm=True,
+        use_exit_mlp=True,
+        untie_exit_output_weights=True,
+    )
 
 
 def case_restricted_exits_and_pre_exit_on_stage_two():
@@ -104,8 +115,7 @@ def case_links_hold_a_bounded_number_of_tensors():
 
     pipeline._Links = Recorded
     try:
-        metrics = _pp2_vs_pp1(EarlyExit(0.35, kv="pipeline"), max_new_tokens=64, max_seq=80,
-                              use_exit_norm=True)
+        metrics = _pp2_vs_pp1(EarlyExit(0.35, kv="pipeline"), max_new_tokens=64, max_seq=80, use_exit_norm=True)
     finally:
         pipeline._Links = Recorded.__bases__[0]
     links = made[-1]

@@ -9,8 +9,8 @@ the trainer (interleaved PP=2 x 2, DP=2), save a checkpoint and read it back in 
 import os
 
 import torch
-
 from megatron.core import parallel_state
+
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.init import initialize_layout_invariant
@@ -22,7 +22,16 @@ from megatron.early_exit.pipeline.plan import check_plan
 from megatron.early_exit.pipeline.schedules import run_schedule
 from tests.helpers import tiny_transformer_config
 from tests.multiproc.cases_pipeline import (
-    LAYERS, MBS, SEED, SEQ, VOCAB, _batches, _canonical_grads, _forward_step, _gather_pipeline, _reference,
+    LAYERS,
+    MBS,
+    SEED,
+    SEQ,
+    VOCAB,
+    _batches,
+    _canonical_grads,
+    _forward_step,
+    _gather_pipeline,
+    _reference,
 )
 
 DATA = os.environ.get("EE_TEST_DATA")
@@ -32,17 +41,30 @@ CHUNKS = 2
 
 def _build_chunks(ee_config, tied_model, pp, recompute=RecomputeConfig()):
     rank = parallel_state.get_pipeline_model_parallel_rank()
-    config = tiny_transformer_config(num_layers=LAYERS, pipeline_dtype=torch.float32,
-                                     virtual_pipeline_model_parallel_size=CHUNKS, **recompute.transformer_config_kwargs())
+    config = tiny_transformer_config(
+        num_layers=LAYERS,
+        pipeline_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=CHUNKS,
+        **recompute.transformer_config_kwargs(),
+    )
     chunks = []
     for c in range(CHUNKS):
         model = EarlyExitGPTModel(
-            config, ee_config, VOCAB, SEQ, pre_process=(rank, c) == (0, 0), post_process=(rank, c) == (pp - 1, CHUNKS - 1),
-            share_embeddings_and_output_weights=tied_model, vp_stage=c, recompute_exit_heads=recompute.exit_heads,
+            config,
+            ee_config,
+            VOCAB,
+            SEQ,
+            pre_process=(rank, c) == (0, 0),
+            post_process=(rank, c) == (pp - 1, CHUNKS - 1),
+            share_embeddings_and_output_weights=tied_model,
+            vp_stage=c,
+            recompute_exit_heads=recompute.exit_heads,
         )
         initialize_layout_invariant(model, SEED, 0.02, LAYERS)
         first = LAYERS // (pp * CHUNKS) * (c * pp + rank) + 1
-        assert [layer.layer_number for layer in model.decoder.layers] == list(range(first, first + LAYERS // (pp * CHUNKS)))
+        assert [layer.layer_number for layer in model.decoder.layers] == list(
+            range(first, first + LAYERS // (pp * CHUNKS))
+        )
         chunks.append(model)
     return chunks
 
@@ -55,10 +77,20 @@ def _interleaved(ee_config, tied_model, pp, m, recompute=RecomputeConfig(), on_c
         on_chunks(chunks)
     plan = interleaved_plan(pp, m, CHUNKS)
     check_plan(plan)
-    links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (SEQ, MBS, chunks[0].config.hidden_size),
-                       torch.float32, torch.device("cpu"))
-    reports = run_schedule(plan[parallel_state.get_pipeline_model_parallel_rank()], _forward_step(ee_config),
-                           _batches(parallel_state.get_data_parallel_rank(), m), chunks, m, links)
+    links = StageLinks(
+        parallel_state.get_pipeline_model_parallel_group(),
+        (SEQ, MBS, chunks[0].config.hidden_size),
+        torch.float32,
+        torch.device("cpu"),
+    )
+    reports = run_schedule(
+        plan[parallel_state.get_pipeline_model_parallel_rank()],
+        _forward_step(ee_config),
+        _batches(parallel_state.get_data_parallel_rank(), m),
+        chunks,
+        m,
+        links,
+    )
     assert links.in_flight == 0
     dp_group = parallel_state.get_data_parallel_group()
     for chunk in chunks:
@@ -122,13 +154,18 @@ def case_pp2_v2_tied_exits_untied_model_six_microbatches():
 
 # -- recomputation on chunks ---------------------------------------------------------
 
-RECOMPUTE_SETTINGS = [RecomputeConfig("full", "uniform", 1), RecomputeConfig("full", "uniform", 1, exit_heads=True),
-                      RecomputeConfig("full", "block", 1), RecomputeConfig(exit_heads=True)]
+RECOMPUTE_SETTINGS = [
+    RecomputeConfig("full", "uniform", 1),
+    RecomputeConfig("full", "uniform", 1, exit_heads=True),
+    RecomputeConfig("full", "block", 1),
+    RecomputeConfig(exit_heads=True),
+]
 
 
 def _count_calls(chunks, calls):
     """Forward calls of each layer's core attention and each exit's output layer, keyed
     by (chunk, local layer index) and ("exit", layer number)."""
+
     def counter(key):
         calls[key] = 0
         return lambda *unused: calls.__setitem__(key, calls[key] + 1)
@@ -143,8 +180,14 @@ def _count_calls(chunks, calls):
 def _expected_calls(recompute, m, layers_per_chunk, exits):
     """Calls per training step: once per microbatch, twice where recomputed. Units count
     each chunk's own layers (local index 0 is the chunk's first layer, whatever its number)."""
-    recomputed = {start for start, end, r in recompute_units(layers_per_chunk, recompute.granularity, recompute.method,
-                                                             recompute.num_layers) if r for start in range(start, end)}
+    recomputed = {
+        start
+        for start, end, r in recompute_units(
+            layers_per_chunk, recompute.granularity, recompute.method, recompute.num_layers
+        )
+        if r
+        for start in range(start, end)
+    }
     calls = {(c, i): m * (2 if i in recomputed else 1) for c in range(CHUNKS) for i in range(layers_per_chunk)}
     calls.update({("exit", num): m * (2 if recompute.exit_heads else 1) for num in exits})
     return calls
@@ -159,7 +202,9 @@ def case_pp2_v2_recomputation_equals_none():
     grad_diff = loss_diff = 0.0
     for recompute in RECOMPUTE_SETTINGS:
         calls = {}
-        got, reports = _interleaved(ee_config, True, pp, m, recompute, on_chunks=lambda chunks: _count_calls(chunks, calls))
+        got, reports = _interleaved(
+            ee_config, True, pp, m, recompute, on_chunks=lambda chunks: _count_calls(chunks, calls)
+        )
         local_exits = [n for n in EXITS["exit_layer_nums"] if layer_place(n, LAYERS, pp, CHUNKS)[0] == rank]
         assert calls == _expected_calls(recompute, m, per_chunk, local_exits), (recompute, calls)
         assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
@@ -178,8 +223,12 @@ def case_pp2_v2_recomputation_equals_none():
 
 # -- training, checkpoints across layouts -----------------------------------------
 
-TRAIN_FLAGS = {"--num-layers": 8, "--exit-layer-nums": "2 5 7", "--exit-layer-weight": "0.3 0.3 0.3",
-               "--pipeline-model-parallel-size": 2}
+TRAIN_FLAGS = {
+    "--num-layers": 8,
+    "--exit-layer-nums": "2 5 7",
+    "--exit-layer-weight": "0.3 0.3 0.3",
+    "--pipeline-model-parallel-size": 2,
+}
 
 
 def _pipeline_logits(model, tokens, pos):
@@ -188,7 +237,10 @@ def _pipeline_logits(model, tokens, pos):
     from megatron.early_exit.pipeline.interleaved import model_chunks
 
     chunks = [c.module if hasattr(c, "module") else c for c in model_chunks(model)]
-    pp, rank = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
+    pp, rank = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
     ranks = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     total, x, logits = pp * len(chunks), None, None
     with torch.no_grad():
@@ -229,8 +281,15 @@ def case_train_pp2_v2_save_and_load_in_other_layouts():
     tokens, pos = _batch()
     logits = {"pp2 x v2 (trained)": _pipeline_logits(state.model, tokens, pos)}
     # The same run's checkpoint, resumed with 4 chunks per stage (optimizer state included).
-    resumed = pretrain(parse_args(tiny_run_flags(DATA, iters=3, **{**flags, "--num-layers-per-virtual-pipeline-stage": 1,
-                                                                    "--load": save, "--save": False})))
+    resumed = pretrain(
+        parse_args(
+            tiny_run_flags(
+                DATA,
+                iters=3,
+                **{**flags, "--num-layers-per-virtual-pipeline-stage": 1, "--load": save, "--save": False},
+            )
+        )
+    )
     assert resumed.iteration == 3 and len(resumed.model.chunks) == 4
     logits["pp2 x v4 (resumed)"] = _pipeline_logits(resumed.model, tokens, pos)
     for pp in (2, 1):  # inference, no virtual stages
@@ -246,5 +305,8 @@ def case_train_pp2_v2_save_and_load_in_other_layouts():
     for name in logits:
         seen = [d[name] for d in everyone if name in d]
         assert len(seen) == 2 and max(seen) < 1e-5, (name, seen)  # one last stage per pipeline (DP=2)
-    return {"history": state.history, "validation": state.validation,
-            "logit_diffs": {name: max(d[name] for d in everyone if name in d) for name in logits}}
+    return {
+        "history": state.history,
+        "validation": state.validation,
+        "logit_diffs": {name: max(d[name] for d in everyone if name in d) for name in logits},
+    }

@@ -3,8 +3,14 @@
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.sharding import full_state_dict
-from tests.helpers import load_full_state_dict
-from tests.helpers import build_ee_gpt, ee_loss_and_grads, make_batch, max_abs_diff, tiny_transformer_config
+from tests.helpers import (
+    build_ee_gpt,
+    ee_loss_and_grads,
+    load_full_state_dict,
+    make_batch,
+    max_abs_diff,
+    tiny_transformer_config,
+)
 
 
 def _tp2_vs_tp1(sequence_parallel, tied_model=True, **exit_kwargs):
@@ -23,12 +29,19 @@ def _tp2_vs_tp1(sequence_parallel, tied_model=True, **exit_kwargs):
     loss, grads, report = ee_loss_and_grads(model, ee_config, batch)
 
     loss_diff = abs(loss.item() - ref_loss.item())
-    exit_diff = max(abs(report.exit_losses[k].item() - ref_report.exit_losses[k].item()) for k in ref_report.exit_losses)
+    exit_diff = max(
+        abs(report.exit_losses[k].item() - ref_report.exit_losses[k].item()) for k in ref_report.exit_losses
+    )
     grad_diff = max_abs_diff(grads, ref_grads)
     assert set(report.distill_losses) == set(ref_report.distill_losses)
     if ref_report.distill_losses:  # self-distillation: the vocab-parallel KL equals the full-vocabulary one
-        exit_diff = max([exit_diff] + [abs(report.distill_losses[k].item() - ref_report.distill_losses[k].item())
-                                       for k in ref_report.distill_losses])
+        exit_diff = max(
+            [exit_diff]
+            + [
+                abs(report.distill_losses[k].item() - ref_report.distill_losses[k].item())
+                for k in ref_report.distill_losses
+            ]
+        )
     assert loss_diff < 1e-5 and exit_diff < 1e-5, (loss_diff, exit_diff)
     assert grad_diff < 1e-5, grad_diff
     assert any(k.startswith("exits.") for k in grads) or not exit_kwargs.get("untie_exit_output_weights")
@@ -60,8 +73,9 @@ def case_dynamic_weight_temperature():
 
 
 def case_self_distillation():
-    return _tp2_vs_tp1(False, untie_exit_output_weights=True, use_exit_norm=True,
-                       exit_distill_weight=0.5, exit_distill_temperature=2.0)
+    return _tp2_vs_tp1(
+        False, untie_exit_output_weights=True, use_exit_norm=True, exit_distill_weight=0.5, exit_distill_temperature=2.0
+    )
 
 
 def case_self_distillation_tied_sequence_parallel():
@@ -75,4 +89,6 @@ def case_layer_dropout_sequence_parallel():
     probe = build_ee_gpt(tiny_transformer_config(), EarlyExitConfig(layer_dropout_max=0.8))
     keep = probe.layer_dropout_keep(0, 2)
     assert any(len(rows) == 1 for rows in keep.values()), keep  # one sequence runs a layer the other skips
-    return _tp2_vs_tp1(True, use_exit_mlp=True, use_exit_norm=True, untie_exit_output_weights=True, layer_dropout_max=0.8)
+    return _tp2_vs_tp1(
+        True, use_exit_mlp=True, use_exit_norm=True, untie_exit_output_weights=True, layer_dropout_max=0.8
+    )

@@ -23,7 +23,9 @@ def _run(flags):
     if model.ddp_config.overlap_param_gather:  # every chunk waits for its gathered parameters in forward
         assert all(c.ddp_config.overlap_param_gather and c.remove_forward_pre_hook_handles for c in chunks)
     if overlapped:  # the backward hooks reported every bucket ready, so reduction started in backward
-        assert all(g.golden_per_param_grad_ready_counts and not g.is_first_batch for c in chunks for g in c.bucket_groups)
+        assert all(
+            g.golden_per_param_grad_ready_counts and not g.is_first_batch for c in chunks for g in c.bucket_groups
+        )
     params = {}
     for c, chunk in enumerate(chunks):
         params.update({f"chunk{c}.{k}": v for k, v in full_state_dict(chunk.module).items()})

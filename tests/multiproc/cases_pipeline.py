@@ -7,8 +7,8 @@ and compares every loss and every gradient.
 """
 
 import torch
-
 from megatron.core import parallel_state
+
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
@@ -26,10 +26,16 @@ SEED, LAYERS, VOCAB, SEQ, MBS = 21, 8, 96, 16, 2
 
 def _build(ee_config, tied_model, sequence_parallel=False):
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = tiny_transformer_config(num_layers=LAYERS, sequence_parallel=sequence_parallel, pipeline_dtype=torch.float32)
+    config = tiny_transformer_config(
+        num_layers=LAYERS, sequence_parallel=sequence_parallel, pipeline_dtype=torch.float32
+    )
     model = EarlyExitGPTModel(
-        config, ee_config, VOCAB, SEQ,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        config,
+        ee_config,
+        VOCAB,
+        SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=tied_model,
     )
     initialize_layout_invariant(model, SEED, 0.02, LAYERS)
@@ -52,7 +58,9 @@ def _canonical_grads(model):
     grads = {}
     for name, grad in full_state_dict(model, grads=True).items():
         key = canonical_name(model, name)
-        if name in ("exit_word_embeddings",) or (name == "output_layer.weight" and not model.pre_process and model.share_embeddings_and_output_weights):
+        if name in ("exit_word_embeddings",) or (
+            name == "output_layer.weight" and not model.pre_process and model.share_embeddings_and_output_weights
+        ):
             key = f"copy:{parallel_state.get_pipeline_model_parallel_rank()}:{name}"
         grads[key] = grad
     return grads
@@ -86,7 +94,9 @@ def _reference(ee_config, tied_model, dp, m, fill=FillPlan(), pp=1):
         batches = _batches(r, m, fill)
         for j in range(m):
             tokens, labels, pos = batches[("R", j)]
-            loss, report = early_exit_loss(model(tokens, pos, None, labels=labels), torch.ones_like(labels, dtype=torch.float), ee_config, 0)
+            loss, report = early_exit_loss(
+                model(tokens, pos, None, labels=labels), torch.ones_like(labels, dtype=torch.float), ee_config, 0
+            )
             (loss / (m * dp)).backward()
             losses.append(report)
     grads = {k: v.clone() for k, v in full_state_dict(model, grads=True).items()}
@@ -124,15 +134,26 @@ def _param_stage(name, pp):
 
 
 def _pipeline(ee_config, tied_model, tp, pp, m, fill=FillPlan(), sequence_parallel=False, plan=None):
-    initialize_parallel(tp, pp, seed=SEED, tied_embedding_stages=tied_embedding_stages(ee_config, LAYERS, pp, tied_model))
+    initialize_parallel(
+        tp, pp, seed=SEED, tied_embedding_stages=tied_embedding_stages(ee_config, LAYERS, pp, tied_model)
+    )
     model = _build(ee_config, tied_model, sequence_parallel)
     plan = plan or pipeline_plan(pp, m, fill)
     check_plan(plan)
     seq = SEQ // (tp if sequence_parallel else 1)
-    links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), (seq, MBS, model.config.hidden_size), torch.float32, torch.device("cpu"))
+    links = StageLinks(
+        parallel_state.get_pipeline_model_parallel_group(),
+        (seq, MBS, model.config.hidden_size),
+        torch.float32,
+        torch.device("cpu"),
+    )
     reports = run_schedule(
-        plan[parallel_state.get_pipeline_model_parallel_rank()], _forward_step(ee_config),
-        _batches(parallel_state.get_data_parallel_rank(), m, fill), model, m, links,
+        plan[parallel_state.get_pipeline_model_parallel_rank()],
+        _forward_step(ee_config),
+        _batches(parallel_state.get_data_parallel_rank(), m, fill),
+        model,
+        m,
+        links,
     )
     allreduce_sequence_parallel_grads(model)
     dp_group = parallel_state.get_data_parallel_group()
@@ -176,11 +197,18 @@ def case_pp4_tied_exits_on_first_middle_last_stages():
 
 
 def case_pp4_untied_exits_mlp():
-    return _compare(EarlyExitConfig(**EXITS_EVERYWHERE, untie_exit_output_weights=True, use_exit_mlp=True), tied_model=False, pp=4, m=5)
+    return _compare(
+        EarlyExitConfig(**EXITS_EVERYWHERE, untie_exit_output_weights=True, use_exit_mlp=True),
+        tied_model=False,
+        pp=4,
+        m=5,
+    )
 
 
 def case_pp4_tied_exits_untied_model_pre_exit_block():
-    return _compare(EarlyExitConfig(exit_layer_nums=[3, 5], use_exit_block=True, pre_exit=True), tied_model=False, pp=4, m=4)
+    return _compare(
+        EarlyExitConfig(exit_layer_nums=[3, 5], use_exit_block=True, pre_exit=True), tied_model=False, pp=4, m=4
+    )
 
 
 def case_pp2_dp2():

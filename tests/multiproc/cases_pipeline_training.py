@@ -3,8 +3,8 @@
 import os
 
 import torch
-
 from megatron.core import parallel_state
+
 from megatron.early_exit.models.init import canonical_name
 from megatron.early_exit.sharding import full_state_dict
 from megatron.early_exit.training.arguments import parse_args
@@ -33,7 +33,11 @@ def case_pp4_tied_copies_stay_identical():
     parts = _full_params(state.model)
     # Stage 0 holds the embedding, stage 2 a copy for its tied exit (layer 5), stage 3 the
     # tied output layer (also used by its exit at layer 7).
-    copies = [parts[0]["embedding.word_embeddings.weight"], parts[2]["exit_word_embeddings"], parts[3]["output_layer.weight"]]
+    copies = [
+        parts[0]["embedding.word_embeddings.weight"],
+        parts[2]["exit_word_embeddings"],
+        parts[3]["output_layer.weight"],
+    ]
     assert all("exit_word_embeddings" not in parts[s] for s in (0, 1, 3))
     for copy in copies[1:]:
         assert torch.equal(copy, copies[0])
@@ -41,9 +45,16 @@ def case_pp4_tied_copies_stay_identical():
 
 
 def case_pp2_exit_tuning():
-    flags = tiny_run_flags(DATA, iters=3, **PP_FLAGS, **{
-        "--pipeline-model-parallel-size": 2, "--tune-exit": None, "--untie-exit-output-weights": None,
-    })
+    flags = tiny_run_flags(
+        DATA,
+        iters=3,
+        **PP_FLAGS,
+        **{
+            "--pipeline-model-parallel-size": 2,
+            "--tune-exit": None,
+            "--untie-exit-output-weights": None,
+        },
+    )
     state = pretrain(parse_args(flags))
     merged = {}
     for part in _full_params(state.model):
@@ -52,9 +63,16 @@ def case_pp2_exit_tuning():
 
 
 def case_pp4_bubble_filling_trains():
-    flags = tiny_run_flags(DATA, iters=3, **PP_FLAGS, **{
-        "--pipeline-model-parallel-size": 4, "--fill-explicit-bubbles": None, "--global-batch-size": 16,
-    })
+    flags = tiny_run_flags(
+        DATA,
+        iters=3,
+        **PP_FLAGS,
+        **{
+            "--pipeline-model-parallel-size": 4,
+            "--fill-explicit-bubbles": None,
+            "--global-batch-size": 16,
+        },
+    )
     state = pretrain(parse_args(flags))
     assert all(h["lm loss"] > 0 for h in state.history)
     return {"history": state.history}

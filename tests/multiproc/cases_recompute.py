@@ -3,8 +3,8 @@
 import os
 
 import torch
-
 from megatron.core import parallel_state
+
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.recompute import RecomputeConfig
@@ -16,21 +16,28 @@ from tests.helpers import ee_loss_and_grads, load_full_state_dict, make_batch, m
 from tests.training_fixtures import tiny_run_flags
 
 DATA = os.environ.get("EE_TEST_DATA")
-SETTINGS = [RecomputeConfig("selective"), RecomputeConfig("full", "uniform", 2, exit_heads=True),
-            RecomputeConfig("full", "block", 1), RecomputeConfig(exit_heads=True)]
+SETTINGS = [
+    RecomputeConfig("selective"),
+    RecomputeConfig("full", "uniform", 2, exit_heads=True),
+    RecomputeConfig("full", "block", 1),
+    RecomputeConfig(exit_heads=True),
+]
 
 
 def _tp2(sequence_parallel):
-    ee_config = EarlyExitConfig(exit_layer_nums=[1, 3], exit_layer_weight=[0.5, 0.25], use_exit_mlp=True,
-                                untie_exit_output_weights=True)
+    ee_config = EarlyExitConfig(
+        exit_layer_nums=[1, 3], exit_layer_weight=[0.5, 0.25], use_exit_mlp=True, untie_exit_output_weights=True
+    )
     batch = make_batch(seed=9, batch=2, seq=16)
     initialize_parallel(2, 1, seed=3)
     weights, ref, diffs = None, None, [0.0, 0.0]
     for recompute in [RecomputeConfig()] + SETTINGS:
-        config = tiny_transformer_config(num_query_groups=2, sequence_parallel=sequence_parallel,
-                                         **recompute.transformer_config_kwargs())
-        model = EarlyExitGPTModel(config, ee_config, vocab_size=96, max_sequence_length=16,
-                                  recompute_exit_heads=recompute.exit_heads)
+        config = tiny_transformer_config(
+            num_query_groups=2, sequence_parallel=sequence_parallel, **recompute.transformer_config_kwargs()
+        )
+        model = EarlyExitGPTModel(
+            config, ee_config, vocab_size=96, max_sequence_length=16, recompute_exit_heads=recompute.exit_heads
+        )
         weights = weights or full_state_dict(model)
         load_full_state_dict(model, weights)
         loss, grads, _ = ee_loss_and_grads(model, ee_config, batch)
@@ -49,17 +56,31 @@ def case_tp2_sequence_parallel_gradients():
     return _tp2(True)
 
 
-PP_FLAGS = {"--num-layers": 8, "--exit-layer-nums": "2 5 7", "--exit-layer-weight": "0.3 0.3 0.3",
-            "--pipeline-model-parallel-size": 2, "--lr": 0.0, "--min-lr": 0.0, "--lr-warmup-iters": 0}
-PP_SETTINGS = [{"--recompute-activations": None},
-               {"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2,
-                "--recompute-exit-heads": None},
-               {"--recompute-granularity": "full", "--recompute-method": "block", "--recompute-num-layers": 3}]
+PP_FLAGS = {
+    "--num-layers": 8,
+    "--exit-layer-nums": "2 5 7",
+    "--exit-layer-weight": "0.3 0.3 0.3",
+    "--pipeline-model-parallel-size": 2,
+    "--lr": 0.0,
+    "--min-lr": 0.0,
+    "--lr-warmup-iters": 0,
+}
+PP_SETTINGS = [
+    {"--recompute-activations": None},
+    {
+        "--recompute-granularity": "full",
+        "--recompute-method": "uniform",
+        "--recompute-num-layers": 2,
+        "--recompute-exit-heads": None,
+    },
+    {"--recompute-granularity": "full", "--recompute-method": "block", "--recompute-num-layers": 3},
+]
 
 
 def _pp2(extra):
     """Per-iteration losses and the last iteration's gradients of every stage (lr 0: each
     iteration sees the same weights) with each setting, against none."""
+
     def run(flags):
         state = pretrain(parse_args(tiny_run_flags(DATA, iters=2, **PP_FLAGS, **extra, **flags)))
         grads = full_state_dict(state.model.module, grads=True)
@@ -84,5 +105,6 @@ def case_pp2_gradients():
 
 
 def case_pp2_fill_gradients():
-    return _pp2({"--fill-explicit-bubbles": None, "--num-fill-warmup-microbatches": 1,
-                 "--num-fill-cooldown-microbatches": 1})
+    return _pp2(
+        {"--fill-explicit-bubbles": None, "--num-fill-warmup-microbatches": 1, "--num-fill-cooldown-microbatches": 1}
+    )

@@ -4,7 +4,6 @@ reads, giving the same logits at the final layer and at every exit."""
 import os
 
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron.early_exit.training.arguments import parse_args
@@ -15,8 +14,13 @@ DATA = os.environ.get("EE_TEST_DATA")
 ROOT = os.environ.get("EE_TEST_OUT")  # conftest.reshard_inputs wrote the TP=1 checkpoint here
 # Untied output layer, tied exits on both stages: stage 2's exits use its own copy of
 # the word embedding, saved as a replica of stage 1's.
-FLAGS = {"--num-layers": 4, "--exit-layer-nums": "1 3", "--untie-embeddings-and-output-weights": None,
-         "--use-exit-mlp": None, "--eval-iters": 0}
+FLAGS = {
+    "--num-layers": 4,
+    "--exit-layer-nums": "1 3",
+    "--untie-embeddings-and-output-weights": None,
+    "--use-exit-mlp": None,
+    "--eval-iters": 0,
+}
 LAYOUT = {"--tensor-model-parallel-size": 2, "--pipeline-model-parallel-size": 2, "--sequence-parallel": None}
 TOKENS = torch.arange(2 * 32).reshape(2, 32) * 7 % 60
 PROMPTS = [[3, 6, 9, 12], [10, 11, 12], [40, 42, 44, 46, 48]]
@@ -41,7 +45,9 @@ def logits_by_layer(model, tokens: torch.Tensor) -> dict:
         if last:
             result["final"] = gather(out.final)
         else:
-            torch.distributed.send(out.hidden_states.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
+            torch.distributed.send(
+                out.hidden_states.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank()
+            )
     return result
 
 
@@ -52,7 +58,9 @@ def _gather_to_all(result: dict) -> dict:
 
 
 def case_tp2_pp2_saves_a_checkpoint_with_its_logits():
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=3, **FLAGS, **LAYOUT, **{"--save": os.path.join(ROOT, "tp2pp2")})))
+    state = pretrain(
+        parse_args(tiny_run_flags(DATA, iters=3, **FLAGS, **LAYOUT, **{"--save": os.path.join(ROOT, "tp2pp2")}))
+    )
     logits = _gather_to_all(logits_by_layer(state.model.module, TOKENS))
     assert sorted(logits) == ["exit 1", "exit 3", "final"]
     if torch.distributed.get_rank() == 0:
@@ -64,8 +72,23 @@ def case_tp2_pp2_saves_a_checkpoint_with_its_logits():
 def case_tp2_pp2_reads_a_tp1_checkpoint():
     """The TP=1 checkpoint and its logits were written by the single-process test."""
     # One step at learning rate 0 leaves the loaded weights as they are.
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=1, **FLAGS, **LAYOUT, **{
-        "--load": os.path.join(ROOT, "tp1"), "--finetune": None, "--lr": 0, "--min-lr": 0, "--lr-warmup-iters": 0})))
+    state = pretrain(
+        parse_args(
+            tiny_run_flags(
+                DATA,
+                iters=1,
+                **FLAGS,
+                **LAYOUT,
+                **{
+                    "--load": os.path.join(ROOT, "tp1"),
+                    "--finetune": None,
+                    "--lr": 0,
+                    "--min-lr": 0,
+                    "--lr-warmup-iters": 0,
+                },
+            )
+        )
+    )
     got = _gather_to_all(logits_by_layer(state.model.module, TOKENS))
     want = torch.load(os.path.join(ROOT, "tp1_logits.pt"))
     assert sorted(got) == sorted(want)
@@ -78,7 +101,6 @@ def case_tp2_pp2_generates_what_tp1_generates():
     """Pipeline-based early exit from the TP=1 checkpoint, served at TP=2 x PP=2."""
     from megatron.early_exit.inference import EarlyExit, FullDepth, generate
     from megatron.early_exit.inference.loading import load_model
-
     from megatron.early_exit.parallel import initialize_parallel
 
     initialize_parallel(2, 2, seed=1)

@@ -37,4 +37,6 @@ def case_dp2_no_gloo_groups():
 
 
 def case_dp2_distributed_optimizer_no_gloo_groups():
-    return _history(tiny_run_flags(DATA, iters=6, **{"--use-distributed-optimizer": None, "--disable-gloo-process-groups": None}))
+    return _history(
+        tiny_run_flags(DATA, iters=6, **{"--use-distributed-optimizer": None, "--disable-gloo-process-groups": None})
+    )

@@ -51,6 +51,8 @@ def main():
     import torch
 
     import megatron.early_exit  # noqa: F401  (platform adapter)
+
+    # isort: split
     from megatron.early_exit.parallel import destroy_parallel, initialize_parallel
 
     # A failing rank must not leave the others waiting for the default 10 minutes.

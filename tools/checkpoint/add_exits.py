@@ -31,11 +31,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (ours: convert_hf.py or --save output)")
     p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
-    p.add_argument("--iteration", "--load-iteration", "--ckpt-step", dest="iteration", type=int, default=None,
-                   help="iteration of --load to read (default, or 0: the latest)")
-    p.add_argument("--exits-from", default=None,
-                   help="take the exits (structure and weights) from this checkpoint instead, e.g. one tuned with "
-                        "--tune-exit-pipeline-parallel-size, which holds only the first stages")
+    p.add_argument(
+        "--iteration",
+        "--load-iteration",
+        "--ckpt-step",
+        dest="iteration",
+        type=int,
+        default=None,
+        help="iteration of --load to read (default, or 0: the latest)",
+    )
+    p.add_argument(
+        "--exits-from",
+        default=None,
+        help="take the exits (structure and weights) from this checkpoint instead, e.g. one tuned with "
+        "--tune-exit-pipeline-parallel-size, which holds only the first stages",
+    )
     p.add_argument("--exit-layer-nums", type=int, nargs="+", default=None, help="layers (1-based) that get an exit")
     p.add_argument("--exit-layer-weight", type=float, nargs="*", default=None, help="loss weight per exit (stored)")
     p.add_argument("--exit-layer-temperature", type=float, nargs="*", default=None)
@@ -58,11 +68,21 @@ def main(argv=None):
 
     initialize_parallel(1, 1)
     exits = {key: getattr(args, key) for key in EarlyExitConfig.flag_names() if hasattr(args, key)}
-    report = add_exits(args.load, args.save, exits, copy_init=not args.random_init, seed=args.seed,
-                       init_method_std=args.init_method_std, iteration=args.iteration, exits_from=args.exits_from)
+    report = add_exits(
+        args.load,
+        args.save,
+        exits,
+        copy_init=not args.random_init,
+        seed=args.seed,
+        init_method_std=args.init_method_std,
+        iteration=args.iteration,
+        exits_from=args.exits_from,
+    )
     for layer in sorted(set(report.kept) | set(report.initialised)):
         how = "kept from the checkpoint" if layer in report.kept else report.initialised[layer]
-        copied = sorted({src.rsplit(".", 1)[0] for name, src in report.sources.items() if name.startswith(f"exits.{layer}.")})
+        copied = sorted(
+            {src.rsplit(".", 1)[0] for name, src in report.sources.items() if name.startswith(f"exits.{layer}.")}
+        )
         print(f"exit {layer}: {how}" + (f" ({', '.join(copied)})" if copied else ""))
     print(f"wrote {report.path}: train the exits with --load {report.path} --finetune --tune-exit and its exit flags")
 

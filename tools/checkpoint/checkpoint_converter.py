@@ -31,14 +31,19 @@ def translate(argv=None):
     p.add_argument("--megatron-path", default=None, help="accepted for EE-LLM's scripts; not used")
     args = p.parse_args(argv)
     if args.conversion_type != "add-exit":
-        p.error("--conversion-type exit-position is not provided: add the exits with --pre-exit instead "
-                "(tools/checkpoint/add_exits.py --pre-exit)")
+        p.error(
+            "--conversion-type exit-position is not provided: add the exits with --pre-exit instead "
+            "(tools/checkpoint/add_exits.py --pre-exit)"
+        )
     if not args.add_exit_layer_nums:
         p.error("--add-exit-layer-nums: give the layers that get an exit")
     out = ["--load", args.load_dir, "--save", args.save_dir, "--exit-layer-nums", *map(str, args.add_exit_layer_nums)]
     out += ["--iteration", str(args.load_iteration)] if args.load_iteration is not None else []
-    out += [f"--{name}" for name in ("use-exit-mlp", "use-exit-block", "use-exit-norm", "random-init")
-            if getattr(args, name.replace("-", "_"))]
+    out += [
+        f"--{name}"
+        for name in ("use-exit-mlp", "use-exit-block", "use-exit-norm", "random-init")
+        if getattr(args, name.replace("-", "_"))
+    ]
     out += ["--pre-exit"] if args.target_exit_position == "pre" else []
     out += ["--init-method-std", str(args.init_method_std)] if args.random_init else []
     return out

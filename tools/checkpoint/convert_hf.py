@@ -27,16 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--direction", choices=("from-hf", "to-hf"), default="from-hf")
-    p.add_argument("--load", required=True, help="from-hf: a Hugging Face model directory; to-hf: our checkpoint directory")
+    p.add_argument(
+        "--load", required=True, help="from-hf: a Hugging Face model directory; to-hf: our checkpoint directory"
+    )
     p.add_argument("--save", required=True, help="output directory (must not exist, or be empty)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="from-hf: TP recorded with the model flags")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="from-hf: PP recorded with the model flags")
+    p.add_argument(
+        "--target-tensor-parallel-size", type=int, default=1, help="from-hf: TP recorded with the model flags"
+    )
+    p.add_argument(
+        "--target-pipeline-parallel-size", type=int, default=1, help="from-hf: PP recorded with the model flags"
+    )
     p.add_argument("--target-dtype", default="auto", help="from-hf: auto (config.json's dtype), fp32, bf16 or fp16")
     p.add_argument("--max-shard-size", default="5GB", help="to-hf: largest safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--iteration", type=int, default=None, help="to-hf: checkpoint iteration (default: the latest)")
-    p.add_argument("--model-type", default="auto",
-                   help="to-hf: llama, mistral, qwen2 or qwen3; auto: the family the checkpoint was imported from, "
-                        "else qwen3 for --qk-layernorm, qwen2 for --add-qkv-bias, llama otherwise")
+    p.add_argument(
+        "--model-type",
+        default="auto",
+        help="to-hf: llama, mistral, qwen2 or qwen3; auto: the family the checkpoint was imported from, "
+        "else qwen3 for --qk-layernorm, qwen2 for --add-qkv-bias, llama otherwise",
+    )
     p.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
     return p.parse_args(argv)
 
@@ -53,20 +62,36 @@ def main(argv=None):
     initialize_parallel(1, 1)
     start = time.time()
     if args.direction == "from-hf":
-        result = import_hf(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                              args.target_dtype, progress=not args.no_progress)
+        result = import_hf(
+            args.load,
+            args.save,
+            args.target_tensor_parallel_size,
+            args.target_pipeline_parallel_size,
+            args.target_dtype,
+            progress=not args.no_progress,
+        )
         s = result.shape
-        print(f"converted {args.load} ({FAMILIES[s.model_type].architecture}) -> {result.path} in "
-              f"{time.time() - start:.1f}s: {s.num_layers} layers, hidden "
-              f"{s.hidden_size}, {s.num_attention_heads} heads ({s.num_query_groups} KV groups), vocab {s.vocab_size}, "
-              f"RoPE {s.rope_kind}, target TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}")
+        print(
+            f"converted {args.load} ({FAMILIES[s.model_type].architecture}) -> {result.path} in "
+            f"{time.time() - start:.1f}s: {s.num_layers} layers, hidden "
+            f"{s.hidden_size}, {s.num_attention_heads} heads ({s.num_query_groups} KV groups), vocab {s.vocab_size}, "
+            f"RoPE {s.rope_kind}, target TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}"
+        )
         print("model flags for pretrain_early_exit_gpt.py (with --load " + result.path + " --finetune):")
         print("  " + " ".join(result.model_flags))
     else:
-        path = export_hf(args.load, args.save, parse_size(args.max_shard_size), progress=not args.no_progress,
-                         iteration=args.iteration, model_type=args.model_type)
-        print(f"exported {args.load} -> {path} in {time.time() - start:.1f}s (transformers.AutoModelForCausalLM loads "
-              "the backbone; megatron.early_exit.hf.modeling.EarlyExitForCausalLM loads it with its exits)")
+        path = export_hf(
+            args.load,
+            args.save,
+            parse_size(args.max_shard_size),
+            progress=not args.no_progress,
+            iteration=args.iteration,
+            model_type=args.model_type,
+        )
+        print(
+            f"exported {args.load} -> {path} in {time.time() - start:.1f}s (transformers.AutoModelForCausalLM loads "
+            "the backbone; megatron.early_exit.hf.modeling.EarlyExitForCausalLM loads it with its exits)"
+        )
 
 
 if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process

@@ -24,10 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="Megatron-LM checkpoint directory (or one iter_*/release directory in it)")
+    p.add_argument(
+        "--load", required=True, help="Megatron-LM checkpoint directory (or one iter_*/release directory in it)"
+    )
     p.add_argument("--save", required=True, help="output checkpoint directory (must not exist, or be empty)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
-    p.add_argument("--target-dtype", default="auto", help="auto (the run's: --bf16/--fp16 in its args), fp32, bf16 or fp16")
+    p.add_argument(
+        "--target-dtype", default="auto", help="auto (the run's: --bf16/--fp16 in its args), fp32, bf16 or fp16"
+    )
     g = p.add_argument_group("tokenizer (default: the one in the checkpoint's args)")
     g.add_argument("--tokenizer-type", default=None)
     g.add_argument("--tokenizer-model", default=None)
@@ -49,13 +53,20 @@ def main(argv=None):
 
     initialize_parallel(1, 1)
     start = time.time()
-    tokenizer = TokenizerConfig(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
-    result = convert_legacy(args.load, args.save, args.iteration, args.target_dtype, tokenizer, progress=not args.no_progress)
+    tokenizer = TokenizerConfig(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+    )
+    result = convert_legacy(
+        args.load, args.save, args.iteration, args.target_dtype, tokenizer, progress=not args.no_progress
+    )
     c = result.config
     exits = f"exits at layers {c.exit_layer_nums}" if c.exit_layer_nums else "no exits"
-    print(f"converted {args.load} (iteration {result.iteration}, TP={result.source_layout[0]} PP={result.source_layout[1]}) "
-          f"-> {result.path} in {time.time() - start:.1f}s: {c.num_layers} layers, hidden {c.hidden_size}, "
-          f"{c.num_attention_heads} heads, vocab {c.padded_vocab_size}, {exits}, {c.params_dtype}")
+    print(
+        f"converted {args.load} (iteration {result.iteration}, TP={result.source_layout[0]} "
+        f"PP={result.source_layout[1]}) "
+        f"-> {result.path} in {time.time() - start:.1f}s: {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_attention_heads} heads, vocab {c.padded_vocab_size}, {exits}, {c.params_dtype}"
+    )
     print("model flags for pretrain_early_exit_gpt.py (with --load " + result.path + " --finetune):")
     print("  " + " ".join(result.model_flags))
 

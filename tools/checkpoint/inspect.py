@@ -31,12 +31,32 @@ else:
 
     # Flags worth a line of their own; --args prints them all.
     SUMMARY_ARGS = (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
-        "max_position_embeddings", "normalization", "swiglu", "position_embedding_type", "rotary_base",
-        "untie_embeddings_and_output_weights", "tokenizer_type", "tokenizer_model", "vocab_size",
-        "exit_layer_nums", "exit_layer_weight", "use_exit_norm", "use_exit_mlp", "use_exit_block",
-        "untie_exit_output_weights", "pre_exit", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-        "bf16", "fp16",
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "seq_length",
+        "max_position_embeddings",
+        "normalization",
+        "swiglu",
+        "position_embedding_type",
+        "rotary_base",
+        "untie_embeddings_and_output_weights",
+        "tokenizer_type",
+        "tokenizer_model",
+        "vocab_size",
+        "exit_layer_nums",
+        "exit_layer_weight",
+        "use_exit_norm",
+        "use_exit_mlp",
+        "use_exit_block",
+        "untie_exit_output_weights",
+        "pre_exit",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "bf16",
+        "fp16",
     )
 
     def describe(path: str) -> dict:
@@ -61,7 +81,11 @@ else:
             "exits": common["args"].get("exit_layer_nums") or [],
             "args": common["args"],
             "tensors": model,
-            "parameters": sum(_numel(t["shape"]) for k, t in model.items() if k.startswith(("embedding.", "decoder.", "output_layer.", "exits."))),
+            "parameters": sum(
+                _numel(t["shape"])
+                for k, t in model.items()
+                if k.startswith(("embedding.", "decoder.", "output_layer.", "exits."))
+            ),
             "optimizer_tensors": len(tensors) - len(model),
         }
 
@@ -73,14 +97,23 @@ else:
 
     def main(argv=None):
         import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
-        from megatron.early_exit.errors import install_excepthook
+
+        # isort: split
         from megatron.early_exit.checkpoint_reader import TRACKER, resolve
+        from megatron.early_exit.errors import install_excepthook
 
         install_excepthook()
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("checkpoint")
-        p.add_argument("--iteration", "--load-iteration", "--ckpt-step", dest="iteration", type=int, default=None,
-                       help="iteration to read (default, or 0: the latest)")
+        p.add_argument(
+            "--iteration",
+            "--load-iteration",
+            "--ckpt-step",
+            dest="iteration",
+            type=int,
+            default=None,
+            help="iteration to read (default, or 0: the latest)",
+        )
         p.add_argument("--args", action="store_true", help="print every stored flag")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         a = p.parse_args(argv)
@@ -96,8 +129,10 @@ else:
             return
         print(f"checkpoint        {info['path']}")
         print(f"iteration         {info['iteration']}  (consumed samples {info['consumed_samples']})")
-        print(f"saved from        TP={info['saved_layout'].get('tensor')} PP={info['saved_layout'].get('pipeline')} "
-              f"DP={info['saved_layout'].get('data')}  (loads into any layout)")
+        print(
+            f"saved from        TP={info['saved_layout'].get('tensor')} PP={info['saved_layout'].get('pipeline')} "
+            f"DP={info['saved_layout'].get('data')}  (loads into any layout)"
+        )
         print(f"optimizer state   {'yes' if info['has_optimizer'] else 'no (weights only)'}")
         print(f"checksums         {'verified' if info['checksums'] else 'none (written before checksums)'}")
         print(f"exits             {info['exits'] or 'none'}")

@@ -27,8 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint directory (a --save directory)")
-    p.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
-                   help="iteration of --load to rewrite (default, or 0: the latest)")
+    p.add_argument(
+        "--load-iteration",
+        "--ckpt-step",
+        dest="load_iteration",
+        type=int,
+        default=None,
+        help="iteration of --load to rewrite (default, or 0: the latest)",
+    )
     p.add_argument("--save", required=True, help="destination directory")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
@@ -54,7 +60,9 @@ def target_args(a):
     from megatron.early_exit.checkpoint_reader import resolve
     from megatron.early_exit.training.arguments import stored_args
 
-    args = stored_args(resolve(a.load, a.load_iteration), a.target_tensor_parallel_size, a.target_pipeline_parallel_size)
+    args = stored_args(
+        resolve(a.load, a.load_iteration), a.target_tensor_parallel_size, a.target_pipeline_parallel_size
+    )
     args.load, args.save, args.load_iteration = a.load, a.save, a.load_iteration
     args.finetune, args.no_load_optim, args.no_load_rng = False, a.weights_only, True
     return args
@@ -66,26 +74,35 @@ def checked_target_args(a):
     if args.num_layers % args.pipeline_model_parallel_size:
         from megatron.early_exit.errors import ConfigError
 
-        raise ConfigError(f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
-                          f"the checkpoint's {args.num_layers} layers")
+        raise ConfigError(
+            f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
+            f"the checkpoint's {args.num_layers} layers"
+        )
     return args
 
 
 def run_rank(a):
     import torch
 
+    from megatron.early_exit.checkpoint_reader import read_model_config
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.pipeline.placement import tied_embedding_stages
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
-    from megatron.early_exit.checkpoint_reader import read_model_config
     from megatron.early_exit.training.arguments import build_early_exit_config
+    from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
 
     args = checked_target_args(a)
     ctx = initialize_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed, device="cpu",
-        tied_embedding_stages=tied_embedding_stages(build_early_exit_config(args), args.num_layers, args.pipeline_model_parallel_size,
-                                                    not args.untie_embeddings_and_output_weights),
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        seed=args.seed,
+        device="cpu",
+        tied_embedding_stages=tied_embedding_stages(
+            build_early_exit_config(args),
+            args.num_layers,
+            args.pipeline_model_parallel_size,
+            not args.untie_embeddings_and_output_weights,
+        ),
     )
     vocab = read_model_config(checkpointing.resolve(args.load, args.load_iteration)).padded_vocab_size
     model = build_model(args, ctx.device, vocab)
@@ -103,12 +120,17 @@ def run_rank(a):
             raise checkpointing.CheckpointError(f"{path}: {name} reads back differently on rank {ctx.rank}")
     torch.distributed.barrier()
     if ctx.rank == 0:
-        print(f"resharded {a.load} -> {path} for TP={args.tensor_model_parallel_size} "
-              f"PP={args.pipeline_model_parallel_size}; every rank read its weights back identically", flush=True)
+        print(
+            f"resharded {a.load} -> {path} for TP={args.tensor_model_parallel_size} "
+            f"PP={args.pipeline_model_parallel_size}; every rank read its weights back identically",
+            flush=True,
+        )
 
 
 def main(argv=None):
     import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
+
+    # isort: split
     from megatron.early_exit.errors import install_excepthook
 
     install_excepthook()
@@ -117,10 +139,19 @@ def main(argv=None):
         return run_rank(a)
     checked_target_args(a)  # what can be refused is refused here, before any process starts
     nproc = a.target_tensor_parallel_size * a.target_pipeline_parallel_size
-    print(f"starting {nproc} processes (TP={a.target_tensor_parallel_size} x PP={a.target_pipeline_parallel_size})", flush=True)
+    print(
+        f"starting {nproc} processes (TP={a.target_tensor_parallel_size} x PP={a.target_pipeline_parallel_size})",
+        flush=True,
+    )
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.abspath(__file__)] + (argv if argv is not None else sys.argv[1:])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        os.path.abspath(__file__),
+    ] + (argv if argv is not None else sys.argv[1:])
     proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
     sys.exit(_report(proc.returncode, proc.stderr))
 

@@ -10,10 +10,28 @@ teacher-forced scoring under each), perplexity (over a .bin/.idx dataset), lm_ev
 from megatron.early_exit.evaluation.perplexity import PerplexityResult, perplexity, read_windows
 from megatron.early_exit.evaluation.report import Row, format_table, plot, write_json
 from megatron.early_exit.evaluation.settings import (
-    Setting, SettingScores, build_settings, combine, needed_layers, score_heads, score_setting,
+    Setting,
+    SettingScores,
+    build_settings,
+    combine,
+    needed_layers,
+    score_heads,
+    score_setting,
 )
 
 __all__ = [
-    "PerplexityResult", "Row", "Setting", "SettingScores", "build_settings", "combine", "format_table", "needed_layers",
-    "perplexity", "plot", "read_windows", "score_heads", "score_setting", "write_json",
+    "PerplexityResult",
+    "Row",
+    "Setting",
+    "SettingScores",
+    "build_settings",
+    "combine",
+    "format_table",
+    "needed_layers",
+    "perplexity",
+    "plot",
+    "read_windows",
+    "score_heads",
+    "score_setting",
+    "write_json",
 ]

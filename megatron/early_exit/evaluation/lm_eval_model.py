@@ -57,17 +57,28 @@ class GenerationStats:
 
 @register_model("early-exit")
 class EarlyExitLM(TemplateLM):
-    def __init__(self, model=None, tokenizer=None, setting: Setting = Setting(), batch_size: int = 16,
-                 max_length: Optional[int] = None, progress: Optional[Callable[[str], None]] = None,
-                 load: Optional[str] = None, exit_layer: Optional[int] = None, threshold: Optional[float] = None,
-                 **unused):
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        setting: Setting = Setting(),
+        batch_size: int = 16,
+        max_length: Optional[int] = None,
+        progress: Optional[Callable[[str], None]] = None,
+        load: Optional[str] = None,
+        exit_layer: Optional[int] = None,
+        threshold: Optional[float] = None,
+        **unused,
+    ):
         """`model` and `tokenizer` as load_model returns them, or `load` (a checkpoint, one
         process) with `exit_layer` or `threshold`, for lm-eval's model-by-name API."""
         super().__init__()
         if model is None:
             model, tokenizer = _load_single_process(load)
-            setting = Setting(exit_layer=None if exit_layer is None else int(exit_layer),
-                              threshold=None if threshold is None else float(threshold))
+            setting = Setting(
+                exit_layer=None if exit_layer is None else int(exit_layer),
+                threshold=None if threshold is None else float(threshold),
+            )
         self.model, self.tokenizer, self.setting = model, tokenizer, setting
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or model.max_sequence_length)
@@ -102,28 +113,36 @@ class EarlyExitLM(TemplateLM):
         inputs, ctxlens = [], []
         for _, context_enc, continuation_enc in requests:
             whole = context_enc + continuation_enc
-            inputs.append(whole[-self.max_length:])
+            inputs.append(whole[-self.max_length :])
             ctxlens.append(len(context_enc) - max(0, len(whole) - self.max_length))
         results = []
         chunk = max(self.batch_size, 1) * 8  # several batches per progress line
         start = time.perf_counter()
         for begin in range(0, len(inputs), chunk):
-            batch = inputs[begin:begin + chunk]
+            batch = inputs[begin : begin + chunk]
             scores = score_setting(self.model, batch, self.setting, self.batch_size, self.tokenizer.vocab_size)
-            for lp, gr, ctxlen in zip(scores.logprobs, scores.greedy, ctxlens[begin:begin + chunk]):
-                results.append((float(sum(lp[ctxlen - 1:])), all(gr[ctxlen - 1:])))
+            for lp, gr, ctxlen in zip(scores.logprobs, scores.greedy, ctxlens[begin : begin + chunk]):
+                results.append((float(sum(lp[ctxlen - 1 :])), all(gr[ctxlen - 1 :])))
             if not disable_tqdm:
                 done = begin + len(batch)
-                self.progress(f"{self.setting.name}: scored {done}/{len(inputs)} requests "
-                              f"({done / (time.perf_counter() - start):.1f}/s)")
+                self.progress(
+                    f"{self.setting.name}: scored {done}/{len(inputs)} requests "
+                    f"({done / (time.perf_counter() - start):.1f}/s)"
+                )
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         windows, owners = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(i)
         totals = [0.0] * len(requests)
@@ -136,12 +155,14 @@ class EarlyExitLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         outputs = []
         for begin in range(0, len(requests), self.batch_size):
-            batch = requests[begin:begin + self.batch_size]
+            batch = requests[begin : begin + self.batch_size]
             outputs += self._generate_batch([r.args for r in batch])
             if not disable_tqdm:
                 tps = self.stats.tokens_per_second
-                self.progress(f"{self.setting.name}: generated {begin + len(batch)}/{len(requests)} requests"
-                              + (f" ({tps:.1f} tokens/s)" if tps else ""))
+                self.progress(
+                    f"{self.setting.name}: generated {begin + len(batch)}/{len(requests)} requests"
+                    + (f" ({tps:.1f} tokens/s)" if tps else "")
+                )
         return outputs
 
     def _generate_batch(self, args) -> List[str]:
@@ -163,9 +184,15 @@ class EarlyExitLM(TemplateLM):
         max_new = max(1, min(int(gen_kwargs.get("max_gen_toks", 256)), self.max_length - 1))
         temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", True) else 0.0
         sampling = SamplingParams(temperature=temperature, seed=1234) if temperature > 0 else SamplingParams()
-        prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-(self.max_length - max_new):] for c in contexts]
-        result = generate(self.model, prompts, self.setting.strategy(), max_new_tokens=max_new, sampling=sampling,
-                          stop_tokens=[self.eot_token_id])
+        prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-(self.max_length - max_new) :] for c in contexts]
+        result = generate(
+            self.model,
+            prompts,
+            self.setting.strategy(),
+            max_new_tokens=max_new,
+            sampling=sampling,
+            stop_tokens=[self.eot_token_id],
+        )
         self.stats.add(result)
         # The text the tokens add after the prompt, joined as the server joins it (detokenized
         # alone, SentencePiece would drop a leading space and token-id text its separator).

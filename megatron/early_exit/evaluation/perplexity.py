@@ -50,16 +50,21 @@ def read_windows(data_path: str, seq_length: int, max_windows: Optional[int] = N
     return windows
 
 
-def perplexity(model, windows: List[List[int]], settings: Sequence[Setting], batch_size: int = 8,
-               vocab_size: Optional[int] = None, progress: Optional[Callable[[str], None]] = None
-               ) -> List[PerplexityResult]:
+def perplexity(
+    model,
+    windows: List[List[int]],
+    settings: Sequence[Setting],
+    batch_size: int = 8,
+    vocab_size: Optional[int] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[PerplexityResult]:
     """Each setting's perplexity over the same windows; each head runs once per batch of
     windows, whatever the number of settings that read it."""
     layers = sorted({layer for s in settings for layer in needed_layers(model, s)})
     sums = [[0.0, 0, 0, 0] for _ in settings]  # nll, tokens, depth, greedy
     start = time.perf_counter()
     for begin in range(0, len(windows), batch_size):
-        heads = score_heads(model, windows[begin:begin + batch_size], layers, batch_size, vocab_size)
+        heads = score_heads(model, windows[begin : begin + batch_size], layers, batch_size, vocab_size)
         for total, setting in zip(sums, settings):
             scores = combine(model, heads, setting)
             for lp, gr, dp in zip(scores.logprobs, scores.greedy, scores.depths):
@@ -70,7 +75,9 @@ def perplexity(model, windows: List[List[int]], settings: Sequence[Setting], bat
         if progress:
             done = min(begin + batch_size, len(windows))
             tokens = sums[0][1]
-            progress(f"perplexity: {done}/{len(windows)} windows, {len(layers)} heads "
-                     f"({tokens / (time.perf_counter() - start):.0f} tokens/s scored), "
-                     + ", ".join(f"{s.name} {math.exp(t[0] / t[1]):.3f}" for s, t in zip(settings, sums)))
+            progress(
+                f"perplexity: {done}/{len(windows)} windows, {len(layers)} heads "
+                f"({tokens / (time.perf_counter() - start):.0f} tokens/s scored), "
+                + ", ".join(f"{s.name} {math.exp(t[0] / t[1]):.3f}" for s, t in zip(settings, sums))
+            )
     return [PerplexityResult(math.exp(nll / n), nll / n, n, depth / n, greedy / n) for nll, n, depth, greedy in sums]

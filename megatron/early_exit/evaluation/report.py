@@ -28,16 +28,30 @@ def _fmt(value, spec: str) -> str:
 def format_table(rows: Sequence[Row]) -> str:
     metrics = sorted({m for r in rows for m in r.metrics})
     widths = {m: max(len(m) + 2, 10) for m in metrics}
-    header = [f"{'setting':<18}", f"{'ppl':>10}", f"{'depth':>7}", *(f"{m:>{widths[m]}}" for m in metrics),
-              f"{'agreement':>10}", f"{'tokens/s':>10}", f"{'speedup':>8}"]
+    header = [
+        f"{'setting':<18}",
+        f"{'ppl':>10}",
+        f"{'depth':>7}",
+        *(f"{m:>{widths[m]}}" for m in metrics),
+        f"{'agreement':>10}",
+        f"{'tokens/s':>10}",
+        f"{'speedup':>8}",
+    ]
     lines = ["".join(header)]
     for r in rows:
-        lines.append("".join([
-            f"{r.setting:<18}", f"{_fmt(r.perplexity, '.3f'):>10}", f"{_fmt(r.mean_depth, '.2f'):>7}",
-            *(f"{_fmt(r.metrics.get(m), '.4f'):>{widths[m]}}" for m in metrics),
-            f"{_fmt(r.agreement, '.3f'):>10}", f"{_fmt(r.tokens_per_second, '.1f'):>10}",
-            f"{_fmt(r.speedup, '.2f'):>7}x" if r.speedup is not None else f"{'-':>8}",
-        ]))
+        lines.append(
+            "".join(
+                [
+                    f"{r.setting:<18}",
+                    f"{_fmt(r.perplexity, '.3f'):>10}",
+                    f"{_fmt(r.mean_depth, '.2f'):>7}",
+                    *(f"{_fmt(r.metrics.get(m), '.4f'):>{widths[m]}}" for m in metrics),
+                    f"{_fmt(r.agreement, '.3f'):>10}",
+                    f"{_fmt(r.tokens_per_second, '.1f'):>10}",
+                    f"{_fmt(r.speedup, '.2f'):>7}x" if r.speedup is not None else f"{'-':>8}",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 

@@ -55,8 +55,9 @@ class Setting:
         return FullDepth()
 
 
-def build_settings(model, exit_layers: Optional[Sequence[int]], thresholds: Sequence[float],
-                   pipeline: bool = False) -> List[Setting]:
+def build_settings(
+    model, exit_layers: Optional[Sequence[int]], thresholds: Sequence[float], pipeline: bool = False
+) -> List[Setting]:
     """Full depth first, then each exit alone, then each threshold (highest first)."""
     exits = list(model.ee_config.exit_layer_nums)
     kv = "pipeline" if pipeline else "recompute"
@@ -68,8 +69,11 @@ def build_settings(model, exit_layers: Optional[Sequence[int]], thresholds: Sequ
     for t in thresholds:
         if not (isinstance(t, (int, float)) and t >= 0 and not math.isnan(t)):
             raise InferenceConfigError(f"--thresholds {t}: must be a number >= 0 (above 1: never exit)")
-    return ([Setting(kv=kv)] + [Setting(exit_layer=k, kv=kv) for k in exit_layers or ()]
-            + [Setting(threshold=float(t), kv=kv) for t in sorted(thresholds, reverse=True)])
+    return (
+        [Setting(kv=kv)]
+        + [Setting(exit_layer=k, kv=kv) for k in exit_layers or ()]
+        + [Setting(threshold=float(t), kv=kv) for t in sorted(thresholds, reverse=True)]
+    )
 
 
 @dataclass
@@ -93,8 +97,13 @@ def needed_layers(model, setting: Setting) -> List[int]:
     return sorted(model.ee_config.exit_layer_nums) + [num_layers]
 
 
-def score_heads(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], batch_size: Optional[int] = None,
-                vocab_size: Optional[int] = None) -> Dict[int, ScoreResult]:
+def score_heads(
+    model,
+    sequences: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    batch_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> Dict[int, ScoreResult]:
     """Every head's scores from one pass (top-1 kept: the confidence), shared by every setting."""
     return score_layers(model, sequences, layers, 1, batch_size, vocab_size)
 
@@ -112,13 +121,22 @@ def combine(model, heads: Dict[int, ScoreResult], setting: Setting) -> SettingSc
         for t in range(len(row)):
             for ex in exits:
                 if math.exp(ex.top_logprobs[i][t][0]) >= setting.threshold:
-                    row[t], greedy[i][t], depths[i][t] = ex.logprobs[i][t], ex.greedy[i][t], _depth(model, ex.exit_layer)
+                    row[t], greedy[i][t], depths[i][t] = (
+                        ex.logprobs[i][t],
+                        ex.greedy[i][t],
+                        _depth(model, ex.exit_layer),
+                    )
                     break
     return SettingScores(logprobs, greedy, depths)
 
 
-def score_setting(model, sequences: Sequence[Sequence[int]], setting: Setting, batch_size: Optional[int] = None,
-                  vocab_size: Optional[int] = None) -> SettingScores:
+def score_setting(
+    model,
+    sequences: Sequence[Sequence[int]],
+    setting: Setting,
+    batch_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> SettingScores:
     return combine(model, score_heads(model, sequences, needed_layers(model, setting), batch_size, vocab_size), setting)
 
 

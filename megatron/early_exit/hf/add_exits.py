@@ -2,7 +2,8 @@
 them with `--finetune --tune-exit`, the backbone frozen).
 
 The checkpoint's model description (ModelConfig) rebuilds the backbone; the exits given
-here (EarlyExitConfig's fields by name) replace its exits. Backbone tensors are read straight into the new model (one model in memory).
+here (EarlyExitConfig's fields by name) replace its exits. Backbone tensors are read straight into
+the new model (one model in memory).
 An exit that already exists at the same layer with the same structure keeps its
 weights; every other exit is initialised:
 
@@ -60,9 +61,16 @@ def copy_source(name: str, num_layers: int, untied_model: bool) -> str:
     return "output_layer.weight" if untied_model else "embedding.word_embeddings.weight"
 
 
-def add_exits(load: str, save: str, exits: Optional[Dict[str, object]] = None, copy_init: bool = True,
-              seed: Optional[int] = None, init_method_std: Optional[float] = None, iteration: Optional[int] = None,
-              exits_from: Optional[str] = None) -> AddExitsReport:
+def add_exits(
+    load: str,
+    save: str,
+    exits: Optional[Dict[str, object]] = None,
+    copy_init: bool = True,
+    seed: Optional[int] = None,
+    init_method_std: Optional[float] = None,
+    iteration: Optional[int] = None,
+    exits_from: Optional[str] = None,
+) -> AddExitsReport:
     """Write checkpoint `load` with the exits described by `exits` (EarlyExitConfig's
     fields as keys, e.g. {"exit_layer_nums": [2, 4], "use_exit_norm": True}) to `save`.
 
@@ -98,20 +106,27 @@ def add_exits(load: str, save: str, exits: Optional[Dict[str, object]] = None, c
     else:
         report.initialised = {n: "copy" if copy_init else "random" for n in initialised}
         if copy_init:
-            report.sources = _copy_exits(model, initialised, config.num_layers, config.untie_embeddings_and_output_weights)
+            report.sources = _copy_exits(
+                model, initialised, config.num_layers, config.untie_embeddings_and_output_weights
+            )
 
     # The checkpoint keeps the layout it was written for, and the flags it was trained with.
     with files.atomic_output_dir(save) as tmp:
         tokenizer = _carry_tokenizer(load, config.tokenizer, tmp)
         model.model_config = dataclasses.replace(config, tokenizer=tokenizer)  # stored relative to the checkpoint
-        flags = stored_flags(dataclasses.replace(config, tokenizer=tokenizer.relative_to(tmp).resolved(report.path)),
-                             saved.get("tensor_model_parallel_size", 1), saved.get("pipeline_model_parallel_size", 1),
-                             base={**saved, "seed": seed})
+        flags = stored_flags(
+            dataclasses.replace(config, tokenizer=tokenizer.relative_to(tmp).resolved(report.path)),
+            saved.get("tensor_model_parallel_size", 1),
+            saved.get("pipeline_model_parallel_size", 1),
+            base={**saved, "seed": seed},
+        )
         checkpointing.save_weights(tmp, flags, model, iteration=0)
     return report
 
 
-def _exit_settings(exits: Optional[Dict[str, object]], exits_from: Optional[str]) -> Tuple[EarlyExitConfig, Optional[str]]:
+def _exit_settings(
+    exits: Optional[Dict[str, object]], exits_from: Optional[str]
+) -> Tuple[EarlyExitConfig, Optional[str]]:
     """(the new exits, checkpoint directory to read exit weights from or None)."""
     from megatron.early_exit import checkpoint_reader as reader
 
@@ -142,7 +157,9 @@ def _copy_exits(model, layers: List[int], num_layers: int, untied_model: bool) -
             continue
         source = copy_source(name, num_layers, untied_model)
         if params[source].shape != param.shape:
-            raise ConversionError(f"cannot copy {source} {tuple(params[source].shape)} into {name} {tuple(param.shape)}")
+            raise ConversionError(
+                f"cannot copy {source} {tuple(params[source].shape)} into {name} {tuple(param.shape)}"
+            )
         param.copy_(params[source])
         sources[name] = source
     return sources
@@ -183,8 +200,10 @@ def _require_same_backbone(source: ModelConfig, config: ModelConfig, exits_from:
         same_depth = dataclasses.replace(source, num_layers=config.num_layers, first_stages_only=False)
         different = same_depth.architecture_differences(config)
     if different:
-        raise ConversionError(f"--exits-from {exits_from} was trained on another model (checkpoint: --exits-from, "
-                              f"now: --load): {'; '.join(different)}")
+        raise ConversionError(
+            f"--exits-from {exits_from} was trained on another model (checkpoint: --exits-from, "
+            f"now: --load): {'; '.join(different)}"
+        )
 
 
 def _load_exits(model, source: str) -> None:

@@ -73,7 +73,10 @@ def require_single_process_layout() -> None:
 
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel(1, 1)
-    elif parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+    elif (
+        parallel_state.get_tensor_model_parallel_world_size() != 1
+        or parallel_state.get_pipeline_model_parallel_world_size() != 1
+    ):
         raise ConversionError("conversion runs at TP=PP=1 (the checkpoint format is layout-independent)")
 
 
@@ -85,8 +88,12 @@ def training_model(config: ModelConfig, seed: int = 1234, transformer_impl: Opti
     return build_model(config, torch.device("cpu"), seed=seed, transformer_impl=transformer_impl)
 
 
-def stored_flags(config: ModelConfig, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                 base: Optional[dict] = None) -> argparse.Namespace:
+def stored_flags(
+    config: ModelConfig,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    base: Optional[dict] = None,
+) -> argparse.Namespace:
     """The flags stored with a checkpoint written without a training run (--use-checkpoint-args
     and tools that rebuild a run read them): `base` (the flags of the checkpoint it was made
     from), the model's, its precision, and the layout it is meant for."""
@@ -94,9 +101,13 @@ def stored_flags(config: ModelConfig, tensor_model_parallel_size: int = 1, pipel
     flags.update(config.to_flags())
     flags.setdefault("seq_length", config.max_position_embeddings)
     flags.setdefault("sequence_parallel", False)
-    flags.update(padded_vocab_size=config.padded_vocab_size, bf16=config.params_dtype == "bf16",
-                 fp16=config.params_dtype == "fp16", tensor_model_parallel_size=tensor_model_parallel_size,
-                 pipeline_model_parallel_size=pipeline_model_parallel_size)
+    flags.update(
+        padded_vocab_size=config.padded_vocab_size,
+        bf16=config.params_dtype == "bf16",
+        fp16=config.params_dtype == "fp16",
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
     return argparse.Namespace(**flags)
 
 
@@ -135,18 +146,29 @@ def command_line_flags(config: ModelConfig) -> List[str]:
 def _check_layout(config: ModelConfig, tp: int, pp: int) -> None:
     """What the target layout needs of the model (it is built at TP=PP=1 here)."""
     checks = [
-        (tp >= 1 and pp >= 1, f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1"),
-        (config.num_attention_heads % tp == 0,
-         f"--num-attention-heads ({config.num_attention_heads}) is not divisible by --tensor-model-parallel-size ({tp})"),
-        ((config.num_query_groups or tp) % tp == 0,
-         f"--num-query-groups ({config.num_query_groups}) is not divisible by --tensor-model-parallel-size ({tp})"),
-        (config.num_layers % pp == 0,
-         f"--num-layers ({config.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})"),
+        (
+            tp >= 1 and pp >= 1,
+            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1",
+        ),
+        (
+            config.num_attention_heads % tp == 0,
+            f"--num-attention-heads ({config.num_attention_heads}) is not divisible by --tensor-model-parallel-size "
+            f"({tp})",
+        ),
+        (
+            (config.num_query_groups or tp) % tp == 0,
+            f"--num-query-groups ({config.num_query_groups}) is not divisible by --tensor-model-parallel-size ({tp})",
+        ),
+        (
+            config.num_layers % pp == 0,
+            f"--num-layers ({config.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})",
+        ),
     ]
     for ok, problem in checks:
         if not ok:
-            raise ConversionError(f"{problem} (target layout --target-tensor-parallel-size {tp} "
-                                  f"--target-pipeline-parallel-size {pp})")
+            raise ConversionError(
+                f"{problem} (target layout --target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp})"
+            )
 
 
 def _vocab_divisor(tokenizer_vocab: int, vocab_size: int, tp: int, source: str) -> int:
@@ -172,7 +194,11 @@ def _tokenizer_config(hf_dir: str, vocab_size: int):
         return TokenizerConfig("HuggingFaceTokenizer", model=TOKENIZER_SUBDIR), vocab, True
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
         vocab = SentencePieceTokenizer(os.path.join(hf_dir, "tokenizer.model")).vocab_size
-        return TokenizerConfig("SentencePieceTokenizer", model=os.path.join(TOKENIZER_SUBDIR, "tokenizer.model")), vocab, True
+        return (
+            TokenizerConfig("SentencePieceTokenizer", model=os.path.join(TOKENIZER_SUBDIR, "tokenizer.model")),
+            vocab,
+            True,
+        )
     return TokenizerConfig("NullTokenizer", vocab_size=vocab_size), vocab_size, False
 
 
@@ -194,22 +220,28 @@ def _check_config_against_weights(shape: HFShape, weights: files.HFWeights, sour
         expected["lm_head.weight"] = (shape.vocab_size, hidden)
     for i in sorted({0, shape.num_layers - 1}):
         layer = f"model.layers.{i}."
-        expected.update({
-            layer + "self_attn.q_proj.weight": (shape.num_attention_heads * hd, hidden),
-            layer + "self_attn.k_proj.weight": (shape.num_query_groups * hd, hidden),
-            layer + "self_attn.o_proj.weight": (hidden, shape.num_attention_heads * hd),
-            layer + "mlp.gate_proj.weight": (ffn, hidden),
-            layer + "mlp.down_proj.weight": (hidden, ffn),
-        })
+        expected.update(
+            {
+                layer + "self_attn.q_proj.weight": (shape.num_attention_heads * hd, hidden),
+                layer + "self_attn.k_proj.weight": (shape.num_query_groups * hd, hidden),
+                layer + "self_attn.o_proj.weight": (hidden, shape.num_attention_heads * hd),
+                layer + "mlp.gate_proj.weight": (ffn, hidden),
+                layer + "mlp.down_proj.weight": (hidden, ffn),
+            }
+        )
     for name, want in expected.items():
         if name not in weights:
-            raise ConversionError(f"{source} does not match the weights: tensor {name} is missing from "
-                                  f"{weights.directory} (num_hidden_layers {shape.num_layers})")
+            raise ConversionError(
+                f"{source} does not match the weights: tensor {name} is missing from "
+                f"{weights.directory} (num_hidden_layers {shape.num_layers})"
+            )
         have = weights.shape(name)
         if have != want:
-            raise ConversionError(f"{source} does not match the weights: tensor {name} has shape {have}, expected "
-                                  f"{want} (hidden_size {hidden}, intermediate_size {ffn}, vocab_size {shape.vocab_size}, "
-                                  f"heads {shape.num_attention_heads}/{shape.num_query_groups} of {hd})")
+            raise ConversionError(
+                f"{source} does not match the weights: tensor {name} has shape {have}, expected "
+                f"{want} (hidden_size {hidden}, intermediate_size {ffn}, vocab_size {shape.vocab_size}, "
+                f"heads {shape.num_attention_heads}/{shape.num_query_groups} of {hd})"
+            )
 
 
 @torch.no_grad()
@@ -225,12 +257,21 @@ def _fill_from_hf(model, weights: files.HFWeights, shape: HFShape, progress: boo
     ignored = {"lm_head.weight"} if shape.tie_word_embeddings else set()  # a tied copy some checkpoints keep
     leftover = sorted(k for k in weights.keys() if k not in consumed and k not in ignored and not _IGNORED.search(k))
     if leftover:
-        raise ConversionError(f"{weights.directory}: {len(leftover)} tensors have no place in a "
-                              f"{FAMILIES[shape.model_type].architecture} model, e.g. {', '.join(leftover[:3])}")
+        raise ConversionError(
+            f"{weights.directory}: {len(leftover)} tensors have no place in a "
+            f"{FAMILIES[shape.model_type].architecture} model, e.g. {', '.join(leftover[:3])}"
+        )
 
 
-def import_hf(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, target_pipeline_parallel_size: int = 1,
-              dtype: str = "auto", progress: bool = True, transformer_impl: Optional[str] = None) -> ImportResult:
+def import_hf(
+    hf_dir: str,
+    out: str,
+    target_tensor_parallel_size: int = 1,
+    target_pipeline_parallel_size: int = 1,
+    dtype: str = "auto",
+    progress: bool = True,
+    transformer_impl: Optional[str] = None,
+) -> ImportResult:
     """Convert a Hugging Face directory into our checkpoint at `out`. The checkpoint
     is the same whatever `transformer_impl` builds the model in between (local on CPU)."""
     from megatron.early_exit.training import checkpointing
@@ -250,9 +291,16 @@ def import_hf(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, targe
     final = os.path.abspath(out)
     tokenizer, tok_vocab, has_tokenizer = _tokenizer_config(hf_dir, shape.vocab_size)
     if tok_vocab > shape.vocab_size:
-        raise ConversionError(f"{hf_dir}: the tokenizer has {tok_vocab} tokens but config.json's vocab_size is {shape.vocab_size}")
-    config = model_config(shape, _vocab_divisor(tok_vocab, shape.vocab_size, tp, config_path), tokenizer.resolved(final),
-                          params_dtype, exit_config(section, config_path) if section else None)
+        raise ConversionError(
+            f"{hf_dir}: the tokenizer has {tok_vocab} tokens but config.json's vocab_size is {shape.vocab_size}"
+        )
+    config = model_config(
+        shape,
+        _vocab_divisor(tok_vocab, shape.vocab_size, tp, config_path),
+        tokenizer.resolved(final),
+        params_dtype,
+        exit_config(section, config_path) if section else None,
+    )
     _check_layout(config, tp, pp)
 
     require_single_process_layout()
@@ -260,7 +308,9 @@ def import_hf(hf_dir: str, out: str, target_tensor_parallel_size: int = 1, targe
         if has_tokenizer:
             files.copy_tokenizer_files(hf_dir, os.path.join(tmp, TOKENIZER_SUBDIR))
         # Built with the files where they are while it is written: stored relative to the checkpoint.
-        model = training_model(dataclasses.replace(config, tokenizer=tokenizer.resolved(tmp)), transformer_impl=transformer_impl)
+        model = training_model(
+            dataclasses.replace(config, tokenizer=tokenizer.resolved(tmp)), transformer_impl=transformer_impl
+        )
         _fill_from_hf(model, weights, shape, progress)
         flags = stored_flags(config, tp, pp, base={MODEL_TYPE_FLAG: shape.model_type})
         checkpointing.save_weights(tmp, flags, model, iteration=0)
@@ -283,7 +333,17 @@ def parse_size(text) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), flags=re.IGNORECASE)
     if not match:
         raise ConversionError(f"--max-shard-size {text!r}: give bytes or a size like 5GB")
-    units = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
@@ -316,9 +376,15 @@ def _write_weights(directory: str, params, shards: List[List[str]], basename: st
     writer.finish()
 
 
-def export_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
-              iteration: Optional[int] = None, transformer_impl: Optional[str] = None,
-              model_type: Optional[str] = None) -> str:
+def export_hf(
+    checkpoint: str,
+    out: str,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: bool = True,
+    iteration: Optional[int] = None,
+    transformer_impl: Optional[str] = None,
+    model_type: Optional[str] = None,
+) -> str:
     """Write our checkpoint as a Hugging Face directory at `out` (the same files whatever
     `transformer_impl` reads it: the key map knows both layer layouts). `model_type`: the
     family to write (None/"auto": the one it was imported from, else what its attention
@@ -331,8 +397,14 @@ def export_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9, progr
 
     files.require_new_output(out)
     require_single_process_layout()
-    model, tokenizer, config = load_model(checkpoint, 1, device=torch.device("cpu"), iteration=iteration,
-                                          transformer_impl=transformer_impl, runs_forward=False)
+    model, tokenizer, config = load_model(
+        checkpoint,
+        1,
+        device=torch.device("cpu"),
+        iteration=iteration,
+        transformer_impl=transformer_impl,
+        runs_forward=False,
+    )
     if config.first_stages_only:
         raise ConversionError(
             f"{checkpoint} was saved by exit tuning with --tune-exit-pipeline-parallel-size and holds only the first "

@@ -43,16 +43,35 @@ class Family:
     """Keys written to an exported config.json beyond the common ones."""
 
 
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", refused_true=("attention_bias", "mlp_bias"),
-           config_extra={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
-    Family("mistral", "MistralForCausalLM", has_sliding_window=True, config_extra={"sliding_window": None}),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, window_switch="use_sliding_window", has_sliding_window=True,
-           config_extra={"use_sliding_window": False, "sliding_window": None}),
-    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, refused_true=("attention_bias",),
-           window_switch="use_sliding_window", has_sliding_window=True,
-           config_extra={"attention_bias": False, "use_sliding_window": False, "sliding_window": None}),
-)}
+FAMILIES: Dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family(
+            "llama",
+            "LlamaForCausalLM",
+            refused_true=("attention_bias", "mlp_bias"),
+            config_extra={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+        ),
+        Family("mistral", "MistralForCausalLM", has_sliding_window=True, config_extra={"sliding_window": None}),
+        Family(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            qkv_bias=True,
+            window_switch="use_sliding_window",
+            has_sliding_window=True,
+            config_extra={"use_sliding_window": False, "sliding_window": None},
+        ),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            qk_norm=True,
+            refused_true=("attention_bias",),
+            window_switch="use_sliding_window",
+            has_sliding_window=True,
+            config_extra={"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+        ),
+    )
+}
 SUPPORTED = ", ".join(f"{f.model_type!r} ({f.architecture})" for f in FAMILIES.values())
 
 
@@ -62,8 +81,10 @@ def family_of_hf_config(cfg: dict, source: str) -> Family:
     family = FAMILIES.get(model_type)
     architectures = cfg.get("architectures") or [family.architecture if family else "?"]
     if family is None or family.architecture not in architectures:
-        raise ConversionError(f"{source}: model_type {model_type!r} ({', '.join(architectures)}) is not supported: "
-                              f"the converter reads {SUPPORTED}")
+        raise ConversionError(
+            f"{source}: model_type {model_type!r} ({', '.join(architectures)}) is not supported: "
+            f"the converter reads {SUPPORTED}"
+        )
     for key in family.refused_true:
         if cfg.get(key):
             raise ConversionError(f"{source}: {key} true is not supported ({family.architecture} converts without it)")
@@ -83,7 +104,8 @@ def _refuse_sliding_window(cfg: dict, family: Family, source: str) -> None:
     if window < context and _some_layer_slides(cfg, family):
         raise ConversionError(
             f"{source}: sliding_window {window} is smaller than max_position_embeddings {context}: sliding-window "
-            f"attention is not supported (set max_position_embeddings to {window} or less to use it on sequences that fit)"
+            f"attention is not supported (set max_position_embeddings to {window} or less to use it on sequences "
+            "that fit)"
         )
 
 
@@ -110,6 +132,8 @@ def family_of_model(qkv_bias: bool, qk_norm: bool, requested: Optional[str] = No
         raise ConversionError(f"--model-type {requested!r}: choose auto, {', '.join(FAMILIES)}")
     if FAMILIES[requested] not in can:
         have = ", ".join(n for n, on in (("--add-qkv-bias", qkv_bias), ("--qk-layernorm", qk_norm)) if on) or "neither"
-        raise ConversionError(f"--model-type {requested}: the checkpoint has {have} of --add-qkv-bias/--qk-layernorm; "
-                              f"use --model-type {' or '.join(f.model_type for f in can)}")
+        raise ConversionError(
+            f"--model-type {requested}: the checkpoint has {have} of --add-qkv-bias/--qk-layernorm; "
+            f"use --model-type {' or '.join(f.model_type for f in can)}"
+        )
     return FAMILIES[requested]

@@ -22,8 +22,14 @@ EXIT_WEIGHTS = "early_exit_heads.safetensors"
 # Tokenizer files carried along in both directions, whichever the model has (transformers 5
 # saves the chat template as chat_template.jinja, earlier versions in tokenizer_config.json).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 )
 
 
@@ -48,7 +54,9 @@ class HFWeights:
         files = self._read_index() or [self._single_file()]
         for name in extra_files:
             if not os.path.isfile(os.path.join(directory, name)):
-                raise ConversionError(f"{os.path.join(directory, name)} is missing (named by config.json's early_exit section)")
+                raise ConversionError(
+                    f"{os.path.join(directory, name)} is missing (named by config.json's early_exit section)"
+                )
             files.append(name)
         for file in files:
             for key in self._handle(file).keys():

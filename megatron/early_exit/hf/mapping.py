@@ -35,8 +35,14 @@ from megatron.early_exit.models.model_config import DTYPES, ModelConfig, Tokeniz
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 ROPE_KINDS = ("default", "linear", "llama3")
 # Fields HFShape and ModelConfig share by name and meaning (the rest map one by one below).
-SAME_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings",
-               "norm_epsilon")
+SAME_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "norm_epsilon",
+)
 
 
 def hf_dtype_name(params_dtype: str) -> str:
@@ -87,11 +93,15 @@ def shape_from_hf_config(cfg: dict, source: str = "config.json") -> HFShape:
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ConversionError(f"{source}: {key} must be a positive integer, got {cfg.get(key)!r}")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (the SwiGLU MLP uses 'silu')")
+        raise ConversionError(
+            f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (the SwiGLU MLP uses 'silu')"
+        )
     heads = cfg["num_attention_heads"]
     groups = cfg.get("num_key_value_heads") or heads
     if heads % groups:
-        raise ConversionError(f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({groups})")
+        raise ConversionError(
+            f"{source}: num_attention_heads ({heads}) is not divisible by num_key_value_heads ({groups})"
+        )
     theta, kind, factor = _rope_from_hf(cfg, source)
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
     if dtype not in SUPPORTED_HF_DTYPES:
@@ -153,8 +163,13 @@ def _rope_from_hf(cfg: dict, source: str) -> Tuple[float, str, Optional[float]]:
     return float(theta), kind, float(factor)
 
 
-def model_config(shape: HFShape, make_vocab_size_divisible_by: int, tokenizer: TokenizerConfig,
-                 params_dtype: str, early_exit: Optional[EarlyExitConfig] = None) -> ModelConfig:
+def model_config(
+    shape: HFShape,
+    make_vocab_size_divisible_by: int,
+    tokenizer: TokenizerConfig,
+    params_dtype: str,
+    early_exit: Optional[EarlyExitConfig] = None,
+) -> ModelConfig:
     """Our description of a model of this shape (its vocabulary as the padded size)."""
     heads = shape.num_attention_heads
     return ModelConfig(
@@ -194,10 +209,15 @@ def shape_from_model_config(config: ModelConfig, model_type: Optional[str] = Non
         (c.normalization != "RMSNorm", f"--normalization {c.normalization} (Llama uses RMSNorm)"),
         (not c.swiglu, "no --swiglu (Llama's MLP is SwiGLU)"),
         (not c.disable_bias_linear, "linear biases (Llama has none: --disable-bias-linear)"),
-        (c.position_embedding_type != "rope", f"--position-embedding-type {c.position_embedding_type} (Llama uses rope)"),
+        (
+            c.position_embedding_type != "rope",
+            f"--position-embedding-type {c.position_embedding_type} (Llama uses rope)",
+        ),
         (c.rotary_percent != 1.0, f"--rotary-percent {c.rotary_percent} (Llama rotates whole heads)"),
-        (bool(c.use_rope_scaling and c.rotary_seq_len_interpolation_factor),
-         "--use-rope-scaling together with --rotary-seq-len-interpolation-factor"),
+        (
+            bool(c.use_rope_scaling and c.rotary_seq_len_interpolation_factor),
+            "--use-rope-scaling together with --rotary-seq-len-interpolation-factor",
+        ),
     ]
     for refused, what in refusals:
         if refused:
@@ -227,8 +247,9 @@ def shape_from_model_config(config: ModelConfig, model_type: Optional[str] = Non
     )
 
 
-def hf_config(shape: HFShape, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-              early_exit: Optional[dict] = None) -> dict:
+def hf_config(
+    shape: HFShape, bos_token_id=None, eos_token_id=None, pad_token_id=None, early_exit: Optional[dict] = None
+) -> dict:
     """A config.json for the shape's family; RoPE is written for transformers 4.x and 5.x."""
     rope = {"rope_type": shape.rope_kind, "rope_theta": shape.rope_theta}
     if shape.rope_kind != "default":
@@ -274,8 +295,16 @@ def hf_config(shape: HFShape, bos_token_id=None, eos_token_id=None, pad_token_id
 LAYER_KEYS: Dict[str, Tuple[str, ...]] = {
     "input_layernorm.weight": ("input_layernorm.weight",),
     "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),  # Transformer Engine spec
-    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qwen2
+    "self_attention.linear_qkv.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "self_attention.linear_qkv.bias": (
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+    ),  # qwen2
     "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),  # qwen3
     "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
@@ -325,7 +354,9 @@ def is_exit_name(name: str) -> bool:
 
 def _check(name: str, tensor: torch.Tensor, expected: Sequence[int]) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise ConversionError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} from the config")
+        raise ConversionError(
+            f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} from the config"
+        )
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: HFShape) -> torch.Tensor:
@@ -356,7 +387,9 @@ def split_gate_up(fc1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return gate.contiguous(), up.contiguous()
 
 
-def to_ours(name: str, parts: Sequence[Tuple[str, torch.Tensor]], shape: HFShape, expected: Sequence[int]) -> torch.Tensor:
+def to_ours(
+    name: str, parts: Sequence[Tuple[str, torch.Tensor]], shape: HFShape, expected: Sequence[int]
+) -> torch.Tensor:
     """Build our parameter `name` (full shape `expected`) from its Hugging Face tensors."""
     hidden = expected[-1]
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
@@ -407,8 +440,10 @@ def exit_config(section: dict, source: str = "config.json") -> EarlyExitConfig:
     unknown = sorted(set(section) - set(known) - set(_SECTION_KEYS))
     version = section.get("format_version", EXIT_FORMAT_VERSION)
     if unknown or version not in range(1, EXIT_FORMAT_VERSION + 1):
-        raise ConversionError(f"{source}: early_exit section has unknown keys {unknown} or format_version "
-                              f"{version!r} (this converter reads 1..{EXIT_FORMAT_VERSION})")
+        raise ConversionError(
+            f"{source}: early_exit section has unknown keys {unknown} or format_version "
+            f"{version!r} (this converter reads 1..{EXIT_FORMAT_VERSION})"
+        )
     lists = [f.name for f in dataclasses.fields(EarlyExitConfig) if "List[" in str(f.type)]
     for key in lists:
         if not isinstance(section.get(key) or [], list):

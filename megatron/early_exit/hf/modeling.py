@@ -54,8 +54,9 @@ class ExitHead(torch.nn.Module):
         self.norm = copy.deepcopy(inner.norm) if config.use_exit_norm else None
         self.lm_head = copy.deepcopy(backbone.lm_head) if config.untie_exit_output_weights else None
 
-    def forward(self, hidden: Tensor, post_attention: Optional[Tensor], layer, block_inputs: dict,
-                word_embeddings: Tensor) -> Tensor:
+    def forward(
+        self, hidden: Tensor, post_attention: Optional[Tensor], layer, block_inputs: dict, word_embeddings: Tensor
+    ) -> Tensor:
         """hidden [b, s, h] (and the layer's post-attention state for an MLP exit) -> logits
         [b, s, v]; tied exits project with `word_embeddings`."""
         if self.mlp is not None:
@@ -84,9 +85,12 @@ class EarlyExitForCausalLM(torch.nn.Module):
         self.config = backbone.config
         self.early_exit = exits
         self.pre_exit = exits.pre_exit
-        self.exits = torch.nn.ModuleDict({
-            str(n): ExitHead(backbone, exits, n, t) for n, t in zip(exits.exit_layer_nums, exits.exit_layer_temperature)
-        })
+        self.exits = torch.nn.ModuleDict(
+            {
+                str(n): ExitHead(backbone, exits, n, t)
+                for n, t in zip(exits.exit_layer_nums, exits.exit_layer_temperature)
+            }
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "EarlyExitForCausalLM":
@@ -106,23 +110,31 @@ class EarlyExitForCausalLM(torch.nn.Module):
         expected = set(model.exits.state_dict(prefix="exits."))
         missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unknown:
-            raise ConversionError(f"{weights_path}: {len(missing)} exit tensors missing (e.g. {missing[:2]}), "
-                                  f"{len(unknown)} unknown (e.g. {unknown[:2]}) for config.json's early_exit section")
+            raise ConversionError(
+                f"{weights_path}: {len(missing)} exit tensors missing (e.g. {missing[:2]}), "
+                f"{len(unknown)} unknown (e.g. {unknown[:2]}) for config.json's early_exit section"
+            )
         dtype = backbone.get_input_embeddings().weight.dtype
         device = backbone.get_input_embeddings().weight.device
-        model.exits.load_state_dict({k[len("exits."):]: v.to(device, dtype) for k, v in tensors.items()})
+        model.exits.load_state_dict({k[len("exits.") :]: v.to(device, dtype) for k, v in tensors.items()})
         model.exits.to(device, dtype)
         return model
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> EarlyExitCausalLMOutput:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
+    ) -> EarlyExitCausalLMOutput:
         """Final and exit logits of input_ids [b, s] (attention_mask [b, s]: 1 for tokens, 0 for padding)."""
         layers = self.backbone.model.layers
         captured: Dict[str, Tensor] = {}
         hooks = self._capture(layers, captured)
         try:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                output_hidden_states=True, use_cache=False)
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+            )
         finally:
             for hook in hooks:
                 hook.remove()
@@ -146,16 +158,26 @@ class EarlyExitForCausalLM(torch.nn.Module):
         hooks = []
         last = len(layers)
         if str(last) in self.exits and not self.pre_exit:
-            hooks.append(layers[-1].register_forward_hook(
-                lambda module, args, output: captured.__setitem__("last", output[0] if isinstance(output, tuple) else output)))
+            hooks.append(
+                layers[-1].register_forward_hook(
+                    lambda module, args, output: captured.__setitem__(
+                        "last", output[0] if isinstance(output, tuple) else output
+                    )
+                )
+            )
         for head in self.exits.values():
             if head.mlp is not None:
                 n = head.layer_number
-                hooks.append(layers[n - 1].post_attention_layernorm.register_forward_pre_hook(
-                    lambda module, args, n=n: captured.__setitem__(f"attn{n}", args[0])))
+                hooks.append(
+                    layers[n - 1].post_attention_layernorm.register_forward_pre_hook(
+                        lambda module, args, n=n: captured.__setitem__(f"attn{n}", args[0])
+                    )
+                )
         return hooks
 
-    def _block_inputs(self, embeddings: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]) -> dict:
+    def _block_inputs(
+        self, embeddings: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor]
+    ) -> dict:
         """The causal mask and RoPE a decoder layer takes, as the backbone makes them."""
         if not any(head.block is not None for head in self.exits.values()):
             return {}
@@ -163,14 +185,20 @@ class EarlyExitForCausalLM(torch.nn.Module):
 
         if position_ids is None:
             position_ids = torch.arange(embeddings.shape[1], device=embeddings.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
         rope = self.backbone.model.rotary_emb(embeddings, position_ids=position_ids)
         return {"attention_mask": mask, "position_embeddings": rope, "position_ids": position_ids}
 
     @torch.no_grad()
-    def generate_early_exit(self, input_ids: Tensor, threshold: float = 0.9,
-                            max_new_tokens: int = 32) -> Tuple[Tensor, List[List[int]]]:
+    def generate_early_exit(
+        self, input_ids: Tensor, threshold: float = 0.9, max_new_tokens: int = 32
+    ) -> Tuple[Tensor, List[List[int]]]:
         """Greedy decoding where each token comes from the first exit whose top-1
         probability reaches `threshold`, else from the final layer; input_ids [b, s] are
         rows of one length (no padding). Returns (input_ids with the new tokens [b, s + n],

@@ -17,9 +17,9 @@ any TP).
 
 from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_confidence_measure
 from megatron.early_exit.inference.decoder import Decoder, ExitPolicy
+from megatron.early_exit.inference.engine import Engine, SequenceRequest
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.generate import generate
-from megatron.early_exit.inference.engine import Engine, SequenceRequest
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.result import GenerationResult
 from megatron.early_exit.inference.sampling import SamplingParams
@@ -27,7 +27,21 @@ from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.inference.strategies import KV_STRATEGIES, EarlyExit, FullDepth, SelfSpeculative
 
 __all__ = [
-    "CONFIDENCE_MEASURES", "Decoder", "EarlyExit", "Engine", "SequenceRequest", "ExitPolicy", "FullDepth", "GenerationResult",
-    "InferenceConfigError", "KVCache", "KV_STRATEGIES", "SamplingParams", "SelfSpeculative",
-    "generate", "get_confidence_measure",
+    "CONFIDENCE_MEASURES",
+    "Decoder",
+    "EarlyExit",
+    "Engine",
+    "SequenceRequest",
+    "ExitPolicy",
+    "FullDepth",
+    "GenerationResult",
+    "InferenceConfigError",
+    "KVCache",
+    "KV_STRATEGIES",
+    "SamplingParams",
+    "ScoreResult",
+    "SelfSpeculative",
+    "generate",
+    "score",
+    "get_confidence_measure",
 ]

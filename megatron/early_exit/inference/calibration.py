@@ -85,9 +85,17 @@ def token_consistency(model, prompts, tokens) -> float:
     return same / total if total else 1.0
 
 
-def time_strategies(model, prompts, strategies: Sequence, max_new_tokens: int, repeats: int = 1, stop_tokens=(),
-                    clock: str = "wall", progress: Optional[Callable[[str], None]] = None,
-                    names: Optional[Sequence[str]] = None) -> List[List[GenerationResult]]:
+def time_strategies(
+    model,
+    prompts,
+    strategies: Sequence,
+    max_new_tokens: int,
+    repeats: int = 1,
+    stop_tokens=(),
+    clock: str = "wall",
+    progress: Optional[Callable[[str], None]] = None,
+    names: Optional[Sequence[str]] = None,
+) -> List[List[GenerationResult]]:
     """Each strategy's fastest run of each prompt, [strategy][prompt]. The strategies take
     turns within every repeat, so a busy spell of the machine slows all of them alike.
     `names` label the progress lines (default: each strategy's name)."""
@@ -108,8 +116,16 @@ def time_strategies(model, prompts, strategies: Sequence, max_new_tokens: int, r
     return best
 
 
-def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeats: int = 1, stop_tokens=(),
-          clock: str = "wall", progress: Optional[Callable[[str], None]] = None) -> List[SweepPoint]:
+def sweep(
+    model,
+    prompts,
+    strategies: Sequence,
+    max_new_tokens: int = 64,
+    repeats: int = 1,
+    stop_tokens=(),
+    clock: str = "wall",
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[SweepPoint]:
     """Full depth (the reference) and every strategy; one SweepPoint each, full depth first.
 
     clock "wall" times decoding as a user waits for it; "cpu" counts this process's CPU
@@ -126,13 +142,20 @@ def sweep(model, prompts, strategies: Sequence, max_new_tokens: int = 64, repeat
         depths = [d for r in results for d in r.exit_layers[0][1:]]
         drafted = sum(r.num_drafted for r in results)
         rounds = sum(r.num_decoded - r.num_accepted for r in results)  # each round adds accepted + 1
-        points.append(SweepPoint(
-            strategy.name, None if getattr(strategy, "exit_thresholds", None) else getattr(strategy, "threshold", None), tps, tps / points[0].tokens_per_second if points else 1.0,
-            token_agreement(reference, tokens), token_consistency(model, prompts, tokens),
-            sum(depths) / len(depths) if depths else float(num_layers), num_layers,
-            sum(r.num_accepted for r in results) / drafted if drafted else None,
-            drafted / rounds if drafted and rounds else None,
-        ))
+        points.append(
+            SweepPoint(
+                strategy.name,
+                None if getattr(strategy, "exit_thresholds", None) else getattr(strategy, "threshold", None),
+                tps,
+                tps / points[0].tokens_per_second if points else 1.0,
+                token_agreement(reference, tokens),
+                token_consistency(model, prompts, tokens),
+                sum(depths) / len(depths) if depths else float(num_layers),
+                num_layers,
+                sum(r.num_accepted for r in results) / drafted if drafted else None,
+                drafted / rounds if drafted and rounds else None,
+            )
+        )
     return points
 
 
@@ -144,18 +167,21 @@ def pick_fastest(candidates: Sequence, min_agreement: float, criterion: str = "a
 
 
 def header(width: int = 28) -> str:
-    return (f"{'strategy':<{width}}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'consistency':>13}"
-            f"{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}")
-
+    return (
+        f"{'strategy':<{width}}{'threshold':>10}{'tokens/s':>10}{'speedup':>9}{'agreement':>11}{'consistency':>13}"
+        f"{'mean exit':>11}{'ideal':>7}{'achieved/ideal':>16}{'accepted':>10}"
+    )
 
 
 def format_row(p: SweepPoint, width: int = 28) -> str:
     def opt(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
-    return (f"{p.strategy:<{width}}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
-            f"{p.agreement:>11.3f}{p.consistency:>13.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
-            f"{opt(p.efficiency, '.2f'):>16}{opt(p.acceptance, '.2f'):>10}")
+    return (
+        f"{p.strategy:<{width}}{opt(p.threshold, '.3g'):>10}{p.tokens_per_second:>10.1f}{p.speedup:>8.2f}x"
+        f"{p.agreement:>11.3f}{p.consistency:>13.3f}{p.mean_exit_layer:>11.2f}{opt(p.ideal_speedup, '.2f'):>7}"
+        f"{opt(p.efficiency, '.2f'):>16}{opt(p.acceptance, '.2f'):>10}"
+    )
 
 
 def format_table(points: Sequence[SweepPoint]) -> str:
@@ -199,8 +225,13 @@ def exit_confidences(model, sequences: Sequence[Sequence[int]], measure, exit_la
                     return
                 head_input = attention_output if point.head.has_mlp else None
                 logits = exit_logits(model, point.head, point.layer, x, head_input)[:, 0]
-                view = ExitView(point.layer_number, x[:, 0], previous.get(depth - 1), lambda rows: logits if rows is None
-                                else logits.index_select(0, rows), _logits=logits.float())
+                view = ExitView(
+                    point.layer_number,
+                    x[:, 0],
+                    previous.get(depth - 1),
+                    lambda rows: logits if rows is None else logits.index_select(0, rows),
+                    _logits=logits.float(),
+                )
                 confidence = measure(view)
                 seen[point.layer_number] = (confidence.float(), logits.argmax(-1))
 
@@ -236,15 +267,21 @@ def per_exit_thresholds(confidences, target: float) -> List[ExitCalibration]:
     return result
 
 
-def calibrate_per_exit(model, prompts, measure_name: str, targets: Sequence[float], max_new_tokens: int,
-                       exit_layers=None) -> dict:
+def calibrate_per_exit(
+    model, prompts, measure_name: str, targets: Sequence[float], max_new_tokens: int, exit_layers=None
+) -> dict:
     """{target: [ExitCalibration per exit]} from the full-depth greedy continuations of `prompts`
     (one decode and one full-depth pass per prompt, whatever the number of targets)."""
     from megatron.early_exit.inference.confidence import get_confidence_measure
 
     continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
-    confidences = exit_confidences(model, [list(p) + c for p, c in zip(prompts, continuations)],
-                                   get_confidence_measure(measure_name, model), exit_layers, [len(p) - 1 for p in prompts])
+    confidences = exit_confidences(
+        model,
+        [list(p) + c for p, c in zip(prompts, continuations)],
+        get_confidence_measure(measure_name, model),
+        exit_layers,
+        [len(p) - 1 for p in prompts],
+    )
     return {target: per_exit_thresholds(confidences, target) for target in targets}
 
 
@@ -281,8 +318,15 @@ class OracleRun:
         return sum(depths) / len(depths)
 
 
-def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name: str = "max_prob",
-                  repeats: int = 1, clock: str = "wall") -> OracleRun:
+def oracle_decode(
+    model,
+    prompts,
+    exit_layers,
+    max_new_tokens: int,
+    measure_name: str = "max_prob",
+    repeats: int = 1,
+    clock: str = "wall",
+) -> OracleRun:
     """What any confidence measure can reach with these exits at their cost: each token
     leaves at the shallowest active exit whose token is the final layer's after the same
     prefix (known from a full-depth pass over the full-depth continuation), so the output
@@ -294,8 +338,13 @@ def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name
 
     measure = get_confidence_measure(measure_name, model)
     continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
-    agrees = exit_confidences(model, [list(p) + c for p, c in zip(prompts, continuations)], measure, exit_layers,
-                              [len(p) - 1 for p in prompts])
+    agrees = exit_confidences(
+        model,
+        [list(p) + c for p, c in zip(prompts, continuations)],
+        measure,
+        exit_layers,
+        [len(p) - 1 for p in prompts],
+    )
     exits = sorted(agrees)  # --exit-layer-nums entries, shallowest first
     offsets = [0]
     for c in continuations:
@@ -308,8 +357,12 @@ def oracle_decode(model, prompts, exit_layers, max_new_tokens: int, measure_name
         decoder = Decoder(model, 1, 1)  # for the exit points only
         points = {n: decoder.exit_points[n] for n in exits}
         # A policy per exit that fires: the exits before it tested above any confidence.
-        policies = {n: ExitPolicy({points[m].depth: points[m] for m in exits[: i + 1]}, 2.0, measure,
-                                  per_exit={points[n].depth: 0.0}) for i, n in enumerate(exits)}
+        policies = {
+            n: ExitPolicy(
+                {points[m].depth: points[m] for m in exits[: i + 1]}, 2.0, measure, per_exit={points[n].depth: 0.0}
+            )
+            for i, n in enumerate(exits)
+        }
         policies[None] = ExitPolicy({points[m].depth: points[m] for m in exits}, 2.0, measure)
 
         def run(prompt, continuation, leave):

@@ -150,11 +150,15 @@ def get_confidence_measure(name: str, model=None) -> ConfidenceMeasure:
         if estimator is None:
             raise InferenceConfigError(
                 f"confidence measure {name!r} needs a confidence estimator: pass --confidence-estimator FILE "
-                "(written by tools/train_confidence_estimator.py" + (" --hidden-state-only)" if name != "learned" else ")"))
+                "(written by tools/train_confidence_estimator.py"
+                + (" --hidden-state-only)" if name != "learned" else ")")
+            )
         if name == "learned":
             return ConfidenceMeasure(name, learned(estimator), estimator.use_logits, True)
         if estimator.use_logits:
-            raise InferenceConfigError(f"confidence measure {name!r} gates with a hidden-state classifier: "
-                                       "--confidence-estimator must be trained with --hidden-state-only")
+            raise InferenceConfigError(
+                f"confidence measure {name!r} gates with a hidden-state classifier: "
+                "--confidence-estimator must be trained with --hidden-state-only"
+            )
         return ConfidenceMeasure(name, gated_top1_probability(estimator), False, True)
     return measure

@@ -39,11 +39,20 @@ from torch import Tensor
 from megatron.early_exit.inference.confidence import ConfidenceMeasure, ExitView
 from megatron.early_exit.inference.errors import InferenceConfigError
 from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.propagation import Propagators
 from megatron.early_exit.inference.layers import (
-    RotaryTables, WorkSet, attention_scale, block_exit_logits, build_work_set, embed, exit_logits, final_logits,
-    project_qkv, run_layer, to_device,
+    RotaryTables,
+    WorkSet,
+    attention_scale,
+    block_exit_logits,
+    build_work_set,
+    embed,
+    exit_logits,
+    final_logits,
+    project_qkv,
+    run_layer,
+    to_device,
 )
+from megatron.early_exit.inference.propagation import Propagators
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,8 @@ def validate_model(model) -> None:
         "sliding-window attention": config.window_size is not None,
         "gated attention output": config.attention_output_gate,
         f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
-        f"position embedding {model.position_embedding_type!r}": model.position_embedding_type not in ("rope", "learned_absolute", "none"),
+        f"position embedding {model.position_embedding_type!r}": model.position_embedding_type
+        not in ("rope", "learned_absolute", "none"),
     }
     bad = [name for name, present in unsupported.items() if present]
     if bad:
@@ -139,11 +149,19 @@ class Decoder:
         pre = model.ee_config.pre_exit
         # Exit blocks (--use-exit-block) attend over their own cache slots after the layers':
         # {depth: slot}. They run at every step, so that their K/V cover every position.
-        self.exit_blocks = {int(num) - pre: len(self.layers) + i
-                            for i, num in enumerate(n for n, head in model.exits.items() if head.has_block)}
-        self.cache = KVCache(len(self.layers) + len(self.exit_blocks), max_batch, max_seq,
-                             attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head,
-                             self.dtype, self.device)
+        self.exit_blocks = {
+            int(num) - pre: len(self.layers) + i
+            for i, num in enumerate(n for n, head in model.exits.items() if head.has_block)
+        }
+        self.cache = KVCache(
+            len(self.layers) + len(self.exit_blocks),
+            max_batch,
+            max_seq,
+            attention.num_query_groups_per_partition,
+            attention.hidden_size_per_attention_head,
+            self.dtype,
+            self.device,
+        )
         self.frontier = None  # step() only: the inputs owed to deeper layers
         if self.first and self.last:
             self.frontier = torch.zeros(max_batch, max_seq + 1, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -157,8 +175,14 @@ class Decoder:
             for num, head in model.exits.items()
         }
 
-    def exit_policy(self, exit_layers: Optional[Sequence[int]], threshold: float, measure,
-                    exit_thresholds: Optional[Dict[int, float]] = None, propagate: bool = False) -> ExitPolicy:
+    def exit_policy(
+        self,
+        exit_layers: Optional[Sequence[int]],
+        threshold: float,
+        measure,
+        exit_thresholds: Optional[Dict[int, float]] = None,
+        propagate: bool = False,
+    ) -> ExitPolicy:
         """The exit policy of this stage (the one builder: every strategy's and the pipeline's):
         its exits among `exit_layers` (None: all), with `exit_thresholds` (by --exit-layer-nums
         entry) overriding `threshold` there. No confidence exceeds 1: an exit whose threshold
@@ -168,8 +192,13 @@ class Decoder:
         points = [p for num, p in self.exit_points.items() if num in allowed and thresholds.get(num, threshold) <= 1]
         if not points:
             return FULL_DEPTH
-        return ExitPolicy({p.depth: p for p in points}, threshold, measure, propagate,
-                          per_exit={p.depth: thresholds[p.layer_number] for p in points if p.layer_number in thresholds})
+        return ExitPolicy(
+            {p.depth: p for p in points},
+            threshold,
+            measure,
+            propagate,
+            per_exit={p.depth: thresholds[p.layer_number] for p in points if p.layer_number in thresholds},
+        )
 
     def feed(self, rows: List[int], new_tokens: Sequence[Sequence[int]]) -> Tuple[List[int], List[int]]:
         """The positions [start, end] of each row's new tokens, after the tokens it holds."""
@@ -187,9 +216,14 @@ class Decoder:
     # -- the step: the whole model, rows leaving at exits --------------------------
 
     @torch.no_grad()
-    def step(self, rows: List[int], new_tokens: Sequence[Sequence[int]],
-             policy: Union[ExitPolicy, Sequence[ExitPolicy]] = FULL_DEPTH,
-             all_logits: bool = False, observe: Optional[Callable] = None) -> StepOutput:
+    def step(
+        self,
+        rows: List[int],
+        new_tokens: Sequence[Sequence[int]],
+        policy: Union[ExitPolicy, Sequence[ExitPolicy]] = FULL_DEPTH,
+        all_logits: bool = False,
+        observe: Optional[Callable] = None,
+    ) -> StepOutput:
         """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds. `policy`
         is every row's, or a list of one per row (rows of a continuous batch: each its own
         exits, thresholds, measure and K/V fill; a row still in its prompt runs FULL_DEPTH).
@@ -197,7 +231,8 @@ class Decoder:
         if not (self.first and self.last):
             raise InferenceConfigError(
                 f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
-                f"{self.offset + len(self.layers)} (over pipeline stages use FullDepth or EarlyExit(kv='pipeline'))")
+                f"{self.offset + len(self.layers)} (over pipeline stages use FullDepth or EarlyExit(kv='pipeline'))"
+            )
         policies = [policy] * len(rows) if isinstance(policy, ExitPolicy) else list(policy)
         points = {d: p for pol in {id(q): q for q in policies}.values() for d, p in pol.exits.items()}
         starts, ends = self.feed(rows, new_tokens)
@@ -214,7 +249,9 @@ class Decoder:
             block_output = self._run_exit_block(depth, x, ws)
             point = points.get(depth)
             if point is not None:
-                x, ws, policies = self._exit_rows(point, policies, x, attention_output, previous, ws, done, block_output)
+                x, ws, policies = self._exit_rows(
+                    point, policies, x, attention_output, previous, ws, done, block_output
+                )
                 if ws is None:
                     break
         chunk_logits = None
@@ -249,8 +286,17 @@ class Decoder:
         self.cache.set_length(slot, ws.rows, [e + 1 for e in ws.ends])
         return out
 
-    def _exit_rows(self, point: ExitPoint, policies: List[ExitPolicy], x, attention_output, previous, ws, done,
-                   block_output: Optional[Tensor] = None):
+    def _exit_rows(
+        self,
+        point: ExitPoint,
+        policies: List[ExitPolicy],
+        x,
+        attention_output,
+        previous,
+        ws,
+        done,
+        block_output: Optional[Tensor] = None,
+    ):
         """Rows whose newest token is confident at `point` under their own policy take their
         token and leave; returns the hidden states, work set and policies of the rows going
         on (None, None, None if none)."""
@@ -280,9 +326,9 @@ class Decoder:
         if all(propagate):
             self._propagate(pick(x[-1], 0), point.depth, left)
         elif not any(propagate):
-            self._save_frontier(pick(x, 1)[-left.width:], left)
+            self._save_frontier(pick(x, 1)[-left.width :], left)
         else:  # rows of both kinds leave here: each kind its own way
-            x_left, last_left = pick(x, 1)[-left.width:], pick(x[-1], 0)
+            x_left, last_left = pick(x, 1)[-left.width :], pick(x[-1], 0)
             for kind in (True, False):
                 sub = [i for i, p in enumerate(propagate) if p == kind]
                 sub_t = to_device(self.device, sub)[0]
@@ -290,12 +336,12 @@ class Decoder:
                 if kind:
                     self._propagate(last_left.index_select(0, sub_t), point.depth, part)
                 else:
-                    self._save_frontier(x_left.index_select(1, sub_t)[-part.width:], part)
+                    self._save_frontier(x_left.index_select(1, sub_t)[-part.width :], part)
         if every:
             return None, None, None
         keep = [i for i, f in enumerate(fire) if not f]
         going = self._select(ws, keep)
-        return x[-going.width:].index_select(1, to_device(self.device, keep)[0]), going, [policies[i] for i in keep]
+        return x[-going.width :].index_select(1, to_device(self.device, keep)[0]), going, [policies[i] for i in keep]
 
     def _test(self, point: ExitPoint, policies: List[ExitPolicy], last, head_input, previous):
         """Which rows fire at `point`, each under its own policy (a row whose policy has no
@@ -307,15 +353,20 @@ class Decoder:
                 groups.setdefault((pol.threshold_at(point.depth), pol.measure), []).append(i)
         b = len(policies)
         if len(groups) == 1 and len(next(iter(groups.values()))) == b:
-            (threshold, measure), = groups
+            ((threshold, measure),) = groups
             return confidence_test(self.model, point, threshold, measure, last, head_input, previous)
         fire, logits = [False] * b, {}
         for (threshold, measure), cols in groups.items():
             cols_t = to_device(self.device, cols)[0]
             sub_fire, sub_logits = confidence_test(
-                self.model, point, threshold, measure, last.index_select(1, cols_t),
+                self.model,
+                point,
+                threshold,
+                measure,
+                last.index_select(1, cols_t),
                 None if head_input is None else head_input.index_select(1, cols_t),
-                None if previous is None else previous.index_select(0, cols_t))
+                None if previous is None else previous.index_select(0, cols_t),
+            )
             for j, c in enumerate(cols):
                 fire[c] = sub_fire[j]
                 if sub_logits is not None:
@@ -353,8 +404,15 @@ class Decoder:
     # -- the stage pass: every row through every layer, exits only decide ----------
 
     @torch.no_grad()
-    def run_stage(self, x, rows: List[int], starts: List[int], ends: List[int], open_rows: List[bool],
-                  policy: ExitPolicy = FULL_DEPTH) -> Tuple[Tensor, Dict[int, Decision]]:
+    def run_stage(
+        self,
+        x,
+        rows: List[int],
+        starts: List[int],
+        ends: List[int],
+        open_rows: List[bool],
+        policy: ExitPolicy = FULL_DEPTH,
+    ) -> Tuple[Tensor, Dict[int, Decision]]:
         """Run positions [start, end] of each row through this stage's layers. `x` holds the
         rows' new tokens on the first stage, the previous stage's hidden states [c, b, h] on a
         later one. The policy's exits decide the rows still open, the last stage's output layer
@@ -373,8 +431,17 @@ class Decoder:
             block_output = self._run_exit_block(depth, x, ws)
             point = policy.exits.get(depth)
             if point is not None and any(open_rows):
-                self._decide(point, policy, x if block_output is None else block_output, attention_output, previous,
-                             rows, open_rows, decided, columns)
+                self._decide(
+                    point,
+                    policy,
+                    x if block_output is None else block_output,
+                    attention_output,
+                    previous,
+                    rows,
+                    open_rows,
+                    decided,
+                    columns,
+                )
         if self.last and any(open_rows):
             cols, pick = self._open_columns(open_rows, columns)
             logits = final_logits(self.model, pick(x[-1:], 1))[0]
@@ -393,14 +460,22 @@ class Decoder:
             columns[key] = (cols, (lambda t, dim: t) if index is None else (lambda t, dim: t.index_select(dim, index)))
         return columns[key]
 
-    def _decide(self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, rows, open_rows,
-                decided, columns) -> None:
+    def _decide(
+        self, point: ExitPoint, policy: ExitPolicy, x, attention_output, previous, rows, open_rows, decided, columns
+    ) -> None:
         """The open rows confident at `point` are decided there (and closed in `open_rows`)."""
         cols, pick = self._open_columns(open_rows, columns)
         last = pick(x[-1:], 1)
         head_input = pick(attention_output[-1:], 1) if point.head.has_mlp and attention_output is not None else None
-        fire, logits = confidence_test(self.model, point, policy.threshold_at(point.depth), policy.measure, last, head_input,
-                                       None if previous is None else pick(previous, 0))
+        fire, logits = confidence_test(
+            self.model,
+            point,
+            policy.threshold_at(point.depth),
+            policy.measure,
+            last,
+            head_input,
+            None if previous is None else pick(previous, 0),
+        )
         if not any(fire):
             return
         if logits is None:

@@ -99,14 +99,22 @@ class StepPlan:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int, max_context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_waiting: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int,
+        max_context: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_waiting: Optional[int] = None,
+    ):
         if not (model.pre_process and model.post_process):
-            raise InferenceConfigError("continuous batching needs the whole model on one stage "
-                                       "(--pipeline-model-parallel-size 1)")
+            raise InferenceConfigError(
+                "continuous batching needs the whole model on one stage (--pipeline-model-parallel-size 1)"
+            )
         if max_context > model.max_sequence_length:
-            raise InferenceConfigError(f"max_context {max_context} exceeds the model's maximum sequence length "
-                                       f"{model.max_sequence_length}")
+            raise InferenceConfigError(
+                f"max_context {max_context} exceeds the model's maximum sequence length {model.max_sequence_length}"
+            )
         if prefill_chunk < 1:
             raise InferenceConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.max_batch_size, self.max_context = model, max_batch_size, max_context
@@ -130,8 +138,14 @@ class Engine:
         """Refuses what the engine cannot run (InferenceConfigError naming the field)."""
         if not 0 <= request.top_n <= self.model.vocab_size:
             raise InferenceConfigError(f"top_n must be in [0, {self.model.vocab_size}], got {request.top_n}")
-        check_prompts([request.prompt], request.max_new_tokens, self.model.vocab_size, self.max_context,
-                      prompt_field="prompt", context_name="the engine's context per slot")
+        check_prompts(
+            [request.prompt],
+            request.max_new_tokens,
+            self.model.vocab_size,
+            self.max_context,
+            prompt_field="prompt",
+            context_name="the engine's context per slot",
+        )
         request.strategy.check(request.sampling)
         self.policy_of(request.strategy)
 
@@ -142,7 +156,9 @@ class Engine:
         self.check(request)
         with self._lock:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting (--max-queued-requests {self.max_waiting})")
+                raise QueueFull(
+                    f"{len(self._waiting)} sequences are waiting (--max-queued-requests {self.max_waiting})"
+                )
             seq_id = next(self._ids)
             if listener is not None:
                 self.listeners[seq_id] = listener
@@ -210,7 +226,7 @@ class Engine:
         for seq in self.running.values():  # prompts in order of arrival, within the step's budget
             if seq.prefilling and budget > 0:
                 n = min(len(seq.request.prompt) - seq.num_fed, budget)
-                rows.append(seq.slot), new_tokens.append(list(seq.request.prompt[seq.num_fed:seq.num_fed + n]))
+                rows.append(seq.slot), new_tokens.append(list(seq.request.prompt[seq.num_fed : seq.num_fed + n]))
                 policies.append(FULL_DEPTH)  # the prompt and its first token: full depth, as in generate
                 seq.num_fed += n
                 budget -= n
@@ -238,13 +254,19 @@ class Engine:
     def _admit(self, seq_id: int, request: SequenceRequest) -> None:
         slot = self.free_slots.pop(0)
         self.decoder.crop(slot, 0)  # the slot's previous sequence is forgotten
-        self.running[seq_id] = Sequence(seq_id, request, slot, self.policy_of(request.strategy),
-                                        request.sampling.make_generator(self.decoder.device),
-                                        result=self._empty_result(request))
+        self.running[seq_id] = Sequence(
+            seq_id,
+            request,
+            slot,
+            self.policy_of(request.strategy),
+            request.sampling.make_generator(self.decoder.device),
+            result=self._empty_result(request),
+        )
 
     def _empty_result(self, request: SequenceRequest) -> GenerationResult:
-        result = GenerationResult([[]], [[]], [[]], num_layers=self.model.config.num_layers,
-                                  strategy=request.strategy.name)
+        result = GenerationResult(
+            [[]], [[]], [[]], num_layers=self.model.config.num_layers, strategy=request.strategy.name
+        )
         if request.top_n > 0:
             result.top_tokens, result.top_logprobs = [[]], [[]]
         return result
@@ -253,8 +275,10 @@ class Engine:
         """The strategy's exit policy on this decoder (built once per strategy)."""
         if strategy not in self._policies:
             if not strategy.batchable:
-                raise InferenceConfigError(f"{strategy.name} decoding does not run in the continuous batch "
-                                           "(it needs its own lane: static batching)")
+                raise InferenceConfigError(
+                    f"{strategy.name} decoding does not run in the continuous batch "
+                    "(it needs its own lane: static batching)"
+                )
             self._policies[strategy] = strategy.exit_policy(self.decoder)  # safe off the decoding thread: no tensor
         return self._policies[strategy]
 
@@ -268,12 +292,12 @@ class Engine:
         if plain:  # greedy rows together: a row's argmax and log-softmax do not depend on the others
             t, lp = select_tokens(logits[plain], SamplingParams(), None)
             for j, i in enumerate(plain):
-                tokens[i], logprobs[i] = t[j:j + 1], lp[j:j + 1]
+                tokens[i], logprobs[i] = t[j : j + 1], lp[j : j + 1]
         for i, seq in enumerate(seqs):
             if tokens[i] is None:  # each with its own generator, on its own row (as alone)
                 sampling = seq.request.sampling
                 banned = sampling.banned([seq.previous_token()], vocab, logits.device)
-                tokens[i], logprobs[i] = select_tokens(logits[i:i + 1], sampling, seq.generator, banned)
+                tokens[i], logprobs[i] = select_tokens(logits[i : i + 1], sampling, seq.generator, banned)
         columns = [torch.cat(tokens).double().unsqueeze(-1), torch.cat(logprobs).double().unsqueeze(-1)]
         top_n = max(s.request.top_n for s in seqs)
         if top_n > 0:
@@ -287,8 +311,8 @@ class Engine:
             res.exit_layers[0].append(depth)
             res.logprobs[0].append(row[1])
             if n > 0:
-                res.top_tokens[0].append([int(t) for t in row[2:2 + n]])
-                res.top_logprobs[0].append(row[2 + top_n:2 + top_n + n])
+                res.top_tokens[0].append([int(t) for t in row[2 : 2 + n]])
+                res.top_logprobs[0].append(row[2 + top_n : 2 + top_n + n])
             if token in seq.request.stop_tokens:
                 seq.finish_reason = "stop"
             elif len(res.tokens[0]) >= seq.request.max_new_tokens:
@@ -298,9 +322,19 @@ class Engine:
 
     def _event(self, seq: Sequence, at: List[int]) -> Tuple[TokenEvent, Sequence]:
         res = seq.result
-        top = ([res.top_tokens[0][i] for i in at], [res.top_logprobs[0][i] for i in at]) if seq.request.top_n else (None, None)
-        return TokenEvent(seq.seq_id, [res.tokens[0][i] for i in at], [res.exit_layers[0][i] for i in at],
-                          [res.logprobs[0][i] for i in at], *top, finished=seq.finished), seq
+        top = (
+            ([res.top_tokens[0][i] for i in at], [res.top_logprobs[0][i] for i in at])
+            if seq.request.top_n
+            else (None, None)
+        )
+        return TokenEvent(
+            seq.seq_id,
+            [res.tokens[0][i] for i in at],
+            [res.exit_layers[0][i] for i in at],
+            [res.logprobs[0][i] for i in at],
+            *top,
+            finished=seq.finished,
+        ), seq
 
     def _release(self, seq: Sequence, at: List[int]) -> Tuple[TokenEvent, Sequence]:
         """A finished sequence leaves the batch; its slot is free for the next step."""
@@ -323,4 +357,3 @@ class Engine:
                     del self.listeners[event.row]
                 listener(event, seq)
         return [event for event, _ in events]
-

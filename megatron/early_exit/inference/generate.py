@@ -1,11 +1,11 @@
 """generate(): prompts in, a GenerationResult out, for every strategy.
 
-    prefill            (decode.py) every prompt at full depth in one batched pass; its first token
-    strategy.decode    the strategy's own loop after it: decode.decode_tokens under its exit
-                       policy, or speculative.speculative_decode (draft and verify rounds)
-    pipeline_generate  (pipeline.py) a model split into pipeline stages, or kv="pipeline":
-                       every stage runs its layers for every row, exits decide, with the
-                       options the strategy gives (strategy.stage_options)
+prefill            (decode.py) every prompt at full depth in one batched pass; its first token
+strategy.decode    the strategy's own loop after it: decode.decode_tokens under its exit
+                   policy, or speculative.speculative_decode (draft and verify rounds)
+pipeline_generate  (pipeline.py) a model split into pipeline stages, or kv="pipeline":
+                   every stage runs its layers for every row, exits decide, with the
+                   options the strategy gives (strategy.stage_options)
 """
 
 from __future__ import annotations
@@ -49,14 +49,27 @@ def generate(
     strategy.check(sampling)
     if not (model.pre_process and model.post_process) or strategy.over_stages:
         return _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n, on_tokens)
-    result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
-                              num_layers=model.config.num_layers, strategy=strategy.name)
+    result = GenerationResult(
+        [[] for _ in prompts],
+        [[] for _ in prompts],
+        [[] for _ in prompts],
+        num_layers=model.config.num_layers,
+        strategy=strategy.name,
+    )
     with inference_context(model):
         decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
-        transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
-                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts],
-                                cancelled=cancelled)
+        transcript = Transcript(
+            result,
+            max_new_tokens,
+            frozenset(int(t) for t in stop_tokens),
+            sampling,
+            sampling.make_generators(decoder.device, len(prompts)),
+            active=list(range(len(prompts))),
+            top_n=top_n,
+            on_tokens=on_tokens,
+            previous=[p[-1] for p in prompts],
+            cancelled=cancelled,
+        )
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)
         result.prefill_seconds = clock(decoder.device) - start
@@ -67,13 +80,23 @@ def generate(
     return result
 
 
-def _generate_over_stages(model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n=0,
-                          on_tokens=None) -> GenerationResult:
+def _generate_over_stages(
+    model, prompts, strategy, max_new_tokens, sampling, stop_tokens, top_n=0, on_tokens=None
+) -> GenerationResult:
     """Pipeline-based early exit (pipeline.py); FullDepth runs there as threshold infinity."""
     options = strategy.stage_options(model)
     with inference_context(model):
-        return pipeline_generate(model, prompts, max_new_tokens, sampling, stop_tokens, strategy.name, top_n=top_n,
-                                 on_tokens=on_tokens, **options)
+        return pipeline_generate(
+            model,
+            prompts,
+            max_new_tokens,
+            sampling,
+            stop_tokens,
+            strategy.name,
+            top_n=top_n,
+            on_tokens=on_tokens,
+            **options,
+        )
 
 
 def validate_prompts(model, prompts, max_new_tokens: int, top_n: int = 0) -> List[List[int]]:
@@ -83,4 +106,3 @@ def validate_prompts(model, prompts, max_new_tokens: int, top_n: int = 0) -> Lis
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     return check_prompts(prompts, max_new_tokens, model.vocab_size, model.max_sequence_length)
-

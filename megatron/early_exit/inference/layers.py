@@ -22,12 +22,11 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from torch import Tensor
 
 from megatron.early_exit.models.layer_specs import pre_mlp_norm
 
@@ -86,8 +85,9 @@ def to_device(device, *values: List[int]) -> List[Tensor]:
     return list(flat.split([len(part) for part in values]))
 
 
-def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_slot: int,
-                   rotary: Optional[RotaryTables], device) -> WorkSet:
+def build_work_set(
+    rows: List[int], starts: List[int], ends: List[int], trash_slot: int, rotary: Optional[RotaryTables], device
+) -> WorkSet:
     widths = [e - s + 1 for s, e in zip(starts, ends)]
     width, b = max(widths), len(rows)
     # Row i's real entries sit at the last widths[i] grid indices of its column (host-side: no sync).
@@ -111,11 +111,28 @@ def build_work_set(rows: List[int], starts: List[int], ends: List[int], trash_sl
         cos, sin = rotary.cos[pos].unsqueeze(2), rotary.sin[pos].unsqueeze(2)
     packing = None
     if real:
-        packing = Packing(real_t, rows_t.view(1, -1).expand_as(pos).reshape(-1)[real_t], pos.reshape(1, -1)[:, real_t],
-                          None if cos is None else cos.reshape(-1, 1, 1, cos.shape[-1])[real_t],
-                          None if sin is None else sin.reshape(-1, 1, 1, sin.shape[-1])[real_t])
-    return WorkSet(rows, starts, ends, rows_t, slice(rows[0], rows[0] + len(rows)) if consecutive else None,
-                   pos, write_pos, num_keys, mask, causal, cos, sin, packing)
+        packing = Packing(
+            real_t,
+            rows_t.view(1, -1).expand_as(pos).reshape(-1)[real_t],
+            pos.reshape(1, -1)[:, real_t],
+            None if cos is None else cos.reshape(-1, 1, 1, cos.shape[-1])[real_t],
+            None if sin is None else sin.reshape(-1, 1, 1, sin.shape[-1])[real_t],
+        )
+    return WorkSet(
+        rows,
+        starts,
+        ends,
+        rows_t,
+        slice(rows[0], rows[0] + len(rows)) if consecutive else None,
+        pos,
+        write_pos,
+        num_keys,
+        mask,
+        causal,
+        cos,
+        sin,
+        packing,
+    )
 
 
 def apply_rotary(t: Tensor, ws: WorkSet, interleaved: bool, cos=None, sin=None) -> Tensor:
@@ -141,7 +158,7 @@ def attention_scale(layer) -> float:
     core = layer.self_attention.core_attention
     scale = getattr(core, "softmax_scale", None)
     if scale is None:
-        return layer.self_attention.hidden_size_per_attention_head ** -0.5
+        return layer.self_attention.hidden_size_per_attention_head**-0.5
     # With query-key layer scaling, megatron-core's own attention divides the scale by the
     # layer number and multiplies it back inside the softmax; Transformer Engine's keeps the
     # full scale (it applies the layer number inside its fp16 kernel only).
@@ -175,8 +192,13 @@ def run_layer(layer, x: Tensor, ws: WorkSet, cache, index: int, scale: float) ->
         q = _to_grid(q.squeeze(1), packing, c, b)
     keys, values = cache.keys_values(index, ws.rows_t, ws.num_keys, ws.row_slice)
     context = F.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3), keys, values,  # [b, heads, c|L, d]
-        attn_mask=ws.mask, is_causal=ws.causal and ws.width > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        q.permute(1, 2, 0, 3),
+        keys,
+        values,  # [b, heads, c|L, d]
+        attn_mask=ws.mask,
+        is_causal=ws.causal and ws.width > 1,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     context = context.permute(2, 0, 1, 3).reshape(c, b, -1)  # [c, b, heads * d]
     if packing is not None:

@@ -35,8 +35,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
         return 1.0
     if p >= 1.0:
         return 0.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-                 + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
@@ -94,19 +96,39 @@ class GuaranteedThresholds:
 
     def to_json(self) -> dict:
         """What tools/calibrate_threshold.py writes and the server's --exit-thresholds-file reads."""
-        return {"exit_thresholds": {str(k): v for k, v in self.exit_thresholds.items()}, "measure": self.measure,
-                "criterion": self.criterion, "target": self.target, "confidence": self.confidence,
-                "num_learn_prompts": self.num_learn, "num_test_prompts": self.num_test,
-                "tested": [vars(t) for t in self.tested]}
+        return {
+            "exit_thresholds": {str(k): v for k, v in self.exit_thresholds.items()},
+            "measure": self.measure,
+            "criterion": self.criterion,
+            "target": self.target,
+            "confidence": self.confidence,
+            "num_learn_prompts": self.num_learn,
+            "num_test_prompts": self.num_test,
+            "tested": [vars(t) for t in self.tested],
+        }
 
 
-def learn_then_test(model, prompts, measure_name: str, criterion: str, target: float, confidence: float,
-                    max_new_tokens: int, exit_layers=None, kv: str = "recompute",
-                    progress: Optional[Callable[[str], None]] = None) -> GuaranteedThresholds:
+def learn_then_test(
+    model,
+    prompts,
+    measure_name: str,
+    criterion: str,
+    target: float,
+    confidence: float,
+    max_new_tokens: int,
+    exit_layers=None,
+    kv: str = "recompute",
+    progress: Optional[Callable[[str], None]] = None,
+) -> GuaranteedThresholds:
     """Per-exit thresholds whose risk 1 - `criterion` is at most 1 - `target` with probability
     `confidence` (over prompts drawn like these). Half the prompts learn, half test."""
     from megatron.early_exit.inference.calibration import (
-        as_exit_thresholds, exit_confidences, per_exit_thresholds, token_agreement, token_consistency)
+        as_exit_thresholds,
+        exit_confidences,
+        per_exit_thresholds,
+        token_agreement,
+        token_consistency,
+    )
     from megatron.early_exit.inference.confidence import get_confidence_measure
     from megatron.early_exit.inference.generate import generate
     from megatron.early_exit.inference.strategies import EarlyExit, FullDepth
@@ -118,16 +140,23 @@ def learn_then_test(model, prompts, measure_name: str, criterion: str, target: f
     learn, test = prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :]
     delta, epsilon = 1.0 - target, 1.0 - confidence
     full = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in learn + test]
-    confidences = exit_confidences(model, [list(p) + c for p, c in zip(learn, full[: len(learn)])],
-                                   get_confidence_measure(measure_name, model), exit_layers, [len(p) - 1 for p in learn])
+    confidences = exit_confidences(
+        model,
+        [list(p) + c for p, c in zip(learn, full[: len(learn)])],
+        get_confidence_measure(measure_name, model),
+        exit_layers,
+        [len(p) - 1 for p in learn],
+    )
     candidates, seen = [], set()
     for precision in PRECISIONS:
-        thresholds = {n: t for n, t in as_exit_thresholds(per_exit_thresholds(confidences, precision)).items() if t <= 1}
+        thresholds = {
+            n: t for n, t in as_exit_thresholds(per_exit_thresholds(confidences, precision)).items() if t <= 1
+        }
         key = tuple(sorted(thresholds.items()))
         if thresholds and key not in seen:
             seen.add(key)
             candidates.append((precision, thresholds))
-    references = full[len(learn):]
+    references = full[len(learn) :]
 
     def p_value(candidate) -> TestedCandidate:
         precision, thresholds = candidate
@@ -135,18 +164,33 @@ def learn_then_test(model, prompts, measure_name: str, criterion: str, target: f
         losses = []
         for prompt, reference in zip(test, references):
             tokens = generate(model, [prompt], strategy, max_new_tokens).tokens[0]
-            score = (token_consistency(model, [prompt], [tokens]) if criterion == "consistency"
-                     else token_agreement([reference], [tokens]))
+            score = (
+                token_consistency(model, [prompt], [tokens])
+                if criterion == "consistency"
+                else token_agreement([reference], [tokens])
+            )
             losses.append(1.0 - score)
         risk = sum(losses) / len(losses)
-        result = TestedCandidate(f"precision {precision}", risk, hoeffding_bentkus_pvalue(risk, len(losses), delta), False)
+        result = TestedCandidate(
+            f"precision {precision}", risk, hoeffding_bentkus_pvalue(risk, len(losses), delta), False
+        )
         if progress:
-            progress(f"{result.label}: thresholds {_rounded(thresholds)}: test risk {risk:.4f}, p-value {result.p_value:.4f}")
+            progress(
+                f"{result.label}: thresholds {_rounded(thresholds)}: test risk {risk:.4f}, p-value {result.p_value:.4f}"
+            )
         return result
 
     last, tested = fixed_sequence_test(candidates, p_value, epsilon)
-    return GuaranteedThresholds(criterion, target, confidence, measure_name, candidates[last][1] if last >= 0 else {},
-                                len(learn), len(test), tested)
+    return GuaranteedThresholds(
+        criterion,
+        target,
+        confidence,
+        measure_name,
+        candidates[last][1] if last >= 0 else {},
+        len(learn),
+        len(test),
+        tested,
+    )
 
 
 def _rounded(thresholds: Dict[int, float]) -> Dict[int, float]:
@@ -168,5 +212,7 @@ def read_exit_thresholds(path: str) -> Dict[int, float]:
     except FileNotFoundError:
         raise InferenceConfigError(f"--exit-thresholds-file: no file {path}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InferenceConfigError(f"--exit-thresholds-file: {path} has no exit_thresholds {{exit: threshold}} ({e})") from None
+        raise InferenceConfigError(
+            f"--exit-thresholds-file: {path} has no exit_thresholds {{exit: threshold}} ({e})"
+        ) from None
     return thresholds

@@ -45,8 +45,9 @@ def features(logits: Optional[Tensor], hidden: Tensor) -> Tensor:
 class ConfidenceEstimator(torch.nn.Module):
     """One linear classifier per exit (by --exit-layer-nums entry)."""
 
-    def __init__(self, hidden_size: int, exit_layers: Sequence[int], use_logits: bool = True,
-                 gate_threshold: float = 0.5):
+    def __init__(
+        self, hidden_size: int, exit_layers: Sequence[int], use_logits: bool = True, gate_threshold: float = 0.5
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         # measure gated_max_prob: rows scoring below it skip the exit's vocabulary projection
@@ -74,9 +75,13 @@ class ConfidenceEstimator(torch.nn.Module):
     def save(self, path: str, metrics: Optional[Dict] = None) -> None:
         from safetensors.torch import save_file
 
-        meta = {"hidden_size": str(self.hidden_size), "exit_layers": json.dumps(self.exit_layers),
-                "use_logits": json.dumps(self.use_logits), "gate_threshold": json.dumps(self.gate_threshold),
-                "metrics": json.dumps(metrics or {})}
+        meta = {
+            "hidden_size": str(self.hidden_size),
+            "exit_layers": json.dumps(self.exit_layers),
+            "use_logits": json.dumps(self.use_logits),
+            "gate_threshold": json.dumps(self.gate_threshold),
+            "metrics": json.dumps(metrics or {}),
+        }
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
 
     @classmethod
@@ -89,8 +94,12 @@ class ConfidenceEstimator(torch.nn.Module):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            estimator = cls(int(meta["hidden_size"]), json.loads(meta["exit_layers"]),
-                            json.loads(meta.get("use_logits", "true")), float(json.loads(meta.get("gate_threshold", "0.5"))))
+            estimator = cls(
+                int(meta["hidden_size"]),
+                json.loads(meta["exit_layers"]),
+                json.loads(meta.get("use_logits", "true")),
+                float(json.loads(meta.get("gate_threshold", "0.5"))),
+            )
             estimator.load_state_dict(tensors)
         except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
             raise InferenceConfigError(f"--confidence-estimator: {path} is not a confidence estimator ({e})") from None
@@ -103,8 +112,10 @@ def attach(model, estimator: ConfidenceEstimator) -> None:
     exits = sorted(int(n) for n in model.ee_config.exit_layer_nums)
     if estimator.hidden_size != model.config.hidden_size or sorted(estimator.exit_layers) != exits:
         raise InferenceConfigError(
-            f"--confidence-estimator: trained for hidden size {estimator.hidden_size} and exits {estimator.exit_layers}, "
-            f"the model has hidden size {model.config.hidden_size} and exits {exits}")
+            f"--confidence-estimator: trained for hidden size {estimator.hidden_size} and exits "
+            f"{estimator.exit_layers}, "
+            f"the model has hidden size {model.config.hidden_size} and exits {exits}"
+        )
     weight = next(model.parameters())
     object.__setattr__(model, _ATTRIBUTE, estimator.to(device=weight.device))
 

@@ -33,9 +33,8 @@ from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core import parallel_state
+from torch import Tensor
 
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decision, Decoder, StepOutput
 from megatron.early_exit.inference.layers import to_device
@@ -186,7 +185,13 @@ class _Links:
         self.num_stages = parallel_state.get_pipeline_model_parallel_world_size()
         self.first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
         self.ranks = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-        self.max_batch, self.vocab, self.hidden_size, self.dtype, self.device = max_batch, vocab, hidden_size, dtype, device
+        self.max_batch, self.vocab, self.hidden_size, self.dtype, self.device = (
+            max_batch,
+            vocab,
+            hidden_size,
+            dtype,
+            device,
+        )
         # Plain isend/irecv, one op per post, on the default group: each peer its own stream.
         self.transport = Transport(self.ranks, batched=False)
         self.outbox: Dict[tuple, Tensor] = {}
@@ -217,7 +222,9 @@ class _Links:
         if kind == "hidden":
             rows, width = self.inbox[(op.peer, ("step", step))][::4]
             return torch.empty(width, len(rows), self.hidden_size, dtype=self.dtype, device=device)
-        return torch.empty(len(self.inbox[(op.peer, ("decision", step))][0]), self.vocab, dtype=torch.float32, device=device)
+        return torch.empty(
+            len(self.inbox[(op.peer, ("decision", step))][0]), self.vocab, dtype=torch.float32, device=device
+        )
 
     def wait(self, ops) -> Optional[object]:
         """Wait for `ops`; for a header, answer what the protocol branches on."""
@@ -235,14 +242,14 @@ class _Links:
             return None
         if kind == "decision":
             n = int(tensor[0])
-            self.inbox[(op.peer, op.message)] = tuple(tensor[1 + j * b: 1 + j * b + n].tolist() for j in range(2))
+            self.inbox[(op.peer, op.message)] = tuple(tensor[1 + j * b : 1 + j * b + n].tolist() for j in range(2))
             return n
         code, n, width = tensor[:3].tolist()
         if code == STOP:
             if self.stage < self.num_stages - 1:
                 self.outbox[("step", step)] = tensor  # forwarded as it came
             return False
-        rows, starts, ends, open_rows = (tensor[3 + j * b: 3 + j * b + n].tolist() for j in range(4))
+        rows, starts, ends, open_rows = (tensor[3 + j * b : 3 + j * b + n].tolist() for j in range(4))
         self.inbox[(op.peer, op.message)] = (rows, starts, ends, [bool(o) for o in open_rows], width)
         return True
 
@@ -262,32 +269,60 @@ class _Links:
         header = [len(rows)] + rows + padding + [decided[r][0] for r in rows] + padding
         self.outbox[("decision", step)] = to_device(self.device, header)[0]  # pinned, non-blocking on CUDA
         if rows:
-            self.outbox[("logits", step)] = torch.stack([decided[r][1][: self.vocab].float() for r in rows]).contiguous()
+            self.outbox[("logits", step)] = torch.stack(
+                [decided[r][1][: self.vocab].float() for r in rows]
+            ).contiguous()
         return len(rows)
 
 
-def pipeline_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling, stop_tokens, strategy,
-                      exit_layers: Optional[List[int]], threshold: float, measure, top_n: int = 0,
-                      on_tokens=None, exit_thresholds: Optional[Dict[int, float]] = None) -> GenerationResult:
+def pipeline_generate(
+    model,
+    prompts: List[List[int]],
+    max_new_tokens: int,
+    sampling,
+    stop_tokens,
+    strategy,
+    exit_layers: Optional[List[int]],
+    threshold: float,
+    measure,
+    top_n: int = 0,
+    on_tokens=None,
+    exit_thresholds: Optional[Dict[int, float]] = None,
+) -> GenerationResult:
     """Pipeline-based early exit over this rank's stage; every rank returns the result.
     `exit_thresholds` (by --exit-layer-nums entry) override `threshold` at those exits."""
     decoder = Decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
     policy = decoder.exit_policy(exit_layers, threshold, measure, exit_thresholds)
     links = _Links(len(prompts), model.vocab_size, decoder.hidden_size, decoder.dtype, decoder.device)
-    result = GenerationResult([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
-                              num_layers=model.config.num_layers, strategy=strategy)
+    result = GenerationResult(
+        [[] for _ in prompts],
+        [[] for _ in prompts],
+        [[] for _ in prompts],
+        num_layers=model.config.num_layers,
+        strategy=strategy,
+    )
     if decoder.first:
         start = clock(decoder.device)
-        transcript = Transcript(result, max_new_tokens, frozenset(int(t) for t in stop_tokens), sampling,
-                                sampling.make_generators(decoder.device, len(prompts)), active=list(range(len(prompts))),
-                                top_n=top_n, on_tokens=on_tokens, previous=[p[-1] for p in prompts])
+        transcript = Transcript(
+            result,
+            max_new_tokens,
+            frozenset(int(t) for t in stop_tokens),
+            sampling,
+            sampling.make_generators(decoder.device, len(prompts)),
+            active=list(range(len(prompts))),
+            top_n=top_n,
+            on_tokens=on_tokens,
+            previous=[p[-1] for p in prompts],
+        )
         lead = _Lead(decoder, policy, links, transcript, prompts, start)
         _drive(lead_order(links.num_stages), links, lead.compute, lead.undecided)
     else:
         _drive(follow_order(links.stage, links.num_stages), links, partial(_follow_step, decoder, policy, links))
     if links.num_stages > 1:  # every rank returns the same result
         holder = [result]
-        torch.distributed.broadcast_object_list(holder, links.first_rank, group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast_object_list(
+            holder, links.first_rank, group=parallel_state.get_pipeline_model_parallel_group()
+        )
         result = holder[0]
     return result
 
@@ -307,7 +342,9 @@ class _Lead:
         if step > 0:
             self._collect()
             rows, decided = self.rows, self.decided
-            self.transcript.take(StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows])))
+            self.transcript.take(
+                StepOutput(rows, [decided[r][0] for r in rows], torch.stack([decided[r][1] for r in rows]))
+            )
             if step == 1:
                 result.prefill_seconds = clock(device) - self.start
             else:
@@ -354,7 +391,7 @@ def _follow_step(decoder: Decoder, policy, links: _Links, step: int) -> int:
     hidden = links.inbox.pop((links.stage - 1, ("hidden", step)))
     hidden, decided = decoder.run_stage(hidden, rows, starts, ends, open_rows, policy if step > 0 else FULL_DEPTH)
     if not decoder.last:
-        links.put_step(step, STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden)
+        links.put_step(
+            step, STEP, rows, starts, ends, [o and r not in decided for r, o in zip(rows, open_rows)], hidden
+        )
     return links.put_decisions(step, decided)
-
-

@@ -17,9 +17,16 @@ class PromptError(InferenceConfigError):
         self.field, self.message = field, message
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int, max_context: int,
-                  prompt_field: str = "prompts", budget_field: str = "max_new_tokens", min_new_tokens: int = 1,
-                  context_name: str = "the model's maximum sequence length") -> List[List[int]]:
+def check_prompts(
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    vocab_size: int,
+    max_context: int,
+    prompt_field: str = "prompts",
+    budget_field: str = "max_new_tokens",
+    min_new_tokens: int = 1,
+    context_name: str = "the model's maximum sequence length",
+) -> List[List[int]]:
     """The prompts as lists of ints: at least one, none empty, ids in the vocabulary, each
     with `max_new_tokens` (>= min_new_tokens) more within `max_context`."""
     if not len(prompts):
@@ -36,7 +43,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_s
         if bad:
             raise PromptError(where, f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
         if len(prompt) + max_new_tokens > max_context:
-            raise PromptError(budget_field, f"context too long: prompt {i} has {len(prompt)} tokens, + {budget_field} "
-                                            f"{max_new_tokens} exceeds {context_name} {max_context}")
+            raise PromptError(
+                budget_field,
+                f"context too long: prompt {i} has {len(prompt)} tokens, + {budget_field} "
+                f"{max_new_tokens} exceeds {context_name} {max_context}",
+            )
         out.append(prompt)
     return out

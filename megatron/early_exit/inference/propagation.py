@@ -21,9 +21,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core.transformer.identity_op import IdentityOp
+from torch import Tensor
 
 
 def _plain_norm(norm) -> Optional[Tuple[str, float]]:
@@ -37,8 +36,17 @@ def _plain_norm(norm) -> Optional[Tuple[str, float]]:
 class Propagator:
     """K/V of layers [first, n) of a stage from one hidden state."""
 
-    def __init__(self, kind: str, eps: float, weight: Tensor, bias: Optional[Tensor], groups: int, head_dim: int,
-                 num_layers: int, interleaved: bool):
+    def __init__(
+        self,
+        kind: str,
+        eps: float,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        groups: int,
+        head_dim: int,
+        num_layers: int,
+        interleaved: bool,
+    ):
         self.kind, self.eps, self.weight, self.bias = kind, eps, weight, bias
         self.groups, self.head_dim, self.num_layers, self.interleaved = groups, head_dim, num_layers, interleaved
 
@@ -51,8 +59,10 @@ class Propagator:
         if None in norms or len(set(norms)) != 1:
             return None
         attention = deeper[0].self_attention
-        if any(not isinstance(getattr(layer.self_attention, "k_layernorm", None), (type(None), IdentityOp))
-               for layer in deeper):
+        if any(
+            not isinstance(getattr(layer.self_attention, "k_layernorm", None), (type(None), IdentityOp))
+            for layer in deeper
+        ):
             return None
         if attention.config.num_query_groups < attention.world_size or attention.config.attention_output_gate:
             return None
@@ -70,16 +80,40 @@ class Propagator:
                 b = w @ norm.bias + (0 if b is None else b)
             weights.append(w * norm.weight)
             biases.append(b)
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for b, w in zip(biases, weights)])
-        return cls(norms[0][0], norms[0][1], torch.cat(weights), bias, groups, head_dim, len(deeper),
-                   attention.config.rotary_interleaved)
+        bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [
+                    b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                    for b, w in zip(biases, weights)
+                ]
+            )
+        )
+        return cls(
+            norms[0][0],
+            norms[0][1],
+            torch.cat(weights),
+            bias,
+            groups,
+            head_dim,
+            len(deeper),
+            attention.config.rotary_interleaved,
+        )
 
     def suffix(self, skip: int) -> "Propagator":
         """The propagator of the layers after the first `skip`: views of this one's rows."""
         rows = skip * 2 * self.groups * self.head_dim
-        return Propagator(self.kind, self.eps, self.weight[rows:], None if self.bias is None else self.bias[rows:],
-                          self.groups, self.head_dim, self.num_layers - skip, self.interleaved)
+        return Propagator(
+            self.kind,
+            self.eps,
+            self.weight[rows:],
+            None if self.bias is None else self.bias[rows:],
+            self.groups,
+            self.head_dim,
+            self.num_layers - skip,
+            self.interleaved,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +124,11 @@ class Propagator:
         from megatron.early_exit.inference.layers import apply_rotary
 
         shape = hidden.shape[-1:]
-        normed = F.rms_norm(hidden, shape, None, self.eps) if self.kind == "rms" else F.layer_norm(hidden, shape, None, None, self.eps)
+        normed = (
+            F.rms_norm(hidden, shape, None, self.eps)
+            if self.kind == "rms"
+            else F.layer_norm(hidden, shape, None, None, self.eps)
+        )
         kv = F.linear(normed, self.weight, self.bias)  # [1, b, layers * 2 * g * d]
         kv = kv.view(hidden.shape[1], self.num_layers, 2, self.groups, self.head_dim)  # [b, n, 2, g, d]
         k = apply_rotary(kv[:, :, 0].transpose(0, 1), ws, self.interleaved)  # [n, b, g, d]: positions broadcast over n
@@ -137,6 +175,9 @@ class Propagators:
         for deeper, (key, _) in list(self.built.items()):  # deeper exits: views of the new rows
             if deeper > first and key == self._key(deeper):
                 self.built[deeper] = (key, built.suffix(deeper - first))
-        print(f"state propagation: folded K/V weights of this stage's layers {first + 1}-{len(self.layers)}, "
-              f"{built.nbytes / 1e9:.3f} GB, kept with the model", flush=True)
+        print(
+            f"state propagation: folded K/V weights of this stage's layers {first + 1}-{len(self.layers)}, "
+            f"{built.nbytes / 1e9:.3f} GB, kept with the model",
+            flush=True,
+        )
         return built

@@ -110,12 +110,18 @@ class Transcript:
         rows = torch.cat(columns, dim=-1).tolist()
         n = self.top_n
         for r, d, values in zip(out.rows, out.depths, rows):
-            top = ([[int(t) for t in values[2:2 + n]]], [values[2 + n:]]) if n > 0 else (None, None)
+            top = ([[int(t) for t in values[2 : 2 + n]]], [values[2 + n :]]) if n > 0 else (None, None)
             self.append(r, [int(values[0])], [d], [values[1]], *top)
 
-    def append(self, row: int, tokens: Iterable[int], depths: Iterable[int], logprobs: Iterable[float],
-               top_tokens: Optional[Sequence[Sequence[int]]] = None,
-               top_logprobs: Optional[Sequence[Sequence[float]]] = None) -> int:
+    def append(
+        self,
+        row: int,
+        tokens: Iterable[int],
+        depths: Iterable[int],
+        logprobs: Iterable[float],
+        top_tokens: Optional[Sequence[Sequence[int]]] = None,
+        top_logprobs: Optional[Sequence[Sequence[float]]] = None,
+    ) -> int:
         """Append up to the budget or a stop token; returns how many were appended."""
         res = self.result
         start = len(res.tokens[row])
@@ -141,8 +147,14 @@ class Transcript:
     def _event(self, row: int, start: int) -> TokenEvent:
         res = self.result
         top = (res.top_tokens[row][start:], res.top_logprobs[row][start:]) if self.top_n > 0 else (None, None)
-        return TokenEvent(row, res.tokens[row][start:], res.exit_layers[row][start:], res.logprobs[row][start:],
-                          *top, finished=self.finished(row))
+        return TokenEvent(
+            row,
+            res.tokens[row][start:],
+            res.exit_layers[row][start:],
+            res.logprobs[row][start:],
+            *top,
+            finished=self.finished(row),
+        )
 
     def going(self) -> bool:
         """Whether a row is still generating, once the rows whose caller left are dropped

@@ -86,8 +86,9 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def select_tokens(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                  banned: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def select_tokens(
+    logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator], banned: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """logits [b, V] -> (tokens [b], log-probabilities [b] of those tokens under the
     layer's own distribution, before temperature and filtering). `banned` [b, V] (bool)
     marks tokens a row may not choose (their log-probabilities are still reported)."""
@@ -102,13 +103,19 @@ def select_tokens(logits: Tensor, params: SamplingParams, generator: Optional[to
     return tokens, logprobs
 
 
-def select_row_tokens(logits: Tensor, params: SamplingParams, generators: Sequence[Optional[torch.Generator]],
-                      banned: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def select_row_tokens(
+    logits: Tensor,
+    params: SamplingParams,
+    generators: Sequence[Optional[torch.Generator]],
+    banned: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """select_tokens for rows that each sample from their own generator (greedy rows: at once)."""
     if params.greedy:
         return select_tokens(logits, params, None, banned)
-    picks = [select_tokens(logits[i:i + 1], params, g, None if banned is None else banned[i:i + 1])
-             for i, g in enumerate(generators)]
+    picks = [
+        select_tokens(logits[i : i + 1], params, g, None if banned is None else banned[i : i + 1])
+        for i, g in enumerate(generators)
+    ]
     return torch.cat([t for t, _ in picks]), torch.cat([lp for _, lp in picks])
 
 

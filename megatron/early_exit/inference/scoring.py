@@ -46,8 +46,10 @@ def resolve_exit_layer(model, exit_layer: Optional[int]) -> int:
         return num_layers
     exits = list(model.ee_config.exit_layer_nums)
     if exit_layer not in exits:
-        raise InferenceConfigError(f"exit_layer {exit_layer} is not an exit of this model "
-                                   f"(its exits: {exits}; {num_layers} is the final layer)")
+        raise InferenceConfigError(
+            f"exit_layer {exit_layer} is not an exit of this model "
+            f"(its exits: {exits}; {num_layers} is the final layer)"
+        )
     return int(exit_layer)
 
 
@@ -65,7 +67,9 @@ def _validate(sequences, vocab: int, max_len: int, top_n: int, batch_size) -> Li
         raise InferenceConfigError(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
     longest = max(len(s) for s in sequences)
     if longest > max_len:
-        raise InferenceConfigError(f"sequence of {longest} tokens exceeds the model's maximum sequence length {max_len}")
+        raise InferenceConfigError(
+            f"sequence of {longest} tokens exceeds the model's maximum sequence length {max_len}"
+        )
     if not 0 <= top_n <= vocab:
         raise InferenceConfigError(f"top_n must be in [0, {vocab}], got {top_n}")
     if batch_size is not None and batch_size < 1:
@@ -73,8 +77,14 @@ def _validate(sequences, vocab: int, max_len: int, top_n: int, batch_size) -> Li
     return sequences
 
 
-def score(model, sequences: Sequence[Sequence[int]], exit_layer: Optional[int] = None, top_n: int = 0,
-          batch_size: Optional[int] = None, vocab_size: Optional[int] = None) -> ScoreResult:
+def score(
+    model,
+    sequences: Sequence[Sequence[int]],
+    exit_layer: Optional[int] = None,
+    top_n: int = 0,
+    batch_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> ScoreResult:
     """Log-probabilities of each sequence's tokens after the first, under the final layer
     (`exit_layer` None or num_layers) or one exit's head. Every rank of the model's TP and PP
     groups calls it with the same arguments and gets the same result. `batch_size`: sequences
@@ -84,8 +94,14 @@ def score(model, sequences: Sequence[Sequence[int]], exit_layer: Optional[int] =
     return score_layers(model, sequences, [layer], top_n, batch_size, vocab_size)[layer]
 
 
-def score_layers(model, sequences: Sequence[Sequence[int]], layers: Sequence[Optional[int]], top_n: int = 0,
-                 batch_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[int, ScoreResult]:
+def score_layers(
+    model,
+    sequences: Sequence[Sequence[int]],
+    layers: Sequence[Optional[int]],
+    top_n: int = 0,
+    batch_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> Dict[int, ScoreResult]:
     """score() under several heads at once ({layer: result}): one forward pass per batch
     feeds every head (an evaluation comparing exits runs the backbone once)."""
     from megatron.early_exit.inference.context import inference_context
@@ -101,7 +117,7 @@ def score_layers(model, sequences: Sequence[Sequence[int]], layers: Sequence[Opt
     rows = {layer: [None] * len(sequences) for layer in layers}
     with inference_context(model):
         for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+            chunk = order[start : start + size]
             packed = _score_batch(model, [sequences[i] for i in chunk], layers, top_n, vocab)
             for layer in layers:
                 for i, row in zip(chunk, _unpack(packed[layer], [len(sequences[i]) for i in chunk], top_n)):
@@ -130,8 +146,9 @@ def _score_batch(model, batch: List[List[int]], layers: List[int], top_n: int, v
     tokens = torch.tensor([s + [0] * (width - len(s)) for s in batch], dtype=torch.long, device=device)  # [b, s]
     heads = {}
     if stage <= max(sources.values()):
-        heads = _forward_heads(model, tokens, [k for k in layers if sources[k] == stage], stage,
-                               max(sources.values()), num_stages)
+        heads = _forward_heads(
+            model, tokens, [k for k in layers if sources[k] == stage], stage, max(sources.values()), num_stages
+        )
     packed = {}
     for layer in layers:
         if layer in heads:  # one head's full-vocabulary logits alive at a time
@@ -153,8 +170,9 @@ def _scoring_stage(model, layer: int, num_stages: int) -> int:
     return layer_stage(layer, model.config.num_layers, num_stages)
 
 
-def _forward_heads(model, tokens: Tensor, layers: List[int], stage: int, last_source: int,
-                   num_stages: int) -> Dict[int, Callable[[], Tensor]]:
+def _forward_heads(
+    model, tokens: Tensor, layers: List[int], stage: int, last_source: int, num_stages: int
+) -> Dict[int, Callable[[], Tensor]]:
     """This stage's forward; for each head it owns among `layers`, a function that gives its
     full-vocabulary logits [b, s, V]."""
     from megatron.core import parallel_state
@@ -167,8 +185,9 @@ def _forward_heads(model, tokens: Tensor, layers: List[int], stage: int, last_so
     links = None
     if num_stages > 1:
         shape = (s, b, model.config.hidden_size)
-        links = StageLinks(parallel_state.get_pipeline_model_parallel_group(), shape, model.config.params_dtype,
-                           tokens.device)
+        links = StageLinks(
+            parallel_state.get_pipeline_model_parallel_group(), shape, model.config.params_dtype, tokens.device
+        )
         if stage > 0:
             model.set_input_tensor(links.recv_forward())
     final = model.config.num_layers in layers
@@ -201,6 +220,10 @@ def _unpack(packed: Tensor, lengths: List[int], top_n: int):
     """Per sequence (logprobs, greedy, top ids, top logprobs), cut to its own length."""
     values = packed.cpu().tolist()  # one read of the device per batch
     for row, n in zip(values, lengths):
-        row = row[:n - 1]
-        yield ([p[0] for p in row], [p[1] > 0.5 for p in row],
-               [[int(t) for t in p[3:3 + top_n]] for p in row], [p[3 + top_n:] for p in row])
+        row = row[: n - 1]
+        yield (
+            [p[0] for p in row],
+            [p[1] > 0.5 for p in row],
+            [[int(t) for t in p[3 : 3 + top_n]] for p in row],
+            [p[3 + top_n :] for p in row],
+        )

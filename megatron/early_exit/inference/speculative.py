@@ -42,8 +42,9 @@ def sampling_probs(logits: torch.Tensor, sampling) -> torch.Tensor:
     return _filter_top_k_top_p(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(dim=-1)
 
 
-def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: ExitPolicy,
-                 threshold: float = 0.0) -> Tuple[Dict[int, List[int]], Dict[int, List[torch.Tensor]]]:
+def draft_tokens(
+    decoder: Decoder, transcript, budgets: Dict[int, int], policy: ExitPolicy, threshold: float = 0.0
+) -> Tuple[Dict[int, List[int]], Dict[int, List[torch.Tensor]]]:
     """Up to budgets[r] drafts per row (and, when sampling, the exit's distribution q [V] of
     each); a row stops early after a draft whose probability under the exit is below
     `threshold` (it is likely rejected, and every draft after it would go with it)."""
@@ -56,8 +57,12 @@ def draft_tokens(decoder: Decoder, transcript, budgets: Dict[int, int], policy: 
         transcript.result.num_steps += 1
         if sampled:
             q = sampling_probs(out.logits, transcript.sampling)
-            tokens = torch.cat([torch.multinomial(q[i:i + 1], 1, generator=transcript.generators[r]).view(1)
-                                for i, r in enumerate(going)])  # each row from its own generator
+            tokens = torch.cat(
+                [
+                    torch.multinomial(q[i : i + 1], 1, generator=transcript.generators[r]).view(1)
+                    for i, r in enumerate(going)
+                ]
+            )  # each row from its own generator
             confidence = q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) if threshold > 0 else torch.ones_like(q[:, 0])
             for i, r in enumerate(going):
                 probs[r].append(q[i])
@@ -184,9 +189,13 @@ def full_model_reads(chunks: Dict[int, torch.Tensor], top_n: int) -> Dict[int, T
         columns += [top.indices.double(), top.values.double()]
     values, reads, offset = torch.cat(columns, dim=-1).tolist(), {}, 0
     for r, chunk in chunks.items():
-        mine, offset = values[offset:offset + len(chunk)], offset + len(chunk)
-        reads[r] = ([int(v[0]) for v in mine], [v[1] for v in mine],
-                    [[int(t) for t in v[2:2 + top_n]] for v in mine], [v[2 + top_n:] for v in mine])
+        mine, offset = values[offset : offset + len(chunk)], offset + len(chunk)
+        reads[r] = (
+            [int(v[0]) for v in mine],
+            [v[1] for v in mine],
+            [[int(t) for t in v[2 : 2 + top_n]] for v in mine],
+            [v[2 + top_n :] for v in mine],
+        )
     return reads
 
 
@@ -198,8 +207,9 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
         policy = strategy.draft_policy(decoder, exit_layer)
         draft_depth = next(iter(policy.exits))
         # Never draft past the budget: the last token of a row needs no draft.
-        budgets = {r: max(0, min(num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1))
-                   for r in transcript.active}
+        budgets = {
+            r: max(0, min(num_draft, transcript.max_new_tokens - len(result.tokens[r]) - 1)) for r in transcript.active
+        }
         drafts, q = draft_tokens(decoder, transcript, budgets, policy, strategy.draft_threshold)
         chunks = verify(decoder, transcript, drafts, tuner.observer(drafts))
         tuner.update(chunks, drafts, sampling)
@@ -210,8 +220,14 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
                 targets, logprobs, top_tokens, top_logprobs = greedy[r]
                 a = accepted_length(row_drafts, targets)
                 # The accepted drafts equal the full model's tokens: all a+1 new tokens are its.
-                transcript.append(r, targets[: a + 1], [draft_depth] * a + [decoder.num_layers], logprobs[: a + 1],
-                                  top_tokens[: a + 1], top_logprobs[: a + 1])
+                transcript.append(
+                    r,
+                    targets[: a + 1],
+                    [draft_depth] * a + [decoder.num_layers],
+                    logprobs[: a + 1],
+                    top_tokens[: a + 1],
+                    top_logprobs[: a + 1],
+                )
             else:
                 logits = chunks[r].float()  # [k+1, V]
                 a, last = accept_sampled(row_drafts, q[r], sampling_probs(logits, sampling), transcript.generators[r])

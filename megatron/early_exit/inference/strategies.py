@@ -93,7 +93,9 @@ class EarlyExit:
             pairs = dict(self.exit_thresholds).items()
             for num, value in pairs:
                 if isinstance(num, bool) or not isinstance(num, int):
-                    raise InferenceConfigError(f"exit_thresholds: exit {num!r} must be an --exit-layer-nums entry (an int)")
+                    raise InferenceConfigError(
+                        f"exit_thresholds: exit {num!r} must be an --exit-layer-nums entry (an int)"
+                    )
                 _check_threshold(f"exit_thresholds[{num}]", value)
             object.__setattr__(self, "exit_thresholds", tuple(sorted((n, float(v)) for n, v in pairs)) or None)
 
@@ -109,12 +111,15 @@ class EarlyExit:
         """The exits among `model_exits` (the model's --exit-layer-nums) that may fire: active
         (`exit_layers`) and with a threshold <= 1 (no confidence measure exceeds 1)."""
         model_exits = sorted(int(n) for n in model_exits)
-        for field_name, nums in (("exit_layers", self.exit_layers or ()),
-                                 ("exit_thresholds", [n for n, _ in self.exit_thresholds or ()])):
+        for field_name, nums in (
+            ("exit_layers", self.exit_layers or ()),
+            ("exit_thresholds", [n for n, _ in self.exit_thresholds or ()]),
+        ):
             unknown = sorted(set(nums) - set(model_exits))
             if unknown:
-                raise InferenceConfigError(f"{field_name}: exit {unknown[0]} is not an exit of this model "
-                                           f"(its exits: {model_exits})")
+                raise InferenceConfigError(
+                    f"{field_name}: exit {unknown[0]} is not an exit of this model (its exits: {model_exits})"
+                )
         active = model_exits if self.exit_layers is None else sorted(self.exit_layers)
         return [n for n in active if self.threshold_of(n) <= 1]
 
@@ -133,23 +138,34 @@ class EarlyExit:
         if not decoder.exit_points:
             raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
         firing = self.firing_exits(decoder.exit_points)
-        return decoder.exit_policy(firing, float(self.threshold), get_confidence_measure(self.measure, decoder.model),
-                                   dict(self.exit_thresholds or ()), propagate=self.kv == "propagate")
+        return decoder.exit_policy(
+            firing,
+            float(self.threshold),
+            get_confidence_measure(self.measure, decoder.model),
+            dict(self.exit_thresholds or ()),
+            propagate=self.kv == "propagate",
+        )
 
     def decode(self, decoder: Decoder, transcript) -> None:
         decode_tokens(decoder, transcript, self.exit_policy(decoder))
 
     def stage_options(self, model) -> dict:
         if self.kv != "pipeline":
-            raise InferenceConfigError(f"early exit over pipeline stages completes the K/V of exited tokens on the later "
-                                       f"stages: use kv='pipeline', not {self.kv!r}")
+            raise InferenceConfigError(
+                f"early exit over pipeline stages completes the K/V of exited tokens on the later "
+                f"stages: use kv='pipeline', not {self.kv!r}"
+            )
         if not model.ee_config.exit_layer_nums:
             raise InferenceConfigError("early exit needs a model with exits (--exit-layer-nums)")
         firing = self.firing_exits(model.ee_config.exit_layer_nums)
         if not firing:  # every threshold above 1: full depth
             return FullDepth().stage_options(model)
-        return dict(exit_layers=firing, threshold=float(self.threshold), measure=get_confidence_measure(self.measure, model),
-                    exit_thresholds={n: self.threshold_of(n) for n in firing})
+        return dict(
+            exit_layers=firing,
+            threshold=float(self.threshold),
+            measure=get_confidence_measure(self.measure, model),
+            exit_thresholds={n: self.threshold_of(n) for n in firing},
+        )
 
 
 def _check_threshold(what: str, value) -> None:
@@ -175,8 +191,9 @@ class SelfSpeculative:
     def __post_init__(self):
         if self.num_draft < 1:
             raise InferenceConfigError(f"num_draft must be >= 1, got {self.num_draft}")
-        if isinstance(self.draft_threshold, bool) or not (isinstance(self.draft_threshold, (int, float))
-                                                           and 0 <= self.draft_threshold <= 1):
+        if isinstance(self.draft_threshold, bool) or not (
+            isinstance(self.draft_threshold, (int, float)) and 0 <= self.draft_threshold <= 1
+        ):
             raise InferenceConfigError(f"draft_threshold must be a number in [0, 1], got {self.draft_threshold!r}")
 
     @property
@@ -189,15 +206,17 @@ class SelfSpeculative:
 
     def check(self, sampling) -> None:
         if sampling.ban_after:
-            raise InferenceConfigError("self-speculative decoding verifies the full model's tokens: "
-                                       "it takes no banned tokens (ban_after)")
+            raise InferenceConfigError(
+                "self-speculative decoding verifies the full model's tokens: it takes no banned tokens (ban_after)"
+            )
 
     def decode(self, decoder: Decoder, transcript) -> None:
         speculative_decode(decoder, transcript, self)
 
     def stage_options(self, model) -> dict:
-        raise InferenceConfigError(f"{self.name} needs the whole model on one stage; pipeline stages run "
-                                   "FullDepth or EarlyExit(kv='pipeline')")
+        raise InferenceConfigError(
+            f"{self.name} needs the whole model on one stage; pipeline stages run FullDepth or EarlyExit(kv='pipeline')"
+        )
 
     def draft_policy(self, decoder: Decoder, exit_layer: Optional[int] = None) -> ExitPolicy:
         point = _exit_point(decoder, self.exit_layer if exit_layer is None else exit_layer)

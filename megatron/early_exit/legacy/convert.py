@@ -60,8 +60,16 @@ def _stage_exits(config: ModelConfig, stage: int, pp: int) -> List[int]:
     return [n for n in config.exit_layer_nums if stage * per_stage < n <= (stage + 1) * per_stage]
 
 
-def _fill_stage(params: Dict[str, torch.Tensor], ranks: List[Dict[str, torch.Tensor]], files: List[str], stage: int,
-                pp: int, config: ModelConfig, version: float, filled: set) -> None:
+def _fill_stage(
+    params: Dict[str, torch.Tensor],
+    ranks: List[Dict[str, torch.Tensor]],
+    files: List[str],
+    stage: int,
+    pp: int,
+    config: ModelConfig,
+    version: float,
+    filled: set,
+) -> None:
     """Copy one pipeline stage (its TP ranks' tensors) into our parameters."""
     exits, first = _stage_exits(config, stage, pp), stage * (config.num_layers // pp)
     tp = len(ranks)
@@ -83,15 +91,23 @@ def _fill_stage(params: Dict[str, torch.Tensor], ranks: List[Dict[str, torch.Ten
         whole = join_shards(("glu" if config.swiglu else "col") if target.kind == "fc1" else target.kind, shards)
         param = params[target.name]
         if tuple(whole.shape) != tuple(param.shape):
-            raise ConversionError(f"{files[0]}: tensor {key} joins to {tuple(whole.shape)} over TP={tp}, "
-                                  f"the model's {target.name} is {tuple(param.shape)}")
+            raise ConversionError(
+                f"{files[0]}: tensor {key} joins to {tuple(whole.shape)} over TP={tp}, "
+                f"the model's {target.name} is {tuple(param.shape)}"
+            )
         with torch.no_grad():
             param.copy_(whole)
         filled.add(target.name)
 
 
-def convert_legacy(load: str, save: str, iteration: Optional[int] = None, dtype: str = "auto",
-                   tokenizer: TokenizerConfig = TokenizerConfig(), progress: bool = True) -> LegacyResult:
+def convert_legacy(
+    load: str,
+    save: str,
+    iteration: Optional[int] = None,
+    dtype: str = "auto",
+    tokenizer: TokenizerConfig = TokenizerConfig(),
+    progress: bool = True,
+) -> LegacyResult:
     """Convert the Megatron-LM / EE-LLM checkpoint under `load` (any TP and PP) into our
     checkpoint at `save`. `dtype`: fp32, bf16, fp16, or auto (the run's)."""
     from megatron.early_exit.hf import files
@@ -115,8 +131,13 @@ def convert_legacy(load: str, save: str, iteration: Optional[int] = None, dtype:
         _require_filled(params, filled, config, found.directory)
         checkpointing.save_weights(tmp, stored_flags(config, tp, pp, base={"seed": seed}), model, iteration=0)
     tag = os.path.basename(found.directory)
-    return LegacyResult(os.path.abspath(save), config, (tp, pp), "release" if tag == "release" else int(tag[5:]),
-                        command_line_flags(config))
+    return LegacyResult(
+        os.path.abspath(save),
+        config,
+        (tp, pp),
+        "release" if tag == "release" else int(tag[5:]),
+        command_line_flags(config),
+    )
 
 
 def _description(found, dtype: str, tokenizer: TokenizerConfig) -> Tuple[ModelConfig, int, float]:
@@ -125,26 +146,37 @@ def _description(found, dtype: str, tokenizer: TokenizerConfig) -> Tuple[ModelCo
     first = read_rank_file(source)
     args = first["args"]
     flags = legacy_flags(args, source)
-    flags["num_layers"] = _layers_held(args, found.tensor_model_parallel_size, found.pipeline_model_parallel_size,
-                                       found.directory)
-    padded = getattr(args, "padded_vocab_size", None) or _embedding_rows(first, source) * found.tensor_model_parallel_size
+    flags["num_layers"] = _layers_held(
+        args, found.tensor_model_parallel_size, found.pipeline_model_parallel_size, found.directory
+    )
+    padded = (
+        getattr(args, "padded_vocab_size", None) or _embedding_rows(first, source) * found.tensor_model_parallel_size
+    )
     params_dtype = flags["params_dtype"] if dtype == "auto" else dtype
     if params_dtype not in DTYPES:
         raise ConversionError(f"--target-dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = model_config(flags, padded, tokenizer, params_dtype, source,
-                          first_stages_only=flags["num_layers"] < args.num_layers)
+    config = model_config(
+        flags, padded, tokenizer, params_dtype, source, first_stages_only=flags["num_layers"] < args.num_layers
+    )
     return config, flags["seed"], float(first.get("checkpoint_version", 0))
 
 
 def _layers_held(args: argparse.Namespace, tp: int, pp: int, directory: str) -> int:
     """Layers the files hold: all, or with EE-LLM's exit tuning on the first k pipeline stages
     (--tune-exit-pipeline-parallel-size k, which saves only those stages) the first L*k/PP."""
-    stored_tp, stored_pp = getattr(args, "tensor_model_parallel_size", tp), getattr(args, "pipeline_model_parallel_size", pp)
+    stored_tp, stored_pp = (
+        getattr(args, "tensor_model_parallel_size", tp),
+        getattr(args, "pipeline_model_parallel_size", pp),
+    )
     if args.num_layers % stored_pp:
         raise ConversionError(f"{directory}: args.num_layers {args.num_layers} does not split over PP={stored_pp}")
     if stored_tp == tp and stored_pp == pp:
         return args.num_layers
-    if stored_tp == tp and getattr(args, "tune_exit", False) and getattr(args, "tune_exit_pipeline_parallel_size", None) == pp:
+    if (
+        stored_tp == tp
+        and getattr(args, "tune_exit", False)
+        and getattr(args, "tune_exit_pipeline_parallel_size", None) == pp
+    ):
         return args.num_layers // stored_pp * pp
     raise ConversionError(f"{directory}: its args say TP={stored_tp} PP={stored_pp}, its files are TP={tp} PP={pp}")
 
@@ -156,8 +188,10 @@ def _require_filled(params: Dict[str, torch.Tensor], filled: set, config: ModelC
     if config.first_stages_only:
         missing = [n for n in missing if not n.startswith(("decoder.final_layernorm.", "output_layer."))]
     if missing:
-        raise ConversionError(f"{directory}: no tensor for {', '.join(missing[:3])}"
-                              + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+        raise ConversionError(
+            f"{directory}: no tensor for {', '.join(missing[:3])}"
+            + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        )
 
 
 def _embedding_rows(state: dict, source: str) -> int:

@@ -33,7 +33,6 @@ RANK_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 
-
 @dataclass(frozen=True)
 class LegacyEnum:
     """An enum member of a Megatron-LM release kept in `args` (ModelType, AttnMaskType, ...),
@@ -45,8 +44,11 @@ class LegacyEnum:
 
 # Enums Megatron-LM keeps in `args` (model_type, attention masks and backends): those of
 # megatron.model (2023, EE-LLM) and megatron.legacy.model as LegacyEnum, megatron-core's own.
-_LEGACY_ENUMS = [f"{module}.{name}" for module in ("megatron.model.enums", "megatron.legacy.model.enums")
-                 for name in ("ModelType", "AttnMaskType", "AttnType", "LayerType", "PositionEmbeddingType")]
+_LEGACY_ENUMS = [
+    f"{module}.{name}"
+    for module in ("megatron.model.enums", "megatron.legacy.model.enums")
+    for name in ("ModelType", "AttnMaskType", "AttnType", "LayerType", "PositionEmbeddingType")
+]
 
 
 def _legacy_globals() -> list:
@@ -61,10 +63,18 @@ def _legacy_globals() -> list:
     from megatron.core import enums
     from megatron.core.transformer import enums as transformer_enums
 
-    real = [argparse.Namespace, enums.ModelType, transformer_enums.AttnMaskType, transformer_enums.AttnType,
-            transformer_enums.LayerType, transformer_enums.AttnBackend,
-            # the numpy arrays of np.random.get_state() in the RNG states (uint32)
-            numpy.ndarray, numpy.dtype, type(numpy.dtype("uint32"))]
+    real = [
+        argparse.Namespace,
+        enums.ModelType,
+        transformer_enums.AttnMaskType,
+        transformer_enums.AttnType,
+        transformer_enums.LayerType,
+        transformer_enums.AttnBackend,
+        # the numpy arrays of np.random.get_state() in the RNG states (uint32)
+        numpy.ndarray,
+        numpy.dtype,
+        type(numpy.dtype("uint32")),
+    ]
     numpy_names = [(_reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy.core", "numpy._core")]
     return real + numpy_names + [(functools.partial(LegacyEnum, name), name) for name in _LEGACY_ENUMS]
 
@@ -76,7 +86,9 @@ def read_rank_file(path: str) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ConversionError(f"{path}: not a Megatron-LM checkpoint file (no `model` dict)")
     if not isinstance(state.get("args"), argparse.Namespace):
-        raise ConversionError(f"{path}: holds no `args` (written before Megatron-LM stored them); cannot tell the model")
+        raise ConversionError(
+            f"{path}: holds no `args` (written before Megatron-LM stored them); cannot tell the model"
+        )
     return state
 
 
@@ -103,18 +115,27 @@ def find_checkpoint(root: str, iteration: Optional[int] = None) -> LegacyCheckpo
         directory = os.path.join(root, _iteration_dir(root, iteration))
     ranks = [m for m in map(_RANK_DIR.match, _listdir(directory)) if m]
     if not ranks:
-        extra = " (a torch_dist checkpoint: Megatron-LM's newer format, not read here)" if os.path.isfile(
-            os.path.join(directory, ".metadata")) else ""
+        extra = (
+            " (a torch_dist checkpoint: Megatron-LM's newer format, not read here)"
+            if os.path.isfile(os.path.join(directory, ".metadata"))
+            else ""
+        )
         raise ConversionError(f"{directory}: no mp_rank_* directories{extra}")
     if len({m.group(2) is None for m in ranks}) > 1:
         raise ConversionError(f"{directory}: mixes mp_rank_TT and mp_rank_TT_PPP directories")
-    found = LegacyCheckpoint(directory, max(int(m.group(1)) for m in ranks) + 1,
-                             max(int(m.group(2) or 0) for m in ranks) + 1, ranks[0].group(2) is not None)
+    found = LegacyCheckpoint(
+        directory,
+        max(int(m.group(1)) for m in ranks) + 1,
+        max(int(m.group(2) or 0) for m in ranks) + 1,
+        ranks[0].group(2) is not None,
+    )
     tp = found.tensor_model_parallel_size
     for t in range(tp):
         for p in range(found.pipeline_model_parallel_size):
             if not os.path.isfile(found.rank_file(t, p)):
-                raise ConversionError(f"{found.rank_file(t, p)} is missing (TP={tp}, PP={found.pipeline_model_parallel_size})")
+                raise ConversionError(
+                    f"{found.rank_file(t, p)} is missing (TP={tp}, PP={found.pipeline_model_parallel_size})"
+                )
     return found
 
 

@@ -52,8 +52,12 @@ import torch
 
 from megatron.early_exit.hf.errors import ConversionError
 
-_NORMS = {"input_norm": "input_layernorm", "input_layernorm": "input_layernorm",
-          "post_attention_norm": "pre_mlp_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+_NORMS = {
+    "input_norm": "input_layernorm",
+    "input_layernorm": "input_layernorm",
+    "post_attention_norm": "pre_mlp_layernorm",
+    "post_attention_layernorm": "pre_mlp_layernorm",
+}
 _ATTENTION = {"query_key_value": ("linear_qkv", "qkv"), "dense": ("linear_proj", "row")}
 _MLP = {"dense_h_to_4h": ("linear_fc1", "fc1"), "dense_4h_to_h": ("linear_fc2", "row")}
 # Tensors that hold nothing to convert: the tied embedding's copy, TE state, RoPE's buffer.
@@ -99,11 +103,11 @@ def _exit_target(rest: str, layer: int) -> Optional[Target]:
     head = f"exits.{layer}"
     for legacy, ours in (("mlp.trunk.", f"decoder.layers.{layer - 1}.mlp"), ("mlp.branch.", f"{head}.mlp")):
         if rest.startswith(legacy):
-            return _mlp_target(rest[len(legacy):], ours)
+            return _mlp_target(rest[len(legacy) :], ours)
     if rest.startswith("exit_norm."):
-        return Target(f"{head}.norm.{rest[len('exit_norm.'):]}", "rep")
+        return Target(f"{head}.norm.{rest[len('exit_norm.') :]}", "rep")
     if rest.startswith("exit_block."):
-        return _layer_target(rest[len("exit_block."):], f"{head}.block")
+        return _layer_target(rest[len("exit_block.") :], f"{head}.block")
     return None
 
 

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-
 from megatron.core import parallel_state
 
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
@@ -19,25 +18,39 @@ from megatron.early_exit.models.model_config import ModelConfig
 from megatron.early_exit.models.recompute import RecomputeConfig
 
 
-def build_model(config: ModelConfig, device: torch.device, seed: int = 1234, transformer_impl: Optional[str] = None,
-                sequence_parallel: bool = False, params_dtype: Optional[str] = None,
-                document_mask: bool = False, recompute: Optional[RecomputeConfig] = None,
-                transformer_overrides: Optional[dict] = None, vp_stage: Optional[int] = None,
-                num_model_chunks: int = 1) -> EarlyExitGPTModel:
+def build_model(
+    config: ModelConfig,
+    device: torch.device,
+    seed: int = 1234,
+    transformer_impl: Optional[str] = None,
+    sequence_parallel: bool = False,
+    params_dtype: Optional[str] = None,
+    document_mask: bool = False,
+    recompute: Optional[RecomputeConfig] = None,
+    transformer_overrides: Optional[dict] = None,
+    vp_stage: Optional[int] = None,
+    num_model_chunks: int = 1,
+) -> EarlyExitGPTModel:
     """This rank's stage of the model (TP and PP from megatron-core's parallel state),
     initialised layout-invariantly from `seed`, on `device`. `params_dtype` overrides
     the trained precision; `document_mask`: forward takes any attention mask;
     `recompute`: activation recomputation of a training run; `vp_stage` of
     `num_model_chunks`: one model chunk of the stage (interleaved pipeline)."""
     transformer_config = config.transformer_config(
-        parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
-        sequence_parallel=sequence_parallel, device=device, transformer_impl=transformer_impl, params_dtype=params_dtype,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        device=device,
+        transformer_impl=transformer_impl,
+        params_dtype=params_dtype,
         recompute=recompute,
     )
     if transformer_overrides:  # a run's kernel choices (attention backend, QK scaling), not the model's
         transformer_config = dataclasses.replace(transformer_config, **transformer_overrides)
     if vp_stage is not None:  # megatron-core's layer offsets of chunk vp_stage
-        transformer_config = dataclasses.replace(transformer_config, virtual_pipeline_model_parallel_size=num_model_chunks)
+        transformer_config = dataclasses.replace(
+            transformer_config, virtual_pipeline_model_parallel_size=num_model_chunks
+        )
     first_chunk, last_chunk = vp_stage in (None, 0), vp_stage in (None, num_model_chunks - 1)
     model = EarlyExitGPTModel(
         transformer_config,

@@ -17,22 +17,27 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.distillation import Distillation, distillation_loss
 from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.models.attention_environment import prepare_attention_environment, record_attention_environment
 from megatron.early_exit.models.exit_heads import get_exit_head_spec, vocab_parallel_max_prob
+from megatron.early_exit.models.layer_specs import (
+    choose_impl,
+    get_block_spec,
+    get_layer_spec,
+    get_norm_spec,
+    pre_mlp_norm,
+)
 from megatron.early_exit.models.recompute import recompute_units
-from megatron.early_exit.models.layer_specs import choose_impl, get_block_spec, get_layer_spec, get_norm_spec, pre_mlp_norm
 
 
 @dataclass
@@ -107,8 +112,9 @@ class EarlyExitGPTModel(GPTModel):
         written = prepare_attention_environment(config)  # megatron-core passes these to TE through os.environ
         super().__init__(
             config=config,
-            transformer_layer_spec=get_block_spec(config, get_num_layers_to_build(config, vp_stage), impl=impl,
-                                                  document_mask=document_mask),
+            transformer_layer_spec=get_block_spec(
+                config, get_num_layers_to_build(config, vp_stage), impl=impl, document_mask=document_mask
+            ),
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -129,20 +135,28 @@ class EarlyExitGPTModel(GPTModel):
         self.recompute_exit_heads = recompute_exit_heads
         self.layer_dropout_seed = layer_dropout_seed
         self.layer_dropout_step = 0  # training forwards so far: one draw of skipped layers each
-        head_spec = get_exit_head_spec(ee_config, get_layer_spec(config, impl=impl, document_mask=document_mask),
-                                       get_norm_spec(impl=impl))
+        head_spec = get_exit_head_spec(
+            ee_config, get_layer_spec(config, impl=impl, document_mask=document_mask), get_norm_spec(impl=impl)
+        )
         local_layers = {layer.layer_number for layer in self.decoder.layers}
         tied = not ee_config.untie_exit_output_weights
         self.exits = torch.nn.ModuleDict()
         for num, temperature in zip(ee_config.exit_layer_nums, ee_config.exit_layer_temperature):
             if num in local_layers:
                 self.exits[str(num)] = build_module(
-                    head_spec, config=config, layer_number=num, vocab_size=vocab_size,
-                    tied=tied, temperature=temperature, parallel_output=parallel_output,
+                    head_spec,
+                    config=config,
+                    layer_number=num,
+                    vocab_size=vocab_size,
+                    tied=tied,
+                    temperature=temperature,
+                    parallel_output=parallel_output,
                 )
         if ee_config.exit_distill_weight and len(self.exits) and not post_process:
-            raise ConfigError(f"--exit-distill-weight: exits {sorted(int(k) for k in self.exits)} are on a stage "
-                              "without the output layer, whose logits they would learn from")
+            raise ConfigError(
+                f"--exit-distill-weight: exits {sorted(int(k) for k in self.exits)} are on a stage "
+                "without the output layer, whose logits they would learn from"
+            )
         self.exit_word_embeddings = None
         if tied and len(self.exits) and not self.pre_process and not self._output_layer_is_embedding_copy():
             # A later pipeline stage with tied exits keeps its own copy of the word
@@ -177,7 +191,9 @@ class EarlyExitGPTModel(GPTModel):
         pipeline stages (tied output layer, tied exits); its gradient is all-reduced over them."""
         if self.pre_process:
             return self.embedding.word_embeddings.weight
-        uses_copy = self._output_layer_is_embedding_copy() or (len(self.exits) and not self.ee_config.untie_exit_output_weights)
+        uses_copy = self._output_layer_is_embedding_copy() or (
+            len(self.exits) and not self.ee_config.untie_exit_output_weights
+        )
         return self.exit_output_weight() if uses_copy else None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
@@ -204,7 +220,10 @@ class EarlyExitGPTModel(GPTModel):
         return state
 
     def layer_dropout_probs(self) -> List[float]:
-        return [self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers) for layer in self.decoder.layers]
+        return [
+            self.ee_config.layer_dropout_prob(layer.layer_number, self.config.num_layers)
+            for layer in self.decoder.layers
+        ]
 
     def layer_dropout_keep(self, step: int, batch_size: int) -> Dict[int, List[int]]:
         """LayerSkip layer dropout at training forward `step`: {layer number: the sequences
@@ -227,7 +246,9 @@ class EarlyExitGPTModel(GPTModel):
 
     def _run_layer(self, layer, hidden_states, attention_mask, rotary_pos_emb, need_attention_output):
         if not need_attention_output:
-            hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden_states, _ = layer(
+                hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+            )
             return hidden_states, None
         attention_output, _ = layer._forward_attention(
             hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
@@ -259,12 +280,16 @@ class EarlyExitGPTModel(GPTModel):
             keep = self.layer_dropout_keep(self.layer_dropout_step, hidden_states.shape[1])
             self.layer_dropout_step += 1
         last_exit = max((int(k) for k in self.exits), default=0)
-        num_layers = len(self.decoder.layers) if run_to_final else sum(
-            layer.layer_number <= last_exit for layer in self.decoder.layers)
+        num_layers = (
+            len(self.decoder.layers)
+            if run_to_final
+            else sum(layer.layer_number <= last_exit for layer in self.decoder.layers)
+        )
         c = self.config
         with self._rng_context():
-            for start, end, recomputed in recompute_units(num_layers, c.recompute_granularity, c.recompute_method,
-                                                          c.recompute_num_layers):
+            for start, end, recomputed in recompute_units(
+                num_layers, c.recompute_granularity, c.recompute_method, c.recompute_num_layers
+            ):
                 run = self._recomputed_layers if recomputed and torch.is_grad_enabled() else self._run_layers
                 hidden_states, unit_states = run(start, end, hidden_states, attention_mask, rotary_pos_emb, keep)
                 states += unit_states
@@ -302,10 +327,12 @@ class EarlyExitGPTModel(GPTModel):
             rows = None if keep is None else keep[num]
             if rows is None or len(rows) == batch_size:
                 hidden_states, attention_output = self._run_layer(
-                    layer, hidden_states, attention_mask, rotary_pos_emb, need_attention_output)
+                    layer, hidden_states, attention_mask, rotary_pos_emb, need_attention_output
+                )
             else:
                 hidden_states, attention_output = self._run_layer_on_rows(
-                    layer, rows, hidden_states, attention_mask, rotary_pos_emb, need_attention_output)
+                    layer, rows, hidden_states, attention_mask, rotary_pos_emb, need_attention_output
+                )
             if head is not None and not pre_exit:
                 states.append(ExitState(num, hidden_states, attention_output))
         return hidden_states, states
@@ -321,8 +348,9 @@ class EarlyExitGPTModel(GPTModel):
             layout[:] = [(s.layer_number, s.attention_output is not None) for s in states]
             return (out,) + tuple(t for s in states for t in (s.hidden_states, s.attention_output) if t is not None)
 
-        outputs = tensor_parallel.checkpoint(unit, self.config.distribute_saved_activations, hidden_states,
-                                             attention_mask, rotary_pos_emb)
+        outputs = tensor_parallel.checkpoint(
+            unit, self.config.distribute_saved_activations, hidden_states, attention_mask, rotary_pos_emb
+        )
         outputs = (outputs,) if isinstance(outputs, Tensor) else outputs
         rest, states = list(outputs[1:]), []
         for num, has_attention in layout:
@@ -330,8 +358,9 @@ class EarlyExitGPTModel(GPTModel):
             states.append(ExitState(num, hidden, rest.pop(0) if has_attention else None))
         return outputs[0], states
 
-    def _run_layer_on_rows(self, layer, rows: List[int], hidden_states, attention_mask, rotary_pos_emb,
-                           need_attention_output):
+    def _run_layer_on_rows(
+        self, layer, rows: List[int], hidden_states, attention_mask, rotary_pos_emb, need_attention_output
+    ):
         """LayerSkip layer dropout: only the sequences `rows` run the layer; for the others it
         is the identity (its post-attention state, read by an exit MLP, is its input), and
         costs nothing."""
@@ -340,8 +369,9 @@ class EarlyExitGPTModel(GPTModel):
         index = torch.tensor(rows, device=hidden_states.device)
         if attention_mask is not None and attention_mask.shape[0] > 1:  # a per-sequence mask [b, 1, s, s]
             attention_mask = attention_mask.index_select(0, index)
-        out, attention_output = self._run_layer(layer, hidden_states.index_select(1, index), attention_mask,
-                                                rotary_pos_emb, need_attention_output)
+        out, attention_output = self._run_layer(
+            layer, hidden_states.index_select(1, index), attention_mask, rotary_pos_emb, need_attention_output
+        )
         out = hidden_states.index_copy(1, index, out)  # [s, b, h]: the skipping rows keep their input
         if attention_output is not None:
             attention_output = hidden_states.index_copy(1, index, attention_output)
@@ -353,14 +383,20 @@ class EarlyExitGPTModel(GPTModel):
 
         def logits_of(hidden_states: Tensor, attention_output: Optional[Tensor]) -> Tensor:
             with self._rng_context():
-                hidden = head.hidden(hidden_states, attention_output, pre_mlp_norm(layer), attention_mask, rotary_pos_emb)
+                hidden = head.hidden(
+                    hidden_states, attention_output, pre_mlp_norm(layer), attention_mask, rotary_pos_emb
+                )
             return head.logits(hidden, self.exit_output_weight())
 
         def compute_logits() -> Tensor:
             return logits_of(state.hidden_states, state.attention_output)
 
-        def losses(hidden_states: Tensor, attention_output: Optional[Tensor], need_confidence: bool,
-                   distill: Optional[Distillation]):
+        def losses(
+            hidden_states: Tensor,
+            attention_output: Optional[Tensor],
+            need_confidence: bool,
+            distill: Optional[Distillation],
+        ):
             logits = logits_of(hidden_states, attention_output)
             confidence = vocab_parallel_max_prob(logits).transpose(0, 1) if need_confidence else None
             kl = distillation_loss(logits, distill) if distill else None
@@ -374,7 +410,8 @@ class EarlyExitGPTModel(GPTModel):
             # Only the head's inputs are kept; its logits exist again only during its backward.
             # (A frozen backbone, as in exit tuning, gives the checkpoint no input to differentiate.)
             outputs = tensor_parallel.checkpoint(
-                lambda *args: _drop_none(losses(*args, need_confidence, distill)), False, *inputs)
+                lambda *args: _drop_none(losses(*args, need_confidence, distill)), False, *inputs
+            )
             outputs = list((outputs,) if isinstance(outputs, Tensor) else outputs)
             ce = outputs.pop(0)
             confidence = outputs.pop(0).detach() if need_confidence else None

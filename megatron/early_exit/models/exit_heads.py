@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.identity_op import IdentityOp
@@ -28,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
 
 from megatron.early_exit.config import EarlyExitConfig
 from megatron.early_exit.models.layer_specs import get_exit_mlp_spec
@@ -75,7 +74,9 @@ class ExitHead(MegatronModule):
         # The layer number of a TransformerLayer only matters for query-key layer scaling,
         # which the exit block does not use.
         self.block = build_module(submodules.block, config=config, layer_number=1) if self.has_block else None
-        self.norm = build_module(submodules.norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.norm = build_module(
+            submodules.norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             config.hidden_size,
             vocab_size,

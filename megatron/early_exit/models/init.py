@@ -14,7 +14,6 @@ import re
 import zlib
 
 import torch
-
 from megatron.core import parallel_state
 
 from megatron.early_exit.sharding import shard_full_tensor
@@ -26,13 +25,13 @@ _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 def canonical_name(model: torch.nn.Module, name: str) -> str:
     """Parameter name with the stage-local layer index replaced by the global one."""
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     match = _LAYER.match(name)
     if not match:
         return name
     layers = _unwrap(model).decoder.layers
     global_index = layers[int(match.group(1))].layer_number - 1
-    return f"decoder.layers.{global_index}." + name[match.end():]
+    return f"decoder.layers.{global_index}." + name[match.end() :]
 
 
 def _unwrap(model):

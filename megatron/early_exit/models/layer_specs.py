@@ -20,14 +20,18 @@ import copy
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron.early_exit.errors import ConfigError
-from megatron.early_exit.models.te_layout import LayerNormColumnParallelLinear, fused_norm, has_fused_norm, te_layout_layer_spec
+from megatron.early_exit.models.te_layout import (
+    LayerNormColumnParallelLinear,
+    fused_norm,
+    has_fused_norm,
+    te_layout_layer_spec,
+)
 
 LOCAL, TRANSFORMER_ENGINE, TE_STANDIN = "local", "transformer_engine", "te_standin"
 TRANSFORMER_IMPLS = (LOCAL, TRANSFORMER_ENGINE, TE_STANDIN)
@@ -81,11 +85,15 @@ def resolve_transformer_impl(requested: Optional[str], device: Optional[torch.de
         raise ConfigError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {requested!r}")
     if requested == TRANSFORMER_ENGINE:
         if torch.device(device).type != "cuda":
-            raise ConfigError(f"--transformer-impl transformer_engine needs a CUDA device, but the model runs on "
-                              f"{torch.device(device).type}; use --transformer-impl local")
+            raise ConfigError(
+                f"--transformer-impl transformer_engine needs a CUDA device, but the model runs on "
+                f"{torch.device(device).type}; use --transformer-impl local"
+            )
         if not transformer_engine_importable():
-            raise ConfigError("--transformer-impl transformer_engine: Transformer Engine is not installed "
-                              "(pip install the `gpu` extra) or does not import; use --transformer-impl local")
+            raise ConfigError(
+                "--transformer-impl transformer_engine: Transformer Engine is not installed "
+                "(pip install the `gpu` extra) or does not import; use --transformer-impl local"
+            )
     return requested
 
 
@@ -116,7 +124,9 @@ def choose_impl(config: Optional[TransformerConfig], use_te: Optional[bool], imp
 def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=config.normalization, qk_layernorm=config.qk_layernorm
+    )
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
     if config.qk_layernorm:  # megatron-core's choice there is WrappedTorchNorm too
@@ -125,8 +135,9 @@ def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return spec
 
 
-def get_layer_spec(config: TransformerConfig, use_te: Optional[bool] = None, impl: Optional[str] = None,
-                   document_mask: bool = False) -> ModuleSpec:
+def get_layer_spec(
+    config: TransformerConfig, use_te: Optional[bool] = None, impl: Optional[str] = None, document_mask: bool = False
+) -> ModuleSpec:
     """The spec of one transformer layer. `document_mask` (--reset-attention-mask): attention
     takes the batch's mask as given; the causal kernels (apex's fused softmax, TE's causal
     mask type) would silently drop the document boundaries it holds."""
@@ -183,8 +194,13 @@ def pre_mlp_norm(layer):
     return layer.pre_mlp_layernorm
 
 
-def get_block_spec(config: TransformerConfig, num_layers: int, use_te: Optional[bool] = None,
-                   impl: Optional[str] = None, document_mask: bool = False) -> TransformerBlockSubmodules:
+def get_block_spec(
+    config: TransformerConfig,
+    num_layers: int,
+    use_te: Optional[bool] = None,
+    impl: Optional[str] = None,
+    document_mask: bool = False,
+) -> TransformerBlockSubmodules:
     """Spec of a block of `num_layers` layers (this pipeline stage's) with our final norm."""
     impl = choose_impl(config, use_te, impl)
     layer = get_layer_spec(config, impl=impl, document_mask=document_mask)

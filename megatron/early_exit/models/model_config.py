@@ -78,7 +78,9 @@ class TokenizerConfig:
             inside = os.path.commonpath([root, path]) == root
             return os.path.relpath(path, root) if inside else path
 
-        return dataclasses.replace(self, model=rel(self.model), vocab_file=rel(self.vocab_file), merge_file=rel(self.merge_file))
+        return dataclasses.replace(
+            self, model=rel(self.model), vocab_file=rel(self.vocab_file), merge_file=rel(self.merge_file)
+        )
 
     def resolved(self, root: str) -> "TokenizerConfig":
         """Relative file names (as stored) made absolute against `root`."""
@@ -86,8 +88,9 @@ class TokenizerConfig:
         def absolute(path):
             return path if path is None or os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
 
-        return dataclasses.replace(self, model=absolute(self.model), vocab_file=absolute(self.vocab_file),
-                                   merge_file=absolute(self.merge_file))
+        return dataclasses.replace(
+            self, model=absolute(self.model), vocab_file=absolute(self.vocab_file), merge_file=absolute(self.merge_file)
+        )
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,17 @@ class ModelConfig:
             values["num_query_groups"] = None
         values.setdefault("first_stages_only", values.get("tune_exit_pipeline_parallel_size") is not None)
         backbone = {k: values[k] for k in cls.backbone_fields() if k in values}
-        return cls(**backbone, early_exit=EarlyExitConfig.from_flags(values),
-                   tokenizer=TokenizerConfig(values.get("tokenizer_type"), values.get("tokenizer_model"),
-                                             values.get("vocab_file"), values.get("merge_file"), values.get("vocab_size")))
+        return cls(
+            **backbone,
+            early_exit=EarlyExitConfig.from_flags(values),
+            tokenizer=TokenizerConfig(
+                values.get("tokenizer_type"),
+                values.get("tokenizer_model"),
+                values.get("vocab_file"),
+                values.get("merge_file"),
+                values.get("vocab_size"),
+            ),
+        )
 
     def to_dict(self) -> dict:
         """Plain types only (stored in checkpoints, printed by tools)."""
@@ -189,17 +200,27 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(EarlyExitConfig)}
         early_exit = EarlyExitConfig(**{k: v for k, v in data.pop("early_exit", {}).items() if k in known})
         tokenizer = TokenizerConfig(**data.pop("tokenizer", {}))
-        return cls(**{k: v for k, v in data.items() if k in cls.backbone_fields()}, early_exit=early_exit, tokenizer=tokenizer)
+        return cls(
+            **{k: v for k, v in data.items() if k in cls.backbone_fields()}, early_exit=early_exit, tokenizer=tokenizer
+        )
 
     def to_flags(self) -> Dict[str, Any]:
         """Flag values by name: the inverse of `from_flags` (for --use-checkpoint-args)."""
-        flags = {k: getattr(self, k) for k in self.backbone_fields()
-                 if k not in ("padded_vocab_size", "params_dtype", "first_stages_only")}
+        flags = {
+            k: getattr(self, k)
+            for k in self.backbone_fields()
+            if k not in ("padded_vocab_size", "params_dtype", "first_stages_only")
+        }
         flags["group_query_attention"] = self.num_query_groups is not None
         flags.update(self.early_exit.to_flags())
         t = self.tokenizer
-        flags.update(tokenizer_type=t.type, tokenizer_model=t.model, vocab_file=t.vocab_file, merge_file=t.merge_file,
-                     vocab_size=t.vocab_size)
+        flags.update(
+            tokenizer_type=t.type,
+            tokenizer_model=t.model,
+            vocab_file=t.vocab_file,
+            merge_file=t.merge_file,
+            vocab_size=t.vocab_size,
+        )
         return flags
 
     # -- what it builds ------------------------------------------------------------
@@ -218,14 +239,23 @@ class ModelConfig:
         names = [k for k in self.backbone_fields() if k not in _NOT_ARCHITECTURE]
         if self.position_embedding_type != "learned_absolute":
             names.remove("max_position_embeddings")  # only learned positions have a table of that size
-        out = [f"--{k.replace('_', '-')}: checkpoint {getattr(self, k)}, now {getattr(other, k)}"
-               for k in names if getattr(self, k) != getattr(other, k)]
+        out = [
+            f"--{k.replace('_', '-')}: checkpoint {getattr(self, k)}, now {getattr(other, k)}"
+            for k in names
+            if getattr(self, k) != getattr(other, k)
+        ]
         return out + self.early_exit.structure_differences(other.early_exit)
 
-    def transformer_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                           sequence_parallel: bool = False, device: Optional[torch.device] = None,
-                           transformer_impl: Optional[str] = None, params_dtype: Optional[str] = None,
-                           recompute=None):
+    def transformer_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        device: Optional[torch.device] = None,
+        transformer_impl: Optional[str] = None,
+        params_dtype: Optional[str] = None,
+        recompute=None,
+    ):
         """megatron-core's TransformerConfig of this model in a parallel layout, for a
         device (kernels and layer modules follow it, not the host). `recompute`: a
         training run's RecomputeConfig (not part of the model)."""
@@ -278,6 +308,17 @@ class ModelConfig:
 # Values a run may change on loaded weights: regularisation, initialisation, the padding
 # divisor (the padded size itself is compared), the precision, and RoPE's frequencies
 # (extending the context of a trained model changes them on purpose).
-_NOT_ARCHITECTURE = {"first_stages_only", "hidden_dropout", "attention_dropout", "init_method_std", "make_vocab_size_divisible_by",
-                     "params_dtype", "norm_epsilon", "rotary_base", "rotary_percent",
-                     "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor"}
+_NOT_ARCHITECTURE = {
+    "first_stages_only",
+    "hidden_dropout",
+    "attention_dropout",
+    "init_method_std",
+    "make_vocab_size_divisible_by",
+    "params_dtype",
+    "norm_epsilon",
+    "rotary_base",
+    "rotary_percent",
+    "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+}

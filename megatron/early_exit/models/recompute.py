@@ -44,12 +44,16 @@ class RecomputeConfig:
 
     def __post_init__(self):
         if self.granularity not in (None,) + GRANULARITIES:
-            raise ConfigError(f"--recompute-granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+            raise ConfigError(
+                f"--recompute-granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
         if self.granularity == "full":
             if self.method not in METHODS:
                 raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
             if self.num_layers is None or self.num_layers < 1:
-                raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers >= 1, got {self.num_layers}")
+                raise ConfigError(
+                    f"--recompute-granularity full needs --recompute-num-layers >= 1, got {self.num_layers}"
+                )
         elif self.method is not None or self.num_layers is not None:
             raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
 
@@ -60,27 +64,45 @@ class RecomputeConfig:
             if granularity not in (None, "selective"):
                 raise ConfigError(f"--recompute-activations means --recompute-granularity selective, got {granularity}")
             granularity = "selective"
-        return cls(granularity, values.get("recompute_method"), values.get("recompute_num_layers"),
-                   bool(values.get("distribute_saved_activations")), bool(values.get("recompute_exit_heads")))
+        return cls(
+            granularity,
+            values.get("recompute_method"),
+            values.get("recompute_num_layers"),
+            bool(values.get("distribute_saved_activations")),
+            bool(values.get("recompute_exit_heads")),
+        )
 
-    def validate_layout(self, layers_per_stage: int, tensor_model_parallel_size: int, sequence_parallel: bool,
-                        num_model_chunks: int = 1) -> None:
+    def validate_layout(
+        self, layers_per_stage: int, tensor_model_parallel_size: int, sequence_parallel: bool, num_model_chunks: int = 1
+    ) -> None:
         """Units count the layers of one model chunk (a stage's whole layers without the
         interleaved pipeline), as megatron-core's TransformerBlock of each chunk does."""
-        per_chunk, where = layers_per_stage // num_model_chunks, "model chunk" if num_model_chunks > 1 else "pipeline stage"
+        per_chunk, where = (
+            layers_per_stage // num_model_chunks,
+            "model chunk" if num_model_chunks > 1 else "pipeline stage",
+        )
         if self.granularity == "full" and self.num_layers > per_chunk:
-            raise ConfigError(f"--recompute-num-layers ({self.num_layers}) exceeds the layers of a {where} ({per_chunk})")
+            raise ConfigError(
+                f"--recompute-num-layers ({self.num_layers}) exceeds the layers of a {where} ({per_chunk})"
+            )
         if self.distribute_saved_activations and (tensor_model_parallel_size == 1 or sequence_parallel):
-            raise ConfigError("--distribute-saved-activations needs --tensor-model-parallel-size > 1 and no --sequence-parallel")
+            raise ConfigError(
+                "--distribute-saved-activations needs --tensor-model-parallel-size > 1 and no --sequence-parallel"
+            )
 
     def transformer_config_kwargs(self) -> Dict[str, Any]:
         """The fields of megatron-core's TransformerConfig it sets."""
-        return dict(recompute_granularity=self.granularity, recompute_method=self.method,
-                    recompute_num_layers=self.num_layers, distribute_saved_activations=self.distribute_saved_activations)
+        return dict(
+            recompute_granularity=self.granularity,
+            recompute_method=self.method,
+            recompute_num_layers=self.num_layers,
+            distribute_saved_activations=self.distribute_saved_activations,
+        )
 
 
-def recompute_units(num_local_layers: int, granularity: Optional[str], method: Optional[str],
-                    num_layers: Optional[int]) -> List[Tuple[int, int, bool]]:
+def recompute_units(
+    num_local_layers: int, granularity: Optional[str], method: Optional[str], num_layers: Optional[int]
+) -> List[Tuple[int, int, bool]]:
     """This stage's layers as (start, end, recomputed) runs of local layer indices, as
     megatron-core's TransformerBlock chooses them."""
     if granularity != "full":

@@ -18,7 +18,6 @@ import copy
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention

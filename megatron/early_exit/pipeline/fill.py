@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron.early_exit.pipeline.plan import (
-    Action, FillPlan, Item, _mark_replies, check_plan, one_f_one_b, simulate,
+    Action,
+    FillPlan,
+    Item,
+    _mark_replies,
+    check_plan,
+    one_f_one_b,
+    simulate,
 )
 
 
@@ -39,8 +45,9 @@ class StageCosts:
 
     @classmethod
     def uniform(cls, num_stages: int, backward_forward_ratio: float, exit_cost: Sequence[float] = ()) -> "StageCosts":
-        return cls((1.0,) * num_stages, (float(backward_forward_ratio),) * num_stages,
-                   tuple(exit_cost) or (0.0,) * num_stages)
+        return cls(
+            (1.0,) * num_stages, (float(backward_forward_ratio),) * num_stages, tuple(exit_cost) or (0.0,) * num_stages
+        )
 
 
 @dataclass
@@ -170,8 +177,9 @@ def _insert(plan, spans, s, i, action, ready, cost) -> float:
     return start + cost
 
 
-def stage_costs(config, ee_config, num_stages: int, vocab_size: int, seq_length: int,
-                backward_forward_ratio: float) -> StageCosts:
+def stage_costs(
+    config, ee_config, num_stages: int, vocab_size: int, seq_length: int, backward_forward_ratio: float
+) -> StageCosts:
     """Per-stage costs from FLOPs (flops.py): layers on every stage, the final head on the
     last, exit heads (forward and backward, in the backward action) where they live."""
     from megatron.early_exit.flops import exit_heads_flops, layer_flops, output_layer_flops
@@ -186,5 +194,6 @@ def stage_costs(config, ee_config, num_stages: int, vocab_size: int, seq_length:
     for s in exit_stages(ee_config, config.num_layers, num_stages):
         exits[s] += per_exit * (1 + r)
     scale = forward[0] or 1.0  # in units of the first stage's forward
-    return StageCosts(tuple(f / scale for f in forward), tuple(r * f / scale for f in forward),
-                      tuple(e / scale for e in exits))
+    return StageCosts(
+        tuple(f / scale for f in forward), tuple(r * f / scale for f in forward), tuple(e / scale for e in exits)
+    )

@@ -78,8 +78,9 @@ def exit_places(ee_config: EarlyExitConfig, num_layers: int, num_stages: int, nu
     return [layer_place(n, num_layers, num_stages, num_chunks) for n in ee_config.exit_layer_nums]
 
 
-def tied_embedding_stages(ee_config: EarlyExitConfig, num_layers: int, num_stages: int, num_chunks: int,
-                          tied_output: bool) -> List[int]:
+def tied_embedding_stages(
+    ee_config: EarlyExitConfig, num_layers: int, num_stages: int, num_chunks: int, tied_output: bool
+) -> List[int]:
     """Stages holding a copy of the word embedding in some chunk: the first (chunk 0), the last
     (its last chunk) when the output layer is tied to it, every stage with a tied exit."""
     stages = {0}
@@ -118,8 +119,9 @@ def interleaved_one_f_one_b(num_stages: int, stage: int, num_microbatches: int, 
 
     def backward(k, paired=False):
         j, c = order[k][0], v - 1 - order[k][1]  # the last chunk back-propagates first
-        return Action("B", ("R", j), recv=(s, c) != (p - 1, v - 1), send=(s, c) != (0, 0), chunk=c, ring=p,
-                      with_previous=paired)
+        return Action(
+            "B", ("R", j), recv=(s, c) != (p - 1, v - 1), send=(s, c) != (0, 0), chunk=c, ring=p, with_previous=paired
+        )
 
     warmup = min(2 * (p - 1 - s) + (v - 1) * p, total)
     actions = [forward(k) for k in range(warmup)]  # warm-up
@@ -130,8 +132,9 @@ def interleaved_one_f_one_b(num_stages: int, stage: int, num_microbatches: int, 
 
 
 def interleaved_plan(num_stages: int, num_microbatches: int, num_chunks: int) -> List[List[Action]]:
-    return _mark_replies([interleaved_one_f_one_b(num_stages, s, num_microbatches, num_chunks)
-                          for s in range(num_stages)])
+    return _mark_replies(
+        [interleaved_one_f_one_b(num_stages, s, num_microbatches, num_chunks) for s in range(num_stages)]
+    )
 
 
 def chunk_costs(stage_costs: Sequence[float], num_chunks: int) -> List[float]:
@@ -178,7 +181,9 @@ class ModelChunks(torch.nn.Module):
         state = {}
         for c, chunk in enumerate(self.chunks):
             local = f"chunks.{c}." + "module." * _depth(chunk)  # where load_state_dict finds the chunk's tensors
-            state.update({local + k: v for k, v in _unwrap(chunk).sharded_state_dict(prefix, sharded_offsets, metadata).items()})
+            state.update(
+                {local + k: v for k, v in _unwrap(chunk).sharded_state_dict(prefix, sharded_offsets, metadata).items()}
+            )
         return state
 
 

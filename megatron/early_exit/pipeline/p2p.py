@@ -44,8 +44,10 @@ class Transport:
 
     def post(self, ops: Sequence[Op], tensors: Sequence[torch.Tensor], tag: int = 0) -> None:
         if self.batched:
-            p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, tensor, self.ranks[op.peer], self.group, tag)
-                   for op, tensor in zip(ops, tensors)]
+            p2p = [
+                dist.P2POp(dist.isend if op.send else dist.irecv, tensor, self.ranks[op.peer], self.group, tag)
+                for op, tensor in zip(ops, tensors)
+            ]
             self._posted.append((tuple(ops), dist.batch_isend_irecv(p2p), tuple(tensors)))
         else:
             for op, tensor in zip(ops, tensors):

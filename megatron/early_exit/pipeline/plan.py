@@ -180,7 +180,9 @@ def one_f_one_b(num_stages: int, stage: int, num_microbatches: int, fill: Option
 
 def _warmup_fill(fill: FillPlan, s: int, forward, backward):
     items = [(("W", j), reach) for j, reach in enumerate(fill.warmup_reach) if s <= reach]
-    return [forward(item, through=reach) for item, reach in items], [backward(item, through=reach) for item, reach in items]
+    return [forward(item, through=reach) for item, reach in items], [
+        backward(item, through=reach) for item, reach in items
+    ]
 
 
 def pipeline_plan(num_stages: int, num_microbatches: int, fill: Optional[FillPlan] = None) -> List[List[Action]]:
@@ -209,7 +211,7 @@ def _sent_before(actions: Sequence[Action], stage: int, to: int, message) -> Tup
     joined by `with_previous` receive before any of them sends)."""
     sent, i = [], 0
     while i < len(actions):
-        group, i = actions[i:_group_end(actions, i)], _group_end(actions, i)
+        group, i = actions[i : _group_end(actions, i)], _group_end(actions, i)
         if any(a.recv and a.peer(stage, False) == to and a.label(stage, False) == message for a in group):
             break
         sent += [a.label(stage, True) for a in group if a.send and a.peer(stage, True) == to]
@@ -325,12 +327,12 @@ def executor_steps(stage: int, actions: Sequence[Action]) -> List[Tuple[Post, Tu
                     early = [k + 1 for k, m in enumerate(receives.get(q, [])) if m in done.replies_first]
                     wanted.append((q, max(early, default=0)))
             group = i
-            for a in actions[i:_group_end(actions, i)]:
+            for a in actions[i : _group_end(actions, i)]:
                 if a.recv:
                     q = a.peer(stage, False)
                     wanted.append((q, receives[q].index(a.label(stage, False)) + 1))
         for q, upto in wanted:
-            for message in receives.get(q, [])[posted.get(q, 0):upto]:
+            for message in receives.get(q, [])[posted.get(q, 0) : upto]:
                 ops.append(Op(False, q, message))
                 batch_of[message] = len(batches)
             posted[q] = max(posted.get(q, 0), upto)
@@ -399,7 +401,9 @@ def check_rendezvous(programs: List[List[Step]], one_lane: bool = False) -> None
         progressed = progressed or bool(completed)
     stuck = []
     for s in range(p):
-        pending = [op_id for queue in (q for (t, _), q in lanes.items() if t == s) for batch in queue for op_id in batch]
+        pending = [
+            op_id for queue in (q for (t, _), q in lanes.items() if t == s) for batch in queue for op_id in batch
+        ]
         pending = [op_id for op_id in pending if op_id not in done]
         if pc[s] < len(code[s]) or pending:
             how = "blocks on" if pc[s] < len(code[s]) else "ends with"
@@ -446,7 +450,9 @@ def _compile(programs, one_lane):
                 raise ValueError(f"stage {pair[0]}'s {ops[a]} meets stage {pair[1]}'s {ops[b]}")
             match[a], match[b] = b, a
         if len(out) != len(into):
-            raise ValueError(f"stage {pair[0]} sends {len(out)} messages to stage {pair[1]}, which receives {len(into)}")
+            raise ValueError(
+                f"stage {pair[0]} sends {len(out)} messages to stage {pair[1]}, which receives {len(into)}"
+            )
     return code, match, ops
 
 

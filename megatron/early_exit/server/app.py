@@ -31,17 +31,30 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from megatron.early_exit.inference import InferenceConfigError
-from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response
 from megatron.early_exit.server.chat_api import chat_chunks, chat_completion, chat_job
+from megatron.early_exit.server.guard import HttpPolicy, RequestGuard, error_response
 from megatron.early_exit.server.jobs import AnyJob, ModelLimits, RequestError
 from megatron.early_exit.server.megatron_api import api_jobs, api_response
 from megatron.early_exit.server.metrics import ServingMetrics
 from megatron.early_exit.server.openai_api import completion, completion_jobs, empty_result, stream_chunks
-from megatron.early_exit.server.streaming import sse
 from megatron.early_exit.server.schemas import (
-    ApiRequest, ApiResponse, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest,
-    LONE_SURROGATE, DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+    LONE_SURROGATE,
+    ApiRequest,
+    ApiResponse,
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
+from megatron.early_exit.server.streaming import sse
 from megatron.early_exit.server.tokenizer_api import TokenizerFacts, detokenize, tokenize
 from megatron.early_exit.server.worker import QueueFull, Worker
 
@@ -78,8 +91,11 @@ class Service:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done, cancel = object(), threading.Event()
-        future = self.submit(dataclasses.replace(
-            job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), cancel=cancel))
+        future = self.submit(
+            dataclasses.replace(
+                job, listener=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), cancel=cancel
+            )
+        )
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, done))
         first = await queue.get()
         if first is done:
@@ -120,8 +136,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400 if any(e["type"] == LONE_SURROGATE for e in errors) else 422, message, param)
 
 
-ENDPOINTS = ("PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "
-             "POST /detokenize, GET /v1/models, GET /health, GET /metrics, GET /docs")
+ENDPOINTS = (
+    "PUT /api, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize, "
+    "POST /detokenize, GET /v1/models, GET /health, GET /metrics, GET /docs"
+)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -158,13 +176,19 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
-    app = FastAPI(title="Megatron early-exit text generation",
-                  description="Megatron-LM's PUT /api, OpenAI's completions and chat completions and vLLM's "
-                              "tokenizer endpoints, with early-exit decoding options.")
+    app = FastAPI(
+        title="Megatron early-exit text generation",
+        description="Megatron-LM's PUT /api, OpenAI's completions and chat completions and vLLM's "
+        "tokenizer endpoints, with early-exit decoding options.",
+    )
     app.add_middleware(RequestGuard, policy=policy)
     if policy.cors_origins:  # outermost, so that refusals carry CORS headers too
-        app.add_middleware(CORSMiddleware, allow_origins=list(policy.cors_origins),
-                           allow_methods=["GET", "PUT", "POST"], allow_headers=["Content-Type", "Authorization"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(policy.cors_origins),
+            allow_methods=["GET", "PUT", "POST"],
+            allow_headers=["Content-Type", "Authorization"],
+        )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestError, _request_error)
@@ -213,9 +237,17 @@ def build_app(service: Service, policy: HttpPolicy = HttpPolicy()) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=limits.name, created=service.created, num_layers=limits.num_layers,
-                                         exit_layer_nums=list(limits.exit_layer_nums),
-                                         max_sequence_length=limits.max_sequence_length)])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=limits.name,
+                    created=service.created,
+                    num_layers=limits.num_layers,
+                    exit_layer_nums=list(limits.exit_layer_nums),
+                    max_sequence_length=limits.max_sequence_length,
+                )
+            ]
+        )
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:

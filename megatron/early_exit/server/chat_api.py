@@ -14,11 +14,26 @@ import uuid
 from typing import AsyncIterator, List, Optional
 
 from megatron.early_exit.inference import GenerationResult
-from megatron.early_exit.server.jobs import Job, ModelLimits, RequestError, build_sampling, build_strategy, check_prompts
+from megatron.early_exit.server.jobs import (
+    Job,
+    ModelLimits,
+    RequestError,
+    build_sampling,
+    build_strategy,
+    check_prompts,
+)
 from megatron.early_exit.server.openai_api import ChoiceText, Prompts, choice_texts, usage
 from megatron.early_exit.server.schemas import (
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs, ChatRequest,
-    TokenLogprob, TopLogprob,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatDelta,
+    ChatLogprobs,
+    ChatRequest,
+    TokenLogprob,
+    TopLogprob,
 )
 from megatron.early_exit.server.streaming import StreamedToken, streamed_tokens
 from megatron.early_exit.server.text import TextStream, alternative_texts, single_token_stops
@@ -26,8 +41,11 @@ from megatron.early_exit.server.tokenizer_api import TokenizerFacts
 
 
 def chat_job(request: ChatRequest, facts: TokenizerFacts, limits: ModelLimits) -> tuple[Job, Prompts]:
-    if request.max_tokens is not None and request.max_completion_tokens is not None \
-            and request.max_tokens != request.max_completion_tokens:
+    if (
+        request.max_tokens is not None
+        and request.max_completion_tokens is not None
+        and request.max_tokens != request.max_completion_tokens
+    ):
         raise RequestError("max_completion_tokens", "differs from max_tokens: give one of them")
     if request.top_logprobs and not request.logprobs:
         raise RequestError("top_logprobs", "needs logprobs true")
@@ -51,32 +69,55 @@ def _token_logprobs(tokenizer, pieces: List[str], c: ChoiceText, top_n: int) -> 
         tops = []
         if top_n:
             texts = alternative_texts(tokenizer, context, token, piece, c.top_tokens[i])
-            tops = [TopLogprob(token=text, logprob=v, bytes=list(text.encode()))
-                    for text, v in zip(texts, c.top_logprobs[i])]
+            tops = [
+                TopLogprob(token=text, logprob=v, bytes=list(text.encode()))
+                for text, v in zip(texts, c.top_logprobs[i])
+            ]
         out.append(TokenLogprob(token=piece, logprob=value, bytes=list(piece.encode()), top_logprobs=tops))
         context.append(token)
     return out
 
 
-def chat_completion(request: ChatRequest, tokenizer, model_name: str, prompts: Prompts,
-                    result: GenerationResult) -> ChatCompletion:
+def chat_completion(
+    request: ChatRequest, tokenizer, model_name: str, prompts: Prompts, result: GenerationResult
+) -> ChatCompletion:
     c = choice_texts(request, tokenizer, prompts, result)[0]
-    logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, c.pieces(tokenizer), c, request.top_logprobs or 0)) \
-        if request.logprobs else None
-    choice = ChatChoice(index=0, message=AssistantMessage(content=c.text), logprobs=logprobs,
-                        finish_reason=c.finish_reason, exit_layers=c.exit_layers)
-    return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name,
-                          choices=[choice], usage=usage(prompts, result))
+    logprobs = (
+        ChatLogprobs(content=_token_logprobs(tokenizer, c.pieces(tokenizer), c, request.top_logprobs or 0))
+        if request.logprobs
+        else None
+    )
+    choice = ChatChoice(
+        index=0,
+        message=AssistantMessage(content=c.text),
+        logprobs=logprobs,
+        finish_reason=c.finish_reason,
+        exit_layers=c.exit_layers,
+    )
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model_name,
+        choices=[choice],
+        usage=usage(prompts, result),
+    )
 
 
-async def chat_chunks(request: ChatRequest, tokenizer, model_name: str, prompts: Prompts,
-                      events: AsyncIterator) -> AsyncIterator[ChatChunk]:
+async def chat_chunks(
+    request: ChatRequest, tokenizer, model_name: str, prompts: Prompts, events: AsyncIterator
+) -> AsyncIterator[ChatChunk]:
     """The reply as it is decoded; `events` yields TokenEvents and, last, the GenerationResult."""
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: ChatDelta, finish: Optional[str] = None, logprobs=None, exits=()) -> ChatChunk:
-        return ChatChunk(id=reply_id, created=created, model=model_name, choices=[ChatChunkChoice(
-            index=0, delta=delta, finish_reason=finish, logprobs=logprobs, exit_layers=list(exits))])
+        return ChatChunk(
+            id=reply_id,
+            created=created,
+            model=model_name,
+            choices=[
+                ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs, exit_layers=list(exits))
+            ],
+        )
 
     yield chunk(ChatDelta(role="assistant", content=""))
     stream = TextStream(tokenizer, prompts.ids[0], request.stop_list, tokenizer.eod)
@@ -88,8 +129,18 @@ async def chat_chunks(request: ChatRequest, tokenizer, model_name: str, prompts:
         logprobs = None
         if request.logprobs:
             context = prompts.ids[0] + item.previous
-            one = ChoiceText(0, "", context, item.piece, [item.token], [item.logprob], [item.exit_layer], "",
-                             [item.top_tokens or []], [item.top_logprobs or []])
+            one = ChoiceText(
+                0,
+                "",
+                context,
+                item.piece,
+                [item.token],
+                [item.logprob],
+                [item.exit_layer],
+                "",
+                [item.top_tokens or []],
+                [item.top_logprobs or []],
+            )
             logprobs = ChatLogprobs(content=_token_logprobs(tokenizer, [item.piece], one, request.top_logprobs or 0))
         yield chunk(ChatDelta(content=item.piece), logprobs=logprobs, exits=[item.exit_layer])
     c = choice_texts(request, tokenizer, prompts, result)[0]

@@ -52,8 +52,13 @@ class _Submission:
     def __init__(self, job: Job, future: Future, model, on_done):
         self.job, self.future, self.model, self.on_done = job, future, model, on_done
         rows = len(job.prompts)
-        self.result = GenerationResult([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)],
-                                       num_layers=model.config.num_layers, strategy=job.strategy.name)
+        self.result = GenerationResult(
+            [[] for _ in range(rows)],
+            [[] for _ in range(rows)],
+            [[] for _ in range(rows)],
+            num_layers=model.config.num_layers,
+            strategy=job.strategy.name,
+        )
         if job.top_n > 0:
             self.result.top_tokens, self.result.top_logprobs = [[] for _ in range(rows)], [[] for _ in range(rows)]
         self.seq_ids: List[int] = []
@@ -64,13 +69,23 @@ class _Submission:
         def hear(event: TokenEvent, seq) -> None:
             if event.tokens and self.job.listener is not None:
                 try:
-                    self.job.listener(TokenEvent(row, event.tokens, exit_numbers(self.model, event.exit_layers),
-                                                 event.logprobs, event.top_tokens, event.top_logprobs, event.finished))
+                    self.job.listener(
+                        TokenEvent(
+                            row,
+                            event.tokens,
+                            exit_numbers(self.model, event.exit_layers),
+                            event.logprobs,
+                            event.top_tokens,
+                            event.top_logprobs,
+                            event.finished,
+                        )
+                    )
                 except RuntimeError:  # its reply's event loop is gone: the sequence goes on until aborted
                     pass
             if event.finished:
                 registry.pop(event.row, None)
                 self._finish(row, seq)
+
         return hear
 
     def _finish(self, row: int, seq) -> None:
@@ -114,8 +129,14 @@ class ContinuousWorker:
         submission = _Submission(job, future, self.model, self._served_one)
         try:
             for row, prompt in enumerate(job.prompts):
-                request = SequenceRequest(tuple(prompt), job.strategy, row_sampling(job.sampling, row),
-                                          job.max_new_tokens, job.stop_tokens, job.top_n)
+                request = SequenceRequest(
+                    tuple(prompt),
+                    job.strategy,
+                    row_sampling(job.sampling, row),
+                    job.max_new_tokens,
+                    job.stop_tokens,
+                    job.top_n,
+                )
                 seq_id = self.engine.add(request, submission.listener(row, self._submissions))
                 submission.seq_ids.append(seq_id)
                 self._submissions[seq_id] = submission

@@ -32,8 +32,9 @@ BYTES_PER_PROMPT_TOKEN = 32
 JSON_TYPE = "application/json"
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                   headers=None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error", headers=None
+) -> JSONResponse:
     # OpenAI's envelope, and the top-level message that Megatron-LM's text_generation_cli.py prints.
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}, "message": message}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -105,14 +106,22 @@ class RequestGuard:
         hosts = self.policy.allowed_hosts
         host = headers.get("host", "")
         if hosts is not None and host_name(host) not in hosts:
-            return error_response(400, f"Host: {host!r} is not a name of this server (allowed: {', '.join(hosts)}; "
-                                       "the server's --allowed-hosts adds names, '*' any)", "Host")
+            return error_response(
+                400,
+                f"Host: {host!r} is not a name of this server (allowed: {', '.join(hosts)}; "
+                "the server's --allowed-hosts adds names, '*' any)",
+                "Host",
+            )
         if method not in ("PUT", "POST"):
             return None
         kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if kind != JSON_TYPE:
-            return error_response(415, f"Content-Type: {kind or 'none'!r} is not accepted: send the body as JSON "
-                                       f"with Content-Type: {JSON_TYPE}", "Content-Type")
+            return error_response(
+                415,
+                f"Content-Type: {kind or 'none'!r} is not accepted: send the body as JSON "
+                f"with Content-Type: {JSON_TYPE}",
+                "Content-Type",
+            )
         length = headers.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
@@ -131,9 +140,12 @@ class RequestGuard:
                 message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
             except asyncio.TimeoutError:
                 return None, error_response(
-                    408, f"body: not received within the server's --body-read-timeout of "
-                         f"{self.policy.body_read_timeout:g} s ({size} bytes arrived)", "body",
-                    headers={"Connection": "close"})
+                    408,
+                    f"body: not received within the server's --body-read-timeout of "
+                    f"{self.policy.body_read_timeout:g} s ({size} bytes arrived)",
+                    "body",
+                    headers={"Connection": "close"},
+                )
             if message["type"] == "http.disconnect":
                 return None, None
             chunk = message.get("body", b"")
@@ -146,8 +158,12 @@ class RequestGuard:
 
     def _too_large(self, size: str) -> JSONResponse:
         # Connection: close, so the server stops reading the rest of the body.
-        return error_response(413, f"body: {size} exceed the server's --max-request-bytes "
-                                   f"{self.policy.max_request_bytes}", "body", headers={"Connection": "close"})
+        return error_response(
+            413,
+            f"body: {size} exceed the server's --max-request-bytes {self.policy.max_request_bytes}",
+            "body",
+            headers={"Connection": "close"},
+        )
 
 
 def _replay(body: bytes, receive):

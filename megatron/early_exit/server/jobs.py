@@ -25,10 +25,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron.early_exit.inference import (
-    EarlyExit, FullDepth, GenerationResult, InferenceConfigError, SamplingParams, SelfSpeculative, generate,
+    EarlyExit,
+    FullDepth,
+    GenerationResult,
+    InferenceConfigError,
+    SamplingParams,
+    SelfSpeculative,
+    generate,
 )
-from megatron.early_exit.inference.prompts import PromptError, check_prompts as check_engine_prompts
 from megatron.early_exit.inference.exit_numbers import number_event, number_result
+from megatron.early_exit.inference.prompts import PromptError
+from megatron.early_exit.inference.prompts import check_prompts as check_engine_prompts
 from megatron.early_exit.inference.result import TokenEvent
 from megatron.early_exit.inference.scoring import ScoreResult, score
 from megatron.early_exit.server.schemas import DEFAULT_EARLY_EXIT_THRESHOLD, EarlyExitOptions
@@ -93,25 +100,42 @@ class ScoreJob:
 AnyJob = Union[Job, ScoreJob]
 
 
-def run_job(model, job: AnyJob, on_tokens: Optional[Listener] = None,
-            cancelled: Optional[Callable[[], Sequence[int]]] = None) -> Union[GenerationResult, ScoreResult]:
+def run_job(
+    model, job: AnyJob, on_tokens: Optional[Listener] = None, cancelled: Optional[Callable[[], Sequence[int]]] = None
+) -> Union[GenerationResult, ScoreResult]:
     """The engine call, identical on every rank (`on_tokens` only where tokens are picked;
     `cancelled` gives every rank rank 0's rows to stop). Exits come out as the numbers
     requests use (--exit-layer-nums entries), not depths."""
     if isinstance(job, ScoreJob):
         return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
     listener = None if on_tokens is None else (lambda event: on_tokens(number_event(model, event)))
-    return number_result(model, generate(model, [list(p) for p in job.prompts], job.strategy, job.max_new_tokens,
-                                         job.sampling, job.stop_tokens, top_n=job.top_n, on_tokens=listener,
-                                         cancelled=cancelled))
+    return number_result(
+        model,
+        generate(
+            model,
+            [list(p) for p in job.prompts],
+            job.strategy,
+            job.max_new_tokens,
+            job.sampling,
+            job.stop_tokens,
+            top_n=job.top_n,
+            on_tokens=listener,
+            cancelled=cancelled,
+        ),
+    )
 
 
 def merge_jobs(jobs: Sequence[AnyJob]) -> AnyJob:
     """One job for the batch (the largest top_n of its jobs), without listeners."""
     if len(jobs) == 1:
         return dataclasses.replace(jobs[0], listener=None, cancel=None)
-    return dataclasses.replace(jobs[0], prompts=tuple(p for job in jobs for p in job.prompts),
-                               top_n=max(job.top_n for job in jobs), listener=None, cancel=None)
+    return dataclasses.replace(
+        jobs[0],
+        prompts=tuple(p for job in jobs for p in job.prompts),
+        top_n=max(job.top_n for job in jobs),
+        listener=None,
+        cancel=None,
+    )
 
 
 def cancelled_rows(jobs: Sequence[AnyJob]) -> Optional[Callable[[], List[int]]]:
@@ -147,8 +171,11 @@ def route_tokens(jobs: Sequence[AnyJob]) -> Optional[Listener]:
 
 
 def _cut_event(event: TokenEvent, row: int, top_n: int) -> TokenEvent:
-    top = (None, None) if not top_n or event.top_tokens is None else (
-        [t[:top_n] for t in event.top_tokens], [v[:top_n] for v in event.top_logprobs])
+    top = (
+        (None, None)
+        if not top_n or event.top_tokens is None
+        else ([t[:top_n] for t in event.top_tokens], [v[:top_n] for v in event.top_logprobs])
+    )
     return dataclasses.replace(event, row=row, top_tokens=top[0], top_logprobs=top[1])
 
 
@@ -160,17 +187,37 @@ def split_result(result, jobs: Sequence[AnyJob]) -> list:
     for job in jobs:
         end = start + job.rows
         if isinstance(result, ScoreResult):
-            parts.append(dataclasses.replace(
-                result, logprobs=result.logprobs[start:end], greedy=result.greedy[start:end],
-                top_tokens=[[t[:job.top_n] for t in row] for row in result.top_tokens[start:end]],
-                top_logprobs=[[v[:job.top_n] for v in row] for row in result.top_logprobs[start:end]]))
+            parts.append(
+                dataclasses.replace(
+                    result,
+                    logprobs=result.logprobs[start:end],
+                    greedy=result.greedy[start:end],
+                    top_tokens=[[t[: job.top_n] for t in row] for row in result.top_tokens[start:end]],
+                    top_logprobs=[[v[: job.top_n] for v in row] for row in result.top_logprobs[start:end]],
+                )
+            )
         else:
-            top = {} if result.top_tokens is None else dict(
-                top_tokens=[[t[:job.top_n] for t in row] for row in result.top_tokens[start:end]] if job.top_n else None,
-                top_logprobs=[[v[:job.top_n] for v in row] for row in result.top_logprobs[start:end]] if job.top_n else None)
-            parts.append(dataclasses.replace(result, tokens=result.tokens[start:end],
-                                             exit_layers=result.exit_layers[start:end],
-                                             logprobs=result.logprobs[start:end], **top))
+            top = (
+                {}
+                if result.top_tokens is None
+                else dict(
+                    top_tokens=[[t[: job.top_n] for t in row] for row in result.top_tokens[start:end]]
+                    if job.top_n
+                    else None,
+                    top_logprobs=[[v[: job.top_n] for v in row] for row in result.top_logprobs[start:end]]
+                    if job.top_n
+                    else None,
+                )
+            )
+            parts.append(
+                dataclasses.replace(
+                    result,
+                    tokens=result.tokens[start:end],
+                    exit_layers=result.exit_layers[start:end],
+                    logprobs=result.logprobs[start:end],
+                    **top,
+                )
+            )
         start = end
     return parts
 
@@ -199,8 +246,11 @@ def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int
     if layer is None or layer == limits.num_layers:
         return None
     if layer not in limits.exit_layer_nums:
-        raise RequestError("exit_layer", f"{layer} is not an exit of this model (its exits: "
-                                         f"{list(limits.exit_layer_nums)}; {limits.num_layers}: the final layer)")
+        raise RequestError(
+            "exit_layer",
+            f"{layer} is not an exit of this model (its exits: "
+            f"{list(limits.exit_layer_nums)}; {limits.num_layers}: the final layer)",
+        )
     return layer
 
 
@@ -212,21 +262,31 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     if exit_layer is not None:  # threshold 0 at that exit alone: every decoded token leaves there
         return _engine_call("exit_layer", lambda: EarlyExit(0.0, kv=options.kv_strategy, exit_layers=(exit_layer,)))
     if options.exit_thresholds and not options.use_early_exit:
-        raise RequestError("exit_thresholds", "only apply with use_early_exit true: set use_early_exit true or drop "
-                                              "exit_thresholds")
+        raise RequestError(
+            "exit_thresholds", "only apply with use_early_exit true: set use_early_exit true or drop exit_thresholds"
+        )
     if options.exit_layers and not options.use_early_exit:
-        raise RequestError("exit_layers", "only apply with use_early_exit true (here every token goes through the "
-                                          "full depth): set use_early_exit true or drop exit_layers")
+        raise RequestError(
+            "exit_layers",
+            "only apply with use_early_exit true (here every token goes through the "
+            "full depth): set use_early_exit true or drop exit_layers",
+        )
     if options.kv_strategy == "pipeline" and limits.pipeline_stages == 1:
-        raise RequestError("kv_strategy", "'pipeline' needs a server launched with --pipeline-model-parallel-size > 1 "
-                                          "(this one runs one stage): use 'recompute' or 'propagate'")
+        raise RequestError(
+            "kv_strategy",
+            "'pipeline' needs a server launched with --pipeline-model-parallel-size > 1 "
+            "(this one runs one stage): use 'recompute' or 'propagate'",
+        )
     if options.speculative is not None:
         spec = options.speculative
         _check_exits("speculative.exit_layer", [spec.exit_layer], limits)
         if not greedy:
-            raise RequestError("speculative", "self-speculative decoding is greedy only: set temperature 0 (or top_k 1)")
-        return _engine_call("speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft,
-                                                                          spec.draft_threshold))
+            raise RequestError(
+                "speculative", "self-speculative decoding is greedy only: set temperature 0 (or top_k 1)"
+            )
+        return _engine_call(
+            "speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft, spec.draft_threshold)
+        )
     if not options.use_early_exit:
         return FullDepth()
     if not limits.exit_layer_nums:
@@ -237,12 +297,16 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
     if not options.exit_thresholds and options.early_exit_thres is None and limits.exit_thresholds is not None:
         # The calibrated thresholds; an exit they leave out never fires.
-        return _engine_call("exit_thresholds", lambda: EarlyExit(2.0, options.confidence, options.kv_strategy, layers,
-                                                                  limits.exit_thresholds))
+        return _engine_call(
+            "exit_thresholds",
+            lambda: EarlyExit(2.0, options.confidence, options.kv_strategy, layers, limits.exit_thresholds),
+        )
     if options.exit_thresholds:
         _check_exits("exit_thresholds", sorted(options.exit_thresholds), limits)
-    return _engine_call("early_exit_thres", lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers,
-                                                               options.exit_thresholds))
+    return _engine_call(
+        "early_exit_thres",
+        lambda: EarlyExit(threshold, options.confidence, options.kv_strategy, layers, options.exit_thresholds),
+    )
 
 
 def build_sampling(temperature: float, top_k: int, top_p: float, seed: Optional[int]) -> SamplingParams:
@@ -251,19 +315,31 @@ def build_sampling(temperature: float, top_k: int, top_p: float, seed: Optional[
     return _engine_call("temperature", lambda: SamplingParams(temperature, top_k, top_p, seed))
 
 
-def check_prompts(prompts: List[List[int]], max_new_tokens: int, limits: ModelLimits, prompt_field: str,
-                  budget_field: str) -> None:
+def check_prompts(
+    prompts: List[List[int]], max_new_tokens: int, limits: ModelLimits, prompt_field: str, budget_field: str
+) -> None:
     """The server's own limits (prompts per request, tokens per prompt), then the engine's
     rules (prompts.check_prompts) under the request's field names."""
     if len(prompts) > limits.max_batch_size:
-        raise RequestError(prompt_field, f"{len(prompts)} prompts exceed the server's --max-batch-size {limits.max_batch_size}")
+        raise RequestError(
+            prompt_field, f"{len(prompts)} prompts exceed the server's --max-batch-size {limits.max_batch_size}"
+        )
     for i, p in enumerate(prompts):
         if len(p) > limits.max_prompt_tokens:
-            raise RequestError(f"{prompt_field}[{i}]", f"prompt of {len(p)} tokens exceeds the server's limit of "
-                                                       f"{limits.max_prompt_tokens} tokens")
+            raise RequestError(
+                f"{prompt_field}[{i}]",
+                f"prompt of {len(p)} tokens exceeds the server's limit of {limits.max_prompt_tokens} tokens",
+            )
     try:
-        check_engine_prompts(prompts, max_new_tokens, limits.vocab_size, limits.max_sequence_length, prompt_field,
-                             budget_field, min_new_tokens=0)
+        check_engine_prompts(
+            prompts,
+            max_new_tokens,
+            limits.vocab_size,
+            limits.max_sequence_length,
+            prompt_field,
+            budget_field,
+            min_new_tokens=0,
+        )
     except PromptError as err:
         raise RequestError(err.field, err.message) from None
 

@@ -26,7 +26,14 @@ from typing import List, Optional
 from megatron.early_exit.inference import GenerationResult
 from megatron.early_exit.inference.scoring import ScoreResult
 from megatron.early_exit.server.jobs import (
-    Job, ModelLimits, RequestError, ScoreJob, build_sampling, build_strategy, check_prompts, scoring_exit,
+    Job,
+    ModelLimits,
+    RequestError,
+    ScoreJob,
+    build_sampling,
+    build_strategy,
+    check_prompts,
+    scoring_exit,
 )
 from megatron.early_exit.server.schemas import ApiRequest, ApiResponse
 from megatron.early_exit.server.text import Continuation, find_stop, single_token_stops, tokenize_prompts
@@ -41,8 +48,11 @@ class ApiJobs:
 
 def stop_sequences(request: ApiRequest) -> List[str]:
     """stop_sequences, plus a newline (stop_on_eol) and a blank line (stop_on_double_eol)."""
-    return (list(request.stop_sequences or []) + (["\n"] if request.stop_on_eol else [])
-            + (["\n\n"] if request.stop_on_double_eol else []))
+    return (
+        list(request.stop_sequences or [])
+        + (["\n"] if request.stop_on_eol else [])
+        + (["\n\n"] if request.stop_on_double_eol else [])
+    )
 
 
 def wants_logprobs(request: ApiRequest) -> bool:
@@ -51,18 +61,26 @@ def wants_logprobs(request: ApiRequest) -> bool:
 
 def api_jobs(request: ApiRequest, tokenizer, limits: ModelLimits) -> ApiJobs:
     if request.beam_width is not None and request.beam_width > 1:
-        raise RequestError("beam_width", f"{request.beam_width}: beam search wider than 1 is not supported "
-                                         "(1 is greedy decoding with `scores`; omit it to sample)")
+        raise RequestError(
+            "beam_width",
+            f"{request.beam_width}: beam search wider than 1 is not supported "
+            "(1 is greedy decoding with `scores`; omit it to sample)",
+        )
     if request.beam_width is not None and len(request.prompts) > 1:
         raise RequestError("beam_width", "beam search takes one prompt (Megatron-LM's rule)")
     greedy = request.beam_width is not None
-    sampling = build_sampling(0.0 if greedy else request.temperature, 1 if greedy else request.top_k,
-                              (request.top_p or 1.0) if not greedy else 1.0,
-                              None if request.random_seed < 0 else request.random_seed)
+    sampling = build_sampling(
+        0.0 if greedy else request.temperature,
+        1 if greedy else request.top_k,
+        (request.top_p or 1.0) if not greedy else 1.0,
+        None if request.random_seed < 0 else request.random_seed,
+    )
     if request.prevent_newline_after_colon:
         if request.speculative is not None:
-            raise RequestError("prevent_newline_after_colon", "self-speculative decoding keeps the full model's "
-                                                              "greedy tokens: drop one of them")
+            raise RequestError(
+                "prevent_newline_after_colon",
+                "self-speculative decoding keeps the full model's greedy tokens: drop one of them",
+            )
         sampling = _ban_newline_after_colon(sampling, tokenizer)
     strategy = build_strategy(request, limits, sampling.greedy)
     bos = (tokenizer.bos if tokenizer.bos is not None else tokenizer.eod) if request.add_BOS else None
@@ -75,10 +93,13 @@ def api_jobs(request: ApiRequest, tokenizer, limits: ModelLimits) -> ApiJobs:
         stops = [tokenizer.eod] + single_token_stops(tokenizer, stop_sequences(request))
         if request.stop_token is not None:
             if request.stop_token >= limits.vocab_size:
-                raise RequestError("stop_token", f"{request.stop_token} is outside the vocabulary [0, {limits.vocab_size})")
+                raise RequestError(
+                    "stop_token", f"{request.stop_token} is outside the vocabulary [0, {limits.vocab_size})"
+                )
             stops.append(request.stop_token)
-        jobs.generate = Job(tuple(map(tuple, prompts)), strategy, sampling, request.tokens_to_generate,
-                            tuple(dict.fromkeys(stops)))
+        jobs.generate = Job(
+            tuple(map(tuple, prompts)), strategy, sampling, request.tokens_to_generate, tuple(dict.fromkeys(stops))
+        )
     return jobs
 
 
@@ -93,12 +114,18 @@ def _ban_newline_after_colon(sampling, tokenizer):
     return dataclasses.replace(sampling, ban_after=((colon[0], newline[0]),))
 
 
-def api_response(request: ApiRequest, tokenizer, prompts: List[List[int]], result: Optional[GenerationResult],
-                 scores: Optional[ScoreResult]) -> ApiResponse:
+def api_response(
+    request: ApiRequest,
+    tokenizer,
+    prompts: List[List[int]],
+    result: Optional[GenerationResult],
+    scores: Optional[ScoreResult],
+) -> ApiResponse:
     texts, segments, tokens, logprobs, exits, probs, beam_scores = [], [], [], [], [], [], []
     for i, prompt in enumerate(prompts):
-        generated, row_logprobs, row_exits = (result.tokens[i], result.logprobs[i], result.exit_layers[i]) \
-            if result is not None else ([], [], [])
+        generated, row_logprobs, row_exits = (
+            (result.tokens[i], result.logprobs[i], result.exit_layers[i]) if result is not None else ([], [], [])
+        )
         continuation = Continuation(tokenizer, prompt)
         stop = find_stop(continuation, generated, stop_sequences(request))
         if stop is not None:  # up to the token that completed the stop sequence
@@ -119,7 +146,10 @@ def api_response(request: ApiRequest, tokenizer, prompts: List[List[int]], resul
         probs.append([math.exp(lp) for lp in row_logprobs])
         beam_scores.append(sum(row_logprobs) / len(generated) ** request.length_penalty if generated else 0.0)
     return ApiResponse(
-        text=texts, segments=segments, tokens=tokens, exit_layers=exits,
+        text=texts,
+        segments=segments,
+        tokens=tokens,
+        exit_layers=exits,
         logprobs=logprobs if wants_logprobs(request) else None,
         probs=probs if request.print_max_prob else None,
         scores=beam_scores if request.beam_width is not None else None,

@@ -28,11 +28,74 @@ from megatron.early_exit.server.jobs import Job
 
 PREFIX = "early_exit"
 # vLLM's buckets for these histograms.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-               960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class ServingMetrics:
@@ -42,21 +105,42 @@ class ServingMetrics:
 
     def __init__(self, worker):
         self.registry = registry = CollectorRegistry()
-        Gauge(f"{PREFIX}:num_requests_running", "Sequences decoding now.",
-              registry=registry).set_function(lambda: worker.running)
-        Gauge(f"{PREFIX}:num_requests_waiting", "Sequences waiting for a slot (and jobs for their own lane).",
-              registry=registry).set_function(lambda: worker.queued)
-        self.prompt_tokens = Counter(f"{PREFIX}:prompt_tokens", "Prompt tokens of generation requests.",
-                                     registry=registry)
+        Gauge(f"{PREFIX}:num_requests_running", "Sequences decoding now.", registry=registry).set_function(
+            lambda: worker.running
+        )
+        Gauge(
+            f"{PREFIX}:num_requests_waiting",
+            "Sequences waiting for a slot (and jobs for their own lane).",
+            registry=registry,
+        ).set_function(lambda: worker.queued)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}:prompt_tokens", "Prompt tokens of generation requests.", registry=registry
+        )
         self.generation_tokens = Counter(f"{PREFIX}:generation_tokens", "Tokens generated.", registry=registry)
-        self.ttft = Histogram(f"{PREFIX}:time_to_first_token_seconds", "Request in to a prompt's first token.",
-                              buckets=TTFT_BUCKETS, registry=registry)
-        self.itl = Histogram(f"{PREFIX}:inter_token_latency_seconds", "Between a prompt's consecutive tokens.",
-                             buckets=ITL_BUCKETS, registry=registry)
-        self.e2e = Histogram(f"{PREFIX}:e2e_request_latency_seconds", "Request in to its last token.",
-                             buckets=E2E_BUCKETS, registry=registry)
-        self.exit_tokens = Counter(f"{PREFIX}:exit_tokens", "Tokens by the layer they left at (all layers: full depth).",
-                                   ["exit_layer"], registry=registry)
+        self.ttft = Histogram(
+            f"{PREFIX}:time_to_first_token_seconds",
+            "Request in to a prompt's first token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}:inter_token_latency_seconds",
+            "Between a prompt's consecutive tokens.",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}:e2e_request_latency_seconds",
+            "Request in to its last token.",
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.exit_tokens = Counter(
+            f"{PREFIX}:exit_tokens",
+            "Tokens by the layer they left at (all layers: full depth).",
+            ["exit_layer"],
+            registry=registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

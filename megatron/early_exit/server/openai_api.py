@@ -24,14 +24,30 @@ from typing import AsyncIterator, Dict, List, Optional
 from megatron.early_exit.inference import GenerationResult
 from megatron.early_exit.inference.scoring import ScoreResult
 from megatron.early_exit.server.jobs import (
-    Job, ModelLimits, RequestError, ScoreJob, build_sampling, build_strategy, check_prompts, scoring_exit,
+    Job,
+    ModelLimits,
+    RequestError,
+    ScoreJob,
+    build_sampling,
+    build_strategy,
+    check_prompts,
+    scoring_exit,
 )
 from megatron.early_exit.server.schemas import (
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
 )
 from megatron.early_exit.server.streaming import StreamedToken, streamed_tokens
 from megatron.early_exit.server.text import (
-    Continuation, TextStream, alternative_texts, find_stop, single_token_stops, tokenize_prompts,
+    Continuation,
+    TextStream,
+    alternative_texts,
+    find_stop,
+    single_token_stops,
+    tokenize_prompts,
 )
 
 
@@ -64,7 +80,9 @@ def read_prompts(request: CompletionRequest, tokenizer) -> Prompts:
     for i, p in enumerate(ids):  # before anything detokenizes them
         bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
         if bad:
-            raise RequestError(f"prompt[{i}]", f"token ids {bad[:5]} outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
+            raise RequestError(
+                f"prompt[{i}]", f"token ids {bad[:5]} outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})"
+            )
     return Prompts(ids, [tokenizer.detokenize(p) if p else "" for p in ids])
 
 
@@ -81,8 +99,9 @@ def completion_jobs(request: CompletionRequest, tokenizer, limits: ModelLimits) 
         jobs.score = ScoreJob(tuple(map(tuple, prompts.ids)), scoring_exit(request, limits), top_n)
     if request.max_tokens > 0:
         stops = [tokenizer.eod] + single_token_stops(tokenizer, request.stop_list)
-        jobs.generate = Job(tuple(map(tuple, prompts.ids)), strategy, sampling, request.max_tokens,
-                            tuple(dict.fromkeys(stops)), top_n)
+        jobs.generate = Job(
+            tuple(map(tuple, prompts.ids)), strategy, sampling, request.max_tokens, tuple(dict.fromkeys(stops)), top_n
+        )
     return jobs
 
 
@@ -128,24 +147,48 @@ def choice_texts(request, tokenizer, prompts: Prompts, result: GenerationResult)
             n, finish, text = stop.num_tokens, "stop", stop.text[: stop.text_end]
         else:
             text = continuation.text(tokens[:n])
-        out.append(ChoiceText(i, prompts.texts[i], prompts.ids[i], text, list(tokens[:n]), list(logprobs[:n]),
-                              list(exits[:n]), finish, list(top_t[:n]), list(top_v[:n])))
+        out.append(
+            ChoiceText(
+                i,
+                prompts.texts[i],
+                prompts.ids[i],
+                text,
+                list(tokens[:n]),
+                list(logprobs[:n]),
+                list(exits[:n]),
+                finish,
+                list(top_t[:n]),
+                list(top_v[:n]),
+            )
+        )
     return out
 
 
-def completion(request: CompletionRequest, tokenizer, model_name: str, prompts: Prompts, result: GenerationResult,
-               scores: Optional[ScoreResult] = None) -> tuple[Completion, List[ChoiceText]]:
+def completion(
+    request: CompletionRequest,
+    tokenizer,
+    model_name: str,
+    prompts: Prompts,
+    result: GenerationResult,
+    scores: Optional[ScoreResult] = None,
+) -> tuple[Completion, List[ChoiceText]]:
     texts = choice_texts(request, tokenizer, prompts, result)
     choices = [_choice(request, tokenizer, c, scores) for c in texts]
-    reply = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name, choices=choices,
-                       usage=usage(prompts, result))
+    reply = Completion(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model_name,
+        choices=choices,
+        usage=usage(prompts, result),
+    )
     return reply, texts
 
 
 def usage(prompts: Prompts, result: GenerationResult) -> Usage:
     prompt_tokens, completion_tokens = sum(len(p) for p in prompts.ids), result.num_generated
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 def _choice(request: CompletionRequest, tokenizer, c: ChoiceText, scores: Optional[ScoreResult]) -> CompletionChoice:
@@ -153,12 +196,20 @@ def _choice(request: CompletionRequest, tokenizer, c: ChoiceText, scores: Option
     if request.logprobs is not None:
         head = prompt_logprobs(request, tokenizer, c, scores) if request.echo else _logprobs([], [], None)
         pieces = c.pieces(tokenizer)
-        body = _logprobs(pieces, c.logprobs, _tops(tokenizer, c.prompt_ids, c.tokens, pieces, c.logprobs, c.top_tokens,
-                                                   c.top_logprobs) if request.logprobs else None)
+        body = _logprobs(
+            pieces,
+            c.logprobs,
+            _tops(tokenizer, c.prompt_ids, c.tokens, pieces, c.logprobs, c.top_tokens, c.top_logprobs)
+            if request.logprobs
+            else None,
+        )
         logprobs = _join(head, body)
     return CompletionChoice(
-        index=c.index, text=(c.prompt_text + c.text) if request.echo else c.text, logprobs=logprobs,
-        finish_reason=c.finish_reason, exit_layers=c.exit_layers,
+        index=c.index,
+        text=(c.prompt_text + c.text) if request.echo else c.text,
+        logprobs=logprobs,
+        finish_reason=c.finish_reason,
+        exit_layers=c.exit_layers,
         probs=[math.exp(lp) for lp in c.logprobs] if request.print_max_prob else None,
     )
 
@@ -169,8 +220,15 @@ def prompt_logprobs(request: CompletionRequest, tokenizer, c: ChoiceText, scores
     values = scores.logprobs[c.index]
     tops = None
     if request.logprobs:
-        tops = [None] + _tops(tokenizer, c.prompt_ids[:1], c.prompt_ids[1:], pieces[1:], values,
-                              scores.top_tokens[c.index], scores.top_logprobs[c.index])
+        tops = [None] + _tops(
+            tokenizer,
+            c.prompt_ids[:1],
+            c.prompt_ids[1:],
+            pieces[1:],
+            values,
+            scores.top_tokens[c.index],
+            scores.top_logprobs[c.index],
+        )
     return _logprobs(pieces, [None] + list(values), tops)
 
 
@@ -199,17 +257,30 @@ def _logprobs(pieces: List[str], values: List[Optional[float]], tops, offset: in
 
 def _join(head: CompletionLogprobs, body: CompletionLogprobs) -> CompletionLogprobs:
     shift = sum(len(p) for p in head.tokens)
-    tops = None if head.top_logprobs is None and body.top_logprobs is None else \
-        (head.top_logprobs or []) + (body.top_logprobs or [])
-    return CompletionLogprobs(tokens=head.tokens + body.tokens, token_logprobs=head.token_logprobs + body.token_logprobs,
-                              top_logprobs=tops, text_offset=head.text_offset + [o + shift for o in body.text_offset])
+    tops = (
+        None
+        if head.top_logprobs is None and body.top_logprobs is None
+        else (head.top_logprobs or []) + (body.top_logprobs or [])
+    )
+    return CompletionLogprobs(
+        tokens=head.tokens + body.tokens,
+        token_logprobs=head.token_logprobs + body.token_logprobs,
+        top_logprobs=tops,
+        text_offset=head.text_offset + [o + shift for o in body.text_offset],
+    )
 
 
 # -- streaming -----------------------------------------------------------------------------------------
 
 
-async def stream_chunks(request: CompletionRequest, tokenizer, model_name: str, prompts: Prompts,
-                        scores: Optional[ScoreResult], events: AsyncIterator) -> AsyncIterator[Completion]:
+async def stream_chunks(
+    request: CompletionRequest,
+    tokenizer,
+    model_name: str,
+    prompts: Prompts,
+    scores: Optional[ScoreResult],
+    events: AsyncIterator,
+) -> AsyncIterator[Completion]:
     """Chunks as the engine decodes: per choice the echoed prompt first; then one chunk per
     generated token, sent when it is decoded; then per choice the rest of its text and an
     empty chunk with the finish reason; then the usage, when asked for. `events` yields the
@@ -235,8 +306,19 @@ async def stream_chunks(request: CompletionRequest, tokenizer, model_name: str, 
             break
         lp = None
         if with_logprobs:
-            tops = _tops(tokenizer, prompts.ids[item.row] + item.previous, [item.token], [item.piece], [item.logprob],
-                         [item.top_tokens], [item.top_logprobs]) if request.logprobs else None
+            tops = (
+                _tops(
+                    tokenizer,
+                    prompts.ids[item.row] + item.previous,
+                    [item.token],
+                    [item.piece],
+                    [item.logprob],
+                    [item.top_tokens],
+                    [item.top_logprobs],
+                )
+                if request.logprobs
+                else None
+            )
             lp = _logprobs([item.piece], [item.logprob], tops, offsets[item.row])
         probs = [math.exp(item.logprob)] if request.print_max_prob else None
         yield chunk(index=item.row, text=item.piece, logprobs=lp, exit_layers=[item.exit_layer], probs=probs)

@@ -44,15 +44,23 @@ LONE_SURROGATE = "lone_surrogate"  # the error type of text that is not valid Un
 def _valid_unicode(value):
     """JSON may escape a lone surrogate (\\ud800) that no tokenizer, and no UTF-8 reply, can
     take: refused where it arrives, whatever the field."""
-    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else \
-        [*value.keys(), *value.values()] if isinstance(value, dict) else []
+    texts = (
+        [value]
+        if isinstance(value, str)
+        else value
+        if isinstance(value, list)
+        else [*value.keys(), *value.values()]
+        if isinstance(value, dict)
+        else []
+    )
     for text in texts:
         if isinstance(text, str):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise PydanticCustomError(LONE_SURROGATE, "not valid Unicode: a lone surrogate at character {at}",
-                                          {"at": err.start}) from None
+                raise PydanticCustomError(
+                    LONE_SURROGATE, "not valid Unicode: a lone surrogate at character {at}", {"at": err.start}
+                ) from None
         elif isinstance(text, (list, dict)):
             _valid_unicode(text)
     return value
@@ -69,8 +77,12 @@ class SpeculativeOptions(Strict):
 
     exit_layer: int = Field(description="the exit that drafts (an entry of the model's --exit-layer-nums)")
     num_draft: int = Field(4, ge=1, le=64, description="most tokens drafted per round")
-    draft_threshold: float = Field(0.0, ge=0.0, le=1.0, description="a round's drafting stops after a draft whose "
-                                                                    "probability at the exit is below this (0: never)")
+    draft_threshold: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="a round's drafting stops after a draft whose probability at the exit is below this (0: never)",
+    )
 
 
 class EarlyExitOptions(Strict):
@@ -78,28 +90,41 @@ class EarlyExitOptions(Strict):
 
     use_early_exit: bool = Field(False, description="decode with early exit (false: every token at full depth)")
     early_exit_thres: Optional[float] = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description=f"confidence a token needs at an exit to leave there, in [0, 1] (default "
-                    f"{DEFAULT_EARLY_EXIT_THRESHOLD}; 0: always the first active exit); for full depth set "
-                    "use_early_exit false")
+        f"{DEFAULT_EARLY_EXIT_THRESHOLD}; 0: always the first active exit); for full depth set "
+        "use_early_exit false",
+    )
     exit_layers: Optional[List[int]] = Field(
-        None, description="exits allowed to fire, by --exit-layer-nums entry (null or []: all of them)")
+        None, description="exits allowed to fire, by --exit-layer-nums entry (null or []: all of them)"
+    )
     exit_thresholds: Optional[Dict[str, float]] = Field(
-        None, description="a threshold per exit (by --exit-layer-nums entry, e.g. {\"2\": 0.95, \"4\": 0.8}, as "
-                          "tools/calibrate_threshold.py --per-exit writes them), overriding early_exit_thres there; "
-                          "above 1: that exit never fires")
+        None,
+        description='a threshold per exit (by --exit-layer-nums entry, e.g. {"2": 0.95, "4": 0.8}, as '
+        "tools/calibrate_threshold.py --per-exit writes them), overriding early_exit_thres there; "
+        "above 1: that exit never fires",
+    )
     confidence: Confidence = Field("max_prob", description="confidence measure: " + ", ".join(CONFIDENCE_MEASURES))
     kv_strategy: KVStrategy = Field(
-        "recompute", description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM); pipeline "
-                                 "(EE-LLM's pipeline-based method) on a server with pipeline stages")
+        "recompute",
+        description="K/V of tokens that left early: recompute (EE-LLM) or propagate (CALM); pipeline "
+        "(EE-LLM's pipeline-based method) on a server with pipeline stages",
+    )
     speculative: Optional[SpeculativeOptions] = Field(
-        None, description="self-speculative decoding instead of early exit (greedy only)")
+        None, description="self-speculative decoding instead of early exit (greedy only)"
+    )
     print_max_prob: bool = Field(
-        False, description="reply with each token's probability under the layer that produced it (with greedy "
-                           "decoding, that layer's top-1 probability, which early exit compares with the threshold)")
+        False,
+        description="reply with each token's probability under the layer that produced it (with greedy "
+        "decoding, that layer's top-1 probability, which early exit compares with the threshold)",
+    )
     exit_layer: Optional[int] = Field(
-        None, description="score and generate with this one exit's head (an --exit-layer-nums entry, or num_layers "
-                          "for the final layer); generation takes its first token, from the prompt pass, at full depth")
+        None,
+        description="score and generate with this one exit's head (an --exit-layer-nums entry, or num_layers "
+        "for the final layer); generation takes its first token, from the prompt pass, at full depth",
+    )
 
     @field_validator("exit_thresholds")
     @classmethod
@@ -108,7 +133,7 @@ class EarlyExitOptions(Strict):
             return None
         bad = [k for k in value if not k.strip().isdigit()]
         if bad:
-            raise ValueError(f"keys are exits by --exit-layer-nums entry (like \"2\"), got {bad[0]!r}")
+            raise ValueError(f'keys are exits by --exit-layer-nums entry (like "2"), got {bad[0]!r}')
         return {int(k): v for k, v in value.items()}
 
     @model_validator(mode="after")
@@ -121,7 +146,9 @@ class EarlyExitOptions(Strict):
     @classmethod
     def _usable_sampling_value(cls, value, info):
         # Tiny positive values overflow the sampler (1 / temperature) or keep no token.
-        minimum, zero = {"temperature": (MIN_TEMPERATURE, "greedy"), "top_p": (MIN_TOP_P, "where it means off")}[info.field_name]
+        minimum, zero = {"temperature": (MIN_TEMPERATURE, "greedy"), "top_p": (MIN_TOP_P, "where it means off")}[
+            info.field_name
+        ]
         if 0.0 < value < minimum:
             raise ValueError(f"must be 0 ({zero}) or at least {minimum:g}, got {value:g}")
         return value
@@ -134,10 +161,15 @@ class ApiRequest(EarlyExitOptions):
     """Megatron-LM's text generation request, with EE-LLM's early-exit fields (as booleans
     and a probability, not key presence and a threshold of 40)."""
 
-    prompts: List[str] = Field(min_length=1, max_length=MAX_API_PROMPTS, description="prompts, or one prompt as a string")
+    prompts: List[str] = Field(
+        min_length=1, max_length=MAX_API_PROMPTS, description="prompts, or one prompt as a string"
+    )
     tokens_to_generate: int = Field(64, ge=0, description="new tokens per prompt (0: score the prompts only)")
-    logprobs: bool = Field(False, description="reply with log-probabilities aligned with tokens[1:] (the prompt's "
-                                              "and the generation's; with echo_prompts false, the generation's)")
+    logprobs: bool = Field(
+        False,
+        description="reply with log-probabilities aligned with tokens[1:] (the prompt's "
+        "and the generation's; with echo_prompts false, the generation's)",
+    )
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0: greedy")
     top_k: int = Field(0, ge=0, le=1000, description="sample among the k most likely tokens (0: all, 1: greedy)")
     top_p: float = Field(0.0, ge=0.0, le=1.0, description="nucleus sampling (0: off)")
@@ -147,13 +179,19 @@ class ApiRequest(EarlyExitOptions):
     stop_on_eol: bool = Field(False, description="stop a prompt at its first newline token")
     stop_on_double_eol: bool = Field(False, description="stop a prompt at a double-newline token")
     stop_sequences: Optional[List[str]] = Field(None, description="stop a prompt once its text holds one of these")
-    stop_token: Optional[int] = Field(None, ge=0, description="one more token id that ends a prompt (the "
-                                                              "end-of-document token always does)")
+    stop_token: Optional[int] = Field(
+        None, ge=0, description="one more token id that ends a prompt (the end-of-document token always does)"
+    )
     prevent_newline_after_colon: bool = Field(False, description="never generate the newline token right after ':'")
-    beam_width: Optional[int] = Field(None, ge=1, description="Megatron-LM's beam search: 1 (greedy, with `scores`); "
-                                                              "wider beams are not supported")
-    length_penalty: float = Field(1.0, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY,
-                                  description="beam_width: scores are sum(logprobs) / length ** length_penalty")
+    beam_width: Optional[int] = Field(
+        None, ge=1, description="Megatron-LM's beam search: 1 (greedy, with `scores`); wider beams are not supported"
+    )
+    length_penalty: float = Field(
+        1.0,
+        ge=-MAX_LENGTH_PENALTY,
+        le=MAX_LENGTH_PENALTY,
+        description="beam_width: scores are sum(logprobs) / length ** length_penalty",
+    )
     random_seed: int = Field(-1, ge=-1, le=SEED_RANGE[1], description="seed of sampling (-1: a fresh one)")
     echo_prompts: bool = Field(True, description="text and segments start with the prompt")
     no_log: bool = Field(False, description="do not log the request on the server")
@@ -173,13 +211,21 @@ class ApiRequest(EarlyExitOptions):
 
 class ApiResponse(BaseModel):
     text: List[str] = Field(description="per prompt: prompt + generation (echo_prompts) or the generation")
-    segments: List[List[str]] = Field(description="per prompt: the text each token of `tokens` adds (they join to `text`)")
+    segments: List[List[str]] = Field(
+        description="per prompt: the text each token of `tokens` adds (they join to `text`)"
+    )
     tokens: List[List[int]] = Field(description="per prompt: the token ids of `text`")
-    logprobs: Optional[List[List[float]]] = Field(None, description="per prompt: log p(tokens[t+1] | tokens[:t+1]) "
-                                                                    "(echo_prompts), or of each generated token")
-    exit_layers: List[List[int]] = Field(description="per prompt: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
+    logprobs: Optional[List[List[float]]] = Field(
+        None, description="per prompt: log p(tokens[t+1] | tokens[:t+1]) (echo_prompts), or of each generated token"
+    )
+    exit_layers: List[List[int]] = Field(
+        description="per prompt: the exit each generated token left at "
+        "(its --exit-layer-nums entry; num_layers: the final layer)"
+    )
     probs: Optional[List[List[float]]] = Field(None, description="print_max_prob: probability of each generated token")
-    scores: Optional[List[float]] = Field(None, description="beam_width: each generation's length-penalised log-probability")
+    scores: Optional[List[float]] = Field(
+        None, description="beam_width: each generation's length-penalised log-probability"
+    )
 
 
 # -- POST /v1/completions -----------------------------------------------------------------------------
@@ -212,9 +258,14 @@ class CompletionRequest(EarlyExitOptions):
     best_of: Optional[int] = Field(None, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probability of each token, and "
-                                    "top_logprobs: the N likeliest alternatives (and the chosen token); with echo, "
-                                    "the prompt's tokens too (null for the first)")
+    logprobs: Optional[int] = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probability of each token, and "
+        "top_logprobs: the N likeliest alternatives (and the chosen token); with echo, "
+        "the prompt's tokens too (null for the first)",
+    )
     echo: bool = False
     stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -243,8 +294,13 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
-    exit_layers: List[int] = Field(description="extension: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
-    probs: Optional[List[float]] = Field(None, description="extension (print_max_prob): each generated token's probability")
+    exit_layers: List[int] = Field(
+        description="extension: the exit each generated token left at "
+        "(its --exit-layer-nums entry; num_layers: the final layer)"
+    )
+    probs: Optional[List[float]] = Field(
+        None, description="extension (print_max_prob): each generated token's probability"
+    )
 
 
 class Usage(BaseModel):
@@ -321,7 +377,9 @@ class ChatRequest(EarlyExitOptions):
     stop: Optional[Union[str, List[str]]] = Field(None, description="up to 4 sequences; the text ends before the first")
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     logprobs: bool = Field(False, description="log-probability of each generated token")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (needs logprobs)")
+    top_logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (needs logprobs)"
+    )
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
     logit_bias: Optional[Dict[str, float]] = Field(None, max_length=0, description="not supported (must be empty)")
@@ -358,7 +416,10 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
-    exit_layers: List[int] = Field(description="extension: the exit each generated token left at (its --exit-layer-nums entry; num_layers: the final layer)")
+    exit_layers: List[int] = Field(
+        description="extension: the exit each generated token left at "
+        "(its --exit-layer-nums entry; num_layers: the final layer)"
+    )
 
 
 class ChatCompletion(BaseModel):
@@ -410,9 +471,10 @@ class TokenizeRequest(Strict):
     prompt: Optional[str] = Field(None, description="text to tokenize (or messages)")
     messages: Optional[List[ChatMessage]] = Field(None, description="a chat, through the chat template")
     add_generation_prompt: bool = True
-    add_special_tokens: bool = Field(True, description="put the beginning-of-text token first (when the tokenizer has one)")
+    add_special_tokens: bool = Field(
+        True, description="put the beginning-of-text token first (when the tokenizer has one)"
+    )
     return_token_strs: bool = False
-
 
 
 class TokenizeResponse(BaseModel):

@@ -34,8 +34,9 @@ class StreamedToken:
     top_logprobs: Optional[List[float]] = None
 
 
-async def streamed_tokens(events: AsyncIterator, streams: Sequence[TextStream],
-                          eod: Optional[int]) -> AsyncIterator[Union[StreamedToken, GenerationResult]]:
+async def streamed_tokens(
+    events: AsyncIterator, streams: Sequence[TextStream], eod: Optional[int]
+) -> AsyncIterator[Union[StreamedToken, GenerationResult]]:
     """The tokens of `events` (TokenEvents, then the GenerationResult, as Service.stream
     yields them) as each prompt's text stream lets them out; last, the result (None when
     the events end without one)."""
@@ -50,9 +51,16 @@ async def streamed_tokens(events: AsyncIterator, streams: Sequence[TextStream],
             piece = stream.add(token)
             if stream.stopped and token == eod:
                 break
-            yield StreamedToken(event.row, token, piece, event.logprobs[j], event.exit_layers[j], stream.tokens[:-1],
-                                event.top_tokens[j] if event.top_tokens else None,
-                                event.top_logprobs[j] if event.top_logprobs else None)
+            yield StreamedToken(
+                event.row,
+                token,
+                piece,
+                event.logprobs[j],
+                event.exit_layers[j],
+                stream.tokens[:-1],
+                event.top_tokens[j] if event.top_tokens else None,
+                event.top_logprobs[j] if event.top_logprobs else None,
+            )
     yield None
 
 

@@ -48,7 +48,7 @@ class Continuation:
     def text(self, tokens: Sequence[int]) -> str:
         tokens = list(tokens)
         full = self.tokenizer.detokenize(self.context + tokens)
-        return full[len(self.head):] if full.startswith(self.head) else self.tokenizer.detokenize(tokens)
+        return full[len(self.head) :] if full.startswith(self.head) else self.tokenizer.detokenize(tokens)
 
     def pieces(self, tokens: Sequence[int], text: str) -> List[str]:
         """`text` (the tokens' text, possibly cut short) as one piece per token, adding up to
@@ -135,5 +135,5 @@ class TextStream:
     def _send(self, text: str) -> str:
         if not text.startswith(self.sent) or len(text) <= len(self.sent):
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = text[len(self.sent) :], text
         return piece

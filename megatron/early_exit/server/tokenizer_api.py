@@ -18,7 +18,12 @@ from typing import List, Optional, Sequence
 
 from megatron.early_exit.server.jobs import ModelLimits, RequestError
 from megatron.early_exit.server.schemas import (
-    ChatMessage, DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+    ChatMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 
 
@@ -70,13 +75,22 @@ class TokenizerFacts:
         self.bos_token = token_text(tok, tok.bos)
         self.pad_token = token_text(tok, tok.pad)
         # Special tokens' texts tokenize to their ids (lm-eval reads eos_token_id so).
-        self.special = {t: i for t, i in ((self.pad_token, tok.pad), (self.bos_token, tok.bos), (self.eos_token, tok.eod))
-                        if t is not None and i is not None}
+        self.special = {
+            t: i
+            for t, i in ((self.pad_token, tok.pad), (self.bos_token, tok.bos), (self.eos_token, tok.eod))
+            if t is not None and i is not None
+        }
 
     def info(self, limits: ModelLimits) -> TokenizerInfo:
-        return TokenizerInfo(tokenizer_class=type(self.tokenizer).__name__, eos_token=self.eos_token,
-                             bos_token=self.bos_token, pad_token=self.pad_token, chat_template=self.chat_template,
-                             model_max_length=limits.max_sequence_length, vocab_size=self.tokenizer.vocab_size)
+        return TokenizerInfo(
+            tokenizer_class=type(self.tokenizer).__name__,
+            eos_token=self.eos_token,
+            bos_token=self.bos_token,
+            pad_token=self.pad_token,
+            chat_template=self.chat_template,
+            model_max_length=limits.max_sequence_length,
+            vocab_size=self.tokenizer.vocab_size,
+        )
 
     def tokenize(self, text: str, param: str) -> List[int]:
         if text in self.special:
@@ -88,8 +102,11 @@ class TokenizerFacts:
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise RequestError("messages", f"the tokenizer ({type(self.tokenizer).__name__}) has no chat template: "
-                                           "start the server with --chat-template FILE, or use /v1/completions")
+            raise RequestError(
+                "messages",
+                f"the tokenizer ({type(self.tokenizer).__name__}) has no chat template: "
+                "start the server with --chat-template FILE, or use /v1/completions",
+            )
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -101,8 +118,10 @@ class TokenizerFacts:
         try:
             return env.from_string(self.chat_template).render(
                 messages=[{"role": m.role, "content": m.text} for m in messages],
-                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "")
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except TemplateError as err:
             raise RequestError("messages", f"the chat template refused them: {err}") from None
 
@@ -124,6 +143,8 @@ def tokenize(request: TokenizeRequest, facts: TokenizerFacts, limits: ModelLimit
 def detokenize(request: DetokenizeRequest, facts: TokenizerFacts, limits: ModelLimits) -> DetokenizeResponse:
     bad = [i for i, t in enumerate(request.tokens) if not 0 <= t < facts.tokenizer.vocab_size]
     if bad:
-        raise RequestError(f"tokens[{bad[0]}]", f"{request.tokens[bad[0]]} is outside the tokenizer's vocabulary "
-                                                f"[0, {facts.tokenizer.vocab_size})")
+        raise RequestError(
+            f"tokens[{bad[0]}]",
+            f"{request.tokens[bad[0]]} is outside the tokenizer's vocabulary [0, {facts.tokenizer.vocab_size})",
+        )
     return DetokenizeResponse(prompt=facts.tokenizer.detokenize(request.tokens))

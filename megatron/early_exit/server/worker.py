@@ -7,10 +7,12 @@ one; every rank runs the same engine call.
     rank 0, HTTP thread   Worker.submit (from the request handlers), never blocked by decoding
     other ranks           follow(): receive, generate, repeat until told to stop
 
-Messages are ("job", Job or ScoreJob), ("step", a StepPlan of the continuous engine), ("ping", None) and ("stop", None), sent with
+Messages are ("job", Job or ScoreJob), ("step", a StepPlan of the continuous engine), ("ping", None) and ("stop", None),
+sent with
 torch.distributed.broadcast_object_list. A job's listener stays on rank 0: the engine calls
 it there as each step's tokens are picked, routed to the request that owns the row, so a
-streamed reply sends each token when it is decoded while its batch goes on. An idle rank 0 pings every `heartbeat_seconds`,
+streamed reply sends each token when it is decoded while its batch goes on. An idle rank 0 pings every
+`heartbeat_seconds`,
 so that the other ranks, waiting in a broadcast, never reach the process group's timeout.
 A job the engine refuses (InferenceConfigError) is refused on every rank alike, before
 any collective, so the ranks stay in step; rank 0 answers it with a 400.
@@ -112,8 +114,12 @@ class Worker:
                 return []
             batch = [self._queue.popleft()]
             key, size = batch[0][0].batch_key, len(batch[0][0].prompts)
-            while (key is not None and self._queue and self._queue[0][0].batch_key == key
-                   and size + len(self._queue[0][0].prompts) <= self.max_batch_size):
+            while (
+                key is not None
+                and self._queue
+                and self._queue[0][0].batch_key == key
+                and size + len(self._queue[0][0].prompts) <= self.max_batch_size
+            ):
                 job, future = self._queue.popleft()
                 if future.set_running_or_notify_cancel():
                     size += len(job.prompts)

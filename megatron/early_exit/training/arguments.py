@@ -11,26 +11,35 @@ import os
 import sys
 from typing import List, Optional
 
-
 from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
-from megatron.early_exit.training.pipeline_layout import (
-    _validate_exit_tuning_stages, _validate_pipeline_args, _validate_virtual_pipeline, built_stages, virtual_pipeline_chunks,
-)
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
 from megatron.early_exit.tokenizers import TOKENIZER_TYPES
 from megatron.early_exit.training.batch_schedule import (
-    iterations_for_samples, scheduler_steps, validate_rampup, validate_run_length,
+    iterations_for_samples,
+    scheduler_steps,
+    validate_rampup,
+    validate_run_length,
 )
-from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
-
+from megatron.early_exit.training.pipeline_layout import (
+    _validate_exit_tuning_stages,
+    _validate_pipeline_args,
+    _validate_virtual_pipeline,
+    built_stages,
+    virtual_pipeline_chunks,
+)
 
 
 def _model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
     g.add_argument("--hidden-size", type=int, required=True)
-    g.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="default 4 x hidden size; with --swiglu 2/3 of that, a multiple of 64 (Megatron-LM's)")
+    g.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="default 4 x hidden size; with --swiglu 2/3 of that, a multiple of 64 (Megatron-LM's)",
+    )
     g.add_argument("--num-attention-heads", type=int, required=True)
     g.add_argument("--group-query-attention", action="store_true")
     g.add_argument("--num-query-groups", type=int, default=None)
@@ -43,29 +52,52 @@ def _model_args(p: argparse.ArgumentParser):
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
-                   help="linear RoPE position interpolation: positions are divided by this factor")
+    g.add_argument(
+        "--rotary-seq-len-interpolation-factor",
+        type=float,
+        default=None,
+        help="linear RoPE position interpolation: positions are divided by this factor",
+    )
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.x RoPE frequency scaling")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="factor of --use-rope-scaling")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--add-qkv-bias", action="store_true", help="biases on the QKV projection even with --disable-bias-linear")
+    g.add_argument(
+        "--add-qkv-bias", action="store_true", help="biases on the QKV projection even with --disable-bias-linear"
+    )
     g.add_argument("--qk-layernorm", action="store_true", help="norm each query and key head (--normalization's type)")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--padded-vocab-size", type=int, default=None,
-                   help="rows of the embedding and output layer (overrides the padding of --make-vocab-size-divisible-by)")
-    g.add_argument("--query-key-layer-scaling", dest="apply_query_key_layer_scaling", action=argparse.BooleanOptionalAction,
-                   default=False, help="scale Q.K^T by 1/layer number (softmax in fp32; same result, for fp16 range)")
-    g.add_argument("--use-flash-attn", action=argparse.BooleanOptionalAction, default=False,
-                   help="flash attention through megatron-core's attention backend (needs a CUDA device, Transformer "
-                        "Engine and flash-attn); --no-use-flash-attn after it turns it off, e.g. to run a GPU script on CPU")
-    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
-                   help="layer modules: transformer_engine (needs TE and a CUDA device) or local; default: TE when the "
-                        "target device is CUDA and TE imports. te_standin: TE's module layout in plain PyTorch (CPU tests). "
-                        "Checkpoints load into any of them")
+    g.add_argument(
+        "--padded-vocab-size",
+        type=int,
+        default=None,
+        help="rows of the embedding and output layer (overrides the padding of --make-vocab-size-divisible-by)",
+    )
+    g.add_argument(
+        "--query-key-layer-scaling",
+        dest="apply_query_key_layer_scaling",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="scale Q.K^T by 1/layer number (softmax in fp32; same result, for fp16 range)",
+    )
+    g.add_argument(
+        "--use-flash-attn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="flash attention through megatron-core's attention backend (needs a CUDA device, Transformer "
+        "Engine and flash-attn); --no-use-flash-attn after it turns it off, e.g. to run a GPU script on CPU",
+    )
+    g.add_argument(
+        "--transformer-impl",
+        choices=TRANSFORMER_IMPLS,
+        default=None,
+        help="layer modules: transformer_engine (needs TE and a CUDA device) or local; default: TE when the "
+        "target device is CUDA and TE imports. te_standin: TE's module layout in plain PyTorch (CPU tests). "
+        "Checkpoints load into any of them",
+    )
 
 
 def _training_args(p: argparse.ArgumentParser):
@@ -74,12 +106,20 @@ def _training_args(p: argparse.ArgumentParser):
     g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch x data-parallel size")
     g.add_argument("--train-iters", type=int, default=None, help="optimizer steps (or give --train-samples)")
     g.add_argument("--train-samples", type=int, default=None, help="samples to train on; LR flags then count samples")
-    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
-                   help="global batch size from START up by INCREMENT over SAMPLES samples (with --train-samples)")
+    g.add_argument(
+        "--rampup-batch-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("START", "INCREMENT", "SAMPLES"),
+        help="global batch size from START up by INCREMENT over SAMPLES samples (with --train-samples)",
+    )
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"), default="linear")
+    g.add_argument(
+        "--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"), default="linear"
+    )
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
@@ -99,8 +139,11 @@ def _training_args(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=None, help="save and stop after an iteration divisible by N")
     g.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and stop after this many minutes")
-    g.add_argument("--exit-signal-handler", action="store_true",
-                   help="on SIGTERM finish the iteration, save, and exit with status 0")
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM finish the iteration, save, and exit with status 0",
+    )
     g.add_argument("--skip-train", action="store_true", help="with --load: evaluate the checkpoint only")
 
 
@@ -108,39 +151,70 @@ def _parallel_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved pipeline: layers of each model chunk (v = layers / (PP x N) chunks per stage)")
-    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
-                   help="interleaved pipeline: model chunks per stage (the other way to give v)")
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="interleaved pipeline: layers of each model chunk (v = layers / (PP x N) chunks per stage)",
+    )
+    g.add_argument(
+        "--num-virtual-stages-per-pipeline-rank",
+        type=int,
+        default=None,
+        help="interleaved pipeline: model chunks per stage (the other way to give v)",
+    )
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    g.add_argument("--disable-gloo-process-groups", dest="enable_gloo_process_groups", action="store_false",
-                   default=None, help="do not create megatron-core's gloo groups (by default they exist on CPU, and with "
-                        "--use-distributed-optimizer for its memory-efficient checkpoint exchange)")
+    g.add_argument(
+        "--disable-gloo-process-groups",
+        dest="enable_gloo_process_groups",
+        action="store_false",
+        default=None,
+        help="do not create megatron-core's gloo groups (by default they exist on CPU, and with "
+        "--use-distributed-optimizer for its memory-efficient checkpoint exchange)",
+    )
 
 
 def _recompute_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("activation recomputation")
-    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
-                   help="full: recompute whole layers (see --recompute-method); selective: core attention only")
-    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
-                   help="uniform: chunks of --recompute-num-layers layers; block: the first --recompute-num-layers "
-                        "layers of each pipeline stage")
+    g.add_argument(
+        "--recompute-granularity",
+        choices=("full", "selective"),
+        default=None,
+        help="full: recompute whole layers (see --recompute-method); selective: core attention only",
+    )
+    g.add_argument(
+        "--recompute-method",
+        choices=("uniform", "block"),
+        default=None,
+        help="uniform: chunks of --recompute-num-layers layers; block: the first --recompute-num-layers "
+        "layers of each pipeline stage",
+    )
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--recompute-activations", action="store_true", help="the same as --recompute-granularity selective")
-    g.add_argument("--distribute-saved-activations", action="store_true",
-                   help="split recomputed layers' saved inputs across the tensor-parallel group")
-    g.add_argument("--recompute-exit-heads", action="store_true",
-                   help="recompute each exit head (its vocabulary-sized logits) in backward")
+    g.add_argument(
+        "--distribute-saved-activations",
+        action="store_true",
+        help="split recomputed layers' saved inputs across the tensor-parallel group",
+    )
+    g.add_argument(
+        "--recompute-exit-heads",
+        action="store_true",
+        help="recompute each exit head (its vocabulary-sized logits) in backward",
+    )
 
 
 def _distributed_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("distributed communication")
-    g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="reduce gradient buckets during backward (megatron-core DDP)")
-    g.add_argument("--overlap-param-gather", action="store_true",
-                   help="with --use-distributed-optimizer, gather updated parameters during the next forward")
+    g.add_argument(
+        "--overlap-grad-reduce", action="store_true", help="reduce gradient buckets during backward (megatron-core DDP)"
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="with --use-distributed-optimizer, gather updated parameters during the next forward",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser):
@@ -165,13 +239,27 @@ def _logging_args(p: argparse.ArgumentParser):
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
-                   help="0: iteration time; 1: also forward-backward and optimizer; 2: also forward, exit losses, "
-                        "backward and pipeline communication per microbatch (synchronises the device)")
-    g.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
-                   help="timers over ranks: the max, min and max, or every rank's")
-    g.add_argument("--log-timers-to-tracker", "--log-timers-to-tensorboard", dest="log_timers_to_tracker",
-                   action="store_true", help="write the timers to TensorBoard and wandb")
+    g.add_argument(
+        "--timing-log-level",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="0: iteration time; 1: also forward-backward and optimizer; 2: also forward, exit losses, "
+        "backward and pipeline communication per microbatch (synchronises the device)",
+    )
+    g.add_argument(
+        "--timing-log-option",
+        choices=("max", "minmax", "all"),
+        default="minmax",
+        help="timers over ranks: the max, min and max, or every rank's",
+    )
+    g.add_argument(
+        "--log-timers-to-tracker",
+        "--log-timers-to-tensorboard",
+        dest="log_timers_to_tracker",
+        action="store_true",
+        help="write the timers to TensorBoard and wandb",
+    )
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases under this project (empty: off)")
     g.add_argument("--wandb-group", default=None)
     g.add_argument("--wandb-exp-name", default=None, help="the run's name")
@@ -182,15 +270,24 @@ def _checkpoint_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
-    g.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
-                   help="load this iteration of --load (default, or 0: the latest)")
+    g.add_argument(
+        "--load-iteration",
+        "--ckpt-step",
+        dest="load_iteration",
+        type=int,
+        default=None,
+        help="load this iteration of --load (default, or 0: the latest)",
+    )
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints under --save")
     g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
     g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
-    g.add_argument("--use-checkpoint-args", action="store_true",
-                   help="take model, tokenizer and exit flags from the --load checkpoint (flags given here win)")
+    g.add_argument(
+        "--use-checkpoint-args",
+        action="store_true",
+        help="take model, tokenizer and exit flags from the --load checkpoint (flags given here win)",
+    )
 
 
 def add_exit_structure_args(g) -> None:
@@ -212,21 +309,33 @@ def _early_exit_args(p: argparse.ArgumentParser):
     g.add_argument("--fill-explicit-bubbles", action="store_true")
     g.add_argument("--num-fill-warmup-microbatches", type=int, default=None)
     g.add_argument("--num-fill-cooldown-microbatches", type=int, default=None)
-    g.add_argument("--fill-placement", choices=("idle", "fixed"), default="idle",
-                   help="idle: fill items only where 1F1B idles (no slower iteration; the counts cap them); "
-                        "fixed: EE-LLM's counts at fixed points")
+    g.add_argument(
+        "--fill-placement",
+        choices=("idle", "fixed"),
+        default="idle",
+        help="idle: fill items only where 1F1B idles (no slower iteration; the counts cap them); "
+        "fixed: EE-LLM's counts at fixed points",
+    )
     g.add_argument("--backward-forward-ratio", type=float, default=2.0)
     g.add_argument("--tune-exit", action="store_true")
-    g.add_argument("--tune-exit-pipeline-parallel-size", type=int, default=None,
-                   help="with --tune-exit, build and run only the first k pipeline stages (default: all)")
+    g.add_argument(
+        "--tune-exit-pipeline-parallel-size",
+        type=int,
+        default=None,
+        help="with --tune-exit, build and run only the first k pipeline stages (default: all)",
+    )
     g.add_argument("--layer-dropout-max", type=float, default=0.0, help="LayerSkip layer dropout at the last layer")
     g.add_argument("--layer-dropout-style", choices=LAYER_DROPOUT_STYLES, default="linear")
     g.add_argument("--exit-curriculum", choices=CURRICULA, default="none")
     g.add_argument("--exit-curriculum-rotation", type=int, default=2)
     g.add_argument("--exit-curriculum-iters", type=int, default=0)
-    g.add_argument("--exit-distill-weight", type=float, default=0.0,
-                   help="self-distillation: each exit's loss is (1-a) CE + a T^2 KL(final || exit), a in [0, 1] "
-                        "(1: the exits learn the final layer only)")
+    g.add_argument(
+        "--exit-distill-weight",
+        type=float,
+        default=0.0,
+        help="self-distillation: each exit's loss is (1-a) CE + a T^2 KL(final || exit), a in [0, 1] "
+        "(1: the exits learn the final layer only)",
+    )
     g.add_argument("--exit-distill-temperature", type=float, default=1.0)
     g.add_argument("--exit-distill-warmup-iters", type=int, default=0, help="a rises from 0 over this many iterations")
     g.add_argument("--exit-distill-warmup-style", choices=WARMUP_STYLES, default="linear")
@@ -238,8 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain an early-exit GPT model on megatron-core (launch with torchrun).",
         allow_abbrev=False,
     )
-    for add in (_model_args, _training_args, _parallel_args, _recompute_args, _distributed_args, _data_args,
-                _logging_args, _checkpoint_args, _early_exit_args):
+    for add in (
+        _model_args,
+        _training_args,
+        _parallel_args,
+        _recompute_args,
+        _distributed_args,
+        _data_args,
+        _logging_args,
+        _checkpoint_args,
+        _early_exit_args,
+    ):
         add(p)
     return p
 
@@ -268,8 +386,14 @@ def checkpoint_arg_names() -> tuple:
 
 
 # ModelConfig fields that are no flags of their own, or that a run chooses for itself.
-_NOT_FLAGS = ("padded_vocab_size", "params_dtype", "first_stages_only", "hidden_dropout", "attention_dropout",
-              "init_method_std")
+_NOT_FLAGS = (
+    "padded_vocab_size",
+    "params_dtype",
+    "first_stages_only",
+    "hidden_dropout",
+    "attention_dropout",
+    "init_method_std",
+)
 
 
 def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
@@ -309,10 +433,14 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_p
     vars(args).update(saved)
     args.saved_tensor_model_parallel_size = args.tensor_model_parallel_size
     args.tensor_model_parallel_size = tensor_model_parallel_size
-    if args.tune_exit_pipeline_parallel_size is not None:  # its flags describe the whole model, its weights the first stages
-        raise CheckpointError(f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
-                              f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
-                              "the whole model with tools/checkpoint/add_exits.py --exits-from first")
+    if (
+        args.tune_exit_pipeline_parallel_size is not None
+    ):  # its flags describe the whole model, its weights the first stages
+        raise CheckpointError(
+            f"{path} holds only the first {args.tune_exit_pipeline_parallel_size} of "
+            f"{args.pipeline_model_parallel_size} pipeline stages (exit tuning): put its exits back on "
+            "the whole model with tools/checkpoint/add_exits.py --exits-from first"
+        )
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
     args.sequence_parallel = False
     args.transformer_impl = None  # the layer modules follow the device the run is on
@@ -331,33 +459,49 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
-        raise ConfigError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
+        raise ConfigError(
+            f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})"
+        )
     if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({args.num_attention_heads})")
+        raise ConfigError(
+            f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({args.num_attention_heads})"
+        )
     if args.group_query_attention:
         if args.num_query_groups is None:
             raise ConfigError("--group-query-attention needs --num-query-groups")
         if args.num_attention_heads % args.num_query_groups:
-            raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --num-query-groups ({args.num_query_groups})")
+            raise ConfigError(
+                f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --num-query-groups "
+                f"({args.num_query_groups})"
+            )
     elif args.num_query_groups is not None:
         raise ConfigError("--num-query-groups needs --group-query-attention")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 cannot be combined")
     if (args.use_rope_scaling or args.rotary_seq_len_interpolation_factor) and args.position_embedding_type != "rope":
-        raise ConfigError("--use-rope-scaling and --rotary-seq-len-interpolation-factor need --position-embedding-type rope")
+        raise ConfigError(
+            "--use-rope-scaling and --rotary-seq-len-interpolation-factor need --position-embedding-type rope"
+        )
     _validate_exit_tuning_stages(args)
 
     args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, built_stages(args)[1])
     tp = args.tensor_model_parallel_size
     if args.num_attention_heads % tp:
-        raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --tensor-model-parallel-size ({tp})")
+        raise ConfigError(
+            f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --tensor-model-parallel-size "
+            f"({tp})"
+        )
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
     if args.sequence_parallel and args.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by --tensor-model-parallel-size ({tp})")
+        raise ConfigError(
+            f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by --tensor-model-parallel-size "
+            f"({tp})"
+        )
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ConfigError(
-            f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({args.pipeline_model_parallel_size})"
+            f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size "
+            f"({args.pipeline_model_parallel_size})"
         )
 
     per_step = args.micro_batch_size * args.data_parallel_size
@@ -398,7 +542,8 @@ def _validate_recompute_args(args):
 
     layers, stages = built_stages(args)
     RecomputeConfig.from_flags(vars(args)).validate_layout(
-        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel, virtual_pipeline_chunks(args))
+        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel, virtual_pipeline_chunks(args)
+    )
 
 
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
@@ -454,8 +599,10 @@ def _validate_split(split: str) -> None:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--split {split}: give up to three comma-separated weights >= 0 (train,validation,test), "
-                          "not all 0, e.g. 969,30,1")
+        raise ConfigError(
+            f"--split {split}: give up to three comma-separated weights >= 0 (train,validation,test), "
+            "not all 0, e.g. 969,30,1"
+        )
 
 
 def _validate_data_args(args):
@@ -477,6 +624,7 @@ def _validate_data_args(args):
 
 def _validate_blend(data_path: List[str]) -> None:
     """`--data-path A B` or `--data-path 0.3 A 0.7 B`; each prefix must have .bin and .idx."""
+
     def is_number(s):
         try:
             float(s)
@@ -503,8 +651,10 @@ def _apply_run_length(args):
     if args.train_samples is not None:
         args.train_iters = iterations_for_samples(args)
         if args.train_iters < 1:
-            raise ConfigError(f"--train-samples ({args.train_samples}) is less than one --global-batch-size "
-                              f"({args.global_batch_size})")
+            raise ConfigError(
+                f"--train-samples ({args.train_samples}) is less than one --global-batch-size "
+                f"({args.global_batch_size})"
+            )
     elif args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     scheduler_steps(args)  # its lengths are consistent
@@ -527,8 +677,10 @@ def _validate_run_control(args):
         args.wandb_project = None  # Megatron-LM: an empty project turns wandb off
     p = args.padded_vocab_size
     if p is not None and (p < 1 or p % args.tensor_model_parallel_size):
-        raise ConfigError(f"--padded-vocab-size ({p}) must be >= 1 and divisible by --tensor-model-parallel-size "
-                          f"({args.tensor_model_parallel_size})")
+        raise ConfigError(
+            f"--padded-vocab-size ({p}) must be >= 1 and divisible by --tensor-model-parallel-size "
+            f"({args.tensor_model_parallel_size})"
+        )
 
 
 def check_flash_attention(args) -> None:
@@ -547,20 +699,28 @@ def check_flash_attention(args) -> None:
     if not (args.bf16 or args.fp16):
         raise ConfigError("--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel")
     if args.reset_attention_mask:
-        raise ConfigError("--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal "
-                          "mask only, not the per-document mask")
+        raise ConfigError(
+            "--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal "
+            "mask only, not the per-document mask"
+        )
     try:
         device = resolve_device(args.device)
     except ParallelConfigError:
         device = None
-    missing = [what for what, ok in (
-        ("a CUDA device", device is not None and device.type == "cuda"),
-        ("Transformer Engine", device is not None and transformer_engine_available(device)),
-        ("flash-attn", any(importlib.util.find_spec(m) for m in ("flash_attn", "flash_attn_interface"))),
-    ) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("a CUDA device", device is not None and device.type == "cuda"),
+            ("Transformer Engine", device is not None and transformer_engine_available(device)),
+            ("flash-attn", any(importlib.util.find_spec(m) for m in ("flash_attn", "flash_attn_interface"))),
+        )
+        if not ok
+    ]
     if missing:
-        raise ConfigError(f"--use-flash-attn needs {', '.join(missing)}, missing here; add --no-use-flash-attn "
-                          "after it to run with megatron-core's own attention")
+        raise ConfigError(
+            f"--use-flash-attn needs {', '.join(missing)}, missing here; add --no-use-flash-attn "
+            "after it to run with megatron-core's own attention"
+        )
 
 
 def build_transformer_overrides(args) -> dict:

@@ -61,19 +61,24 @@ def validate_rampup(args) -> None:
     if start < 1 or increment < 1 or samples < 0:
         raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: start and increment must be >= 1")
     if start > args.global_batch_size or (args.global_batch_size - start) % increment:
-        raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: --global-batch-size "
-                          f"({args.global_batch_size}) must be start + a multiple of the increment")
+        raise ConfigError(
+            f"--rampup-batch-size {start} {increment} {samples}: --global-batch-size "
+            f"({args.global_batch_size}) must be start + a multiple of the increment"
+        )
     if start % per_step or increment % per_step:
-        raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: start and increment must be multiples "
-                          f"of --micro-batch-size x data-parallel size ({per_step})")
+        raise ConfigError(
+            f"--rampup-batch-size {start} {increment} {samples}: start and increment must be multiples "
+            f"of --micro-batch-size x data-parallel size ({per_step})"
+        )
 
 
 def rampup_calculator(args, rank: int = 0) -> Optional[RampupBatchsizeNumMicroBatchesCalculator]:
     if args.rampup_batch_size is None:
         return None
     start, increment, samples = args.rampup_batch_size
-    return RampupBatchsizeNumMicroBatchesCalculator(args.global_batch_size, args.micro_batch_size, args.data_parallel_size,
-                                                    False, rank, start, increment, samples)
+    return RampupBatchsizeNumMicroBatchesCalculator(
+        args.global_batch_size, args.micro_batch_size, args.data_parallel_size, False, rank, start, increment, samples
+    )
 
 
 def iterations_for_samples(args) -> int:

@@ -18,14 +18,19 @@ from typing import List, Optional, Tuple
 from megatron.early_exit.pipeline.fill import idle_fill_plan, stage_costs
 from megatron.early_exit.pipeline.placement import exit_stages
 from megatron.early_exit.pipeline.plan import (
-    Action, FillPlan, build_fill_plan, default_num_fill_microbatches, pipeline_plan,
+    Action,
+    FillPlan,
+    build_fill_plan,
+    default_num_fill_microbatches,
+    pipeline_plan,
 )
 
 PLACEMENTS = ("idle", "fixed")
 
 
-def run_pipeline_plan(args, ee_config, num_layers: int, num_stages: int, num_microbatches: int,
-                      vocab_size: int) -> Tuple[List[List[Action]], Optional[FillPlan]]:
+def run_pipeline_plan(
+    args, ee_config, num_layers: int, num_stages: int, num_microbatches: int, vocab_size: int
+) -> Tuple[List[List[Action]], Optional[FillPlan]]:
     """(every stage's actions, the fill items they hold or None) for this run's flags."""
     p, m, r = num_stages, num_microbatches, args.backward_forward_ratio
     if not args.fill_explicit_bubbles:
@@ -34,8 +39,9 @@ def run_pipeline_plan(args, ee_config, num_layers: int, num_stages: int, num_mic
     warmup, cooldown = args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches
     if getattr(args, "fill_placement", "idle") == "fixed":
         default = default_num_fill_microbatches(p, r)
-        fill = build_fill_plan(p, stages, default if warmup is None else warmup,
-                               default if cooldown is None else cooldown, r)
+        fill = build_fill_plan(
+            p, stages, default if warmup is None else warmup, default if cooldown is None else cooldown, r
+        )
         return pipeline_plan(p, m, fill), fill
     costs = stage_costs(_flop_shape(args, num_layers), ee_config, p, vocab_size, args.seq_length, r)
     planned = idle_fill_plan(p, m, stages, costs, warmup, cooldown)
@@ -55,9 +61,11 @@ def num_fill_items(args, ee_config, num_microbatches: int, vocab_size: int) -> i
 def _flop_shape(args, num_layers: int):
     """What flops.py reads of a TransformerConfig, from the flags."""
     return SimpleNamespace(
-        num_layers=num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_layers=num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
-        kv_channels=getattr(args, "kv_channels", None), ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        kv_channels=getattr(args, "kv_channels", None),
+        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
         gated_linear_unit=bool(args.swiglu),
     )
-

@@ -33,14 +33,31 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import torch
-
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron.early_exit.checkpoint_reader import (  # noqa: F401  (the reader's names, for callers of this module)
-    MANIFEST, MODEL_METADATA, TRACKER, CheckpointError, _apply_model_state, _cause_of_kind, _load, _model_state, _unwrap,
-    checkpoint_dir, checksum_problems, compare_with_checkpoint, file_checksum, latest_iteration, load_weights,
-    model_sharded_state, read_common, read_model_config, read_sharded, resolve, verify,
+    MANIFEST,
+    MODEL_METADATA,
+    TRACKER,
+    CheckpointError,
+    _apply_model_state,
+    _cause_of_kind,
+    _load,
+    _model_state,
+    _unwrap,
+    checkpoint_dir,
+    checksum_problems,
+    compare_with_checkpoint,
+    file_checksum,
+    latest_iteration,
+    load_weights,
+    model_sharded_state,
+    read_common,
+    read_model_config,
+    read_sharded,
+    resolve,
+    verify,
 )
 
 CHECKPOINT_VERSION = 2
@@ -49,13 +66,16 @@ CHECKPOINT_VERSION = 2
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", **MODEL_METADATA}
 LOCK_FILE = ".lock"
 
+
 def optimizer_metadata(optimizer) -> dict:
     """The distributed optimizer's reshardable save gathers its whole state: by default with
     NCCL onto every DP rank's host memory; where it has gloo groups, megatron-core's
     memory-efficient exchange gathers it on DP rank 0 only (both read back the same)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    distributed = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    distributed = [
+        o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)
+    ]
     gloo = bool(distributed) and all(o.data_parallel_group_gloo is not None for o in distributed)
     return {**OPTIMIZER_METADATA, "distrib_optim_fully_reshardable_mem_efficient": gloo}
 
@@ -97,8 +117,11 @@ def _restore_rng(rng: dict, rank0: bool) -> None:
     saved = rng.get("device") or ("cuda" if rng.get("cuda") is not None else "cpu")
     if saved != _rng_device():
         if rank0:
-            print(f" checkpoint RNG states were saved on {saved}, this run is on {_rng_device()}: the CPU generator is "
-                  "restored, the device generators keep this run's seed", flush=True)
+            print(
+                f" checkpoint RNG states were saved on {saved}, this run is on {_rng_device()}: the CPU generator is "
+                "restored, the device generators keep this run's seed",
+                flush=True,
+            )
         return
     tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     if rng.get("cuda") is not None:
@@ -125,7 +148,9 @@ def stored_model_config(model, args, root: str) -> dict:
     to it, so that a copied or moved checkpoint directory finds them."""
     from megatron.early_exit.models.model_config import ModelConfig
 
-    config = getattr(_unwrap(model), "model_config", None) or ModelConfig.from_flags(vars(args), _unwrap(model).vocab_size)
+    config = getattr(_unwrap(model), "model_config", None) or ModelConfig.from_flags(
+        vars(args), _unwrap(model).vocab_size
+    )
     return {**config.to_dict(), "tokenizer": vars(config.tokenizer.relative_to(root))}
 
 
@@ -143,7 +168,9 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
     }
     if include_optimizer:
         state["rng_state"] = _rng_state()
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata(optimizer))
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=optimizer_metadata(optimizer)
+        )
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
@@ -155,9 +182,13 @@ def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: in
     """Everything needed to resume training, published atomically under `args.save`;
     weights holding NaN or Inf are refused (the previous checkpoints stay)."""
     require_finite_weights(model, iteration, args.save)
-    return _publish(args.save, iteration, lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples,
-                                                                 args.save),
-                    keep_last=getattr(args, "keep_last", None), checksums=checksums)
+    return _publish(
+        args.save,
+        iteration,
+        lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples, args.save),
+        keep_last=getattr(args, "keep_last", None),
+        checksums=checksums,
+    )
 
 
 def require_finite_weights(model, iteration: int, root: str) -> None:
@@ -165,21 +196,26 @@ def require_finite_weights(model, iteration: int, root: str) -> None:
     from megatron.early_exit.parallel import target_device
 
     named = [(n, p) for n, p in _unwrap(model).named_parameters()]
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]) if named else torch.ones(1, dtype=torch.bool)
+    finite = (
+        torch.stack([torch.isfinite(p.detach()).all() for _, p in named]) if named else torch.ones(1, dtype=torch.bool)
+    )
     everywhere = finite.all().to(device=target_device(), dtype=torch.int32).reshape(1)
     torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
     if everywhere.item():
         return
     where = next((n for (n, _), ok in zip(named, finite.tolist()) if not ok), "on another rank")
-    raise CheckpointError(f"iteration {iteration}: the weights hold NaN or Inf ({where}); not saved under --save {root}, "
-                          "whose checkpoints are kept")
+    raise CheckpointError(
+        f"iteration {iteration}: the weights hold NaN or Inf ({where}); not saved under --save {root}, "
+        "whose checkpoints are kept"
+    )
 
 
 def save_weights(root: str, args, model, iteration: int = 0) -> str:
     """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. written by a
     converter; training loads it with --finetune or --no-load-optim."""
-    return _publish(root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, root,
-                                                            include_optimizer=False))
+    return _publish(
+        root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, root, include_optimizer=False)
+    )
 
 
 def _publish(root: str, iteration: int, build_state, keep_last: Optional[int] = None, checksums: bool = True) -> str:
@@ -252,8 +288,10 @@ def _write_failure(err: BaseException, root: str, tmp: str, iteration: int) -> O
     if no_space:
         return CheckpointError(f"--save {root}: no space left on the device while saving iteration {iteration}; {kept}")
     where = f" ({os_error.filename})" if os_error.filename else ""
-    return CheckpointError(f"--save {root}: cannot write the checkpoint of iteration {iteration}: "
-                           f"{os_error.strerror or os_error}{where}; {kept}")
+    return CheckpointError(
+        f"--save {root}: cannot write the checkpoint of iteration {iteration}: "
+        f"{os_error.strerror or os_error}{where}; {kept}"
+    )
 
 
 def _write_manifest(tmp: str) -> None:
@@ -304,7 +342,10 @@ def _writes_in_this_process():
 
     with _SAVING:
         original = fsa._get_write_results_queue, writer.__dict__["write_preloaded_data_multiproc"]
-        fsa._get_write_results_queue, writer.write_preloaded_data_multiproc = queue.Queue, staticmethod(write_in_threads)
+        fsa._get_write_results_queue, writer.write_preloaded_data_multiproc = (
+            queue.Queue,
+            staticmethod(write_in_threads),
+        )
         try:
             yield
         finally:
@@ -375,7 +416,9 @@ class _SaveLock:
             except FileNotFoundError:
                 pass
             os.close(self.fd)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        record = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        )
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, record.encode(), 0)
 
@@ -387,11 +430,15 @@ class _SaveLock:
         except BlockingIOError:
             holder = _holder(self.fd)
             os.close(self.fd)
-            raise CheckpointError(f"--save {root} is in use by another run ({holder}): one run at a time writes to a "
-                                  "--save directory") from None
+            raise CheckpointError(
+                f"--save {root} is in use by another run ({holder}): one run at a time writes to a --save directory"
+            ) from None
         except OSError as err:
-            print(f"warning: --save {root}: cannot lock {self.path} ({err.strerror}); another run could write to "
-                  "this directory at the same time", flush=True)
+            print(
+                f"warning: --save {root}: cannot lock {self.path} ({err.strerror}); another run could write to "
+                "this directory at the same time",
+                flush=True,
+            )
             return False
 
     def release(self) -> None:
@@ -433,13 +480,19 @@ def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int
         verify_on_all_ranks(path)
     common = read_common(path)
     stored = read_model_config(path)
-    new_exits = compare_with_checkpoint(stored, _compared_model(stored, _unwrap(model).model_config, args.num_layers, path))
+    new_exits = compare_with_checkpoint(
+        stored, _compared_model(stored, _unwrap(model).model_config, args.num_layers, path)
+    )
     weights_only = args.finetune or args.no_load_optim
     if not common.get("has_optimizer", True) and not weights_only:
-        raise CheckpointError(f"--load {path} holds weights only (no optimizer state): add --finetune or --no-load-optim")
+        raise CheckpointError(
+            f"--load {path} holds weights only (no optimizer state): add --finetune or --no-load-optim"
+        )
     if new_exits and not weights_only:
-        raise CheckpointError(f"--load {path}: exits at layers {new_exits} are new (the checkpoint has "
-                              f"{stored.exit_layer_nums or 'none'}); add --finetune or --no-load-optim")
+        raise CheckpointError(
+            f"--load {path}: exits at layers {new_exits} are new (the checkpoint has "
+            f"{stored.exit_layer_nums or 'none'}); add --finetune or --no-load-optim"
+        )
     rank0 = torch.distributed.get_rank() == 0
     if new_exits and rank0:
         print(f" exits at layers {new_exits} are not in the checkpoint: they keep their initialisation", flush=True)
@@ -455,9 +508,12 @@ def _compared_model(stored, built, num_layers: int, path: str):
         if not built.first_stages_only or built.num_layers != stored.num_layers:
             raise CheckpointError(
                 f"--load {path} holds only the first {stored.num_layers} layers (exits tuned with "
-                f"--tune-exit-pipeline-parallel-size), this run builds {built.num_layers} of {num_layers}: load it with the "
-                "same --pipeline-model-parallel-size and --tune-exit-pipeline-parallel-size, or put its exits back on the "
-                "whole model with tools/checkpoint/add_exits.py --exits-from")
+                f"--tune-exit-pipeline-parallel-size), this run builds {built.num_layers} of {num_layers}: load it "
+                "with the "
+                "same --pipeline-model-parallel-size and --tune-exit-pipeline-parallel-size, or put its exits back "
+                "on the "
+                "whole model with tools/checkpoint/add_exits.py --exits-from"
+            )
         return built
     return dataclasses.replace(built, num_layers=num_layers, first_stages_only=False)
 
@@ -468,13 +524,18 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
     state = {"model": model_state}
     if not weights_only:
         _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(optimizer))
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=optimizer_metadata(optimizer)
+        )
     same_layout = tuple(common.get("layout", ())) == _layout()
     # RNG states are saved with the optimizer state (full saves only), one per rank of the layout.
     load_rng = not (args.finetune or args.no_load_rng) and common.get("has_optimizer", True) and same_layout
     if not same_layout and not (args.finetune or args.no_load_rng) and rank0:
-        print(f" checkpoint layout (TP, PP, DP) = {tuple(common.get('layout', ()))}, now {_layout()}: "
-              "weights and optimizer are resharded, RNG states are not restored", flush=True)
+        print(
+            f" checkpoint layout (TP, PP, DP) = {tuple(common.get('layout', ()))}, now {_layout()}: "
+            "weights and optimizer are resharded, RNG states are not restored",
+            flush=True,
+        )
     if load_rng:
         state["rng_state"] = _rng_state()
 
@@ -497,8 +558,11 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
 def _torch_adams(optimizer):
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam)]
+    return [
+        opt
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam)
+    ]
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -518,6 +582,7 @@ def _step_kept_out_of_state_copy(optimizer):
     set from the param groups); keep 'step' out of that copy, and unshare it afterwards."""
     patched = []
     for opt in _torch_adams(optimizer):
+
         def copy_states(model_param, tensors, opt=opt, original=opt._set_main_param_and_optimizer_states):
             group, order = opt.model_param_group_index_map[model_param]
             state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]

@@ -17,7 +17,6 @@ from typing import Iterator, List, Optional
 
 import numpy
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -121,10 +120,14 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> int:
                 raise ConfigError(f"--data-path: {idx} is not a Megatron .idx file (bad header; {rebuild})")
             _, version, code, sequences, documents = _INDEX_HEADER.unpack(head)
             if version != 1 or code not in {d.value for d in DType}:
-                raise ConfigError(f"--data-path: {idx} has an unknown version {version} or token type {code} ({rebuild})")
+                raise ConfigError(
+                    f"--data-path: {idx} has an unknown version {version} or token type {code} ({rebuild})"
+                )
             needed = _INDEX_HEADER.size + sequences * 12 + documents * 8  # lengths int32, pointers and documents int64
             if idx_size < needed:
-                raise ConfigError(f"--data-path: {idx} is truncated: {idx_size} bytes, its header needs {needed} ({rebuild})")
+                raise ConfigError(
+                    f"--data-path: {idx} is truncated: {idx_size} bytes, its header needs {needed} ({rebuild})"
+                )
             if sequences == 0:
                 raise ConfigError(f"--data-path: {idx} holds no documents")
             f.seek(_INDEX_HEADER.size + (sequences - 1) * 4)
@@ -135,8 +138,10 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None) -> int:
         raise ConfigError(f"--data-path: cannot read {err.filename or idx}: {err.strerror}") from None
     end = last_pointer + last_length * DType.size(DType.dtype_from_code(code))
     if last_length < 0 or last_pointer < 0 or data_size < end:
-        raise ConfigError(f"--data-path: {data} is truncated or does not match {idx}: {data_size} bytes, the index "
-                          f"needs {end} ({rebuild})")
+        raise ConfigError(
+            f"--data-path: {data} is truncated or does not match {idx}: {data_size} bytes, the index "
+            f"needs {end} ({rebuild})"
+        )
     if vocab_size is not None:
         _check_token_ids(prefix, sequences, DType.dtype_from_code(code), vocab_size)
     return sequences
@@ -150,23 +155,28 @@ def _check_token_ids(prefix: str, sequences: int, dtype, vocab_size: int) -> Non
     """Refuse a corpus whose sampled documents (evenly spaced, the first and last included,
     at most ~1M tokens) hold an id >= the tokenizer's vocabulary."""
     lengths = numpy.memmap(prefix + ".idx", dtype=numpy.int32, mode="r", offset=_INDEX_HEADER.size, shape=(sequences,))
-    pointers = numpy.memmap(prefix + ".idx", dtype=numpy.int64, mode="r", offset=_INDEX_HEADER.size + sequences * 4,
-                            shape=(sequences,))
+    pointers = numpy.memmap(
+        prefix + ".idx", dtype=numpy.int64, mode="r", offset=_INDEX_HEADER.size + sequences * 4, shape=(sequences,)
+    )
     tokens = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
     per_document = max(_SAMPLED_TOKENS // _SAMPLED_DOCUMENTS, 1)
     for doc in sorted(set(numpy.linspace(0, sequences - 1, min(sequences, _SAMPLED_DOCUMENTS)).astype(int).tolist())):
         start = int(pointers[doc]) // dtype().itemsize
-        ids = tokens[start: start + min(int(lengths[doc]), per_document)]
+        ids = tokens[start : start + min(int(lengths[doc]), per_document)]
         if len(ids) and int(ids.max()) >= vocab_size:
-            raise ConfigError(f"--data-path: {prefix}.bin document {doc} holds token id {int(ids.max())}, outside the "
-                              f"tokenizer's vocabulary of {vocab_size} (was it tokenized with another tokenizer or "
-                              "--vocab-size? rebuild it with tools/preprocess_data.py)")
+            raise ConfigError(
+                f"--data-path: {prefix}.bin document {doc} holds token id {int(ids.max())}, outside the "
+                f"tokenizer's vocabulary of {vocab_size} (was it tokenized with another tokenizer or "
+                "--vocab-size? rebuild it with tools/preprocess_data.py)"
+            )
 
 
 def split_documents(num_documents: int, split_matrix) -> List[int]:
     """Documents of each split, as megatron-core's builder cuts them (by rounding)."""
-    return [0 if part is None else int(round(part[1] * num_documents)) - int(round(part[0] * num_documents))
-            for part in split_matrix]
+    return [
+        0 if part is None else int(round(part[1] * num_documents)) - int(round(part[0] * num_documents))
+        for part in split_matrix
+    ]
 
 
 def _check_splits(args, config, used: List[bool], vocab_size: Optional[int]) -> bool:
@@ -180,8 +190,10 @@ def _check_splits(args, config, used: List[bool], vocab_size: Optional[int]) -> 
         if empty:
             shown = ", ".join(f"{name} {n}" for name, n in zip(SPLIT_NAMES, counts))
             hint = " or --eval-iters 0" if "train" not in empty else ""
-            raise ConfigError(f"--split {args.split}: the {' and '.join(empty)} split of {prefix} gets no documents "
-                              f"({shown} of {sum(counts)}); give it a larger share{hint}")
+            raise ConfigError(
+                f"--split {args.split}: the {' and '.join(empty)} split of {prefix} gets no documents "
+                f"({shown} of {sum(counts)}); give it a larger share{hint}"
+            )
         test_has_documents = test_has_documents and counts[2] > 0
     return test_has_documents
 
@@ -193,7 +205,8 @@ def build_datasets(args, tokenizer, vocab_size: Optional[int] = None):
     documents."""
     eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
     sizes = [
-        args.train_iters * (args.global_batch_size + num_fill_samples_per_iteration(args, vocab_size or tokenizer.vocab_size)),
+        args.train_iters
+        * (args.global_batch_size + num_fill_samples_per_iteration(args, vocab_size or tokenizer.vocab_size)),
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
@@ -224,18 +237,23 @@ def _cache_error(args, config, err: Exception) -> Optional[ConfigError]:
     reason = f"{err.strerror}: {err.filename}"
     if args.data_cache_path:
         if (where + os.sep).startswith(os.path.abspath(args.data_cache_path) + os.sep):
-            return ConfigError(f"--data-cache-path {args.data_cache_path}: cannot write the dataset index cache ({reason})")
+            return ConfigError(
+                f"--data-cache-path {args.data_cache_path}: cannot write the dataset index cache ({reason})"
+            )
         return None
     # Without the flag, megatron-core caches under {prefix}/cache/.
     prefixes = [] if config.blend is None else config.blend[0]
     if any(where.startswith(os.path.abspath(prefix) + os.sep) for prefix in prefixes):
-        return ConfigError(f"--data-path: cannot write the dataset index cache beside the data ({reason}); "
-                           "give a writable --data-cache-path")
+        return ConfigError(
+            f"--data-path: cannot write the dataset index cache beside the data ({reason}); "
+            "give a writable --data-cache-path"
+        )
     return None
 
 
-def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool = False,
-                        pin_memory: bool = False) -> Optional[Iterator[dict]]:
+def build_data_iterator(
+    dataset, args, consumed_samples: int = 0, cyclic: bool = False, pin_memory: bool = False
+) -> Optional[Iterator[dict]]:
     """Microbatches of this data-parallel rank; `pin_memory` (for a CUDA device) lets the
     step copy them to the device without waiting."""
     if dataset is None:
@@ -249,8 +267,9 @@ def build_data_iterator(dataset, args, consumed_samples: int = 0, cyclic: bool =
     )
     # Its own generator: creating an iterator must not draw from the global RNG, or a
     # resumed run (which builds iterators after restoring the RNG) would diverge.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator(),
-                                         pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator(), pin_memory=pin_memory
+    )
     if not cyclic:
         return iter(loader)
 

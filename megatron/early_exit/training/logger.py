@@ -6,7 +6,6 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-
 from megatron.core import parallel_state
 
 from megatron.early_exit.loss import LossReport

@@ -27,7 +27,9 @@ def _validate_exit_tuning_stages(args):
     if not args.tune_exit:
         raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
     if not 1 <= k <= p:
-        raise ConfigError(f"--tune-exit-pipeline-parallel-size ({k}) must be in 1..--pipeline-model-parallel-size ({p})")
+        raise ConfigError(
+            f"--tune-exit-pipeline-parallel-size ({k}) must be in 1..--pipeline-model-parallel-size ({p})"
+        )
     if args.num_layers % p:
         raise ConfigError(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({p})")
     kept = built_stages(args)[0]
@@ -61,23 +63,29 @@ def _validate_distillation_stages(args):
         return
     layers, stages = built_stages(args)
     if layers != args.num_layers:
-        raise ConfigError("--exit-distill-weight needs the output layer, which --tune-exit-pipeline-parallel-size "
-                          f"{args.tune_exit_pipeline_parallel_size} leaves out")
+        raise ConfigError(
+            "--exit-distill-weight needs the output layer, which --tune-exit-pipeline-parallel-size "
+            f"{args.tune_exit_pipeline_parallel_size} leaves out"
+        )
     if stages == 1:
         return
     first_of_last = layers - layers // stages + 1
     early = [n for n in args.exit_layer_nums if n < first_of_last]
     if early:
-        raise ConfigError(f"--exit-distill-weight: exits {early} are not on the last pipeline stage (layers "
-                          f"{first_of_last}..{layers}), where the final layer's logits are; use exits there, or PP=1")
+        raise ConfigError(
+            f"--exit-distill-weight: exits {early} are not on the last pipeline stage (layers "
+            f"{first_of_last}..{layers}), where the final layer's logits are; use exits there, or PP=1"
+        )
 
 
 def virtual_pipeline_chunks(args) -> int:
     """Model chunks per pipeline stage: v of the interleaved schedule, 1 without it."""
     from megatron.early_exit.pipeline.interleaved import VIRTUAL_FLAG, num_model_chunks
 
-    per_stage, chunks = getattr(args, "num_layers_per_virtual_pipeline_stage", None), getattr(
-        args, "num_virtual_stages_per_pipeline_rank", None)
+    per_stage, chunks = (
+        getattr(args, "num_layers_per_virtual_pipeline_stage", None),
+        getattr(args, "num_virtual_stages_per_pipeline_rank", None),
+    )
     if per_stage is not None and chunks is not None:
         raise ConfigError(f"{VIRTUAL_FLAG} and --num-virtual-stages-per-pipeline-rank cannot be combined")
     if chunks is not None:
@@ -87,8 +95,10 @@ def virtual_pipeline_chunks(args) -> int:
         if chunks == 1:
             return 1
         if per_stage * args.pipeline_model_parallel_size * chunks != args.num_layers:
-            raise ConfigError(f"--num-virtual-stages-per-pipeline-rank {chunks}: --num-layers ({args.num_layers}) must be "
-                              f"divisible by --pipeline-model-parallel-size ({args.pipeline_model_parallel_size}) x {chunks}")
+            raise ConfigError(
+                f"--num-virtual-stages-per-pipeline-rank {chunks}: --num-layers ({args.num_layers}) must be "
+                f"divisible by --pipeline-model-parallel-size ({args.pipeline_model_parallel_size}) x {chunks}"
+            )
     if per_stage is None:
         return 1
     return num_model_chunks(args.num_layers, args.pipeline_model_parallel_size, per_stage)
@@ -101,12 +111,16 @@ def _validate_virtual_pipeline(args):
     if virtual_pipeline_chunks(args) == 1:
         return
     if args.fill_explicit_bubbles:
-        raise ConfigError(f"--fill-explicit-bubbles cannot be combined with {VIRTUAL_FLAG}: EE-LLM's bubble filling is "
-                          "defined for the plain 1F1B schedule")
+        raise ConfigError(
+            f"--fill-explicit-bubbles cannot be combined with {VIRTUAL_FLAG}: EE-LLM's bubble filling is "
+            "defined for the plain 1F1B schedule"
+        )
     if args.tune_exit:
         raise ConfigError(f"--tune-exit cannot be combined with {VIRTUAL_FLAG}: exit tuning runs the plain schedule")
     if getattr(args, "exit_distill_weight", 0.0):
-        raise ConfigError(f"--exit-distill-weight cannot be combined with {VIRTUAL_FLAG}: the final layer's logits "
-                          "are on the last model chunk only")
+        raise ConfigError(
+            f"--exit-distill-weight cannot be combined with {VIRTUAL_FLAG}: the final layer's logits "
+            "are on the last model chunk only"
+        )
     if not args.rampup_batch_size:
         check_num_microbatches(args.num_microbatches, args.pipeline_model_parallel_size)

@@ -49,9 +49,13 @@ class RunControl:
             return f"--exit-interval {self.exit_interval}"
         if self.signal is None and self.duration_s is None:
             return None
-        flags = torch.tensor([float(self.signal is not None and self.signal.received),
-                              float(self.duration_s is not None and time.time() - self.start > self.duration_s)],
-                             device=self.device)
+        flags = torch.tensor(
+            [
+                float(self.signal is not None and self.signal.received),
+                float(self.duration_s is not None and time.time() - self.start > self.duration_s),
+            ],
+            device=self.device,
+        )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         if flags[0] > 0:

@@ -14,7 +14,6 @@ import contextlib
 from functools import wraps
 
 import torch
-
 from megatron.core.timers import Timers
 
 # name -> level
@@ -39,6 +38,7 @@ def is_enabled(timers: Timers, name: str) -> bool:
 
 def timed(timers: Timers, name: str, fn):
     """`fn` with its calls accumulated in timer `name`."""
+
     @wraps(fn)
     def call(*args, **kwargs):
         with timing(timers, name):
@@ -49,6 +49,7 @@ def timed(timers: Timers, name: str, fn):
 
 def timed_forward_step(timers: Timers, forward_step):
     """A forward step timed, and the loss function it returns (exit heads and losses) too."""
+
     def step(*args, **kwargs):
         output, loss_func = timed(timers, FORWARD, forward_step)(*args, **kwargs)
         return output, timed(timers, EXIT_LOSSES, loss_func)
@@ -82,15 +83,24 @@ def add_backward_time(timers: Timers, before: dict) -> None:
     after = snapshot(timers)
     inside = sum(after[name] - before[name] for name in PER_MICROBATCH)
     backward = timers(BACKWARD, log_level=LEVELS[BACKWARD])
-    backward.set_elapsed(backward.elapsed(reset=False) + max(after[FORWARD_BACKWARD] - before[FORWARD_BACKWARD] - inside, 0.0))
+    backward.set_elapsed(
+        backward.elapsed(reset=False) + max(after[FORWARD_BACKWARD] - before[FORWARD_BACKWARD] - inside, 0.0)
+    )
 
 
 def enabled_names(timers: Timers):
     return [name for name in LEVELS if is_enabled(timers, name)]
 
 
-def log_timers(timers: Timers, iteration: int, num_iterations: int, device: torch.device, print_here: bool,
-               to_tracker: bool = False, writer=None) -> None:
+def log_timers(
+    timers: Timers,
+    iteration: int,
+    num_iterations: int,
+    device: torch.device,
+    print_here: bool,
+    to_tracker: bool = False,
+    writer=None,
+) -> None:
     """Print the timers (ms per iteration over the last `num_iterations`; min and max over
     ranks as --timing-log-option says) at --timing-log-level 1 or more (at 0 the log line's
     time per iteration says it all, as in Megatron-LM), with `to_tracker` write each one's max

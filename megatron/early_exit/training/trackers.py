@@ -27,12 +27,19 @@ class WandbWriter:
         os.makedirs(save_dir, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         try:
-            self._run = wandb.init(project=args.wandb_project, group=args.wandb_group, name=args.wandb_exp_name,
-                                   dir=save_dir, config=config)
+            self._run = wandb.init(
+                project=args.wandb_project,
+                group=args.wandb_group,
+                name=args.wandb_exp_name,
+                dir=save_dir,
+                config=config,
+            )
         except Exception as err:  # no API key, no network, a bad setting: one line, not wandb's traceback
             first = (str(err).splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"--wandb-project {args.wandb_project}: wandb could not start a run ({first}); "
-                              "log in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline") from None
+            raise ConfigError(
+                f"--wandb-project {args.wandb_project}: wandb could not start a run ({first}); "
+                "log in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline"
+            ) from None
         # wandb.init puts its own excepthook first, which prints a traceback for every error;
         # user errors (EarlyExitError) keep their one line.
         self._wandb_excepthook = sys.excepthook

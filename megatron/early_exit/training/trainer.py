@@ -11,8 +11,9 @@ Order of set-up (each step in one function below):
 
 Before any of 2-7, `--save` is checked (writable, no other run writing to it) and locked for
 the run. The loop may stop early, saving first (run_control.py: --exit-interval,
---exit-duration-in-mins, --exit-signal-handler); --skip-train only evaluates the checkpoint. A NaN or Inf loss (final or exit) or gradient norm stops the run at once, before
-anything of that state is saved.
+--exit-duration-in-mins, --exit-signal-handler); --skip-train only evaluates the checkpoint. A
+NaN or Inf loss (final or exit) or gradient norm stops the run at once, before anything of that
+state is saved.
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-
-from megatron.core import parallel_state
 from megatron.core import num_microbatches_calculator as microbatches
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron.early_exit.errors import EarlyExitError
+from megatron.early_exit.launcher import signal_handling_note, under_torchrun, watch_launcher
 from megatron.early_exit.loss import early_exit_loss
-from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models import builder
-from megatron.early_exit.models.model_config import ModelConfig
+from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
+from megatron.early_exit.models.model_config import ModelConfig, padded_vocab_size
 from megatron.early_exit.models.recompute import RecomputeConfig
 from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
 from megatron.early_exit.pipeline import interleaved
@@ -47,21 +48,21 @@ from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.pipeline.placement import tied_embedding_stages
 from megatron.early_exit.pipeline.plan import check_plan, exit_tuning_plan
 from megatron.early_exit.pipeline.schedules import run_schedule
+from megatron.early_exit.tokenizers import build_tokenizer
 from megatron.early_exit.training import checkpointing
-from megatron.early_exit.models.model_config import padded_vocab_size
+from megatron.early_exit.training import timers as phase_timers
 from megatron.early_exit.training.arguments import (
-    build_early_exit_config, build_transformer_overrides, check_flash_attention,
+    build_early_exit_config,
+    build_transformer_overrides,
+    check_flash_attention,
 )
 from megatron.early_exit.training.batch_schedule import scheduler_steps
-from megatron.early_exit.training import timers as phase_timers
-from megatron.early_exit.launcher import signal_handling_note, under_torchrun, watch_launcher
-from megatron.early_exit.training.run_control import RunControl
-from megatron.early_exit.training.trackers import build_trackers
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
-from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports, time_left
-from megatron.early_exit.tokenizers import build_tokenizer
+from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
+from megatron.early_exit.training.run_control import RunControl
+from megatron.early_exit.training.trackers import build_trackers
 
 
 class NonFiniteError(EarlyExitError):
@@ -96,11 +97,16 @@ def build_model(args, device: torch.device, vocab_size: int, vp_stage: Optional[
     """The model of the flags on this rank (layout from the parallel state); `vp_stage`:
     one of its chunks (interleaved pipeline)."""
     return builder.build_model(
-        built_model_config(args, vocab_size), device, seed=args.seed, transformer_impl=getattr(args, "transformer_impl", None),
-        sequence_parallel=args.sequence_parallel, document_mask=getattr(args, "reset_attention_mask", False),
+        built_model_config(args, vocab_size),
+        device,
+        seed=args.seed,
+        transformer_impl=getattr(args, "transformer_impl", None),
+        sequence_parallel=args.sequence_parallel,
+        document_mask=getattr(args, "reset_attention_mask", False),
         recompute=RecomputeConfig.from_flags(vars(args)),
         transformer_overrides=build_transformer_overrides(args),
-        vp_stage=vp_stage, num_model_chunks=virtual_pipeline_chunks(args),
+        vp_stage=vp_stage,
+        num_model_chunks=virtual_pipeline_chunks(args),
     )
 
 
@@ -133,8 +139,11 @@ def interval_skips(state: TrainState, last_log_iteration: int, args) -> Dict[str
     """Megatron-LM's log fields: the loss scale and the steps skipped since the last log line."""
     if not args.fp16:
         return {}
-    recent = state.history[-(state.iteration - last_log_iteration):]
-    return {"loss scale": recent[-1]["loss scale"], "number of skipped iterations": int(sum(h["skipped"] for h in recent))}
+    recent = state.history[-(state.iteration - last_log_iteration) :]
+    return {
+        "loss scale": recent[-1]["loss scale"],
+        "number of skipped iterations": int(sum(h["skipped"] for h in recent)),
+    }
 
 
 def sync_params(model: DistributedDataParallel) -> None:
@@ -188,13 +197,22 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
         # Exit tuning: the frozen backbone runs without a graph; exit heads (run in
         # loss_func) still build theirs.
         output = model(
-            tokens, batch["position_ids"], mask, labels=batch["labels"],
+            tokens,
+            batch["position_ids"],
+            mask,
+            labels=batch["labels"],
             # Exit tuning needs nothing past the last exit (unless the exits distil from the
             # final layer); earlier stages still feed the next.
-            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage()) or ee_config.exit_distill_weight > 0,
+            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage())
+            or ee_config.exit_distill_weight > 0,
         )
-    return output, partial(early_exit_loss, loss_mask=batch["loss_mask"], ee_config=ee_config, iteration=iteration,
-                           zero_weight_gradients=args.overlap_grad_reduce)
+    return output, partial(
+        early_exit_loss,
+        loss_mask=batch["loss_mask"],
+        ee_config=ee_config,
+        iteration=iteration,
+        zero_weight_gradients=args.overlap_grad_reduce,
+    )
 
 
 @dataclass
@@ -209,26 +227,38 @@ class StageSchedule:
 
 
 def build_stage_schedule(args, model, device) -> StageSchedule:
-    pp, stage = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
+    pp, stage = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
     m = microbatches.get_num_microbatches()
     ee_config = build_early_exit_config(args)
     chunks = virtual_pipeline_chunks(args)
     if chunks > 1:
         plan, fill = interleaved.interleaved_plan(pp, m, chunks), None
     else:
-        plan, fill = run_pipeline_plan(args, ee_config, built_stages(args)[0], pp, m, get_attr_wrapped_model(model, "vocab_size"))
+        plan, fill = run_pipeline_plan(
+            args, ee_config, built_stages(args)[0], pp, m, get_attr_wrapped_model(model, "vocab_size")
+        )
     check_plan(plan)
     train = exit_tuning_plan(pp, stage, m) if args.tune_exit else plan[stage]
     links = None
     if pp > 1:
         seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel else 1)
         links = StageLinks(
-            parallel_state.get_pipeline_model_parallel_group(), (seq, args.micro_batch_size, args.hidden_size),
-            model.config.params_dtype, device,
+            parallel_state.get_pipeline_model_parallel_group(),
+            (seq, args.micro_batch_size, args.hidden_size),
+            model.config.params_dtype,
+            device,
         )
-    fill_items = [("W", j) for j in range(len(fill.warmup_reach))] + [("C", j) for j in range(len(fill.cooldown_stop))] if fill else []
-    return StageSchedule(train, [a for a in plan[stage] if a.kind == "F" and a.item[0] == "R"], links, fill_items,
-                         ee_config)
+    fill_items = (
+        [("W", j) for j in range(len(fill.warmup_reach))] + [("C", j) for j in range(len(fill.cooldown_stop))]
+        if fill
+        else []
+    )
+    return StageSchedule(
+        train, [a for a in plan[stage] if a.kind == "F" and a.item[0] == "R"], links, fill_items, ee_config
+    )
 
 
 def gather_pipeline_metrics(metrics: Dict[str, float]) -> Dict[str, float]:
@@ -248,18 +278,43 @@ def _layer_of(key: str) -> int:
     return int(key.split("[")[1].rstrip("]")) if "[" in key else 0
 
 
-def _run(schedule: StageSchedule, actions, model, batches, args, iteration, device, forward_only=False, loss_scale=None,
-         timers=None):
+def _run(
+    schedule: StageSchedule,
+    actions,
+    model,
+    batches,
+    args,
+    iteration,
+    device,
+    forward_only=False,
+    loss_scale=None,
+    timers=None,
+):
     step = partial(forward_step, args=args, iteration=iteration, device=device, ee_config=schedule.ee_config)
     return run_schedule(
-        actions, phase_timers.timed_forward_step(timers, step) if timers is not None else step,
-        batches, model_chunks(model),
-        microbatches.get_num_microbatches(), schedule.links, forward_only=forward_only, loss_scale=loss_scale,
+        actions,
+        phase_timers.timed_forward_step(timers, step) if timers is not None else step,
+        batches,
+        model_chunks(model),
+        microbatches.get_num_microbatches(),
+        schedule.links,
+        forward_only=forward_only,
+        loss_scale=loss_scale,
     )
 
 
-def train_step(model, optimizer, scheduler, schedule: StageSchedule, data_iterator, fill_iterator, args, iteration, device,
-               timers=None):
+def train_step(
+    model,
+    optimizer,
+    scheduler,
+    schedule: StageSchedule,
+    data_iterator,
+    fill_iterator,
+    args,
+    iteration,
+    device,
+    timers=None,
+):
     timers = timers or phase_timers.Timers(0, "max")
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -267,8 +322,17 @@ def train_step(model, optimizer, scheduler, schedule: StageSchedule, data_iterat
     batches.update({item: next(fill_iterator) for item in schedule.fill_items})
     before = phase_timers.snapshot(timers)
     with phase_timers.timing(timers, phase_timers.FORWARD_BACKWARD):
-        reports = _run(schedule, schedule.train_actions, model, batches, args, iteration, device,
-                       loss_scale=lambda loss: loss * optimizer.get_loss_scale(), timers=timers)
+        reports = _run(
+            schedule,
+            schedule.train_actions,
+            model,
+            batches,
+            args,
+            iteration,
+            device,
+            loss_scale=lambda loss: loss * optimizer.get_loss_scale(),
+            timers=timers,
+        )
     phase_timers.add_backward_time(timers, before)
     with phase_timers.timing(timers, phase_timers.OPTIMIZER):
         finalize_model_grads(model_chunks(model))
@@ -302,7 +366,8 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
     kept = ""
     marker = os.path.join(args.save, checkpointing.TRACKER) if args.save else None
     if marker and os.path.isfile(marker):
-        kept = f"; the latest checkpoint under --save {args.save} (iteration {checkpointing.latest_iteration(args.save)}) is kept"
+        latest = checkpointing.latest_iteration(args.save)
+        kept = f"; the latest checkpoint under --save {args.save} (iteration {latest}) is kept"
     raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
 
 
@@ -312,9 +377,13 @@ def pretrain(args) -> TrainState:
     check_flash_attention(args)
     num_layers, pp = built_stages(args)
     ctx = initialize_parallel(
-        args.tensor_model_parallel_size, pp, seed=args.seed, device=args.device,
+        args.tensor_model_parallel_size,
+        pp,
+        seed=args.seed,
+        device=args.device,
         # The distributed optimizer's checkpoint exchange gathers on one rank through gloo.
-        gloo_process_groups=True if args.enable_gloo_process_groups is None and args.use_distributed_optimizer
+        gloo_process_groups=True
+        if args.enable_gloo_process_groups is None and args.use_distributed_optimizer
         else args.enable_gloo_process_groups,
         tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
     )
@@ -325,7 +394,11 @@ def pretrain(args) -> TrainState:
 
 
 def _tied_embedding_stages(args, num_layers: int, pp: int):
-    tied_output, ee_config, chunks = not args.untie_embeddings_and_output_weights, build_early_exit_config(args), virtual_pipeline_chunks(args)
+    tied_output, ee_config, chunks = (
+        not args.untie_embeddings_and_output_weights,
+        build_early_exit_config(args),
+        virtual_pipeline_chunks(args),
+    )
     if chunks > 1:
         return interleaved.tied_embedding_stages(ee_config, num_layers, pp, chunks, tied_output)
     return tied_embedding_stages(ee_config, num_layers, pp, tied_output)
@@ -343,12 +416,15 @@ def _build_wrapped_model(args, device, vocab_size):
 
 def _train(args, ctx, start_time: float) -> TrainState:
     microbatches.destroy_num_microbatches_calculator()
-    microbatches.init_num_microbatches_calculator(ctx.rank, args.rampup_batch_size, args.global_batch_size,
-                                                  args.micro_batch_size, ctx.dp_size)
+    microbatches.init_num_microbatches_calculator(
+        ctx.rank, args.rampup_batch_size, args.global_batch_size, args.micro_batch_size, ctx.dp_size
+    )
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     trackers = build_trackers(args, enabled=is_logger)
     log = MetricsLogger(args.tensorboard_dir, enabled=is_logger, writer=trackers)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+    tokenizer = build_tokenizer(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+    )
     vocab_size = model_vocab_size(args, tokenizer.vocab_size)
     train_ds, valid_ds, _ = build_datasets(args, tokenizer, vocab_size)
 
@@ -370,8 +446,9 @@ def _train(args, ctx, start_time: float) -> TrainState:
     train_iter = build_data_iterator(train_ds, args, state.consumed_samples, pin_memory=pin)
     # Fill microbatches read samples beyond the real ones, at a fixed place per iteration.
     fill_per_iter = len(schedules.current().fill_items) * args.micro_batch_size * ctx.dp_size
-    fill_iter = build_data_iterator(train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter,
-                                    pin_memory=pin)
+    fill_iter = build_data_iterator(
+        train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter, pin_memory=pin
+    )
     control = RunControl(args, ctx.device, start_time)
     last_log, last_log_iteration = time.time(), state.iteration
     model.train()
@@ -380,11 +457,23 @@ def _train(args, ctx, start_time: float) -> TrainState:
             microbatches.update_num_microbatches(state.consumed_samples, consistency_check=True)
             batch_size = microbatches.get_current_global_batch_size()
             with phase_timers.timing(timers, phase_timers.ITERATION):
-                metrics, grad_norm, ok = train_step(model, optimizer, scheduler, schedules.current(), train_iter, fill_iter,
-                                                    args, state.iteration, ctx.device, timers)
+                metrics, grad_norm, ok = train_step(
+                    model,
+                    optimizer,
+                    scheduler,
+                    schedules.current(),
+                    train_iter,
+                    fill_iter,
+                    args,
+                    state.iteration,
+                    ctx.device,
+                    timers,
+                )
             state.iteration += 1
             state.consumed_samples += batch_size
-            state.history.append({**metrics, "grad norm": float(grad_norm or 0.0), **loss_scale_metrics(optimizer, ok, args)})
+            state.history.append(
+                {**metrics, "grad norm": float(grad_norm or 0.0), **loss_scale_metrics(optimizer, ok, args)}
+            )
             state.skipped_iterations += not ok
             check_finite(state.iteration, metrics, grad_norm if ok else None, args)
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
@@ -400,25 +489,38 @@ def _train(args, ctx, start_time: float) -> TrainState:
                     **interval_skips(state, last_log_iteration, args),
                 }
                 log.training(state.iteration, args.train_iters, metrics, extra)
-                phase_timers.log_timers(timers, state.iteration, state.iteration - last_log_iteration, ctx.device, is_logger,
-                                        args.log_timers_to_tracker, trackers)
+                phase_timers.log_timers(
+                    timers,
+                    state.iteration,
+                    state.iteration - last_log_iteration,
+                    ctx.device,
+                    is_logger,
+                    args.log_timers_to_tracker,
+                    trackers,
+                )
                 last_log, last_log_iteration = time.time(), state.iteration
             # Asked before validation: a signalled run saves at once (its launcher's grace period runs).
             stop = control.stop_reason(state.iteration)
-            if valid_ds is not None and args.eval_iters > 0 and not stop and (
-                state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+            if (
+                valid_ds is not None
+                and args.eval_iters > 0
+                and not stop
+                and (state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters)
             ):
                 state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
                 log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
             if args.save and (
-                (args.save_interval and state.iteration % args.save_interval == 0) or state.iteration == args.train_iters
+                (args.save_interval and state.iteration % args.save_interval == 0)
+                or state.iteration == args.train_iters
                 or stop
             ):
                 sync_params(model)
                 checkpointing.save(args, model, optimizer, scheduler, state.iteration, state.consumed_samples)
             if stop:
                 if ctx.rank == 0:
-                    saved = f"; checkpoint saved under --save {args.save}" if args.save else " (no --save: nothing saved)"
+                    saved = (
+                        f"; checkpoint saved under --save {args.save}" if args.save else " (no --save: nothing saved)"
+                    )
                     print(f" exiting at iteration {state.iteration}: {stop}{saved}", flush=True)
                 break
     finally:
@@ -445,10 +547,14 @@ def model_vocab_size(args, tokenizer_vocab_size: int) -> int:
     """Rows of the embedding: --padded-vocab-size, or the tokenizer's vocabulary padded to a
     multiple of --make-vocab-size-divisible-by x TP."""
     if args.padded_vocab_size is None:
-        return padded_vocab_size(tokenizer_vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        return padded_vocab_size(
+            tokenizer_vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
     if args.padded_vocab_size < tokenizer_vocab_size:
-        raise EarlyExitError(f"--padded-vocab-size ({args.padded_vocab_size}) is smaller than the tokenizer's "
-                             f"vocabulary ({tokenizer_vocab_size})")
+        raise EarlyExitError(
+            f"--padded-vocab-size ({args.padded_vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer_vocab_size})"
+        )
     return args.padded_vocab_size
 
 
@@ -478,7 +584,9 @@ def _evaluate_from_start(model, schedules: StageSchedules, valid_ds, args, devic
 def _evaluate_checkpoint(state: TrainState, evaluate_now, log: MetricsLogger, valid_ds, args) -> TrainState:
     """--skip-train: the validation losses (final and every exit) of the loaded checkpoint."""
     if valid_ds is None or args.eval_iters < 1:
-        raise EarlyExitError(f"--skip-train: nothing to evaluate (--eval-iters {args.eval_iters}, --split {args.split})")
+        raise EarlyExitError(
+            f"--skip-train: nothing to evaluate (--eval-iters {args.eval_iters}, --split {args.split})"
+        )
     state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
     log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
     log.close()
