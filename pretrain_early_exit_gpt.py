@@ -21,11 +21,10 @@ def main(argv=None):
     import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
 
     # isort: split
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
-    args = parse_args(argv)
-    pretrain(args)
+    pretrain(parse_run_config(argv))
 
 
 if __name__ == "__main__":  # dist_checkpointing's save re-imports __main__ in a helper process

@@ -69,7 +69,7 @@ def main():
     # isort: split
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -83,12 +83,12 @@ def main():
     shape = ["--hidden-size", str(a.hidden_size), "--ffn-hidden-size", str(a.hidden_size * 8 // 3)]
 
     def build():
-        args = parse_args(QUICKSTART + shape + ["--save", root, "--load", root], world_size=1)
-        model = wrap_model(build_model(args, torch.device("cpu"), 4096), args)
-        optimizer, scheduler = build_optimizer(model, args)
-        return args, model, optimizer, scheduler
+        config = parse_run_config(QUICKSTART + shape + ["--save", root, "--load", root], world_size=1)
+        model = wrap_model(build_model(config, torch.device("cpu"), 4096), config)
+        optimizer, scheduler = build_optimizer(model, config)
+        return config, model, optimizer, scheduler
 
-    args, model, optimizer, scheduler = build()
+    config, model, optimizer, scheduler = build()
     for param in model.parameters():  # one step so that Adam has its state
         param.main_grad.normal_()
     optimizer.step()
@@ -104,7 +104,7 @@ def main():
         for checksums in (True, False) if i % 2 else (False, True):
             iteration += 1
             start = time.time()
-            checkpointing.save(args, model, optimizer, scheduler, iteration, 0, checksums=checksums)
+            checkpointing.save(config, model, optimizer, scheduler, iteration, 0, checksums=checksums)
             times[checksums][0].append(time.time() - start)
             fresh = build()
             start = time.time()
@@ -123,7 +123,7 @@ def main():
         checkpointing.file_checksum(os.path.join(path, name))
     crc_s = time.time() - start
     start = time.time()
-    weights = checkpointing.save_weights(os.path.join(root, "weights"), args, model)
+    weights = checkpointing.save_weights(os.path.join(root, "weights"), config.flags, model)
     weights_s = time.time() - start
     (save_on, load_on), (save_off, load_off) = [(min(times[c][0]), min(times[c][1])) for c in (True, False)]
     print(

@@ -215,11 +215,11 @@ def trained_iterations(ckpt: str) -> int:
 
 def _pretrain(work_dir: str, files: dict, save: str, flags: list) -> None:
     """pretrain_early_exit_gpt.py in this process: the model, `flags`, then data and saving."""
-    from megatron.early_exit.training.arguments import parse_args as parse_train_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     pretrain(
-        parse_train_args(
+        parse_run_config(
             MODEL_FLAGS
             + flags
             + [

@@ -45,7 +45,7 @@ def _child(argv, out_dir):
     import torch
 
     from megatron.early_exit.training import trainer
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
 
     build = trainer.build_model
     base = {}
@@ -57,7 +57,7 @@ def _child(argv, out_dir):
         return build(*args, **kwargs)
 
     trainer.build_model = build_after_reset
-    state = trainer.pretrain(parse_args(argv))
+    state = trainer.pretrain(parse_run_config(argv))
     rank = torch.distributed.get_rank()
     peak = (_rss_kib("VmHWM") - base["kib"]) * 1024
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

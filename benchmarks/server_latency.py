@@ -93,12 +93,12 @@ def log(msg: str) -> None:
 def write_random_checkpoint(root: str) -> None:
     import torch
 
-    from megatron.early_exit.training.arguments import parse_args as parse_training_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
-    args = parse_training_args(RANDOM_MODEL_FLAGS, world_size=1)
-    save_weights(root, args, build_model(args, torch.device("cpu"), 2048), iteration=1)
+    config = parse_run_config(RANDOM_MODEL_FLAGS, world_size=1)
+    save_weights(root, config.flags, build_model(config, torch.device("cpu"), 2048), iteration=1)
 
 
 def start_server(load: str, tp: int, log_path: str, threads: int):

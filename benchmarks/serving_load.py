@@ -124,14 +124,14 @@ def prepare_model(args):
     rng = random.Random(args.seed)
     if args.quick:
         from megatron.early_exit.tokenizers import build_tokenizer
-        from megatron.early_exit.training.arguments import parse_args as parse_training_args
+        from megatron.early_exit.training.arguments import parse_run_config
         from megatron.early_exit.training.checkpointing import save_weights
         from megatron.early_exit.training.trainer import build_model
 
         ckpt = os.path.join(args.work_dir, "random")
         if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-            train_args = parse_training_args(QUICK_MODEL_FLAGS, world_size=1)
-            save_weights(ckpt, train_args, build_model(train_args, torch.device("cpu"), 512), iteration=1)
+            train_config = parse_run_config(QUICK_MODEL_FLAGS, world_size=1)
+            save_weights(ckpt, train_config.flags, build_model(train_config, torch.device("cpu"), 512), iteration=1)
         tokenizer = build_tokenizer("NullTokenizer", vocab_size=512)
         requests = [
             (

@@ -121,5 +121,5 @@ def save_tiny_checkpoint(root: str, seed: int = 5):
         world_size=1,
     )
     model = build_training_model(args, torch.device("cpu"), 128)
-    save_weights(root, args, model, iteration=1)
+    save_weights(root, vars(args), model, iteration=1)
     return model

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add
 
 
 def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -70,7 +70,7 @@ def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
         ],
         world_size=1,
     )
-    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
 
 
 class Server:

@@ -150,12 +150,12 @@ def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, t
 
 def test_weights_only_checkpoint_needs_finetune(dist1, corpus, tmp_path):
     from megatron.early_exit.inference.loading import load_model
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import CheckpointError, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
-    save_weights(str(tmp_path), args, build_model(args, torch.device("cpu"), VOCAB))
+    save_weights(str(tmp_path), vars(args), build_model(build_run_config(args), torch.device("cpu"), VOCAB))
     with pytest.raises(CheckpointError, match="holds weights only .*add --finetune or --no-load-optim"):
         run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))
     assert (

@@ -78,9 +78,7 @@ def test_exits_tuned_on_the_first_stage_merge_back_and_serve(dist1, runs):
 
 
 def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(corpus):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.pipeline_layout import built_stages
-    from megatron.early_exit.training.trainer import built_model_config, model_config_of
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
 
     args = parse_args(
         tiny_run_flags(
@@ -98,8 +96,8 @@ def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(
         world_size=4,
     )
     assert (args.num_layers, args.pipeline_model_parallel_size) == (8, 4)  # as given: what --use-checkpoint-args stores
-    assert built_stages(args) == (4, 2) and args.data_parallel_size == 2
-    whole, built = model_config_of(args, 64), built_model_config(args, 64)
+    assert build_run_config(args).built_stages == (4, 2) and args.data_parallel_size == 2
+    whole, built = build_run_config(args).model_config(64), build_run_config(args).built_model_config(64)
     assert (whole.num_layers, whole.first_stages_only) == (8, False)
     assert (built.num_layers, built.first_stages_only) == (4, True)
     assert dataclasses.replace(built, num_layers=8, first_stages_only=False) == whole
@@ -107,9 +105,8 @@ def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(
 
 def test_a_checkpoint_is_compared_with_the_whole_model(corpus):
     from megatron.early_exit.checkpoint_reader import CheckpointError, compare_with_checkpoint
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import _compared_model
-    from megatron.early_exit.training.trainer import built_model_config, model_config_of
 
     def run(world_size, **flags):
         args = parse_args(
@@ -118,10 +115,10 @@ def test_a_checkpoint_is_compared_with_the_whole_model(corpus):
             ),
             world_size=world_size,
         )
-        return args, built_model_config(args, 64)
+        return args, build_run_config(args).built_model_config(64)
 
     args, built = run(1, **{"--tune-exit-pipeline-parallel-size": 1})
-    full = model_config_of(run(2)[0], 64)  # the checkpoint a PP=2 run saved
+    full = build_run_config(run(2)[0]).model_config(64)  # the checkpoint a PP=2 run saved
     assert compare_with_checkpoint(full, _compared_model(full, built, args.num_layers, "ckpt")) == []
     deeper = dataclasses.replace(full, num_layers=8)  # another model: refused, though its first layers would load
     with pytest.raises(CheckpointError, match="--num-layers: checkpoint 8, now 4"):

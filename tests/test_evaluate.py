@@ -31,7 +31,7 @@ CHOICES = ["9", "40 2", "12", "3 3 3"]
 
 
 def write_checkpoint(root: str) -> None:
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -73,7 +73,7 @@ def write_checkpoint(root: str) -> None:
         ],
         world_size=1,
     )
-    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
 
 
 def write_tasks(folder: str, gen_answers) -> None:

@@ -29,7 +29,7 @@ def pre_exit_server(dist1, tmp_path_factory):
     from megatron.early_exit.server.app import Service, build_app
     from megatron.early_exit.server.jobs import ModelLimits
     from megatron.early_exit.server.worker import Worker
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -71,7 +71,7 @@ def pre_exit_server(dist1, tmp_path_factory):
         ],
         world_size=1,
     )
-    save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
     model, tokenizer, _ = load_model(root)
     assert model.ee_config.pre_exit
     worker = Worker(model, max_batch_size=4)

@@ -9,7 +9,7 @@ from tests.training_fixtures import tiny_run_flags
 
 
 def run_fp16(corpus, tmp_path, initial_loss_scale, iters=6):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     flags = tiny_run_flags(
@@ -23,7 +23,7 @@ def run_fp16(corpus, tmp_path, initial_loss_scale, iters=6):
             "--tensorboard-dir": str(tmp_path / "tb"),
         },
     )
-    return pretrain(parse_args(flags, world_size=1))
+    return pretrain(parse_run_config(flags, world_size=1))
 
 
 def tensorboard_scalars(directory, tag):
@@ -67,8 +67,6 @@ def test_fp16_trains_without_overflow(dist1, corpus, tmp_path, capsys):
 
 
 def test_no_loss_scale_fields_without_fp16():
-    import argparse
-
     from megatron.early_exit.training.trainer import loss_scale_metrics
 
-    assert loss_scale_metrics(None, True, argparse.Namespace(fp16=False)) == {}
+    assert loss_scale_metrics(None, True, False) == {}

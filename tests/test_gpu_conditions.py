@@ -22,10 +22,10 @@ def _args(**overrides):
 
 
 def _run(argv):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
-    return pretrain(parse_args(argv, world_size=1))
+    return pretrain(parse_run_config(argv, world_size=1))
 
 
 # -- Transformer Engine's attention environment ---------------------------------------
@@ -125,11 +125,12 @@ def test_decoder_attention_scale_with_query_key_layer_scaling(dist1, clean_atten
 )
 def test_flash_attention_refused_for_fp32_and_document_masks(flags, message):
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.training.arguments import check_flash_attention
+    from megatron.early_exit.training.arguments import build_run_config
+    from megatron.early_exit.training.run_config import check_flash_attention
 
     args = _args(**{"--use-flash-attn": None, **flags})
     with pytest.raises(ConfigError, match=message) as err:
-        check_flash_attention(args)
+        check_flash_attention(build_run_config(args))
     assert "\n" not in str(err.value)
 
 
@@ -146,10 +147,12 @@ def test_bias_dropout_fusion_only_where_torch_compile_can_build(monkeypatch, cap
     import types
 
     from megatron.early_exit import platform
-    from megatron.early_exit.training.trainer import model_config_of
+    from megatron.early_exit.training.arguments import build_run_config
 
     def config(device):
-        return model_config_of(_args(**{"--bf16": None}), 64).transformer_config(device=torch.device(device))
+        return (
+            build_run_config(_args(**{"--bf16": None})).model_config(64).transformer_config(device=torch.device(device))
+        )
 
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "Python.h").write_text("")

@@ -50,10 +50,10 @@ def _impl(name: str) -> str:
 
 
 def _run(argv):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
-    return pretrain(parse_args(argv, world_size=1))
+    return pretrain(parse_run_config(argv, world_size=1))
 
 
 def _losses(history):

@@ -60,10 +60,10 @@ def _args(**overrides):
 def test_fused_softmax_only_when_its_kernels_import(monkeypatch):
     """GPU without apex: megatron-core imports the kernel unguarded in the attention
     forward, so masked_softmax_fusion must stay off (it raised ImportError)."""
-    from megatron.early_exit.training.trainer import model_config_of
+    from megatron.early_exit.training.arguments import build_run_config
 
     def build_transformer_config(args, device):
-        return model_config_of(args, 64).transformer_config(device=device)
+        return build_run_config(args).model_config(64).transformer_config(device=device)
 
     for name in _fake_kernels():
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -113,11 +113,12 @@ def test_host_syncs_per_decoder_step(dist1, strategy, per_step):
 
 def test_training_step_copies_batches_without_waiting(dist1):
     """Batches reach the device by non-blocking copies (from pinned memory on CUDA)."""
+    from megatron.early_exit.training.arguments import build_run_config
     from megatron.early_exit.training.trainer import build_model, forward_step
     from tests.sync_counter import SyncCounter
 
     args = _args()
-    model = build_model(args, torch.device("cpu"), 64)
+    model = build_model(build_run_config(args), torch.device("cpu"), 64)
     tokens = torch.randint(0, 64, (2, 32))
     batch = {
         "tokens": tokens,
@@ -126,7 +127,9 @@ def test_training_step_copies_batches_without_waiting(dist1):
         "position_ids": torch.arange(32).expand(2, 32),
     }
     with SyncCounter() as counter:
-        output, loss_func = forward_step(iter([batch]), model, args, 0, torch.device("cpu"), model.ee_config)
+        output, loss_func = forward_step(
+            iter([batch]), model, build_run_config(args), 0, torch.device("cpu"), model.ee_config
+        )
     assert not {t.data_ptr() for t in batch.values()} & set(counter.blocking_moves)
     assert torch.isfinite(loss_func(output)[0])
 

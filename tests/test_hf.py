@@ -272,7 +272,7 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
         for name, param in model.named_parameters():
             if name.startswith("exits."):
                 param.add_(1.0)
-    checkpointing.save_weights(str(tmp_path / "tuned"), args, model)
+    checkpointing.save_weights(str(tmp_path / "tuned"), vars(args), model)
     with pytest.raises(ConversionError, match="holds only the first 2 layers: put its exits back on the whole model"):
         export_llama(tmp_path / "tuned", tmp_path / "hf")
 
@@ -292,7 +292,7 @@ def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, conve
 
 def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, tmp_path):
     from megatron.early_exit.sharding import full_state_dict
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     save_random_llama(tmp_path / "hf", seed=11, tie_word_embeddings=True)  # tiny_run_flags' shape
@@ -314,7 +314,7 @@ def test_exit_tuning_from_add_exits_changes_only_exit_parameters(dist1, corpus, 
             "--ffn-hidden-size": FFN,
         },
     )
-    state = pretrain(parse_args(flags, world_size=1))
+    state = pretrain(parse_run_config(flags, world_size=1))
     assert len(state.history) == 3 and all("early loss [1]" in h for h in state.history)
     before, after = full_state(tmp_path / "ee"), full_state_dict(state.model)
     assert sorted(before) == sorted(after)
@@ -511,8 +511,7 @@ LLAMA2 = {  # (layers, PP) as converted, hidden, heads, KV groups, TP, (layers, 
 
 @pytest.mark.parametrize("size", list(LLAMA2))
 def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.pipeline_layout import built_stages
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
 
     prefix = str(tmp_path / "corpus_text_document")
     for suffix in (".bin", ".idx"):
@@ -523,7 +522,7 @@ def test_ee_tuning_scripts_arguments_validate(size, tmp_path):
     args = parse_args(out[1:], world_size=int(out[0].split("=")[1]))
     converted, hidden, heads, groups, tp, tuned, exits = LLAMA2[size]
     assert (args.hidden_size, args.num_attention_heads, args.num_query_groups) == (hidden, heads, groups)
-    assert built_stages(args) == tuned and args.tensor_model_parallel_size == tp
+    assert build_run_config(args).built_stages == tuned and args.tensor_model_parallel_size == tp
     assert (
         args.tune_exit_pipeline_parallel_size in (None, tuned[1])
         and converted[0] // converted[1] == tuned[0] // tuned[1]

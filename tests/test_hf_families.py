@@ -435,14 +435,14 @@ def test_new_model_fields_round_trip_and_are_architecture():
 def test_qkv_biases_and_qk_norms_train(dist1, corpus):
     """Every new parameter, in the layers and in an exit block, gets gradients and moves
     from its initial value (biases 0, norms 1)."""
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
     from tests.training_fixtures import tiny_run_flags
 
     flags = tiny_run_flags(
         corpus, iters=3, **{"--add-qkv-bias": None, "--qk-layernorm": None, "--use-exit-block": None, "--eval-iters": 0}
     )
-    state = pretrain(parse_args(flags, world_size=1))
+    state = pretrain(parse_run_config(flags, world_size=1))
     params = dict(state.model.named_parameters())
     new = {
         k: v for k, v in params.items() if k.endswith(("linear_qkv.bias", "q_layernorm.weight", "k_layernorm.weight"))

@@ -155,11 +155,11 @@ def _args(**flags):
 
 
 def test_flags_give_the_chunks_and_refuse_what_does_not_apply():
-    from megatron.early_exit.training.pipeline_layout import virtual_pipeline_chunks
+    from megatron.early_exit.training.arguments import build_run_config
 
-    assert virtual_pipeline_chunks(_args(**{"--num-layers-per-virtual-pipeline-stage": 2})) == 2
-    assert virtual_pipeline_chunks(_args(**{"--num-virtual-stages-per-pipeline-rank": 4})) == 4
-    assert virtual_pipeline_chunks(_args()) == 1
+    assert build_run_config(_args(**{"--num-layers-per-virtual-pipeline-stage": 2})).virtual_pipeline_chunks == 2
+    assert build_run_config(_args(**{"--num-virtual-stages-per-pipeline-rank": 4})).virtual_pipeline_chunks == 4
+    assert build_run_config(_args()).virtual_pipeline_chunks == 1
     with pytest.raises(
         ConfigError, match="--fill-explicit-bubbles cannot be combined with --num-layers-per-virtual-pipeline-stage"
     ):
@@ -239,12 +239,12 @@ def test_pp2_v2_losses_and_gradients_equal_one_process(interleaved_runs, case):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_pp2_v2_training_equals_one_process_and_its_checkpoint_loads_anywhere(dist1, corpus, interleaved_runs):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     got = _ok(interleaved_runs["case_train_pp2_v2_save_and_load_in_other_layouts"])
     flags = {"--num-layers": 8, "--exit-layer-nums": "2 5 7", "--exit-layer-weight": "0.3 0.3 0.3"}
-    reference = pretrain(parse_args(tiny_run_flags(corpus, iters=3, **flags), world_size=1))
+    reference = pretrain(parse_run_config(tiny_run_flags(corpus, iters=3, **flags), world_size=1))
     for history, expected in ((got["history"], reference.history), (got["validation"], reference.validation)):
         assert len(history) == len(expected)
         for g, e in zip(history, expected):

@@ -326,9 +326,7 @@ def test_ee_llm_7b_training_flags_parse(ee_llm_files, tmp_path):
 
 
 def test_ee_llm_13b_tuning_flags_parse(ee_llm_files, tmp_path):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.batch_schedule import scheduler_steps
-    from megatron.early_exit.training.pipeline_layout import built_stages
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
 
     home, tokenizer = ee_llm_files
     args = parse_args(
@@ -337,10 +335,12 @@ def test_ee_llm_13b_tuning_flags_parse(ee_llm_files, tmp_path):
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads) == (40, 5120, 13824, 40)
     assert args.exit_layer_nums == [5, 10, 15, 20, 25, 30, 35, 40]
     assert args.use_exit_norm and args.use_exit_mlp and args.untie_exit_output_weights and args.tune_exit
-    assert built_stages(args) == (40, 4) and args.data_parallel_size == 2 and args.num_microbatches == 2
+    assert (
+        build_run_config(args).built_stages == (40, 4) and args.data_parallel_size == 2 and args.num_microbatches == 2
+    )
     assert args.padded_vocab_size == 32000 and args.apply_query_key_layer_scaling
     assert args.tokenizer_type == "Llama2Tokenizer" and args.finetune
-    assert scheduler_steps(args).warmup == 400  # .01 of the 40000 decay iterations
+    assert build_run_config(args).training.scheduler_steps.warmup == 400  # .01 of the 40000 decay iterations
 
 
 def test_our_7b_example_means_what_ee_llm_7b_script_means(ee_llm_files, tmp_path):
@@ -377,18 +377,19 @@ def test_our_7b_example_means_what_ee_llm_7b_script_means(ee_llm_files, tmp_path
 
 def test_flash_attention_is_refused_without_cuda_in_one_line(ee_llm_files, tmp_path):
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.training.arguments import check_flash_attention, parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
+    from megatron.early_exit.training.run_config import check_flash_attention
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     home, tokenizer = ee_llm_files
     args = parse_args(ee_llm_7b_flags(home, tokenizer, str(tmp_path / "ckpt")), world_size=32)
     with pytest.raises(ConfigError, match=r"^--use-flash-attn needs a CUDA device.*add --no-use-flash-attn") as err:
-        check_flash_attention(args)
+        check_flash_attention(build_run_config(args))
     assert "\n" not in str(err.value)
     args = parse_args(ee_llm_7b_flags(home, tokenizer, str(tmp_path / "ckpt")) + ["--no-use-flash-attn"], world_size=32)
     assert not args.use_flash_attn
-    check_flash_attention(args)
+    check_flash_attention(build_run_config(args))
 
 
 @pytest.mark.parametrize(
@@ -427,21 +428,21 @@ def test_bad_run_flags_are_named(corpus, overrides, message):
 
 def test_padded_vocab_size_overrides_the_padding(corpus):
     from megatron.early_exit.errors import EarlyExitError
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import model_vocab_size
 
     args = parse_args(tiny_run_flags(corpus), world_size=1)
-    assert model_vocab_size(args, 64) == 64  # padded to a multiple of 32
+    assert model_vocab_size(build_run_config(args), 64) == 64  # padded to a multiple of 32
     args = parse_args(tiny_run_flags(corpus, **{"--padded-vocab-size": 100}), world_size=1)
-    assert model_vocab_size(args, 64) == 100
+    assert model_vocab_size(build_run_config(args), 64) == 100
     with pytest.raises(
         EarlyExitError, match=r"--padded-vocab-size \(100\) is smaller than the tokenizer's vocabulary \(128\)"
     ):
-        model_vocab_size(args, 128)
+        model_vocab_size(build_run_config(args), 128)
 
 
 def test_query_key_layer_scaling_keeps_the_logits(dist1, corpus):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import build_model
 
     tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -449,7 +450,7 @@ def test_query_key_layer_scaling_keeps_the_logits(dist1, corpus):
     logits = {}
     for flag in ("--no-query-key-layer-scaling", "--query-key-layer-scaling"):
         args = parse_args(tiny_run_flags(corpus, **{flag: None}), world_size=1)
-        model = build_model(args, torch.device("cpu"), 64).eval()
+        model = build_model(build_run_config(args), torch.device("cpu"), 64).eval()
         assert model.config.apply_query_key_layer_scaling == (flag == "--query-key-layer-scaling")
         with torch.no_grad():
             logits[flag] = model(tokens, position_ids, None).final
@@ -457,12 +458,11 @@ def test_query_key_layer_scaling_keeps_the_logits(dist1, corpus):
 
 
 def test_train_samples_count_iterations_as_megatron_lm(corpus):
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.batch_schedule import scheduler_steps
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
 
     samples = {"--train-iters": False, "--train-samples": 40, "--lr-warmup-iters": 0}
     args = parse_args(tiny_run_flags(corpus, **samples, **{"--lr-warmup-fraction": 0.25}), world_size=1)
-    steps = scheduler_steps(args)  # in samples
+    steps = build_run_config(args).training.scheduler_steps  # in samples
     assert args.train_iters == 5 and (steps.warmup, steps.decay, steps.total, steps.in_samples) == (10, 40, 40, True)
     args = parse_args(tiny_run_flags(corpus, **samples, **{"--rampup-batch-size": "4 4 16"}), world_size=1)
     assert args.train_iters == 7  # 4 batches of 4, then 3 of 8
@@ -487,7 +487,8 @@ def test_flash_attention_runs_through_transformer_engine(dist1, corpus):
 
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron.early_exit.training.arguments import check_flash_attention, parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
+    from megatron.early_exit.training.run_config import check_flash_attention
     from megatron.early_exit.training.trainer import build_model
 
     if (
@@ -501,8 +502,8 @@ def test_flash_attention_runs_through_transformer_engine(dist1, corpus):
     logits = {}
     for flag in ("--use-flash-attn", "--no-use-flash-attn"):
         args = parse_args(tiny_run_flags(corpus, **{flag: None, "--bf16": None, "--device": "cuda"}), world_size=1)
-        check_flash_attention(args)
-        model = build_model(args, torch.device("cuda"), 64).eval()
+        check_flash_attention(build_run_config(args))
+        model = build_model(build_run_config(args), torch.device("cuda"), 64).eval()
         assert (model.config.attention_backend == AttnBackend.flash) == (flag == "--use-flash-attn")
         with torch.no_grad():
             logits[flag] = model(tokens, position_ids, None).final.float()
@@ -550,7 +551,7 @@ def test_ee_llm_scripts_run_on_cpu_with_later_flags(dist1, corpus, ee_llm_files,
     assert len(state.history) == 2 and loss_keys(state.history[-1]) == ["lm loss", "early loss [1]", "early loss [2]"]
     assert os.path.isfile(os.path.join(pretrained, "iter_0000002", "common.pt"))
     # EE-Tuning: a backbone without exits (as converted from Llama 2), new exits trained on it.
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -569,7 +570,7 @@ def test_ee_llm_scripts_run_on_cpu_with_later_flags(dist1, corpus, ee_llm_files,
         ),
         world_size=1,
     )
-    save_weights(backbone, args, build_model(args, torch.device("cpu"), 128))
+    save_weights(backbone, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128))
     state = run_training(
         ee_llm_13b_tuning_flags(home, tokenizer, backbone, tuned)
         + cpu_overrides(corpus, "3 4", **{"--tune-exit-pipeline-parallel-size": "1", "--padded-vocab-size": "128"})

@@ -18,7 +18,7 @@ NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
 
 
 def _write_checkpoint(root):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -60,7 +60,7 @@ def _write_checkpoint(root):
         ],
         world_size=1,
     )
-    save_weights(root, args, build_model(args, torch.device("cpu"), VOCAB), iteration=1)
+    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), VOCAB), iteration=1)
 
 
 @pytest.fixture(scope="module")

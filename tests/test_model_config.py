@@ -39,8 +39,8 @@ def test_inference_server_and_hf_import_no_training_code():
 def test_description_round_trips_and_builds_what_the_flags_build(dist1):
     from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.sharding import full_state_dict
-    from megatron.early_exit.training.arguments import parse_args
-    from megatron.early_exit.training.trainer import build_model, model_config_of
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
+    from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(
         tiny_run_flags(
@@ -55,14 +55,14 @@ def test_description_round_trips_and_builds_what_the_flags_build(dist1):
         ),
         world_size=1,
     )
-    config = model_config_of(args, 64)
+    config = build_run_config(args).model_config(64)
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert ModelConfig.from_flags({**vars(args), **config.to_flags()}, 64) == config
     assert config.exit_layer_nums == [1, 2] and config.num_query_groups == 2 and config.early_exit.use_exit_mlp
     from megatron.early_exit.models.builder import build_model as build_from_description
 
     a, b = (
-        full_state_dict(build_model(args, torch.device("cpu"), 64)),
+        full_state_dict(build_model(build_run_config(args), torch.device("cpu"), 64)),
         full_state_dict(build_from_description(config, torch.device("cpu"), seed=args.seed)),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -120,7 +120,7 @@ def test_checkpoint_of_the_previous_format_loads_with_the_same_logits(dist1):
 def _sentencepiece_checkpoint(root: str) -> None:
     """A checkpoint whose SentencePiece model lies inside its own directory."""
     from megatron.early_exit.tokenizers import train_sentencepiece
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -145,7 +145,7 @@ def _sentencepiece_checkpoint(root: str) -> None:
         ),
         world_size=1,
     )
-    save_weights(root, args, build_model(args, torch.device("cpu"), 320), iteration=1)
+    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 320), iteration=1)
 
 
 def test_moved_checkpoint_loads_and_serves_with_no_extra_flags(dist1, tmp_path):

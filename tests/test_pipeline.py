@@ -1,5 +1,7 @@
 """Pipeline plans (pure), and pipeline training runs against one-process runs."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -236,33 +238,35 @@ def test_idle_fill_items_follow_their_kind_and_caps():
 
 
 def test_run_pipeline_plan_follows_the_flags():
-    from types import SimpleNamespace
-
     from megatron.early_exit.config import EarlyExitConfig
+    from megatron.early_exit.models.model_config import ModelConfig
     from megatron.early_exit.training.bubble_fill import run_pipeline_plan
+    from megatron.early_exit.training.run_config import ScheduleConfig
 
     ee = EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True)
-    args = SimpleNamespace(
+    model = ModelConfig(
+        num_layers=8,
+        hidden_size=64,
+        num_attention_heads=4,
+        padded_vocab_size=512,
+        max_position_embeddings=64,
+        ffn_hidden_size=256,
+        swiglu=False,
+        early_exit=ee,
+    )
+    schedule = ScheduleConfig(
         fill_explicit_bubbles=True,
         fill_placement="idle",
         backward_forward_ratio=2.0,
         num_fill_warmup_microbatches=None,
         num_fill_cooldown_microbatches=None,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=None,
-        group_query_attention=False,
-        kv_channels=None,
-        ffn_hidden_size=256,
-        swiglu=False,
-        seq_length=64,
     )
-    plan, fill = run_pipeline_plan(args, ee, 8, 4, 8, 512)
+    plan, fill = run_pipeline_plan(schedule, model, 64, 8, 4, 8, 512)
     check_plan(plan)
     assert len(plan) == 4 and fill.warmup_reach
     fixed_plan, fixed = run_pipeline_plan(
-        SimpleNamespace(**{**vars(args), "fill_placement": "fixed"}), ee, 8, 4, 8, 512
+        dataclasses.replace(schedule, fill_placement="fixed"), model, 64, 8, 4, 8, 512
     )
     assert fixed == build_fill_plan(4, [0, 1], 2, 2, 2.0)
-    off, none = run_pipeline_plan(SimpleNamespace(**{**vars(args), "fill_explicit_bubbles": False}), ee, 8, 4, 8, 512)
+    off, none = run_pipeline_plan(dataclasses.replace(schedule, fill_explicit_bubbles=False), model, 64, 8, 4, 8, 512)
     assert none is None and off == pipeline_plan(4, 8)

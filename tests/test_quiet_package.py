@@ -12,7 +12,7 @@ SCRIPT = r"""
 import os, sys, torch
 import megatron.early_exit
 from megatron.early_exit.parallel import initialize_parallel
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import build_run_config, parse_args
 from megatron.early_exit.training.checkpointing import save_weights
 from megatron.early_exit.training.trainer import build_model
 from megatron.early_exit.inference.loading import load_model
@@ -22,7 +22,7 @@ root = sys.argv[1]
 args = parse_args("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
                   "--train-iters 1 --lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 100 "
                   "--exit-layer-nums 1".split(), world_size=1)
-save_weights(root, args, build_model(args, torch.device("cpu"), 128), iteration=1)
+save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
 load_model(root)
 # What sequence parallelism at TP=2 calls (megatron-core's reduce-scatter and all-gather).
 x = torch.ones(4)

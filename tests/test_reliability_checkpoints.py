@@ -102,11 +102,11 @@ def _plant_common(path, marker):
 def _weights_checkpoint_with(root, corpus, key_suffix, payload):
     """A weights-only checkpoint whose byte item `*key_suffix` holds `payload`."""
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
-    model = build_model(args, torch.device("cpu"), VOCAB)
+    model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
     state = checkpointing._sharded_state(args, model, None, None, 0, 0, root, include_optimizer=False)
     key = next(k for k in state["model"] if k.endswith(key_suffix))
     state["model"][key].data = payload
@@ -365,14 +365,14 @@ def test_non_finite_stops_before_saving_and_keep_last_keeps_the_finite_one(dist1
 
 def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, corpus, tmp_path):
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import NonFiniteError, build_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
-    model = build_model(args, torch.device("cpu"), VOCAB)
+    model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
     with torch.no_grad():
         dict(model.named_parameters())["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
-    checkpointing.save_weights(str(tmp_path / "nan"), args, model)
+    checkpointing.save_weights(str(tmp_path / "nan"), vars(args), model)
     with pytest.raises(NonFiniteError, match=r"^iteration 1: lm loss is nan"):
         run_training(
             tiny_run_flags(
@@ -387,12 +387,12 @@ def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, cor
 
 def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4, **{"--save": str(tmp_path)}), world_size=1)
-    model = wrap_model(build_model(args, torch.device("cpu"), VOCAB), args)
-    optimizer, scheduler = build_optimizer(model, args)
+    model = wrap_model(build_model(build_run_config(args), torch.device("cpu"), VOCAB), build_run_config(args))
+    optimizer, scheduler = build_optimizer(model, build_run_config(args))
     with torch.no_grad():
         dict(model.module.named_parameters())["exits.1.norm.weight"][3] = float("inf")
     with pytest.raises(
@@ -400,7 +400,7 @@ def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
         match=r"^iteration 5: the weights hold NaN or Inf \(exits.1.norm.weight\); "
         rf"not saved under --save {tmp_path}, whose checkpoints are kept$",
     ):
-        checkpointing.save(args, model, optimizer, scheduler, 5, 40)
+        checkpointing.save(build_run_config(args), model, optimizer, scheduler, 5, 40)
     assert os.listdir(tmp_path) == []
 
 

@@ -309,14 +309,14 @@ DAMAGE = {
 def test_damaged_dataset_files_are_named(dist1, corpus, tmp_path, case):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.tokenizers import build_tokenizer
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.data import build_datasets
 
     damage, message = DAMAGE[case]
     prefix = _damaged_copy(corpus, tmp_path, damage)
     args = parse_args(tiny_run_flags(prefix, iters=4), world_size=1)
     with pytest.raises(ConfigError, match=r"^--data-path: " + re.escape(str(tmp_path)) + ".*" + message):
-        build_datasets(args, build_tokenizer("NullTokenizer", vocab_size=args.vocab_size))
+        build_datasets(build_run_config(args), build_tokenizer("NullTokenizer", vocab_size=args.vocab_size))
 
 
 def test_damaged_dataset_is_one_line_on_the_command_line(corpus, tmp_path):
@@ -346,16 +346,16 @@ def _unwritable_directory(tmp_path) -> str:
 def test_unwritable_data_cache_path_names_the_flag(dist1, corpus, tmp_path):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.tokenizers import build_tokenizer
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.data import build_datasets
 
     cache = _unwritable_directory(tmp_path)
     args = parse_args(tiny_run_flags(corpus, iters=4, **{"--data-cache-path": cache}), world_size=1)
     tokenizer = build_tokenizer("NullTokenizer", vocab_size=args.vocab_size)
     with pytest.raises(ConfigError, match=rf"^--data-cache-path {cache}: cannot write the dataset index cache"):
-        build_datasets(args, tokenizer)
+        build_datasets(build_run_config(args), tokenizer)
     args = parse_args(tiny_run_flags(corpus, iters=4, **{"--data-cache-path": str(tmp_path / "cache")}), world_size=1)
-    train, valid, test = build_datasets(args, tokenizer)  # a writable one works, and caches
+    train, valid, test = build_datasets(build_run_config(args), tokenizer)  # a writable one works, and caches
     assert len(train) >= 16 and len(valid) > 0 and test is None and os.listdir(tmp_path / "cache")
     assert not math.isnan(float(train[0]["tokens"].float().mean()))
 
@@ -366,6 +366,7 @@ def test_unwritable_data_cache_path_names_the_flag(dist1, corpus, tmp_path):
 def _build(args, prefix_vocab=None):
     """build_datasets with a 60 s alarm: a split megatron-core loops on fails instead of hanging."""
     from megatron.early_exit.tokenizers import build_tokenizer
+    from megatron.early_exit.training.arguments import build_run_config
     from megatron.early_exit.training.data import build_datasets
 
     def hung(signum, frame):
@@ -374,7 +375,9 @@ def _build(args, prefix_vocab=None):
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(60)
     try:
-        return build_datasets(args, build_tokenizer("NullTokenizer", vocab_size=prefix_vocab or args.vocab_size))
+        return build_datasets(
+            build_run_config(args), build_tokenizer("NullTokenizer", vocab_size=prefix_vocab or args.vocab_size)
+        )
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -35,7 +35,7 @@ def _sentences(n: int, seed: int = 0):
 def sp_checkpoint(dist1, tmp_path_factory):
     """A random 4-layer model with exits after layers 1 and 2, its vocabulary 500 padded to 512."""
     from megatron.early_exit.tokenizers import train_sentencepiece
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
@@ -82,7 +82,7 @@ def sp_checkpoint(dist1, tmp_path_factory):
         world_size=1,
     )
     ckpt = str(root / "ckpt")
-    save_weights(ckpt, args, build_model(args, torch.device("cpu"), PADDED), iteration=1)
+    save_weights(ckpt, vars(args), build_model(build_run_config(args), torch.device("cpu"), PADDED), iteration=1)
     return ckpt, model_file
 
 

@@ -163,13 +163,14 @@ def _all_logits(model, tokens, pos):
 @pytest.mark.parametrize("saved,loaded", [("local", "te_standin"), ("te_standin", "local")])
 def test_checkpoint_saved_in_one_layout_loads_in_the_other(dist1, tmp_path, structure, saved, loaded):
     from megatron.early_exit.inference.loading import load_model
+    from megatron.early_exit.training.arguments import build_run_config
     from megatron.early_exit.training.checkpointing import load_weights, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = _args(saved, structure)
-    model = build_model(args, torch.device("cpu"), VOCAB)
+    model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
     spread_vectors(model)
-    save_weights(str(tmp_path), args, model)
+    save_weights(str(tmp_path), vars(args), model)
     back, _, _ = load_model(str(tmp_path), transformer_impl=loaded)
     assert back.transformer_impl == loaded
     tokens, _, pos = make_batch(vocab=VOCAB)
@@ -206,11 +207,12 @@ def test_torch_checkpoint_exception_becomes_one_line(dist1, tmp_path, monkeypatc
 
 
 def test_tensor_missing_from_checkpoint_is_named(dist1, tmp_path):
+    from megatron.early_exit.training.arguments import build_run_config
     from megatron.early_exit.training.checkpointing import CheckpointError, load_weights, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = _args("local", "mlp_untied", **{"--use-exit-norm": False})
-    save_weights(str(tmp_path), args, build_model(args, torch.device("cpu"), VOCAB))
+    save_weights(str(tmp_path), vars(args), build_model(build_run_config(args), torch.device("cpu"), VOCAB))
     with_norm = build_model(_args("te_standin", "mlp_untied"), torch.device("cpu"), VOCAB)
     with pytest.raises(CheckpointError, match=r"the checkpoint has no exits\.1\.norm\.bias, exits\.1\.norm\.weight"):
         load_weights(str(tmp_path / "iter_0000000"), with_norm)
@@ -220,13 +222,13 @@ def test_tensor_missing_from_checkpoint_is_named(dist1, tmp_path):
 
 
 def test_training_losses_equal_between_layouts(dist1, corpus):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     histories = {}
     for impl in ("local", "te_standin"):
         flags = {"--transformer-impl": impl, "--use-exit-mlp": None, "--eval-iters": 0, "--normalization": "LayerNorm"}
-        histories[impl] = pretrain(parse_args(tiny_run_flags(corpus, iters=4, **flags), world_size=1)).history
+        histories[impl] = pretrain(parse_run_config(tiny_run_flags(corpus, iters=4, **flags), world_size=1)).history
     local, standin = histories["local"], histories["te_standin"]
     assert len(local) == len(standin) == 4
     for step, (a, b) in enumerate(zip(local, standin)):
@@ -318,7 +320,7 @@ def main():
     from megatron.early_exit.inference import EarlyExit, generate
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import target_device
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args, parse_run_config
     from megatron.early_exit.training.trainer import pretrain
     from tests.training_fixtures import tiny_run_flags
 
@@ -329,7 +331,7 @@ def main():
     save = tempfile.mkdtemp()
     flags = {"--mock-data": None, "--tokenizer-type": False, "--device": "cpu", "--save": save, "--eval-iters": 0,
              "--use-exit-mlp": None}
-    state = pretrain(parse_args(tiny_run_flags(None, iters=3, **flags), world_size=1))
+    state = pretrain(parse_run_config(tiny_run_flags(None, iters=3, **flags), world_size=1))
     out["applied"], out["target"] = platform.is_applied(), str(target_device())
     out["trained_impl"], out["loss"] = state.model.module.transformer_impl, state.history[-1]["lm loss"]
     model = load_model(save)[0]

@@ -59,14 +59,14 @@ def test_two_processes_equal_one(dist1, corpus, two_process_runs, case, flags):
 
 def test_blend_of_two_data_paths(dist1, corpus, tmp_path):
     from megatron.early_exit.tokenizers import build_tokenizer
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.data import build_datasets
 
     other = write_corpus(str(tmp_path), name="other", seed=1, num_docs=100)
     argv = tiny_run_flags(None, iters=4, **{"--data-path": f"0.3 {corpus} 0.7 {other}"})
     args = parse_args(argv, world_size=1)
     tokenizer = build_tokenizer("NullTokenizer", vocab_size=args.vocab_size)
-    train, _, _ = build_datasets(args, tokenizer)
+    train, _, _ = build_datasets(build_run_config(args), tokenizer)
     counts = [int((train.dataset_index == i).sum()) for i in range(2)]
     assert len(train.datasets) == 2 and min(counts) > 0
     assert abs(counts[1] / sum(counts) - 0.7) < 0.1

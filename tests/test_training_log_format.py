@@ -21,13 +21,13 @@ def test_learning_rate_keeps_one_notation_and_time_left_reads_as_a_duration():
 
 @pytest.fixture(scope="module")
 def training_output(dist1, corpus):
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pretrain(
-            parse_args(
+            parse_run_config(
                 tiny_run_flags(
                     corpus, iters=6, **{"--log-interval": 2, "--eval-interval": 100, "--lr-warmup-iters": 2}
                 ),

@@ -92,7 +92,7 @@ def tiny_run_flags(data_prefix=None, iters=30, **overrides):
 
 def run_training(argv):
     """A one-process pretraining run of `argv` (flags): its final training state."""
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
 
-    return pretrain(parse_args(argv, world_size=1))
+    return pretrain(parse_run_config(argv, world_size=1))

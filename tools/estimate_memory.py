@@ -99,52 +99,53 @@ def script_flags(path):
 def shape_of(argv, world_size, tokenizer_vocab_size=32000, kernels="auto"):
     """(ModelConfig, TrainingShape) of training flags on `world_size` ranks."""
     from megatron.early_exit.memory import TrainingShape
-    from megatron.early_exit.models.model_config import ModelConfig, padded_vocab_size
-    from megatron.early_exit.models.recompute import RecomputeConfig
+    from megatron.early_exit.models.model_config import padded_vocab_size
     from megatron.early_exit.pipeline.placement import exit_stages
     from megatron.early_exit.pipeline.plan import build_fill_plan, default_num_fill_microbatches
-    from megatron.early_exit.training.arguments import build_early_exit_config, parse_args
-    from megatron.early_exit.training.pipeline_layout import virtual_pipeline_chunks
+    from megatron.early_exit.training.arguments import parse_run_config
 
     argv = strip_file_flags(list(argv))
     if "--vocab-size" not in argv:
         argv += ["--vocab-size", str(tokenizer_vocab_size)]
-    args = parse_args(argv + ["--mock-data"], world_size=world_size)
-    vocab = getattr(args, "padded_vocab_size", None) or padded_vocab_size(
-        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    config = parse_run_config(argv + ["--mock-data"], world_size=world_size)
+    parallel, schedule = config.parallel, config.schedule
+    vocab = config.data.padded_vocab_size or padded_vocab_size(
+        config.model.tokenizer.vocab_size,
+        config.model.make_vocab_size_divisible_by,
+        parallel.tensor_model_parallel_size,
     )
-    model = ModelConfig.from_flags(vars(args), padded_vocab_size=vocab)
-    pp = args.pipeline_model_parallel_size
+    model = config.model_config(vocab)
+    pp = parallel.pipeline_model_parallel_size
     fill = None
-    if args.fill_explicit_bubbles:
-        default = default_num_fill_microbatches(pp, args.backward_forward_ratio)
+    if schedule.fill_explicit_bubbles:
+        default = default_num_fill_microbatches(pp, schedule.backward_forward_ratio)
         pick = lambda n: default if n is None else n  # noqa: E731
         fill = build_fill_plan(
             pp,
-            exit_stages(build_early_exit_config(args), args.num_layers, pp),
-            pick(args.num_fill_warmup_microbatches),
-            pick(args.num_fill_cooldown_microbatches),
-            args.backward_forward_ratio,
+            exit_stages(config.early_exit, model.num_layers, pp),
+            pick(schedule.num_fill_warmup_microbatches),
+            pick(schedule.num_fill_cooldown_microbatches),
+            schedule.backward_forward_ratio,
         )
     if kernels == "auto":
         kernels = (
             "local"
-            if args.device == "cpu" or getattr(args, "transformer_impl", None) == "local"
+            if parallel.device == "cpu" or config.implementation.transformer_impl == "local"
             else "transformer_engine"
         )
     shape = TrainingShape(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=pp,
-        data_parallel_size=args.data_parallel_size,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        num_microbatches=args.num_microbatches,
-        sequence_parallel=args.sequence_parallel,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        recompute=RecomputeConfig.from_flags(vars(args)),
+        data_parallel_size=parallel.data_parallel_size,
+        micro_batch_size=config.training.micro_batch_size,
+        seq_length=config.data.seq_length,
+        num_microbatches=config.num_microbatches,
+        sequence_parallel=parallel.sequence_parallel,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        recompute=config.recompute,
         fill=fill,
         kernels=kernels,
-        num_model_chunks=virtual_pipeline_chunks(args),
+        num_model_chunks=config.virtual_pipeline_chunks,
     )
     return model, shape
 

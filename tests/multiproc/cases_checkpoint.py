@@ -6,7 +6,7 @@ import tempfile
 
 import torch
 
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.training_fixtures import tiny_run_flags
 
@@ -16,13 +16,15 @@ DATA = os.environ.get("EE_TEST_DATA")
 def resume_matches_straight(layout):
     """20 iterations straight vs 10 + save + resume for 10: identical losses (bitwise)."""
     base = {"--hidden-dropout": 0.1, "--eval-iters": 0, **layout}
-    straight = pretrain(parse_args(tiny_run_flags(DATA, iters=20, **base)))
+    straight = pretrain(parse_run_config(tiny_run_flags(DATA, iters=20, **base)))
     root = tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None
     holder = [root]
     torch.distributed.broadcast_object_list(holder)
     root = holder[0]
-    first = pretrain(parse_args(tiny_run_flags(DATA, iters=10, **base, **{"--save": root, "--lr-decay-iters": 20})))
-    second = pretrain(parse_args(tiny_run_flags(DATA, iters=20, **base, **{"--load": root})))
+    first = pretrain(
+        parse_run_config(tiny_run_flags(DATA, iters=10, **base, **{"--save": root, "--lr-decay-iters": 20}))
+    )
+    second = pretrain(parse_run_config(tiny_run_flags(DATA, iters=20, **base, **{"--load": root})))
     losses = lambda h: [e[k] for e in h for k in sorted(e) if "loss" in k]  # noqa: E731
     assert len(second.history) == 10
     assert losses(first.history + second.history) == losses(straight.history)
@@ -59,10 +61,11 @@ def case_distributed_optimizer_state_gathered_on_one_rank():
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.trainer import build_model, build_optimizer, model_vocab_size, wrap_model
 
-    args = parse_args(tiny_run_flags(DATA, iters=4, **{"--use-distributed-optimizer": None}))
+    config = parse_run_config(tiny_run_flags(DATA, iters=4, **{"--use-distributed-optimizer": None}))
     ctx = initialize_parallel(1, 1, gloo_process_groups=True)
-    model = wrap_model(build_model(args, ctx.device, model_vocab_size(args, args.vocab_size)), args)
-    optimizer, _ = build_optimizer(model, args, ctx.gloo_process_groups)
+    vocab_size = model_vocab_size(config, config.model.tokenizer.vocab_size)
+    model = wrap_model(build_model(config, ctx.device, vocab_size), config)
+    optimizer, _ = build_optimizer(model, config, ctx.gloo_process_groups)
     checkpointing._materialise_optimizer_state(optimizer)
     metadata = checkpointing.optimizer_metadata(optimizer)
     assert metadata["distrib_optim_fully_reshardable_mem_efficient"]

@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.training import checkpointing
-from megatron.early_exit.training.arguments import stored_args
+from megatron.early_exit.training.arguments import build_run_config, stored_args
 from megatron.early_exit.training.trainer import build_model
 
 
@@ -42,7 +42,7 @@ def case_tp2_pp2_logits_match_one_process():
     args = stored_args(path, 2)
     assert (args.saved_tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
     args.pipeline_model_parallel_size = 2  # the layout the checkpoint was converted for
-    model = build_model(args, torch.device("cpu"), reference["vocab_size"]).eval()
+    model = build_model(build_run_config(args), torch.device("cpu"), reference["vocab_size"]).eval()
     checkpointing.load_weights(path, model)
     assert len(model.decoder.layers) == args.num_layers // 2
 

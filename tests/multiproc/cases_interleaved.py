@@ -271,18 +271,18 @@ def _batch():
 
 def case_train_pp2_v2_save_and_load_in_other_layouts():
     from megatron.early_exit.inference.loading import load_model
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import parse_run_config
     from megatron.early_exit.training.trainer import pretrain
     from tests.training_fixtures import tiny_run_flags
 
     save = os.path.join(OUT, "interleaved_ckpt")
     flags = {**TRAIN_FLAGS, "--num-layers-per-virtual-pipeline-stage": 2, "--save": save}
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=3, **flags)))
+    state = pretrain(parse_run_config(tiny_run_flags(DATA, iters=3, **flags)))
     tokens, pos = _batch()
     logits = {"pp2 x v2 (trained)": _pipeline_logits(state.model, tokens, pos)}
     # The same run's checkpoint, resumed with 4 chunks per stage (optimizer state included).
     resumed = pretrain(
-        parse_args(
+        parse_run_config(
             tiny_run_flags(
                 DATA,
                 iters=3,

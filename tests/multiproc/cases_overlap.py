@@ -5,7 +5,7 @@ import os
 
 from megatron.early_exit.pipeline.interleaved import model_chunks
 from megatron.early_exit.sharding import full_state_dict
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.helpers import max_abs_diff
 from tests.training_fixtures import tiny_run_flags
@@ -15,7 +15,7 @@ OVERLAP = {"--overlap-grad-reduce": None, "--overlap-param-gather": None}
 
 
 def _run(flags):
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=5, **{"--use-distributed-optimizer": None}, **flags)))
+    state = pretrain(parse_run_config(tiny_run_flags(DATA, iters=5, **{"--use-distributed-optimizer": None}, **flags)))
     model = state.model
     chunks = model_chunks(model)  # one DDP per model chunk with the interleaved pipeline
     overlapped = model.ddp_config.overlap_grad_reduce

@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 
 from megatron.early_exit.models.init import canonical_name
 from megatron.early_exit.sharding import full_state_dict
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.training_fixtures import tiny_run_flags
 
@@ -24,12 +24,16 @@ def _full_params(model):
 
 
 def case_pp2_dp2_history():
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=4, **PP_FLAGS, **{"--pipeline-model-parallel-size": 2})))
+    state = pretrain(
+        parse_run_config(tiny_run_flags(DATA, iters=4, **PP_FLAGS, **{"--pipeline-model-parallel-size": 2}))
+    )
     return {"history": state.history, "validation": state.validation}
 
 
 def case_pp4_tied_copies_stay_identical():
-    state = pretrain(parse_args(tiny_run_flags(DATA, iters=3, **PP_FLAGS, **{"--pipeline-model-parallel-size": 4})))
+    state = pretrain(
+        parse_run_config(tiny_run_flags(DATA, iters=3, **PP_FLAGS, **{"--pipeline-model-parallel-size": 4}))
+    )
     parts = _full_params(state.model)
     # Stage 0 holds the embedding, stage 2 a copy for its tied exit (layer 5), stage 3 the
     # tied output layer (also used by its exit at layer 7).
@@ -55,7 +59,7 @@ def case_pp2_exit_tuning():
             "--untie-exit-output-weights": None,
         },
     )
-    state = pretrain(parse_args(flags))
+    state = pretrain(parse_run_config(flags))
     merged = {}
     for part in _full_params(state.model):
         merged.update(part)
@@ -73,6 +77,6 @@ def case_pp4_bubble_filling_trains():
             "--global-batch-size": 16,
         },
     )
-    state = pretrain(parse_args(flags))
+    state = pretrain(parse_run_config(flags))
     assert all(h["lm loss"] > 0 for h in state.history)
     return {"history": state.history}

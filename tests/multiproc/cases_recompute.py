@@ -10,7 +10,7 @@ from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
 from megatron.early_exit.models.recompute import RecomputeConfig
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.sharding import full_state_dict
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.helpers import ee_loss_and_grads, load_full_state_dict, make_batch, max_abs_diff, tiny_transformer_config
 from tests.training_fixtures import tiny_run_flags
@@ -82,7 +82,7 @@ def _pp2(extra):
     iteration sees the same weights) with each setting, against none."""
 
     def run(flags):
-        state = pretrain(parse_args(tiny_run_flags(DATA, iters=2, **PP_FLAGS, **extra, **flags)))
+        state = pretrain(parse_run_config(tiny_run_flags(DATA, iters=2, **PP_FLAGS, **extra, **flags)))
         grads = full_state_dict(state.model.module, grads=True)
         return state.history, grads
 

@@ -6,7 +6,7 @@ import os
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.training_fixtures import tiny_run_flags
 
@@ -59,7 +59,7 @@ def _gather_to_all(result: dict) -> dict:
 
 def case_tp2_pp2_saves_a_checkpoint_with_its_logits():
     state = pretrain(
-        parse_args(tiny_run_flags(DATA, iters=3, **FLAGS, **LAYOUT, **{"--save": os.path.join(ROOT, "tp2pp2")}))
+        parse_run_config(tiny_run_flags(DATA, iters=3, **FLAGS, **LAYOUT, **{"--save": os.path.join(ROOT, "tp2pp2")}))
     )
     logits = _gather_to_all(logits_by_layer(state.model.module, TOKENS))
     assert sorted(logits) == ["exit 1", "exit 3", "final"]
@@ -73,7 +73,7 @@ def case_tp2_pp2_reads_a_tp1_checkpoint():
     """The TP=1 checkpoint and its logits were written by the single-process test."""
     # One step at learning rate 0 leaves the loaded weights as they are.
     state = pretrain(
-        parse_args(
+        parse_run_config(
             tiny_run_flags(
                 DATA,
                 iters=1,

@@ -2,7 +2,7 @@
 
 import os
 
-from megatron.early_exit.training.arguments import parse_args
+from megatron.early_exit.training.arguments import parse_run_config
 from megatron.early_exit.training.trainer import pretrain
 from tests.training_fixtures import tiny_run_flags
 
@@ -10,7 +10,7 @@ DATA = os.environ.get("EE_TEST_DATA")
 
 
 def _history(argv):
-    state = pretrain(parse_args(argv))
+    state = pretrain(parse_run_config(argv))
     return {"history": state.history, "validation": state.validation}
 
 

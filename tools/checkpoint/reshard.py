@@ -68,8 +68,11 @@ def target_args(a):
     return args
 
 
-def checked_target_args(a):
-    """target_args, refused in one line when the checkpoint cannot take the target layout."""
+def checked_target_config(a):
+    """The run configuration of target_args, refused in one line when the checkpoint cannot
+    take the target layout."""
+    from megatron.early_exit.training.arguments import build_run_config
+
     args = target_args(a)
     if args.num_layers % args.pipeline_model_parallel_size:
         from megatron.early_exit.errors import ConfigError
@@ -78,7 +81,7 @@ def checked_target_args(a):
             f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size} does not divide "
             f"the checkpoint's {args.num_layers} layers"
         )
-    return args
+    return build_run_config(args)
 
 
 def run_rank(a):
@@ -88,32 +91,29 @@ def run_rank(a):
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.pipeline.placement import tied_embedding_stages
     from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.arguments import build_early_exit_config
     from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
 
-    args = checked_target_args(a)
+    config = checked_target_config(a)
+    pp = config.parallel.pipeline_model_parallel_size
     ctx = initialize_parallel(
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        seed=args.seed,
+        config.parallel.tensor_model_parallel_size,
+        pp,
+        seed=config.training.seed,
         device="cpu",
         tied_embedding_stages=tied_embedding_stages(
-            build_early_exit_config(args),
-            args.num_layers,
-            args.pipeline_model_parallel_size,
-            not args.untie_embeddings_and_output_weights,
+            config.early_exit, config.model.num_layers, pp, not config.model.untie_embeddings_and_output_weights
         ),
     )
-    vocab = read_model_config(checkpointing.resolve(args.load, args.load_iteration)).padded_vocab_size
-    model = build_model(args, ctx.device, vocab)
-    model = wrap_model(model, args)
-    optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)
-    iteration, consumed = checkpointing.load(args, model, optimizer, scheduler)
+    vocab = read_model_config(checkpointing.resolve(a.load, a.load_iteration)).padded_vocab_size
+    model = build_model(config, ctx.device, vocab)
+    model = wrap_model(model, config)
+    optimizer, scheduler = build_optimizer(model, config, ctx.gloo_process_groups)
+    iteration, consumed = checkpointing.load(config, model, optimizer, scheduler)
     if a.weights_only:
-        path = checkpointing.save_weights(a.save, args, model, iteration)
+        path = checkpointing.save_weights(a.save, config.flags, model, iteration)
     else:
-        path = checkpointing.save(args, model, optimizer, scheduler, iteration, consumed)
-    check = build_model(args, ctx.device, vocab)
+        path = checkpointing.save(config, model, optimizer, scheduler, iteration, consumed)
+    check = build_model(config, ctx.device, vocab)
     checkpointing.load_weights(path, check)
     for (name, want), (_, got) in zip(model.module.state_dict().items(), check.state_dict().items()):
         if torch.is_tensor(want) and not torch.equal(want, got):
@@ -137,7 +137,7 @@ def main(argv=None):
     a = parse(argv)
     if "WORLD_SIZE" in os.environ:
         return run_rank(a)
-    checked_target_args(a)  # what can be refused is refused here, before any process starts
+    checked_target_config(a)  # what can be refused is refused here, before any process starts
     nproc = a.target_tensor_parallel_size * a.target_pipeline_parallel_size
     print(
         f"starting {nproc} processes (TP={a.target_tensor_parallel_size} x PP={a.target_pipeline_parallel_size})",

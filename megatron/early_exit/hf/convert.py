@@ -22,7 +22,6 @@ Both need a single-process layout (TP=PP=1); the tools start one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -93,7 +92,7 @@ def stored_flags(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     base: Optional[dict] = None,
-) -> argparse.Namespace:
+) -> dict:
     """The flags stored with a checkpoint written without a training run (--use-checkpoint-args
     and tools that rebuild a run read them): `base` (the flags of the checkpoint it was made
     from), the model's, its precision, and the layout it is meant for."""
@@ -108,7 +107,7 @@ def stored_flags(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
-    return argparse.Namespace(**flags)
+    return flags
 
 
 def _field_defaults(cls) -> dict:

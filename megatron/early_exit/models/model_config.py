@@ -93,6 +93,15 @@ class TokenizerConfig:
         )
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's: 4 x hidden, or with SwiGLU (two input projections) 2/3 of that, rounded
+    down to a multiple of 64, so that the MLP keeps about the same number of parameters. The
+    one default of --ffn-hidden-size and of ModelConfig.ffn_hidden_size."""
+    if not swiglu:
+        return 4 * hidden_size
+    return max(int(4 * hidden_size * 2 / 3 / 64) * 64, 64)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     num_layers: int
@@ -105,7 +114,7 @@ class ModelConfig:
     """Longest sequence the model takes (the size of learned position embeddings)."""
 
     ffn_hidden_size: Optional[int] = None
-    """Default 4 x hidden_size."""
+    """Default `default_ffn_hidden_size` (4 x hidden_size; SwiGLU: about 2/3 of that)."""
 
     num_query_groups: Optional[int] = None
     """Grouped-query attention: key/value heads (None: one per attention head)."""
@@ -152,7 +161,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
-            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+            object.__setattr__(self, "ffn_hidden_size", default_ffn_hidden_size(self.hidden_size, self.swiglu))
         if self.params_dtype not in DTYPES:
             raise ConfigError(f"params_dtype must be one of {', '.join(DTYPES)}, got {self.params_dtype!r}")
         self.early_exit.validate_against(self.num_layers)

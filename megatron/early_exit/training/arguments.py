@@ -1,7 +1,9 @@
 """Command-line arguments: Megatron-LM's names and meanings, plus EE-LLM's early-exit flags.
 
-`parse_args` parses and validates; every error names the flag and the value. The
-builders below turn the namespace into megatron-core configs.
+`parse_args` parses and validates (argument_checks.py; every error names the flag and the
+value) into an argparse namespace; `build_run_config` turns that, once, into the typed
+RunConfig (run_config.py) that `pretrain` and everything below it take. The namespace
+stays here and in the entry points.
 """
 
 from __future__ import annotations
@@ -13,21 +15,10 @@ from typing import List, Optional
 
 from megatron.early_exit.config import CURRICULA, LAYER_DROPOUT_STYLES, WARMUP_STYLES, EarlyExitConfig
 from megatron.early_exit.errors import ConfigError
-from megatron.early_exit.models.layer_specs import TRANSFORMER_ENGINE, TRANSFORMER_IMPLS
+from megatron.early_exit.models.layer_specs import TRANSFORMER_IMPLS
 from megatron.early_exit.tokenizers import TOKENIZER_TYPES
-from megatron.early_exit.training.batch_schedule import (
-    iterations_for_samples,
-    scheduler_steps,
-    validate_rampup,
-    validate_run_length,
-)
-from megatron.early_exit.training.pipeline_layout import (
-    _validate_exit_tuning_stages,
-    _validate_pipeline_args,
-    _validate_virtual_pipeline,
-    built_stages,
-    virtual_pipeline_chunks,
-)
+from megatron.early_exit.training.argument_checks import validate_args
+from megatron.early_exit.training.run_config import RunConfig
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -373,6 +364,21 @@ def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = Non
     return args
 
 
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """The typed configuration of parsed (and validated) flags."""
+    return RunConfig.from_flags(vars(args))
+
+
+def parse_run_config(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> RunConfig:
+    """`parse_args`, then the typed configuration: what `pretrain` takes."""
+    return build_run_config(parse_args(argv, world_size))
+
+
+def build_early_exit_config(args: argparse.Namespace) -> EarlyExitConfig:
+    """The exits the flags describe (their names are EarlyExitConfig's fields)."""
+    return EarlyExitConfig.from_flags(vars(args))
+
+
 def checkpoint_arg_names() -> tuple:
     """Flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's: the model's
     description, its tokenizer and sequence length; plus the exits' structure and per-exit
@@ -445,310 +451,3 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_p
     args.sequence_parallel = False
     args.transformer_impl = None  # the layer modules follow the device the run is on
     return args
-
-
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Fill defaults that depend on other flags, and reject inconsistent settings."""
-    from megatron.early_exit.parallel import validate_layout
-
-    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size")
-    validate_run_length(args)
-    _validate_training_values(args)
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.seq_length > args.max_position_embeddings:
-        raise ConfigError(
-            f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})"
-        )
-    if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(
-            f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({args.num_attention_heads})"
-        )
-    if args.group_query_attention:
-        if args.num_query_groups is None:
-            raise ConfigError("--group-query-attention needs --num-query-groups")
-        if args.num_attention_heads % args.num_query_groups:
-            raise ConfigError(
-                f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --num-query-groups "
-                f"({args.num_query_groups})"
-            )
-    elif args.num_query_groups is not None:
-        raise ConfigError("--num-query-groups needs --group-query-attention")
-    if args.bf16 and args.fp16:
-        raise ConfigError("--bf16 and --fp16 cannot be combined")
-    if (args.use_rope_scaling or args.rotary_seq_len_interpolation_factor) and args.position_embedding_type != "rope":
-        raise ConfigError(
-            "--use-rope-scaling and --rotary-seq-len-interpolation-factor need --position-embedding-type rope"
-        )
-    _validate_exit_tuning_stages(args)
-
-    args.data_parallel_size = validate_layout(world_size, args.tensor_model_parallel_size, built_stages(args)[1])
-    tp = args.tensor_model_parallel_size
-    if args.num_attention_heads % tp:
-        raise ConfigError(
-            f"--num-attention-heads ({args.num_attention_heads}) is not divisible by --tensor-model-parallel-size "
-            f"({tp})"
-        )
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # as Megatron-LM: nothing to split
-    if args.sequence_parallel and args.seq_length % tp:
-        raise ConfigError(
-            f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by --tensor-model-parallel-size "
-            f"({tp})"
-        )
-    if args.num_layers % args.pipeline_model_parallel_size:
-        raise ConfigError(
-            f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size "
-            f"({args.pipeline_model_parallel_size})"
-        )
-
-    per_step = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step
-    if args.global_batch_size % per_step:
-        raise ConfigError(
-            f"--global-batch-size ({args.global_batch_size}) is not divisible by --micro-batch-size "
-            f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = {per_step}"
-        )
-    args.num_microbatches = args.global_batch_size // per_step
-    _apply_run_length(args)
-    _validate_run_control(args)
-    if args.min_lr > args.lr:
-        raise ConfigError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval needs --save")
-    if args.keep_last is not None and args.keep_last < 1:
-        raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
-    for flag in ("finetune", "no_load_optim", "no_load_rng"):
-        if getattr(args, flag) and not args.load:
-            raise ConfigError(f"--{flag.replace('_', '-')} needs --load")
-
-    _validate_data_args(args)
-    _validate_recompute_args(args)
-    if args.overlap_param_gather and not args.use_distributed_optimizer:
-        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
-    _validate_pipeline_args(args)
-    _validate_virtual_pipeline(args)
-    _validate_transformer_impl(args)
-    if args.use_flash_attn and args.transformer_impl in ("local", "te_standin"):
-        raise ConfigError(f"--use-flash-attn needs --transformer-impl transformer_engine, not {args.transformer_impl}")
-    build_early_exit_config(args).validate_against(args.num_layers)
-
-
-def _validate_recompute_args(args):
-    from megatron.early_exit.models.recompute import RecomputeConfig
-
-    layers, stages = built_stages(args)
-    RecomputeConfig.from_flags(vars(args)).validate_layout(
-        layers // stages, args.tensor_model_parallel_size, args.sequence_parallel, virtual_pipeline_chunks(args)
-    )
-
-
-def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
-    """Megatron-LM's: 4 x hidden, or with SwiGLU (two input projections) 2/3 of that, rounded
-    down to a multiple of 64, so that the MLP keeps about the same number of parameters."""
-    if not swiglu:
-        return 4 * hidden_size
-    return max(int(4 * hidden_size * 2 / 3 / 64) * 64, 64)
-
-
-def _positive(args, *names):
-    for name in names:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-
-
-def _validate_training_values(args):
-    """Values argparse accepts but a run cannot use: `nan` parses as a float, and an interval
-    of 0 would divide by zero at the first step."""
-    import math
-
-    _positive(args, "log_interval", "eval_interval")
-    for flag in ("lr", "min_lr"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and >= 0, got {value}")
-    for flag in ("hidden_dropout", "attention_dropout"):
-        value = getattr(args, flag)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
-    # nan passes every comparison megatron-core and torch make: --clip-grad nan turned clipping off.
-    for flag in ("weight_decay", "clip_grad"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and >= 0, got {value}")
-    for flag in ("adam_eps", "init_method_std"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be finite and > 0, got {value}")
-    for flag in ("adam_beta1", "adam_beta2"):
-        value = getattr(args, flag)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
-    _validate_split(args.split)
-
-
-def _validate_split(split: str) -> None:
-    """Up to three finite weights >= 0, not all 0 (megatron-core divides by their sum)."""
-    import math
-
-    try:
-        weights = [float(part) for part in split.replace("/", ",").split(",")]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(
-            f"--split {split}: give up to three comma-separated weights >= 0 (train,validation,test), "
-            "not all 0, e.g. 969,30,1"
-        )
-
-
-def _validate_data_args(args):
-    if args.mock_data and args.data_path:
-        raise ConfigError("--mock-data and --data-path cannot be combined")
-    if not args.mock_data and not args.data_path:
-        raise ConfigError("give --data-path (a preprocessed .bin/.idx prefix) or --mock-data")
-    if args.tokenizer_type is None:
-        if args.mock_data:
-            args.tokenizer_type = "NullTokenizer"
-            args.vocab_size = args.vocab_size or 1024
-        else:
-            raise ConfigError("--tokenizer-type is required with --data-path")
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
-    if args.data_path:
-        _validate_blend(args.data_path)
-
-
-def _validate_blend(data_path: List[str]) -> None:
-    """`--data-path A B` or `--data-path 0.3 A 0.7 B`; each prefix must have .bin and .idx."""
-
-    def is_number(s):
-        try:
-            float(s)
-            return True
-        except ValueError:
-            return False
-
-    weighted = is_number(data_path[0])
-    if weighted:
-        if len(data_path) % 2 or not all(is_number(w) for w in data_path[0::2]):
-            raise ConfigError(f"--data-path with weights must be 'weight prefix' pairs, got {data_path}")
-        prefixes = data_path[1::2]
-    else:
-        prefixes = data_path
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise ConfigError(f"--data-path: {prefix + suffix} does not exist (run tools/preprocess_data.py first)")
-
-
-def _apply_run_length(args):
-    """--train-samples becomes the iterations it takes (batch-size ramp-up included)."""
-    validate_rampup(args)
-    if args.train_samples is not None:
-        args.train_iters = iterations_for_samples(args)
-        if args.train_iters < 1:
-            raise ConfigError(
-                f"--train-samples ({args.train_samples}) is less than one --global-batch-size "
-                f"({args.global_batch_size})"
-            )
-    elif args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    scheduler_steps(args)  # its lengths are consistent
-
-
-def _validate_run_control(args):
-    if args.exit_interval is not None and args.exit_interval < 1:
-        raise ConfigError(f"--exit-interval must be >= 1, got {args.exit_interval}")
-    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
-        raise ConfigError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
-    if args.skip_train and not args.load:
-        raise ConfigError("--skip-train needs --load (the checkpoint to evaluate)")
-    if args.load_iteration is not None and args.load_iteration < 0:
-        raise ConfigError(f"--load-iteration must be >= 0, got {args.load_iteration}")
-    if args.load_iteration == 0:
-        args.load_iteration = None  # EE-LLM's 0: the latest
-    if args.load_iteration is not None and not args.load:
-        raise ConfigError("--load-iteration needs --load")
-    if not args.wandb_project:
-        args.wandb_project = None  # Megatron-LM: an empty project turns wandb off
-    p = args.padded_vocab_size
-    if p is not None and (p < 1 or p % args.tensor_model_parallel_size):
-        raise ConfigError(
-            f"--padded-vocab-size ({p}) must be >= 1 and divisible by --tensor-model-parallel-size "
-            f"({args.tensor_model_parallel_size})"
-        )
-
-
-def check_flash_attention(args) -> None:
-    """--use-flash-attn runs Transformer Engine's flash backend: refuse it, when the run
-    starts, where that cannot run (parsing accepts it anywhere, so that a GPU cluster's
-    script can be checked on any machine)."""
-    import importlib.util
-
-    from megatron.early_exit.models.layer_specs import transformer_engine_available
-    from megatron.early_exit.parallel import ParallelConfigError, resolve_device
-
-    if not args.use_flash_attn:
-        return
-    # Flag combinations first: Transformer Engine accepts them at build and finds no
-    # attention backend only at the first forward.
-    if not (args.bf16 or args.fp16):
-        raise ConfigError("--use-flash-attn needs --bf16 or --fp16: flash attention has no fp32 kernel")
-    if args.reset_attention_mask:
-        raise ConfigError(
-            "--use-flash-attn cannot run with --reset-attention-mask: flash attention takes a causal "
-            "mask only, not the per-document mask"
-        )
-    try:
-        device = resolve_device(args.device)
-    except ParallelConfigError:
-        device = None
-    missing = [
-        what
-        for what, ok in (
-            ("a CUDA device", device is not None and device.type == "cuda"),
-            ("Transformer Engine", device is not None and transformer_engine_available(device)),
-            ("flash-attn", any(importlib.util.find_spec(m) for m in ("flash_attn", "flash_attn_interface"))),
-        )
-        if not ok
-    ]
-    if missing:
-        raise ConfigError(
-            f"--use-flash-attn needs {', '.join(missing)}, missing here; add --no-use-flash-attn "
-            "after it to run with megatron-core's own attention"
-        )
-
-
-def build_transformer_overrides(args) -> dict:
-    """TransformerConfig fields the run's flags set beside the model's description."""
-    from megatron.core.transformer.enums import AttnBackend
-
-    overrides = {}
-    if args.apply_query_key_layer_scaling:
-        overrides["apply_query_key_layer_scaling"] = True
-    if args.use_flash_attn:
-        overrides["attention_backend"] = AttnBackend.flash
-    return overrides
-
-
-def _validate_transformer_impl(args):
-    """Refuse --transformer-impl transformer_engine where TE cannot run the model."""
-    from megatron.early_exit.models.layer_specs import resolve_transformer_impl
-    from megatron.early_exit.parallel import ParallelConfigError, resolve_device
-
-    if args.transformer_impl != TRANSFORMER_ENGINE:
-        return
-    try:
-        device = resolve_device(args.device)
-    except ParallelConfigError:
-        return  # --device's own error comes when the run starts
-    resolve_transformer_impl(args.transformer_impl, device)
-
-
-def build_early_exit_config(args) -> EarlyExitConfig:
-    """The exits the flags describe (their names are EarlyExitConfig's fields)."""
-    return EarlyExitConfig.from_flags(vars(args))

@@ -13,7 +13,7 @@ stage the output layer and every stage its exit heads (by FLOPs).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from megatron.early_exit.pipeline.fill import idle_fill_plan, stage_costs
 from megatron.early_exit.pipeline.placement import exit_stages
@@ -25,47 +25,59 @@ from megatron.early_exit.pipeline.plan import (
     pipeline_plan,
 )
 
+if TYPE_CHECKING:
+    from megatron.early_exit.models.model_config import ModelConfig
+    from megatron.early_exit.training.run_config import RunConfig, ScheduleConfig
+
 PLACEMENTS = ("idle", "fixed")
 
 
 def run_pipeline_plan(
-    args, ee_config, num_layers: int, num_stages: int, num_microbatches: int, vocab_size: int
+    schedule: "ScheduleConfig",
+    model: "ModelConfig",
+    seq_length: int,
+    num_layers: int,
+    num_stages: int,
+    num_microbatches: int,
+    vocab_size: int,
 ) -> Tuple[List[List[Action]], Optional[FillPlan]]:
-    """(every stage's actions, the fill items they hold or None) for this run's flags."""
-    p, m, r = num_stages, num_microbatches, args.backward_forward_ratio
-    if not args.fill_explicit_bubbles:
+    """(every stage's actions, the fill items they hold or None) for this run's pipeline
+    flags, its model's exits and shape (`num_layers`: the layers it builds)."""
+    p, m, r = num_stages, num_microbatches, schedule.backward_forward_ratio
+    if not schedule.fill_explicit_bubbles:
         return pipeline_plan(p, m), None
+    ee_config = model.early_exit
     stages = exit_stages(ee_config, num_layers, p)
-    warmup, cooldown = args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches
-    if getattr(args, "fill_placement", "idle") == "fixed":
+    warmup, cooldown = schedule.num_fill_warmup_microbatches, schedule.num_fill_cooldown_microbatches
+    if schedule.fill_placement == "fixed":
         default = default_num_fill_microbatches(p, r)
         fill = build_fill_plan(
             p, stages, default if warmup is None else warmup, default if cooldown is None else cooldown, r
         )
         return pipeline_plan(p, m, fill), fill
-    costs = stage_costs(_flop_shape(args, num_layers), ee_config, p, vocab_size, args.seq_length, r)
+    costs = stage_costs(_flop_shape(model, num_layers), ee_config, p, vocab_size, seq_length, r)
     planned = idle_fill_plan(p, m, stages, costs, warmup, cooldown)
     return planned.plan, planned.fill
 
 
-def num_fill_items(args, ee_config, num_microbatches: int, vocab_size: int) -> int:
+def num_fill_items(config: "RunConfig", num_microbatches: int, vocab_size: int) -> int:
     """Fill microbatches per iteration (what the data path reserves samples for)."""
-    from megatron.early_exit.training.pipeline_layout import built_stages
-
-    if not args.fill_explicit_bubbles:
+    if not config.schedule.fill_explicit_bubbles:
         return 0
-    _, fill = run_pipeline_plan(args, ee_config, *built_stages(args), num_microbatches, vocab_size)
+    _, fill = run_pipeline_plan(
+        config.schedule, config.model, config.data.seq_length, *config.built_stages, num_microbatches, vocab_size
+    )
     return len(fill.warmup_reach) + len(fill.cooldown_stop)
 
 
-def _flop_shape(args, num_layers: int):
-    """What flops.py reads of a TransformerConfig, from the flags."""
+def _flop_shape(model: "ModelConfig", num_layers: int):
+    """What flops.py reads of a TransformerConfig, from the model's description."""
     return SimpleNamespace(
         num_layers=num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
-        kv_channels=getattr(args, "kv_channels", None),
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
-        gated_linear_unit=bool(args.swiglu),
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        gated_linear_unit=bool(model.swiglu),
     )

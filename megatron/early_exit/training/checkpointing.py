@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -135,31 +135,29 @@ def _on_cuda() -> bool:
     return target_device().type == "cuda"
 
 
-def _stored_args(args, model) -> dict:
+def _stored_args(flags: Optional[Mapping[str, Any]], model) -> dict:
     """The run's flags (--use-checkpoint-args reads them); a checkpoint written without
     a run (converters) stores its model's as flags."""
-    if args is None:
+    if flags is None:
         return _unwrap(model).model_config.to_flags()
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    return {k: v for k, v in flags.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-def stored_model_config(model, args, root: str) -> dict:
+def stored_model_config(model, flags: Optional[Mapping[str, Any]], root: str) -> dict:
     """The model's description as stored: tokenizer files inside `root` named relative
     to it, so that a copied or moved checkpoint directory finds them."""
     from megatron.early_exit.models.model_config import ModelConfig
 
-    config = getattr(_unwrap(model), "model_config", None) or ModelConfig.from_flags(
-        vars(args), _unwrap(model).vocab_size
-    )
+    config = getattr(_unwrap(model), "model_config", None) or ModelConfig.from_flags(flags, _unwrap(model).vocab_size)
     return {**config.to_dict(), "tokenizer": vars(config.tokenizer.relative_to(root))}
 
 
-def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples, root, include_optimizer=True):
+def _sharded_state(flags, model, optimizer, scheduler, iteration, consumed_samples, root, include_optimizer=True):
     model_sd = model_sharded_state(model)
     state = {
         "model": model_sd,
-        "model_config": stored_model_config(model, args, root),
-        "args": _stored_args(args, model),
+        "model_config": stored_model_config(model, flags, root),
+        "args": _stored_args(flags, model),
         "layout": _layout(),
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -178,15 +176,17 @@ def _sharded_state(args, model, optimizer, scheduler, iteration, consumed_sample
 # -- saving -----------------------------------------------------------------------
 
 
-def save(args, model, optimizer, scheduler, iteration: int, consumed_samples: int, checksums: bool = True) -> str:
-    """Everything needed to resume training, published atomically under `args.save`;
-    weights holding NaN or Inf are refused (the previous checkpoints stay)."""
-    require_finite_weights(model, iteration, args.save)
+def save(config, model, optimizer, scheduler, iteration: int, consumed_samples: int, checksums: bool = True) -> str:
+    """Everything needed to resume training, published atomically under --save (`config`:
+    the run's RunConfig, whose flags are stored); weights holding NaN or Inf are refused
+    (the previous checkpoints stay)."""
+    root = config.checkpoint.save
+    require_finite_weights(model, iteration, root)
     return _publish(
-        args.save,
+        root,
         iteration,
-        lambda: _sharded_state(args, model, optimizer, scheduler, iteration, consumed_samples, args.save),
-        keep_last=getattr(args, "keep_last", None),
+        lambda: _sharded_state(config.flags, model, optimizer, scheduler, iteration, consumed_samples, root),
+        keep_last=config.checkpoint.keep_last,
         checksums=checksums,
     )
 
@@ -210,11 +210,12 @@ def require_finite_weights(model, iteration: int, root: str) -> None:
     )
 
 
-def save_weights(root: str, args, model, iteration: int = 0) -> str:
+def save_weights(root: str, flags: Optional[Mapping[str, Any]], model, iteration: int = 0) -> str:
     """A weights-only checkpoint (no optimizer, scheduler or RNG), e.g. written by a
-    converter; training loads it with --finetune or --no-load-optim."""
+    converter; training loads it with --finetune or --no-load-optim. `flags`: stored as
+    the checkpoint's flags (None: the model's own)."""
     return _publish(
-        root, iteration, lambda: _sharded_state(args, model, None, None, iteration, 0, root, include_optimizer=False)
+        root, iteration, lambda: _sharded_state(flags, model, None, None, iteration, 0, root, include_optimizer=False)
     )
 
 
@@ -472,18 +473,20 @@ def verify_on_all_ranks(path: str) -> None:
         raise CheckpointError(problems[0] + more)
 
 
-def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
-    """`--load`: weights, and unless told otherwise optimizer, scheduler and RNG; returns
-    (iteration, consumed samples). --finetune reads weights only and starts at 0."""
-    path = resolve(args.load, getattr(args, "load_iteration", None), checksums=False)
+def load(config, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
+    """`--load` of the run's RunConfig: weights, and unless told otherwise optimizer,
+    scheduler and RNG; returns (iteration, consumed samples). --finetune reads weights only
+    and starts at 0."""
+    ckpt = config.checkpoint
+    path = resolve(ckpt.load, ckpt.load_iteration, checksums=False)
     if checksums:
         verify_on_all_ranks(path)
     common = read_common(path)
     stored = read_model_config(path)
     new_exits = compare_with_checkpoint(
-        stored, _compared_model(stored, _unwrap(model).model_config, args.num_layers, path)
+        stored, _compared_model(stored, _unwrap(model).model_config, config.model.num_layers, path)
     )
-    weights_only = args.finetune or args.no_load_optim
+    weights_only = ckpt.finetune or ckpt.no_load_optim
     if not common.get("has_optimizer", True) and not weights_only:
         raise CheckpointError(
             f"--load {path} holds weights only (no optimizer state): add --finetune or --no-load-optim"
@@ -496,7 +499,7 @@ def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int
     rank0 = torch.distributed.get_rank() == 0
     if new_exits and rank0:
         print(f" exits at layers {new_exits} are not in the checkpoint: they keep their initialisation", flush=True)
-    return _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only)
+    return _load_state(ckpt, model, optimizer, scheduler, path, common, new_exits, weights_only)
 
 
 def _compared_model(stored, built, num_layers: int, path: str):
@@ -518,7 +521,7 @@ def _compared_model(stored, built, num_layers: int, path: str):
     return dataclasses.replace(built, num_layers=num_layers, first_stages_only=False)
 
 
-def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weights_only) -> Tuple[int, int]:
+def _load_state(ckpt, model, optimizer, scheduler, path, common, new_exits, weights_only) -> Tuple[int, int]:
     rank0 = torch.distributed.get_rank() == 0
     model_sd, model_state, skipped = _model_state(model, new_exits)
     state = {"model": model_state}
@@ -529,8 +532,8 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
         )
     same_layout = tuple(common.get("layout", ())) == _layout()
     # RNG states are saved with the optimizer state (full saves only), one per rank of the layout.
-    load_rng = not (args.finetune or args.no_load_rng) and common.get("has_optimizer", True) and same_layout
-    if not same_layout and not (args.finetune or args.no_load_rng) and rank0:
+    load_rng = not (ckpt.finetune or ckpt.no_load_rng) and common.get("has_optimizer", True) and same_layout
+    if not same_layout and not (ckpt.finetune or ckpt.no_load_rng) and rank0:
         print(
             f" checkpoint layout (TP, PP, DP) = {tuple(common.get('layout', ()))}, now {_layout()}: "
             "weights and optimizer are resharded, RNG states are not restored",
@@ -550,7 +553,7 @@ def _load_state(args, model, optimizer, scheduler, path, common, new_exits, weig
         _restore_rng(loaded["rng_state"], rank0)
     if rank0:
         print(f" loaded checkpoint {path} in {time.time() - start:.2f} s", flush=True)
-    if args.finetune:
+    if ckpt.finetune:
         return 0, 0
     return common["iteration"], common["consumed_samples"]
 

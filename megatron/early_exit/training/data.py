@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import numpy
 import torch
@@ -24,6 +24,9 @@ from megatron.core.datasets.indexed_dataset import DType
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron.early_exit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatron.early_exit.training.run_config import DataConfig, RunConfig
 
 
 class PretrainingSampler:
@@ -68,35 +71,34 @@ class _DatasetTokenizer:
         return self._tokenizer.pad
 
 
-def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+def dataset_config(data: "DataConfig", seed: int, tokenizer) -> GPTDatasetConfig:
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=None if args.mock_data else get_blend_from_list(args.data_path),
-        split=args.split,
-        path_to_cache=args.data_cache_path,
+        random_seed=seed,
+        sequence_length=data.seq_length,
+        blend=None if data.mock_data else get_blend_from_list(list(data.data_path)),
+        split=data.split,
+        path_to_cache=data.data_cache_path,
         tokenizer=_DatasetTokenizer(tokenizer),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.reset_attention_mask,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        create_attention_mask=data.reset_attention_mask,
         mid_level_dataset_surplus=0.005,
     )
 
 
-def num_fill_samples_per_iteration(args, vocab_size: int) -> int:
+def num_fill_samples_per_iteration(config: "RunConfig", vocab_size: int) -> int:
     """Most samples the bubble-filling microbatches of one iteration can read."""
-    if not args.fill_explicit_bubbles:
+    if not config.schedule.fill_explicit_bubbles:
         return 0
-    from megatron.early_exit.training.arguments import build_early_exit_config
     from megatron.early_exit.training.bubble_fill import num_fill_items
 
-    ee_config = build_early_exit_config(args)
-    most = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    per_microbatch = config.training.micro_batch_size * config.parallel.data_parallel_size
+    most = config.num_microbatches
     # A batch-size ramp-up runs fewer microbatches early on, which may leave room for more items.
-    counts = range(1, most + 1) if getattr(args, "rampup_batch_size", None) else (most,)
-    items = max(num_fill_items(args, ee_config, m, vocab_size) for m in counts)
-    return items * args.micro_batch_size * args.data_parallel_size
+    counts = range(1, most + 1) if config.training.rampup_batch_size else (most,)
+    items = max(num_fill_items(config, m, vocab_size) for m in counts)
+    return items * per_microbatch
 
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -179,7 +181,7 @@ def split_documents(num_documents: int, split_matrix) -> List[int]:
     ]
 
 
-def _check_splits(args, config, used: List[bool], vocab_size: Optional[int]) -> bool:
+def _check_splits(split: str, config, used: List[bool], vocab_size: Optional[int]) -> bool:
     """Check every dataset file (check_indexed_dataset) and refuse a used train or validation
     split without documents (megatron-core's GPTDataset would loop forever looking for
     samples in it); whether every test split has documents."""
@@ -191,42 +193,42 @@ def _check_splits(args, config, used: List[bool], vocab_size: Optional[int]) -> 
             shown = ", ".join(f"{name} {n}" for name, n in zip(SPLIT_NAMES, counts))
             hint = " or --eval-iters 0" if "train" not in empty else ""
             raise ConfigError(
-                f"--split {args.split}: the {' and '.join(empty)} split of {prefix} gets no documents "
+                f"--split {split}: the {' and '.join(empty)} split of {prefix} gets no documents "
                 f"({shown} of {sum(counts)}); give it a larger share{hint}"
             )
         test_has_documents = test_has_documents and counts[2] > 0
     return test_has_documents
 
 
-def build_datasets(args, tokenizer, vocab_size: Optional[int] = None):
+def build_datasets(run: "RunConfig", tokenizer, vocab_size: Optional[int] = None):
     """(train, valid, test) datasets sized for the whole run; None for a split the run does
     not read. Validation reads its split when --eval-iters > 0; pretraining never reads the
     test split, which is built (at validation size) only when --eval-iters > 0 and it has
     documents."""
-    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
+    train_iters, batch, logging, data = run.training.train_iters, run.training.global_batch_size, run.logging, run.data
+    eval_runs = train_iters // logging.eval_interval + 1 if logging.eval_iters > 0 else 0
     sizes = [
-        args.train_iters
-        * (args.global_batch_size + num_fill_samples_per_iteration(args, vocab_size or tokenizer.vocab_size)),
-        eval_runs * args.eval_iters * args.global_batch_size,
-        args.eval_iters * args.global_batch_size,
+        train_iters * (batch + num_fill_samples_per_iteration(run, vocab_size or tokenizer.vocab_size)),
+        eval_runs * logging.eval_iters * batch,
+        logging.eval_iters * batch,
     ]
-    config = dataset_config(args, tokenizer)
+    config = dataset_config(data, run.training.seed, tokenizer)
     used = [size > 0 for size in sizes]
-    if not args.mock_data:  # on every run, whichever splits it reads
-        test_has_documents = _check_splits(args, config, used, tokenizer.vocab_size)
+    if not data.mock_data:  # on every run, whichever splits it reads
+        test_has_documents = _check_splits(data.split, config, used, tokenizer.vocab_size)
         used[2] = used[2] and test_has_documents
     # An unread split is not built at all: asking for 0 samples of it could loop forever.
     config.split_matrix = [part if on else None for part, on in zip(config.split_matrix, used)]
-    cls = MockGPTDataset if args.mock_data else GPTDataset
+    cls = MockGPTDataset if data.mock_data else GPTDataset
     # Every rank builds (indices are cached on disk by the first); cheap at our sizes.
     builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
     try:
         return builder.build()
     except Exception as err:
-        raise _cache_error(args, config, err) or err
+        raise _cache_error(data.data_cache_path, config, err) or err
 
 
-def _cache_error(args, config, err: Exception) -> Optional[ConfigError]:
+def _cache_error(data_cache_path: Optional[str], config, err: Exception) -> Optional[ConfigError]:
     """A one-line error for an index cache megatron-core could not write (it raises the
     OSError, or its own Exception around it on a distributed run); None for anything else."""
     while err is not None and not isinstance(err, OSError):
@@ -235,11 +237,9 @@ def _cache_error(args, config, err: Exception) -> Optional[ConfigError]:
         return None
     where = os.path.abspath(str(err.filename))
     reason = f"{err.strerror}: {err.filename}"
-    if args.data_cache_path:
-        if (where + os.sep).startswith(os.path.abspath(args.data_cache_path) + os.sep):
-            return ConfigError(
-                f"--data-cache-path {args.data_cache_path}: cannot write the dataset index cache ({reason})"
-            )
+    if data_cache_path:
+        if (where + os.sep).startswith(os.path.abspath(data_cache_path) + os.sep):
+            return ConfigError(f"--data-cache-path {data_cache_path}: cannot write the dataset index cache ({reason})")
         return None
     # Without the flag, megatron-core caches under {prefix}/cache/.
     prefixes = [] if config.blend is None else config.blend[0]
@@ -252,7 +252,7 @@ def _cache_error(args, config, err: Exception) -> Optional[ConfigError]:
 
 
 def build_data_iterator(
-    dataset, args, consumed_samples: int = 0, cyclic: bool = False, pin_memory: bool = False
+    dataset, micro_batch_size: int, consumed_samples: int = 0, cyclic: bool = False, pin_memory: bool = False
 ) -> Optional[Iterator[dict]]:
     """Microbatches of this data-parallel rank; `pin_memory` (for a CUDA device) lets the
     step copy them to the device without waiting."""
@@ -261,7 +261,7 @@ def build_data_iterator(
     sampler = PretrainingSampler(
         total_samples=len(dataset),
         consumed_samples=consumed_samples,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )

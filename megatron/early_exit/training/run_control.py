@@ -36,12 +36,20 @@ class SignalFlag:
 class RunControl:
     """Decides, at the end of each iteration, whether the run stops there and why."""
 
-    def __init__(self, args, device: torch.device, start_time: Optional[float] = None):
-        self.exit_interval = args.exit_interval
-        self.duration_s = args.exit_duration_in_mins * 60 if args.exit_duration_in_mins is not None else None
+    def __init__(
+        self,
+        exit_interval: Optional[int],
+        exit_duration_in_mins: Optional[float],
+        exit_signal_handler: bool,
+        device: torch.device,
+        start_time: Optional[float] = None,
+    ):
+        """The flags of the same names; `start_time`: when the run started (default now)."""
+        self.exit_interval = exit_interval
+        self.duration_s = exit_duration_in_mins * 60 if exit_duration_in_mins is not None else None
         self.device = device
         self.start = time.time() if start_time is None else start_time
-        self.signal = SignalFlag() if args.exit_signal_handler else None
+        self.signal = SignalFlag() if exit_signal_handler else None
 
     def stop_reason(self, iteration: int) -> Optional[str]:
         """Why every rank stops after `iteration`, or None (the same answer on every rank)."""

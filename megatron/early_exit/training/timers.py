@@ -28,8 +28,9 @@ LEVELS = {ITERATION: 0, FORWARD_BACKWARD: 1, OPTIMIZER: 1, FORWARD: 2, EXIT_LOSS
 PER_MICROBATCH = (FORWARD, EXIT_LOSSES, COMMUNICATION)
 
 
-def build_timers(args) -> Timers:
-    return Timers(args.timing_log_level, args.timing_log_option)
+def build_timers(timing_log_level: int, timing_log_option: str) -> Timers:
+    """--timing-log-level and --timing-log-option."""
+    return Timers(timing_log_level, timing_log_option)
 
 
 def is_enabled(timers: Timers, name: str) -> bool:

@@ -10,34 +10,38 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from megatron.early_exit.errors import ConfigError, EarlyExitError
+
+if TYPE_CHECKING:
+    from megatron.early_exit.training.run_config import LoggingConfig
 
 
 class WandbWriter:
     """A wandb run behind TensorBoard's add_scalar: scalars of one step go in one record."""
 
-    def __init__(self, args):
+    def __init__(self, logging: "LoggingConfig", save: Optional[str], flags: Mapping[str, Any]):
+        """`flags`: the run's flags, recorded as the wandb run's config."""
         try:
             import wandb
         except ImportError:
             raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") from None
-        save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else "wandb")
+        save_dir = logging.wandb_save_dir or (os.path.join(save, "wandb") if save else "wandb")
         os.makedirs(save_dir, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+        config = {k: v for k, v in flags.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         try:
             self._run = wandb.init(
-                project=args.wandb_project,
-                group=args.wandb_group,
-                name=args.wandb_exp_name,
+                project=logging.wandb_project,
+                group=logging.wandb_group,
+                name=logging.wandb_exp_name,
                 dir=save_dir,
                 config=config,
             )
         except Exception as err:  # no API key, no network, a bad setting: one line, not wandb's traceback
             first = (str(err).splitlines() or [type(err).__name__])[0]
             raise ConfigError(
-                f"--wandb-project {args.wandb_project}: wandb could not start a run ({first}); "
+                f"--wandb-project {logging.wandb_project}: wandb could not start a run ({first}); "
                 "log in (`wandb login` or WANDB_API_KEY), or set WANDB_MODE=offline"
             ) from None
         # wandb.init puts its own excepthook first, which prints a traceback for every error;
@@ -89,15 +93,17 @@ class Trackers:
             writer.close()
 
 
-def build_trackers(args, enabled: bool) -> Optional[Trackers]:
+def build_trackers(
+    logging: "LoggingConfig", save: Optional[str], flags: Mapping[str, Any], enabled: bool
+) -> Optional[Trackers]:
     """The trackers of this rank (the logging rank only); None when there are none."""
     if not enabled:
         return None
     writers = []
-    if args.tensorboard_dir:
+    if logging.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
 
-        writers.append(SummaryWriter(log_dir=args.tensorboard_dir))
-    if args.wandb_project:
-        writers.append(WandbWriter(args))
+        writers.append(SummaryWriter(log_dir=logging.tensorboard_dir))
+    if logging.wandb_project:
+        writers.append(WandbWriter(logging, save, flags))
     return Trackers(writers) if writers else None

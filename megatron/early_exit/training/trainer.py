@@ -39,8 +39,7 @@ from megatron.early_exit.launcher import signal_handling_note, under_torchrun, w
 from megatron.early_exit.loss import early_exit_loss
 from megatron.early_exit.models import builder
 from megatron.early_exit.models.early_exit_gpt import EarlyExitGPTModel
-from megatron.early_exit.models.model_config import ModelConfig, padded_vocab_size
-from megatron.early_exit.models.recompute import RecomputeConfig
+from megatron.early_exit.models.model_config import padded_vocab_size
 from megatron.early_exit.parallel import allreduce_tied_embedding_grads, initialize_parallel
 from megatron.early_exit.pipeline import interleaved
 from megatron.early_exit.pipeline.interleaved import ModelChunks, model_chunks
@@ -48,19 +47,12 @@ from megatron.early_exit.pipeline.p2p import StageLinks
 from megatron.early_exit.pipeline.placement import tied_embedding_stages
 from megatron.early_exit.pipeline.plan import check_plan, exit_tuning_plan
 from megatron.early_exit.pipeline.schedules import run_schedule
-from megatron.early_exit.tokenizers import build_tokenizer
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training import timers as phase_timers
-from megatron.early_exit.training.arguments import (
-    build_early_exit_config,
-    build_transformer_overrides,
-    check_flash_attention,
-)
-from megatron.early_exit.training.batch_schedule import scheduler_steps
 from megatron.early_exit.training.bubble_fill import run_pipeline_plan
 from megatron.early_exit.training.data import build_data_iterator, build_datasets
 from megatron.early_exit.training.logger import MetricsLogger, average_reports, time_left
-from megatron.early_exit.training.pipeline_layout import built_stages, virtual_pipeline_chunks
+from megatron.early_exit.training.run_config import CheckpointConfig, RunConfig, check_flash_attention
 from megatron.early_exit.training.run_control import RunControl
 from megatron.early_exit.training.trackers import build_trackers
 
@@ -79,65 +71,53 @@ class TrainState:
     skipped_iterations: int = 0  # fp16: steps the loss scaler skipped (gradients overflowed)
 
 
-def model_config_of(args, vocab_size: int) -> ModelConfig:
-    """The description of the whole model the flags describe."""
-    return ModelConfig.from_flags({**vars(args), "first_stages_only": False}, padded_vocab_size=vocab_size)
-
-
-def built_model_config(args, vocab_size: int) -> ModelConfig:
-    """What this run builds: the whole model, or its first stages' layers (exit tuning
-    with --tune-exit-pipeline-parallel-size)."""
-    whole, (num_layers, _) = model_config_of(args, vocab_size), built_stages(args)
-    if num_layers == whole.num_layers:
-        return whole
-    return dataclasses.replace(whole, num_layers=num_layers, first_stages_only=True)
-
-
-def build_model(args, device: torch.device, vocab_size: int, vp_stage: Optional[int] = None) -> EarlyExitGPTModel:
-    """The model of the flags on this rank (layout from the parallel state); `vp_stage`:
+def build_model(
+    config: RunConfig, device: torch.device, vocab_size: int, vp_stage: Optional[int] = None
+) -> EarlyExitGPTModel:
+    """The model of the run on this rank (layout from the parallel state); `vp_stage`:
     one of its chunks (interleaved pipeline)."""
     return builder.build_model(
-        built_model_config(args, vocab_size),
+        config.built_model_config(vocab_size),
         device,
-        seed=args.seed,
-        transformer_impl=getattr(args, "transformer_impl", None),
-        sequence_parallel=args.sequence_parallel,
-        document_mask=getattr(args, "reset_attention_mask", False),
-        recompute=RecomputeConfig.from_flags(vars(args)),
-        transformer_overrides=build_transformer_overrides(args),
+        seed=config.training.seed,
+        transformer_impl=config.implementation.transformer_impl,
+        sequence_parallel=config.parallel.sequence_parallel,
+        document_mask=config.data.reset_attention_mask,
+        recompute=config.recompute,
+        transformer_overrides=config.implementation.transformer_overrides(),
         vp_stage=vp_stage,
-        num_model_chunks=virtual_pipeline_chunks(args),
+        num_model_chunks=config.virtual_pipeline_chunks,
     )
 
 
-def apply_exit_tuning(model: EarlyExitGPTModel, args) -> None:
+def apply_exit_tuning(model: EarlyExitGPTModel, tune_exit: bool) -> None:
     """--tune-exit: only exit parameters train; the backbone is frozen."""
-    if not args.tune_exit:
+    if not tune_exit:
         return
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("exits.")
 
 
-def wrap_model(model, args) -> DistributedDataParallel:
+def wrap_model(model, config: RunConfig) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.bf16 or args.fp16,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
+        grad_reduce_in_fp32=config.training.bf16 or config.training.fp16,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+        overlap_param_gather=config.parallel.overlap_param_gather,
     )
     return DistributedDataParallel(model.config, ddp_config, model)
 
 
-def loss_scale_metrics(optimizer, ok: bool, args) -> Dict[str, float]:
+def loss_scale_metrics(optimizer, ok: bool, fp16: bool) -> Dict[str, float]:
     """fp16: the loss scale after this step, and whether the step was skipped."""
-    if not args.fp16:
+    if not fp16:
         return {}
     return {"loss scale": float(optimizer.get_loss_scale()), "skipped": float(not ok)}
 
 
-def interval_skips(state: TrainState, last_log_iteration: int, args) -> Dict[str, float]:
+def interval_skips(state: TrainState, last_log_iteration: int, fp16: bool) -> Dict[str, float]:
     """Megatron-LM's log fields: the loss scale and the steps skipped since the last log line."""
-    if not args.fp16:
+    if not fp16:
         return {}
     recent = state.history[-(state.iteration - last_log_iteration) :]
     return {
@@ -153,34 +133,37 @@ def sync_params(model: DistributedDataParallel) -> None:
         model.start_param_sync(force_sync=True)
 
 
-def build_optimizer(model, args, gloo_process_groups: bool = True):
-    config = OptimizerConfig(
-        optimizer=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+def build_optimizer(model, config: RunConfig, gloo_process_groups: bool = True):
+    t = config.training
+    optimizer_config = OptimizerConfig(
+        optimizer=t.optimizer,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        loss_scale=t.loss_scale,
+        initial_loss_scale=t.initial_loss_scale,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks(model), use_gloo_process_groups=gloo_process_groups)
-    steps = scheduler_steps(args)  # in iterations, or in samples with --train-samples
+    optimizer = get_megatron_optimizer(
+        optimizer_config, model_chunks(model), use_gloo_process_groups=gloo_process_groups
+    )
+    steps = t.scheduler_steps  # in iterations, or in samples with --train-samples
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if steps.warmup else args.lr,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
+        init_lr=0.0 if steps.warmup else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
         lr_warmup_steps=steps.warmup,
         lr_decay_steps=steps.decay,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
         wd_incr_steps=steps.total,
         wd_incr_style="constant",
         wsd_decay_steps=steps.wsd_decay,
@@ -188,12 +171,13 @@ def build_optimizer(model, args, gloo_process_groups: bool = True):
     return optimizer, scheduler
 
 
-def forward_step(data_iterator, model, args, iteration: int, device: torch.device, ee_config):
+def forward_step(data_iterator, model, config: RunConfig, iteration: int, device: torch.device, ee_config):
     # Pinned batches (CUDA) copy while the host goes on; the first kernel that reads them waits.
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items() if isinstance(v, torch.Tensor)}
     tokens = batch["tokens"]
     mask = batch.get("attention_mask")
-    with torch.no_grad() if args.tune_exit else torch.enable_grad():
+    tune_exit = config.training.tune_exit
+    with torch.no_grad() if tune_exit else torch.enable_grad():
         # Exit tuning: the frozen backbone runs without a graph; exit heads (run in
         # loss_func) still build theirs.
         output = model(
@@ -203,7 +187,7 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
             labels=batch["labels"],
             # Exit tuning needs nothing past the last exit (unless the exits distil from the
             # final layer); earlier stages still feed the next.
-            run_to_final=not (args.tune_exit and parallel_state.is_pipeline_last_stage())
+            run_to_final=not (tune_exit and parallel_state.is_pipeline_last_stage())
             or ee_config.exit_distill_weight > 0,
         )
     return output, partial(
@@ -211,7 +195,7 @@ def forward_step(data_iterator, model, args, iteration: int, device: torch.devic
         loss_mask=batch["loss_mask"],
         ee_config=ee_config,
         iteration=iteration,
-        zero_weight_gradients=args.overlap_grad_reduce,
+        zero_weight_gradients=config.parallel.overlap_grad_reduce,
     )
 
 
@@ -226,28 +210,33 @@ class StageSchedule:
     ee_config: object  # the exits the flags describe (their losses in every microbatch)
 
 
-def build_stage_schedule(args, model, device) -> StageSchedule:
+def build_stage_schedule(config: RunConfig, model, device) -> StageSchedule:
     pp, stage = (
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_rank(),
     )
     m = microbatches.get_num_microbatches()
-    ee_config = build_early_exit_config(args)
-    chunks = virtual_pipeline_chunks(args)
+    ee_config, chunks, parallel = config.early_exit, config.virtual_pipeline_chunks, config.parallel
     if chunks > 1:
         plan, fill = interleaved.interleaved_plan(pp, m, chunks), None
     else:
         plan, fill = run_pipeline_plan(
-            args, ee_config, built_stages(args)[0], pp, m, get_attr_wrapped_model(model, "vocab_size")
+            config.schedule,
+            config.model,
+            config.data.seq_length,
+            config.built_stages[0],
+            pp,
+            m,
+            get_attr_wrapped_model(model, "vocab_size"),
         )
     check_plan(plan)
-    train = exit_tuning_plan(pp, stage, m) if args.tune_exit else plan[stage]
+    train = exit_tuning_plan(pp, stage, m) if config.training.tune_exit else plan[stage]
     links = None
     if pp > 1:
-        seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel else 1)
+        seq = config.data.seq_length // (parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1)
         links = StageLinks(
             parallel_state.get_pipeline_model_parallel_group(),
-            (seq, args.micro_batch_size, args.hidden_size),
+            (seq, config.training.micro_batch_size, config.model.hidden_size),
             model.config.params_dtype,
             device,
         )
@@ -283,14 +272,14 @@ def _run(
     actions,
     model,
     batches,
-    args,
+    config: RunConfig,
     iteration,
     device,
     forward_only=False,
     loss_scale=None,
     timers=None,
 ):
-    step = partial(forward_step, args=args, iteration=iteration, device=device, ee_config=schedule.ee_config)
+    step = partial(forward_step, config=config, iteration=iteration, device=device, ee_config=schedule.ee_config)
     return run_schedule(
         actions,
         phase_timers.timed_forward_step(timers, step) if timers is not None else step,
@@ -310,7 +299,7 @@ def train_step(
     schedule: StageSchedule,
     data_iterator,
     fill_iterator,
-    args,
+    config: RunConfig,
     iteration,
     device,
     timers=None,
@@ -327,7 +316,7 @@ def train_step(
             schedule.train_actions,
             model,
             batches,
-            args,
+            config,
             iteration,
             device,
             loss_scale=lambda loss: loss * optimizer.get_loss_scale(),
@@ -340,22 +329,22 @@ def train_step(
         ok, grad_norm, _ = optimizer.step()
     if ok:
         # --train-samples: the schedule counts samples.
-        scheduler.step(increment=microbatches.get_current_global_batch_size() if args.train_samples else 1)
+        scheduler.step(increment=microbatches.get_current_global_batch_size() if config.training.train_samples else 1)
     return gather_pipeline_metrics(average_reports(reports)), grad_norm, ok
 
 
 @torch.no_grad()
-def evaluate(model, schedule: StageSchedule, data_iterator, args, iteration, device) -> Dict[str, float]:
+def evaluate(model, schedule: StageSchedule, data_iterator, config: RunConfig, iteration, device) -> Dict[str, float]:
     model.eval()
     reports = []
-    for _ in range(args.eval_iters):
+    for _ in range(config.logging.eval_iters):
         batches = {("R", j): next(data_iterator) for j in range(microbatches.get_num_microbatches())}
-        reports += _run(schedule, schedule.eval_actions, model, batches, args, iteration, device, forward_only=True)
+        reports += _run(schedule, schedule.eval_actions, model, batches, config, iteration, device, forward_only=True)
     model.train()
     return gather_pipeline_metrics(average_reports(reports))
 
 
-def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> None:
+def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, save: Optional[str]) -> None:
     """Stop the run (every rank sees the same reduced values) at a NaN or Inf loss or
     gradient norm; the weights after that step are never saved."""
     bad = [f"{k} is {v}" for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
@@ -364,96 +353,103 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
     if not bad:
         return
     kept = ""
-    marker = os.path.join(args.save, checkpointing.TRACKER) if args.save else None
+    marker = os.path.join(save, checkpointing.TRACKER) if save else None
     if marker and os.path.isfile(marker):
-        latest = checkpointing.latest_iteration(args.save)
-        kept = f"; the latest checkpoint under --save {args.save} (iteration {latest}) is kept"
+        latest = checkpointing.latest_iteration(save)
+        kept = f"; the latest checkpoint under --save {save} (iteration {latest}) is kept"
     raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
 
 
-def pretrain(args) -> TrainState:
+def pretrain(config: RunConfig) -> TrainState:
+    """Train the run `config` describes (arguments.parse_run_config builds it from the flags)."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(
+            f"pretrain takes a RunConfig (arguments.parse_run_config(argv), or build_run_config of "
+            f"parsed flags), not {type(config).__module__}.{type(config).__name__}"
+        )
     start = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's
     watch_launcher()  # a worker whose torchrun was killed exits instead of training on
-    check_flash_attention(args)
-    num_layers, pp = built_stages(args)
+    check_flash_attention(config)
+    num_layers, pp = config.built_stages
     ctx = initialize_parallel(
-        args.tensor_model_parallel_size,
+        config.parallel.tensor_model_parallel_size,
         pp,
-        seed=args.seed,
-        device=args.device,
-        # The distributed optimizer's checkpoint exchange gathers on one rank through gloo.
-        gloo_process_groups=True
-        if args.enable_gloo_process_groups is None and args.use_distributed_optimizer
-        else args.enable_gloo_process_groups,
-        tied_embedding_stages=_tied_embedding_stages(args, num_layers, pp),
+        seed=config.training.seed,
+        device=config.parallel.device,
+        gloo_process_groups=config.parallel.gloo_process_groups,
+        tied_embedding_stages=_tied_embedding_stages(config, num_layers, pp),
     )
-    if args.exit_signal_handler and under_torchrun() and ctx.rank == 0:
+    if config.training.exit_signal_handler and under_torchrun() and ctx.rank == 0:
         print(signal_handling_note(), flush=True)
-    with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
-        return _train(args, ctx, start)
+    with checkpointing.exclusive_save_dir(config.checkpoint.save):  # before anything slow: a bad --save fails at once
+        return _train(config, ctx, start)
 
 
-def _tied_embedding_stages(args, num_layers: int, pp: int):
+def _tied_embedding_stages(config: RunConfig, num_layers: int, pp: int):
     tied_output, ee_config, chunks = (
-        not args.untie_embeddings_and_output_weights,
-        build_early_exit_config(args),
-        virtual_pipeline_chunks(args),
+        not config.model.untie_embeddings_and_output_weights,
+        config.early_exit,
+        config.virtual_pipeline_chunks,
     )
     if chunks > 1:
         return interleaved.tied_embedding_stages(ee_config, num_layers, pp, chunks, tied_output)
     return tied_embedding_stages(ee_config, num_layers, pp, tied_output)
 
 
-def _build_wrapped_model(args, device, vocab_size):
+def _build_wrapped_model(config: RunConfig, device, vocab_size):
     """The stage's model, DDP-wrapped; with the interleaved pipeline its chunks, each wrapped."""
-    chunks = virtual_pipeline_chunks(args)
+    chunks = config.virtual_pipeline_chunks
     if chunks > 1:
-        return ModelChunks([wrap_model(build_model(args, device, vocab_size, vp_stage=c), args) for c in range(chunks)])
-    model = build_model(args, device, vocab_size)
-    apply_exit_tuning(model, args)
-    return wrap_model(model, args)
+        return ModelChunks(
+            [wrap_model(build_model(config, device, vocab_size, vp_stage=c), config) for c in range(chunks)]
+        )
+    model = build_model(config, device, vocab_size)
+    apply_exit_tuning(model, config.training.tune_exit)
+    return wrap_model(model, config)
 
 
-def _train(args, ctx, start_time: float) -> TrainState:
+def _train(config: RunConfig, ctx, start_time: float) -> TrainState:
+    t, log_config, ckpt = config.training, config.logging, config.checkpoint
     microbatches.destroy_num_microbatches_calculator()
     microbatches.init_num_microbatches_calculator(
-        ctx.rank, args.rampup_batch_size, args.global_batch_size, args.micro_batch_size, ctx.dp_size
+        ctx.rank, _list(t.rampup_batch_size), t.global_batch_size, t.micro_batch_size, ctx.dp_size
     )
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
-    trackers = build_trackers(args, enabled=is_logger)
-    log = MetricsLogger(args.tensorboard_dir, enabled=is_logger, writer=trackers)
-    tokenizer = build_tokenizer(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
-    )
-    vocab_size = model_vocab_size(args, tokenizer.vocab_size)
-    train_ds, valid_ds, _ = build_datasets(args, tokenizer, vocab_size)
+    trackers = build_trackers(log_config, ckpt.save, config.flags, enabled=is_logger)
+    log = MetricsLogger(log_config.tensorboard_dir, enabled=is_logger, writer=trackers)
+    tokenizer = config.model.tokenizer.build()
+    vocab_size = model_vocab_size(config, tokenizer.vocab_size)
+    train_ds, valid_ds, _ = build_datasets(config, tokenizer, vocab_size)
 
-    model = _build_wrapped_model(args, ctx.device, vocab_size)
-    optimizer, scheduler = build_optimizer(model, args, ctx.gloo_process_groups)
+    model = _build_wrapped_model(config, ctx.device, vocab_size)
+    optimizer, scheduler = build_optimizer(model, config, ctx.gloo_process_groups)
     state = TrainState(model=model)
-    if args.load and not _starts_fresh(args, ctx.rank):
-        state.iteration, state.consumed_samples = checkpointing.load(args, model, optimizer, scheduler)
+    if ckpt.load and not _starts_fresh(ckpt, config.training.skip_train, ctx.rank):
+        state.iteration, state.consumed_samples = checkpointing.load(config, model, optimizer, scheduler)
     microbatches.update_num_microbatches(state.consumed_samples, consistency_check=True)
 
-    timers = phase_timers.build_timers(args)
-    schedules = StageSchedules(args, model, ctx.device, timers)
+    timers = phase_timers.build_timers(log_config.timing_log_level, log_config.timing_log_option)
+    schedules = StageSchedules(config, model, ctx.device, timers)
     pin = ctx.device.type == "cuda"
     # Every evaluation reads the same first batches of the validation split, so that its
     # losses compare across evaluations, resumed runs and --skip-train.
-    evaluate_now = partial(_evaluate_from_start, model, schedules, valid_ds, args, ctx.device, pin)
-    if args.skip_train:
-        return _evaluate_checkpoint(state, evaluate_now, log, valid_ds, args)
-    train_iter = build_data_iterator(train_ds, args, state.consumed_samples, pin_memory=pin)
+    evaluate_now = partial(_evaluate_from_start, model, schedules, valid_ds, config, ctx.device, pin)
+    if t.skip_train:
+        return _evaluate_checkpoint(state, evaluate_now, log, valid_ds, config)
+    train_iter = build_data_iterator(train_ds, t.micro_batch_size, state.consumed_samples, pin_memory=pin)
     # Fill microbatches read samples beyond the real ones, at a fixed place per iteration.
-    fill_per_iter = len(schedules.current().fill_items) * args.micro_batch_size * ctx.dp_size
+    fill_per_iter = len(schedules.current().fill_items) * t.micro_batch_size * ctx.dp_size
     fill_iter = build_data_iterator(
-        train_ds, args, args.train_iters * args.global_batch_size + state.iteration * fill_per_iter, pin_memory=pin
+        train_ds,
+        t.micro_batch_size,
+        t.train_iters * t.global_batch_size + state.iteration * fill_per_iter,
+        pin_memory=pin,
     )
-    control = RunControl(args, ctx.device, start_time)
+    control = RunControl(t.exit_interval, t.exit_duration_in_mins, t.exit_signal_handler, ctx.device, start_time)
     last_log, last_log_iteration = time.time(), state.iteration
     model.train()
     try:
-        while state.iteration < args.train_iters:
+        while state.iteration < t.train_iters:
             microbatches.update_num_microbatches(state.consumed_samples, consistency_check=True)
             batch_size = microbatches.get_current_global_batch_size()
             with phase_timers.timing(timers, phase_timers.ITERATION):
@@ -464,7 +460,7 @@ def _train(args, ctx, start_time: float) -> TrainState:
                     schedules.current(),
                     train_iter,
                     fill_iter,
-                    args,
+                    config,
                     state.iteration,
                     ctx.device,
                     timers,
@@ -472,11 +468,11 @@ def _train(args, ctx, start_time: float) -> TrainState:
             state.iteration += 1
             state.consumed_samples += batch_size
             state.history.append(
-                {**metrics, "grad norm": float(grad_norm or 0.0), **loss_scale_metrics(optimizer, ok, args)}
+                {**metrics, "grad norm": float(grad_norm or 0.0), **loss_scale_metrics(optimizer, ok, t.fp16)}
             )
             state.skipped_iterations += not ok
-            check_finite(state.iteration, metrics, grad_norm if ok else None, args)
-            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            check_finite(state.iteration, metrics, grad_norm if ok else None, ckpt.save)
+            if state.iteration % log_config.log_interval == 0 or state.iteration == t.train_iters:
                 elapsed = (time.time() - last_log) / (state.iteration - last_log_iteration)
                 extra = {
                     "consumed samples": state.consumed_samples,
@@ -484,18 +480,18 @@ def _train(args, ctx, start_time: float) -> TrainState:
                     "learning rate": optimizer.param_groups[0]["lr"],
                     "global batch size": batch_size,
                     "grad norm": float(grad_norm or 0.0),
-                    "tokens/s": batch_size * args.seq_length / max(elapsed, 1e-9),
-                    "time left": time_left(elapsed, args.train_iters - state.iteration),
-                    **interval_skips(state, last_log_iteration, args),
+                    "tokens/s": batch_size * config.data.seq_length / max(elapsed, 1e-9),
+                    "time left": time_left(elapsed, t.train_iters - state.iteration),
+                    **interval_skips(state, last_log_iteration, t.fp16),
                 }
-                log.training(state.iteration, args.train_iters, metrics, extra)
+                log.training(state.iteration, t.train_iters, metrics, extra)
                 phase_timers.log_timers(
                     timers,
                     state.iteration,
                     state.iteration - last_log_iteration,
                     ctx.device,
                     is_logger,
-                    args.log_timers_to_tracker,
+                    log_config.log_timers_to_tracker,
                     trackers,
                 )
                 last_log, last_log_iteration = time.time(), state.iteration
@@ -503,23 +499,23 @@ def _train(args, ctx, start_time: float) -> TrainState:
             stop = control.stop_reason(state.iteration)
             if (
                 valid_ds is not None
-                and args.eval_iters > 0
+                and log_config.eval_iters > 0
                 and not stop
-                and (state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters)
+                and (state.iteration % log_config.eval_interval == 0 or state.iteration == t.train_iters)
             ):
                 state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
                 log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
-            if args.save and (
-                (args.save_interval and state.iteration % args.save_interval == 0)
-                or state.iteration == args.train_iters
+            if ckpt.save and (
+                (ckpt.save_interval and state.iteration % ckpt.save_interval == 0)
+                or state.iteration == t.train_iters
                 or stop
             ):
                 sync_params(model)
-                checkpointing.save(args, model, optimizer, scheduler, state.iteration, state.consumed_samples)
+                checkpointing.save(config, model, optimizer, scheduler, state.iteration, state.consumed_samples)
             if stop:
                 if ctx.rank == 0:
                     saved = (
-                        f"; checkpoint saved under --save {args.save}" if args.save else " (no --save: nothing saved)"
+                        f"; checkpoint saved under --save {ckpt.save}" if ckpt.save else " (no --save: nothing saved)"
                     )
                     print(f" exiting at iteration {state.iteration}: {stop}{saved}", flush=True)
                 break
@@ -530,62 +526,71 @@ def _train(args, ctx, start_time: float) -> TrainState:
     return state
 
 
-def _starts_fresh(args, rank: int) -> bool:
+def _starts_fresh(ckpt: CheckpointConfig, skip_train: bool, rank: int) -> bool:
     """`--save DIR --load DIR` (Megatron-LM's way to resume after preemption) before DIR
     holds a checkpoint: the first run starts from its initialisation."""
-    same_dir = args.save and os.path.abspath(args.save) == os.path.abspath(args.load)
-    if not same_dir or args.finetune or args.skip_train or args.load_iteration is not None:
+    same_dir = ckpt.save and os.path.abspath(ckpt.save) == os.path.abspath(ckpt.load)
+    if not same_dir or ckpt.finetune or skip_train or ckpt.load_iteration is not None:
         return False
-    if os.path.isfile(os.path.join(args.load, checkpointing.TRACKER)):
+    if os.path.isfile(os.path.join(ckpt.load, checkpointing.TRACKER)):
         return False
     if rank == 0:
-        print(f" no checkpoint under --load {args.load} yet: training starts from scratch", flush=True)
+        print(f" no checkpoint under --load {ckpt.load} yet: training starts from scratch", flush=True)
     return True
 
 
-def model_vocab_size(args, tokenizer_vocab_size: int) -> int:
+def _list(value):
+    """megatron-core's calculator takes the ramp-up as the flag's list."""
+    return None if value is None else list(value)
+
+
+def model_vocab_size(config: RunConfig, tokenizer_vocab_size: int) -> int:
     """Rows of the embedding: --padded-vocab-size, or the tokenizer's vocabulary padded to a
     multiple of --make-vocab-size-divisible-by x TP."""
-    if args.padded_vocab_size is None:
+    padded = config.data.padded_vocab_size
+    if padded is None:
         return padded_vocab_size(
-            tokenizer_vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+            tokenizer_vocab_size, config.model.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size
         )
-    if args.padded_vocab_size < tokenizer_vocab_size:
+    if padded < tokenizer_vocab_size:
         raise EarlyExitError(
-            f"--padded-vocab-size ({args.padded_vocab_size}) is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer_vocab_size})"
+            f"--padded-vocab-size ({padded}) is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size})"
         )
-    return args.padded_vocab_size
+    return padded
 
 
 class StageSchedules:
     """This stage's schedule for each number of microbatches a run meets (batch-size ramp-up
     changes it), built once each; their links time communication when the timers ask."""
 
-    def __init__(self, args, model, device, timers):
-        self.args, self.model, self.device, self.timers = args, model, device, timers
+    def __init__(self, config: RunConfig, model, device, timers):
+        self.config, self.model, self.device, self.timers = config, model, device, timers
         self._built: Dict[int, StageSchedule] = {}
 
     def current(self) -> StageSchedule:
         m = microbatches.get_num_microbatches()
         if m not in self._built:
-            schedule = build_stage_schedule(self.args, self.model, self.device)
+            schedule = build_stage_schedule(self.config, self.model, self.device)
             if schedule.links is not None and phase_timers.is_enabled(self.timers, phase_timers.COMMUNICATION):
                 schedule = dataclasses.replace(schedule, links=phase_timers.TimedLinks(schedule.links, self.timers))
             self._built[m] = schedule
         return self._built[m]
 
 
-def _evaluate_from_start(model, schedules: StageSchedules, valid_ds, args, device, pin, iteration) -> Dict[str, float]:
-    valid_iter = build_data_iterator(valid_ds, args, cyclic=True, pin_memory=pin)
-    return evaluate(model, schedules.current(), valid_iter, args, iteration, device)
+def _evaluate_from_start(
+    model, schedules: StageSchedules, valid_ds, config: RunConfig, device, pin, iteration
+) -> Dict[str, float]:
+    valid_iter = build_data_iterator(valid_ds, config.training.micro_batch_size, cyclic=True, pin_memory=pin)
+    return evaluate(model, schedules.current(), valid_iter, config, iteration, device)
 
 
-def _evaluate_checkpoint(state: TrainState, evaluate_now, log: MetricsLogger, valid_ds, args) -> TrainState:
+def _evaluate_checkpoint(
+    state: TrainState, evaluate_now, log: MetricsLogger, valid_ds, config: RunConfig
+) -> TrainState:
     """--skip-train: the validation losses (final and every exit) of the loaded checkpoint."""
-    if valid_ds is None or args.eval_iters < 1:
+    if valid_ds is None or config.logging.eval_iters < 1:
         raise EarlyExitError(
-            f"--skip-train: nothing to evaluate (--eval-iters {args.eval_iters}, --split {args.split})"
+            f"--skip-train: nothing to evaluate (--eval-iters {config.logging.eval_iters}, --split {config.data.split})"
         )
     state.validation.append({"iteration": state.iteration, **evaluate_now(state.iteration)})
     log.validation(state.iteration, {k: v for k, v in state.validation[-1].items() if k != "iteration"})
