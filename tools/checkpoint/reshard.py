@@ -121,8 +121,8 @@ def run_rank(a):
     torch.distributed.barrier()
     if ctx.rank == 0:
         print(
-            f"resharded {a.load} -> {path} for TP={args.tensor_model_parallel_size} "
-            f"PP={args.pipeline_model_parallel_size}; every rank read its weights back identically",
+            f"resharded {a.load} -> {path} for TP={config.parallel.tensor_model_parallel_size} "
+            f"PP={pp}; every rank read its weights back identically",
             flush=True,
         )
 
