@@ -107,7 +107,7 @@ def _weights_checkpoint_with(root, corpus, key_suffix, payload):
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
     model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
-    state = checkpointing._sharded_state(args, model, None, None, 0, 0, root, include_optimizer=False)
+    state = checkpointing._sharded_state(vars(args), model, None, None, 0, 0, root, include_optimizer=False)
     key = next(k for k in state["model"] if k.endswith(key_suffix))
     state["model"][key].data = payload
     checkpointing._publish(root, 0, lambda: state)

@@ -177,9 +177,8 @@ def _sharded_state(flags, model, optimizer, scheduler, iteration, consumed_sampl
 
 
 def save(config, model, optimizer, scheduler, iteration: int, consumed_samples: int, checksums: bool = True) -> str:
-    """Everything needed to resume training, published atomically under --save (`config`:
-    the run's RunConfig, whose flags are stored); weights holding NaN or Inf are refused
-    (the previous checkpoints stay)."""
+    """Everything to resume the run `config` (its flags stored), published atomically under
+    --save; weights holding NaN or Inf are refused (the previous checkpoints stay)."""
     root = config.checkpoint.save
     require_finite_weights(model, iteration, root)
     return _publish(
@@ -474,9 +473,8 @@ def verify_on_all_ranks(path: str) -> None:
 
 
 def load(config, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
-    """`--load` of the run's RunConfig: weights, and unless told otherwise optimizer,
-    scheduler and RNG; returns (iteration, consumed samples). --finetune reads weights only
-    and starts at 0."""
+    """`--load` of the run `config`: weights, and unless told otherwise optimizer, scheduler
+    and RNG; returns (iteration, consumed samples). --finetune reads weights only, starts at 0."""
     ckpt = config.checkpoint
     path = resolve(ckpt.load, ckpt.load_iteration, checksums=False)
     if checksums:
@@ -512,10 +510,8 @@ def _compared_model(stored, built, num_layers: int, path: str):
             raise CheckpointError(
                 f"--load {path} holds only the first {stored.num_layers} layers (exits tuned with "
                 f"--tune-exit-pipeline-parallel-size), this run builds {built.num_layers} of {num_layers}: load it "
-                "with the "
-                "same --pipeline-model-parallel-size and --tune-exit-pipeline-parallel-size, or put its exits back "
-                "on the "
-                "whole model with tools/checkpoint/add_exits.py --exits-from"
+                "with the same --pipeline-model-parallel-size and --tune-exit-pipeline-parallel-size, or put its "
+                "exits back on the whole model with tools/checkpoint/add_exits.py --exits-from"
             )
         return built
     return dataclasses.replace(built, num_layers=num_layers, first_stages_only=False)
