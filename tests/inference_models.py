@@ -79,7 +79,7 @@ def generate_tokens(model, prompts, strategy=None, max_new_tokens=24, **kwargs):
 def save_tiny_checkpoint(root: str, seed: int = 5):
     """A weights-only checkpoint of a 3-layer model with exits after layers 1 and 2:
     model tensors, flags in the common state. Returns the model written."""
-    from megatron.early_exit.training.arguments import parse_args
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model as build_training_model
 
@@ -120,6 +120,6 @@ def save_tiny_checkpoint(root: str, seed: int = 5):
         ],
         world_size=1,
     )
-    model = build_training_model(args, torch.device("cpu"), 128)
+    model = build_training_model(build_run_config(args), torch.device("cpu"), 128)
     save_weights(root, vars(args), model, iteration=1)
     return model

@@ -178,7 +178,7 @@ def test_checkpoint_saved_in_one_layout_loads_in_the_other(dist1, tmp_path, stru
         assert torch.equal(want, got)
     # A model with an exit the checkpoint lacks reads the rest (exit 3 keeps its initialisation).
     wider = build_model(
-        _args(loaded, structure, **{"--exit-layer-nums": "1 2 3", "--exit-layer-weight": False}),
+        build_run_config(_args(loaded, structure, **{"--exit-layer-nums": "1 2 3", "--exit-layer-weight": False})),
         torch.device("cpu"),
         VOCAB,
     )
@@ -213,7 +213,7 @@ def test_tensor_missing_from_checkpoint_is_named(dist1, tmp_path):
 
     args = _args("local", "mlp_untied", **{"--use-exit-norm": False})
     save_weights(str(tmp_path), vars(args), build_model(build_run_config(args), torch.device("cpu"), VOCAB))
-    with_norm = build_model(_args("te_standin", "mlp_untied"), torch.device("cpu"), VOCAB)
+    with_norm = build_model(build_run_config(_args("te_standin", "mlp_untied")), torch.device("cpu"), VOCAB)
     with pytest.raises(CheckpointError, match=r"the checkpoint has no exits\.1\.norm\.bias, exits\.1\.norm\.weight"):
         load_weights(str(tmp_path / "iter_0000000"), with_norm)
 
