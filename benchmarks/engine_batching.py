@@ -37,6 +37,7 @@ def parse_args():
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--kv", default="recompute", choices=["recompute", "propagate"])
+    p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
@@ -113,14 +114,16 @@ def main():
     torch.set_num_threads(args.threads)
     prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
     random.Random(0).shuffle(prompts)
+    exits_on = tuple(args.exit_layers) if args.exit_layers else None
     configs = {
         "full depth": (FullDepth(), "none"),
-        "early exit": (EarlyExit(args.threshold, kv=args.kv), "none"),
-        "early exit, drex": (EarlyExit(args.threshold, kv=args.kv), "drex"),
+        "early exit": (EarlyExit(args.threshold, kv=args.kv, exit_layers=exits_on), "none"),
+        "early exit, drex": (EarlyExit(args.threshold, kv=args.kv, exit_layers=exits_on), "drex"),
     }
     log(
         f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
-        f"threshold {args.threshold:g} ({args.kv}), {args.threads} thread(s), {model.config.num_layers} layers"
+        f"threshold {args.threshold:g} ({args.kv}, exits {exits_on or 'all'}), {args.threads} thread(s), "
+        f"{model.config.num_layers} layers"
     )
     decode(model, prompts[:2], FullDepth(), 2, 4, "none")  # warm-up
     speed, exits, shares = {}, {}, {}
