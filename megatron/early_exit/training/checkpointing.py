@@ -144,6 +144,9 @@ def require_finite_weights(model, iteration: int, root: str) -> None:
     )
 
 
+# -- loading ----------------------------------------------------------------------
+
+
 def load(args, model, optimizer, scheduler, checksums: bool = True) -> Tuple[int, int]:
     """`--load`: weights, and unless told otherwise optimizer, scheduler and RNG; returns
     (iteration, consumed samples). --finetune reads weights only and starts at 0."""
