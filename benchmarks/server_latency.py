@@ -93,8 +93,8 @@ def log(msg: str) -> None:
 def write_random_checkpoint(root: str) -> None:
     import torch
 
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import parse_args as parse_training_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_training_args(RANDOM_MODEL_FLAGS, world_size=1)

@@ -128,9 +128,9 @@ def prepare_model(args):
     initialize_parallel(1, 1)
     rng = random.Random(args.seed)
     if args.quick:
+        from megatron.early_exit.checkpoint.writer import save_weights
         from megatron.early_exit.tokenizers import build_tokenizer
         from megatron.early_exit.training.arguments import parse_args as parse_training_args
-        from megatron.early_exit.training.checkpointing import save_weights
         from megatron.early_exit.training.trainer import build_model
 
         ckpt = os.path.join(args.work_dir, "random")

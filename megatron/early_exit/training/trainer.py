@@ -34,6 +34,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron.early_exit.checkpoint.lock import exclusive_save_dir
+from megatron.early_exit.checkpoint.reader import TRACKER, latest_iteration
 from megatron.early_exit.errors import EarlyExitError
 from megatron.early_exit.launcher import signal_handling_note, under_torchrun, watch_launcher
 from megatron.early_exit.loss import early_exit_loss
@@ -364,9 +366,9 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, args) -> 
     if not bad:
         return
     kept = ""
-    marker = os.path.join(args.save, checkpointing.TRACKER) if args.save else None
+    marker = os.path.join(args.save, TRACKER) if args.save else None
     if marker and os.path.isfile(marker):
-        latest = checkpointing.latest_iteration(args.save)
+        latest = latest_iteration(args.save)
         kept = f"; the latest checkpoint under --save {args.save} (iteration {latest}) is kept"
     raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
 
@@ -389,7 +391,7 @@ def pretrain(args) -> TrainState:
     )
     if args.exit_signal_handler and under_torchrun() and ctx.rank == 0:
         print(signal_handling_note(), flush=True)
-    with checkpointing.exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
+    with exclusive_save_dir(args.save):  # before anything slow: a bad --save fails at once
         return _train(args, ctx, start)
 
 
@@ -536,7 +538,7 @@ def _starts_fresh(args, rank: int) -> bool:
     same_dir = args.save and os.path.abspath(args.save) == os.path.abspath(args.load)
     if not same_dir or args.finetune or args.skip_train or args.load_iteration is not None:
         return False
-    if os.path.isfile(os.path.join(args.load, checkpointing.TRACKER)):
+    if os.path.isfile(os.path.join(args.load, TRACKER)):
         return False
     if rank == 0:
         print(f" no checkpoint under --load {args.load} yet: training starts from scratch", flush=True)
