@@ -120,13 +120,19 @@ def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Te
     [b, V] when the measure projected them (valid at least for the rows that fire)."""
     if threshold == -math.inf:
         return [True] * last.shape[1], None
+    # A test from the hidden state alone decides here, before any vocabulary projection.
+    if measure.decide is not None:
+        return measure.decide(point.layer_number, last[0], threshold), None
+    likely = None if measure.prefilter is None else measure.prefilter(point.layer_number, last[0])
+    if likely is not None and not any(likely):
+        return likely, None
 
     def project(rows: Optional[Tensor]) -> Tensor:
         hidden = last if rows is None else last.index_select(1, rows)
         sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
         return head_logits(model, point, hidden, sub_input)[0]
 
-    view = ExitView(point.layer_number, last[0], previous, project)
+    view = ExitView(point.layer_number, last[0], previous, project, likely=likely)
     return (measure(view) >= threshold).tolist(), view.projected()
 
 
