@@ -516,8 +516,9 @@ def main():
             f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
             f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)"
         )
-    for name in dict.fromkeys([args.measure, "max_prob"] + (["gated_max_prob"] if args.confidence_estimator else [])):
-        if name == "gated_max_prob" and not _hidden_only(model):
+    gated = ["gated_max_prob", "learned"] if args.confidence_estimator else []
+    for name in dict.fromkeys([args.measure, "max_prob"] + gated):
+        if name in gated and not _hidden_only(model):
             continue
         test, layer = exit_test_cost(model, prompts[0], name, min(exits or model.ee_config.exit_layer_nums), 2.0)
         print(
