@@ -122,14 +122,25 @@ def fire_mask(model, point: ExitPoint, threshold: float, measure, last: Tensor, 
     (valid at least for the rows that fire)."""
     if threshold == -math.inf:
         return None, None
+    # A test from the hidden state alone decides here, before any vocabulary projection (its
+    # decision comes back from the host: sent as a [b] bool tensor, no device read).
+    if measure.decide is not None:
+        return _on_device(measure.decide(point.layer_number, last[0], threshold), last), None
+    likely = None if measure.prefilter is None else measure.prefilter(point.layer_number, last[0])
+    if likely is not None and not any(likely):
+        return _on_device(likely, last), None
 
     def project(rows: Optional[Tensor]) -> Tensor:
         hidden = last if rows is None else last.index_select(1, rows)
         sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
         return head_logits(model, point, hidden, sub_input)[0]
 
-    view = ExitView(point.layer_number, last[0], previous, project)
+    view = ExitView(point.layer_number, last[0], previous, project, likely=likely)
     return measure(view) >= threshold, view.projected()
+
+
+def _on_device(decisions, like: Tensor) -> Tensor:
+    return torch.tensor(list(decisions), dtype=torch.bool, device=like.device)
 
 
 def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
