@@ -67,6 +67,9 @@ def main():
     import megatron.early_exit  # noqa: F401
 
     # isort: split
+    from megatron.early_exit.checkpoint.checksums import file_checksum
+    from megatron.early_exit.checkpoint.reader import checkpoint_dir
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.arguments import parse_run_config
@@ -116,14 +119,14 @@ def main():
                 f"load {times[checksums][1][-1]:.3f} s",
                 flush=True,
             )
-    path = checkpointing.checkpoint_dir(root, iteration - 1)
+    path = checkpoint_dir(root, iteration - 1)
     full = size_mb(path)
     start = time.time()
     for name in os.listdir(path):
-        checkpointing.file_checksum(os.path.join(path, name))
+        file_checksum(os.path.join(path, name))
     crc_s = time.time() - start
     start = time.time()
-    weights = checkpointing.save_weights(os.path.join(root, "weights"), config.flags, model)
+    weights = save_weights(os.path.join(root, "weights"), config.flags, model)
     weights_s = time.time() - start
     (save_on, load_on), (save_off, load_off) = [(min(times[c][0]), min(times[c][1])) for c in (True, False)]
     print(

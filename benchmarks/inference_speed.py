@@ -516,14 +516,18 @@ def main():
             f"  batch {args.batch_size}: {p.strategy} threshold {label}: {batched:.2f}x over full depth at the "
             f"same batch size = {batched / p.speedup:.0%} of its batch-1 speedup (goal >= 80%)"
         )
-    for name in dict.fromkeys([args.measure, "max_prob"] + (["gated_max_prob"] if args.confidence_estimator else [])):
-        if name == "gated_max_prob" and not _hidden_only(model):
+    gated = ["gated_max_prob", "learned"] if args.confidence_estimator else []
+    for name in dict.fromkeys([args.measure, "max_prob"] + gated):
+        if name in gated and not _hidden_only(model):
             continue
         test, layer = exit_test_cost(model, prompts[0], name, min(exits or model.ee_config.exit_layer_nums), 2.0)
         print(
             f"  exit test ({name}) that does not fire: {test * 1e6:.0f} us = {test / layer:.2f} of a layer "
             f"({layer * 1e6:.0f} us) (goal <= 0.15)"
         )
+    if _hidden_only(model):
+        for n, line in gate_vetoes(model, prompts, exits, args.max_new_tokens, args.thresholds).items():
+            print(f"  gate at exit {n}: {line}")
     path = args.plot or os.path.join(args.work_dir, "inference_speed.png")
     plot(points, path)
     print(f"\nplot: {path}")
@@ -611,6 +615,37 @@ def exit_test_cost(model, prompt, measure_name: str, exit_layer: int, threshold:
             layer.append(time.perf_counter() - start)
     layer.sort()
     return seconds / max(tests, 1), layer[len(layer) // 2]
+
+
+def gate_vetoes(model, prompts, exits, max_new_tokens: int, thresholds) -> dict:
+    """Per exit, on the full-depth continuations of `prompts`: the share of exit tests the
+    hidden-state gate lets through to the vocabulary projection, and for each top-1 threshold
+    the share of its fires (max_prob >= threshold) the gate vetoes."""
+    import torch
+
+    from megatron.early_exit.inference import FullDepth, generate
+    from megatron.early_exit.inference.calibration import exit_confidences
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.learned_confidence import attached
+
+    estimator = attached(model)
+    sequences = [list(p) + generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
+    starts = [len(p) - 1 for p in prompts]
+    top1 = exit_confidences(model, sequences, get_confidence_measure("max_prob"), exits, starts)
+    gate = exit_confidences(
+        model, sequences, lambda v: torch.tensor(estimator.gate(v.layer_number, v.hidden)), exits, starts
+    )
+    out = {}
+    for n, (confidence, _) in top1.items():
+        passed = gate[n][0].bool()
+        vetoes = [
+            f"{t:g}: {(~passed & (confidence >= t)).sum() / max(int((confidence >= t).sum()), 1):.0%}"
+            for t in thresholds
+        ]
+        out[n] = f"lets {passed.float().mean():.0%} of tests through; vetoes of max_prob's fires at " + ", ".join(
+            vetoes
+        )
+    return out
 
 
 def _hidden_only(model) -> bool:

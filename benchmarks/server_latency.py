@@ -93,8 +93,8 @@ def log(msg: str) -> None:
 def write_random_checkpoint(root: str) -> None:
     import torch
 
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import parse_run_config
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     config = parse_run_config(RANDOM_MODEL_FLAGS, world_size=1)

@@ -80,6 +80,11 @@ QUICK_MODEL_FLAGS = [  # --quick: random weights, NullTokenizer (prompts are tok
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="checkpoint to serve (default: train one into --work-dir)")
+    p.add_argument(
+        "--hf",
+        default=None,
+        help="serve a Hugging Face export with exits (benchmarks/model): converted once into WORK_DIR/from_hf",
+    )
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "serving_load"))
     p.add_argument("--train-iters", type=int, default=400, help="without --load: pretraining iterations")
     p.add_argument("--quick", action="store_true", help="a random-weight model, one rate, few requests: a smoke run")
@@ -123,9 +128,9 @@ def prepare_model(args):
     initialize_parallel(1, 1)
     rng = random.Random(args.seed)
     if args.quick:
+        from megatron.early_exit.checkpoint.writer import save_weights
         from megatron.early_exit.tokenizers import build_tokenizer
         from megatron.early_exit.training.arguments import parse_run_config
-        from megatron.early_exit.training.checkpointing import save_weights
         from megatron.early_exit.training.trainer import build_model
 
         ckpt = os.path.join(args.work_dir, "random")
@@ -145,8 +150,17 @@ def prepare_model(args):
     from megatron.early_exit.tokenizers import build_tokenizer
 
     files = prepare_corpus(args.work_dir)
-    ckpt = args.load or train_model(args.work_dir, files, args.train_iters)
-    tokenizer = build_tokenizer("SentencePieceTokenizer", files["tokenizer"])
+    tokenizer_model = files["tokenizer"]
+    if args.hf:
+        from benchmarks.inference_speed import _run_tool
+
+        ckpt = os.path.join(args.work_dir, "from_hf")
+        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+            _run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+        tokenizer_model = os.path.join(args.hf, "tokenizer.model")
+    else:
+        ckpt = args.load or train_model(args.work_dir, files, args.train_iters)
+    tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
     return ckpt, tokenizer, held_out_requests(tokenizer, files["jsonl"], args, rng)
 
 

@@ -26,8 +26,8 @@ def _wait_here(file: str) -> None:
 def install(moment: str, iteration: int, file: str) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
-    from megatron.early_exit.checkpoint_reader import checkpoint_dir
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint import writer
+    from megatron.early_exit.checkpoint.reader import checkpoint_dir
 
     name = os.path.basename(checkpoint_dir("", iteration))
     if moment == "writing":  # the first shard file of that save, before it is written
@@ -40,14 +40,14 @@ def install(moment: str, iteration: int, file: str) -> None:
 
         fsa.FileSystemWriterAsync.write_preloaded_data = staticmethod(write_preloaded_data)
     elif moment == "before_rename":
-        put_in_place = checkpointing._put_in_place
+        put_in_place = writer._put_in_place
 
         def paused_put_in_place(root, tmp, final, it, *args, **kwargs):
             if it == iteration:
                 _wait_here(file)
             return put_in_place(root, tmp, final, it, *args, **kwargs)
 
-        checkpointing._put_in_place = paused_put_in_place
+        writer._put_in_place = paused_put_in_place
     elif moment == "before_marker":
         replace = os.replace
 

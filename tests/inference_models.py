@@ -79,8 +79,8 @@ def generate_tokens(model, prompts, strategy=None, max_new_tokens=24, **kwargs):
 def save_tiny_checkpoint(root: str, seed: int = 5):
     """A weights-only checkpoint of a 3-layer model with exits after layers 1 and 2:
     model tensors, flags in the common state. Returns the model written."""
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model as build_training_model
 
     args = parse_args(

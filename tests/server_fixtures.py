@@ -28,8 +28,8 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add
 
 
 def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(

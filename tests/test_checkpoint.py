@@ -105,7 +105,7 @@ def test_use_checkpoint_args_rebuilds_the_model(straight_and_saved, corpus):
 
 
 def test_mismatched_checkpoint_lists_every_difference(straight_and_saved, corpus):
-    from megatron.early_exit.training.checkpointing import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     _, _, root = straight_and_saved
     with pytest.raises(CheckpointError) as err:
@@ -123,9 +123,9 @@ def test_mismatched_checkpoint_lists_every_difference(straight_and_saved, corpus
 
 
 def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, tmp_path):
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.sharding import full_state_dict
-    from megatron.early_exit.training.checkpointing import CheckpointError
 
     plain = {"--exit-layer-nums": False, "--exit-layer-weight": False, "--use-exit-norm": False, "--eval-iters": 0}
     run_training(tiny_run_flags(corpus, iters=3, **plain, **{"--save": str(tmp_path)}))
@@ -149,9 +149,10 @@ def test_checkpoint_without_exits_loads_into_a_model_with_exits(dist1, corpus, t
 
 
 def test_weights_only_checkpoint_needs_finetune(dist1, corpus, tmp_path):
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import CheckpointError, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
@@ -183,7 +184,7 @@ def test_damaged_checkpoint_names_the_file(straight_and_saved, corpus, tmp_path,
     import glob
     import shutil
 
-    from megatron.early_exit.training.checkpointing import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     root = str(tmp_path / "copy")
     shutil.copytree(straight_and_saved[2], root)
@@ -205,7 +206,7 @@ def test_damaged_checkpoint_names_the_file(straight_and_saved, corpus, tmp_path,
 
 
 def test_missing_checkpoint_is_named(dist1, corpus, tmp_path):
-    from megatron.early_exit.training.checkpointing import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=f"--load {tmp_path}: no latest_checkpointed_iteration.txt"):
         run_training(tiny_run_flags(corpus, iters=4, **{"--load": str(tmp_path)}))

@@ -440,7 +440,7 @@ class RunsCode:
 
 
 def test_a_pickle_that_would_run_code_is_refused(dist1, tmp_path):
-    from megatron.early_exit.checkpoint_reader import UnsafeCheckpointError
+    from megatron.early_exit.checkpoint.errors import UnsafeCheckpointError
 
     model, config = reference_model(exits=dict(exit_layer_nums=[1], use_exit_norm=True))
     ref = {k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k}

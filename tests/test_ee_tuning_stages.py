@@ -104,7 +104,8 @@ def test_the_flags_describe_the_whole_model_and_the_run_builds_its_first_stages(
 
 
 def test_a_checkpoint_is_compared_with_the_whole_model(corpus):
-    from megatron.early_exit.checkpoint_reader import CheckpointError, compare_with_checkpoint
+    from megatron.early_exit.checkpoint.compatibility import compare_with_checkpoint
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.checkpointing import _compared_model
 

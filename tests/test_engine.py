@@ -7,6 +7,7 @@ import pytest
 from tests.engine_fixtures import (
     PROMPTS,
     alone,
+    assert_same,
     check_mixed_run,
     mixed_requests,
     run_engine,
@@ -24,6 +25,30 @@ def test_every_sequence_decodes_as_alone(dist1):
     check_mixed_run(finished, steps, [alone(model, *req) for req in requests], aborted=4, num_aborted_tokens=3)
     # 8 sequences through 3 slots: each slot reused, all free again.
     assert engine.num_running == 0 and sorted(engine.free_slots) == [0, 1, 2]
+
+
+def test_regrouping_decodes_as_alone(dist1):
+    """DREX: rows going on past an exit in a small group wait a step there and run the
+    deeper layers with the next step's; each sequence still decodes as alone."""
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+
+    model = build_model()
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=7)
+    requests = [
+        (prompt, EarlyExit(0.25, kv=kv), sampled if i == 3 else SamplingParams(), 12, (), 0)
+        for i, (prompt, kv) in enumerate((p, kv) for p in PROMPTS for kv in ("recompute", "propagate"))
+    ]
+    arrivals = [0, 0, 0, 0, 1, 3, 5, 6, 8, 9]
+    finished, _, _, engine = run_engine(model, requests, arrivals, aborts=[(6, 4)], max_batch=4, regroup="drex")
+    assert engine.num_parked > 0  # some tokens waited a step at an exit
+    for i, req in enumerate(requests):
+        ref = alone(model, *req)
+        if i == 6:
+            n = len(finished[i].result.tokens[0])
+            assert finished[i].finish_reason == "abort" and finished[i].result.tokens[0] == ref.tokens[0][:n]
+        else:
+            assert_same(finished[i], ref, f"request {i}")
+    assert engine.num_running == 0 and sorted(engine.free_slots) == [0, 1, 2, 3]
 
 
 def test_stop_tokens_and_abort_while_waiting(dist1):
@@ -56,3 +81,23 @@ def test_refusals_name_the_field(dist1):
     engine.add(SequenceRequest((1, 2), max_new_tokens=2))
     with pytest.raises(QueueFull):
         engine.add(SequenceRequest((1, 2), max_new_tokens=2))
+
+
+def test_host_syncs_per_engine_step(dist1):
+    """A step of a batch of mixed strategies, thresholds and measures reads the device once
+    per exit it reaches (every row's decision there at once) and once for its tokens."""
+    from megatron.early_exit.inference.engine import Engine, SequenceRequest
+    from tests.sync_counter import SyncCounter
+
+    engine = Engine(build_model(), 8, 48, prefill_chunk=64)
+    for prompt, strategy, sampling, max_new, stops, top_n in mixed_requests():
+        engine.add(SequenceRequest(tuple(prompt), strategy, sampling, max_new, stops, top_n))
+    engine.step()  # every prompt at full depth
+    depths = set()
+    for _ in range(4):
+        with SyncCounter() as counter:
+            events = engine.step()
+        assert len(events) == 8
+        depths |= {d for e in events for d in e.exit_layers}
+        assert counter.total <= 3 and counter.counts["tolist"] == counter.total, counter.counts  # exits 1, 3; tokens
+    assert len(depths) > 1  # rows left at different exits

@@ -31,8 +31,8 @@ CHOICES = ["9", "40 2", "12", "3 3 3"]
 
 
 def write_checkpoint(root: str) -> None:
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(

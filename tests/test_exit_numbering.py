@@ -25,12 +25,12 @@ def test_exit_number_of_a_depth():
 def pre_exit_server(dist1, tmp_path_factory):
     from fastapi.testclient import TestClient
 
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.server.app import Service, build_app
     from megatron.early_exit.server.jobs import ModelLimits
     from megatron.early_exit.server.worker import Worker
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     root = str(tmp_path_factory.mktemp("pre_exit_ckpt"))

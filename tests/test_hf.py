@@ -150,7 +150,7 @@ def test_export_then_import_is_bit_identical_including_exits(dist1, tmp_path, st
 def test_converted_directory_loads_and_generates_after_a_move(dist1, tmp_path):
     import shutil
 
-    from megatron.early_exit.checkpoint_reader import read_common, resolve
+    from megatron.early_exit.checkpoint.reader import read_common, resolve
     from megatron.early_exit.inference import FullDepth, generate
     from megatron.early_exit.inference.loading import load_model
 
@@ -255,24 +255,25 @@ def test_add_exits_keeps_matching_exits_and_replaces_others(dist1, converted, tm
 
 
 def test_exits_tuned_on_the_first_stages_go_back_on_the_whole_model(dist1, converted, tmp_path):
+    from megatron.early_exit.checkpoint.reader import load_weights, resolve
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
     from megatron.early_exit.models.model_config import ModelConfig
-    from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.arguments import stored_args
 
     add_exits(converted, tmp_path / "ee", exit_layer_nums=[1, 2], use_exit_norm=True, untie_exit_output_weights=True)
     # What --tune-exit-pipeline-parallel-size 1 of 2 saves: layers 1-2 and their exits, tuned.
-    path = checkpointing.resolve(str(tmp_path / "ee"))
+    path = resolve(str(tmp_path / "ee"))
     args = stored_args(path, 1)
     args.num_layers, args.tune_exit, args.tune_exit_pipeline_parallel_size = 2, True, 1
     model = training_model(ModelConfig.from_flags(vars(args), VOCAB))
-    checkpointing.load_weights(path, model)
+    load_weights(path, model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith("exits."):
                 param.add_(1.0)
-    checkpointing.save_weights(str(tmp_path / "tuned"), vars(args), model)
+    save_weights(str(tmp_path / "tuned"), vars(args), model)
     with pytest.raises(ConversionError, match="holds only the first 2 layers: put its exits back on the whole model"):
         export_llama(tmp_path / "tuned", tmp_path / "hf")
 
@@ -432,10 +433,10 @@ def test_missing_and_unknown_weights_are_named(dist1, hf_dir, tmp_path):
 
 
 def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.hf.convert import training_model
     from megatron.early_exit.hf.errors import ConversionError
     from megatron.early_exit.models.model_config import ModelConfig
-    from megatron.early_exit.training import checkpointing
 
     config = ModelConfig.from_flags(
         dict(
@@ -448,7 +449,7 @@ def test_export_refuses_a_model_llama_cannot_express(dist1, tmp_path):
         ),
         128,
     )  # LayerNorm, GeLU, biases
-    checkpointing.save_weights(str(tmp_path / "gpt"), None, training_model(config))
+    save_weights(str(tmp_path / "gpt"), None, training_model(config))
     with pytest.raises(ConversionError, match="the checkpoint is not a Llama model: --normalization LayerNorm"):
         export_llama(tmp_path / "gpt", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)

@@ -110,6 +110,33 @@ def test_inference_runs_the_decoder_without_its_estimators_training():
     )
 
 
+def _reached(graph: dict, start: str) -> set:
+    """Every module `start` imports, directly or through what it imports."""
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph[module])
+    return seen - {start}
+
+
+CONVERTERS = ("hf.convert", "hf.add_exits", "legacy.convert")
+
+
+def test_converters_and_the_checkpoint_package_import_no_training_module():
+    graph = import_graph()
+    training = PACKAGE + ".training"
+    # The walk sees through lazy imports: the trainer reaches the checkpoint package and the model builder.
+    assert {PACKAGE + ".checkpoint.writer", PACKAGE + ".models.builder"} <= _reached(graph, training + ".trainer")
+    starts = [f"{PACKAGE}.{name}" for name in CONVERTERS] + [m for m in graph if m.startswith(PACKAGE + ".checkpoint")]
+    offenders = {
+        start: sorted(m for m in _reached(graph, start) if m == training or m.startswith(training + "."))
+        for start in starts
+    }
+    assert not any(offenders.values()), f"imports of the training package: {offenders}"
+
+
 def test_no_test_module_imports_another():
     offenders = []
     for path in sorted(_modules(os.path.join(ROOT, "tests"), "tests").values()):

@@ -88,6 +88,26 @@ def test_gated_max_prob_projects_only_the_rows_its_gate_passes():
     assert (measure(ExitView(2, -hidden.abs(), None, project)) == -math.inf).all() and asked == []
 
 
+def test_gate_on_the_host_equals_the_classifier_score_against_the_threshold():
+    """The cheap gate (a dot product and a norm compared on the host) decides as the
+    classifier's sigmoid score against the threshold does, at any threshold and batch."""
+    from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator
+
+    g = torch.Generator().manual_seed(1)
+    estimator = ConfidenceEstimator(16, [2], use_logits=False)
+    with torch.no_grad():
+        estimator.heads["2"].weight.copy_(torch.randn(1, 16, generator=g))
+        estimator.heads["2"].bias.fill_(0.3)
+    hidden = 3 * torch.randn(40, 16, generator=g)
+    scores = estimator(2, None, hidden)
+    for t in (0.1, 0.4, 0.5, 0.7, 0.95):
+        margin = (scores - t).abs() > 1e-5  # rounding may differ only at the boundary
+        got = torch.tensor(estimator.gate(2, hidden, t))
+        assert torch.equal(got[margin], (scores >= t)[margin])
+        assert 0 < int(got.sum()) < 40 or t in (0.1, 0.95)  # the middle thresholds split the rows
+    assert estimator.gate(2, hidden, 0.0) == [True] * 40 and estimator.gate(2, hidden, 1.0) == [False] * 40
+
+
 # -- sampling ------------------------------------------------------------------------------------
 
 

@@ -551,8 +551,8 @@ def test_ee_llm_scripts_run_on_cpu_with_later_flags(dist1, corpus, ee_llm_files,
     assert len(state.history) == 2 and loss_keys(state.history[-1]) == ["lm loss", "early loss [1]", "early loss [2]"]
     assert os.path.isfile(os.path.join(pretrained, "iter_0000002", "common.pt"))
     # EE-Tuning: a backbone without exits (as converted from Llama 2), new exits trained on it.
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     backbone = str(tmp_path / "backbone")
@@ -646,7 +646,7 @@ def fresh_process_env() -> dict:
 @pytest.mark.slow
 def test_load_iteration_in_the_checkpoint_tools_and_the_server(dist1, saved_run, monkeypatch, tmp_path):
     from megatron.early_exit import parallel
-    from megatron.early_exit.checkpoint_reader import checkpoint_dir, load_weights
+    from megatron.early_exit.checkpoint.reader import checkpoint_dir, load_weights
     from megatron.early_exit.inference import InferenceConfigError
     from megatron.early_exit.server import launch
 
@@ -702,7 +702,7 @@ def test_load_iteration_in_the_checkpoint_tools_and_the_server(dist1, saved_run,
 
 @pytest.mark.slow
 def test_missing_load_iteration_in_training_lists_the_iterations_present(dist1, corpus, saved_run):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     root, _, _ = saved_run
     with pytest.raises(CheckpointError, match=r"^--load-iteration 3: .*\(iterations present: 2, 4\)$"):
@@ -711,7 +711,7 @@ def test_missing_load_iteration_in_training_lists_the_iterations_present(dist1, 
 
 @pytest.mark.slow
 def test_exit_interval_and_duration_save_and_stop(dist1, corpus, tmp_path):
-    from megatron.early_exit.checkpoint_reader import iterations_present
+    from megatron.early_exit.checkpoint.reader import iterations_present
 
     state = run_training(tiny_run_flags(corpus, iters=6, **{"--save": str(tmp_path / "a"), "--exit-interval": 2}))
     assert len(state.history) == 2 and iterations_present(str(tmp_path / "a")) == [2]

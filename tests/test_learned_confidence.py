@@ -18,8 +18,8 @@ NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
 
 
 def _write_checkpoint(root):
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(

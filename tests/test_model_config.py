@@ -14,15 +14,14 @@ from tests.training_fixtures import tiny_run_flags
 OLD_CHECKPOINT = os.path.join(ROOT, "tests", "data", "checkpoint_v2")  # written before model descriptions were stored
 
 
-def test_inference_server_and_hf_import_no_training_code():
+def test_inference_server_and_converters_import_no_training_code():
     code = (
         "import sys\n"
         "import megatron.early_exit.inference, megatron.early_exit.server, megatron.early_exit.hf\n"
         "import megatron.early_exit.inference.loading, megatron.early_exit.hf.convert, "
-        "megatron.early_exit.hf.add_exits\n"
+        "megatron.early_exit.hf.add_exits, megatron.early_exit.legacy.convert\n"
         "import megatron.early_exit.server.launch\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(('megatron.early_exit.training.trainer',"
-        " 'megatron.early_exit.training.arguments')))\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('megatron.early_exit.training'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
@@ -98,7 +97,7 @@ def test_differences_are_listed_by_flag(dist1):
 
 
 def test_checkpoint_of_the_previous_format_loads_with_the_same_logits(dist1):
-    from megatron.early_exit.checkpoint_reader import read_common, resolve
+    from megatron.early_exit.checkpoint.reader import read_common, resolve
     from megatron.early_exit.inference.loading import load_model
 
     assert "model_config" not in read_common(resolve(OLD_CHECKPOINT))  # the old format indeed
@@ -119,9 +118,9 @@ def test_checkpoint_of_the_previous_format_loads_with_the_same_logits(dist1):
 
 def _sentencepiece_checkpoint(root: str) -> None:
     """A checkpoint whose SentencePiece model lies inside its own directory."""
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.tokenizers import train_sentencepiece
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     os.makedirs(os.path.join(root, "tokenizer"))
@@ -151,7 +150,7 @@ def _sentencepiece_checkpoint(root: str) -> None:
 def test_moved_checkpoint_loads_and_serves_with_no_extra_flags(dist1, tmp_path):
     import httpx
 
-    from megatron.early_exit.checkpoint_reader import read_common, resolve
+    from megatron.early_exit.checkpoint.reader import read_common, resolve
     from megatron.early_exit.inference import FullDepth, generate
     from megatron.early_exit.inference.loading import load_model
     from tests.server_fixtures import Server

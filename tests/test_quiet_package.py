@@ -13,7 +13,7 @@ import os, sys, torch
 import megatron.early_exit
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.training.arguments import build_run_config, parse_args
-from megatron.early_exit.training.checkpointing import save_weights
+from megatron.early_exit.checkpoint.writer import save_weights
 from megatron.early_exit.training.trainer import build_model
 from megatron.early_exit.inference.loading import load_model
 

@@ -101,16 +101,16 @@ def _plant_common(path, marker):
 
 def _weights_checkpoint_with(root, corpus, key_suffix, payload):
     """A weights-only checkpoint whose byte item `*key_suffix` holds `payload`."""
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint.writer import publish, weights_state
     from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(tiny_run_flags(corpus, iters=4), world_size=1)
     model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
-    state = checkpointing._sharded_state(vars(args), model, None, None, 0, 0, root, include_optimizer=False)
+    state = weights_state(vars(args), model, 0, 0, root, has_optimizer=False)
     key = next(k for k in state["model"] if k.endswith(key_suffix))
     state["model"][key].data = payload
-    checkpointing._publish(root, 0, lambda: state)
+    publish(root, 0, lambda: state)
     return os.path.join(root, "iter_0000000")
 
 
@@ -179,7 +179,7 @@ def test_planted_extra_state_is_refused_before_any_module_reads_it(dist1, corpus
 def test_planted_rng_state_is_refused_on_resume(dist1, corpus, tmp_path):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.training import checkpointing
 
     marker, root = tmp_path / "code_ran", str(tmp_path / "ck")
@@ -199,7 +199,7 @@ def test_planted_rng_state_is_refused_on_resume(dist1, corpus, tmp_path):
 
 
 def test_manifest_lists_every_file_with_its_size(saved):
-    from megatron.early_exit.checkpoint_reader import MANIFEST, file_checksum, read_manifest
+    from megatron.early_exit.checkpoint.checksums import MANIFEST, file_checksum, read_manifest
 
     path = os.path.join(saved, "iter_0000002")
     files = read_manifest(path)
@@ -212,7 +212,7 @@ def test_manifest_lists_every_file_with_its_size(saved):
 
 @pytest.mark.parametrize("damaged", ["shard", "common.pt"])
 def test_flipped_byte_is_named_by_every_reader(saved, corpus, tmp_path, damaged):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.inference import InferenceConfigError
     from megatron.early_exit.inference.loading import load_model
 
@@ -235,7 +235,7 @@ def test_flipped_byte_is_named_by_every_reader(saved, corpus, tmp_path, damaged)
 
 
 def test_checkpoint_without_manifest_still_loads(saved, tmp_path):
-    from megatron.early_exit.checkpoint_reader import MANIFEST
+    from megatron.early_exit.checkpoint.checksums import MANIFEST
     from megatron.early_exit.inference.loading import load_model
 
     root, path = _copy(saved, tmp_path)
@@ -278,7 +278,7 @@ def _tagged(tag):
 
 @pytest.mark.parametrize("moment", ["writing", "before_rename"])
 def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_path, moment):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     root, paused, tag = str(tmp_path / "ck"), tmp_path / "paused", f"EE_TEST_TAG={uuid.uuid4().hex}"
     flags = {"--save": root, "--save-interval": 2, **QUIET}
@@ -364,7 +364,7 @@ def test_non_finite_stops_before_saving_and_keep_last_keeps_the_finite_one(dist1
 
 
 def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, corpus, tmp_path):
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import NonFiniteError, build_model
 
@@ -372,7 +372,7 @@ def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, cor
     model = build_model(build_run_config(args), torch.device("cpu"), VOCAB)
     with torch.no_grad():
         dict(model.named_parameters())["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
-    checkpointing.save_weights(str(tmp_path / "nan"), vars(args), model)
+    save_weights(str(tmp_path / "nan"), vars(args), model)
     with pytest.raises(NonFiniteError, match=r"^iteration 1: lm loss is nan"):
         run_training(
             tiny_run_flags(
@@ -386,6 +386,7 @@ def test_nan_weights_loaded_with_finetune_stop_at_the_first_iteration(dist1, cor
 
 
 def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.arguments import build_run_config, parse_args
     from megatron.early_exit.training.trainer import build_model, build_optimizer, wrap_model
@@ -396,7 +397,7 @@ def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
     with torch.no_grad():
         dict(model.module.named_parameters())["exits.1.norm.weight"][3] = float("inf")
     with pytest.raises(
-        checkpointing.CheckpointError,
+        CheckpointError,
         match=r"^iteration 5: the weights hold NaN or Inf \(exits.1.norm.weight\); "
         rf"not saved under --save {tmp_path}, whose checkpoints are kept$",
     ):
@@ -408,7 +409,7 @@ def test_save_refuses_non_finite_weights(dist1, corpus, tmp_path):
 
 
 def test_save_under_a_regular_file_is_named_at_once(dist1, corpus, tmp_path):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     (tmp_path / "file").write_text("")
     for target, blocker in ((tmp_path / "file" / "ck", tmp_path / "file"), (tmp_path / "file", tmp_path / "file")):
@@ -434,7 +435,7 @@ def read_only_dir(tmp_path):
 
 
 def test_read_only_save_dir_is_named_at_once(dist1, corpus, read_only_dir):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     with pytest.raises(
         CheckpointError,
@@ -458,7 +459,7 @@ def test_read_only_save_dir_is_named_at_once(dist1, corpus, read_only_dir):
     ],
 )
 def test_load_with_another_vocabulary_is_refused(saved, vocab, expected):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     # Mock data: the corpus holds ids up to 63, which its own check refuses first at a vocabulary of 60.
     with pytest.raises(CheckpointError) as err:
@@ -476,7 +477,7 @@ def test_load_with_another_vocabulary_is_refused(saved, vocab, expected):
 
 
 def test_load_with_another_seq_length_and_learned_positions_is_refused(dist1, corpus, tmp_path):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     learned = {**QUIET, "--position-embedding-type": "learned_absolute", "--lr-warmup-iters": 1}
     run_training(tiny_run_flags(corpus, iters=2, **learned, **{"--save": str(tmp_path)}))
@@ -491,7 +492,8 @@ def test_load_with_another_seq_length_and_learned_positions_is_refused(dist1, co
 def test_tokenizer_differences_are_listed(tmp_path):
     import dataclasses
 
-    from megatron.early_exit.checkpoint_reader import CheckpointError, compare_with_checkpoint
+    from megatron.early_exit.checkpoint.compatibility import compare_with_checkpoint
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.models.model_config import ModelConfig, TokenizerConfig
 
     for name, text in (("a.json", "{}"), ("b.json", '{"x": 1}'), ("c.json", "{}"), ("merges.txt", "")):
@@ -544,7 +546,7 @@ def test_tokenizer_differences_are_listed(tmp_path):
 def test_no_space_left_during_a_save_is_one_line(dist1, corpus, tmp_path, monkeypatch):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
     from megatron.early_exit.training import checkpointing
 
     saving, real_check, real_write = {}, checkpointing.require_finite_weights, filesystem_async._write_item
@@ -573,7 +575,7 @@ def test_no_space_left_during_a_save_is_one_line(dist1, corpus, tmp_path, monkey
 
 @pytest.mark.parametrize("size", ["4k", "256k"])
 def test_a_really_full_file_system_is_one_line(dist1, corpus, tmp_path, size):
-    from megatron.early_exit.checkpoint_reader import CheckpointError
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     full = tmp_path / "full"
     full.mkdir()

@@ -161,8 +161,8 @@ def test_reshard_refusal_is_one_line(dist1, tmp_path):
     followed by ~30 lines of torchrun's ChildFailedError)."""
     import torch
 
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = parse_args(tiny_run_flags(None, iters=4, **{"--mock-data": None}), world_size=1)

@@ -121,7 +121,7 @@ def test_api_greedy_and_seeded_sampling_equal_the_engine(client, engine):
 
 
 def test_api_early_exit_fields_move_the_exit_layers(client, engine):
-    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
+    from megatron.early_exit.inference import EarlyExit, SamplingParams, SelfSpeculative
 
     n = 10
     greedy = dict(prompts=PROMPTS, tokens_to_generate=n, top_k=1)
@@ -162,6 +162,12 @@ def test_api_early_exit_fields_move_the_exit_layers(client, engine):
     ]
     adaptive = put_api(client, **greedy, speculative={"exit_layer": 1, "num_draft": 5, "draft_threshold": 0.3})
     assert generated(adaptive, PROMPTS) == generated(off, PROMPTS)
+    # Sampled: the request's seed gives the tokens `generate` samples with it, on every call.
+    sampled = dict(prompts=PROMPTS, tokens_to_generate=n, temperature=1.0, top_k=20, random_seed=7)
+    first = put_api(client, **sampled, speculative={"exit_layer": 1, "num_draft": 3})
+    assert put_api(client, **sampled, speculative={"exit_layer": 1, "num_draft": 3})["tokens"] == first["tokens"]
+    ref = direct(engine, PROMPTS, SelfSpeculative(1, 3), n, SamplingParams(1.0, 20, seed=7))
+    assert generated(first, PROMPTS) == ref.tokens
 
 
 def test_api_stop_sequences_end_at_the_token_that_completes_them(client, engine):
@@ -283,7 +289,6 @@ BAD_REQUESTS = [  # (path, body: a dict, or raw bytes; the field the error must 
         {"prompts": ["5 17 3"], "tokens_to_generate": 4, "use_early_exit": True, "confidence": "perplexity"},
         "confidence",
     ),
-    ("/api", {"prompts": ["5 17 3"], "tokens_to_generate": 4, "speculative": {"exit_layer": 1}}, "speculative"),
     (
         "/api",
         {"prompts": ["5 17 3"], "tokens_to_generate": 4, "top_k": 1, "speculative": {"exit_layer": 3}},

@@ -34,9 +34,9 @@ def _sentences(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def sp_checkpoint(dist1, tmp_path_factory):
     """A random 4-layer model with exits after layers 1 and 2, its vocabulary 500 padded to 512."""
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.tokenizers import train_sentencepiece
     from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.checkpointing import save_weights
     from megatron.early_exit.training.trainer import build_model
 
     root = tmp_path_factory.mktemp("padded")
@@ -273,7 +273,7 @@ def test_tokenizer_flags_fill_in_from_the_stored_tokenizer(sp_checkpoint, tmp_pa
     """Only --tokenizer-model given: the type comes from the checkpoint (it was `None`)."""
     import shutil
 
-    from megatron.early_exit.checkpoint_reader import read_model_config
+    from megatron.early_exit.checkpoint.reader import read_model_config
     from megatron.early_exit.inference.loading import checkpoint_path
     from megatron.early_exit.server.launch import build_tokenizer, parse_args
 

@@ -55,7 +55,7 @@ def build_pair(ee_config, tied=True, seq_length=16, **config):
 def checkpoint_keys(model) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron.early_exit.training.checkpointing import model_sharded_state
+    from megatron.early_exit.checkpoint.reader import model_sharded_state
 
     return {
         v.key: (tuple(v.global_shape), str(v.dtype)) if isinstance(v, ShardedTensor) else type(v).__name__
@@ -162,9 +162,10 @@ def _all_logits(model, tokens, pos):
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 @pytest.mark.parametrize("saved,loaded", [("local", "te_standin"), ("te_standin", "local")])
 def test_checkpoint_saved_in_one_layout_loads_in_the_other(dist1, tmp_path, structure, saved, loaded):
+    from megatron.early_exit.checkpoint.reader import load_weights
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.training.arguments import build_run_config
-    from megatron.early_exit.training.checkpointing import load_weights, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = _args(saved, structure)
@@ -192,7 +193,8 @@ def test_torch_checkpoint_exception_becomes_one_line(dist1, tmp_path, monkeypatc
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint import reader
+    from megatron.early_exit.checkpoint.errors import CheckpointError
 
     def fail(*args, **kwargs):
         cause = RuntimeError("Missing key in checkpoint state_dict: x/shard_0_1.")
@@ -200,15 +202,17 @@ def test_torch_checkpoint_exception_becomes_one_line(dist1, tmp_path, monkeypatc
             "CheckpointException ranks:dict_keys([0])\nTraceback ...", {0: (cause, traceback.StackSummary())}
         )
 
-    monkeypatch.setattr(checkpointing.dist_checkpointing, "load", fail)
-    with pytest.raises(checkpointing.CheckpointError) as err:
-        checkpointing.load_weights(str(tmp_path), build_ee_gpt(tiny_transformer_config(), EarlyExitConfig()))
+    monkeypatch.setattr(reader.dist_checkpointing, "load", fail)
+    with pytest.raises(CheckpointError) as err:
+        reader.load_weights(str(tmp_path), build_ee_gpt(tiny_transformer_config(), EarlyExitConfig()))
     assert str(err.value) == f"--load {tmp_path}: RuntimeError: Missing key in checkpoint state_dict: x/shard_0_1."
 
 
 def test_tensor_missing_from_checkpoint_is_named(dist1, tmp_path):
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.reader import load_weights
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.training.arguments import build_run_config
-    from megatron.early_exit.training.checkpointing import CheckpointError, load_weights, save_weights
     from megatron.early_exit.training.trainer import build_model
 
     args = _args("local", "mlp_untied", **{"--use-exit-norm": False})
@@ -408,9 +412,9 @@ def test_transformer_engine_itself_matches_local(dist1):
     computes its logits (to kernel precision), exit MLP included."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron.early_exit.checkpoint.reader import model_sharded_state
     from megatron.early_exit.models.layer_specs import transformer_engine_available
     from megatron.early_exit.sharding import full_state_dict
-    from megatron.early_exit.training.checkpointing import model_sharded_state
     from tests.helpers import load_full_state_dict
 
     if not transformer_engine_available(torch.device("cuda")):

@@ -72,7 +72,7 @@ MEGATRON_CORE = (
     PrivateUse(
         "megatron.core.dist_checkpointing.strategies.filesystem_async",
         "_get_write_results_queue",
-        ("training/checkpointing.py",),
+        ("checkpoint/writer.py",),
         "saving without the writer process that the async strategy spawns (it re-imports __main__)",
     ),
     PrivateUse(
@@ -124,13 +124,13 @@ TORCH = (
     PrivateUse(
         "torch.distributed.checkpoint._traverse",
         "set_element",
-        ("checkpoint_reader.py",),
+        ("checkpoint/safe_pickle.py",),
         "the safe reader puts byte items where DefaultLoadPlanner.load_bytes would",
     ),
     PrivateUse(
         "torch.distributed.checkpoint",
         "FileSystemReader._get_metadata_path",
-        ("checkpoint_reader.py",),
+        ("checkpoint/safe_pickle.py",),
         "the safe reader opens the index file that FileSystemReader.read_metadata would",
     ),
     PrivateUse(
@@ -141,25 +141,25 @@ TORCH = (
         _tensor,
     ),
     # Names a checkpoint's pickles hold: the safe unpickler allows exactly these.
-    PrivateUse("torch._utils", "_rebuild_tensor_v2", ("checkpoint_reader.py",), "pickled tensors in extra state"),
-    PrivateUse("torch.storage", "_load_from_bytes", ("checkpoint_reader.py",), "pickled storages in extra state"),
-    PrivateUse("torch.serialization", "_get_layout", ("checkpoint_reader.py",), "pickled tensor layouts"),
+    PrivateUse("torch._utils", "_rebuild_tensor_v2", ("checkpoint/safe_pickle.py",), "pickled tensors in extra state"),
+    PrivateUse("torch.storage", "_load_from_bytes", ("checkpoint/safe_pickle.py",), "pickled storages in extra state"),
+    PrivateUse("torch.serialization", "_get_layout", ("checkpoint/safe_pickle.py",), "pickled tensor layouts"),
     PrivateUse(
         "torch.distributed.checkpoint.metadata",
         "_MEM_FORMAT_ENCODING",
-        ("checkpoint_reader.py",),
+        ("checkpoint/safe_pickle.py",),
         "the pickled checkpoint index",
     ),
     PrivateUse(
         "torch.distributed.checkpoint.filesystem",
         "_StorageInfo",
-        ("checkpoint_reader.py",),
+        ("checkpoint/safe_pickle.py",),
         "the pickled checkpoint index",
     ),
     PrivateUse(
         "torch.distributed.checkpoint.filesystem",
         "_StoragePrefix",
-        ("checkpoint_reader.py",),
+        ("checkpoint/safe_pickle.py",),
         "the pickled checkpoint index",
     ),
 )

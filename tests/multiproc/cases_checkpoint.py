@@ -57,6 +57,7 @@ def case_distributed_optimizer_state_gathered_on_one_rank():
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+    from megatron.early_exit.checkpoint.reader import model_sharded_state
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.training import checkpointing
     from megatron.early_exit.training.trainer import build_model, build_optimizer, model_vocab_size, wrap_model
@@ -71,7 +72,7 @@ def case_distributed_optimizer_state_gathered_on_one_rank():
     assert metadata["distrib_optim_fully_reshardable_mem_efficient"]
 
     def held(metadata):
-        state = optimizer.sharded_state_dict(checkpointing.model_sharded_state(model), metadata=metadata)["param_state"]
+        state = optimizer.sharded_state_dict(model_sharded_state(model), metadata=metadata)["param_state"]
         return sum(
             t.data.numel() * t.data.element_size()
             for t in nested_values(state or {})

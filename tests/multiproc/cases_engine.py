@@ -42,3 +42,32 @@ def case_one_slot_long_prefill_chunks():
             assert finished[i].result.exit_layers[0] == refs[i].exit_layers[0]
         assert finished[1].result.tokens[0] == refs[1].tokens[0][:2]
     return {"steps": len(steps)}
+
+
+def case_regrouping_drex():
+    # Rows going on past an exit in a small group wait a step (DREX); still as alone at TP=1.
+    from megatron.early_exit.inference import EarlyExit, SamplingParams
+    from tests.engine_fixtures import PROMPTS
+
+    requests = [
+        (p, EarlyExit(0.25, kv=kv), SamplingParams(), 10, (), 0)
+        for p in PROMPTS[:3]
+        for kv in ("recompute", "propagate")
+    ]
+    initialize_parallel(1, 1, seed=3)
+    ref_model = build_model()
+    weights = full_state_dict(ref_model)
+    refs = [alone(ref_model, *req) for req in requests]
+    initialize_parallel(2, 1, seed=3)
+    model = build_model()
+    load_full_state_dict(model, weights)
+    finished, steps, log, engine = run_engine(model, requests, [0, 0, 0, 1, 2, 3], (), 4, 4, regroup="drex")
+    logs = [None, None]
+    torch.distributed.all_gather_object(logs, log)
+    assert logs[0] == logs[1], "the ranks' engines diverged"
+    assert engine.num_parked > 0
+    if torch.distributed.get_rank() == 0:
+        for i, ref in enumerate(refs):
+            assert finished[i].result.tokens[0] == ref.tokens[0]
+            assert finished[i].result.exit_layers[0] == ref.exit_layers[0]
+    return {"parked": engine.num_parked}

@@ -11,9 +11,9 @@ import os
 import torch
 from megatron.core import parallel_state
 
+from megatron.early_exit.checkpoint.reader import load_weights, resolve
 from megatron.early_exit.parallel import initialize_parallel
 from megatron.early_exit.pipeline.p2p import StageLinks
-from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training.arguments import build_run_config, stored_args
 from megatron.early_exit.training.trainer import build_model
 
@@ -36,14 +36,14 @@ def _max_diff_over_pipeline(diffs: dict) -> dict:
 
 
 def case_tp2_pp2_logits_match_one_process():
-    path = checkpointing.resolve(os.environ["EE_HF_CHECKPOINT"])
+    path = resolve(os.environ["EE_HF_CHECKPOINT"])
     reference = torch.load(os.environ["EE_HF_REFERENCE"])
     initialize_parallel(2, 2)
     args = stored_args(path, 2)
     assert (args.saved_tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
     args.pipeline_model_parallel_size = 2  # the layout the checkpoint was converted for
     model = build_model(build_run_config(args), torch.device("cpu"), reference["vocab_size"]).eval()
-    checkpointing.load_weights(path, model)
+    load_weights(path, model)
     assert len(model.decoder.layers) == args.num_layers // 2
 
     tokens, position_ids = reference["tokens"], reference["position_ids"]

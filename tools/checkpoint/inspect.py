@@ -5,8 +5,8 @@ flags, and every tensor with its global shape and dtype.
 
 CHECKPOINT_DIR is a `--save` directory (its latest checkpoint is read) or one
 `iter_XXXXXXX` directory. Nothing is loaded into memory but the index and the flags, both
-read without running code (checkpoint_reader's allow-lists); the checksums of every file
-are verified first.
+read without running code (megatron/early_exit/checkpoint/safe_pickle.py's allow-lists);
+the checksums of every file are verified first.
 """
 
 import os
@@ -62,7 +62,9 @@ else:
     def describe(path: str) -> dict:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from megatron.early_exit.checkpoint_reader import read_common, read_index, read_manifest, verify
+        from megatron.early_exit.checkpoint.checksums import read_manifest
+        from megatron.early_exit.checkpoint.reader import read_common, verify
+        from megatron.early_exit.checkpoint.safe_pickle import read_index
 
         verify(path)
         common = read_common(path)
@@ -99,7 +101,7 @@ else:
         import megatron.early_exit  # noqa: F401  (version check, CPU adapter)
 
         # isort: split
-        from megatron.early_exit.checkpoint_reader import TRACKER, resolve
+        from megatron.early_exit.checkpoint.reader import TRACKER, resolve
         from megatron.early_exit.errors import install_excepthook
 
         install_excepthook()

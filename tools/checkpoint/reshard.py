@@ -47,7 +47,7 @@ def parse(argv=None):
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     a.load_iteration = a.load_iteration or None
     if a.load_iteration is not None:  # a missing one is named here, before any process starts
-        from megatron.early_exit.checkpoint_reader import resolve
+        from megatron.early_exit.checkpoint.reader import resolve
 
         resolve(a.load, a.load_iteration, checksums=False)
     if os.path.abspath(a.load) == os.path.abspath(a.save):
@@ -57,7 +57,7 @@ def parse(argv=None):
 
 def target_args(a):
     """The stored training flags, re-laid out for the target (no data needed)."""
-    from megatron.early_exit.checkpoint_reader import resolve
+    from megatron.early_exit.checkpoint.reader import resolve
     from megatron.early_exit.training.arguments import stored_args
 
     args = stored_args(
@@ -87,7 +87,9 @@ def checked_target_config(a):
 def run_rank(a):
     import torch
 
-    from megatron.early_exit.checkpoint_reader import read_model_config
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.reader import load_weights, read_model_config, resolve
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.parallel import initialize_parallel
     from megatron.early_exit.pipeline.placement import tied_embedding_stages
     from megatron.early_exit.training import checkpointing
@@ -104,20 +106,20 @@ def run_rank(a):
             config.early_exit, config.model.num_layers, pp, not config.model.untie_embeddings_and_output_weights
         ),
     )
-    vocab = read_model_config(checkpointing.resolve(a.load, a.load_iteration)).padded_vocab_size
+    vocab = read_model_config(resolve(a.load, a.load_iteration)).padded_vocab_size
     model = build_model(config, ctx.device, vocab)
     model = wrap_model(model, config)
     optimizer, scheduler = build_optimizer(model, config, ctx.gloo_process_groups)
     iteration, consumed = checkpointing.load(config, model, optimizer, scheduler)
     if a.weights_only:
-        path = checkpointing.save_weights(a.save, config.flags, model, iteration)
+        path = save_weights(a.save, config.flags, model, iteration)
     else:
         path = checkpointing.save(config, model, optimizer, scheduler, iteration, consumed)
     check = build_model(config, ctx.device, vocab)
-    checkpointing.load_weights(path, check)
+    load_weights(path, check)
     for (name, want), (_, got) in zip(model.module.state_dict().items(), check.state_dict().items()):
         if torch.is_tensor(want) and not torch.equal(want, got):
-            raise checkpointing.CheckpointError(f"{path}: {name} reads back differently on rank {ctx.rank}")
+            raise CheckpointError(f"{path}: {name} reads back differently on rank {ctx.rank}")
     torch.distributed.barrier()
     if ctx.rank == 0:
         print(

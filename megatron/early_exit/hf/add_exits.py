@@ -77,8 +77,7 @@ def add_exits(
     `exits_from`: take the exits, structure and weights, from that checkpoint instead
     (EE-Tuning's last step after --tune-exit-pipeline-parallel-size, whose checkpoint holds
     only the first pipeline stages: their tuned exits go back on the whole model)."""
-    from megatron.early_exit import checkpoint_reader as reader
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint import reader, writer
 
     files.require_new_output(save)
     require_single_process_layout()
@@ -120,7 +119,7 @@ def add_exits(
             saved.get("pipeline_model_parallel_size", 1),
             base={**saved, "seed": seed},
         )
-        checkpointing.save_weights(tmp, flags, model, iteration=0)
+        writer.save_weights(tmp, flags, model, iteration=0)
     return report
 
 
@@ -128,7 +127,7 @@ def _exit_settings(
     exits: Optional[Dict[str, object]], exits_from: Optional[str]
 ) -> Tuple[EarlyExitConfig, Optional[str]]:
     """(the new exits, checkpoint directory to read exit weights from or None)."""
-    from megatron.early_exit import checkpoint_reader as reader
+    from megatron.early_exit.checkpoint import reader
 
     exits = {key: value for key, value in (exits or {}).items() if value is not None and value is not False}
     known = EarlyExitConfig.flag_names()
@@ -208,7 +207,8 @@ def _require_same_backbone(source: ModelConfig, config: ModelConfig, exits_from:
 
 def _load_exits(model, source: str) -> None:
     """Read every exit tensor of `model` from checkpoint directory `source`."""
-    from megatron.early_exit.checkpoint_reader import CheckpointError, model_sharded_state, read_sharded
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.reader import model_sharded_state, read_sharded
 
     state = {k: v for k, v in model_sharded_state(model).items() if k.startswith("exits.")}
     try:

@@ -273,7 +273,7 @@ def import_hf(
 ) -> ImportResult:
     """Convert a Hugging Face directory into our checkpoint at `out`. The checkpoint
     is the same whatever `transformer_impl` builds the model in between (local on CPU)."""
-    from megatron.early_exit.training import checkpointing
+    from megatron.early_exit.checkpoint.writer import save_weights
 
     tp, pp = target_tensor_parallel_size, target_pipeline_parallel_size
     files.require_new_output(out)
@@ -312,7 +312,7 @@ def import_hf(
         )
         _fill_from_hf(model, weights, shape, progress)
         flags = stored_flags(config, tp, pp, base={MODEL_TYPE_FLAG: shape.model_type})
-        checkpointing.save_weights(tmp, flags, model, iteration=0)
+        save_weights(tmp, flags, model, iteration=0)
     return ImportResult(final, shape, config, command_line_flags(config))
 
 
@@ -321,7 +321,7 @@ def import_hf(
 
 def _imported_family(checkpoint: str, iteration: Optional[int]) -> Optional[str]:
     """The family the checkpoint was imported from (add_exits.py carries the flag along)."""
-    from megatron.early_exit import checkpoint_reader as reader
+    from megatron.early_exit.checkpoint import reader
 
     args = reader.read_common(reader.resolve(checkpoint, iteration)).get("args") or {}
     return args.get(MODEL_TYPE_FLAG) if isinstance(args, dict) else getattr(args, MODEL_TYPE_FLAG, None)

@@ -330,8 +330,9 @@ def oracle_decode(
     """What any confidence measure can reach with these exits at their cost: each token
     leaves at the shallowest active exit whose token is the final layer's after the same
     prefix (known from a full-depth pass over the full-depth continuation), so the output
-    equals full depth. The shallower exits are still tested (`measure_name`, never firing)
-    and the one that fires too, so a step costs what a real measure's step costs.
+    equals full depth. The shallower exits are still tested (`measure_name`, never firing),
+    so a step costs what a real measure's step costs; the one that fires takes its token from
+    its head without a test (a gate could veto it).
     Greedy, batch 1, each step's token read from the device once (as `generate` does)."""
     from megatron.early_exit.inference.confidence import get_confidence_measure
     from megatron.early_exit.inference.decoder import FULL_DEPTH, ExitPolicy
@@ -359,7 +360,10 @@ def oracle_decode(
         # A policy per exit that fires: the exits before it tested above any confidence.
         policies = {
             n: ExitPolicy(
-                {points[m].depth: points[m] for m in exits[: i + 1]}, 2.0, measure, per_exit={points[n].depth: 0.0}
+                {points[m].depth: points[m] for m in exits[: i + 1]},
+                2.0,
+                measure,
+                per_exit={points[n].depth: -math.inf},
             )
             for i, n in enumerate(exits)
         }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class ExitView:
     project: Optional[Callable[[Optional[Tensor]], Tensor]] = None  # row indices [k] (None: all) -> logits [k, V]
     _logits: Optional[Tensor] = field(default=None, repr=False)
     _rows: Optional[Tensor] = field(default=None, repr=False)  # rows of _logits (None: all)
+    likely: Optional[List[bool]] = None  # the rows a measure's prefilter let through (None: not asked)
 
     @classmethod
     def from_logits(cls, logits: Tensor, layer_number: int = 0) -> "ExitView":
@@ -101,7 +102,9 @@ def gated_top1_probability(estimator) -> Callable[[ExitView], Tensor]:
     """Top-1 probability where the hidden-state classifier finds a fire likely, -inf elsewhere."""
 
     def measure(view: ExitView) -> Tensor:
-        likely = estimator.gate(view.layer_number, view.hidden)  # host-side: the rows worth a projection
+        likely = view.likely  # the decoder's test asked the gate first
+        if likely is None:
+            likely = estimator.gate(view.layer_number, view.hidden)  # host-side: the rows worth a projection
         if all(likely):
             return top1_probability(view.logits)
         confidence = torch.full((len(likely),), -math.inf, device=view.hidden.device)
@@ -119,6 +122,12 @@ class ConfidenceMeasure:
     fn: Optional[Callable[[ExitView], Tensor]]  # view -> [b]; None until bound to a model's estimator
     projects: bool  # a test that does not fire computes the vocabulary projection (of every row)
     needs_estimator: bool = False
+    # (layer number, hidden [b, h]) -> the rows worth testing (host bools); the others do not fire,
+    # and when none is worth it the test ends there, before any logits (gated_max_prob).
+    prefilter: Optional[Callable[[int, Tensor], List[bool]]] = None
+    # (layer number, hidden [b, h], threshold) -> which rows fire (host bools), the whole test
+    # from the hidden state: the measure's confidence reaches the threshold (learned, hidden only).
+    decide: Optional[Callable[[int, Tensor, float], List[bool]]] = None
 
     def __call__(self, view: ExitView) -> Tensor:
         return self.fn(view)
@@ -154,11 +163,12 @@ def get_confidence_measure(name: str, model=None) -> ConfidenceMeasure:
                 + (" --hidden-state-only)" if name != "learned" else ")")
             )
         if name == "learned":
-            return ConfidenceMeasure(name, learned(estimator), estimator.use_logits, True)
+            decide = None if estimator.use_logits else estimator.gate
+            return ConfidenceMeasure(name, learned(estimator), estimator.use_logits, True, decide=decide)
         if estimator.use_logits:
             raise InferenceConfigError(
                 f"confidence measure {name!r} gates with a hidden-state classifier: "
                 "--confidence-estimator must be trained with --hidden-state-only"
             )
-        return ConfidenceMeasure(name, gated_top1_probability(estimator), False, True)
+        return ConfidenceMeasure(name, gated_top1_probability(estimator), False, True, prefilter=estimator.gate)
     return measure

@@ -84,10 +84,11 @@ Decision = Tuple[int, Tensor]  # a row's newest token: (depth it left at, logits
 
 @dataclass
 class StepOutput:
-    rows: List[int]
+    rows: List[int]  # the rows decided: those fed (less the parked), then those resumed
     depths: List[int]  # layers each row's newest token went through (num_layers: final)
     logits: Tensor  # [b, vocab] float32: the newest token's logits, from the layer it left at
     chunk_logits: Optional[List[Tensor]] = None  # all_logits: per row [n, vocab] of its last-layer chunk
+    parked: Dict[int, int] = field(default_factory=dict)  # rows waiting at an exit (row -> depth), undecided
 
 
 def validate_model(model) -> None:
@@ -115,19 +116,37 @@ def head_logits(model, point: ExitPoint, hidden: Tensor, head_input: Optional[Te
     return exit_logits(model, point.head, point.layer, hidden, head_input)
 
 
-def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
-    """Which rows' newest token (last [1, b, h]) fires at `point`, and the exit's logits
-    [b, V] when the measure projected them (valid at least for the rows that fire)."""
+def fire_mask(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
+    """Which rows' newest token (last [1, b, h]) fires at `point`, on the device ([b] bool;
+    None: every row, unread), and the exit's logits [b, V] when the measure projected them
+    (valid at least for the rows that fire)."""
     if threshold == -math.inf:
-        return [True] * last.shape[1], None
+        return None, None
+    # A test from the hidden state alone decides here, before any vocabulary projection (its
+    # decision comes back from the host: sent as a [b] bool tensor, no device read).
+    if measure.decide is not None:
+        return _on_device(measure.decide(point.layer_number, last[0], threshold), last), None
+    likely = None if measure.prefilter is None else measure.prefilter(point.layer_number, last[0])
+    if likely is not None and not any(likely):
+        return _on_device(likely, last), None
 
     def project(rows: Optional[Tensor]) -> Tensor:
         hidden = last if rows is None else last.index_select(1, rows)
         sub_input = head_input if rows is None or head_input is None else head_input.index_select(1, rows)
         return head_logits(model, point, hidden, sub_input)[0]
 
-    view = ExitView(point.layer_number, last[0], previous, project)
-    return (measure(view) >= threshold).tolist(), view.projected()
+    view = ExitView(point.layer_number, last[0], previous, project, likely=likely)
+    return measure(view) >= threshold, view.projected()
+
+
+def _on_device(decisions, like: Tensor) -> Tensor:
+    return torch.tensor(list(decisions), dtype=torch.bool, device=like.device)
+
+
+def confidence_test(model, point: ExitPoint, threshold: float, measure, last: Tensor, head_input, previous):
+    """fire_mask read on the host: ([b] bools, logits or None); one device read."""
+    mask, logits = fire_mask(model, point, threshold, measure, last, head_input, previous)
+    return ([True] * last.shape[1] if mask is None else mask.tolist()), logits
 
 
 class Decoder:
@@ -223,23 +242,38 @@ class Decoder:
         policy: Union[ExitPolicy, Sequence[ExitPolicy]] = FULL_DEPTH,
         all_logits: bool = False,
         observe: Optional[Callable] = None,
+        resume: Sequence[Tuple[int, int, ExitPolicy]] = (),
+        park_below: int = 0,
     ) -> StepOutput:
         """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds. `policy`
         is every row's, or a list of one per row (rows of a continuous batch: each its own
         exits, thresholds, measure and K/V fill; a row still in its prompt runs FULL_DEPTH).
-        `observe(depth, x, attention_output)` sees the hidden states after every depth."""
+        `observe(depth, x, attention_output)` sees the hidden states after every depth.
+        Regrouping (DREX): a group of fewer than `park_below` rows going on past an exit,
+        all of them early-exit rows fed here, waits there (`StepOutput.parked`) instead of
+        running the deeper layers alone; `resume` (row, depth, policy) rows waiting from the
+        previous step join the rows going on past `depth` (they wait at most one step)."""
         if not (self.first and self.last):
             raise InferenceConfigError(
                 f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
                 f"{self.offset + len(self.layers)} (over pipeline stages use FullDepth or EarlyExit(kv='pipeline'))"
             )
         policies = [policy] * len(rows) if isinstance(policy, ExitPolicy) else list(policy)
-        points = {d: p for pol in {id(q): q for q in policies}.values() for d, p in pol.exits.items()}
+        joining: Dict[int, list] = {}  # depth -> resumed (row, policy) joining past it
+        for row, depth, pol in resume:
+            joining.setdefault(depth, []).append((row, pol))
+        every_policy = {id(q): q for q in policies + [pol for _, _, pol in resume]}.values()
+        points = {d: p for pol in every_policy for d, p in pol.exits.items()}
         starts, ends = self.feed(rows, new_tokens)
-        ws = self._work_set(rows, starts, ends)
-        x, attention_output, previous = self._embed(new_tokens, ws), None, None
+        ws = self._work_set(rows, starts, ends) if rows else None
+        x, attention_output, previous = self._embed(new_tokens, ws) if rows else None, None, None
         done: Dict[int, Decision] = {}
+        parked: Dict[int, int] = {}
         for depth in range(self.num_layers + 1):
+            if depth > 0:
+                x, ws, policies = self._join(x, ws, policies, joining.pop(depth - 1, []), depth - 1)
+            if ws is None:
+                continue
             if depth > 0:
                 x, ws = self._align(x, ws, depth - 1)
                 previous = x[-1]
@@ -252,7 +286,16 @@ class Decoder:
                 x, ws, policies = self._exit_rows(
                     point, policies, x, attention_output, previous, ws, done, block_output
                 )
-                if ws is None:
+                if (
+                    ws is not None
+                    and len(ws.rows) < park_below
+                    and not joining
+                    and self._may_wait(ws, policies, resume)
+                ):
+                    self._save_frontier(x, ws)  # their inputs to the layers past `depth`
+                    parked.update((r, depth) for r in ws.rows)
+                    x, ws = None, None
+                if ws is None and not joining:
                     break
         chunk_logits = None
         if ws is not None:
@@ -261,7 +304,27 @@ class Decoder:
                 done[r] = (self.num_layers, logits[-1, i])
             if all_logits:
                 chunk_logits = [logits[-w:, i] for i, w in enumerate(ws.widths)]
-        return StepOutput(rows, [done[r][0] for r in rows], torch.stack([done[r][1] for r in rows]), chunk_logits)
+        decided = [r for r in rows if r not in parked] + [r for r, _, _ in resume]
+        logits = torch.stack([done[r][1] for r in decided]) if decided else None
+        return StepOutput(decided, [done[r][0] for r in decided], logits, chunk_logits, parked)
+
+    @staticmethod
+    def _may_wait(ws: WorkSet, policies: List[ExitPolicy], resume) -> bool:
+        """Rows may wait for a bigger group: early-exit rows that have not waited already."""
+        waited = {r for r, _, _ in resume}
+        return all(pol.exits for pol in policies) and not waited.intersection(ws.rows)
+
+    def _join(self, x, ws: Optional[WorkSet], policies: List[ExitPolicy], joiners, index: int):
+        """Rows resumed from the previous step join the rows going on into layer `index`;
+        their inputs wait in `frontier` (saved when they parked)."""
+        if not joiners:
+            return x, ws, policies
+        if ws is not None:
+            self._save_frontier(x, ws)
+        rows = ([] if ws is None else ws.rows) + [r for r, _ in joiners]
+        ends = ([] if ws is None else ws.ends) + [self.num_fed[r] - 1 for r, _ in joiners]
+        ws = self._work_set(rows, [self.cache.lengths[index][r] for r in rows], ends)
+        return self.frontier[ws.rows_t.view(1, -1), ws.pos], ws, (policies or []) + [pol for _, pol in joiners]
 
     def _align(self, x: Tensor, ws: WorkSet, index: int):
         """Widen each row's chunk back to the first position layer `index` lacks, fetching
@@ -315,10 +378,8 @@ class Decoder:
         if logits is None:
             sub_input = pick(head_input, 1) if head_input is not None else None
             logits = head_logits(self.model, point, pick(last, 1), sub_input)[0]
-        elif isinstance(logits, Tensor):
+        else:
             logits = pick(logits, 0)
-        else:  # per-column logits of the rows' own tests
-            logits = torch.stack([logits[c] for c in cols])
         for i, col in enumerate(cols):
             done[ws.rows[col]] = (point.depth, logits[i])
         left = ws if every else self._select(ws, cols)
@@ -345,9 +406,9 @@ class Decoder:
 
     def _test(self, point: ExitPoint, policies: List[ExitPolicy], last, head_input, previous):
         """Which rows fire at `point`, each under its own policy (a row whose policy has no
-        exit here never does), and the exit's logits where a test computed them: a tensor
-        [b, V] when every row was tested alike, else a dict column -> [V]."""
-        groups: Dict[tuple, List[int]] = {}  # rows tested alike: one confidence_test each
+        exit here never does), read from the device once for all rows; and the exit's logits
+        [b, V] where the tests computed them for every row that fires (else None)."""
+        groups: Dict[tuple, List[int]] = {}  # rows tested alike: one fire_mask each
         for i, pol in enumerate(policies):
             if point.depth in pol.exits:
                 groups.setdefault((pol.threshold_at(point.depth), pol.measure), []).append(i)
@@ -355,10 +416,11 @@ class Decoder:
         if len(groups) == 1 and len(next(iter(groups.values()))) == b:
             ((threshold, measure),) = groups
             return confidence_test(self.model, point, threshold, measure, last, head_input, previous)
-        fire, logits = [False] * b, {}
+        fire = torch.zeros(b, dtype=torch.bool, device=self.device)
+        logits, projected = None, [False] * b
         for (threshold, measure), cols in groups.items():
             cols_t = to_device(self.device, cols)[0]
-            sub_fire, sub_logits = confidence_test(
+            sub_fire, sub_logits = fire_mask(
                 self.model,
                 point,
                 threshold,
@@ -367,11 +429,18 @@ class Decoder:
                 None if head_input is None else head_input.index_select(1, cols_t),
                 None if previous is None else previous.index_select(0, cols_t),
             )
-            for j, c in enumerate(cols):
-                fire[c] = sub_fire[j]
-                if sub_logits is not None:
-                    logits[c] = sub_logits[j]
-        if any(f and c not in logits for c, f in enumerate(fire)):
+            if sub_fire is None:
+                fire.index_fill_(0, cols_t, True)
+            else:
+                fire.index_copy_(0, cols_t, sub_fire)
+            if sub_logits is not None:
+                if logits is None:
+                    logits = sub_logits.new_zeros(b, sub_logits.shape[-1])
+                logits.index_copy_(0, cols_t, sub_logits)
+                for c in cols:
+                    projected[c] = True
+        fire = fire.tolist()  # the one read of this exit's decisions
+        if any(f and not projected[c] for c, f in enumerate(fire)):
             logits = None  # some firing row has none: the exit head runs once for all that fire
         return fire, logits
 

@@ -31,16 +31,22 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from megatron.early_exit.inference.context import inference_context
 from megatron.early_exit.inference.decoder import FULL_DEPTH, Decoder, ExitPolicy
 from megatron.early_exit.inference.errors import InferenceConfigError
+from megatron.early_exit.inference.layers import to_device
 from megatron.early_exit.inference.prompts import check_prompts
 from megatron.early_exit.inference.result import GenerationResult, TokenEvent
 from megatron.early_exit.inference.sampling import SamplingParams, select_tokens, top_alternatives
 from megatron.early_exit.inference.strategies import FullDepth
 
 DEFAULT_PREFILL_CHUNK = 256
+# "none": the rows going on past an exit run the deeper layers at once. "drex" (DREX, arXiv
+# 2512.15705): at most half the step's rows going on past an exit wait there one step, to
+# run the deeper layers with the next step's rows (benchmarks/engine_batching.py compares them).
+REGROUPING = ("none", "drex")
 
 Listener = Callable[[TokenEvent, "Sequence"], None]
 
@@ -71,6 +77,7 @@ class Sequence:
     policy: ExitPolicy = FULL_DEPTH
     generator: Optional[torch.Generator] = None
     num_fed: int = 0  # prompt tokens fed to the decoder
+    parked_at: Optional[int] = None  # regrouping: the exit depth its newest token waits at
     result: GenerationResult = None
     finish_reason: Optional[str] = None  # "stop", "length" or "abort"
 
@@ -106,6 +113,7 @@ class Engine:
         max_context: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_waiting: Optional[int] = None,
+        regroup: str = "none",
     ):
         if not (model.pre_process and model.post_process):
             raise InferenceConfigError(
@@ -115,15 +123,18 @@ class Engine:
             raise InferenceConfigError(
                 f"max_context {max_context} exceeds the model's maximum sequence length {model.max_sequence_length}"
             )
+        if regroup not in REGROUPING:
+            raise InferenceConfigError(f"regroup must be one of {REGROUPING}, got {regroup!r}")
         if prefill_chunk < 1:
             raise InferenceConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.max_batch_size, self.max_context = model, max_batch_size, max_context
-        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.prefill_chunk, self.max_waiting, self.regroup = prefill_chunk, max_waiting, regroup
         with inference_context(model):
             self.decoder = Decoder(model, max_batch_size, max_context)
         self.running: Dict[int, Sequence] = {}  # by id, in order of admission
         self.free_slots: List[int] = list(range(max_batch_size))
         self.num_steps = 0
+        self.num_parked = 0  # regrouping: tokens that waited a step at an exit
         self._policies: Dict[object, ExitPolicy] = {}
         # Rank 0's side, shared with the threads that add and abort.
         self._lock = threading.Lock()
@@ -217,13 +228,34 @@ class Engine:
             self._admit(seq_id, request)
         if not self.running:
             return self._deliver(events)
-        rows, new_tokens, policies, producing = [], [], [], []
-        budget = self.prefill_chunk
+        rows, new_tokens, policies, resume, producing = self._batch()
+        park_below = len(rows) // 2 + 1 if self.regroup == "drex" else 0  # at most half the rows fed a token
+        with inference_context(self.model):
+            out = self.decoder.step(rows, new_tokens, policies, resume=resume, park_below=park_below)
+        self.num_steps += 1
+        self.num_parked += len(out.parked)
+        for seq in producing:
+            seq.parked_at = out.parked.get(seq.slot)
+        producing = [seq for seq in producing if seq.parked_at is None]
+        index = {r: i for i, r in enumerate(out.rows)}
+        cols = [index[seq.slot] for seq in producing]
+        events += self._take(producing, [out.depths[c] for c in cols], self._rows_of(out.logits, cols))
+        return self._deliver(events)
+
+    def _batch(self):
+        """The step's rows: every decoding sequence's newest token (or, parked at an exit in
+        the previous step, its resumption there), then prompts in order of arrival within
+        the step's budget. Returns (rows, new tokens, policies, resumed, sequences producing)."""
+        rows, new_tokens, policies, resume, producing = [], [], [], [], []
         for seq in sorted(self.running.values(), key=lambda s: s.slot):
-            if not seq.prefilling:
+            if seq.parked_at is not None:
+                resume.append((seq.slot, seq.parked_at, seq.policy))
+                producing.append(seq)
+            elif not seq.prefilling:
                 rows.append(seq.slot), new_tokens.append([seq.previous_token()]), policies.append(seq.policy)
                 producing.append(seq)
-        for seq in self.running.values():  # prompts in order of arrival, within the step's budget
+        budget = self.prefill_chunk
+        for seq in self.running.values():
             if seq.prefilling and budget > 0:
                 n = min(len(seq.request.prompt) - seq.num_fed, budget)
                 rows.append(seq.slot), new_tokens.append(list(seq.request.prompt[seq.num_fed : seq.num_fed + n]))
@@ -232,13 +264,7 @@ class Engine:
                 budget -= n
                 if not seq.prefilling:
                     producing.append(seq)
-        with inference_context(self.model):
-            out = self.decoder.step(rows, new_tokens, policies)
-        self.num_steps += 1
-        index = {r: i for i, r in enumerate(rows)}
-        cols = [index[seq.slot] for seq in producing]
-        events += self._take(producing, [out.depths[c] for c in cols], out.logits[cols] if cols else None)
-        return self._deliver(events)
+        return rows, new_tokens, policies, resume, producing
 
     def reset(self) -> List[Sequence]:
         """After a step failed: every running sequence leaves (returned, finish_reason
@@ -290,7 +316,7 @@ class Engine:
         plain = [i for i, s in enumerate(seqs) if s.request.sampling.greedy and not s.request.sampling.ban_after]
         tokens, logprobs = [None] * len(seqs), [None] * len(seqs)
         if plain:  # greedy rows together: a row's argmax and log-softmax do not depend on the others
-            t, lp = select_tokens(logits[plain], SamplingParams(), None)
+            t, lp = select_tokens(self._rows_of(logits, plain), SamplingParams(), None)
             for j, i in enumerate(plain):
                 tokens[i], logprobs[i] = t[j : j + 1], lp[j : j + 1]
         for i, seq in enumerate(seqs):
@@ -319,6 +345,14 @@ class Engine:
                 seq.finish_reason = "length"
             events.append(self._release(seq, [len(res.tokens[0]) - 1]) if seq.finished else self._event(seq, [-1]))
         return events
+
+    def _rows_of(self, t: Tensor, cols: List[int]) -> Optional[Tensor]:
+        """Rows `cols` of `t` [b, ...], selected on the device (a list index would wait for it)."""
+        if not cols:
+            return None
+        if cols == list(range(t.shape[0])):
+            return t
+        return t.index_select(0, to_device(t.device, cols)[0])
 
     def _event(self, seq: Sequence, at: List[int]) -> Tuple[TokenEvent, Sequence]:
         res = seq.result

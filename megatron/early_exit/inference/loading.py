@@ -1,6 +1,6 @@
 """Build a model for inference from a checkpoint, in any TP/PP layout, plus its tokenizer.
 
-The checkpoint's model description (ModelConfig, see checkpoint_reader.py) says what
+The checkpoint's model description (ModelConfig, see checkpoint/reader.py) says what
 to build; only its weights are read (dist_checkpointing reshards them to this layout).
 Optimizer and RNG state stay on disk. Nothing here needs the training code.
 """
@@ -16,7 +16,8 @@ from megatron.early_exit.models.model_config import ModelConfig
 
 
 def checkpoint_path(root: str, iteration: Optional[int] = None) -> str:
-    from megatron.early_exit.checkpoint_reader import CheckpointError, resolve
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.reader import resolve
 
     try:
         return resolve(root, iteration)
@@ -42,7 +43,7 @@ def load_model(
     `runs_forward=False` (conversion: weights only) may be loaded anywhere."""
     from megatron.core import parallel_state
 
-    from megatron.early_exit.checkpoint_reader import load_weights, read_model_config
+    from megatron.early_exit.checkpoint.reader import load_weights, read_model_config
     from megatron.early_exit.models.builder import build_model
     from megatron.early_exit.parallel import target_device
 

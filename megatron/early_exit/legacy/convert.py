@@ -110,9 +110,9 @@ def convert_legacy(
 ) -> LegacyResult:
     """Convert the Megatron-LM / EE-LLM checkpoint under `load` (any TP and PP) into our
     checkpoint at `save`. `dtype`: fp32, bf16, fp16, or auto (the run's)."""
+    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.hf import files
     from megatron.early_exit.hf.convert import command_line_flags, stored_flags, training_model
-    from megatron.early_exit.training import checkpointing
 
     files.require_new_output(save)
     found = find_checkpoint(load, iteration)
@@ -129,7 +129,7 @@ def convert_legacy(
             _fill_stage(params, ranks, names, stage, pp, config, version, filled)
             del ranks
         _require_filled(params, filled, config, found.directory)
-        checkpointing.save_weights(tmp, stored_flags(config, tp, pp, base={"seed": seed}), model, iteration=0)
+        save_weights(tmp, stored_flags(config, tp, pp, base={"seed": seed}), model, iteration=0)
     tag = os.path.basename(found.directory)
     return LegacyResult(
         os.path.abspath(save),

@@ -8,7 +8,7 @@
 (Megatron-LM `megatron/checkpointing.py`: get_checkpoint_name, read_metadata.) Each file is a
 torch.save'd dict: `args` (the run's argparse.Namespace), `checkpoint_version`, `iteration`,
 `model`, and optimizer, scheduler and RNG states. The pickles are read with torch's
-weights_only loader (`checkpoint_reader.torch_load`), allowing only what these files hold
+weights_only loader (`checkpoint/safe_pickle.py`'s `torch_load`), allowing only what these files hold
 besides tensors and containers: argparse.Namespace, the enums Megatron-LM keeps in `args`
 (megatron-core's own; those of releases not installed as inert `LegacyEnum` values) and the
 numpy arrays of the RNG states. Any other global is refused by name, never called.
@@ -25,7 +25,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron.early_exit.checkpoint_reader import torch_load
+from megatron.early_exit.checkpoint.safe_pickle import torch_load
 from megatron.early_exit.hf.errors import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -11,7 +11,7 @@ state), from which the megatron-core `TransformerConfig` and the model are built
   precision   the dtype the weights were trained in
 
 The training entry point builds it from its flags, the Hugging Face converter from
-config.json, and `megatron.early_exit.checkpoint_reader.read_model_config` from a
+config.json, and `megatron.early_exit.checkpoint.reader.read_model_config` from a
 checkpoint (also from the stored flags of checkpoints written before it existed).
 Field names are Megatron-LM's flag names (`--num-layers` is `num_layers`), as
 EarlyExitConfig's are EE-LLM's.

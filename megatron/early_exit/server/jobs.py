@@ -279,11 +279,8 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
         )
     if options.speculative is not None:
         spec = options.speculative
+        # Sampled too: rejection sampling keeps the full model's distribution (speculative.py).
         _check_exits("speculative.exit_layer", [spec.exit_layer], limits)
-        if not greedy:
-            raise RequestError(
-                "speculative", "self-speculative decoding is greedy only: set temperature 0 (or top_k 1)"
-            )
         return _engine_call(
             "speculative", lambda: SelfSpeculative(spec.exit_layer, spec.num_draft, spec.draft_threshold)
         )

@@ -73,7 +73,7 @@ class Strict(BaseModel):
 
 
 class SpeculativeOptions(Strict):
-    """Self-speculative decoding: draft greedily with an exit, verify with the full model."""
+    """Self-speculative decoding: draft with an exit, verify with the full model (greedy or sampled)."""
 
     exit_layer: int = Field(description="the exit that drafts (an entry of the model's --exit-layer-nums)")
     num_draft: int = Field(4, ge=1, le=64, description="most tokens drafted per round")
@@ -113,7 +113,8 @@ class EarlyExitOptions(Strict):
         "(EE-LLM's pipeline-based method) on a server with pipeline stages",
     )
     speculative: Optional[SpeculativeOptions] = Field(
-        None, description="self-speculative decoding instead of early exit (greedy only)"
+        None,
+        description="self-speculative decoding instead of early exit (greedy or sampled)",
     )
     print_max_prob: bool = Field(
         False,

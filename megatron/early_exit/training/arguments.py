@@ -414,7 +414,7 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, argv: Optional[List[
         return
     if not known.load:
         raise ConfigError("--use-checkpoint-args needs --load")
-    from megatron.early_exit.checkpoint_reader import read_args
+    from megatron.early_exit.checkpoint.reader import read_args
 
     saved = read_args(known.load, known.load_iteration or None)
     # The checkpoint's value, before validation filled derived defaults, is what it was trained with.
@@ -432,7 +432,8 @@ def stored_args(path: str, tensor_model_parallel_size: int = 1, pipeline_model_p
     """The training flags saved with the checkpoint at `path`, defaults filled for newer
     flags, re-laid out for these TP and PP sizes (no sequence parallelism): a namespace
     for tools that rebuild a training run (reshard)."""
-    from megatron.early_exit.checkpoint_reader import CheckpointError, read_common
+    from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.checkpoint.reader import read_common
 
     saved = read_common(path)["args"]
     args = argparse.Namespace(**{a.dest: a.default for a in build_parser()._actions if a.dest != "help"})

@@ -34,6 +34,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron.early_exit.checkpoint.lock import exclusive_save_dir
+from megatron.early_exit.checkpoint.reader import TRACKER, latest_iteration
 from megatron.early_exit.errors import EarlyExitError
 from megatron.early_exit.launcher import signal_handling_note, under_torchrun, watch_launcher
 from megatron.early_exit.loss import early_exit_loss
@@ -353,9 +355,9 @@ def check_finite(iteration: int, metrics: Dict[str, float], grad_norm, save: Opt
     if not bad:
         return
     kept = ""
-    marker = os.path.join(save, checkpointing.TRACKER) if save else None
+    marker = os.path.join(save, TRACKER) if save else None
     if marker and os.path.isfile(marker):
-        latest = checkpointing.latest_iteration(save)
+        latest = latest_iteration(save)
         kept = f"; the latest checkpoint under --save {save} (iteration {latest}) is kept"
     raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)}; the run stops before saving this state{kept}")
 
@@ -381,7 +383,7 @@ def pretrain(config: RunConfig) -> TrainState:
     )
     if config.training.exit_signal_handler and under_torchrun() and ctx.rank == 0:
         print(signal_handling_note(), flush=True)
-    with checkpointing.exclusive_save_dir(config.checkpoint.save):  # before anything slow: a bad --save fails at once
+    with exclusive_save_dir(config.checkpoint.save):  # before anything slow: a bad --save fails at once
         return _train(config, ctx, start)
 
 
@@ -532,7 +534,7 @@ def _starts_fresh(ckpt: CheckpointConfig, skip_train: bool, rank: int) -> bool:
     same_dir = ckpt.save and os.path.abspath(ckpt.save) == os.path.abspath(ckpt.load)
     if not same_dir or ckpt.finetune or skip_train or ckpt.load_iteration is not None:
         return False
-    if os.path.isfile(os.path.join(ckpt.load, checkpointing.TRACKER)):
+    if os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         return False
     if rank == 0:
         print(f" no checkpoint under --load {ckpt.load} yet: training starts from scratch", flush=True)
