@@ -249,7 +249,8 @@ def main():
     try:
         engine, tokenizer, _ = load_model(load) if args.tensor_model_parallel_size == 1 else (None, None, None)
         if tokenizer is None:
-            from megatron.early_exit.inference.loading import checkpoint_path, stored_args
+            from megatron.early_exit.inference.loading import checkpoint_path
+            from megatron.early_exit.training.arguments import stored_args
 
             stored = stored_args(checkpoint_path(load))
             vocab = stored.vocab_size or 2048
