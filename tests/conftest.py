@@ -61,6 +61,20 @@ def shared_models_unchanged():
     assert not changed, f"this test changed a shared model (use fresh_model): {changed[:5]}"
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A test (or what it runs in this process, a server's serve() say) leaves SIGINT and
+    SIGTERM as it found them: a handler left behind would swallow the next Ctrl+C."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    left = {sig.name: signal.getsignal(sig) for sig, handler in before.items() if signal.getsignal(sig) is not handler}
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert not left, f"this test left signal handlers installed: {left}"
+
+
 @pytest.fixture(scope="session")
 def dist1():
     """A single-process world with megatron-core's parallel state (TP=PP=DP=1)."""
@@ -112,6 +126,7 @@ GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
     "tests.multiproc.cases_recompute": (2, "test_recompute.py", "recompute_runs", True),
     "tests.multiproc.cases_training": (2, "test_training.py", "two_process_runs", True),
     "tests.test_scoring": (2, "test_scoring.py", "scoring_runs", False),
+    "tests.test_evaluate": (2, "test_evaluate.py", "evaluate_runs", False),
     "tests.multiproc.cases_pipeline": (4, "test_multiproc.py", None, False),
     "tests.multiproc.cases_pipeline_training": (4, "test_pipeline.py", "pipeline_runs", True),
     "tests.multiproc.cases_interleaved": (4, "test_interleaved.py", "interleaved_runs", True),
@@ -119,7 +134,11 @@ GROUPED = {  # module: (processes, test file, fixture, needs the corpus)
     "tests.multiproc.cases_hf": (4, "test_hf.py", "hf_tp2_pp2_runs", False),
 }
 # module: session fixture that writes its inputs first (and returns more environment, or None)
-PREPARE = {"tests.multiproc.cases_reshard": "reshard_inputs", "tests.multiproc.cases_hf": "hf_tp2_pp2_inputs"}
+PREPARE = {
+    "tests.multiproc.cases_reshard": "reshard_inputs",
+    "tests.multiproc.cases_hf": "hf_tp2_pp2_inputs",
+    "tests.test_evaluate": "evaluate_launch_env",
+}
 
 
 def _uses(item, module_name) -> bool:
@@ -340,3 +359,21 @@ def hf_tp2_pp2_inputs(dist1, request):
         }
     torch.save(reference, os.path.join(root, "reference.pt"))
     return {"EE_HF_CHECKPOINT": os.path.join(root, "ee"), "EE_HF_REFERENCE": os.path.join(root, "reference.pt")}
+
+
+@pytest.fixture(scope="session")
+def evaluate_inputs(dist1, tmp_path_factory):
+    """tests/evaluate_fixtures.py's checkpoint and lm-eval tasks, written once: read them, never change them."""
+    from tests.evaluate_fixtures import write_inputs
+
+    return write_inputs(str(tmp_path_factory.mktemp("evaluate")))
+
+
+@pytest.fixture(scope="session")
+def evaluate_launch_env(evaluate_inputs, corpus):
+    """What test_evaluate's TP/PP cases read in the grouped launch."""
+    return {
+        "EE_EVAL_CKPT": evaluate_inputs["checkpoint"],
+        "EE_EVAL_DATA": corpus,
+        "EE_EVAL_TASKS": evaluate_inputs["task_dir"],
+    }

@@ -11,10 +11,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+
+from tests.helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
@@ -126,15 +127,12 @@ class Server:
 
     @property
     def url(self) -> str:
-        deadline = time.monotonic() + 240
-        while self._url is None:
-            found = re.search(r"serving \S+ on (http://\S+)", open(self.log_path).read())
-            if found:
-                self._url = found.group(1)
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
+        if self._url is None:
+            found = lambda: re.search(r"serving \S+ on (http://\S+)", open(self.log_path).read())  # noqa: E731
+            wait_until(lambda: found() or self.proc.poll() is not None, timeout=240, interval=0.2)
+            if not found():
                 pytest.fail(f"the server did not start (rc={self.proc.poll()}):\n{self.tail()}")
-            else:
-                time.sleep(0.2)
+            self._url = found().group(1)
         return self._url
 
     def tail(self) -> str:
@@ -180,10 +178,7 @@ class InProcessServer:
         ]
         for t in self.threads:
             t.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the in-process server did not start"
-            time.sleep(0.05)
+        assert wait_until(lambda: self.server.started, timeout=60, interval=0.05), "the in-process server did not start"
         self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
 
     def close(self):

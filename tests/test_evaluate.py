@@ -1,4 +1,4 @@
-"""tools/evaluate.py in-process: lm-eval tasks written here (a multiple-choice task and a
+"""tools/evaluate.py in-process: lm-eval tasks (tests/evaluate_fixtures.py: a multiple-choice task and a
 generation task, local jsonl, no download) and perplexity over a .bin/.idx dataset, checked
 against score() and generate() called directly on the same checkpoint; then (slow) lm-eval's
 own `local-completions` model against a real server subprocess gives the same numbers.
@@ -21,103 +21,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # task files are local; never
 
 import lm_eval  # noqa: E402,F401  (the test extra installs it; a missing one must fail, not skip)
 
-NUM_LAYERS, EXITS, MAX_SEQ, VOCAB = 4, [1, 2], 64, 64
-MC_TASK, GEN_TASK, ROLLING_TASK = "tiny_choice", "tiny_continue", "tiny_rolling"
-CONTEXTS = ["5 17 3", "40 2 33 13 8", "11 12 13 14", "7 7 7", "60 1 59 2", "9 18 27", "30 31", "44 3 44 3 44"]
-CHOICES = ["9", "40 2", "12", "3 3 3"]
-
+from tests.evaluate_fixtures import (  # noqa: E402
+    CHOICES,
+    CONTEXTS,
+    EXITS,
+    GEN_TASK,
+    MAX_SEQ,
+    MC_TASK,
+    NUM_LAYERS,
+    ROLLING_TASK,
+    VOCAB,
+)
 
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-def write_checkpoint(root: str) -> None:
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model
-
-    args = parse_args(
-        [
-            "--num-layers",
-            str(NUM_LAYERS),
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            str(MAX_SEQ),
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            "7",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--make-vocab-size-divisible-by",
-            "128",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--init-method-std",
-            "0.3",
-            "--exit-layer-nums",
-            *map(str, EXITS),
-            "--use-exit-norm",
-        ],
-        world_size=1,
-    )
-    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
-
-
-def write_tasks(folder: str, gen_answers) -> None:
-    """A multiple-choice task and a generation task over local jsonl files."""
-    mc = os.path.join(folder, "choice.jsonl")
-    with open(mc, "w") as f:
-        for i, context in enumerate(CONTEXTS):
-            f.write(json.dumps({"context": context, "choices": CHOICES, "label": i % len(CHOICES)}) + "\n")
-    gen = os.path.join(folder, "continue.jsonl")
-    with open(gen, "w") as f:
-        for context, answer in zip(CONTEXTS, gen_answers):
-            f.write(json.dumps({"context": context, "answer": answer}) + "\n")
-    common = 'output_type: {}\ntest_split: train\ndoc_to_text: "{{{{context}}}}"\n'
-    with open(os.path.join(folder, f"{ROLLING_TASK}.yaml"), "w") as f:  # perplexity of the contexts
-        f.write(
-            f"task: {ROLLING_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
-            'output_type: loglikelihood_rolling\ntest_split: train\ndoc_to_text: ""\n'
-            'doc_to_target: "{{context}}"\nmetric_list:\n  - metric: word_perplexity\n'
-            "metadata:\n  version: 1.0\n"
-        )
-    with open(os.path.join(folder, f"{MC_TASK}.yaml"), "w") as f:
-        f.write(
-            f"task: {MC_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {mc}\n"
-            + common.format("multiple_choice")
-            + 'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "metadata:\n  version: 1.0\n"
-        )
-    with open(os.path.join(folder, f"{GEN_TASK}.yaml"), "w") as f:
-        f.write(
-            f"task: {GEN_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {gen}\n"
-            + common.format("generate_until")
-            + 'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["99"]\n  max_gen_toks: 3\n'
-            "  do_sample: false\n  temperature: 0.0\n"
-            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-            "metadata:\n  version: 1.0\n"
-        )
-
-
 @pytest.fixture(scope="module")
-def checkpoint(dist1, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("eval_ckpt"))
-    write_checkpoint(root)
-    return root
+def checkpoint(evaluate_inputs):
+    return evaluate_inputs["checkpoint"]
 
 
 @pytest.fixture(scope="module")
@@ -129,22 +50,8 @@ def engine(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def greedy_texts(engine):
-    """Full-depth greedy continuations of each context, 3 tokens, as the text they add after
-    the context (token-id text: a space, then the ids)."""
-    from megatron.early_exit.inference import FullDepth, generate
-
-    model, tokenizer = engine
-    result = generate(model, [tokenizer.tokenize(c) for c in CONTEXTS], FullDepth(), max_new_tokens=3)
-    return [" " + tokenizer.detokenize(t) for t in result.tokens]
-
-
-@pytest.fixture(scope="module")
-def task_dir(greedy_texts, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("tasks"))
-    # Every other answer is the model's own greedy continuation: exact match 0.5 at full depth.
-    write_tasks(folder, [t if i % 2 == 0 else "1 1 1" for i, t in enumerate(greedy_texts)])
-    return folder
+def task_dir(evaluate_inputs):
+    return evaluate_inputs["task_dir"]
 
 
 def run_evaluate(*flags):
@@ -476,16 +383,17 @@ def case_evaluate_pp2():
     return _evaluate_parallel("pipeline")
 
 
-def _launch(checkpoint, corpus, task_dir, launch_dir):
-    from tests.conftest import launch
+@pytest.fixture(scope="module")
+def evaluate_runs(request):
+    """The cases above, in the grouped two-process launch (conftest's evaluate_launch_env)."""
+    from tests.conftest import launch_grouped
 
-    env = {"EE_EVAL_CKPT": checkpoint, "EE_EVAL_DATA": corpus, "EE_EVAL_TASKS": task_dir}
-    return launch("tests.test_evaluate", 2, launch_dir, env=env)
+    return launch_grouped("tests.test_evaluate", request)
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", ["case_evaluate_tp2", "case_evaluate_pp2"])
-def test_parallel_evaluation_equals_one_process(checkpoint, corpus, task_dir, case, launch_dir):
+def test_parallel_evaluation_equals_one_process(checkpoint, corpus, case, evaluate_runs):
     single = run_evaluate(
         "--load",
         checkpoint,
@@ -501,7 +409,7 @@ def test_parallel_evaluation_equals_one_process(checkpoint, corpus, task_dir, ca
         "--speed-prompts",
         0,
     )
-    result = _launch(checkpoint, corpus, task_dir, launch_dir)[case]
+    result = evaluate_runs[case]
     assert result["ok"], result["error"]
     assert list(result["metrics"]) == [r.setting for r in single]
     for row in single:
@@ -509,8 +417,8 @@ def test_parallel_evaluation_equals_one_process(checkpoint, corpus, task_dir, ca
 
 
 @pytest.mark.multiproc
-def test_parallel_tasks_equal_one_process(checkpoint, corpus, task_dir, task_run, launch_dir):
-    result = _launch(checkpoint, corpus, task_dir, launch_dir)["case_evaluate_tasks_tp2"]
+def test_parallel_tasks_equal_one_process(task_run, evaluate_runs):
+    result = evaluate_runs["case_evaluate_tasks_tp2"]
     assert result["ok"], result["error"]
     local = mc_loglikelihoods(task_run[1]["samples"]["full"])
     got = {tuple(map(int, k.split())): v for k, v in result["metrics"]["choices"].items()}

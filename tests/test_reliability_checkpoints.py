@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 import zlib
 
@@ -276,9 +275,14 @@ def _tagged(tag):
     return out
 
 
+def _never_trains(*args, **kwargs):
+    raise AssertionError("a second run on a locked --save went on to build its model and data")
+
+
 @pytest.mark.parametrize("moment", ["writing", "before_rename"])
-def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_path, moment):
+def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_path, moment, monkeypatch):
     from megatron.early_exit.checkpoint.errors import CheckpointError
+    from megatron.early_exit.training import trainer
 
     root, paused, tag = str(tmp_path / "ck"), tmp_path / "paused", f"EE_TEST_TAG={uuid.uuid4().hex}"
     flags = {"--save": root, "--save-interval": 2, **QUIET}
@@ -293,21 +297,16 @@ def test_kill_9_during_a_save_leaves_no_process_and_no_lock(dist1, corpus, tmp_p
         text=True,
     )
     try:
-        deadline = time.time() + 300
-        while not paused.exists():
-            assert proc.poll() is None, (
-                f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
-            )
-            assert time.time() < deadline, "the save of iteration 4 never reached the pause"
-            time.sleep(0.2)
+        wait_until(lambda: paused.exists() or proc.poll() is not None, timeout=300)
+        assert proc.poll() is None, f"the trainer ended before the save of iteration 4: {proc.stderr.read()[-2000:]}"
+        assert paused.exists(), "the save of iteration 4 never reached the pause"
         assert _descendants(proc.pid) == set(), "the save runs helper processes"
-        start = time.time()
-        with pytest.raises(CheckpointError) as err:  # a second run on the same --save
+        with monkeypatch.context() as patch, pytest.raises(CheckpointError) as err:  # a second run on the same --save
+            patch.setattr(trainer, "_train", _never_trains)  # it stops at once: before any model or data
             run_training(tiny_run_flags(corpus, iters=6, **flags))
         assert str(err.value).startswith(
             f"--save {root} is in use by another run (PID {proc.pid} on host {socket.gethostname()}"
         )
-        assert time.time() - start < 5
         os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as a user's kill -9 <PID>
         proc.wait()
         assert wait_until(lambda: _tagged(tag) == [], timeout=10), "processes of the killed trainer are still running"

@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import wait_until
 from tests.training_fixtures import tiny_run_flags
 
 psutil = pytest.importorskip("psutil")
@@ -59,10 +59,9 @@ class Job:
         self.reader.start()
 
     def wait_for(self, pattern: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(re.search(pattern, line) for line in self.lines):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.lines[-40:])
-            time.sleep(0.05)
+        seen = lambda: any(re.search(pattern, line) for line in self.lines)  # noqa: E731
+        wait_until(lambda: seen() or self.proc.poll() is not None, timeout=timeout, interval=0.05)
+        assert seen(), "".join(self.lines[-40:])
 
     def workers(self):
         return [

@@ -7,7 +7,6 @@ Every refused case is followed by a normal request, which must still succeed.
 import json
 import socket
 import threading
-import time
 
 import pytest
 
@@ -86,13 +85,12 @@ def test_oversized_bodies_get_413_before_they_are_read(server, client):
     head = (
         f"PUT /api HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {BIG}\r\n\r\n"
     ).encode()
+    # The body never comes: a server that waited for it would time out this socket's read.
     sock = raw_request(server, head + b'{"prompts": [')
-    start = time.monotonic()
     status, body = read_status(sock)
     assert status == 413 and body["error"]["message"].startswith(
         f"body: {BIG} bytes exceed the server's --max-request-bytes"
     ), body
-    assert time.monotonic() - start < 5
     assert client.get("/health").status_code == 200  # while that connection is still open
     sock.close()
 

@@ -473,11 +473,11 @@ def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client,
 
     with ThreadPoolExecutor(50) as pool:
         futures = [pool.submit(request, i) for i in range(50)]
-        health_seconds = []
+        during = []  # /health answers while the decoder works: it never waits for the queue
         while not all(f.done() for f in futures):
-            start = time.perf_counter()
-            assert client.get("/health").status_code == 200
-            health_seconds.append(time.perf_counter() - start)
+            health = client.get("/health")
+            assert health.status_code == 200
+            during.append(health.json()["busy"] or health.json()["queued"] > 0)
             time.sleep(0.02)
         results = [f.result() for f in futures]
     assert all(status == 200 for _, _, status, _ in results)
@@ -486,7 +486,7 @@ def test_fifty_concurrent_requests_complete_correctly_and_health_answers(client,
         sampling = SamplingParams(1.0, seed=i) if kind == 3 else None
         ref = direct(engine, [prompt], strategy, 8, sampling).tokens[0]
         assert got == (continuation(tokenizer, prompt, ref) if kind == 2 else ref), (i, kind)
-    assert max(health_seconds) < 2.0, max(health_seconds)
+    assert any(during), "no /health answer came while the decoder was busy or requests were queued"
 
 
 def test_health_models_and_openapi(client):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.server_fixtures import EXITS, NUM_LAYERS, InProcessServer, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
@@ -73,9 +74,7 @@ def test_disconnected_stream_frees_its_slot_at_the_next_step(local, steps):
             for line in reply.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["exit_layers"]:
                     break  # one decoded token received: hang up
-        deadline = time.monotonic() + 60
-        while not steps["aborts"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: steps["aborts"], timeout=60, interval=0.01)
         steps["pause"] = 0.0
         assert steps["aborts"], "the disconnect did not abort the sequence"
         step, aborted, running = steps["aborts"][0]
@@ -98,9 +97,7 @@ def test_full_queue_is_a_503_and_the_server_goes_on(local, steps):
         assert steps["entered"].wait(60)
         second = threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
         second.start()
-        deadline = time.monotonic() + 60
-        while local.engine.num_waiting < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: local.engine.num_waiting >= 1, timeout=60, interval=0.01)
         refused = client.post("/v1/completions", json=body)  # one waits already (max_waiting 1)
         steps["gate"].set()
         first.join(60), second.join(60)

@@ -9,10 +9,10 @@ test records and fails on). No timing is measured.
 
 import json
 import threading
-import time
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.server_fixtures import EOD, EXITS, NUM_LAYERS, InProcessServer, write_checkpoint
 
 httpx = pytest.importorskip("httpx")
@@ -138,9 +138,7 @@ def test_concurrent_streams_are_batched_and_each_gets_its_rows(local, monkeypatc
         def held_run_job(model, job, on_tokens=None, **kwargs):
             def listen(event):
                 on_tokens(event)
-                deadline = time.monotonic() + 120
-                while not held and local.worker.queued + len(job.prompts) < 8 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_until(lambda: held or local.worker.queued + len(job.prompts) >= 8, timeout=120, interval=0.01)
                 held.append(True)
 
             return real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
@@ -174,9 +172,9 @@ def test_stop_sequences_are_never_sent_in_a_stream(local):
 
 
 def test_a_client_that_leaves_a_stream_stops_its_generation(local, monkeypatch):
-    """Each decode step is slowed down, so that 60 tokens take seconds; the client reads two
-    events and closes the connection. Its rows must stop within a few steps, not run on to
-    the budget (the decoder stayed busy until then)."""
+    """The client reads two events and closes the connection; from the second event on, the
+    decoder waits until the server has marked the request cancelled (so it is still busy when
+    the client leaves). Its rows must then stop within a few steps, not run on to the budget."""
     import dataclasses
 
     from megatron.early_exit.server import worker as worker_module
@@ -185,13 +183,17 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(local, monkeypatch):
     with httpx.Client(base_url=local.url, timeout=300) as client:
         real_run_job, results = worker_module.run_job, []
 
-        def slow_run_job(model, job, on_tokens=None, **kwargs):
+        def slow_run_job(model, job, on_tokens=None, cancelled=None, **kwargs):
+            events = []
+
             def listen(event):
                 on_tokens(event)
-                time.sleep(0.1)
+                events.append(event)
+                if len(events) >= 2:
+                    wait_until(lambda: bool(cancelled()), timeout=120)
 
             job = dataclasses.replace(job, stop_tokens=())  # nothing but the budget or the client ends it
-            result = real_run_job(model, job, on_tokens=listen if on_tokens else None, **kwargs)
+            result = real_run_job(model, job, on_tokens=listen if on_tokens else None, cancelled=cancelled, **kwargs)
             results.append(result)
             return result
 
@@ -202,10 +204,7 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(local, monkeypatch):
                 seen += line.startswith("data: ")
                 if seen == 2:
                     break
-        deadline = time.monotonic() + 120
-        while not results:
-            assert time.monotonic() < deadline, "the generation did not end"
-            time.sleep(0.05)
+        assert wait_until(lambda: results, timeout=120), "the generation did not end"
         monkeypatch.setattr(worker_module, "run_job", real_run_job)
         assert len(results[0].tokens[0]) < 30, len(results[0].tokens[0])  # of the 60 it would run to
         again = client.post("/v1/completions", json=body)  # the server goes on serving
