@@ -414,7 +414,11 @@ def _train(config: RunConfig, ctx, start_time: float) -> TrainState:
     t, log_config, ckpt = config.training, config.logging, config.checkpoint
     microbatches.destroy_num_microbatches_calculator()
     microbatches.init_num_microbatches_calculator(
-        ctx.rank, _list(t.rampup_batch_size), t.global_batch_size, t.micro_batch_size, ctx.dp_size
+        ctx.rank,
+        list(t.rampup_batch_size) if t.rampup_batch_size else None,
+        t.global_batch_size,
+        t.micro_batch_size,
+        ctx.dp_size,
     )
     is_logger = ctx.rank == ctx.world_size - 1  # holds the final loss once pipelines exist
     trackers = build_trackers(log_config, ckpt.save, config.flags, enabled=is_logger)
@@ -539,11 +543,6 @@ def _starts_fresh(ckpt: CheckpointConfig, skip_train: bool, rank: int) -> bool:
     if rank == 0:
         print(f" no checkpoint under --load {ckpt.load} yet: training starts from scratch", flush=True)
     return True
-
-
-def _list(value):
-    """megatron-core's calculator takes the ramp-up as the flag's list."""
-    return None if value is None else list(value)
 
 
 def model_vocab_size(config: RunConfig, tokenizer_vocab_size: int) -> int:
