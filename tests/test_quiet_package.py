@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 SCRIPT = r"""
@@ -48,6 +50,7 @@ def _run(tmp_path, **env):
     return proc.stderr
 
 
+@pytest.mark.slow  # two end-to-end subprocess runs (save, load, collectives); the import-time warnings are in make test
 def test_checkpoint_load_and_collectives_print_no_warning(tmp_path):
     stderr = _run(tmp_path)
     assert "Warning" not in stderr, stderr[-3000:]
