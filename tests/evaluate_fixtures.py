@@ -5,7 +5,7 @@ two-process launch): a tiny random checkpoint and lm-eval tasks over local jsonl
 import json
 import os
 
-import torch
+from tests.helpers import write_random_checkpoint
 
 NUM_LAYERS, EXITS, MAX_SEQ, VOCAB = 4, [1, 2], 64, 64
 MC_TASK, GEN_TASK, ROLLING_TASK = "tiny_choice", "tiny_continue", "tiny_rolling"
@@ -14,11 +14,9 @@ CHOICES = ["9", "40 2", "12", "3 3 3"]
 
 
 def write_checkpoint(root: str) -> None:
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args(
+    write_random_checkpoint(
+        root,
         [
             "--num-layers",
             str(NUM_LAYERS),
@@ -54,9 +52,8 @@ def write_checkpoint(root: str) -> None:
             *map(str, EXITS),
             "--use-exit-norm",
         ],
-        world_size=1,
+        128,
     )
-    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
 
 
 def write_tasks(folder: str, gen_answers) -> None:

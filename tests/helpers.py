@@ -206,3 +206,16 @@ def assert_same_up_to_near_ties(got, want, threshold: float, margin: float = 1e-
             assert len(a) == len(b), (row, a, b)
     assert len(got.tokens) == len(want.tokens)
     return diverged
+
+
+def write_random_checkpoint(root: str, flags: list, padded_vocab_size: int):
+    """A freshly initialised model of the training `flags` (one process) saved under `root` at
+    iteration 1, as a training run would store it; returns the model."""
+    from megatron.early_exit.checkpoint.writer import save_weights
+    from megatron.early_exit.training.arguments import build_run_config, parse_args
+    from megatron.early_exit.training.trainer import build_model
+
+    args = parse_args(flags, world_size=1)
+    model = build_model(build_run_config(args), torch.device("cpu"), padded_vocab_size)
+    save_weights(root, vars(args), model, iteration=1)
+    return model

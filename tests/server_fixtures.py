@@ -13,9 +13,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.helpers import wait_until
+from tests.helpers import wait_until, write_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
@@ -29,11 +28,9 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add
 
 
 def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args(
+    write_random_checkpoint(
+        root,
         [
             "--num-layers",
             str(NUM_LAYERS),
@@ -69,9 +66,8 @@ def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
             *map(str, EXITS),
             "--use-exit-norm",
         ],
-        world_size=1,
+        128,
     )
-    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
 
 
 class Server:

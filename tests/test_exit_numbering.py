@@ -7,7 +7,8 @@ import json
 import threading
 
 import pytest
-import torch
+
+from tests.helpers import write_random_checkpoint
 
 httpx = pytest.importorskip("httpx")
 
@@ -25,16 +26,14 @@ def test_exit_number_of_a_depth():
 def pre_exit_server(dist1, tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from megatron.early_exit.checkpoint.writer import save_weights
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.server.app import Service, build_app
     from megatron.early_exit.server.jobs import ModelLimits
     from megatron.early_exit.server.worker import Worker
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model
 
     root = str(tmp_path_factory.mktemp("pre_exit_ckpt"))
-    args = parse_args(
+    write_random_checkpoint(
+        root,
         [
             "--num-layers",
             str(NUM_LAYERS),
@@ -69,9 +68,8 @@ def pre_exit_server(dist1, tmp_path_factory):
             "--use-exit-norm",
             "--pre-exit",
         ],
-        world_size=1,
+        128,
     )
-    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), 128), iteration=1)
     model, tokenizer, _ = load_model(root)
     assert model.ee_config.pre_exit
     worker = Worker(model, max_batch_size=4)

@@ -13,16 +13,15 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from megatron.early_exit.confidence_training import collect, evaluate, fit  # noqa: E402
 from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate  # noqa: E402
 from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator, attach, attached  # noqa: E402
+from tests.helpers import write_random_checkpoint  # noqa: E402
 
 NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
 
 
 def _write_checkpoint(root):
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model
 
-    args = parse_args(
+    write_random_checkpoint(
+        root,
         [
             "--num-layers",
             str(NUM_LAYERS),
@@ -58,9 +57,8 @@ def _write_checkpoint(root):
             *map(str, EXITS),
             "--use-exit-norm",
         ],
-        world_size=1,
+        VOCAB,
     )
-    save_weights(root, vars(args), build_model(build_run_config(args), torch.device("cpu"), VOCAB), iteration=1)
 
 
 @pytest.fixture(scope="module")
