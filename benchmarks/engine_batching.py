@@ -98,7 +98,7 @@ def main():
     import megatron.early_exit  # noqa: F401  (platform adapter)
 
     # isort: split
-    from benchmarks.inference_speed import _run_tool, held_out_prompts, prepare_corpus
+    from benchmarks.benchmark_inputs import held_out_prompts, prepare_corpus, run_tool
     from megatron.early_exit.inference import EarlyExit, FullDepth
     from megatron.early_exit.inference.decoder import Decoder
     from megatron.early_exit.inference.loading import load_model
@@ -107,7 +107,7 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     ckpt = os.path.join(args.work_dir, "from_hf")
     if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-        _run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+        run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
     files = prepare_corpus(args.work_dir)
     initialize_parallel(1, 1)
     model, tokenizer, _ = load_model(ckpt)

@@ -70,7 +70,7 @@ def run_ranks(args):
     import megatron.early_exit  # noqa: F401
 
     # isort: split
-    from benchmarks.inference_speed import held_out_prompts, prepare_corpus
+    from benchmarks.benchmark_inputs import held_out_prompts, prepare_corpus
     from megatron.early_exit.inference import EarlyExit, FullDepth
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel

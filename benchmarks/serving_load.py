@@ -146,17 +146,17 @@ def prepare_model(args):
             for _ in range(args.requests)
         ]
         return ckpt, tokenizer, requests
-    from benchmarks.inference_speed import prepare_corpus, train_model
+    from benchmarks.benchmark_inputs import prepare_corpus, train_model
     from megatron.early_exit.tokenizers import build_tokenizer
 
     files = prepare_corpus(args.work_dir)
     tokenizer_model = files["tokenizer"]
     if args.hf:
-        from benchmarks.inference_speed import _run_tool
+        from benchmarks.benchmark_inputs import run_tool
 
         ckpt = os.path.join(args.work_dir, "from_hf")
         if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-            _run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+            run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
         tokenizer_model = os.path.join(args.hf, "tokenizer.model")
     else:
         ckpt = args.load or train_model(args.work_dir, files, args.train_iters)

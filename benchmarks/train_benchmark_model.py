@@ -217,7 +217,7 @@ def train(args, files: dict, save: str, log_path: str) -> float:
 def oracle_bound(ckpt: str, files: dict, args):
     import torch
 
-    from benchmarks.inference_speed import held_out_prompts
+    from benchmarks.benchmark_inputs import held_out_prompts
     from megatron.early_exit.inference.calibration import oracle_decode
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
@@ -256,7 +256,7 @@ def export(ckpt: str, files: dict, log_path: str, out_dir: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    from benchmarks.inference_speed import prepare_corpus
+    from benchmarks.benchmark_inputs import prepare_corpus
 
     os.makedirs(args.work_dir, exist_ok=True)
     files = prepare_corpus(args.work_dir)
