@@ -24,11 +24,11 @@ $(STAMP): setup.py
 
 # The CPU suite runs on CPU even on a GPU host (hidden CUDA devices: gloo, the CPU adapter).
 test: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q --durations=15 -m "not gpu and not slow" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -n 2 --dist loadgroup --durations=15 -m "not gpu and not slow" tests
 
 # Long end-to-end runs (CI runs them after make test).
 test-slow: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q --durations=15 -m "slow and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -n 2 --dist loadgroup --durations=15 -m "slow and not gpu" tests
 
 test-fast: setup
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -x -q -m "not multiproc and not gpu and not slow" tests

@@ -31,8 +31,9 @@ setup(
     ],
     extras_require={
         "test": [
-            "pytest>=7",
+            "pytest>=7,<9.2",  # pytest 9.2 ids break pytest-xdist 3.8 --dist loadgroup (xdist #1386)
             "pytest-timeout",
+            "pytest-xdist",  # make test: two workers
             "matplotlib",
             "openai",
             "httpx",

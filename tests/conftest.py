@@ -141,6 +141,23 @@ PREPARE = {
 }
 
 
+def pytest_itemcollected(item):
+    """make test runs two pytest-xdist workers (--dist loadgroup): every test that starts
+    torchrun, or reads a grouped launch's results, stays on one of them, so that each launch
+    runs once and the launches (which use both cores) never overlap. Marked as each test is
+    collected: xdist reads the groups in its own pytest_collection_modifyitems."""
+    if item.get_closest_marker("multiproc") or any(_uses(item, m) for m in GROUPED):
+        item.add_marker(pytest.mark.xdist_group("torchrun"))
+
+
+def pytest_runtest_setup(item):
+    """Under --dist loadgroup a grouped test carries its group in its id; a pytest/xdist pair that
+    stopped grouping (as pytest 9.2 with xdist 3.8 does) would run each launch on both workers."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
+        if not item.nodeid.endswith("@torchrun"):
+            pytest.fail(f"pytest-xdist did not group {item.nodeid} (check the pytest and pytest-xdist versions)")
+
+
 def _uses(item, module_name) -> bool:
     _, test_file, fixture, _ = GROUPED[module_name]
     if os.path.basename(str(item.fspath)) != test_file:
