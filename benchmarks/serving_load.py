@@ -93,7 +93,12 @@ def parse_args():
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-tokens", type=int, nargs=2, default=[8, 96], metavar=("MIN", "MAX"))
-    p.add_argument("--threshold", type=float, default=0.8, help="early-exit threshold of `continuous ee`")
+    p.add_argument("--threshold", type=float, default=0.2, help="early-exit threshold of `continuous ee`")
+    p.add_argument(
+        "--confidence",
+        default="margin",
+        help="confidence measure of `continuous ee` (the request's `confidence`; margin: top-1 minus top-2)",
+    )
     p.add_argument("--exit-layers", type=int, nargs="*", default=None, help="active exits of `continuous ee`")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--configs", nargs="+", default=["static", "continuous full", "continuous ee"])
@@ -375,7 +380,7 @@ def main():
         f"{min(n for _, n in requests)}-{max(n for _, n in requests)} tokens (mean "
         f"{statistics.mean(n for _, n in requests):.1f})"
     )
-    ee = dict(use_early_exit=True, early_exit_thres=args.threshold)
+    ee = dict(use_early_exit=True, early_exit_thres=args.threshold, confidence=args.confidence)
     if args.exit_layers:
         ee["exit_layers"] = args.exit_layers
     extras = {"static": {}, "continuous full": {}, "continuous ee": ee}
