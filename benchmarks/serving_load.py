@@ -100,6 +100,12 @@ def parse_args():
         help="confidence measure of `continuous ee` (the request's `confidence`; margin: top-1 minus top-2)",
     )
     p.add_argument("--exit-layers", type=int, nargs="*", default=None, help="active exits of `continuous ee`")
+    p.add_argument(
+        "--kv",
+        choices=["recompute", "propagate"],
+        default="recompute",
+        help="K/V of the tokens that left early (the request's kv_strategy) in `continuous ee`",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--configs", nargs="+", default=["static", "continuous full", "continuous ee"])
     p.add_argument(
@@ -380,7 +386,7 @@ def main():
         f"{min(n for _, n in requests)}-{max(n for _, n in requests)} tokens (mean "
         f"{statistics.mean(n for _, n in requests):.1f})"
     )
-    ee = dict(use_early_exit=True, early_exit_thres=args.threshold, confidence=args.confidence)
+    ee = dict(use_early_exit=True, early_exit_thres=args.threshold, confidence=args.confidence, kv_strategy=args.kv)
     if args.exit_layers:
         ee["exit_layers"] = args.exit_layers
     extras = {"static": {}, "continuous full": {}, "continuous ee": ee}
