@@ -100,7 +100,7 @@ def parse_args():
     p.add_argument(
         "--speculative",
         nargs="*",
-        default=["2:3", "3:3", "3:4", "3:6", "3:8:0.6", "4:4"],
+        default=["2:3", "3:3", "3:5:0.3", "3:8:0.4", "4:6:0.3"],
         help="EXIT:NUM_DRAFT[:DRAFT_THRESHOLD] (a row stops drafting after a draft below the threshold)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timings per prompt; the fastest counts")
