@@ -31,6 +31,13 @@ def parse_args():
     p.add_argument("--hf", required=True, help="a Hugging Face export of one of our models")
     p.add_argument("--exit-layer", type=int, default=2)
     p.add_argument("--num-draft", type=int, default=4, help="our num_draft and transformers' num_assistant_tokens")
+    p.add_argument(
+        "--draft-threshold",
+        type=float,
+        default=0.0,
+        help="both sides stop drafting after a draft whose probability under the drafting layers is below it "
+        "(our draft_threshold, transformers' assistant_confidence_threshold; 0: never)",
+    )
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -122,12 +129,16 @@ def main():
 
     runs = {
         "ours full depth": lambda p: generate(ours, [p], FullDepth(), n).tokens[0],
-        f"ours self-speculative [{args.exit_layer}x{args.num_draft}]": lambda p: generate(
-            ours, [p], SelfSpeculative(args.exit_layer, args.num_draft), n
+        f"ours self-speculative [{args.exit_layer}x{args.num_draft}>{args.draft_threshold:g}]": lambda p: generate(
+            ours, [p], SelfSpeculative(args.exit_layer, args.num_draft, args.draft_threshold), n
         ).tokens[0],
         "transformers full depth": lambda p: hf(p),
         f"transformers assistant_early_exit={args.exit_layer}": lambda p: hf(
-            p, assistant_early_exit=args.exit_layer, num_assistant_tokens=args.num_draft
+            p,
+            assistant_early_exit=args.exit_layer,
+            num_assistant_tokens=args.num_draft,
+            num_assistant_tokens_schedule="constant",  # the same number of drafts a round on both sides
+            assistant_confidence_threshold=args.draft_threshold,
         ),
     }
     for fn in runs.values():  # warm-up
