@@ -100,9 +100,9 @@ def test_server_takes_calibrated_thresholds_when_a_request_sets_none(tmp_path):
     class Stored:
         exit_layer_nums = [2, 4]
 
-    thresholds = _exit_thresholds(str(path), Stored)
-    assert thresholds == {2: 0.9}
-    limits = ModelLimits("m", 96, 6, (2, 4), 64, 4, 32, exit_thresholds=thresholds)
+    calibration = _exit_thresholds(str(path), Stored)
+    assert calibration == {"exit_thresholds": {2: 0.9}, "exit_thresholds_measure": None}
+    limits = ModelLimits("m", 96, 6, (2, 4), 64, 4, 32, **calibration)
     calibrated = build_strategy(EarlyExitOptions(use_early_exit=True), limits, greedy=True)
     assert calibrated.threshold_of(2) == 0.9 and calibrated.threshold_of(4) > 1  # exit 4 left out: never
     own = build_strategy(EarlyExitOptions(use_early_exit=True, early_exit_thres=0.5), limits, greedy=True)
@@ -113,3 +113,36 @@ def test_server_takes_calibrated_thresholds_when_a_request_sets_none(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match=r"--exit-thresholds-file: .* has no exit_thresholds"):
         read_exit_thresholds(str(path))
+
+
+def test_server_thresholds_file_brings_its_measure(tmp_path):
+    """--exit-thresholds-file's thresholds are decoded with the measure they were calibrated for;
+    a request naming another measure for them is refused by field."""
+    from megatron.early_exit.server.jobs import ModelLimits, RequestError, build_strategy
+    from megatron.early_exit.server.launch import _exit_thresholds
+    from megatron.early_exit.server.schemas import EarlyExitOptions
+
+    class Stored:
+        exit_layer_nums = [1, 2]
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"exit_thresholds": {"1": 0.3, "2": 0.1}, "measure": "margin"}))
+    calibrated = _exit_thresholds(str(path), Stored)
+    assert calibrated == {"exit_thresholds": {1: 0.3, 2: 0.1}, "exit_thresholds_measure": "margin"}
+    limits = ModelLimits("tiny", 128, 4, (1, 2), 64, 4, 32, **calibrated)
+    strategy = build_strategy(EarlyExitOptions(use_early_exit=True), limits, greedy=True)
+    assert strategy.measure == "margin" and strategy.threshold_of(1) == 0.3
+    assert build_strategy(EarlyExitOptions(use_early_exit=True, confidence="margin"), limits, True).measure == "margin"
+    with pytest.raises(RequestError, match="confidence"):
+        build_strategy(EarlyExitOptions(use_early_exit=True, confidence="max_prob"), limits, greedy=True)
+    # A request with thresholds of its own keeps its own measure.
+    own = EarlyExitOptions(use_early_exit=True, early_exit_thres=0.8, confidence="entropy")
+    assert build_strategy(own, limits, greedy=True).measure == "entropy"
+    # A file without a measure (older files) leaves the request's.
+    path.write_text(json.dumps({"exit_thresholds": {"1": 0.3}}))
+    limits = ModelLimits("tiny", 128, 4, (1, 2), 64, 4, 32, **_exit_thresholds(str(path), Stored))
+    entropy = EarlyExitOptions(use_early_exit=True, confidence="entropy")
+    assert build_strategy(entropy, limits, greedy=True).measure == "entropy"
+    path.write_text(json.dumps({"exit_thresholds": {"1": 0.3}, "measure": "learned"}))
+    with pytest.raises(Exception, match="calibrated for measure 'learned'"):
+        _exit_thresholds(str(path), Stored)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 PRECISIONS = (0.999, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8)
 
@@ -199,6 +199,12 @@ def _rounded(thresholds: Dict[int, float]) -> Dict[int, float]:
 
 def read_exit_thresholds(path: str) -> Dict[int, float]:
     """{exit: threshold} from a tools/calibrate_threshold.py JSON file (its `exit_thresholds`)."""
+    return read_calibration(path)[0]
+
+
+def read_calibration(path: str) -> Tuple[Dict[int, float], Optional[str]]:
+    """({exit: threshold}, the confidence measure they were calibrated with, or None when the file
+    does not say) from a tools/calibrate_threshold.py JSON file."""
     import json
 
     from megatron.early_exit.inference.errors import InferenceConfigError
@@ -206,6 +212,7 @@ def read_exit_thresholds(path: str) -> Dict[int, float]:
     try:
         with open(path) as f:
             data = json.load(f)
+        measure = data.get("measure")
         if "exit_thresholds" not in data and isinstance(data.get("chosen"), dict):  # a --per-exit sweep's choice
             data = data["chosen"]
         thresholds = {int(k): float(v) for k, v in data["exit_thresholds"].items()}
@@ -215,4 +222,6 @@ def read_exit_thresholds(path: str) -> Dict[int, float]:
         raise InferenceConfigError(
             f"--exit-thresholds-file: {path} has no exit_thresholds {{exit: threshold}} ({e})"
         ) from None
-    return thresholds
+    if measure is not None and not isinstance(measure, str):
+        raise InferenceConfigError(f"--exit-thresholds-file: {path}: measure must be a name, got {measure!r}")
+    return thresholds, measure

@@ -238,6 +238,7 @@ class ModelLimits:
     max_prompt_tokens: int
     pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
     exit_thresholds: Optional[Dict[int, float]] = None  # --exit-thresholds-file: used when a request sets none
+    exit_thresholds_measure: Optional[str] = None  # the confidence measure they were calibrated with
 
 
 def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:
@@ -293,10 +294,18 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
         _check_exits("exit_layers", layers, limits)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
     if not options.exit_thresholds and options.early_exit_thres is None and limits.exit_thresholds is not None:
-        # The calibrated thresholds; an exit they leave out never fires.
+        # The calibrated thresholds, with the measure they were calibrated for (a threshold means
+        # nothing under another); an exit they leave out never fires.
+        measure = limits.exit_thresholds_measure or options.confidence
+        if "confidence" in options.model_fields_set and options.confidence != measure:
+            raise RequestError(
+                "confidence",
+                f"the server's calibrated thresholds (--exit-thresholds-file) are for measure {measure!r}: drop "
+                f"confidence, or send early_exit_thres or exit_thresholds of your own for {options.confidence!r}",
+            )
         return _engine_call(
             "exit_thresholds",
-            lambda: EarlyExit(2.0, options.confidence, options.kv_strategy, layers, limits.exit_thresholds),
+            lambda: EarlyExit(2.0, measure, options.kv_strategy, layers, limits.exit_thresholds),
         )
     if options.exit_thresholds:
         _check_exits("exit_thresholds", sorted(options.exit_thresholds), limits)

@@ -217,24 +217,30 @@ def build_limits(args, model, stored):
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
         pipeline_stages=args.pipeline_model_parallel_size,
-        exit_thresholds=_exit_thresholds(args.exit_thresholds_file, stored),
+        **_exit_thresholds(args.exit_thresholds_file, stored),
     )
 
 
 def _exit_thresholds(path, stored):
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.inference.learn_then_test import read_exit_thresholds
+    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES
+    from megatron.early_exit.inference.learn_then_test import read_calibration
 
     if path is None:
-        return None
-    thresholds = read_exit_thresholds(path)
+        return {}
+    thresholds, measure = read_calibration(path)
+    served = sorted(name for name, m in CONFIDENCE_MEASURES.items() if not m.needs_estimator)
+    if measure is not None and measure not in served:
+        raise ConfigError(
+            f"--exit-thresholds-file {path}: calibrated for measure {measure!r}; the server decodes with {served}"
+        )
     bad = sorted(set(thresholds) - set(int(n) for n in (stored.exit_layer_nums or [])))
     if bad:
         raise ConfigError(
             f"--exit-thresholds-file {path}: exits {bad} are not exits of the model "
             f"({list(stored.exit_layer_nums or [])})"
         )
-    return thresholds
+    return {"exit_thresholds": thresholds, "exit_thresholds_measure": measure}
 
 
 def build_policy(args, limits):
