@@ -139,7 +139,7 @@ def main():
     import megatron.early_exit  # noqa: F401  (platform adapter)
 
     # isort: split
-    from megatron.early_exit.inference import EarlyExit, SelfSpeculative
+    from megatron.early_exit.inference import EarlyExit, FullDepth, SelfSpeculative, generate
     from megatron.early_exit.inference.calibration import format_table, oracle_decode, pick_fastest, sweep
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
@@ -168,10 +168,15 @@ def main():
     prompts, calibration_prompts = held_out[: args.num_prompts], held_out[args.num_prompts : 2 * args.num_prompts]
     guarantee_prompts = held_out[2 * args.num_prompts :]
     exits = tuple(args.exit_layers) if args.exit_layers else None  # --exit-layers with no value: all
+    # Full depth's continuations of the calibration prompts, decoded once for the per-exit
+    # thresholds and the comparison of measures.
+    calibration_continuations = [
+        generate(model, [p], FullDepth(), args.max_new_tokens).tokens[0] for p in calibration_prompts
+    ]
     strategies = [EarlyExit(t, args.measure, kv, exits) for kv in args.kv for t in args.thresholds]
     labels = [f"{t:g}" for kv in args.kv for t in args.thresholds]
     if args.per_exit_targets:
-        per_exit = calibrate(model, calibration_prompts, args, exits)
+        per_exit = calibrate(model, calibration_prompts, args, exits, calibration_continuations)
         strategies += [
             EarlyExit(2.0, args.measure, kv, exits, per_exit[t]) for kv in args.kv for t in args.per_exit_targets
         ]
@@ -267,7 +272,9 @@ def main():
             f"{ceiling / p.ideal_speedup:.2f} of the ideal {p.ideal_speedup:.2f}x"
         )
     compared = ["max_prob", "margin", "entropy"] + (["learned"] if args.confidence_estimator else [])
-    for line in compare_measures(model, calibration_prompts, exits, args.max_new_tokens, compared):
+    for line in compare_measures(
+        model, calibration_prompts, exits, args.max_new_tokens, compared, calibration_continuations
+    ):
         print("  " + line)
     oracle = oracle_decode(model, prompts, exits, args.max_new_tokens, args.measure, args.repeats, args.clock)
     print(
@@ -324,13 +331,13 @@ def guarantee(model, prompts, args, exits):
     return result
 
 
-def calibrate(model, prompts, args, exits) -> dict:
-    """{target: {exit: threshold}} from the full-depth continuations of `prompts`."""
+def calibrate(model, prompts, args, exits, continuations) -> dict:
+    """{target: {exit: threshold}} from the full-depth `continuations` of `prompts`."""
     from megatron.early_exit.inference.calibration import as_exit_thresholds, calibrate_per_exit
 
     out = {}
     for target, calibrated in calibrate_per_exit(
-        model, prompts, args.measure, args.per_exit_targets, args.max_new_tokens, exits
+        model, prompts, args.measure, args.per_exit_targets, args.max_new_tokens, exits, continuations
     ).items():
         out[target] = as_exit_thresholds(calibrated)
         log(
@@ -340,15 +347,17 @@ def calibrate(model, prompts, args, exits) -> dict:
     return out
 
 
-def compare_measures(model, prompts, exits, max_new_tokens: int, names, precision: float = 0.95) -> list:
+def compare_measures(model, prompts, exits, max_new_tokens: int, names, continuations, precision=0.95) -> list:
     """Per confidence measure, the share of tokens each exit can let leave while those agree with
-    the final layer at `precision` (shallowest exit first), on the full-depth continuations of
+    the final layer at `precision` (shallowest exit first), on the full-depth `continuations` of
     `prompts`: how much of the oracle's coverage the measure can see."""
     from megatron.early_exit.inference.calibration import calibrate_per_exit
 
     lines = []
     for name in names:
-        (calibrated,) = calibrate_per_exit(model, prompts, name, [precision], max_new_tokens, exits).values()
+        (calibrated,) = calibrate_per_exit(
+            model, prompts, name, [precision], max_new_tokens, exits, continuations
+        ).values()
         lines.append(
             f"measure {name} at {precision:.0%} precision per exit: tokens leave at "
             + ", ".join(f"[{c.layer_number}] {c.coverage:.0%}" for c in calibrated)

@@ -268,13 +268,21 @@ def per_exit_thresholds(confidences, target: float) -> List[ExitCalibration]:
 
 
 def calibrate_per_exit(
-    model, prompts, measure_name: str, targets: Sequence[float], max_new_tokens: int, exit_layers=None
+    model,
+    prompts,
+    measure_name: str,
+    targets: Sequence[float],
+    max_new_tokens: int,
+    exit_layers=None,
+    continuations: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """{target: [ExitCalibration per exit]} from the full-depth greedy continuations of `prompts`
-    (one decode and one full-depth pass per prompt, whatever the number of targets)."""
+    (one decode and one full-depth pass per prompt, whatever the number of targets; no decode
+    when the caller passes the `continuations` it already has)."""
     from megatron.early_exit.inference.confidence import get_confidence_measure
 
-    continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
+    if continuations is None:
+        continuations = [generate(model, [p], FullDepth(), max_new_tokens).tokens[0] for p in prompts]
     confidences = exit_confidences(
         model,
         [list(p) + c for p, c in zip(prompts, continuations)],
