@@ -52,6 +52,45 @@ MODEL_FLAGS = [
 ]
 
 
+# The batch and optimiser every benchmark model trains with, and the pretraining schedule
+# (train_model here, benchmarks/train_benchmark_model.py).
+BATCH_FLAGS = ["--micro-batch-size", "8", "--global-batch-size", "16", "--adam-beta2", "0.95", "--clip-grad", "1.0"]
+PRETRAIN_SCHEDULE = [
+    "--lr",
+    "2e-3",
+    "--min-lr",
+    "2e-4",
+    "--lr-decay-style",
+    "cosine",
+    "--lr-warmup-iters",
+    "20",
+    "--weight-decay",
+    "0.1",
+    "--seed",
+    "1234",
+]
+
+
+def data_flags(files: dict, work_dir: str) -> list:
+    """The corpus of `prepare_corpus`, its tokenizer, and logging without validation."""
+    return [
+        "--data-path",
+        files["data"],
+        "--split",
+        "98,2,0",
+        "--data-cache-path",
+        os.path.join(work_dir, "cache"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        files["tokenizer"],
+        "--log-interval",
+        "25",
+        "--eval-iters",
+        "0",
+    ]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -126,34 +165,9 @@ def _pretrain(work_dir: str, files: dict, save: str, flags: list) -> None:
         parse_run_config(
             MODEL_FLAGS
             + flags
-            + [
-                "--micro-batch-size",
-                "8",
-                "--global-batch-size",
-                "16",
-                "--adam-beta2",
-                "0.95",
-                "--clip-grad",
-                "1.0",
-                "--data-path",
-                files["data"],
-                "--split",
-                "98,2,0",
-                "--data-cache-path",
-                os.path.join(work_dir, "cache"),
-                "--tokenizer-type",
-                "SentencePieceTokenizer",
-                "--tokenizer-model",
-                files["tokenizer"],
-                "--log-interval",
-                "25",
-                "--eval-iters",
-                "0",
-                "--save",
-                save,
-                "--save-interval",
-                "100",
-            ],
+            + BATCH_FLAGS
+            + data_flags(files, work_dir)
+            + ["--save", save, "--save-interval", "100"],
             world_size=1,
         )
     )
@@ -168,23 +182,7 @@ def train_model(work_dir: str, files: dict, train_iters: int) -> str:
         work_dir,
         files,
         save,
-        (["--load", save] if done else [])
-        + [
-            "--train-iters",
-            str(train_iters),
-            "--lr",
-            "2e-3",
-            "--min-lr",
-            "2e-4",
-            "--lr-decay-style",
-            "cosine",
-            "--lr-warmup-iters",
-            "20",
-            "--weight-decay",
-            "0.1",
-            "--seed",
-            "1234",
-        ],
+        (["--load", save] if done else []) + ["--train-iters", str(train_iters)] + PRETRAIN_SCHEDULE,
     )
     return save
 
@@ -241,20 +239,26 @@ def distill_exits(work_dir: str, files: dict, base: str, iters: int) -> str:
     return save
 
 
-def held_out_prompts(tokenizer, corpus_jsonl: str, num_prompts: int, prompt_tokens: int, seed: int = 0):
-    """Prompts from standard-library modules that the training corpus left out."""
+def held_out_sources(corpus_jsonl: str) -> list:
+    """The standard-library modules (paths, in a fixed order) that the training corpus left out."""
     seen = {json.loads(line)["source"] for line in open(corpus_jsonl)}
     root = sysconfig.get_paths()["stdlib"]
-    candidates = []
+    paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(
             d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__")
         )
-        candidates += [
+        paths += [
             os.path.join(dirpath, f)
             for f in sorted(filenames)
             if f.endswith(".py") and os.path.relpath(os.path.join(dirpath, f), root) not in seen
         ]
+    return paths
+
+
+def held_out_prompts(tokenizer, corpus_jsonl: str, num_prompts: int, prompt_tokens: int, seed: int = 0):
+    """Prompts from standard-library modules that the training corpus left out."""
+    candidates = held_out_sources(corpus_jsonl)
     rng = random.Random(seed)
     prompts = []
     for path in rng.sample(candidates, len(candidates)):

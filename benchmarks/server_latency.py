@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.benchmark_inputs import log  # noqa: E402
+
 RANDOM_MODEL_FLAGS = [
     "--num-layers",
     "8",
@@ -84,10 +86,6 @@ def parse_args():
     p.add_argument("--requests-per-client", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server process (and the direct call)")
     return p.parse_args()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def write_random_checkpoint(root: str) -> None:

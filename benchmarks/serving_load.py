@@ -32,7 +32,6 @@ import random
 import re
 import statistics
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.benchmark_inputs import log  # noqa: E402
 from benchmarks.server_latency import launch_server  # noqa: E402
 
 QUICK_MODEL_FLAGS = [  # --quick: random weights, NullTokenizer (prompts are token ids as text)
@@ -119,10 +119,6 @@ def parse_args():
     return args
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # -- the model and the requests -------------------------------------------------------------------
 
 
@@ -177,19 +173,13 @@ def prepare_model(args):
 
 def held_out_requests(tokenizer, corpus_jsonl: str, args, rng):
     """(prompt, output length) pairs from consecutive blocks of held-out modules."""
-    seen = {json.loads(line)["source"] for line in open(corpus_jsonl)}
-    root = sysconfig.get_paths()["stdlib"]
+    from benchmarks.benchmark_inputs import held_out_sources
+
     blocks = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in ("test", "tests", "site-packages", "idle_test", "__pycache__")
-        )
-        for f in sorted(filenames):
-            path = os.path.join(dirpath, f)
-            if f.endswith(".py") and os.path.relpath(path, root) not in seen:
-                text = open(path, encoding="utf-8", errors="replace").read()
-                parts = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
-                blocks += list(zip(parts, parts[1:]))
+    for path in held_out_sources(corpus_jsonl):
+        text = open(path, encoding="utf-8", errors="replace").read()
+        parts = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
+        blocks += list(zip(parts, parts[1:]))
     rng.shuffle(blocks)
     out = []
     for prompt, following in blocks:

@@ -34,6 +34,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.benchmark_inputs import BATCH_FLAGS, PRETRAIN_SCHEDULE, data_flags, log  # noqa: E402
+
 SHAPE = [
     "--seq-length",
     "256",
@@ -139,10 +141,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def train(args, files: dict, save: str, log_path: str) -> float:
     """pretrain_early_exit_gpt.py in a subprocess (its output to the console and `log_path`); minutes taken."""
     cmd = [
@@ -151,44 +149,13 @@ def train(args, files: dict, save: str, log_path: str) -> float:
         *CANDIDATES[args.candidate],
         *SHAPE,
         *RECIPE,
-        "--micro-batch-size",
-        "8",
-        "--global-batch-size",
-        "16",
-        "--adam-beta2",
-        "0.95",
-        "--clip-grad",
-        "1.0",
-        "--lr",
-        "2e-3",
-        "--min-lr",
-        "2e-4",
-        "--lr-decay-style",
-        "cosine",
-        "--lr-warmup-iters",
-        "20",
-        "--weight-decay",
-        "0.1",
-        "--seed",
-        "1234",
+        *BATCH_FLAGS,
+        *PRETRAIN_SCHEDULE,
         "--train-iters",
         str(args.train_iters),
         "--exit-duration-in-mins",
         str(args.minutes),
-        "--data-path",
-        files["data"],
-        "--split",
-        "98,2,0",
-        "--data-cache-path",
-        os.path.join(args.work_dir, "cache"),
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        files["tokenizer"],
-        "--log-interval",
-        "25",
-        "--eval-iters",
-        "0",
+        *data_flags(files, args.work_dir),
         "--save",
         save,
         "--save-interval",
