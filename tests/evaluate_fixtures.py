@@ -5,7 +5,7 @@ two-process launch): a tiny random checkpoint and lm-eval tasks over local jsonl
 import json
 import os
 
-from tests.helpers import write_random_checkpoint
+from tests.helpers import tiny_model_flags, write_random_checkpoint
 
 NUM_LAYERS, EXITS, MAX_SEQ, VOCAB = 4, [1, 2], 64, 64
 MC_TASK, GEN_TASK, ROLLING_TASK = "tiny_choice", "tiny_continue", "tiny_rolling"
@@ -14,46 +14,7 @@ CHOICES = ["9", "40 2", "12", "3 3 3"]
 
 
 def write_checkpoint(root: str) -> None:
-
-    write_random_checkpoint(
-        root,
-        [
-            "--num-layers",
-            str(NUM_LAYERS),
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            str(MAX_SEQ),
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            "7",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--make-vocab-size-divisible-by",
-            "128",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--init-method-std",
-            "0.3",
-            "--exit-layer-nums",
-            *map(str, EXITS),
-            "--use-exit-norm",
-        ],
-        128,
-    )
+    write_random_checkpoint(root, tiny_model_flags(NUM_LAYERS, MAX_SEQ, VOCAB, EXITS, seed=7, divisible_by=128), 128)
 
 
 def write_tasks(folder: str, gen_answers) -> None:

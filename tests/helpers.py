@@ -208,6 +208,47 @@ def assert_same_up_to_near_ties(got, want, threshold: float, margin: float = 1e-
     return diverged
 
 
+def tiny_model_flags(
+    num_layers: int, seq_length: int, vocab_size: int, exits, seed: int, divisible_by: int = 64, init_method_std="0.3"
+) -> list:
+    """Training flags of the tests' tiny random models: hidden 32, 4 heads, RMSNorm, SwiGLU, no
+    biases, untied output, NullTokenizer over `vocab_size` ids, an exit with its norm at each of
+    `exits` (`init_method_std` None: megatron-core's default)."""
+    flags = [
+        "--num-layers",
+        str(num_layers),
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        str(seq_length),
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "1",
+        "--lr",
+        "1e-3",
+        "--mock-data",
+        "--seed",
+        str(seed),
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(vocab_size),
+        "--make-vocab-size-divisible-by",
+        str(divisible_by),
+        "--normalization",
+        "RMSNorm",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights",
+    ]
+    if init_method_std is not None:
+        flags += ["--init-method-std", init_method_std]
+    return flags + ["--exit-layer-nums", *map(str, exits), "--use-exit-norm"]
+
+
 def write_random_checkpoint(root: str, flags: list, padded_vocab_size: int):
     """A freshly initialised model of the training `flags` (one process) saved under `root` at
     iteration 1, as a training run would store it; returns the model."""

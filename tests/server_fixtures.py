@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import wait_until, write_random_checkpoint
+from tests.helpers import tiny_model_flags, wait_until, write_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "tools", "run_text_generation_server.py")
@@ -28,46 +28,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add
 
 
 def write_checkpoint(root: str, seq_length: int = MAX_SEQ) -> None:
-
-    write_random_checkpoint(
-        root,
-        [
-            "--num-layers",
-            str(NUM_LAYERS),
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            str(seq_length),
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            "5",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--make-vocab-size-divisible-by",
-            "64",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--init-method-std",
-            "0.3",
-            "--exit-layer-nums",
-            *map(str, EXITS),
-            "--use-exit-norm",
-        ],
-        128,
-    )
+    write_random_checkpoint(root, tiny_model_flags(NUM_LAYERS, seq_length, VOCAB, EXITS, seed=5), 128)
 
 
 class Server:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.helpers import write_random_checkpoint
+from tests.helpers import tiny_model_flags, write_random_checkpoint
 
 httpx = pytest.importorskip("httpx")
 
@@ -32,44 +32,8 @@ def pre_exit_server(dist1, tmp_path_factory):
     from megatron.early_exit.server.worker import Worker
 
     root = str(tmp_path_factory.mktemp("pre_exit_ckpt"))
-    write_random_checkpoint(
-        root,
-        [
-            "--num-layers",
-            str(NUM_LAYERS),
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            str(SEQ),
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            "3",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--make-vocab-size-divisible-by",
-            "64",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--exit-layer-nums",
-            *map(str, EXITS),
-            "--use-exit-norm",
-            "--pre-exit",
-        ],
-        128,
-    )
+    flags = tiny_model_flags(NUM_LAYERS, SEQ, VOCAB, EXITS, seed=3, init_method_std=None) + ["--pre-exit"]
+    write_random_checkpoint(root, flags, 128)
     model, tokenizer, _ = load_model(root)
     assert model.ee_config.pre_exit
     worker = Worker(model, max_batch_size=4)

@@ -13,52 +13,13 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from megatron.early_exit.confidence_training import collect, evaluate, fit  # noqa: E402
 from megatron.early_exit.inference import EarlyExit, InferenceConfigError, generate  # noqa: E402
 from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator, attach, attached  # noqa: E402
-from tests.helpers import write_random_checkpoint  # noqa: E402
+from tests.helpers import tiny_model_flags, write_random_checkpoint  # noqa: E402
 
 NUM_LAYERS, EXITS, SEQ, VOCAB = 4, [1, 3], 32, 64
 
 
 def _write_checkpoint(root):
-
-    write_random_checkpoint(
-        root,
-        [
-            "--num-layers",
-            str(NUM_LAYERS),
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            str(SEQ),
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            "3",
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--make-vocab-size-divisible-by",
-            "64",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--init-method-std",
-            "0.3",
-            "--exit-layer-nums",
-            *map(str, EXITS),
-            "--use-exit-norm",
-        ],
-        VOCAB,
-    )
+    write_random_checkpoint(root, tiny_model_flags(NUM_LAYERS, SEQ, VOCAB, EXITS, seed=3), VOCAB)
 
 
 @pytest.fixture(scope="module")
