@@ -102,6 +102,16 @@ def run_tool(*argv) -> None:
     subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
 
 
+def converted_hf(hf_dir: str, work_dir: str) -> str:
+    """Our checkpoint of a Hugging Face export with exits (benchmarks/model), converted once into
+    WORK_DIR/from_hf by tools/checkpoint/convert_hf.py."""
+    ckpt = os.path.join(work_dir, "from_hf")
+    if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+        os.makedirs(work_dir, exist_ok=True)
+        run_tool("tools/checkpoint/convert_hf.py", "--load", hf_dir, "--save", ckpt, "--no-progress")
+    return ckpt
+
+
 def prepare_corpus(work_dir: str) -> dict:
     """Corpus jsonl, tokenizer and .bin/.idx prefix (built once per work dir)."""
     files = {

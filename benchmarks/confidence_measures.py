@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.benchmark_inputs import held_out_prompts, log, prepare_corpus, run_tool  # noqa: E402
+from benchmarks.benchmark_inputs import converted_hf, held_out_prompts, log, prepare_corpus  # noqa: E402
 
 
 def parse_args():
@@ -65,11 +65,7 @@ def main():
 
     os.makedirs(args.work_dir, exist_ok=True)
     files = prepare_corpus(args.work_dir)
-    ckpt = args.load
-    if ckpt is None:
-        ckpt = os.path.join(args.work_dir, "from_hf")
-        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-            run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+    ckpt = args.load or converted_hf(args.hf, args.work_dir)
     initialize_parallel(1, 1)
     model, tokenizer, config = load_model(ckpt)
     prompts = held_out_prompts(tokenizer, files["jsonl"], args.prompts, args.prompt_tokens)

@@ -96,16 +96,13 @@ def main():
     import megatron.early_exit  # noqa: F401  (platform adapter)
 
     # isort: split
-    from benchmarks.benchmark_inputs import held_out_prompts, prepare_corpus, run_tool
+    from benchmarks.benchmark_inputs import converted_hf, held_out_prompts, prepare_corpus
     from megatron.early_exit.inference import EarlyExit, FullDepth
     from megatron.early_exit.inference.decoder import Decoder
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
-    os.makedirs(args.work_dir, exist_ok=True)
-    ckpt = os.path.join(args.work_dir, "from_hf")
-    if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-        run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+    ckpt = converted_hf(args.hf, args.work_dir)
     files = prepare_corpus(args.work_dir)
     initialize_parallel(1, 1)
     model, tokenizer, _ = load_model(ckpt)

@@ -35,11 +35,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.benchmark_inputs import (  # noqa: E402
+    converted_hf,
     distill_exits,
     held_out_prompts,
     log,
     prepare_corpus,
-    run_tool,
     train_model,
     trained_iterations,
 )
@@ -151,9 +151,7 @@ def main():
     if ckpt is None and args.hf is None and not args.train:
         args.hf = os.path.join(ROOT, "benchmarks", "model")
     if args.hf:
-        ckpt = os.path.join(args.work_dir, "from_hf")
-        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-            run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+        ckpt = converted_hf(args.hf, args.work_dir)
     if ckpt is None:
         ckpt = os.path.join(args.work_dir, "checkpoints")
         if trained_iterations(ckpt) < args.train_iters:

@@ -159,11 +159,9 @@ def prepare_model(args):
     files = prepare_corpus(args.work_dir)
     tokenizer_model = files["tokenizer"]
     if args.hf:
-        from benchmarks.benchmark_inputs import run_tool
+        from benchmarks.benchmark_inputs import converted_hf
 
-        ckpt = os.path.join(args.work_dir, "from_hf")
-        if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-            run_tool("tools/checkpoint/convert_hf.py", "--load", args.hf, "--save", ckpt, "--no-progress")
+        ckpt = converted_hf(args.hf, args.work_dir)
         tokenizer_model = os.path.join(args.hf, "tokenizer.model")
     else:
         ckpt = args.load or train_model(args.work_dir, files, args.train_iters)

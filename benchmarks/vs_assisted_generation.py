@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import sysconfig
 import time
@@ -86,26 +85,12 @@ def main():
     import megatron.early_exit  # noqa: F401  (platform adapter)
 
     # isort: split
+    from benchmarks.benchmark_inputs import converted_hf
     from megatron.early_exit.inference import FullDepth, SelfSpeculative, generate
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
-    ckpt = os.path.join(args.work_dir, "from_hf")
-    if not os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-        os.makedirs(args.work_dir, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                os.path.join(ROOT, "tools", "checkpoint", "convert_hf.py"),
-                "--load",
-                args.hf,
-                "--save",
-                ckpt,
-                "--no-progress",
-            ],
-            cwd=ROOT,
-            check=True,
-        )
+    ckpt = converted_hf(args.hf, args.work_dir)
     torch.set_num_threads(args.threads)
     initialize_parallel(1, 1, device="cpu")
     ours, tokenizer, config = load_model(ckpt)
