@@ -10,7 +10,9 @@ from tests.engine_fixtures import alone, build_model, check_mixed_run, mixed_req
 from tests.helpers import load_full_state_dict
 
 
-def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chunk):
+def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chunk, regroup="none"):
+    """Each request decoded alone at TP=1, then all of them through one TP=2 engine on the same
+    weights: (rank 0's finished sequences, steps, the references, the engine)."""
     initialize_parallel(1, 1, seed=3)
     ref_model = build_model()
     weights = full_state_dict(ref_model)
@@ -18,15 +20,15 @@ def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chun
     initialize_parallel(2, 1, seed=3)
     model = build_model()
     load_full_state_dict(model, weights)
-    finished, steps, log, _ = run_engine(model, requests, arrivals, aborts, max_batch, prefill_chunk)
+    finished, steps, log, engine = run_engine(model, requests, arrivals, aborts, max_batch, prefill_chunk, regroup)
     logs = [None, None]
     torch.distributed.all_gather_object(logs, log)
     assert logs[0] == logs[1], "the ranks' engines diverged"
-    return finished, steps, refs
+    return finished, steps, refs, engine
 
 
 def case_mixed_requests_staggered_with_abort():
-    finished, steps, refs = _tp2_engine_vs_tp1_alone(mixed_requests(), [0, 0, 0, 1, 2, 4, 9, 10], [(4, 3)], 3, 4)
+    finished, steps, refs, _ = _tp2_engine_vs_tp1_alone(mixed_requests(), [0, 0, 0, 1, 2, 4, 9, 10], [(4, 3)], 3, 4)
     if torch.distributed.get_rank() == 0:
         check_mixed_run(finished, steps, refs, aborted=4, num_aborted_tokens=3)
     return {"steps": len(steps)}
@@ -35,7 +37,7 @@ def case_mixed_requests_staggered_with_abort():
 def case_one_slot_long_prefill_chunks():
     # Every request through one slot in turn; prompts fed 2 tokens a step; request 1 aborted early.
     requests = mixed_requests()[:4]
-    finished, steps, refs = _tp2_engine_vs_tp1_alone(requests, [0, 1, 1, 3], [(1, 2)], 1, 2)
+    finished, steps, refs, _ = _tp2_engine_vs_tp1_alone(requests, [0, 1, 1, 3], [(1, 2)], 1, 2)
     if torch.distributed.get_rank() == 0:
         for i in (0, 2, 3):
             assert finished[i].result.tokens[0] == refs[i].tokens[0]
@@ -54,17 +56,7 @@ def case_regrouping_drex():
         for p in PROMPTS[:3]
         for kv in ("recompute", "propagate")
     ]
-    initialize_parallel(1, 1, seed=3)
-    ref_model = build_model()
-    weights = full_state_dict(ref_model)
-    refs = [alone(ref_model, *req) for req in requests]
-    initialize_parallel(2, 1, seed=3)
-    model = build_model()
-    load_full_state_dict(model, weights)
-    finished, steps, log, engine = run_engine(model, requests, [0, 0, 0, 1, 2, 3], (), 4, 4, regroup="drex")
-    logs = [None, None]
-    torch.distributed.all_gather_object(logs, log)
-    assert logs[0] == logs[1], "the ranks' engines diverged"
+    finished, _, refs, engine = _tp2_engine_vs_tp1_alone(requests, [0, 0, 0, 1, 2, 3], (), 4, 4, regroup="drex")
     assert engine.num_parked > 0
     if torch.distributed.get_rank() == 0:
         for i, ref in enumerate(refs):

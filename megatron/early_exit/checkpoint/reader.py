@@ -135,14 +135,7 @@ def read_args(root: str, iteration: Optional[int] = None) -> dict:
     have been moved)."""
     path = resolve(root, iteration, checksums=False)  # the load reads the checksums
     flags = dict(read_common(path)["args"])
-    tokenizer = read_model_config(path).tokenizer
-    flags.update(
-        tokenizer_type=tokenizer.type,
-        tokenizer_model=tokenizer.model,
-        vocab_file=tokenizer.vocab_file,
-        merge_file=tokenizer.merge_file,
-        vocab_size=tokenizer.vocab_size,
-    )
+    flags.update(read_model_config(path).tokenizer.to_flags())
     return flags
 
 

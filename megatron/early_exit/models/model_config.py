@@ -61,6 +61,16 @@ class TokenizerConfig:
     vocab_size: Optional[int] = None
     """NullTokenizer's vocabulary size (token ids are the text)."""
 
+    def to_flags(self) -> dict:
+        """The training flags that name this tokenizer."""
+        return dict(
+            tokenizer_type=self.type,
+            tokenizer_model=self.model,
+            vocab_file=self.vocab_file,
+            merge_file=self.merge_file,
+            vocab_size=self.vocab_size,
+        )
+
     def build(self):
         from megatron.early_exit.tokenizers import build_tokenizer
 
@@ -222,14 +232,7 @@ class ModelConfig:
         }
         flags["group_query_attention"] = self.num_query_groups is not None
         flags.update(self.early_exit.to_flags())
-        t = self.tokenizer
-        flags.update(
-            tokenizer_type=t.type,
-            tokenizer_model=t.model,
-            vocab_file=t.vocab_file,
-            merge_file=t.merge_file,
-            vocab_size=t.vocab_size,
-        )
+        flags.update(self.tokenizer.to_flags())
         return flags
 
     # -- what it builds ------------------------------------------------------------
