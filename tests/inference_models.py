@@ -79,47 +79,7 @@ def generate_tokens(model, prompts, strategy=None, max_new_tokens=24, **kwargs):
 def save_tiny_checkpoint(root: str, seed: int = 5):
     """A weights-only checkpoint of a 3-layer model with exits after layers 1 and 2:
     model tensors, flags in the common state. Returns the model written."""
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import build_run_config, parse_args
-    from megatron.early_exit.training.trainer import build_model as build_training_model
+    from tests.helpers import tiny_model_flags, write_random_checkpoint
 
-    args = parse_args(
-        [
-            "--num-layers",
-            "3",
-            "--hidden-size",
-            "32",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            "32",
-            "--micro-batch-size",
-            "1",
-            "--train-iters",
-            "1",
-            "--lr",
-            "1e-3",
-            "--mock-data",
-            "--seed",
-            str(seed),
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            "100",
-            "--normalization",
-            "RMSNorm",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--untie-embeddings-and-output-weights",
-            "--init-method-std",
-            "0.3",
-            "--exit-layer-nums",
-            "1",
-            "2",
-            "--use-exit-norm",
-        ],
-        world_size=1,
-    )
-    model = build_training_model(build_run_config(args), torch.device("cpu"), 128)
-    save_weights(root, vars(args), model, iteration=1)
-    return model
+    # --make-vocab-size-divisible-by 128 is megatron's default: the 100 ids pad to 128.
+    return write_random_checkpoint(root, tiny_model_flags(3, 32, 100, [1, 2], seed, divisible_by=128), 128)
