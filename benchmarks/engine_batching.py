@@ -37,9 +37,11 @@ def parse_args():
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, default=0.2)
+    p.add_argument("--measure", default="margin", help="confidence measure (inference_speed.py's default)")
     p.add_argument("--kv", default="recompute", choices=["recompute", "propagate"])
-    p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="active exits (default: all)")
+    p.add_argument("--exit-layers", type=int, nargs="*", default=[3, 6], help="active exits (no value: all)")
+    p.add_argument("--max-wait", type=int, nargs="+", default=[1, 2, 4], help="DREX: steps a token may wait")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
@@ -72,12 +74,14 @@ class Timers:
             setattr(self.cls, attr, fn)
 
 
-def decode(model, prompts, strategy, batch: int, new_tokens: int, regroup: str):
+def decode(model, prompts, strategy, batch: int, new_tokens: int, regroup: str, max_wait: int = 1):
     """(seconds, tokens, (mean exit depth, mean over steps of the deepest exit)) of decoding
     every prompt, `batch` at a time: a step runs as deep as its deepest row."""
     from megatron.early_exit.inference.engine import Engine, SequenceRequest
 
-    engine = Engine(model, batch, max(len(p) for p in prompts) + new_tokens, prefill_chunk=4096, regroup=regroup)
+    engine = Engine(
+        model, batch, max(len(p) for p in prompts) + new_tokens, prefill_chunk=4096, regroup=regroup, max_wait=max_wait
+    )
     for prompt in prompts:
         engine.add(SequenceRequest(tuple(prompt), strategy, max_new_tokens=new_tokens))
     depths, deepest, start = [], [], time.perf_counter()
@@ -110,14 +114,12 @@ def main():
     prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
     random.Random(0).shuffle(prompts)
     exits_on = tuple(args.exit_layers) if args.exit_layers else None
-    configs = {
-        "full depth": (FullDepth(), "none"),
-        "early exit": (EarlyExit(args.threshold, kv=args.kv, exit_layers=exits_on), "none"),
-        "early exit, drex": (EarlyExit(args.threshold, kv=args.kv, exit_layers=exits_on), "drex"),
-    }
+    early_exit = EarlyExit(args.threshold, args.measure, kv=args.kv, exit_layers=exits_on)
+    configs = {"full depth": (FullDepth(), "none", 1), "early exit": (early_exit, "none", 1)}
+    configs.update({f"early exit, drex {w}": (early_exit, "drex", w) for w in args.max_wait})
     log(
         f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
-        f"threshold {args.threshold:g} ({args.kv}, exits {exits_on or 'all'}), {args.threads} thread(s), "
+        f"{args.measure} >= {args.threshold:g} ({args.kv}, exits {exits_on or 'all'}), {args.threads} thread(s), "
         f"{model.config.num_layers} layers"
     )
     decode(model, prompts[:2], FullDepth(), 2, 4, "none")  # warm-up
@@ -126,9 +128,9 @@ def main():
     best, timers = {}, Timers(Decoder)
     for repeat in range(args.repeats):  # round-robin: a drift of the machine's load hits every config alike
         for batch, name in runs:
-            strategy, regroup = configs[name]
+            strategy, regroup, max_wait = configs[name]
             timers.totals.clear()
-            seconds, tokens, depth = decode(model, prompts, strategy, batch, args.new_tokens, regroup)
+            seconds, tokens, depth = decode(model, prompts, strategy, batch, args.new_tokens, regroup, max_wait)
             if (batch, name) not in best or seconds < best[(batch, name)][0]:
                 best[(batch, name)] = (seconds, tokens, depth, dict(timers.totals))
         log(f"repeat {repeat + 1}/{args.repeats} done")
@@ -138,17 +140,16 @@ def main():
         shares[(name, batch)] = {k: v / seconds for k, v in share.items()}
     b = args.batch
     print(
-        f"\n{'config':<18} {'batch':>5} {'tokens/s':>9} {'vs full':>8} {'mean exit':>9} {'step depth':>10}   time share"
+        f"\n{'config':<20} {'batch':>5} {'tokens/s':>9} {'vs full':>8} {'mean exit':>9} {'step depth':>10}   time share"
     )
     for (name, batch), tps in speed.items():
         share = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares[(name, batch)].items()) if v > 0)
         print(
-            f"{name:<18} {batch:>5} {tps:>9.1f} {tps / speed[('full depth', batch)]:>7.2f}x "
+            f"{name:<20} {batch:>5} {tps:>9.1f} {tps / speed[('full depth', batch)]:>7.2f}x "
             f"{exits[(name, batch)][0]:>9.2f} {exits[(name, batch)][1]:>10.2f}   {share}"
         )
     s1 = speed[("early exit", 1)] / speed[("full depth", 1)]
     sb = speed[("early exit", b)] / speed[("full depth", b)]
-    drex = speed[("early exit, drex", b)] / speed[("early exit", b)]
     print(f"\nearly-exit speedup: batch 1 {s1:.2f}x, batch {b} {sb:.2f}x")
     print(f"kept at batch {b}: {sb / s1:.0%} of the batch-1 speedup (goal >= 80%)")
     if s1 > 1:
@@ -158,7 +159,9 @@ def main():
         f"layers skipped allow at most: batch 1 {layers / exits[('early exit', 1)][1]:.2f}x, "
         f"batch {b} {layers / exits[('early exit', b)][1]:.2f}x (a step runs as deep as its deepest row)"
     )
-    print(f"DREX regrouping / running at once, batch {b}: {drex:.2f}x tokens/s")
+    for w in args.max_wait:
+        drex = speed[(f"early exit, drex {w}", b)] / speed[("early exit", b)]
+        print(f"DREX regrouping (a token waits up to {w} step(s)) / running at once, batch {b}: {drex:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

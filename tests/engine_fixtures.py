@@ -52,7 +52,7 @@ def alone(model, prompt, strategy, sampling, max_new, stops, top_n):
     return generate(model, [prompt], strategy, max_new, sampling, stops, top_n=top_n)
 
 
-def run_engine(model, requests, arrivals, aborts=(), max_batch=3, prefill_chunk=4, regroup="none"):
+def run_engine(model, requests, arrivals, aborts=(), max_batch=3, prefill_chunk=4, regroup="none", max_wait=1):
     """Add request i at step arrivals[i]; abort (i, n): request i once it has n tokens (n 0:
     at the step after it was added). Rank 0 adds, aborts and plans; every rank executes.
     Returns (on rank 0 the finished sequences by request, per step the exit depths of the
@@ -61,7 +61,7 @@ def run_engine(model, requests, arrivals, aborts=(), max_batch=3, prefill_chunk=
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank0 = world == 1 or torch.distributed.get_rank() == 0
-    engine = Engine(model, max_batch, 48, prefill_chunk=prefill_chunk, regroup=regroup)
+    engine = Engine(model, max_batch, 48, prefill_chunk=prefill_chunk, regroup=regroup, max_wait=max_wait)
     ids, finished, steps, log = {}, {}, [], []
     abort_after = dict(aborts)
 

@@ -27,9 +27,10 @@ def test_every_sequence_decodes_as_alone(dist1):
     assert engine.num_running == 0 and sorted(engine.free_slots) == [0, 1, 2]
 
 
-def test_regrouping_decodes_as_alone(dist1):
-    """DREX: rows going on past an exit in a small group wait a step there and run the
-    deeper layers with the next step's; each sequence still decodes as alone."""
+@pytest.mark.parametrize("max_wait", [1, 3])
+def test_regrouping_decodes_as_alone(dist1, max_wait):
+    """DREX: rows going on past an exit in a small group wait there (up to max_wait steps)
+    and run the deeper layers with a later step's; each sequence still decodes as alone."""
     from megatron.early_exit.inference import EarlyExit, SamplingParams
 
     model = build_model()
@@ -39,8 +40,11 @@ def test_regrouping_decodes_as_alone(dist1):
         for i, (prompt, kv) in enumerate((p, kv) for p in PROMPTS for kv in ("recompute", "propagate"))
     ]
     arrivals = [0, 0, 0, 0, 1, 3, 5, 6, 8, 9]
-    finished, _, _, engine = run_engine(model, requests, arrivals, aborts=[(6, 4)], max_batch=4, regroup="drex")
+    finished, _, _, engine = run_engine(
+        model, requests, arrivals, aborts=[(6, 4)], max_batch=4, regroup="drex", max_wait=max_wait
+    )
     assert engine.num_parked > 0  # some tokens waited a step at an exit
+    assert engine.longest_wait == max_wait  # and some as long as they may, no longer
     for i, req in enumerate(requests):
         ref = alone(model, *req)
         if i == 6:

@@ -10,7 +10,7 @@ from tests.engine_fixtures import alone, build_model, check_mixed_run, mixed_req
 from tests.helpers import load_full_state_dict
 
 
-def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chunk, regroup="none"):
+def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chunk, regroup="none", max_wait=1):
     """Each request decoded alone at TP=1, then all of them through one TP=2 engine on the same
     weights: (rank 0's finished sequences, steps, the references, the engine)."""
     initialize_parallel(1, 1, seed=3)
@@ -20,7 +20,9 @@ def _tp2_engine_vs_tp1_alone(requests, arrivals, aborts, max_batch, prefill_chun
     initialize_parallel(2, 1, seed=3)
     model = build_model()
     load_full_state_dict(model, weights)
-    finished, steps, log, engine = run_engine(model, requests, arrivals, aborts, max_batch, prefill_chunk, regroup)
+    finished, steps, log, engine = run_engine(
+        model, requests, arrivals, aborts, max_batch, prefill_chunk, regroup, max_wait
+    )
     logs = [None, None]
     torch.distributed.all_gather_object(logs, log)
     assert logs[0] == logs[1], "the ranks' engines diverged"
@@ -47,7 +49,7 @@ def case_one_slot_long_prefill_chunks():
 
 
 def case_regrouping_drex():
-    # Rows going on past an exit in a small group wait a step (DREX); still as alone at TP=1.
+    # Rows going on past an exit in a small group wait up to 2 steps (DREX); still as alone at TP=1.
     from megatron.early_exit.inference import EarlyExit, SamplingParams
     from tests.engine_fixtures import PROMPTS
 
@@ -56,8 +58,10 @@ def case_regrouping_drex():
         for p in PROMPTS[:3]
         for kv in ("recompute", "propagate")
     ]
-    finished, _, refs, engine = _tp2_engine_vs_tp1_alone(requests, [0, 0, 0, 1, 2, 3], (), 4, 4, regroup="drex")
-    assert engine.num_parked > 0
+    finished, _, refs, engine = _tp2_engine_vs_tp1_alone(
+        requests, [0, 0, 0, 1, 2, 3], (), 4, 4, regroup="drex", max_wait=2
+    )
+    assert engine.num_parked > 0 and engine.longest_wait == 2
     if torch.distributed.get_rank() == 0:
         for i, ref in enumerate(refs):
             assert finished[i].result.tokens[0] == ref.tokens[0]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -244,15 +244,17 @@ class Decoder:
         observe: Optional[Callable] = None,
         resume: Sequence[Tuple[int, int, ExitPolicy]] = (),
         park_below: int = 0,
+        rewait: Collection[int] = (),
     ) -> StepOutput:
         """Feed `new_tokens[i]` to row `rows[i]` after the tokens it already holds. `policy`
         is every row's, or a list of one per row (rows of a continuous batch: each its own
         exits, thresholds, measure and K/V fill; a row still in its prompt runs FULL_DEPTH).
         `observe(depth, x, attention_output)` sees the hidden states after every depth.
-        Regrouping (DREX): a group of fewer than `park_below` rows going on past an exit,
-        all of them early-exit rows fed here, waits there (`StepOutput.parked`) instead of
-        running the deeper layers alone; `resume` (row, depth, policy) rows waiting from the
-        previous step join the rows going on past `depth` (they wait at most one step)."""
+        Regrouping (DREX): a group of fewer than `park_below` rows going on past an exit (this
+        step's early-exit rows and the rows resumed there), each of them allowed to wait (fed
+        here, or resumed and in `rewait`), waits there (`StepOutput.parked`) instead of running
+        the deeper layers alone; `resume` (row, depth, policy) rows waiting from an earlier
+        step join the rows going on past `depth`."""
         if not (self.first and self.last):
             raise InferenceConfigError(
                 f"Decoder.step needs the whole model; this stage holds layers {self.offset + 1} to "
@@ -272,31 +274,32 @@ class Decoder:
         for depth in range(self.num_layers + 1):
             if depth > 0:
                 x, ws, policies = self._join(x, ws, policies, joining.pop(depth - 1, []), depth - 1)
-            if ws is None:
-                continue
-            if depth > 0:
-                x, ws = self._align(x, ws, depth - 1)
-                previous = x[-1]
-                x, attention_output = self._run_layer(depth - 1, x, ws)
-            if observe is not None:
-                observe(depth, x, attention_output)
-            block_output = self._run_exit_block(depth, x, ws)
             point = points.get(depth)
-            if point is not None:
-                x, ws, policies = self._exit_rows(
-                    point, policies, x, attention_output, previous, ws, done, block_output
-                )
-                if (
-                    ws is not None
-                    and len(ws.rows) < park_below
-                    and not joining
-                    and self._may_wait(ws, policies, resume)
-                ):
+            if ws is not None:
+                if depth > 0:
+                    x, ws = self._align(x, ws, depth - 1)
+                    previous = x[-1]
+                    x, attention_output = self._run_layer(depth - 1, x, ws)
+                if observe is not None:
+                    observe(depth, x, attention_output)
+                block_output = self._run_exit_block(depth, x, ws)
+                if point is not None:
+                    x, ws, policies = self._exit_rows(
+                        point, policies, x, attention_output, previous, ws, done, block_output
+                    )
+            here = joining.get(depth, [])  # resumed rows about to join past this exit
+            if (
+                point is not None
+                and park_below
+                and self._may_wait(ws, policies, here, joining, depth, park_below, resume, rewait)
+            ):
+                if ws is not None:
                     self._save_frontier(x, ws)  # their inputs to the layers past `depth`
                     parked.update((r, depth) for r in ws.rows)
-                    x, ws = None, None
-                if ws is None and not joining:
-                    break
+                parked.update((r, depth) for r, _ in joining.pop(depth, []))  # theirs are saved already
+                x, ws = None, None
+            if ws is None and not joining:
+                break
         chunk_logits = None
         if ws is not None:
             logits = final_logits(self.model, x if all_logits else x[-1:])  # [c or 1, b, V]
@@ -304,15 +307,23 @@ class Decoder:
                 done[r] = (self.num_layers, logits[-1, i])
             if all_logits:
                 chunk_logits = [logits[-w:, i] for i, w in enumerate(ws.widths)]
-        decided = [r for r in rows if r not in parked] + [r for r, _, _ in resume]
+        decided = [r for r in rows if r not in parked] + [r for r, _, _ in resume if r not in parked]
         logits = torch.stack([done[r][1] for r in decided]) if decided else None
         return StepOutput(decided, [done[r][0] for r in decided], logits, chunk_logits, parked)
 
     @staticmethod
-    def _may_wait(ws: WorkSet, policies: List[ExitPolicy], resume) -> bool:
-        """Rows may wait for a bigger group: early-exit rows that have not waited already."""
-        waited = {r for r, _, _ in resume}
-        return all(pol.exits for pol in policies) and not waited.intersection(ws.rows)
+    def _may_wait(ws, policies, here, joining, depth: int, park_below: int, resume, rewait) -> bool:
+        """The group going on past the exit at `depth` (ws's rows and the resumed `here`) waits
+        for a bigger one: it is smaller than `park_below`, no other resumed rows wait deeper
+        (the deeper layers run for them anyway), its fed rows are early-exit rows and its
+        resumed rows may wait again (`rewait`)."""
+        rows = ([] if ws is None else ws.rows) + [r for r, _ in here]
+        if not rows or len(rows) >= park_below or any(d != depth for d in joining):
+            return False
+        resumed = {r for r, _, _ in resume}
+        return all(pol.exits for pol in (policies if ws is not None else ())) and all(
+            r in rewait for r in rows if r in resumed
+        )
 
     def _join(self, x, ws: Optional[WorkSet], policies: List[ExitPolicy], joiners, index: int):
         """Rows resumed from the previous step join the rows going on into layer `index`;

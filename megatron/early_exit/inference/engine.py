@@ -44,8 +44,9 @@ from megatron.early_exit.inference.strategies import FullDepth
 
 DEFAULT_PREFILL_CHUNK = 256
 # "none": the rows going on past an exit run the deeper layers at once. "drex" (DREX, arXiv
-# 2512.15705): at most half the step's rows going on past an exit wait there one step, to
-# run the deeper layers with the next step's rows (benchmarks/engine_batching.py compares them).
+# 2512.15705): fewer than half the decoding rows going on past an exit wait there, up to
+# `max_wait` steps per token, to run the deeper layers with a later step's rows
+# (benchmarks/engine_batching.py compares them).
 REGROUPING = ("none", "drex")
 
 Listener = Callable[[TokenEvent, "Sequence"], None]
@@ -78,6 +79,7 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     num_fed: int = 0  # prompt tokens fed to the decoder
     parked_at: Optional[int] = None  # regrouping: the exit depth its newest token waits at
+    waited: int = 0  # regrouping: steps its newest token has waited
     result: GenerationResult = None
     finish_reason: Optional[str] = None  # "stop", "length" or "abort"
 
@@ -114,6 +116,7 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_waiting: Optional[int] = None,
         regroup: str = "none",
+        max_wait: int = 1,
     ):
         if not (model.pre_process and model.post_process):
             raise InferenceConfigError(
@@ -125,16 +128,20 @@ class Engine:
             )
         if regroup not in REGROUPING:
             raise InferenceConfigError(f"regroup must be one of {REGROUPING}, got {regroup!r}")
+        if max_wait < 1:
+            raise InferenceConfigError(f"max_wait must be >= 1, got {max_wait}")
         if prefill_chunk < 1:
             raise InferenceConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.max_batch_size, self.max_context = model, max_batch_size, max_context
         self.prefill_chunk, self.max_waiting, self.regroup = prefill_chunk, max_waiting, regroup
+        self.max_wait = max_wait
         with inference_context(model):
             self.decoder = Decoder(model, max_batch_size, max_context)
         self.running: Dict[int, Sequence] = {}  # by id, in order of admission
         self.free_slots: List[int] = list(range(max_batch_size))
         self.num_steps = 0
         self.num_parked = 0  # regrouping: tokens that waited a step at an exit
+        self.longest_wait = 0  # regrouping: the most steps a token waited
         self._policies: Dict[object, ExitPolicy] = {}
         # Rank 0's side, shared with the threads that add and abort.
         self._lock = threading.Lock()
@@ -229,13 +236,17 @@ class Engine:
         if not self.running:
             return self._deliver(events)
         rows, new_tokens, policies, resume, producing = self._batch()
-        park_below = len(rows) // 2 + 1 if self.regroup == "drex" else 0  # at most half the rows fed a token
+        # At most half the decoding rows wait; a token waits at most max_wait steps.
+        park_below = (len(rows) + len(resume)) // 2 + 1 if self.regroup == "drex" else 0
+        rewait = {seq.slot for seq in producing if seq.parked_at is not None and seq.waited < self.max_wait}
         with inference_context(self.model):
-            out = self.decoder.step(rows, new_tokens, policies, resume=resume, park_below=park_below)
+            out = self.decoder.step(rows, new_tokens, policies, resume=resume, park_below=park_below, rewait=rewait)
         self.num_steps += 1
         self.num_parked += len(out.parked)
         for seq in producing:
             seq.parked_at = out.parked.get(seq.slot)
+            seq.waited = 0 if seq.parked_at is None else seq.waited + 1
+            self.longest_wait = max(self.longest_wait, seq.waited)
         producing = [seq for seq in producing if seq.parked_at is None]
         index = {r: i for i, r in enumerate(out.rows)}
         cols = [index[seq.slot] for seq in producing]
