@@ -536,7 +536,7 @@ def test_cli_reads_prompts_until_eof(server, engine):
 
 @pytest.mark.multiproc
 def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_path):
-    from megatron.early_exit.inference import EarlyExit, SamplingParams
+    from megatron.early_exit.inference import EarlyExit, SamplingParams, SelfSpeculative
 
     _, tokenizer = engine
     srv = Server(checkpoint, str(tmp_path / "server_tp2.log"), nproc=2)
@@ -575,6 +575,14 @@ def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_pat
             for i, r in enumerate(replies):
                 prompt = f"{i} {i + 3}"
                 assert r["choices"][0]["text"] == continuation(tokenizer, prompt, direct(engine, [prompt]).tokens[0])
+            # A self-speculative request beside batched ones: both ranks step the engine between
+            # its rounds (("step", plan) or ("round", None)); every reply as decoded alone.
+            spec = dict(prompts=[PROMPTS[0]], tokens_to_generate=24, top_k=1, speculative={"exit_layer": 1})
+            with ThreadPoolExecutor(4) as pool:
+                long = pool.submit(put_api, tp2, **spec)
+                plain = list(pool.map(lambda p: put_api(tp2, prompts=[p], tokens_to_generate=6, top_k=1), PROMPTS))
+            assert generated(long.result(), [PROMPTS[0]]) == direct(engine, [PROMPTS[0]], SelfSpeculative(1), 24).tokens
+            assert [generated(r, [p])[0] for r, p in zip(plain, PROMPTS)] == direct(engine, PROMPTS, None, 6).tokens
     finally:
         srv.stop()
     assert srv.proc.returncode is not None

@@ -107,6 +107,39 @@ def test_full_queue_is_a_503_and_the_server_goes_on(local, steps):
         assert client.post("/v1/completions", json=body).status_code == 200
 
 
+def test_self_speculative_request_gives_way_to_the_batch_between_rounds(local, monkeypatch):
+    """A self-speculative request runs in its own lane; after each draft-and-verify round the
+    engine takes a step, so a request arriving meanwhile is served before the long one ends.
+    Both get the tokens they get alone."""
+    spec = dict(prompt=PROMPT, max_tokens=40, temperature=0, speculative={"exit_layer": 1, "num_draft": 3})
+    plain = dict(prompt="40 2 77 13", max_tokens=3, temperature=0)
+    rounds, started = [], threading.Event()
+    between = local.worker._between_rounds
+
+    def recorded():
+        if not rounds:  # hold the first round until the plain request waits in the engine
+            started.set()
+            assert wait_until(lambda: local.engine.has_work, timeout=60, interval=0.01)
+        between()
+        rounds.append(local.engine.num_steps)
+
+    with httpx.Client(base_url=local.url, timeout=120) as client:
+        alone = [client.post("/v1/completions", json=body).json() for body in (spec, plain)]
+        monkeypatch.setattr(local.worker, "_between_rounds", recorded)
+        done = []
+        long = threading.Thread(target=lambda: done.append(("spec", client.post("/v1/completions", json=spec))))
+        long.start()
+        assert started.wait(60)
+        done.append(("plain", client.post("/v1/completions", json=plain)))
+        long.join(120)
+    assert [name for name, _ in done] == ["plain", "spec"]
+    assert all(reply.status_code == 200 for _, reply in done)
+    for (_, reply), ref in zip(sorted(done, key=lambda d: d[0] != "spec"), alone):
+        assert reply.json()["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert reply.json()["choices"][0]["exit_layers"] == ref["choices"][0]["exit_layers"]
+    assert rounds[-1] > rounds[0] and len(rounds) >= 10  # engine steps came between the rounds
+
+
 def test_context_above_the_slots_is_a_400_naming_the_field(local):
     with httpx.Client(base_url=local.url, timeout=120) as client:
         reply = client.post("/v1/completions", json=dict(prompt=PROMPT, max_tokens=SEQ, temperature=0))

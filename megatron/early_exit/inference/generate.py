@@ -36,6 +36,7 @@ def generate(
     top_n: int = 0,
     on_tokens: Optional[TokenCallback] = None,
     cancelled: Optional[Callable[[], Iterable[int]]] = None,
+    between_rounds: Optional[Callable[[], None]] = None,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; lengths may differ) by up to
     `max_new_tokens` tokens, stopping a row early at any of `stop_tokens`.
@@ -44,7 +45,8 @@ def generate(
     top_logprobs); `on_tokens` is called with a TokenEvent each time a row's tokens are
     appended, while decoding goes on (on the rank that picks the tokens: the first stage).
     `cancelled()`, asked before each step on one stage, names rows to stop now (their
-    callers went away); every tensor-parallel rank must get the same answer."""
+    callers went away); every tensor-parallel rank must get the same answer. `between_rounds()`
+    runs after each draft-and-verify round of self-speculative decoding."""
     prompts = validate_prompts(model, prompts, max_new_tokens, top_n)
     strategy.check(sampling)
     if not (model.pre_process and model.post_process) or strategy.over_stages:
@@ -69,6 +71,7 @@ def generate(
             on_tokens=on_tokens,
             previous=[p[-1] for p in prompts],
             cancelled=cancelled,
+            between_rounds=between_rounds,
         )
         start = clock(decoder.device)
         prefill(decoder, transcript, prompts)

@@ -90,6 +90,9 @@ class Transcript:
     on_tokens: Optional[TokenCallback] = None  # called as tokens are appended, per row
     previous: Optional[List[int]] = None  # each row's newest token (its prompt's last at first)
     cancelled: Optional[Callable[[], Iterable[int]]] = None  # rows whose caller went away, asked each step
+    # Called between two rounds of a decode that runs in rounds (self-speculation): the
+    # server's continuous batch steps there, so a long request does not stall the others.
+    between_rounds: Optional[Callable[[], None]] = None
 
     def __post_init__(self):
         if self.top_n > 0:

@@ -243,3 +243,5 @@ def speculative_decode(decoder: Decoder, transcript, strategy) -> None:
             decoder.crop(r, committed + a)
             result.num_drafted += len(row_drafts)
             result.num_accepted += a
+        if transcript.between_rounds is not None:
+            transcript.between_rounds()

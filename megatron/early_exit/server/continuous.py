@@ -12,7 +12,10 @@ of them finishes, and its listener hears each token as the engine picks it. Canc
 the future (the client went away) aborts the job's sequences: they leave the batch at the
 next step and their slots are free for the sequences waiting. Jobs the continuous batch
 does not run, prompt scoring and self-speculative decoding, run in a lane of their own:
-one engine call each (as --batching static), between two steps.
+one engine call each (as --batching static), one at a time. A self-speculative job gives
+way after each draft-and-verify round: the engine takes one step there (rank 0 broadcasts
+("step", plan), or ("round", None) when nothing runs, and every rank does the same), so
+the running sequences go on while it decodes.
 """
 
 from __future__ import annotations
@@ -179,14 +182,9 @@ class ContinuousWorker:
             if lane is not None:
                 self._run_lane(*lane)
             elif self.engine.has_work:
-                plan = self.engine.plan()
                 self.busy = True
                 try:
-                    broadcast(("step", plan))
-                    self.engine.execute(plan)
-                except Exception as err:  # noqa: BLE001 -- the running requests get it; the server goes on
-                    traceback.print_exc()
-                    self._fail_running(err)
+                    self._step()
                 finally:
                     self.busy = False
             else:
@@ -204,6 +202,23 @@ class ContinuousWorker:
                 future = self._lane.popleft()[1]
                 if future.set_running_or_notify_cancel():
                     future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _step(self) -> None:
+        """One step of the engine on every rank."""
+        plan = self.engine.plan()
+        try:
+            broadcast(("step", plan))
+            self.engine.execute(plan)
+        except Exception as err:  # noqa: BLE001 -- the running requests get it; the server goes on
+            traceback.print_exc()
+            self._fail_running(err)
+
+    def _between_rounds(self) -> None:
+        """Between two rounds of a lane job: one engine step, or word that there is none."""
+        if self.engine.has_work:
+            self._step()
+        else:
+            broadcast(("round", None))
 
     def _fail_running(self, err: Exception) -> None:
         for seq in self.engine.reset():
@@ -224,7 +239,13 @@ class ContinuousWorker:
         self.busy = True
         try:
             broadcast(("job", dataclasses.replace(job, listener=None, cancel=None)))
-            result = run_job(self.model, job, on_tokens=job.listener, cancelled=synced(cancelled_rows([job])))
+            result = run_job(
+                self.model,
+                job,
+                on_tokens=job.listener,
+                cancelled=synced(cancelled_rows([job])),
+                between_rounds=self._between_rounds,
+            )
         except BaseException as err:  # noqa: BLE001 -- the request gets the error
             future.set_exception(err)
             if not isinstance(err, Exception):

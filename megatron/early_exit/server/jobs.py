@@ -101,11 +101,16 @@ AnyJob = Union[Job, ScoreJob]
 
 
 def run_job(
-    model, job: AnyJob, on_tokens: Optional[Listener] = None, cancelled: Optional[Callable[[], Sequence[int]]] = None
+    model,
+    job: AnyJob,
+    on_tokens: Optional[Listener] = None,
+    cancelled: Optional[Callable[[], Sequence[int]]] = None,
+    between_rounds: Optional[Callable[[], None]] = None,
 ) -> Union[GenerationResult, ScoreResult]:
     """The engine call, identical on every rank (`on_tokens` only where tokens are picked;
-    `cancelled` gives every rank rank 0's rows to stop). Exits come out as the numbers
-    requests use (--exit-layer-nums entries), not depths."""
+    `cancelled` gives every rank rank 0's rows to stop; `between_rounds` runs between two
+    self-speculative rounds, alike on every rank). Exits come out as the numbers requests
+    use (--exit-layer-nums entries), not depths."""
     if isinstance(job, ScoreJob):
         return score(model, [list(p) for p in job.prompts], job.exit_layer, job.top_n)
     listener = None if on_tokens is None else (lambda event: on_tokens(number_event(model, event)))
@@ -121,6 +126,7 @@ def run_job(
             top_n=job.top_n,
             on_tokens=listener,
             cancelled=cancelled,
+            between_rounds=between_rounds,
         ),
     )
 

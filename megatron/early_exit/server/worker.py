@@ -7,7 +7,8 @@ one; every rank runs the same engine call.
     rank 0, HTTP thread   Worker.submit (from the request handlers), never blocked by decoding
     other ranks           follow(): receive, generate, repeat until told to stop
 
-Messages are ("job", Job or ScoreJob), ("step", a StepPlan of the continuous engine), ("ping", None) and ("stop", None),
+Messages are ("job", Job or ScoreJob), ("step", a StepPlan of the continuous engine), ("round", None)
+(no step between two rounds of a job: continuous.py), ("ping", None) and ("stop", None),
 sent with
 torch.distributed.broadcast_object_list. A job's listener stays on rank 0: the engine calls
 it there as each step's tokens are picked, routed to the request that owns the row, so a
@@ -23,6 +24,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import functools
 import traceback
 from concurrent.futures import Future
 from typing import Callable, Deque, List, Optional, Tuple
@@ -154,15 +156,28 @@ def follow(model, engine=None) -> None:
         if kind == "stop":
             return
         if kind == "step":
-            try:
-                engine.execute(job)
-            except Exception:  # noqa: BLE001 -- rank 0 failed the same step: both drop its sequences
-                traceback.print_exc()
-                engine.reset()
+            _execute(engine, job)
         elif kind == "job":
+            # With the continuous engine, rank 0 steps it between a lane job's rounds.
+            between_rounds = None if engine is None else functools.partial(_follow_round, engine)
             try:
-                run_job(model, job, cancelled=synced(None))
+                run_job(model, job, cancelled=synced(None), between_rounds=between_rounds)
             except InferenceConfigError:
                 pass  # refused on rank 0 too, which answers the request
             except Exception:  # noqa: BLE001 -- rank 0 answers 500 and goes on; so does this rank
                 traceback.print_exc()
+
+
+def _execute(engine, plan) -> None:
+    try:
+        engine.execute(plan)
+    except Exception:  # noqa: BLE001 -- rank 0 failed the same step: both drop its sequences
+        traceback.print_exc()
+        engine.reset()
+
+
+def _follow_round(engine) -> None:
+    """Between two rounds of a lane job: the step rank 0 took there, if any."""
+    kind, plan = broadcast()
+    if kind == "step":
+        _execute(engine, plan)
