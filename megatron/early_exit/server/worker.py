@@ -22,9 +22,9 @@ any collective, so the ranks stay in step; rank 0 answers it with a 400.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
-import functools
 import traceback
 from concurrent.futures import Future
 from typing import Callable, Deque, List, Optional, Tuple
