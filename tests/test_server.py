@@ -534,6 +534,37 @@ def test_cli_reads_prompts_until_eof(server, engine):
 # -- tensor parallel -------------------------------------------------------------------------------
 
 
+def test_confidence_estimator_lets_requests_use_the_learned_measure(server, checkpoint, tmp_path):
+    """--confidence-estimator attaches CALM's classifier: a request with confidence "learned"
+    decodes as generate with the same estimator; without the flag it is a 400 naming the field."""
+    from megatron.early_exit.inference import EarlyExit, generate
+    from megatron.early_exit.inference.learned_confidence import ConfidenceEstimator
+    from megatron.early_exit.inference.loading import load_model
+
+    body = dict(prompts=[PROMPTS[1]], tokens_to_generate=6, top_k=1, use_early_exit=True, early_exit_thres=0.5)
+    body["confidence"] = "learned"
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        refused = client.put("/api", json=body)
+    assert refused.status_code == 400 and "--confidence-estimator" in refused.text and "confidence" in refused.text
+    path = str(tmp_path / "estimator.safetensors")
+    hidden = load_model(checkpoint)[0].config.hidden_size
+    estimator = ConfidenceEstimator(hidden, EXITS)
+    for num, p in ((EXITS[0], 0.1), (EXITS[1], 0.9)):  # exit 1 never sure, exit 2 always
+        torch.nn.init.zeros_(estimator.heads[str(num)].weight)
+        torch.nn.init.constant_(estimator.heads[str(num)].bias, float(torch.logit(torch.tensor(p))))
+    estimator.save(path, {})
+    model = load_model(checkpoint, confidence_estimator=path)[0]
+    ref = generate(model, [ids(PROMPTS[1])], EarlyExit(0.5, "learned"), 6)
+    assert set(ref.exit_layers[0][1:]) == {EXITS[1]}  # the prompt's token at full depth, then exit 2
+    srv = Server(checkpoint, str(tmp_path / "server.log"), extra=["--confidence-estimator", path])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as client:
+            reply = put_api(client, **body)
+    finally:
+        srv.stop()
+    assert generated(reply, [PROMPTS[1]]) == ref.tokens and reply["exit_layers"] == ref.exit_layers
+
+
 @pytest.mark.multiproc
 def test_tp2_server_equals_the_single_process_engine(checkpoint, engine, tmp_path):
     from megatron.early_exit.inference import EarlyExit, SamplingParams, SelfSpeculative

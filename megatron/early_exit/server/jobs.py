@@ -245,6 +245,9 @@ class ModelLimits:
     pipeline_stages: int = 1  # the server's --pipeline-model-parallel-size
     exit_thresholds: Optional[Dict[int, float]] = None  # --exit-thresholds-file: used when a request sets none
     exit_thresholds_measure: Optional[str] = None  # the confidence measure they were calibrated with
+    # The confidence measures requests may name: those that need a classifier (learned,
+    # gated_max_prob) only with --confidence-estimator.
+    confidence_measures: Tuple[str, ...] = ("entropy", "margin", "max_prob", "saturation")
 
 
 def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:
@@ -299,6 +302,13 @@ def build_strategy(options: EarlyExitOptions, limits: ModelLimits, greedy: bool)
     if layers:
         _check_exits("exit_layers", layers, limits)
     threshold = DEFAULT_EARLY_EXIT_THRESHOLD if options.early_exit_thres is None else options.early_exit_thres
+    if options.confidence not in limits.confidence_measures:
+        raise RequestError(
+            "confidence",
+            f"{options.confidence!r} needs a confidence estimator this server was not started with "
+            f"(--confidence-estimator FILE, from tools/train_confidence_estimator.py); it serves "
+            f"{', '.join(limits.confidence_measures)}",
+        )
     if not options.exit_thresholds and options.early_exit_thres is None and limits.exit_thresholds is not None:
         # The calibrated thresholds, with the measure they were calibrated for (a threshold means
         # nothing under another); an exit they leave out never fires.

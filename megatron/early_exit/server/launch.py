@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="per-exit thresholds (tools/calibrate_threshold.py --output-json) for early-exit requests that set none",
     )
+    g.add_argument(
+        "--confidence-estimator",
+        default=None,
+        metavar="FILE",
+        help="CALM's classifier (tools/train_confidence_estimator.py): requests may use confidence 'learned' "
+        "(and 'gated_max_prob' with an estimator trained --hidden-state-only)",
+    )
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=5000, help="0: any free port (printed at start)")
     g.add_argument(
@@ -217,11 +224,27 @@ def build_limits(args, model, stored):
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
         pipeline_stages=args.pipeline_model_parallel_size,
-        **_exit_thresholds(args.exit_thresholds_file, stored),
+        confidence_measures=served_measures(model),
+        **_exit_thresholds(args.exit_thresholds_file, stored, model),
     )
 
 
-def _exit_thresholds(path, stored):
+def served_measures(model) -> tuple:
+    """The confidence measures this model decodes with: those that need a classifier only when
+    one is attached (--confidence-estimator) and fits them."""
+    from megatron.early_exit.inference import InferenceConfigError
+    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, get_confidence_measure
+
+    def serves(name):
+        try:
+            return get_confidence_measure(name, model) is not None
+        except InferenceConfigError:
+            return False
+
+    return tuple(sorted(name for name in CONFIDENCE_MEASURES if serves(name)))
+
+
+def _exit_thresholds(path, stored, model=None):
     from megatron.early_exit.errors import ConfigError
     from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES
     from megatron.early_exit.inference.learn_then_test import read_calibration
@@ -229,10 +252,18 @@ def _exit_thresholds(path, stored):
     if path is None:
         return {}
     thresholds, measure = read_calibration(path)
-    served = sorted(name for name, m in CONFIDENCE_MEASURES.items() if not m.needs_estimator)
+    if model is not None:
+        served = list(served_measures(model))
+    else:
+        served = sorted(name for name, m in CONFIDENCE_MEASURES.items() if not m.needs_estimator)
     if measure is not None and measure not in served:
+        needs = (
+            " (start the server with --confidence-estimator FILE)"
+            if measure in CONFIDENCE_MEASURES and CONFIDENCE_MEASURES[measure].needs_estimator
+            else ""
+        )
         raise ConfigError(
-            f"--exit-thresholds-file {path}: calibrated for measure {measure!r}; the server decodes with {served}"
+            f"--exit-thresholds-file {path}: calibrated for measure {measure!r}{needs}; the server decodes with {served}"
         )
     bad = sorted(set(thresholds) - set(int(n) for n in (stored.exit_layer_nums or [])))
     if bad:
@@ -353,7 +384,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         layout = {"pipeline_model_parallel_size": pp} if pp > 1 else {}  # this rank's stage under PP
         model, tokenizer, stored = load_model(
-            args.load, tp, ctx.device, iteration=args.load_iteration or None, **layout
+            args.load,
+            tp,
+            ctx.device,
+            iteration=args.load_iteration or None,
+            confidence_estimator=args.confidence_estimator,
+            **layout,
         )
         warm_up(model)
     except Exception as err:
