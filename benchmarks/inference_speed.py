@@ -218,6 +218,15 @@ def main():
                 f"  fastest early exit with {criterion} >= 0.95: {p.strategy} threshold {label}: "
                 f"{p.speedup:.2f}x (goal >= 1.5x), achieved/ideal {p.efficiency:.2f} (goal >= 0.9)"
             )
+        elif criterion == "agreement":
+            from benchmarks.confidence_measures import agreement_error_budget
+
+            print(
+                f"  no early-exit threshold reached agreement 0.95: over {args.max_new_tokens} new tokens it allows "
+                f"{agreement_error_budget(args.max_new_tokens):.2%} of tokens wrong (a continuation differs from its "
+                "first wrong token on); benchmarks/confidence_measures.py prints what each exit can let leave at "
+                "that precision"
+            )
         else:
             print(f"  no early-exit threshold reached {criterion} 0.95")
     for p, _, label in labelled if guaranteed else []:
