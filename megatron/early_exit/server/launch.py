@@ -263,7 +263,8 @@ def _exit_thresholds(path, stored, model=None):
             else ""
         )
         raise ConfigError(
-            f"--exit-thresholds-file {path}: calibrated for measure {measure!r}{needs}; the server decodes with {served}"
+            f"--exit-thresholds-file {path}: calibrated for measure {measure!r}{needs}; "
+            f"the server decodes with {served}"
         )
     bad = sorted(set(thresholds) - set(int(n) for n in (stored.exit_layer_nums or [])))
     if bad:
