@@ -98,6 +98,18 @@ def log(msg: str) -> None:
 # -- data and model -----------------------------------------------------------------------
 
 
+def write_random_checkpoint(root: str, flags: list, padded_vocab_size: int) -> None:
+    """A freshly initialised model of the training `flags` (one process), saved under `root`."""
+    import torch
+
+    from megatron.early_exit.checkpoint.writer import save_weights
+    from megatron.early_exit.training.arguments import parse_run_config
+    from megatron.early_exit.training.trainer import build_model
+
+    config = parse_run_config(flags, world_size=1)
+    save_weights(root, config.flags, build_model(config, torch.device("cpu"), padded_vocab_size), iteration=1)
+
+
 def run_tool(*argv) -> None:
     subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
 

@@ -12,6 +12,13 @@ It prints decode tokens/s, the early-exit speedup over full depth at each batch 
 the share of the batch-1 speedup kept at batch B, DREX against running at once, and
 where a step's time goes (layers; exits in all, of which exit tests) by timers around the decoder's
 pieces.
+
+    python benchmarks/engine_batching.py --random-hidden 512
+
+decodes a random model of the shipped model's depth and exits at another width instead (hidden
+512: a layer's cost follows its rows more than at 128), with per-exit margin thresholds set so
+that --exit-shares of the tokens leave at each exit (a random model's confidences mean nothing;
+the shares are what early exit in a batch is measured under). Prompts are random token ids.
 """
 
 from __future__ import annotations
@@ -44,6 +51,14 @@ def parse_args():
     p.add_argument("--max-wait", type=int, nargs="+", default=[1, 2, 4], help="DREX: steps a token may wait")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--random-hidden", type=int, default=None, help="a random model of this hidden size")
+    p.add_argument(
+        "--exit-shares",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.3],
+        help="with --random-hidden: the share of tokens that leave at each exit (of those reaching it)",
+    )
     return p.parse_args()
 
 
@@ -93,6 +108,48 @@ def decode(model, prompts, strategy, batch: int, new_tokens: int, regroup: str, 
     return time.perf_counter() - start, len(depths), (mean, sum(deepest) / max(len(deepest), 1))
 
 
+def random_model(args):
+    """(model, prompts, early-exit strategy): a random model of the shipped model's depth and
+    --exit-layers at --random-hidden, with per-exit thresholds that let --exit-shares leave."""
+    import torch
+
+    from benchmarks.benchmark_inputs import write_random_checkpoint
+    from megatron.early_exit.inference import EarlyExit, FullDepth, generate
+    from megatron.early_exit.inference.calibration import exit_confidences
+    from megatron.early_exit.inference.confidence import get_confidence_measure
+    from megatron.early_exit.inference.loading import load_model
+
+    h, exits, vocab = args.random_hidden, args.exit_layers, 2048
+    root = os.path.join(args.work_dir, f"random_h{h}_exits{'_'.join(map(str, exits))}")
+    if not os.path.exists(os.path.join(root, "latest_checkpointed_iteration.txt")):
+        flags = ["--num-layers", "12", "--hidden-size", str(h), "--num-attention-heads", str(max(1, h // 64))]
+        flags += ["--seq-length", "256", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
+        flags += ["--position-embedding-type", "rope", "--exit-layer-nums", *map(str, exits), "--use-exit-norm"]
+        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab), "--seed", "1"]
+        flags += ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]
+        write_random_checkpoint(root, flags, vocab)
+    model = load_model(root)[0]
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_tokens), generator=g).tolist()
+    seqs = [p + generate(model, [p], FullDepth(), args.new_tokens).tokens[0] for p in prompts[:4]]
+    confidence = exit_confidences(
+        model, seqs, get_confidence_measure(args.measure, model), exits, [args.prompt_tokens - 1] * len(seqs)
+    )
+    thresholds, going = {}, None
+    for n, share in zip(exits, args.exit_shares):
+        c = confidence[n][0] if going is None else confidence[n][0][going]
+        thresholds[n] = float(c.quantile(1 - share))
+        fired = confidence[n][0] >= thresholds[n]
+        going = ~fired if going is None else going & ~fired
+    shown = {n: round(t, 4) for n, t in thresholds.items()}
+    log(f"random model, hidden {h}: per-exit {args.measure} thresholds {shown} (shares {args.exit_shares})")
+    return (
+        model,
+        prompts,
+        EarlyExit(2.0, args.measure, kv=args.kv, exit_layers=tuple(exits), exit_thresholds=thresholds),
+    )
+
+
 def main():
     args = parse_args()
     import torch
@@ -106,21 +163,32 @@ def main():
     from megatron.early_exit.inference.loading import load_model
     from megatron.early_exit.parallel import initialize_parallel
 
-    ckpt = converted_hf(args.hf, args.work_dir)
-    files = prepare_corpus(args.work_dir)
     initialize_parallel(1, 1)
-    model, tokenizer, _ = load_model(ckpt)
     torch.set_num_threads(args.threads)
-    prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
-    random.Random(0).shuffle(prompts)
     exits_on = tuple(args.exit_layers) if args.exit_layers else None
-    early_exit = EarlyExit(args.threshold, args.measure, kv=args.kv, exit_layers=exits_on)
+    if args.random_hidden:
+        if not exits_on or len(args.exit_shares) != len(exits_on):
+            raise SystemExit(
+                "engine_batching.py: --random-hidden needs one --exit-shares value per --exit-layers entry"
+            )
+        model, prompts, early_exit = random_model(args)
+    else:
+        ckpt = converted_hf(args.hf, args.work_dir)
+        files = prepare_corpus(args.work_dir)
+        model, tokenizer, _ = load_model(ckpt)
+        prompts = held_out_prompts(tokenizer, files["jsonl"], args.num_prompts, args.prompt_tokens)
+        random.Random(0).shuffle(prompts)
+        early_exit = EarlyExit(args.threshold, args.measure, kv=args.kv, exit_layers=exits_on)
     configs = {"full depth": (FullDepth(), "none", 1), "early exit": (early_exit, "none", 1)}
     configs.update({f"early exit, drex {w}": (early_exit, "drex", w) for w in args.max_wait})
+    pairs = early_exit.exit_thresholds
+    thresholds = {n: round(t, 4) for n, t in pairs} if pairs else args.threshold
     log(
-        f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
-        f"{args.measure} >= {args.threshold:g} ({args.kv}, exits {exits_on or 'all'}), {args.threads} thread(s), "
-        f"{model.config.num_layers} layers"
+        f"{len(prompts)} {'random' if args.random_hidden else 'held-out'} prompts of {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens each, {args.measure} >= "
+        f"{thresholds} "
+        f"({args.kv}, exits {exits_on or 'all'}), "
+        f"{args.threads} thread(s), {model.config.num_layers} layers, hidden {model.config.hidden_size}"
     )
     decode(model, prompts[:2], FullDepth(), 2, 4, "none")  # warm-up
     speed, exits, shares = {}, {}, {}

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.benchmark_inputs import log  # noqa: E402
+from benchmarks.benchmark_inputs import log, write_random_checkpoint  # noqa: E402
 
 RANDOM_MODEL_FLAGS = [
     "--num-layers",
@@ -86,17 +86,6 @@ def parse_args():
     p.add_argument("--requests-per-client", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server process (and the direct call)")
     return p.parse_args()
-
-
-def write_random_checkpoint(root: str) -> None:
-    import torch
-
-    from megatron.early_exit.checkpoint.writer import save_weights
-    from megatron.early_exit.training.arguments import parse_run_config
-    from megatron.early_exit.training.trainer import build_model
-
-    config = parse_run_config(RANDOM_MODEL_FLAGS, world_size=1)
-    save_weights(root, config.flags, build_model(config, torch.device("cpu"), 2048), iteration=1)
 
 
 def start_server(load: str, tp: int, log_path: str, threads: int):
@@ -241,7 +230,7 @@ def main():
     if load is None:
         load = os.path.join(work, "ckpt")
         log("writing a random-weight checkpoint")
-        write_random_checkpoint(load)
+        write_random_checkpoint(load, RANDOM_MODEL_FLAGS, 2048)
     log(f"starting the server (TP={args.tensor_model_parallel_size}); load average {os.getloadavg()[0]:.2f}")
     proc, url = start_server(load, args.tensor_model_parallel_size, os.path.join(work, "server.log"), args.threads)
     try:
