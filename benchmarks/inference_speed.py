@@ -85,7 +85,16 @@ def parse_args():
     # Hoeffding p-value of exp(-n h1(0, delta)), which stays above 0.1 for n < 46 at delta 0.05.
     # Many short continuations give the test its power.
     p.add_argument("--guarantee-prompts", type=int, default=240)
-    p.add_argument("--guarantee-new-tokens", type=int, default=16)
+    # Agreement falls with the continuation's length (it ends at the first differing token): a
+    # bound on it holds only for continuations as long as those calibrated, so agreement is
+    # calibrated at --max-new-tokens; consistency (per token) on short ones.
+    p.add_argument(
+        "--guarantee-new-tokens",
+        type=int,
+        default=None,
+        help="continuation length of the guarantee prompts (default: 16 for consistency, --max-new-tokens for "
+        "agreement)",
+    )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -319,9 +328,10 @@ def guarantee(model, prompts, args, exits):
     from megatron.early_exit.inference.learn_then_test import learn_then_test
 
     criterion, target, confidence = args.guarantee.split(":")
+    new_tokens = args.guarantee_new_tokens or (args.max_new_tokens if criterion == "agreement" else 16)
     log(
-        f"Learn-then-Test on {len(prompts)} other held-out prompts: {criterion} >= {target} with probability "
-        f"{confidence}"
+        f"Learn-then-Test on {len(prompts)} other held-out prompts of {new_tokens} new tokens: {criterion} >= "
+        f"{target} with probability {confidence}"
     )
     result = learn_then_test(
         model,
@@ -330,7 +340,7 @@ def guarantee(model, prompts, args, exits):
         criterion,
         float(target),
         float(confidence),
-        args.guarantee_new_tokens,
+        new_tokens,
         exits,
         progress=lambda line: log("  " + line),
     )
