@@ -146,6 +146,10 @@ CONFIDENCE_MEASURES: Dict[str, ConfidenceMeasure] = {
 }
 
 
+# The measures every model decodes with: those that need no classifier attached.
+PLAIN_MEASURES = tuple(sorted(name for name, m in CONFIDENCE_MEASURES.items() if not m.needs_estimator))
+
+
 def get_confidence_measure(name: str, model=None) -> ConfidenceMeasure:
     """The measure by name; `learned` and `gated_max_prob` are bound to `model`'s estimator
     (checked only when a model is given)."""

@@ -287,11 +287,10 @@ class Decoder:
                     x, ws, policies = self._exit_rows(
                         point, policies, x, attention_output, previous, ws, done, block_output
                     )
-            here = joining.get(depth, [])  # resumed rows about to join past this exit
             if (
                 point is not None
                 and park_below
-                and self._may_wait(ws, policies, here, joining, depth, park_below, resume, rewait)
+                and self._may_wait(ws, policies, joining.get(depth, []), joining, depth, park_below, resume, rewait)
             ):
                 if ws is not None:
                     self._save_frontier(x, ws)  # their inputs to the layers past `depth`
@@ -313,10 +312,10 @@ class Decoder:
 
     @staticmethod
     def _may_wait(ws, policies, here, joining, depth: int, park_below: int, resume, rewait) -> bool:
-        """The group going on past the exit at `depth` (ws's rows and the resumed `here`) waits
-        for a bigger one: it is smaller than `park_below`, no other resumed rows wait deeper
-        (the deeper layers run for them anyway), its fed rows are early-exit rows and its
-        resumed rows may wait again (`rewait`)."""
+        """The group going on past the exit at `depth` (ws's rows and `here`, the resumed rows about
+        to join past it) waits for a bigger one: it is smaller than `park_below`, no other resumed
+        rows wait deeper (the deeper layers run for them anyway), its fed rows are early-exit rows
+        and its resumed rows may wait again (`rewait`)."""
         rows = ([] if ws is None else ws.rows) + [r for r, _ in here]
         if not rows or len(rows) >= park_below or any(d != depth for d in joining):
             return False

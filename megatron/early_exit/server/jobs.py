@@ -33,6 +33,7 @@ from megatron.early_exit.inference import (
     SelfSpeculative,
     generate,
 )
+from megatron.early_exit.inference.confidence import PLAIN_MEASURES
 from megatron.early_exit.inference.exit_numbers import number_event, number_result
 from megatron.early_exit.inference.prompts import PromptError
 from megatron.early_exit.inference.prompts import check_prompts as check_engine_prompts
@@ -247,7 +248,7 @@ class ModelLimits:
     exit_thresholds_measure: Optional[str] = None  # the confidence measure they were calibrated with
     # The confidence measures requests may name: those that need a classifier (learned,
     # gated_max_prob) only with --confidence-estimator.
-    confidence_measures: Tuple[str, ...] = ("entropy", "margin", "max_prob", "saturation")
+    confidence_measures: Tuple[str, ...] = PLAIN_MEASURES
 
 
 def scoring_exit(options: EarlyExitOptions, limits: ModelLimits) -> Optional[int]:

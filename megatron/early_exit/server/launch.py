@@ -215,6 +215,7 @@ def build_limits(args, model, stored):
     context = args.max_context_length or max_seq
     if context > max_seq:
         raise ConfigError(f"--max-context-length {context} exceeds the model's maximum sequence length {max_seq}")
+    served = served_measures(model)
     return ModelLimits(
         name=args.model_name or os.path.basename(os.path.normpath(args.load)),
         vocab_size=model.vocab_size,
@@ -224,8 +225,8 @@ def build_limits(args, model, stored):
         max_batch_size=args.max_batch_size,
         max_prompt_tokens=min(args.max_prompt_tokens or context - 1, context - 1),
         pipeline_stages=args.pipeline_model_parallel_size,
-        confidence_measures=served_measures(model),
-        **_exit_thresholds(args.exit_thresholds_file, stored, model),
+        confidence_measures=served,
+        **_exit_thresholds(args.exit_thresholds_file, stored, served),
     )
 
 
@@ -244,18 +245,17 @@ def served_measures(model) -> tuple:
     return tuple(sorted(name for name in CONFIDENCE_MEASURES if serves(name)))
 
 
-def _exit_thresholds(path, stored, model=None):
+def _exit_thresholds(path, stored, served=None):
+    """The thresholds of --exit-thresholds-file and their measure, which must be among `served`
+    (the measures the model decodes with; default: those that need no estimator)."""
     from megatron.early_exit.errors import ConfigError
-    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES
+    from megatron.early_exit.inference.confidence import CONFIDENCE_MEASURES, PLAIN_MEASURES
     from megatron.early_exit.inference.learn_then_test import read_calibration
 
     if path is None:
         return {}
     thresholds, measure = read_calibration(path)
-    if model is not None:
-        served = list(served_measures(model))
-    else:
-        served = sorted(name for name, m in CONFIDENCE_MEASURES.items() if not m.needs_estimator)
+    served = list(PLAIN_MEASURES if served is None else served)
     if measure is not None and measure not in served:
         needs = (
             " (start the server with --confidence-estimator FILE)"
